@@ -1,0 +1,114 @@
+# scopefs — build, test, demo, bench.
+#
+#   make            build build/scopefs (CUDA parts when nvcc is found; CUDA=0 to skip)
+#   make test       install missing Debian packages, build, run every test
+#   make demo       build, make the demo dataset, mount it on demo/mnt
+#   make undemo     unmount the demo
+#   make bench      run the benchmarks (big data; minutes)
+#
+# Layers (see docs/architecture.md): src/core (compute, no I/O),
+# src/util (errors, logs, keys), src/io (datasets, TIFF layout, cache,
+# engine, products), src/fuse (the FUSE server and main).
+
+CC      ?= cc
+BUILD   ?= build
+PYTHON  ?= /usr/bin/python3
+SAN     ?=
+
+PKGS    := fuse3 libtiff-4 vips liblz4 libxxhash fftw3f
+PKG_CFLAGS := $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
+PKG_LIBS   := $(shell pkg-config --libs $(PKGS) 2>/dev/null) -lfftw3f_threads
+
+CFLAGS  ?= -O2 -g
+CFLAGS  += -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror -Iinclude -pthread $(PKG_CFLAGS) $(SAN)
+LDFLAGS += -pthread $(SAN)
+LDLIBS  += $(PKG_LIBS) -lm
+
+# CUDA is optional: every build works without it.
+NVCC    ?= $(shell command -v nvcc 2>/dev/null || ls /usr/local/cuda/bin/nvcc 2>/dev/null)
+CUDA    ?= $(if $(NVCC),1,0)
+CUDA_HOME ?= $(patsubst %/bin/nvcc,%,$(NVCC))
+CU_SRCS := $(if $(filter 1,$(CUDA)),$(wildcard src/core/*.cu))
+ifeq ($(CUDA),1)
+CFLAGS  += -DSF_HAVE_CUDA=1 -I$(CUDA_HOME)/include
+LDLIBS  += -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcufft -lcudart
+NVFLAGS ?= -O2 -Iinclude -Xcompiler -Wall,-Wextra,-Werror,-fPIC -arch=sm_90 \
+	   -gencode arch=compute_90,code=compute_90 -DSF_HAVE_CUDA=1
+endif
+
+CORE_SRCS := $(wildcard src/util/*.c src/core/*.c)
+IO_SRCS   := $(wildcard src/io/*.c)
+FUSE_SRCS := $(filter-out src/fuse/main.c,$(wildcard src/fuse/*.c))
+CORE_OBJS := $(CORE_SRCS:%.c=$(BUILD)/%.o) $(CU_SRCS:%.cu=$(BUILD)/%.cu.o)
+IO_OBJS   := $(IO_SRCS:%.c=$(BUILD)/%.o)
+FUSE_OBJS := $(FUSE_SRCS:%.c=$(BUILD)/%.o)
+UNIT_SRCS := $(wildcard tests/unit/test_*.c)
+UNIT_BINS := $(UNIT_SRCS:tests/unit/%.c=$(BUILD)/tests/%)
+
+.PHONY: all deps test unit asan integration demo undemo bench format lint clean
+all: $(BUILD)/scopefs $(BUILD)/scopefs-gen
+
+$(BUILD)/%.o: %.c
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -MMD -MP -c $< -o $@
+
+$(BUILD)/%.cu.o: %.cu
+	@mkdir -p $(dir $@)
+	$(NVCC) $(NVFLAGS) -c $< -o $@
+
+$(BUILD)/libscopefs_core.a: $(CORE_OBJS)
+	$(AR) rcs $@ $^
+$(BUILD)/libscopefs_io.a: $(IO_OBJS) $(FUSE_OBJS)
+	$(AR) rcs $@ $^
+
+$(BUILD)/scopefs: $(BUILD)/src/fuse/main.o $(BUILD)/libscopefs_io.a $(BUILD)/libscopefs_core.a
+	$(CC) $(LDFLAGS) $^ $(LDLIBS) -o $@
+
+$(BUILD)/scopefs-gen: $(BUILD)/tools/scopefs_gen.o $(BUILD)/libscopefs_io.a $(BUILD)/libscopefs_core.a
+	$(CC) $(LDFLAGS) $^ $(LDLIBS) -o $@
+
+$(BUILD)/tests/%: $(BUILD)/tests/unit/%.o $(BUILD)/libscopefs_io.a $(BUILD)/libscopefs_core.a
+	@mkdir -p $(dir $@)
+	$(CC) $(LDFLAGS) $^ $(LDLIBS) -o $@
+
+deps:
+	@tools/install-deps
+
+unit: $(UNIT_BINS)
+	@tools/run-unit $(UNIT_BINS)
+
+# The C tests again under AddressSanitizer and UndefinedBehaviorSanitizer.
+asan:
+	$(MAKE) BUILD=build-asan CUDA=0 CFLAGS="-O1 -g -fno-omit-frame-pointer" \
+		SAN="-fsanitize=address,undefined -fno-sanitize-recover=all" unit
+
+integration: all
+	$(PYTHON) -m pytest -q tests/integration
+
+# The README's test command: everything, from a clean clone.
+test: deps
+	$(MAKE) all
+	$(MAKE) unit
+	$(MAKE) asan
+	$(MAKE) integration
+
+demo: deps all
+	@tools/demo start
+
+undemo:
+	@tools/demo stop
+
+bench: deps all
+	$(PYTHON) tests/bench/run.py
+
+format:
+	clang-format -i $(wildcard src/*/*.c src/*/*.cu include/scopefs/*.h tests/unit/*.c tools/*.c)
+
+lint:
+	cppcheck --quiet --error-exitcode=1 --enable=warning,performance,portability \
+		--inline-suppr -Iinclude -D_GNU_SOURCE src tools
+
+clean:
+	rm -rf build build-asan
+
+-include $(shell find $(BUILD) -name '*.d' 2>/dev/null)

@@ -1,0 +1,55 @@
+/* dataset.h — what a raw folder holds: whole-slide images and z-stacks.
+ *
+ * Scanning reads headers only and never writes to the folder.  A file that
+ * cannot be used is left out with a reason (a problem) and the scan goes on;
+ * the detection rules are in docs/dataset.md:
+ *  - a folder (RAW_DIR itself or a direct subfolder) whose TIFF files are all
+ *    single-page, untiled, of one size and type, two or more of them, is a
+ *    stack of planes (sorted by name);
+ *  - a multi-page TIFF whose pages are one size and type, untiled, with no
+ *    reduced levels (or OME-XML with SizeZ > 1 and SizeC == 1) is a stack;
+ *  - any other TIFF-family file (.tif .tiff .ome.tif .ome.tiff .svs .btf .tf8)
+ *    directly in RAW_DIR is a whole-slide image, sorted by name. */
+#ifndef SCOPEFS_DATASET_H
+#define SCOPEFS_DATASET_H
+
+#include <stdint.h>
+
+#include "scopefs/err.h"
+#include "scopefs/slide.h"
+
+typedef struct sf_stack {
+	char *name;          /* folder or file stem; "" when RAW_DIR itself is the stack */
+	uint32_t planes;
+	char **plane_names;  /* file names served under deconvolved/<name>/ */
+	sf_slide_info **plane_info; /* one per plane file; all NULL but [0] for a multi-page file */
+	int multipage;       /* planes are the pages ("channels") of plane_info[0] */
+	uint32_t width, height;
+	sf_dtype dtype;
+} sf_stack;
+
+typedef struct sf_problem {
+	char *path;   /* the file or folder left out */
+	char *reason; /* one line */
+} sf_problem;
+
+typedef struct sf_dataset {
+	char *root;            /* absolute path of RAW_DIR */
+	sf_slide_info **slides;
+	char **slide_stems;    /* file name without its image extension */
+	uint32_t slide_count;
+	sf_stack **stacks;
+	uint32_t stack_count;
+	sf_problem *problems;
+	uint32_t problem_count;
+} sf_dataset;
+
+/* Scan root.  Fails only when root itself is unusable (not a folder,
+ * unreadable); bad files become problems. */
+int sf_dataset_scan(const char *root, sf_dataset **out, sf_err *e);
+void sf_dataset_free(sf_dataset *d);
+
+/* The stem of a file name: "a.ome.tiff" -> "a", "b.svs" -> "b". Caller frees. */
+char *sf_file_stem(const char *name);
+
+#endif

@@ -1,0 +1,69 @@
+/* engine.h — the tile engine: units computed once, on a fixed pool, cached.
+ *
+ * Reading unit u of product p returns its bytes from, in order: the RAM LRU
+ * (decoded units, bounded by mem_bytes), the disk cache, or a computation on
+ * a worker.  The lifecycle of a unit in RAM is
+ *
+ *     absent --request--> queued --worker--> computing --> ready --evict--> absent
+ *                                                     \--> failed (waiters get the error;
+ *                                                          the slot is dropped so a
+ *                                                          later read retries)
+ *
+ * under one mutex; concurrent readers of a queued/computing unit wait on its
+ * condition variable, so every unit is computed once.  Reads are served first;
+ * prefetches (read-ahead of sequential readers) run only when no read waits.
+ * The bytes are the same whatever the access order, thread count or cache
+ * state, because products are pure functions of (key, unit). */
+#ifndef SCOPEFS_ENGINE_H
+#define SCOPEFS_ENGINE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "scopefs/cache.h"
+#include "scopefs/err.h"
+#include "scopefs/product.h"
+
+typedef struct sf_engine sf_engine;
+
+typedef struct sf_engine_config {
+	unsigned threads;     /* workers; 0: one per online CPU */
+	uint64_t mem_bytes;   /* bound on decoded units held in RAM (>= one unit is always allowed) */
+	sf_cache *cache;      /* disk cache, or NULL for none */
+	unsigned max_products;/* how many products may be added */
+} sf_engine_config;
+
+typedef struct sf_engine_stats {
+	uint64_t served;      /* unit reads answered */
+	uint64_t computed;    /* units computed by a product */
+	uint64_t ram_hits, ram_misses;
+	uint64_t disk_hits, disk_misses;
+	uint64_t in_flight;   /* units queued or computing now */
+	uint64_t errors;      /* failed computations */
+	uint64_t ram_bytes;   /* bytes of units held in RAM now */
+	uint64_t prefetched;  /* prefetch requests accepted */
+} sf_engine_stats;
+
+int sf_engine_create(const sf_engine_config *cfg, sf_engine **out, sf_err *e);
+/* Stops the workers (pending prefetches are dropped), runs worker_stop for
+ * every state made, frees the RAM cache.  Products are not destroyed. */
+void sf_engine_destroy(sf_engine *g);
+
+/* Register p (sets p->slot).  Thread-safe; p must outlive the engine. */
+int sf_engine_add_product(sf_engine *g, sf_product *p, sf_err *e);
+
+/* Copy bytes [off, off+len) of unit `unit` of p into dst, computing the unit
+ * if needed; blocks until then.  off+len must not pass the unit's size. */
+int sf_engine_read(sf_engine *g, sf_product *p, uint64_t unit, size_t off, size_t len,
+		   uint8_t *dst, sf_err *e);
+
+/* Schedule unit to be made ready (RAM and disk) without waiting; ignored if
+ * it is already there, queued, or the prefetch queue is full. */
+void sf_engine_prefetch(sf_engine *g, sf_product *p, uint64_t unit);
+
+void sf_engine_stats_get(sf_engine *g, sf_engine_stats *out);
+
+/* Number of workers actually running. */
+unsigned sf_engine_threads(const sf_engine *g);
+
+#endif

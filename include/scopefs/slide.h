@@ -1,0 +1,72 @@
+/* slide.h — source images in the raw dataset: probe the header, read regions.
+ *
+ * A slide is a TIFF-family image: OME-TIFF (channels as main-chain pages,
+ * reduced levels as SubIFDs), a pyramidal tiled TIFF whose reduced levels are
+ * main-chain pages (libvips/OpenSlide layout), an Aperio SVS, or a flat
+ * (single-level) TIFF, tiled or in strips.  The same type also describes the
+ * planes of a z-stack (a flat TIFF of one page, or a multi-page TIFF whose
+ * pages are z-planes and are then reported as channels).
+ *
+ * Probing reads the header only.  Reading uses libtiff, one sf_slide_reader
+ * per worker thread (libtiff handles are not shared between threads), and
+ * reads only the source tiles or strips the requested rect touches. */
+#ifndef SCOPEFS_SLIDE_H
+#define SCOPEFS_SLIDE_H
+
+#include <stdint.h>
+
+#include "scopefs/err.h"
+#include "scopefs/pixel.h"
+
+typedef enum sf_slide_kind {
+	SF_SLIDE_OME,   /* OME-TIFF: channels are pages, levels are SubIFDs */
+	SF_SLIDE_PAGES, /* levels are main-chain pages (libvips pyramid, OpenSlide generic) */
+	SF_SLIDE_SVS,   /* Aperio SVS: levels are pages, plus thumbnail/label/macro pages */
+	SF_SLIDE_FLAT,  /* one level; several pages are channels (or z-planes) */
+} sf_slide_kind;
+
+typedef struct sf_slide_level {
+	uint32_t width, height;
+	/* Where the level of channel c lives: main IFD index dir[c]; when
+	 * subifd >= 0, the subifd-th SubIFD of that IFD. */
+	uint32_t *dir;  /* channels entries */
+	int32_t subifd; /* -1: the main IFD itself */
+} sf_slide_level;
+
+typedef struct sf_slide_info {
+	char *path;             /* as given to sf_slide_probe */
+	sf_slide_kind kind;
+	uint32_t width, height; /* level 0 */
+	uint32_t channels;      /* planar channels (pages); 1 for RGB brightfield */
+	uint32_t samples;       /* samples per pixel: 1, or 3 for interleaved RGB */
+	sf_dtype dtype;
+	uint32_t level_count;
+	sf_slide_level *levels; /* level_count entries, level 0 first, shrinking */
+	double pixel_size_x, pixel_size_y; /* micrometres per pixel; 0 if unknown */
+	char **channel_names;   /* channels entries, never NULL ("Channel 0" if unnamed) */
+	int is_ome;             /* the first IFD carries OME-XML */
+	uint32_t ome_size_z;    /* SizeZ from OME-XML (1 when absent) */
+	int tiled;              /* level 0 is tiled */
+	uint64_t file_size;     /* identity of the file, for cache keys */
+	int64_t mtime_ns;
+} sf_slide_info;
+
+/* Read the header of path and describe it.  Fails with SF_EFORMAT and a
+ * message naming path and the problem for a truncated file, not-a-TIFF, an
+ * unsupported sample format, inconsistent channels; SF_EIO if unreadable. */
+int sf_slide_probe(const char *path, sf_slide_info **out, sf_err *e);
+void sf_slide_info_free(sf_slide_info *s);
+
+typedef struct sf_slide_reader sf_slide_reader;
+
+int sf_slide_reader_open(const sf_slide_info *s, sf_slide_reader **out, sf_err *e);
+void sf_slide_reader_close(sf_slide_reader *r);
+
+/* Copy the rect [x, x+w) x [y, y+h) of channel c at level into dst
+ * (w*h*samples samples, row-major, samples interleaved, native byte order).
+ * Pixels outside the level are 0.  A decode failure names the file, the
+ * level and the tile. */
+int sf_slide_read_region(sf_slide_reader *r, uint32_t level, uint32_t channel, int64_t x,
+			 int64_t y, uint32_t w, uint32_t h, void *dst, sf_err *e);
+
+#endif
