@@ -20,12 +20,12 @@ size_t sf_block_bound(size_t n);
  * scratch must hold n bytes (the shuffled copy).  On success *out_n is the
  * encoded length.  n must be a multiple of elem_bytes (1, 2 or 4). */
 int sf_block_encode(const uint8_t *src, size_t n, unsigned elem_bytes, uint8_t *scratch,
-		    uint8_t *dst, size_t cap, size_t *out_n, sf_err *e);
+                    uint8_t *dst, size_t cap, size_t *out_n, sf_err *e);
 
 /* Decode enc_n bytes into exactly n bytes of dst (scratch: n bytes).
  * Fails with SF_ECORRUPT if the data does not decode to exactly n bytes. */
 int sf_block_decode(const uint8_t *enc, size_t enc_n, size_t n, unsigned elem_bytes,
-		    uint8_t *scratch, uint8_t *dst, sf_err *e);
+                    uint8_t *scratch, uint8_t *dst, sf_err *e);
 
 /* The byte-plane transforms on their own (exposed for tests and for the GPU path). */
 void sf_shuffle(const uint8_t *src, size_t n, unsigned elem_bytes, uint8_t *dst);

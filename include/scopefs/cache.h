@@ -26,13 +26,13 @@
 typedef struct sf_cache sf_cache;
 
 typedef struct sf_cache_stats {
-	uint64_t bytes;     /* bytes of entries on disk (this mount's view) */
-	uint64_t entries;   /* entries on disk (this mount's view) */
-	uint64_t hits;      /* gets that returned data */
-	uint64_t misses;    /* gets that found nothing usable */
-	uint64_t corrupt;   /* entries found bad and dropped */
-	uint64_t evicted;   /* entries removed to respect max_bytes */
-	uint64_t written;   /* entries written */
+	uint64_t bytes;                 /* bytes of entries on disk (this mount's view) */
+	uint64_t entries;               /* entries on disk (this mount's view) */
+	uint64_t hits;                  /* gets that returned data */
+	uint64_t misses;                /* gets that found nothing usable */
+	uint64_t corrupt;               /* entries found bad and dropped */
+	uint64_t evicted;               /* entries removed to respect max_bytes */
+	uint64_t written;               /* entries written */
 	uint64_t raw_bytes_written;     /* uncompressed bytes of those entries */
 	uint64_t encoded_bytes_written; /* their encoded size (ratio = raw/encoded) */
 } sf_cache_stats;
@@ -49,7 +49,7 @@ int sf_cache_get(sf_cache *c, sf_key k, uint8_t *dst, size_t n, sf_err *e);
 
 /* Store n bytes of src under k (elem_bytes: shuffle width, 1, 2 or 4). */
 int sf_cache_put(sf_cache *c, sf_key k, const uint8_t *src, size_t n, unsigned elem_bytes,
-		 sf_err *e);
+                 sf_err *e);
 
 void sf_cache_stats_get(sf_cache *c, sf_cache_stats *out);
 

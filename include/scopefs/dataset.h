@@ -19,11 +19,11 @@
 #include "scopefs/slide.h"
 
 typedef struct sf_stack {
-	char *name;          /* folder or file stem; "" when RAW_DIR itself is the stack */
+	char *name; /* folder or file stem; "" when RAW_DIR itself is the stack */
 	uint32_t planes;
-	char **plane_names;  /* file names served under deconvolved/<name>/ */
+	char **plane_names;         /* file names served under deconvolved/<name>/ */
 	sf_slide_info **plane_info; /* one per plane file; all NULL but [0] for a multi-page file */
-	int multipage;       /* planes are the pages ("channels") of plane_info[0] */
+	int multipage;              /* planes are the pages ("channels") of plane_info[0] */
 	uint32_t width, height;
 	sf_dtype dtype;
 } sf_stack;
@@ -34,9 +34,9 @@ typedef struct sf_problem {
 } sf_problem;
 
 typedef struct sf_dataset {
-	char *root;            /* absolute path of RAW_DIR */
+	char *root; /* absolute path of RAW_DIR */
 	sf_slide_info **slides;
-	char **slide_stems;    /* file name without its image extension */
+	char **slide_stems; /* file name without its image extension */
 	uint32_t slide_count;
 	sf_stack **stacks;
 	uint32_t stack_count;

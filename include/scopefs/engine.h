@@ -27,21 +27,21 @@
 typedef struct sf_engine sf_engine;
 
 typedef struct sf_engine_config {
-	unsigned threads;     /* workers; 0: one per online CPU */
-	uint64_t mem_bytes;   /* bound on decoded units held in RAM (>= one unit is always allowed) */
-	sf_cache *cache;      /* disk cache, or NULL for none */
-	unsigned max_products;/* how many products may be added */
+	unsigned threads;   /* workers; 0: one per online CPU */
+	uint64_t mem_bytes; /* bound on decoded units held in RAM (>= one unit is always allowed) */
+	sf_cache *cache;    /* disk cache, or NULL for none */
+	unsigned max_products; /* how many products may be added */
 } sf_engine_config;
 
 typedef struct sf_engine_stats {
-	uint64_t served;      /* unit reads answered */
-	uint64_t computed;    /* units computed by a product */
+	uint64_t served;   /* unit reads answered */
+	uint64_t computed; /* units computed by a product */
 	uint64_t ram_hits, ram_misses;
 	uint64_t disk_hits, disk_misses;
-	uint64_t in_flight;   /* units queued or computing now */
-	uint64_t errors;      /* failed computations */
-	uint64_t ram_bytes;   /* bytes of units held in RAM now */
-	uint64_t prefetched;  /* prefetch requests accepted */
+	uint64_t in_flight;  /* units queued or computing now */
+	uint64_t errors;     /* failed computations */
+	uint64_t ram_bytes;  /* bytes of units held in RAM now */
+	uint64_t prefetched; /* prefetch requests accepted */
 } sf_engine_stats;
 
 int sf_engine_create(const sf_engine_config *cfg, sf_engine **out, sf_err *e);
@@ -54,8 +54,8 @@ int sf_engine_add_product(sf_engine *g, sf_product *p, sf_err *e);
 
 /* Copy bytes [off, off+len) of unit `unit` of p into dst, computing the unit
  * if needed; blocks until then.  off+len must not pass the unit's size. */
-int sf_engine_read(sf_engine *g, sf_product *p, uint64_t unit, size_t off, size_t len,
-		   uint8_t *dst, sf_err *e);
+int sf_engine_read(sf_engine *g, sf_product *p, uint64_t unit, size_t off, size_t len, uint8_t *dst,
+                   sf_err *e);
 
 /* Schedule unit to be made ready (RAM and disk) without waiting; ignored if
  * it is already there, queued, or the prefetch queue is full. */

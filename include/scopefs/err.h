@@ -28,8 +28,7 @@ typedef struct sf_err {
 
 /* Fill e (if not NULL) and return code, so callers can write
  * `return sf_fail(e, SF_EFORMAT, "%s: not a TIFF", path);`. */
-int sf_fail(sf_err *e, int code, const char *fmt, ...)
-	__attribute__((format(printf, 3, 4)));
+int sf_fail(sf_err *e, int code, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 
 /* The errno a FUSE reply should carry for code. */
 int sf_errno(int code);

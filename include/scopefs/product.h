@@ -33,9 +33,9 @@ struct sf_product {
 	sf_key key;          /* hash of all the output depends on (sources, kind, parameters) */
 	unsigned elem_bytes; /* sample size: the cache's byte-shuffle width */
 	uint64_t unit_count;
-	unsigned slot;       /* set by sf_engine_add_product */
-	char name[256];      /* the virtual path, for logs */
-	void *impl;          /* the product's own data */
+	unsigned slot;  /* set by sf_engine_add_product */
+	char name[256]; /* the virtual path, for logs */
+	void *impl;     /* the product's own data */
 };
 
 #endif

@@ -34,20 +34,20 @@ typedef struct sf_slide_level {
 } sf_slide_level;
 
 typedef struct sf_slide_info {
-	char *path;             /* as given to sf_slide_probe */
+	char *path; /* as given to sf_slide_probe */
 	sf_slide_kind kind;
 	uint32_t width, height; /* level 0 */
 	uint32_t channels;      /* planar channels (pages); 1 for RGB brightfield */
 	uint32_t samples;       /* samples per pixel: 1, or 3 for interleaved RGB */
 	sf_dtype dtype;
 	uint32_t level_count;
-	sf_slide_level *levels; /* level_count entries, level 0 first, shrinking */
+	sf_slide_level *levels;            /* level_count entries, level 0 first, shrinking */
 	double pixel_size_x, pixel_size_y; /* micrometres per pixel; 0 if unknown */
-	char **channel_names;   /* channels entries, never NULL ("Channel 0" if unnamed) */
-	int is_ome;             /* the first IFD carries OME-XML */
-	uint32_t ome_size_z;    /* SizeZ from OME-XML (1 when absent) */
-	int tiled;              /* level 0 is tiled */
-	uint64_t file_size;     /* identity of the file, for cache keys */
+	char **channel_names; /* channels entries, never NULL ("Channel 0" if unnamed) */
+	int is_ome;           /* the first IFD carries OME-XML */
+	uint32_t ome_size_z;  /* SizeZ from OME-XML (1 when absent) */
+	int tiled;            /* level 0 is tiled */
+	uint64_t file_size;   /* identity of the file, for cache keys */
 	int64_t mtime_ns;
 } sf_slide_info;
 
@@ -66,7 +66,7 @@ void sf_slide_reader_close(sf_slide_reader *r);
  * (w*h*samples samples, row-major, samples interleaved, native byte order).
  * Pixels outside the level are 0.  A decode failure names the file, the
  * level and the tile. */
-int sf_slide_read_region(sf_slide_reader *r, uint32_t level, uint32_t channel, int64_t x,
-			 int64_t y, uint32_t w, uint32_t h, void *dst, sf_err *e);
+int sf_slide_read_region(sf_slide_reader *r, uint32_t level, uint32_t channel, int64_t x, int64_t y,
+                         uint32_t w, uint32_t h, void *dst, sf_err *e);
 
 #endif

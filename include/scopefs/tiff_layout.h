@@ -35,8 +35,8 @@ typedef struct sf_layout_spec {
 	uint32_t pages;         /* main-chain IFDs: channels, >= 1 */
 	uint32_t samples;       /* samples per pixel: 1, or 3 for interleaved RGB */
 	sf_dtype dtype;
-	uint32_t tile;          /* tile edge (multiple of 16), 0 for a strip file */
-	uint32_t levels;        /* 1 + number of reduced levels (SubIFDs) */
+	uint32_t tile;   /* tile edge (multiple of 16), 0 for a strip file */
+	uint32_t levels; /* 1 + number of reduced levels (SubIFDs) */
 	/* Optional level sizes (levels entries each); NULL: ceil halving. */
 	const uint32_t *level_width, *level_height;
 	const char *description; /* page 0 ImageDescription (UTF-8), or NULL */
@@ -69,7 +69,7 @@ uint32_t sf_layout_unit_rows(const sf_layout *l);
 uint64_t sf_layout_unit_count(const sf_layout *l);
 uint64_t sf_layout_unit_index(const sf_layout *l, uint32_t level, uint32_t tx, uint32_t ty);
 void sf_layout_unit_pos(const sf_layout *l, uint64_t unit, uint32_t *level, uint32_t *tx,
-			uint32_t *ty);
+                        uint32_t *ty);
 uint64_t sf_layout_unit_offset(const sf_layout *l, uint64_t unit); /* first byte in the file */
 size_t sf_layout_unit_bytes(const sf_layout *l, uint64_t unit);
 /* Bytes of one page's tile inside a unit (tiled: tile*tile*samples*bytes). */

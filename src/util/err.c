@@ -34,8 +34,8 @@ int sf_errno(int code)
 const char *sf_code_name(int code)
 {
 	static const char *const names[] = {
-		"ok",     "nomem",   "io",      "format",      "invalid", "notfound",
-		"unsupported", "corrupt", "interrupted", "range",   "device",
+	    "ok",          "nomem",   "io",          "format", "invalid", "notfound",
+	    "unsupported", "corrupt", "interrupted", "range",  "device",
 	};
 	if (code < 0 || code >= (int)(sizeof names / sizeof names[0]))
 		return "unknown";

@@ -8,7 +8,10 @@
 /* Written once by main() before threads start; read-only afterwards. */
 static int log_level = SF_LOG_INFO;
 
-void sf_log_set_level(int level) { log_level = level; }
+void sf_log_set_level(int level)
+{
+	log_level = level;
+}
 
 void sf_log(int level, const char *fmt, ...)
 {
@@ -23,8 +26,8 @@ void sf_log(int level, const char *fmt, ...)
 		return;
 	clock_gettime(CLOCK_REALTIME, &now);
 	gmtime_r(&now.tv_sec, &tm);
-	n = snprintf(line, sizeof line, "scopefs %02d:%02d:%02d.%03ld %s: ", tm.tm_hour,
-		     tm.tm_min, tm.tm_sec, now.tv_nsec / 1000000, tags[level & 3]);
+	n = snprintf(line, sizeof line, "scopefs %02d:%02d:%02d.%03ld %s: ", tm.tm_hour, tm.tm_min,
+	             tm.tm_sec, now.tv_nsec / 1000000, tags[level & 3]);
 	va_start(ap, fmt);
 	vsnprintf(line + n, sizeof line - (size_t)n, fmt, ap);
 	va_end(ap);
