@@ -46,7 +46,7 @@ UNIT_SRCS := $(wildcard tests/unit/test_*.c)
 UNIT_BINS := $(UNIT_SRCS:tests/unit/%.c=$(BUILD)/tests/%)
 
 .PHONY: all deps test unit asan integration demo undemo bench format lint clean
-all: $(BUILD)/scopefs $(BUILD)/scopefs-gen
+all: $(BUILD)/scopefs
 
 $(BUILD)/%.o: %.c
 	@mkdir -p $(dir $@)
@@ -62,9 +62,6 @@ $(BUILD)/libscopefs_io.a: $(IO_OBJS) $(FUSE_OBJS)
 	$(AR) rcs $@ $^
 
 $(BUILD)/scopefs: $(BUILD)/src/fuse/main.o $(BUILD)/libscopefs_io.a $(BUILD)/libscopefs_core.a
-	$(CC) $(LDFLAGS) $^ $(LDLIBS) -o $@
-
-$(BUILD)/scopefs-gen: $(BUILD)/tools/scopefs_gen.o $(BUILD)/libscopefs_io.a $(BUILD)/libscopefs_core.a
 	$(CC) $(LDFLAGS) $^ $(LDLIBS) -o $@
 
 $(BUILD)/tests/%: $(BUILD)/tests/unit/%.o $(BUILD)/libscopefs_io.a $(BUILD)/libscopefs_core.a

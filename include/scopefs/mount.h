@@ -1,0 +1,83 @@
+/* mount.h — the mounted tree: built once at mount, read-only afterwards.
+ *
+ * The whole tree (raw/ passthrough, registered/, deconvolved/, .scopefs/)
+ * is built before the file system is mounted, from one scan of RAW_DIR.
+ * Files never change during a mount, so the tree needs no lock: FUSE
+ * threads only read it.  Inode numbers are node indices + 1 (the root is
+ * FUSE_ROOT_ID = 1); nodes live until unmount, so forget has nothing to do. */
+#ifndef SCOPEFS_MOUNT_H
+#define SCOPEFS_MOUNT_H
+
+#include <stdint.h>
+#include <sys/stat.h>
+
+#include "scopefs/cache.h"
+#include "scopefs/dataset.h"
+#include "scopefs/engine.h"
+#include "scopefs/options.h"
+#include "scopefs/vfile.h"
+
+typedef enum sf_node_kind {
+	SF_NODE_DIR,
+	SF_NODE_RAW,    /* a file of RAW_DIR, read with pread */
+	SF_NODE_VFILE,  /* a virtual TIFF */
+	SF_NODE_STATUS, /* .scopefs/status */
+} sf_node_kind;
+
+typedef struct sf_node {
+	char *name;
+	sf_node_kind kind;
+	uint32_t parent;    /* node index */
+	uint32_t *children; /* node indices, sorted by name (directories) */
+	uint32_t child_count, child_cap;
+	char *raw_path;     /* SF_NODE_RAW: absolute path inside RAW_DIR, no symlink */
+	struct stat st;     /* attributes served by getattr */
+	sf_vfile *vfile;    /* SF_NODE_VFILE */
+} sf_node;
+
+typedef struct sf_slide_entry {
+	uint32_t slide;     /* index in dataset->slides */
+	const char *state;  /* "served", or why it is not */
+} sf_slide_entry;
+
+typedef struct sf_mount {
+	const sf_options *opts;
+	sf_dataset *dataset;
+	sf_cache *cache;
+	sf_engine *engine;   /* made by sf_mount_start, after daemonizing */
+	sf_node *nodes;
+	uint32_t node_count, node_cap;
+	sf_product **products;
+	uint32_t product_count, product_cap;
+	sf_layout **layouts;
+	uint32_t layout_count, layout_cap;
+	sf_vfile **vfiles;
+	uint32_t vfile_count, vfile_cap;
+	sf_slide_entry *slide_state; /* dataset->slide_count entries */
+	int reference;       /* index of the reference slide, -1 if none */
+	struct timespec mounted_at;
+} sf_mount;
+
+/* Scan RAW_DIR, open the cache, build every layout, product and node. */
+int sf_mount_build(const sf_options *o, sf_mount **out, sf_err *e);
+
+/* Start the tile engine (threads: call after fuse_daemonize forks). */
+int sf_mount_start(sf_mount *m, sf_err *e);
+
+void sf_mount_free(sf_mount *m);
+
+/* Node of inode ino, or NULL. */
+const sf_node *sf_mount_node(const sf_mount *m, uint64_t ino);
+
+/* Child of directory parent named name, or NULL. */
+const sf_node *sf_mount_lookup(const sf_mount *m, uint64_t parent, const char *name);
+
+static inline uint64_t sf_node_ino(const sf_mount *m, const sf_node *n)
+{
+	return (uint64_t)(n - m->nodes) + 1;
+}
+
+/* The .scopefs/status document (malloc'd JSON); NULL without memory. */
+char *sf_status_json(const sf_mount *m, size_t *len);
+
+#endif

@@ -1,0 +1,46 @@
+/* options.h — the mount options: one table, one struct, checked once.
+ *
+ * Options come from -o on the command line and from a preset file
+ * (preset=NAME reads mountopts/NAME, or the file NAME when it holds a '/'),
+ * whose `key=value` lines are the same options; the command line wins.
+ * Every option is validated here: an unknown key or a malformed value is a
+ * one-line error naming it (main exits with status 2, nothing mounted). */
+#ifndef SCOPEFS_OPTIONS_H
+#define SCOPEFS_OPTIONS_H
+
+#include <stdint.h>
+
+#include "scopefs/err.h"
+
+typedef struct sf_options {
+	char *raw_dir;     /* absolute, resolved RAW_DIR */
+	char *mountpoint;  /* as given */
+	char *cache_dir;   /* cache=, default $XDG_CACHE_HOME/scopefs or ~/.cache/scopefs */
+	uint64_t cache_size; /* cache_size=, bytes; 0: unbounded */
+	uint64_t mem;        /* mem=, bytes of decoded tiles in RAM */
+	unsigned threads;    /* threads=, workers; 0: one per CPU */
+	unsigned readahead;  /* readahead=, units scheduled ahead of a sequential reader */
+	char *reference;     /* reference=, file name or stem; NULL: first slide by name */
+	char *preset;        /* preset= as given */
+	int foreground, debug, single_thread;
+	int show_help, show_version;
+	/* Options handed to libfuse's mount (allow_other, fsname=...): "-o" list. */
+	char *fuse_mount_opts;
+} sf_options;
+
+/* Parse argv into o (zeroed by the caller).  For --help/--version it sets
+ * the flag and returns SF_OK without requiring RAW_DIR/MOUNTPOINT. */
+int sf_options_parse(int argc, char **argv, sf_options *o, sf_err *e);
+void sf_options_free(sf_options *o);
+
+/* "50G" -> 53687091200; K, M, G, T suffixes (powers of 1024), optional B. */
+int sf_parse_size(const char *text, uint64_t *out);
+
+/* The --help text.  Presets are looked up in $SCOPEFS_PRESETS, then in
+ * mountopts/ beside the tree the binary was built in, then in
+ * /usr/share/scopefs/mountopts. */
+void sf_options_usage(const char *argv0);
+
+const char *sf_version(void);
+
+#endif

@@ -1,0 +1,43 @@
+/* products.h — the products scopefs serves, and the pyramid plan they share.
+ *
+ * retile: a slide in its own frame, re-tiled as a pyramidal OME-TIFF
+ *   (registered/<reference>.ome.tif).  Level l of the output is the source's
+ *   level of the same size when there is one (copied), else the mean of
+ *   k x k boxes of the source's nearest finer level (k a power of two), read
+ *   in bands so memory stays bounded.  Never computed from level 0 when the
+ *   source has a closer level.
+ * planes: the planes of a z-stack as strip TIFFs (deconvolved/), unit =
+ *   (plane, strip); identity until the deconvolution engine fills it. */
+#ifndef SCOPEFS_PRODUCTS_H
+#define SCOPEFS_PRODUCTS_H
+
+#include <stdint.h>
+
+#include "scopefs/dataset.h"
+#include "scopefs/product.h"
+#include "scopefs/slide.h"
+#include "scopefs/tiff_layout.h"
+
+/* How each output level is made from the source. */
+typedef struct sf_pyramid_plan {
+	uint32_t levels;
+	uint32_t width[SF_LAYOUT_MAX_LEVELS], height[SF_LAYOUT_MAX_LEVELS];
+	uint32_t source_level[SF_LAYOUT_MAX_LEVELS]; /* the source level read */
+	uint32_t box[SF_LAYOUT_MAX_LEVELS];          /* k: 1 = copy */
+} sf_pyramid_plan;
+
+/* Plan the output pyramid of s for tiles of edge `tile`: halve until the
+ * level fits in one tile, taking the source's own level sizes where they
+ * are a halving of the previous level. */
+void sf_pyramid_plan_make(const sf_slide_info *s, uint32_t tile, sf_pyramid_plan *plan);
+
+/* The retile product of s on the layout l (which must follow plan). */
+int sf_product_retile_create(const sf_slide_info *s, const sf_pyramid_plan *plan,
+			     const sf_layout *l, sf_product **out, sf_err *e);
+
+/* The planes product of stack st; plane_layout is the layout of one plane
+ * file (all planes share it).  Units: plane * strips_per_plane + strip. */
+int sf_product_planes_create(const sf_stack *st, const sf_layout *plane_layout,
+			     sf_product **out, sf_err *e);
+
+#endif

@@ -1,0 +1,288 @@
+/* fuse_ops.c — the FUSE low-level handlers: translate, call below, reply.
+ *
+ * Handlers are a few lines each: find the node, call the layer below
+ * (pread for raw/, sf_vfile_read for virtual files, sf_status_json), and
+ * map an error code to errno in one place (sf_errno).  Files never change
+ * during a mount, so entries and attributes are cached by the kernel for a
+ * day and virtual files are opened with keep_cache (OpenSlide and ImageJ
+ * re-open the file for every tile).  .scopefs/status is the exception: no
+ * caching, direct_io, a fresh snapshot at each open. */
+#define FUSE_USE_VERSION 312
+#include "scopefs/fuse_ops.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "scopefs/log.h"
+#include "scopefs/mount.h"
+
+#define TIMEOUT_FOREVER 86400.0
+
+/* An open virtual file: where the last read ended, to spot sequential readers. */
+typedef struct vfile_handle {
+	const sf_node *node;
+	uint64_t next_off; /* updated with relaxed atomics: a hint, not state */
+} vfile_handle;
+
+typedef struct status_handle {
+	char *text;
+	size_t len;
+} status_handle;
+
+static sf_mount *mount_of(fuse_req_t req) { return fuse_req_userdata(req); }
+
+static double node_timeout(const sf_node *n) { return n->kind == SF_NODE_STATUS ? 0.0 : TIMEOUT_FOREVER; }
+
+static void node_stat(const sf_mount *m, const sf_node *n, struct stat *st)
+{
+	*st = n->st;
+	st->st_ino = sf_node_ino(m, n);
+	if (n->kind == SF_NODE_STATUS) {
+		size_t len = 0;
+		char *text = sf_status_json(m, &len);
+		free(text);
+		st->st_size = (off_t)len;
+	}
+}
+
+static void op_lookup(fuse_req_t req, fuse_ino_t parent, const char *name)
+{
+	sf_mount *m = mount_of(req);
+	const sf_node *n = sf_mount_lookup(m, parent, name);
+	struct fuse_entry_param ep;
+
+	if (!n) {
+		fuse_reply_err(req, ENOENT);
+		return;
+	}
+	memset(&ep, 0, sizeof ep);
+	ep.ino = sf_node_ino(m, n);
+	ep.generation = 1;
+	node_stat(m, n, &ep.attr);
+	ep.attr_timeout = ep.entry_timeout = node_timeout(n);
+	fuse_reply_entry(req, &ep);
+}
+
+static void op_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+	sf_mount *m = mount_of(req);
+	const sf_node *n = sf_mount_node(m, ino);
+	struct stat st;
+
+	(void)fi;
+	if (!n) {
+		fuse_reply_err(req, ENOENT);
+		return;
+	}
+	node_stat(m, n, &st);
+	fuse_reply_attr(req, &st, node_timeout(n));
+}
+
+static void op_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
+		       struct fuse_file_info *fi)
+{
+	sf_mount *m = mount_of(req);
+	const sf_node *dir = sf_mount_node(m, ino);
+	char *buf;
+	size_t used = 0;
+
+	(void)fi;
+	if (!dir || dir->kind != SF_NODE_DIR) {
+		fuse_reply_err(req, ENOTDIR);
+		return;
+	}
+	if (!(buf = malloc(size))) {
+		fuse_reply_err(req, ENOMEM);
+		return;
+	}
+	/* Offsets: 0 ".", 1 "..", 2 + i the i-th child. */
+	for (off_t i = off; i < (off_t)dir->child_count + 2; i++) {
+		const sf_node *n = i == 0 ? dir : i == 1 ? &m->nodes[dir->parent]
+							 : &m->nodes[dir->children[i - 2]];
+		const char *name = i == 0 ? "." : i == 1 ? ".." : n->name;
+		struct stat st;
+		size_t need;
+
+		node_stat(m, n, &st);
+		need = fuse_add_direntry(req, buf + used, size - used, name, &st, i + 1);
+		if (need > size - used)
+			break;
+		used += need;
+	}
+	fuse_reply_buf(req, buf, used);
+	free(buf);
+}
+
+static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+	sf_mount *m = mount_of(req);
+	const sf_node *n = sf_mount_node(m, ino);
+
+	if (!n) {
+		fuse_reply_err(req, ENOENT);
+		return;
+	}
+	if ((fi->flags & O_ACCMODE) != O_RDONLY || (fi->flags & O_TRUNC)) {
+		fuse_reply_err(req, EROFS);
+		return;
+	}
+	switch (n->kind) {
+	case SF_NODE_RAW: {
+		int fd = open(n->raw_path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+		if (fd < 0) {
+			fuse_reply_err(req, errno);
+			return;
+		}
+		fi->fh = (uint64_t)fd;
+		fi->keep_cache = 1;
+		break;
+	}
+	case SF_NODE_VFILE: {
+		vfile_handle *h = calloc(1, sizeof *h);
+		if (!h) {
+			fuse_reply_err(req, ENOMEM);
+			return;
+		}
+		h->node = n;
+		fi->fh = (uint64_t)(uintptr_t)h;
+		fi->keep_cache = 1;
+		break;
+	}
+	case SF_NODE_STATUS: {
+		status_handle *h = calloc(1, sizeof *h);
+		if (!h || !(h->text = sf_status_json(m, &h->len))) {
+			free(h);
+			fuse_reply_err(req, ENOMEM);
+			return;
+		}
+		fi->fh = (uint64_t)(uintptr_t)h;
+		fi->direct_io = 1;
+		break;
+	}
+	case SF_NODE_DIR: fuse_reply_err(req, EISDIR); return;
+	}
+	fuse_reply_open(req, fi);
+}
+
+static void read_raw(fuse_req_t req, size_t size, off_t off, struct fuse_file_info *fi)
+{
+	struct fuse_bufvec buf = FUSE_BUFVEC_INIT(size);
+
+	/* Let libfuse splice straight from the raw file where it can. */
+	buf.buf[0].flags = FUSE_BUF_IS_FD | FUSE_BUF_FD_SEEK;
+	buf.buf[0].fd = (int)fi->fh;
+	buf.buf[0].pos = off;
+	fuse_reply_data(req, &buf, FUSE_BUF_SPLICE_MOVE);
+}
+
+static void read_vfile(fuse_req_t req, size_t size, off_t off, struct fuse_file_info *fi)
+{
+	sf_mount *m = mount_of(req);
+	vfile_handle *h = (vfile_handle *)(uintptr_t)fi->fh;
+	const sf_vfile *v = h->node->vfile;
+	uint64_t last = __atomic_load_n(&h->next_off, __ATOMIC_RELAXED);
+	uint8_t *buf = malloc(size ? size : 1);
+	size_t got = 0;
+	sf_err e = {0};
+	int rc;
+
+	if (!buf) {
+		fuse_reply_err(req, ENOMEM);
+		return;
+	}
+	/* A reader continuing near where it stopped is sequential (the kernel
+	 * may issue its read-ahead requests slightly out of order). */
+	if ((uint64_t)off + (4u << 20) >= last && (uint64_t)off <= last + (4u << 20) && last)
+		sf_vfile_readahead(m->engine, v, (uint64_t)off + size, m->opts->readahead);
+	__atomic_store_n(&h->next_off, (uint64_t)off + size, __ATOMIC_RELAXED);
+	rc = sf_vfile_read(m->engine, v, (uint64_t)off, size, buf, &got, &e);
+	if (rc != SF_OK) {
+		sf_log(SF_LOG_ERROR, "read %s at %lld: %s", h->node->name, (long long)off, e.msg);
+		fuse_reply_err(req, sf_errno(rc));
+	} else
+		fuse_reply_buf(req, (const char *)buf, got);
+	free(buf);
+}
+
+static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
+		    struct fuse_file_info *fi)
+{
+	const sf_node *n = sf_mount_node(mount_of(req), ino);
+
+	if (!n) {
+		fuse_reply_err(req, ENOENT);
+		return;
+	}
+	if (n->kind == SF_NODE_RAW)
+		read_raw(req, size, off, fi);
+	else if (n->kind == SF_NODE_VFILE)
+		read_vfile(req, size, off, fi);
+	else if (n->kind == SF_NODE_STATUS) {
+		status_handle *h = (status_handle *)(uintptr_t)fi->fh;
+		size_t start = (size_t)off < h->len ? (size_t)off : h->len;
+		size_t len = h->len - start < size ? h->len - start : size;
+		fuse_reply_buf(req, h->text + start, len);
+	} else
+		fuse_reply_err(req, EISDIR);
+}
+
+static void op_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+	const sf_node *n = sf_mount_node(mount_of(req), ino);
+
+	if (n && n->kind == SF_NODE_RAW)
+		close((int)fi->fh);
+	else if (n && n->kind == SF_NODE_VFILE)
+		free((vfile_handle *)(uintptr_t)fi->fh);
+	else if (n && n->kind == SF_NODE_STATUS) {
+		status_handle *h = (status_handle *)(uintptr_t)fi->fh;
+		free(h->text);
+		free(h);
+	}
+	fuse_reply_err(req, 0);
+}
+
+static void op_statfs(fuse_req_t req, fuse_ino_t ino)
+{
+	struct statvfs sv;
+
+	(void)ino;
+	memset(&sv, 0, sizeof sv);
+	sv.f_bsize = sv.f_frsize = 4096;
+	sv.f_namemax = 255;
+	sv.f_flag = ST_RDONLY;
+	fuse_reply_statfs(req, &sv);
+}
+
+/* Anything that would change the tree: the file system is read-only. */
+static void op_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr, int to_set,
+		       struct fuse_file_info *fi)
+{
+	(void)ino, (void)attr, (void)to_set, (void)fi;
+	fuse_reply_err(req, EROFS);
+}
+
+static void op_init(void *userdata, struct fuse_conn_info *conn)
+{
+	(void)userdata;
+	/* Splice raw/ reads from the source file descriptor. */
+	if (conn->capable & FUSE_CAP_SPLICE_WRITE)
+		conn->want |= FUSE_CAP_SPLICE_WRITE | FUSE_CAP_SPLICE_MOVE;
+	/* Kernel read-ahead lets cp stream; nothing is written back. */
+	conn->want &= ~(unsigned)FUSE_CAP_WRITEBACK_CACHE;
+}
+
+const struct fuse_lowlevel_ops sf_fuse_ops = {
+	.init = op_init,
+	.lookup = op_lookup,
+	.getattr = op_getattr,
+	.setattr = op_setattr,
+	.readdir = op_readdir,
+	.open = op_open,
+	.read = op_read,
+	.release = op_release,
+	.statfs = op_statfs,
+};

@@ -1,0 +1,119 @@
+/* main.c — scopefs: parse options, build the tree, mount, serve, clean up.
+ *
+ * Exit status: 0 after a clean unmount, 2 for a usage or option error
+ * (nothing mounted), 1 when the dataset, cache or mount fails. */
+#define FUSE_USE_VERSION 312
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "scopefs/fuse_ops.h"
+#include "scopefs/log.h"
+#include "scopefs/mount.h"
+#include "scopefs/options.h"
+
+#define FUSE_MAX_THREADS 64
+
+/* The argv libfuse sees: read-only, our fsname unless given, user options. */
+static int fuse_argv(const sf_options *o, const char *argv0, struct fuse_args *args)
+{
+	char opts[1200];
+	int has_fsname = strstr(o->fuse_mount_opts, "fsname=") != NULL;
+	int has_subtype = strstr(o->fuse_mount_opts, "subtype=") != NULL;
+
+	snprintf(opts, sizeof opts, "ro%s%s%s%s", has_fsname ? "" : ",fsname=scopefs",
+		 has_subtype ? "" : ",subtype=scopefs", o->fuse_mount_opts[0] ? "," : "",
+		 o->fuse_mount_opts);
+	if (fuse_opt_add_arg(args, argv0) || fuse_opt_add_arg(args, "-o") ||
+	    fuse_opt_add_arg(args, opts) || (o->debug && fuse_opt_add_arg(args, "-d")))
+		return SF_ENOMEM;
+	return SF_OK;
+}
+
+static int serve(struct fuse_session *se, const sf_options *o)
+{
+	struct fuse_loop_config *cfg;
+	int rc;
+
+	if (o->single_thread)
+		return fuse_session_loop(se);
+	if (!(cfg = fuse_loop_cfg_create()))
+		return -1;
+	fuse_loop_cfg_set_max_threads(cfg, FUSE_MAX_THREADS);
+	fuse_loop_cfg_set_clone_fd(cfg, 0);
+	rc = fuse_session_loop_mt(se, cfg);
+	fuse_loop_cfg_destroy(cfg);
+	return rc;
+}
+
+int main(int argc, char **argv)
+{
+	sf_options o = {0};
+	sf_err e = {0};
+	sf_mount *m = NULL;
+	struct fuse_args args = FUSE_ARGS_INIT(0, NULL);
+	struct fuse_session *se = NULL;
+	int status = 1;
+
+	if (sf_options_parse(argc, argv, &o, &e) != SF_OK) {
+		fprintf(stderr, "scopefs: %s\n", e.msg);
+		sf_options_free(&o);
+		return 2;
+	}
+	if (o.show_help || o.show_version) {
+		if (o.show_help)
+			sf_options_usage(argv[0]);
+		else
+			printf("scopefs %s (libfuse %s)\n", sf_version(), fuse_pkgversion());
+		sf_options_free(&o);
+		return 0;
+	}
+	sf_log_set_level(o.debug ? SF_LOG_DEBUG : SF_LOG_INFO);
+	if (!o.threads) {
+		long n = sysconf(_SC_NPROCESSORS_ONLN);
+		o.threads = n > 0 ? (unsigned)n : 1;
+	}
+	if (!o.readahead)
+		o.readahead = 2 * o.threads;
+	if (sf_mount_build(&o, &m, &e) != SF_OK) {
+		fprintf(stderr, "scopefs: %s\n", e.msg);
+		status = e.code == SF_EINVAL ? 2 : 1;
+		goto out_options;
+	}
+	if (fuse_argv(&o, argv[0], &args) != SF_OK)
+		goto out_mount;
+	se = fuse_session_new(&args, &sf_fuse_ops, sizeof sf_fuse_ops, m);
+	if (!se)
+		goto out_args;
+	if (fuse_set_signal_handlers(se) != 0)
+		goto out_session;
+	if (fuse_session_mount(se, o.mountpoint) != 0) {
+		fprintf(stderr, "scopefs: cannot mount on %s\n", o.mountpoint);
+		goto out_signals;
+	}
+	/* Threads do not survive fork: start the engine after daemonizing. */
+	if (fuse_daemonize(o.foreground) != 0)
+		goto out_unmount;
+	if (sf_mount_start(m, &e) != SF_OK) {
+		sf_log(SF_LOG_ERROR, "%s", e.msg);
+		goto out_unmount;
+	}
+	sf_log(SF_LOG_INFO, "mounted %s on %s (%u slides, %u stacks, %u problems; cache %s)",
+	       o.raw_dir, o.mountpoint, m->dataset->slide_count, m->dataset->stack_count,
+	       m->dataset->problem_count, o.cache_dir);
+	status = serve(se, &o) == 0 ? 0 : 1;
+out_unmount:
+	fuse_session_unmount(se);
+out_signals:
+	fuse_remove_signal_handlers(se);
+out_session:
+	fuse_session_destroy(se);
+out_args:
+	fuse_opt_free_args(&args);
+out_mount:
+	sf_mount_free(m);
+out_options:
+	sf_options_free(&o);
+	return status;
+}

@@ -1,0 +1,455 @@
+/* mount.c — build the mounted tree from one scan of RAW_DIR.
+ *
+ * Invariants once sf_mount_build returns:
+ *  1. nodes[] never moves or changes; children are sorted by name (bsearch).
+ *  2. Every SF_NODE_RAW path is the real path of a regular file inside
+ *     RAW_DIR: symlinks are resolved here, and those leaving RAW_DIR (or
+ *     naming folders, which could loop) are left out.
+ *  3. Every virtual file's size is exact: it is its layout's size. */
+#include "scopefs/mount.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "scopefs/log.h"
+#include "scopefs/ome_xml.h"
+#include "scopefs/products.h"
+
+#define SF_TILE       512
+#define RAW_MAX_DEPTH 64
+
+/* Grow *arr (of *cap elements of size elem) to hold one more. */
+static int grow(void **arr, uint32_t count, uint32_t *cap, size_t elem)
+{
+	void *bigger;
+	uint32_t want;
+
+	if (count < *cap)
+		return SF_OK;
+	want = *cap ? *cap * 2 : 16;
+	bigger = realloc(*arr, (size_t)want * elem);
+	if (!bigger)
+		return SF_ENOMEM;
+	*arr = bigger;
+	*cap = want;
+	return SF_OK;
+}
+
+static void stat_virtual(const sf_mount *m, struct stat *st, mode_t mode, uint64_t size)
+{
+	memset(st, 0, sizeof *st);
+	st->st_mode = mode;
+	st->st_nlink = S_ISDIR(mode) ? 2 : 1;
+	st->st_uid = getuid();
+	st->st_gid = getgid();
+	st->st_size = (off_t)size;
+	st->st_blksize = 1 << 20;
+	st->st_blocks = (blkcnt_t)((size + 511) / 512);
+	st->st_mtim = st->st_ctim = st->st_atim = m->mounted_at;
+}
+
+/* Add a node named name under parent (UINT32_MAX for the root); its index in *idx. */
+static int node_add(sf_mount *m, uint32_t parent, const char *name, sf_node_kind kind,
+		    uint32_t *idx, sf_err *e)
+{
+	sf_node *n;
+
+	if (grow((void **)&m->nodes, m->node_count, &m->node_cap, sizeof *m->nodes) != SF_OK)
+		return sf_fail(e, SF_ENOMEM, "out of memory building the tree");
+	if (parent != UINT32_MAX) {
+		sf_node *p = &m->nodes[parent];
+		if (grow((void **)&p->children, p->child_count, &p->child_cap,
+			 sizeof *p->children) != SF_OK)
+			return sf_fail(e, SF_ENOMEM, "out of memory building the tree");
+	}
+	n = &m->nodes[m->node_count];
+	memset(n, 0, sizeof *n);
+	if (!(n->name = strdup(name)))
+		return sf_fail(e, SF_ENOMEM, "out of memory building the tree");
+	n->kind = kind;
+	n->parent = parent == UINT32_MAX ? m->node_count : parent;
+	if (kind == SF_NODE_DIR)
+		stat_virtual(m, &n->st, S_IFDIR | 0555, 0);
+	if (parent != UINT32_MAX) {
+		sf_node *p = &m->nodes[parent];
+		p->children[p->child_count++] = m->node_count;
+	}
+	*idx = m->node_count++;
+	return SF_OK;
+}
+
+/* Keep arrays of owned objects so sf_mount_free can release them. */
+#define KEEP(m, field, count, cap, obj)                                                        \
+	(grow((void **)&(m)->field, (m)->count, &(m)->cap, sizeof *(m)->field) == SF_OK          \
+		 ? ((m)->field[(m)->count++] = (obj), SF_OK)                                     \
+		 : SF_ENOMEM)
+
+static int is_inside(const char *root, const char *path)
+{
+	size_t n = strlen(root);
+	return !strncmp(path, root, n) && (path[n] == '/' || path[n] == '\0');
+}
+
+/* Mirror folder abs (inside RAW_DIR) under node dir, recursively. */
+static int raw_walk(sf_mount *m, const char *abs, uint32_t dir, int depth, sf_err *e)
+{
+	struct dirent **list = NULL;
+	int count = scandir(abs, &list, NULL, alphasort), rc = SF_OK;
+
+	if (count < 0) {
+		sf_log(SF_LOG_WARN, "raw: cannot list %s: %s", abs, strerror(errno));
+		return SF_OK;
+	}
+	for (int i = 0; i < count; i++) {
+		const char *name = list[i]->d_name;
+		char path[PATH_MAX], real[PATH_MAX];
+		struct stat st;
+		uint32_t idx;
+
+		if (rc != SF_OK || !strcmp(name, ".") || !strcmp(name, ".."))
+			goto next;
+		snprintf(path, sizeof path, "%s/%s", abs, name);
+		if (lstat(path, &st) != 0)
+			goto next;
+		if (S_ISLNK(st.st_mode)) {
+			if (!realpath(path, real) || !is_inside(m->dataset->root, real) ||
+			    stat(real, &st) != 0 || !S_ISREG(st.st_mode)) {
+				sf_log(SF_LOG_INFO, "raw: %s: symlink left out (it leaves RAW_DIR, "
+						    "is broken, or names a folder)", path);
+				goto next;
+			}
+		} else
+			snprintf(real, sizeof real, "%s", path);
+		if (S_ISDIR(st.st_mode) && depth < RAW_MAX_DEPTH) {
+			rc = node_add(m, dir, name, SF_NODE_DIR, &idx, e);
+			if (rc == SF_OK) {
+				m->nodes[idx].st.st_mtim = st.st_mtim;
+				rc = raw_walk(m, path, idx, depth + 1, e);
+			}
+		} else if (S_ISREG(st.st_mode)) {
+			rc = node_add(m, dir, name, SF_NODE_RAW, &idx, e);
+			if (rc == SF_OK && !(m->nodes[idx].raw_path = strdup(real)))
+				rc = sf_fail(e, SF_ENOMEM, "out of memory building raw/");
+			if (rc == SF_OK) {
+				st.st_mode = S_IFREG | (st.st_mode & 0444);
+				st.st_nlink = 1;
+				m->nodes[idx].st = st;
+			}
+		}
+	next:
+		free(list[i]);
+	}
+	free(list);
+	return rc;
+}
+
+/* Register a virtual file node for layout l and product p. */
+static int add_vfile(sf_mount *m, uint32_t dir, const char *name, sf_layout *l, sf_product *p,
+		     uint64_t unit_base, sf_err *e)
+{
+	sf_vfile *v = calloc(1, sizeof *v);
+	uint32_t idx;
+	int rc;
+
+	if (!v || KEEP(m, vfiles, vfile_count, vfile_cap, v) != SF_OK) {
+		free(v);
+		return sf_fail(e, SF_ENOMEM, "out of memory");
+	}
+	v->layout = l;
+	v->product = p;
+	v->unit_base = unit_base;
+	rc = node_add(m, dir, name, SF_NODE_VFILE, &idx, e);
+	if (rc != SF_OK)
+		return rc;
+	m->nodes[idx].vfile = v;
+	stat_virtual(m, &m->nodes[idx].st, S_IFREG | 0444, sf_layout_file_size(l));
+	return SF_OK;
+}
+
+static int keep_product(sf_mount *m, sf_product *p, sf_err *e)
+{
+	if (KEEP(m, products, product_count, product_cap, p) != SF_OK) {
+		p->ops->destroy(p);
+		return sf_fail(e, SF_ENOMEM, "out of memory");
+	}
+	return SF_OK;
+}
+
+static int keep_layout(sf_mount *m, sf_layout *l, sf_err *e)
+{
+	if (KEEP(m, layouts, layout_count, layout_cap, l) != SF_OK) {
+		sf_layout_free(l);
+		return sf_fail(e, SF_ENOMEM, "out of memory");
+	}
+	return SF_OK;
+}
+
+/* registered/<stem>.ome.tif for slide i, re-tiled in its own frame. */
+static int add_retiled_slide(sf_mount *m, uint32_t dir, uint32_t i, sf_err *e)
+{
+	const sf_slide_info *s = m->dataset->slides[i];
+	const char *stem = m->dataset->slide_stems[i];
+	sf_pyramid_plan plan;
+	sf_layout_spec spec = {0};
+	sf_ome_image ome = {0};
+	sf_layout *layout;
+	sf_product *product;
+	char name[NAME_MAX + 1];
+	int rc;
+
+	sf_pyramid_plan_make(s, SF_TILE, &plan);
+	ome.name = stem;
+	ome.width = s->width;
+	ome.height = s->height;
+	ome.channels = s->channels;
+	ome.samples = s->samples;
+	ome.dtype = s->dtype;
+	ome.pixel_size_x = s->pixel_size_x;
+	ome.pixel_size_y = s->pixel_size_y;
+	ome.channel_names = s->channel_names;
+	char *xml = sf_ome_xml(&ome, e);
+	if (!xml)
+		return e->code;
+	spec.width = s->width;
+	spec.height = s->height;
+	spec.pages = s->channels;
+	spec.samples = s->samples;
+	spec.dtype = s->dtype;
+	spec.tile = SF_TILE;
+	spec.levels = plan.levels;
+	spec.level_width = plan.width;
+	spec.level_height = plan.height;
+	spec.description = xml;
+	spec.bigtiff = -1;
+	if (s->pixel_size_x > 0 && s->pixel_size_y > 0) {
+		spec.resolution_x = 1e4 / s->pixel_size_x;
+		spec.resolution_y = 1e4 / s->pixel_size_y;
+	}
+	rc = sf_layout_create(&spec, &layout, e);
+	free(xml);
+	if (rc != SF_OK || (rc = keep_layout(m, layout, e)) != SF_OK)
+		return rc;
+	rc = sf_product_retile_create(s, &plan, layout, &product, e);
+	if (rc != SF_OK || (rc = keep_product(m, product, e)) != SF_OK)
+		return rc;
+	snprintf(name, sizeof name, "%s.ome.tif", stem);
+	return add_vfile(m, dir, name, layout, product, 0, e);
+}
+
+static int find_reference(sf_mount *m, sf_err *e)
+{
+	const sf_dataset *d = m->dataset;
+	const char *want = m->opts->reference;
+
+	m->reference = d->slide_count ? 0 : -1;
+	if (!want)
+		return SF_OK;
+	for (uint32_t i = 0; i < d->slide_count; i++) {
+		const char *base = strrchr(d->slides[i]->path, '/');
+		base = base ? base + 1 : d->slides[i]->path;
+		if (!strcmp(base, want) || !strcmp(d->slide_stems[i], want)) {
+			m->reference = (int)i;
+			return SF_OK;
+		}
+	}
+	return sf_fail(e, SF_EINVAL, "option 'reference': no whole-slide image named '%s' in %s",
+		       want, d->root);
+}
+
+static int build_registered(sf_mount *m, uint32_t root, sf_err *e)
+{
+	const sf_dataset *d = m->dataset;
+	uint32_t dir;
+	int rc = node_add(m, root, "registered", SF_NODE_DIR, &dir, e);
+
+	if (rc != SF_OK || (rc = find_reference(m, e)) != SF_OK)
+		return rc;
+	if (d->slide_count && !(m->slide_state = calloc(d->slide_count, sizeof *m->slide_state)))
+		return sf_fail(e, SF_ENOMEM, "out of memory");
+	for (uint32_t i = 0; i < d->slide_count; i++) {
+		m->slide_state[i].slide = i;
+		if ((int)i != m->reference) {
+			m->slide_state[i].state = "moving slide: no transform support yet";
+			continue;
+		}
+		rc = add_retiled_slide(m, dir, i, e);
+		if (rc == SF_ENOMEM)
+			return rc;
+		m->slide_state[i].state = rc == SF_OK ? "served (reference)" : "left out";
+		if (rc != SF_OK)
+			sf_log(SF_LOG_WARN, "registered: %s left out: %s", d->slides[i]->path, e->msg);
+	}
+	return SF_OK;
+}
+
+/* deconvolved/<stack>/<plane> for each stack (planes at the top for RAW_DIR itself). */
+static int add_stack(sf_mount *m, uint32_t top, const sf_stack *st, sf_err *e)
+{
+	const sf_slide_info *first = st->plane_info[0];
+	sf_layout_spec spec = {0};
+	sf_layout *layout;
+	sf_product *product;
+	uint32_t dir = top;
+	int rc;
+
+	if (st->name[0] && (rc = node_add(m, top, st->name, SF_NODE_DIR, &dir, e)) != SF_OK)
+		return rc;
+	spec.width = st->width;
+	spec.height = st->height;
+	spec.pages = 1;
+	spec.samples = first->samples;
+	spec.dtype = st->dtype;
+	spec.tile = 0;
+	spec.levels = 1;
+	spec.bigtiff = -1;
+	rc = sf_layout_create(&spec, &layout, e);
+	if (rc != SF_OK || (rc = keep_layout(m, layout, e)) != SF_OK)
+		return rc;
+	rc = sf_product_planes_create(st, layout, &product, e);
+	if (rc != SF_OK || (rc = keep_product(m, product, e)) != SF_OK)
+		return rc;
+	for (uint32_t z = 0; z < st->planes && rc == SF_OK; z++)
+		rc = add_vfile(m, dir, st->plane_names[z], layout, product,
+			       (uint64_t)z * sf_layout_unit_count(layout), e);
+	return rc;
+}
+
+static int build_deconvolved(sf_mount *m, uint32_t root, sf_err *e)
+{
+	uint32_t dir;
+	int rc;
+
+	if (!m->dataset->stack_count)
+		return SF_OK;
+	rc = node_add(m, root, "deconvolved", SF_NODE_DIR, &dir, e);
+	for (uint32_t i = 0; i < m->dataset->stack_count && rc == SF_OK; i++) {
+		rc = add_stack(m, dir, m->dataset->stacks[i], e);
+		if (rc != SF_OK && rc != SF_ENOMEM) {
+			sf_log(SF_LOG_WARN, "deconvolved: stack %s left out: %s",
+			       m->dataset->stacks[i]->name, e->msg);
+			rc = SF_OK;
+		}
+	}
+	return rc;
+}
+
+static int by_name(const void *a, const void *b, void *nodes)
+{
+	const sf_node *n = nodes;
+	return strcmp(n[*(const uint32_t *)a].name, n[*(const uint32_t *)b].name);
+}
+
+int sf_mount_build(const sf_options *o, sf_mount **out, sf_err *e)
+{
+	sf_mount *m = calloc(1, sizeof *m);
+	uint32_t root, raw, meta, status;
+	int rc;
+
+	if (!m)
+		return sf_fail(e, SF_ENOMEM, "out of memory");
+	m->opts = o;
+	clock_gettime(CLOCK_REALTIME, &m->mounted_at);
+	rc = sf_dataset_scan(o->raw_dir, &m->dataset, e);
+	if (rc == SF_OK)
+		rc = sf_cache_open(o->cache_dir, o->cache_size, &m->cache, e);
+	if (rc == SF_OK)
+		rc = node_add(m, UINT32_MAX, "", SF_NODE_DIR, &root, e);
+	if (rc == SF_OK)
+		rc = node_add(m, root, "raw", SF_NODE_DIR, &raw, e);
+	if (rc == SF_OK)
+		rc = raw_walk(m, m->dataset->root, raw, 0, e);
+	if (rc == SF_OK)
+		rc = build_registered(m, root, e);
+	if (rc == SF_OK)
+		rc = build_deconvolved(m, root, e);
+	if (rc == SF_OK)
+		rc = node_add(m, root, ".scopefs", SF_NODE_DIR, &meta, e);
+	if (rc == SF_OK && (rc = node_add(m, meta, "status", SF_NODE_STATUS, &status, e)) == SF_OK) {
+		stat_virtual(m, &m->nodes[status].st, S_IFREG | 0444, 0);
+	}
+	if (rc != SF_OK) {
+		sf_mount_free(m);
+		return rc;
+	}
+	for (uint32_t i = 0; i < m->node_count; i++)
+		if (m->nodes[i].child_count)
+			qsort_r(m->nodes[i].children, m->nodes[i].child_count, sizeof(uint32_t),
+				by_name, m->nodes);
+	*out = m;
+	return SF_OK;
+}
+
+int sf_mount_start(sf_mount *m, sf_err *e)
+{
+	sf_engine_config cfg = {
+		.threads = m->opts->threads,
+		.mem_bytes = m->opts->mem,
+		.cache = m->cache,
+		.max_products = m->product_count,
+	};
+	int rc = sf_engine_create(&cfg, &m->engine, e);
+
+	for (uint32_t i = 0; rc == SF_OK && i < m->product_count; i++)
+		rc = sf_engine_add_product(m->engine, m->products[i], e);
+	return rc;
+}
+
+void sf_mount_free(sf_mount *m)
+{
+	if (!m)
+		return;
+	if (m->engine)
+		sf_engine_destroy(m->engine);
+	for (uint32_t i = 0; i < m->product_count; i++)
+		m->products[i]->ops->destroy(m->products[i]);
+	for (uint32_t i = 0; i < m->vfile_count; i++)
+		free(m->vfiles[i]);
+	for (uint32_t i = 0; i < m->layout_count; i++)
+		sf_layout_free(m->layouts[i]);
+	for (uint32_t i = 0; i < m->node_count; i++) {
+		free(m->nodes[i].name);
+		free(m->nodes[i].children);
+		free(m->nodes[i].raw_path);
+	}
+	if (m->cache)
+		sf_cache_close(m->cache);
+	sf_dataset_free(m->dataset);
+	free(m->products);
+	free(m->vfiles);
+	free(m->layouts);
+	free(m->nodes);
+	free(m->slide_state);
+	free(m);
+}
+
+const sf_node *sf_mount_node(const sf_mount *m, uint64_t ino)
+{
+	return ino >= 1 && ino <= m->node_count ? &m->nodes[ino - 1] : NULL;
+}
+
+const sf_node *sf_mount_lookup(const sf_mount *m, uint64_t parent, const char *name)
+{
+	const sf_node *p = sf_mount_node(m, parent);
+	uint32_t lo = 0, hi;
+
+	if (!p || p->kind != SF_NODE_DIR)
+		return NULL;
+	hi = p->child_count;
+	while (lo < hi) {
+		uint32_t mid = lo + (hi - lo) / 2;
+		int cmp = strcmp(name, m->nodes[p->children[mid]].name);
+		if (!cmp)
+			return &m->nodes[p->children[mid]];
+		if (cmp < 0)
+			hi = mid;
+		else
+			lo = mid + 1;
+	}
+	return NULL;
+}

@@ -1,0 +1,395 @@
+/* options.c — command line and preset parsing into one sf_options.
+ *
+ * One table (option_table) lists every key; the parser, the preset reader
+ * and the help text all walk it.  A key given on the command line is marked
+ * set, and a preset only fills keys that are not. */
+#include "scopefs/options.h"
+
+#include <ctype.h>
+#include <errno.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "scopefs/log.h"
+
+#ifndef SCOPEFS_VERSION
+#define SCOPEFS_VERSION "0.1.0"
+#endif
+
+enum opt_kind { OPT_STRING, OPT_SIZE, OPT_COUNT, OPT_FUSE_FLAG, OPT_FUSE_VALUE };
+
+typedef struct option_def {
+	const char *key;
+	enum opt_kind kind;
+	const char *help;
+} option_def;
+
+static const option_def option_table[] = {
+	{"cache", OPT_STRING, "cache=DIR        disk cache folder (default $XDG_CACHE_HOME/scopefs)"},
+	{"cache_size", OPT_SIZE, "cache_size=SIZE  disk cache bound, e.g. 50G (default 20G)"},
+	{"mem", OPT_SIZE, "mem=SIZE         RAM bound for decoded tiles (default 256M)"},
+	{"threads", OPT_COUNT, "threads=N        worker threads (default: one per CPU)"},
+	{"readahead", OPT_COUNT, "readahead=N      tiles scheduled ahead of a sequential reader"},
+	{"reference", OPT_STRING, "reference=NAME   reference slide, file name or stem"},
+	{"preset", OPT_STRING, "preset=NAME      read options from mountopts/NAME"},
+	{"allow_other", OPT_FUSE_FLAG, "allow_other      let other users see the mount"},
+	{"allow_root", OPT_FUSE_FLAG, "allow_root       let root see the mount"},
+	{"default_permissions", OPT_FUSE_FLAG, "default_permissions  kernel permission checks"},
+	{"auto_unmount", OPT_FUSE_FLAG, "auto_unmount     unmount when the daemon dies"},
+	{"ro", OPT_FUSE_FLAG, "ro               read-only (always on)"},
+	{"fsname", OPT_FUSE_VALUE, "fsname=NAME      file system name in mtab"},
+	{"subtype", OPT_FUSE_VALUE, "subtype=NAME     file system subtype in mtab"},
+};
+#define OPTION_COUNT (sizeof option_table / sizeof option_table[0])
+
+typedef struct parse_state {
+	sf_options *o;
+	int set[OPTION_COUNT]; /* given on the command line */
+	char fuse_opts[1024];  /* accumulated libfuse mount options */
+} parse_state;
+
+int sf_parse_size(const char *text, uint64_t *out)
+{
+	char *end;
+	unsigned long long v;
+	uint64_t mult = 1;
+
+	if (!text || !isdigit((unsigned char)text[0]))
+		return SF_EINVAL;
+	errno = 0;
+	v = strtoull(text, &end, 10);
+	if (errno)
+		return SF_EINVAL;
+	switch (toupper((unsigned char)*end)) {
+	case 'K': mult = 1ull << 10; end++; break;
+	case 'M': mult = 1ull << 20; end++; break;
+	case 'G': mult = 1ull << 30; end++; break;
+	case 'T': mult = 1ull << 40; end++; break;
+	default: break;
+	}
+	if (toupper((unsigned char)*end) == 'B')
+		end++;
+	if (*end || (v && mult > UINT64_MAX / v))
+		return SF_EINVAL;
+	*out = v * mult;
+	return SF_OK;
+}
+
+static int parse_count(const char *text, unsigned *out)
+{
+	char *end;
+	unsigned long v;
+
+	if (!text || !isdigit((unsigned char)text[0]))
+		return SF_EINVAL;
+	errno = 0;
+	v = strtoul(text, &end, 10);
+	if (errno || *end || v > 4096)
+		return SF_EINVAL;
+	*out = (unsigned)v;
+	return SF_OK;
+}
+
+static int set_string(char **field, const char *value, sf_err *e, const char *key)
+{
+	char *copy = strdup(value);
+	if (!copy)
+		return sf_fail(e, SF_ENOMEM, "option %s: out of memory", key);
+	free(*field);
+	*field = copy;
+	return SF_OK;
+}
+
+static int add_fuse_opt(parse_state *ps, const char *opt, sf_err *e)
+{
+	size_t len = strlen(ps->fuse_opts);
+	if (len + strlen(opt) + 2 >= sizeof ps->fuse_opts)
+		return sf_fail(e, SF_EINVAL, "option %s: too many mount options", opt);
+	snprintf(ps->fuse_opts + len, sizeof ps->fuse_opts - len, "%s%s", len ? "," : "", opt);
+	return SF_OK;
+}
+
+/* Apply "key" or "key=value" (from -o or a preset line `origin`). */
+static int apply_option(parse_state *ps, const char *item, int from_cli, const char *origin,
+			sf_err *e)
+{
+	const char *eq = strchr(item, '=');
+	size_t klen = eq ? (size_t)(eq - item) : strlen(item);
+	const char *value = eq ? eq + 1 : NULL;
+	sf_options *o = ps->o;
+	size_t i;
+
+	for (i = 0; i < OPTION_COUNT; i++)
+		if (strlen(option_table[i].key) == klen && !strncmp(option_table[i].key, item, klen))
+			break;
+	if (i == OPTION_COUNT)
+		return sf_fail(e, SF_EINVAL, "%sunknown option '%.*s'", origin, (int)klen, item);
+	if (!from_cli && ps->set[i])
+		return SF_OK; /* the command line wins */
+	if (from_cli)
+		ps->set[i] = 1;
+	const option_def *d = &option_table[i];
+	if ((d->kind == OPT_FUSE_FLAG) != (value == NULL))
+		return sf_fail(e, SF_EINVAL, "%soption '%s' %s", origin, d->key,
+			       value ? "takes no value" : "needs a value");
+	if (value && !*value)
+		return sf_fail(e, SF_EINVAL, "%soption '%s' has an empty value", origin, d->key);
+	switch (d->kind) {
+	case OPT_FUSE_FLAG:
+		return strcmp(d->key, "ro") ? add_fuse_opt(ps, d->key, e) : SF_OK;
+	case OPT_FUSE_VALUE: return add_fuse_opt(ps, item, e);
+	case OPT_SIZE: {
+		uint64_t v;
+		if (sf_parse_size(value, &v) != SF_OK)
+			return sf_fail(e, SF_EINVAL, "%soption '%s': malformed size '%s' (e.g. 512M, 50G)",
+				       origin, d->key, value);
+		if (!strcmp(d->key, "mem"))
+			o->mem = v;
+		else
+			o->cache_size = v;
+		return SF_OK;
+	}
+	case OPT_COUNT: {
+		unsigned v;
+		if (parse_count(value, &v) != SF_OK)
+			return sf_fail(e, SF_EINVAL, "%soption '%s': malformed count '%s'", origin,
+				       d->key, value);
+		if (!strcmp(d->key, "threads"))
+			o->threads = v;
+		else
+			o->readahead = v;
+		return SF_OK;
+	}
+	case OPT_STRING:
+		if (!strcmp(d->key, "cache"))
+			return set_string(&o->cache_dir, value, e, d->key);
+		if (!strcmp(d->key, "reference"))
+			return set_string(&o->reference, value, e, d->key);
+		return set_string(&o->preset, value, e, d->key);
+	}
+	return SF_OK;
+}
+
+/* Split a -o list on commas and apply each item. */
+static int apply_option_list(parse_state *ps, const char *list, sf_err *e)
+{
+	char *copy = strdup(list), *save = NULL;
+	int rc = SF_OK;
+
+	if (!copy)
+		return sf_fail(e, SF_ENOMEM, "out of memory");
+	for (char *item = strtok_r(copy, ",", &save); item && rc == SF_OK;
+	     item = strtok_r(NULL, ",", &save))
+		rc = apply_option(ps, item, 1, "", e);
+	free(copy);
+	return rc;
+}
+
+/* mountopts/ beside the tree the binary was built in (build/scopefs -> ../mountopts). */
+static int preset_path(const char *name, char *path, size_t cap)
+{
+	char exe[PATH_MAX];
+	const char *env = getenv("SCOPEFS_PRESETS");
+	ssize_t n;
+
+	if (strchr(name, '/')) {
+		snprintf(path, cap, "%s", name);
+		return SF_OK;
+	}
+	if (env && *env) {
+		snprintf(path, cap, "%s/%s", env, name);
+		return SF_OK;
+	}
+	n = readlink("/proc/self/exe", exe, sizeof exe - 1);
+	if (n > 0) {
+		exe[n] = '\0';
+		char *slash = strrchr(exe, '/');
+		if (slash)
+			*slash = '\0';
+		snprintf(path, cap, "%s/../mountopts/%s", exe, name);
+		if (access(path, R_OK) == 0)
+			return SF_OK;
+	}
+	snprintf(path, cap, "/usr/share/scopefs/mountopts/%s", name);
+	return SF_OK;
+}
+
+static int apply_preset(parse_state *ps, sf_err *e)
+{
+	char path[PATH_MAX + 64], line[1024], origin[PATH_MAX + 96];
+	unsigned lineno = 0;
+	FILE *f;
+	int rc = SF_OK;
+
+	preset_path(ps->o->preset, path, sizeof path);
+	f = fopen(path, "r");
+	if (!f)
+		return sf_fail(e, SF_EINVAL, "option 'preset': cannot read preset '%s' (%s): %s",
+			       ps->o->preset, path, strerror(errno));
+	while (rc == SF_OK && fgets(line, sizeof line, f)) {
+		char *s = line, *end;
+		lineno++;
+		while (isspace((unsigned char)*s))
+			s++;
+		end = s + strlen(s);
+		while (end > s && isspace((unsigned char)end[-1]))
+			*--end = '\0';
+		if (!*s || *s == '#')
+			continue;
+		if (!strncmp(s, "preset=", 7)) {
+			rc = sf_fail(e, SF_EINVAL, "%s:%u: a preset cannot name another preset", path,
+				     lineno);
+			break;
+		}
+		snprintf(origin, sizeof origin, "%s:%u: ", path, lineno);
+		rc = apply_option(ps, s, 0, origin, e);
+	}
+	fclose(f);
+	return rc;
+}
+
+static char *default_cache_dir(void)
+{
+	const char *xdg = getenv("XDG_CACHE_HOME"), *home = getenv("HOME");
+	char buf[PATH_MAX];
+
+	if (xdg && *xdg)
+		snprintf(buf, sizeof buf, "%s/scopefs", xdg);
+	else
+		snprintf(buf, sizeof buf, "%s/.cache/scopefs", home && *home ? home : "/tmp");
+	return strdup(buf);
+}
+
+/* The absolute form of a path that may not exist yet: the real path of its
+ * longest existing ancestor plus the rest. */
+static int absolute_future_path(const char *path, char *out, size_t cap)
+{
+	char probe[PATH_MAX], resolved[PATH_MAX];
+	char *cut;
+
+	snprintf(probe, sizeof probe, "%s", path);
+	for (;;) {
+		if (realpath(probe, resolved))
+			return (size_t)snprintf(out, cap, "%s%s", resolved, path + strlen(probe)) < cap
+				       ? SF_OK
+				       : SF_ERANGE;
+		cut = strrchr(probe, '/');
+		if (!cut)
+			break;
+		if (cut == probe) {
+			probe[1] = '\0';
+			continue;
+		}
+		*cut = '\0';
+	}
+	if (!getcwd(resolved, sizeof resolved))
+		return SF_EIO;
+	return (size_t)snprintf(out, cap, "%s/%s", resolved, path) < cap ? SF_OK : SF_ERANGE;
+}
+
+static int check_paths(sf_options *o, sf_err *e)
+{
+	char raw[PATH_MAX], cache[PATH_MAX];
+	size_t n;
+
+	if (!realpath(o->raw_dir, raw))
+		return sf_fail(e, SF_EINVAL, "RAW_DIR '%s': %s", o->raw_dir, strerror(errno));
+	if (!o->cache_dir && !(o->cache_dir = default_cache_dir()))
+		return sf_fail(e, SF_ENOMEM, "out of memory");
+	if (absolute_future_path(o->cache_dir, cache, sizeof cache) != SF_OK)
+		return sf_fail(e, SF_EINVAL, "option 'cache': cannot resolve '%s'", o->cache_dir);
+	n = strlen(raw);
+	if (!strncmp(cache, raw, n) && (cache[n] == '/' || cache[n] == '\0'))
+		return sf_fail(e, SF_EINVAL,
+			       "option 'cache': '%s' is inside RAW_DIR '%s'; the raw dataset is "
+			       "never written to",
+			       o->cache_dir, raw);
+	if (set_string(&o->raw_dir, raw, e, "RAW_DIR") != SF_OK)
+		return SF_ENOMEM;
+	return set_string(&o->cache_dir, cache, e, "cache");
+}
+
+int sf_options_parse(int argc, char **argv, sf_options *o, sf_err *e)
+{
+	parse_state ps = {.o = o};
+	int positional = 0, rc;
+
+	o->mem = 256ull << 20;
+	o->cache_size = 20ull << 30;
+	for (int i = 1; i < argc; i++) {
+		const char *a = argv[i];
+		if (!strcmp(a, "-h") || !strcmp(a, "--help"))
+			o->show_help = 1;
+		else if (!strcmp(a, "-V") || !strcmp(a, "--version"))
+			o->show_version = 1;
+		else if (!strcmp(a, "-f"))
+			o->foreground = 1;
+		else if (!strcmp(a, "-d")) {
+			o->debug = 1;
+			o->foreground = 1;
+		} else if (!strcmp(a, "-s"))
+			o->single_thread = 1;
+		else if (!strcmp(a, "-o") || !strncmp(a, "-o", 2)) {
+			const char *list = a[2] ? a + 2 : (i + 1 < argc ? argv[++i] : NULL);
+			if (!list)
+				return sf_fail(e, SF_EINVAL, "option '-o' needs a value");
+			if ((rc = apply_option_list(&ps, list, e)) != SF_OK)
+				return rc;
+		} else if (a[0] == '-' && a[1])
+			return sf_fail(e, SF_EINVAL, "unknown option '%s'", a);
+		else if (positional < 2) {
+			rc = set_string(positional ? &o->mountpoint : &o->raw_dir, a, e,
+					positional ? "MOUNTPOINT" : "RAW_DIR");
+			if (rc != SF_OK)
+				return rc;
+			positional++;
+		} else
+			return sf_fail(e, SF_EINVAL, "unexpected argument '%s'", a);
+	}
+	if (o->show_help || o->show_version)
+		return SF_OK;
+	if (positional != 2)
+		return sf_fail(e, SF_EINVAL, "usage: scopefs [options] RAW_DIR MOUNTPOINT");
+	if (o->preset && (rc = apply_preset(&ps, e)) != SF_OK)
+		return rc;
+	if (!(o->fuse_mount_opts = strdup(ps.fuse_opts)))
+		return sf_fail(e, SF_ENOMEM, "out of memory");
+	return check_paths(o, e);
+}
+
+void sf_options_free(sf_options *o)
+{
+	free(o->raw_dir);
+	free(o->mountpoint);
+	free(o->cache_dir);
+	free(o->reference);
+	free(o->preset);
+	free(o->fuse_mount_opts);
+}
+
+void sf_options_usage(const char *argv0)
+{
+	printf("usage: %s [options] RAW_DIR MOUNTPOINT\n\n"
+	       "Serves RAW_DIR read-only at MOUNTPOINT with virtual processed images:\n"
+	       "  raw/          the raw dataset, unchanged\n"
+	       "  registered/   whole-slide images as pyramidal OME-TIFF (computed on read)\n"
+	       "  deconvolved/  z-stack planes (computed on read)\n"
+	       "  .scopefs/status  JSON counters\n\n"
+	       "general options:\n"
+	       "  -f               stay in the foreground\n"
+	       "  -d               debug output (implies -f)\n"
+	       "  -s               single-threaded FUSE loop\n"
+	       "  -o opt[=val],... mount options (below)\n"
+	       "  -h, --help       this text\n"
+	       "  -V, --version    the version\n\n"
+	       "mount options:\n",
+	       argv0);
+	for (size_t i = 0; i < OPTION_COUNT; i++)
+		printf("  -o %s\n", option_table[i].help);
+	printf("\nUnmount with: fusermount3 -u MOUNTPOINT\n");
+}
+
+const char *sf_version(void) { return SCOPEFS_VERSION; }
