@@ -1,0 +1,126 @@
+/* test_options.c — option parsing: sizes, presets, errors that name the option. */
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "check.h"
+#include "scopefs/options.h"
+
+static int parse(sf_options *o, sf_err *e, int argc, const char **argv)
+{
+	memset(o, 0, sizeof *o);
+	memset(e, 0, sizeof *e);
+	return sf_options_parse(argc, (char **)argv, o, e);
+}
+
+static void test_sizes(void)
+{
+	uint64_t v = 0;
+	CHECK(sf_parse_size("50G", &v) == SF_OK && v == 50ull << 30, "50G -> %llu",
+	      (unsigned long long)v);
+	CHECK(sf_parse_size("512m", &v) == SF_OK && v == 512ull << 20, "512m");
+	CHECK(sf_parse_size("64MB", &v) == SF_OK && v == 64ull << 20, "64MB");
+	CHECK(sf_parse_size("1234", &v) == SF_OK && v == 1234, "plain bytes");
+	CHECK(sf_parse_size("12Q", &v) != SF_OK, "12Q rejected");
+	CHECK(sf_parse_size("", &v) != SF_OK, "empty rejected");
+	CHECK(sf_parse_size("-5M", &v) != SF_OK, "negative rejected");
+	CHECK(sf_parse_size("99999999999T", &v) != SF_OK, "overflow rejected");
+}
+
+static void test_cli(const char *raw, const char *cache)
+{
+	sf_options o;
+	sf_err e;
+	char opt[1024];
+	snprintf(opt, sizeof opt, "cache=%s,mem=64M,threads=3,reference=b", cache);
+	const char *ok[] = {"scopefs", "-f", "-o", opt, raw, "/mnt"};
+	CHECK(parse(&o, &e, 6, ok) == SF_OK, "valid command line: %s", e.msg);
+	CHECK(o.mem == 64ull << 20 && o.threads == 3 && o.foreground, "values applied");
+	CHECK(o.reference && !strcmp(o.reference, "b"), "reference kept");
+	sf_options_free(&o);
+
+	const char *unknown[] = {"scopefs", "-o", "bogus=1", raw, "/mnt"};
+	CHECK(parse(&o, &e, 5, unknown) == SF_EINVAL && strstr(e.msg, "bogus"),
+	      "unknown option named: %s", e.msg);
+	sf_options_free(&o);
+
+	const char *bad_size[] = {"scopefs", "-o", "mem=12Q", raw, "/mnt"};
+	CHECK(parse(&o, &e, 5, bad_size) == SF_EINVAL && strstr(e.msg, "mem"),
+	      "malformed size named: %s", e.msg);
+	sf_options_free(&o);
+
+	char inside[1024];
+	snprintf(inside, sizeof inside, "cache=%s/sub/cache", raw);
+	const char *in_raw[] = {"scopefs", "-o", inside, raw, "/mnt"};
+	CHECK(parse(&o, &e, 5, in_raw) == SF_EINVAL && strstr(e.msg, "inside RAW_DIR"),
+	      "cache inside RAW_DIR refused: %s", e.msg);
+	sf_options_free(&o);
+
+	const char *missing[] = {"scopefs", raw};
+	CHECK(parse(&o, &e, 2, missing) == SF_EINVAL, "missing mountpoint refused");
+	sf_options_free(&o);
+
+	const char *flag_value[] = {"scopefs", "-o", "allow_other=3", raw, "/mnt"};
+	CHECK(parse(&o, &e, 5, flag_value) == SF_EINVAL && strstr(e.msg, "allow_other"),
+	      "flag with value refused: %s", e.msg);
+	sf_options_free(&o);
+
+	const char *help[] = {"scopefs", "--help"};
+	CHECK(parse(&o, &e, 2, help) == SF_OK && o.show_help, "--help alone is fine");
+	sf_options_free(&o);
+}
+
+static void test_preset(const char *raw, const char *dir)
+{
+	char path[512], opt[1400];
+	sf_options o;
+	sf_err e;
+	FILE *f;
+
+	snprintf(path, sizeof path, "%s/preset", dir);
+	f = fopen(path, "w");
+	fprintf(f, "# comment\n\nmem=1G\n threads=7 \ncache_size=3G\n");
+	fclose(f);
+	snprintf(opt, sizeof opt, "preset=%s,mem=32M,cache=%s/c", path, dir);
+	const char *argv[] = {"scopefs", "-o", opt, raw, "/mnt"};
+	CHECK(parse(&o, &e, 5, argv) == SF_OK, "preset read: %s", e.msg);
+	CHECK(o.mem == 32ull << 20, "command line wins over preset");
+	CHECK(o.threads == 7 && o.cache_size == 3ull << 30, "preset values applied");
+	sf_options_free(&o);
+
+	f = fopen(path, "w");
+	fprintf(f, "mem=1G\nwhat=2\n");
+	fclose(f);
+	snprintf(opt, sizeof opt, "preset=%s,cache=%s/c", path, dir);
+	const char *bad[] = {"scopefs", "-o", opt, raw, "/mnt"};
+	CHECK(parse(&o, &e, 5, bad) == SF_EINVAL && strstr(e.msg, ":2:") && strstr(e.msg, "what"),
+	      "preset error names file, line and key: %s", e.msg);
+	sf_options_free(&o);
+
+	snprintf(opt, sizeof opt, "preset=%s/none,cache=%s/c", dir, dir);
+	const char *none[] = {"scopefs", "-o", opt, raw, "/mnt"};
+	CHECK(parse(&o, &e, 5, none) == SF_EINVAL && strstr(e.msg, "preset"),
+	      "missing preset refused: %s", e.msg);
+	sf_options_free(&o);
+}
+
+int main(void)
+{
+	char dir[] = "/tmp/scopefs-test-options-XXXXXX";
+	char raw[256], cache[256];
+
+	if (!mkdtemp(dir))
+		return 1;
+	snprintf(raw, sizeof raw, "%s/raw", dir);
+	snprintf(cache, sizeof cache, "%s/cache", dir);
+	mkdir(raw, 0755);
+	test_sizes();
+	test_cli(raw, cache);
+	test_preset(raw, dir);
+	char cmd[700];
+	snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
+	if (system(cmd) != 0)
+		printf("cleanup of %s failed\n", dir);
+	return CHECK_DONE("test_options");
+}
