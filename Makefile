@@ -79,8 +79,8 @@ asan:
 	$(MAKE) BUILD=build-asan CUDA=0 CFLAGS="-O1 -g -fno-omit-frame-pointer" \
 		SAN="-fsanitize=address,undefined -fno-sanitize-recover=all" unit
 
-integration: all
-	$(PYTHON) -m pytest -q tests/integration
+integration: all $(BUILD)/tests/test_tiff_layout
+	SCOPEFS_LAYOUT_TOOL=$(BUILD)/tests/test_tiff_layout $(PYTHON) -m pytest -q tests/integration
 
 # The README's test command: everything, from a clean clone.
 test: deps

@@ -13,7 +13,17 @@
  * condition variable, so every unit is computed once.  Reads are served first;
  * prefetches (read-ahead of sequential readers) run only when no read waits.
  * The bytes are the same whatever the access order, thread count or cache
- * state, because products are pure functions of (key, unit). */
+ * state, because products are pure functions of (key, unit).
+ *
+ * Memory: decoded units being computed or held count against mem_bytes;
+ * least-recently-used units nobody is copying from are evicted past it.  Units
+ * being computed, written to disk or copied out may hold it above the bound by
+ * at most one unit per worker and per concurrent reader.
+ * Disk: unit u of product p is stored under sf_key_mix_u64(p->key, u); it is
+ * written after waiters are woken, so readers never wait on the disk write.
+ * A failed disk cache read or write is logged and otherwise ignored.
+ * Prefetches: at most 4 per worker wait in their queue (more are dropped),
+ * and at most threads-1 workers (1 if there is one) compute them at once. */
 #ifndef SCOPEFS_ENGINE_H
 #define SCOPEFS_ENGINE_H
 
@@ -30,30 +40,35 @@ typedef struct sf_engine_config {
 	unsigned threads;   /* workers; 0: one per online CPU */
 	uint64_t mem_bytes; /* bound on decoded units held in RAM (>= one unit is always allowed) */
 	sf_cache *cache;    /* disk cache, or NULL for none */
-	unsigned max_products; /* how many products may be added */
+	unsigned max_products; /* how many products may be added; 0: 256 */
 } sf_engine_config;
 
 typedef struct sf_engine_stats {
-	uint64_t served;   /* unit reads answered */
-	uint64_t computed; /* units computed by a product */
-	uint64_t ram_hits, ram_misses;
-	uint64_t disk_hits, disk_misses;
-	uint64_t in_flight;  /* units queued or computing now */
-	uint64_t errors;     /* failed computations */
-	uint64_t ram_bytes;  /* bytes of units held in RAM now */
-	uint64_t prefetched; /* prefetch requests accepted */
+	uint64_t served;   /* unit reads answered with bytes (empty reads not counted) */
+	uint64_t computed; /* units computed by a product (successfully) */
+	uint64_t ram_hits, ram_misses;   /* per non-empty read: ready in RAM or not */
+	uint64_t disk_hits, disk_misses; /* per unit made, when there is a cache */
+	uint64_t in_flight;              /* units queued or computing now */
+	uint64_t errors;                 /* failed computations */
+	uint64_t ram_bytes;              /* bytes of units held in RAM now */
+	uint64_t prefetched;             /* prefetch requests accepted */
 } sf_engine_stats;
 
 int sf_engine_create(const sf_engine_config *cfg, sf_engine **out, sf_err *e);
-/* Stops the workers (pending prefetches are dropped), runs worker_stop for
- * every state made, frees the RAM cache.  Products are not destroyed. */
+/* Stops the workers (pending prefetches are dropped; a unit being computed is
+ * finished first), runs worker_stop for every state made (on the calling
+ * thread, after the workers are joined), frees the RAM cache.  No read may be
+ * in progress.  Products are not destroyed. */
 void sf_engine_destroy(sf_engine *g);
 
 /* Register p (sets p->slot).  Thread-safe; p must outlive the engine. */
 int sf_engine_add_product(sf_engine *g, sf_product *p, sf_err *e);
 
 /* Copy bytes [off, off+len) of unit `unit` of p into dst, computing the unit
- * if needed; blocks until then.  off+len must not pass the unit's size. */
+ * if needed; blocks until then.  SF_ERANGE if unit >= unit_count or off+len
+ * passes the unit's size, SF_EINVAL if p was not added; otherwise the code
+ * and message of the failed computation (every reader waiting for that
+ * computation gets them; the next read of the unit computes it again). */
 int sf_engine_read(sf_engine *g, sf_product *p, uint64_t unit, size_t off, size_t len, uint8_t *dst,
                    sf_err *e);
 
