@@ -339,6 +339,25 @@ static int build_deconvolved(sf_mount *m, uint32_t root, sf_err *e)
 	return rc;
 }
 
+/* mkdir -p of the cache folder's parents (the cache makes the folder itself). */
+static int make_parents(const char *dir, sf_err *e)
+{
+	char path[PATH_MAX];
+
+	if ((size_t)snprintf(path, sizeof path, "%s", dir) >= sizeof path)
+		return sf_fail(e, SF_EINVAL, "option 'cache': path too long");
+	for (char *p = path + 1; *p; p++) {
+		if (*p != '/')
+			continue;
+		*p = '\0';
+		if (mkdir(path, 0755) != 0 && errno != EEXIST)
+			return sf_fail(e, SF_EIO, "option 'cache': cannot create %s: %s", path,
+				       strerror(errno));
+		*p = '/';
+	}
+	return SF_OK;
+}
+
 static int by_name(const void *a, const void *b, void *nodes)
 {
 	const sf_node *n = nodes;
@@ -356,6 +375,8 @@ int sf_mount_build(const sf_options *o, sf_mount **out, sf_err *e)
 	m->opts = o;
 	clock_gettime(CLOCK_REALTIME, &m->mounted_at);
 	rc = sf_dataset_scan(o->raw_dir, &m->dataset, e);
+	if (rc == SF_OK)
+		rc = make_parents(o->cache_dir, e);
 	if (rc == SF_OK)
 		rc = sf_cache_open(o->cache_dir, o->cache_size, &m->cache, e);
 	if (rc == SF_OK)

@@ -1,0 +1,823 @@
+/* cache.c — the disk cache: one LZ4 entry file per sf_key under DIR/ab/, LRU-bounded.
+ *
+ * docs/cache-format.md is the byte-level spec.  Invariants:
+ *  1. An entry DIR/ab/<32 hex>.sfc appears only by rename() of a temporary
+ *     DIR/ab/.tmp.* that was completely written and closed: readers (this
+ *     process or another mount) see a whole entry or none, even after kill -9.
+ *  2. Entry files are never modified in place, only replaced (rename) or removed
+ *     (unlink); a reader holding an fd keeps reading one consistent version
+ *     even while another thread or mount evicts it.  Only the mtime changes: it
+ *     is the LRU clock.
+ *  3. get hands out bytes only after magic, version, header checksum, key,
+ *     sizes and the XXH64 of the decoded bytes all match; any other entry is
+ *     unlinked (if the file is still the one read), logged and counted.
+ *  4. This module removes only names it makes: <32 hex>.sfc and .tmp.* inside
+ *     two-hex-digit folders of DIR, and .SCOPEFS_CACHE.tmp.* in DIR.  It
+ *     creates nothing outside DIR (DIR itself only if its parent exists).
+ *  5. bytes/entries in the stats are this mount's view: the last scan of DIR
+ *     (at open and at every eviction, which also sees other mounts' entries)
+ *     plus this mount's puts since, minus what it removed.  A put that
+ *     replaces an entry still adds its full size, so the view errs high
+ *     (triggering an early rescan) rather than low; other mounts' writes since
+ *     the last scan are the one thing it cannot see.
+ *
+ * Locking: c->lock guards the counters and the evicting flag, and is never held
+ * across I/O.  One thread at a time evicts (the evicting flag); the others
+ * carry on writing and reading meanwhile.  sf_cache_close must not race any
+ * other call on the same cache. */
+#include "scopefs/cache.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/random.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <xxhash.h>
+
+#include "scopefs/blockcodec.h"
+#include "scopefs/log.h"
+
+#define FORMAT_VERSION   1u
+#define ENTRY_MAGIC      "SFCENTRY"
+#define HEADER_BYTES     64
+#define VERSION_FILE     "SCOPEFS_CACHE"
+#define VERSION_TMP      ".SCOPEFS_CACHE.tmp."
+#define VERSION_FMT      "scopefs cache format %u\n"
+#define TMP_PREFIX       ".tmp."
+#define ENTRY_SUFFIX     ".sfc"
+#define STALE_TMP_S      300 /* a temp file this old belongs to a dead writer */
+#define BUMP_MIN_AGE_S   10  /* hits on an entry younger than this skip the mtime write */
+#define EVICT_TARGET_PCT 90  /* eviction stops at this share of max_bytes */
+#define REL_MAX          128 /* "ab/<name>" relative paths; our names are shorter */
+
+struct sf_cache {
+	char *dir;            /* the folder as given, for messages */
+	int dirfd;            /* the folder itself: immune to chdir and renames above it */
+	uint64_t max_bytes;   /* 0: unbounded */
+	uint64_t nonce;       /* random per open: temp names unique across hosts */
+	pthread_mutex_t lock; /* guards everything below */
+	uint64_t tmp_seq;     /* temp-name counter */
+	uint64_t put_total;   /* file bytes this mount has ever written */
+	uint64_t put_count;   /* entries this mount has ever written */
+	int evicting;         /* one evictor at a time */
+	sf_cache_stats st;    /* counters; bytes/entries are the view of invariant 5 */
+};
+
+/* One entry seen by a scan, for eviction ordering. */
+struct scanned_entry {
+	struct timespec mtime;
+	uint64_t size;
+	char rel[40]; /* "ab/<32 hex>.sfc" */
+};
+
+struct scan_result {
+	uint64_t bytes, entries;
+	struct scanned_entry *list; /* NULL unless asked for */
+	size_t n, cap;
+};
+
+/* ---- little-endian header fields ---- */
+
+static void put_le32(uint8_t *p, uint32_t v)
+{
+	for (int i = 0; i < 4; i++)
+		p[i] = (uint8_t)(v >> (8 * i));
+}
+
+static void put_le64(uint8_t *p, uint64_t v)
+{
+	for (int i = 0; i < 8; i++)
+		p[i] = (uint8_t)(v >> (8 * i));
+}
+
+static uint32_t get_le32(const uint8_t *p)
+{
+	uint32_t v = 0;
+	for (int i = 3; i >= 0; i--)
+		v = v << 8 | p[i];
+	return v;
+}
+
+static uint64_t get_le64(const uint8_t *p)
+{
+	uint64_t v = 0;
+	for (int i = 7; i >= 0; i--)
+		v = v << 8 | p[i];
+	return v;
+}
+
+/* The header as stored: offsets are the spec's (docs/cache-format.md). */
+struct entry_header {
+	uint32_t version, elem_bytes;
+	sf_key key;
+	uint64_t raw_size, enc_size, raw_hash;
+};
+
+static void header_write(uint8_t *h, const struct entry_header *eh)
+{
+	memcpy(h, ENTRY_MAGIC, 8);
+	put_le32(h + 8, eh->version);
+	put_le32(h + 12, eh->elem_bytes);
+	put_le64(h + 16, eh->key.hi);
+	put_le64(h + 24, eh->key.lo);
+	put_le64(h + 32, eh->raw_size);
+	put_le64(h + 40, eh->enc_size);
+	put_le64(h + 48, eh->raw_hash);
+	put_le64(h + 56, XXH64(h, 56, 0));
+}
+
+/* NULL if the header is sound, else why not. */
+static const char *header_read(const uint8_t *h, struct entry_header *eh)
+{
+	if (memcmp(h, ENTRY_MAGIC, 8) != 0)
+		return "bad magic";
+	if (get_le64(h + 56) != XXH64(h, 56, 0))
+		return "header checksum mismatch";
+	eh->version = get_le32(h + 8);
+	eh->elem_bytes = get_le32(h + 12);
+	eh->key.hi = get_le64(h + 16);
+	eh->key.lo = get_le64(h + 24);
+	eh->raw_size = get_le64(h + 32);
+	eh->enc_size = get_le64(h + 40);
+	eh->raw_hash = get_le64(h + 48);
+	if (eh->version != FORMAT_VERSION)
+		return "unknown entry format version";
+	if (eh->elem_bytes != 1 && eh->elem_bytes != 2 && eh->elem_bytes != 4)
+		return "bad elem_bytes";
+	return NULL;
+}
+
+/* ---- names ---- */
+
+static int is_hex_lower(char ch)
+{
+	return (ch >= '0' && ch <= '9') || (ch >= 'a' && ch <= 'f');
+}
+
+static int is_fanout_name(const char *s)
+{
+	return is_hex_lower(s[0]) && is_hex_lower(s[1]) && s[2] == '\0';
+}
+
+static int is_entry_name(const char *s)
+{
+	for (int i = 0; i < 32; i++)
+		if (!is_hex_lower(s[i]))
+			return 0;
+	return strcmp(s + 32, ENTRY_SUFFIX) == 0;
+}
+
+static void entry_rel(sf_key k, char rel[40])
+{
+	char hex[33];
+
+	sf_key_hex(k, hex);
+	snprintf(rel, 40, "%.2s/%s" ENTRY_SUFFIX, hex, hex);
+}
+
+/* ---- small I/O helpers ---- */
+
+static int read_all(int fd, uint8_t *buf, size_t n)
+{
+	size_t done = 0;
+
+	while (done < n) {
+		ssize_t got = read(fd, buf + done, n - done);
+		if (got < 0 && errno == EINTR)
+			continue;
+		if (got < 0)
+			return -1;
+		if (got == 0)
+			break;
+		done += (size_t)got;
+	}
+	return done == n ? 0 : 1;
+}
+
+static int write_all(int fd, const uint8_t *buf, size_t n)
+{
+	size_t done = 0;
+
+	while (done < n) {
+		ssize_t put = write(fd, buf + done, n - done);
+		if (put < 0 && errno == EINTR)
+			continue;
+		if (put <= 0)
+			return -1;
+		done += (size_t)put;
+	}
+	return 0;
+}
+
+static int older_than(const struct timespec *t, time_t age_s)
+{
+	struct timespec now;
+
+	clock_gettime(CLOCK_REALTIME, &now);
+	return now.tv_sec - t->tv_sec >= age_s;
+}
+
+static int timespec_cmp(const struct timespec *a, const struct timespec *b)
+{
+	if (a->tv_sec != b->tv_sec)
+		return a->tv_sec < b->tv_sec ? -1 : 1;
+	if (a->tv_nsec != b->tv_nsec)
+		return a->tv_nsec < b->tv_nsec ? -1 : 1;
+	return 0;
+}
+
+static uint64_t sub_floor0(uint64_t a, uint64_t b)
+{
+	return a > b ? a - b : 0;
+}
+
+/* ---- the version file ---- */
+
+/* Publish DIR/SCOPEFS_CACHE without ever showing a partial one: write a
+ * private temp file and link() it into place, which (unlike rename) never
+ * replaces a version file another scopefs wrote first. */
+static void version_file_create(sf_cache *c)
+{
+	char tmp[96], text[64];
+	int fd, len;
+
+	snprintf(tmp, sizeof tmp, VERSION_TMP "%ld.%016llx", (long)getpid(),
+	         (unsigned long long)c->nonce);
+	len = snprintf(text, sizeof text, VERSION_FMT, FORMAT_VERSION);
+	fd = openat(c->dirfd, tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+	if (fd < 0)
+		return; /* the read that follows reports the problem */
+	if (write_all(fd, (const uint8_t *)text, (size_t)len) == 0 && close(fd) == 0) {
+		/* Filesystems without hard links get rename, which may clobber. */
+		if (linkat(c->dirfd, tmp, c->dirfd, VERSION_FILE, 0) != 0 && errno != EEXIST)
+			if (renameat(c->dirfd, tmp, c->dirfd, VERSION_FILE) == 0)
+				return;
+	} else {
+		close(fd);
+	}
+	unlinkat(c->dirfd, tmp, 0);
+}
+
+static int version_file_check(sf_cache *c, sf_err *e)
+{
+	char text[64];
+	unsigned version;
+	ssize_t got;
+	int fd;
+
+	fd = openat(c->dirfd, VERSION_FILE, O_RDONLY | O_CLOEXEC);
+	if (fd < 0 && errno == ENOENT) {
+		version_file_create(c);
+		fd = openat(c->dirfd, VERSION_FILE, O_RDONLY | O_CLOEXEC);
+	}
+	if (fd < 0)
+		return sf_fail(e, SF_EIO, "%s/" VERSION_FILE ": cannot open cache version file: %s",
+		               c->dir, strerror(errno));
+	got = read(fd, text, sizeof text - 1);
+	close(fd);
+	if (got < 0)
+		return sf_fail(e, SF_EIO, "%s/" VERSION_FILE ": %s", c->dir, strerror(errno));
+	text[got] = '\0';
+	if (sscanf(text, "scopefs cache format %u", &version) != 1)
+		return sf_fail(e, SF_EFORMAT,
+		               "%s/" VERSION_FILE ": not a scopefs cache version file; "
+		               "point the cache at another folder",
+		               c->dir);
+	if (version != FORMAT_VERSION)
+		return sf_fail(e, SF_EFORMAT,
+		               "%s: cache format %u, but this scopefs uses format %u; "
+		               "point the cache at another folder or empty this one",
+		               c->dir, version, FORMAT_VERSION);
+	return SF_OK;
+}
+
+/* ---- scanning ---- */
+
+static int scan_append(struct scan_result *r, const char *fanout, const char *name,
+                       const struct stat *st)
+{
+	struct scanned_entry *se;
+
+	if (r->n == r->cap) {
+		size_t cap = r->cap ? 2 * r->cap : 1024;
+		struct scanned_entry *grown = realloc(r->list, cap * sizeof *grown);
+		if (!grown)
+			return -1;
+		r->list = grown;
+		r->cap = cap;
+	}
+	se = &r->list[r->n++];
+	se->mtime = st->st_mtim;
+	se->size = (uint64_t)st->st_size;
+	snprintf(se->rel, sizeof se->rel, "%.2s/%.36s", fanout, name);
+	return 0;
+}
+
+/* Sum the entries of one fan-out folder, remove stale temp files, and list
+ * the entries when r->list is wanted (want_list). */
+static int scan_fanout(sf_cache *c, const char *fanout, struct scan_result *r, int want_list)
+{
+	struct dirent *de;
+	struct stat st;
+	DIR *d;
+	int fd;
+
+	fd = openat(c->dirfd, fanout, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	if (fd < 0)
+		return errno == ENOENT ? 0 : -1;
+	d = fdopendir(fd);
+	if (!d) {
+		close(fd);
+		return -1;
+	}
+	while ((de = readdir(d)) != NULL) {
+		int is_entry = is_entry_name(de->d_name);
+		int is_tmp = strncmp(de->d_name, TMP_PREFIX, strlen(TMP_PREFIX)) == 0;
+
+		if (!is_entry && !is_tmp)
+			continue;
+		if (fstatat(fd, de->d_name, &st, AT_SYMLINK_NOFOLLOW) != 0 || !S_ISREG(st.st_mode))
+			continue; /* gone meanwhile (evicted by another mount), or not ours */
+		if (is_tmp) {
+			if (older_than(&st.st_mtim, STALE_TMP_S))
+				unlinkat(fd, de->d_name, 0);
+			continue;
+		}
+		r->bytes += (uint64_t)st.st_size;
+		r->entries++;
+		if (want_list && scan_append(r, fanout, de->d_name, &st) != 0) {
+			closedir(d);
+			return -1;
+		}
+	}
+	closedir(d);
+	return 0;
+}
+
+/* Walk DIR: entry totals, stale temp removal, optionally the entry list. */
+static int scan_dir(sf_cache *c, struct scan_result *r, int want_list, sf_err *e)
+{
+	struct dirent *de;
+	struct stat st;
+	DIR *d;
+	int fd;
+
+	memset(r, 0, sizeof *r);
+	fd = openat(c->dirfd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	if (fd < 0 || !(d = fdopendir(fd))) {
+		if (fd >= 0)
+			close(fd);
+		return sf_fail(e, SF_EIO, "%s: cannot list cache folder: %s", c->dir,
+		               strerror(errno));
+	}
+	while ((de = readdir(d)) != NULL) {
+		if (strncmp(de->d_name, VERSION_TMP, strlen(VERSION_TMP)) == 0) {
+			if (fstatat(fd, de->d_name, &st, AT_SYMLINK_NOFOLLOW) == 0 &&
+			    older_than(&st.st_mtim, STALE_TMP_S))
+				unlinkat(fd, de->d_name, 0);
+			continue;
+		}
+		if (!is_fanout_name(de->d_name))
+			continue;
+		if (scan_fanout(c, de->d_name, r, want_list) != 0) {
+			int err = errno;
+			closedir(d);
+			free(r->list);
+			r->list = NULL;
+			return sf_fail(e, err == ENOMEM ? SF_ENOMEM : SF_EIO,
+			               "%s/%s: cannot scan cache folder: %s", c->dir, de->d_name,
+			               strerror(err));
+		}
+	}
+	closedir(d);
+	return SF_OK;
+}
+
+/* ---- eviction ---- */
+
+static int by_mtime(const void *a, const void *b)
+{
+	const struct scanned_entry *x = a, *y = b;
+	return timespec_cmp(&x->mtime, &y->mtime);
+}
+
+static uint64_t current_bytes(sf_cache *c)
+{
+	uint64_t b;
+
+	pthread_mutex_lock(&c->lock);
+	b = c->st.bytes;
+	pthread_mutex_unlock(&c->lock);
+	return b;
+}
+
+/* Remove one scanned entry unless it was used or replaced since the scan. */
+static void evict_one(sf_cache *c, const struct scanned_entry *se)
+{
+	struct stat st;
+	int gone;
+
+	if (fstatat(c->dirfd, se->rel, &st, AT_SYMLINK_NOFOLLOW) == 0) {
+		if (timespec_cmp(&st.st_mtim, &se->mtime) != 0)
+			return; /* hit or rewritten after the scan: no longer the oldest */
+		gone = unlinkat(c->dirfd, se->rel, 0) == 0;
+	} else {
+		gone = errno == ENOENT; /* another mount evicted it first */
+	}
+	if (!gone)
+		return;
+	pthread_mutex_lock(&c->lock);
+	c->st.bytes = sub_floor0(c->st.bytes, se->size);
+	c->st.entries = sub_floor0(c->st.entries, 1);
+	c->st.evicted++;
+	pthread_mutex_unlock(&c->lock);
+}
+
+/* Rescan DIR (which also counts other mounts' entries), then unlink entries
+ * from the least recently used until the total is under EVICT_TARGET_PCT of
+ * the bound.  Called by at most one thread at a time, with no lock held. */
+static void evict(sf_cache *c)
+{
+	uint64_t target = c->max_bytes / 100 * EVICT_TARGET_PCT;
+	uint64_t total_at_start, count_at_start;
+	struct scan_result r;
+	sf_err e;
+
+	pthread_mutex_lock(&c->lock);
+	total_at_start = c->put_total;
+	count_at_start = c->put_count;
+	pthread_mutex_unlock(&c->lock);
+	if (scan_dir(c, &r, 1, &e) != SF_OK) {
+		sf_log(SF_LOG_WARN, "cache: eviction skipped: %s", e.msg);
+		return;
+	}
+	/* Puts during the scan may or may not be in it: count them again, so the
+	 * view errs high (invariant 5). */
+	pthread_mutex_lock(&c->lock);
+	c->st.bytes = r.bytes + (c->put_total - total_at_start);
+	c->st.entries = r.entries + (c->put_count - count_at_start);
+	pthread_mutex_unlock(&c->lock);
+	if (r.n)
+		qsort(r.list, r.n, sizeof *r.list, by_mtime);
+	for (size_t i = 0; i < r.n && current_bytes(c) > target; i++)
+		evict_one(c, &r.list[i]);
+	free(r.list);
+}
+
+/* After a put: evict if over the bound and nobody else is evicting. */
+static void maybe_evict(sf_cache *c)
+{
+	int mine;
+
+	if (!c->max_bytes)
+		return;
+	pthread_mutex_lock(&c->lock);
+	mine = c->st.bytes > c->max_bytes && !c->evicting;
+	if (mine)
+		c->evicting = 1;
+	pthread_mutex_unlock(&c->lock);
+	if (!mine)
+		return;
+	evict(c);
+	pthread_mutex_lock(&c->lock);
+	c->evicting = 0;
+	pthread_mutex_unlock(&c->lock);
+}
+
+/* ---- open / close ---- */
+
+static uint64_t make_nonce(void)
+{
+	uint64_t v = 0;
+	struct timespec now;
+
+	if (getrandom(&v, sizeof v, GRND_NONBLOCK) == (ssize_t)sizeof v)
+		return v;
+	clock_gettime(CLOCK_REALTIME, &now);
+	return (uint64_t)now.tv_nsec * 0x9E3779B97F4A7C15ull ^ (uint64_t)now.tv_sec ^
+	       (uint64_t)getpid() << 32;
+}
+
+static int open_dir(const char *dir, int *fd_out, sf_err *e)
+{
+	int fd;
+
+	if (mkdir(dir, 0755) != 0 && errno != EEXIST)
+		return sf_fail(e, SF_EIO, "%s: cannot create cache folder: %s", dir,
+		               strerror(errno));
+	fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	if (fd < 0)
+		return sf_fail(e, SF_EIO, "%s: cannot open cache folder: %s", dir, strerror(errno));
+	if (faccessat(fd, ".", W_OK | X_OK, AT_EACCESS) != 0) {
+		close(fd);
+		return sf_fail(e, SF_EIO, "%s: cache folder is not writable", dir);
+	}
+	*fd_out = fd;
+	return SF_OK;
+}
+
+int sf_cache_open(const char *dir, uint64_t max_bytes, sf_cache **out, sf_err *e)
+{
+	struct scan_result r;
+	sf_cache *c;
+	int rc;
+
+	*out = NULL;
+	if (!dir || !*dir)
+		return sf_fail(e, SF_EINVAL, "cache: empty cache folder name");
+	c = calloc(1, sizeof *c);
+	if (!c)
+		return sf_fail(e, SF_ENOMEM, "%s: out of memory opening the cache", dir);
+	c->dir = strdup(dir);
+	if (!c->dir) {
+		free(c);
+		return sf_fail(e, SF_ENOMEM, "%s: out of memory opening the cache", dir);
+	}
+	c->max_bytes = max_bytes;
+	c->nonce = make_nonce();
+	rc = open_dir(dir, &c->dirfd, e);
+	if (rc)
+		goto err_free;
+	rc = version_file_check(c, e);
+	if (rc)
+		goto err_close;
+	rc = scan_dir(c, &r, 0, e);
+	if (rc)
+		goto err_close;
+	c->st.bytes = r.bytes;
+	c->st.entries = r.entries;
+	if (pthread_mutex_init(&c->lock, NULL) != 0) {
+		rc = sf_fail(e, SF_ENOMEM, "%s: cannot create the cache lock", dir);
+		goto err_close;
+	}
+	maybe_evict(c); /* the bound may have shrunk since the last mount */
+	*out = c;
+	return SF_OK;
+
+err_close:
+	close(c->dirfd);
+err_free:
+	free(c->dir);
+	free(c);
+	return rc;
+}
+
+void sf_cache_close(sf_cache *c)
+{
+	if (!c)
+		return;
+	pthread_mutex_destroy(&c->lock);
+	close(c->dirfd);
+	free(c->dir);
+	free(c);
+}
+
+/* ---- get ---- */
+
+static void count_miss(sf_cache *c)
+{
+	pthread_mutex_lock(&c->lock);
+	c->st.misses++;
+	pthread_mutex_unlock(&c->lock);
+}
+
+/* Unlink a bad entry if the name still holds the file that was read (a good
+ * replacement may have been renamed over it meanwhile), log, count, miss. */
+static int drop_bad(sf_cache *c, const char *rel, const struct stat *seen, const char *reason,
+                    sf_err *e)
+{
+	struct stat now;
+	int removed = 0;
+
+	if (fstatat(c->dirfd, rel, &now, AT_SYMLINK_NOFOLLOW) == 0 && now.st_dev == seen->st_dev &&
+	    now.st_ino == seen->st_ino)
+		removed = unlinkat(c->dirfd, rel, 0) == 0;
+	sf_log(SF_LOG_WARN, "cache: dropped bad entry %s/%s: %s", c->dir, rel, reason);
+	pthread_mutex_lock(&c->lock);
+	if (removed) {
+		c->st.bytes = sub_floor0(c->st.bytes, (uint64_t)seen->st_size);
+		c->st.entries = sub_floor0(c->st.entries, 1);
+	}
+	c->st.corrupt++;
+	c->st.misses++;
+	pthread_mutex_unlock(&c->lock);
+	return sf_fail(e, SF_ENOTFOUND, "%s/%s: bad cache entry dropped (%s)", c->dir, rel, reason);
+}
+
+/* Check and decode a whole entry file (buf, size bytes) into dst[n].
+ * NULL on success, else the reason the entry is bad. */
+static const char *entry_decode(const uint8_t *buf, size_t size, sf_key k, uint8_t *dst, size_t n,
+                                uint8_t *scratch)
+{
+	struct entry_header eh;
+	const char *why;
+
+	why = header_read(buf, &eh);
+	if (why)
+		return why;
+	if (!sf_key_equal(eh.key, k))
+		return "key mismatch";
+	if (eh.raw_size != n)
+		return "raw size differs from the size asked for";
+	if (eh.enc_size != size - HEADER_BYTES)
+		return "file size does not match the header (truncated?)";
+	if (n % eh.elem_bytes)
+		return "raw size is not a whole number of samples";
+	if (sf_block_decode(buf + HEADER_BYTES, size - HEADER_BYTES, n, eh.elem_bytes, scratch, dst,
+	                    NULL) != SF_OK)
+		return "payload does not decode";
+	if (XXH64(dst, n, 0) != eh.raw_hash)
+		return "data checksum mismatch";
+	return NULL;
+}
+
+int sf_cache_get(sf_cache *c, sf_key k, uint8_t *dst, size_t n, sf_err *e)
+{
+	uint8_t *buf = NULL, *scratch = NULL;
+	char rel[40];
+	const char *why;
+	struct stat st;
+	size_t size;
+	int fd, rc;
+
+	entry_rel(k, rel);
+	if (sf_block_bound(n) == 0)
+		return sf_fail(e, SF_EINVAL, "%s/%s: %zu bytes are too many for one cache entry",
+		               c->dir, rel, n);
+	fd = openat(c->dirfd, rel, O_RDONLY | O_CLOEXEC);
+	if (fd < 0) {
+		int err = errno;
+		count_miss(c);
+		if (err == ENOENT)
+			return sf_fail(e, SF_ENOTFOUND, "%s/%s: not cached", c->dir, rel);
+		return sf_fail(e, SF_EIO, "%s/%s: %s", c->dir, rel, strerror(err));
+	}
+	if (fstat(fd, &st) != 0) {
+		rc = sf_fail(e, SF_EIO, "%s/%s: %s", c->dir, rel, strerror(errno));
+		count_miss(c);
+		goto out;
+	}
+	size = (size_t)st.st_size;
+	if (!S_ISREG(st.st_mode) || size < HEADER_BYTES) {
+		rc = drop_bad(c, rel, &st,
+		              S_ISREG(st.st_mode) ? "shorter than a header" : "not a regular file",
+		              e);
+		goto out;
+	}
+	if (size - HEADER_BYTES > sf_block_bound(n)) {
+		rc = drop_bad(c, rel, &st, "larger than any encoding of the size asked for", e);
+		goto out;
+	}
+	buf = malloc(size);
+	scratch = malloc(n ? n : 1);
+	if (!buf || !scratch) {
+		rc = sf_fail(e, SF_ENOMEM, "%s/%s: out of memory reading a cache entry", c->dir,
+		             rel);
+		count_miss(c);
+		goto out;
+	}
+	rc = read_all(fd, buf, size);
+	if (rc < 0) {
+		rc = sf_fail(e, SF_EIO, "%s/%s: %s", c->dir, rel, strerror(errno));
+		count_miss(c);
+		goto out;
+	}
+	why = rc ? "shorter than its size (truncated while read?)"
+	         : entry_decode(buf, size, k, dst, n, scratch);
+	if (why) {
+		rc = drop_bad(c, rel, &st, why, e);
+		goto out;
+	}
+	/* LRU clock: an entry used recently enough keeps its mtime, saving a
+	 * metadata write per hit; the eviction order is unchanged at that scale. */
+	if (older_than(&st.st_mtim, BUMP_MIN_AGE_S))
+		futimens(fd, NULL);
+	pthread_mutex_lock(&c->lock);
+	c->st.hits++;
+	pthread_mutex_unlock(&c->lock);
+	rc = SF_OK;
+out:
+	free(buf);
+	free(scratch);
+	close(fd);
+	return rc;
+}
+
+/* ---- put ---- */
+
+/* Write buf into a private temp file next to the entry and rename it over
+ * rel (replacing any entry there: same key, same bytes). */
+static int entry_publish(sf_cache *c, const char *rel, const uint8_t *buf, size_t size, sf_err *e)
+{
+	char tmp[REL_MAX], fanout[3] = {rel[0], rel[1], '\0'};
+	uint64_t seq;
+	int fd, err;
+
+	pthread_mutex_lock(&c->lock);
+	seq = c->tmp_seq++;
+	pthread_mutex_unlock(&c->lock);
+	snprintf(tmp, sizeof tmp, "%s/" TMP_PREFIX "%.32s.%ld.%016llx.%llu", fanout, rel + 3,
+	         (long)getpid(), (unsigned long long)c->nonce, (unsigned long long)seq);
+	fd = openat(c->dirfd, tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+	if (fd < 0 && errno == ENOENT) {
+		if (mkdirat(c->dirfd, fanout, 0755) != 0 && errno != EEXIST)
+			return sf_fail(e, SF_EIO, "%s/%s: cannot create cache folder: %s", c->dir,
+			               fanout, strerror(errno));
+		fd = openat(c->dirfd, tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+	}
+	if (fd < 0)
+		return sf_fail(e, SF_EIO, "%s/%s: cannot create: %s", c->dir, tmp, strerror(errno));
+	if (write_all(fd, buf, size) != 0) {
+		err = errno;
+		close(fd);
+		goto fail;
+	}
+	if (close(fd) != 0) {
+		err = errno;
+		goto fail;
+	}
+	if (renameat(c->dirfd, tmp, c->dirfd, rel) != 0) {
+		err = errno;
+		goto fail;
+	}
+	return SF_OK;
+fail:
+	unlinkat(c->dirfd, tmp, 0);
+	return sf_fail(e, SF_EIO, "%s/%s: cannot write cache entry: %s", c->dir, rel,
+	               strerror(err));
+}
+
+int sf_cache_put(sf_cache *c, sf_key k, const uint8_t *src, size_t n, unsigned elem_bytes,
+                 sf_err *e)
+{
+	struct entry_header eh = {.version = FORMAT_VERSION, .elem_bytes = elem_bytes, .key = k};
+	uint8_t *buf = NULL, *scratch = NULL;
+	size_t bound, enc_n, size;
+	char rel[40];
+	int rc;
+
+	entry_rel(k, rel);
+	bound = sf_block_bound(n);
+	if (bound == 0)
+		return sf_fail(e, SF_ERANGE, "%s/%s: %zu bytes are too many for one cache entry",
+		               c->dir, rel, n);
+	buf = malloc(HEADER_BYTES + bound);
+	scratch = malloc(n ? n : 1);
+	if (!buf || !scratch) {
+		rc = sf_fail(e, SF_ENOMEM, "%s/%s: out of memory encoding a cache entry", c->dir,
+		             rel);
+		goto out;
+	}
+	rc = sf_block_encode(src, n, elem_bytes, scratch, buf + HEADER_BYTES, bound, &enc_n, e);
+	if (rc)
+		goto out;
+	size = HEADER_BYTES + enc_n;
+	if (c->max_bytes && size > c->max_bytes) {
+		rc =
+		    sf_fail(e, SF_ERANGE, "%s/%s: a %zu-byte entry exceeds the cache bound of %llu",
+		            c->dir, rel, size, (unsigned long long)c->max_bytes);
+		goto out;
+	}
+	eh.raw_size = n;
+	eh.enc_size = enc_n;
+	eh.raw_hash = XXH64(src, n, 0);
+	header_write(buf, &eh);
+	rc = entry_publish(c, rel, buf, size, e);
+	if (rc)
+		goto out;
+	pthread_mutex_lock(&c->lock);
+	/* Counted as new even when it replaced an entry: that file may be
+	 * another mount's, which this view never counted (invariant 5). */
+	c->st.bytes += size;
+	c->st.entries++;
+	c->st.written++;
+	c->st.raw_bytes_written += n;
+	c->st.encoded_bytes_written += enc_n;
+	c->put_total += size;
+	c->put_count++;
+	pthread_mutex_unlock(&c->lock);
+	maybe_evict(c);
+out:
+	free(buf);
+	free(scratch);
+	return rc;
+}
+
+void sf_cache_stats_get(sf_cache *c, sf_cache_stats *out)
+{
+	pthread_mutex_lock(&c->lock);
+	*out = c->st;
+	pthread_mutex_unlock(&c->lock);
+}
+
+const char *sf_cache_dir(const sf_cache *c)
+{
+	return c->dir;
+}
