@@ -31,7 +31,7 @@ CUDA_HOME ?= $(patsubst %/bin/nvcc,%,$(NVCC))
 CU_SRCS := $(if $(filter 1,$(CUDA)),$(wildcard src/core/*.cu))
 ifeq ($(CUDA),1)
 CFLAGS  += -DSF_HAVE_CUDA=1 -I$(CUDA_HOME)/include
-LDLIBS  += -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcufft -lcudart
+LDLIBS  += -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcufft -lcudart -lstdc++
 NVFLAGS ?= -O2 -Iinclude -Xcompiler -Wall,-Wextra,-Werror,-fPIC -arch=sm_90 \
 	   -gencode arch=compute_90,code=compute_90 -DSF_HAVE_CUDA=1
 endif

@@ -1,0 +1,100 @@
+/* fft.h — the compute engines behind Richardson-Lucy, as an ops table.
+ *
+ * Like SQLite's VFS or Redis's ae_*.c, one function set has two
+ * implementations picked at run time: FFTW single precision on the host
+ * (fft_fftw.c, always built) and cuFFT on a GPU (fft_cufft.cu, built when
+ * nvcc is found; SF_HAVE_CUDA).  deconv.c drives the iterations only through
+ * this table, so CPU and GPU run the same algorithm step for step and every
+ * iteration stays in the engine's memory (device memory for cuFFT).
+ *
+ * A plan is made for one real 3D shape (nz, ny, nx), x fastest; its complex
+ * spectrum has nz * ny * (nx/2 + 1) values (R2C half spectrum).  Buffers are
+ * engine memory (opaque to the caller: host for FFTW, device for cuFFT) and
+ * move to and from the host only through upload/download.  A plan and its
+ * buffers belong to one worker thread at a time.  The forward transform keeps
+ * its input; the inverse one is unnormalised (a round trip scales by
+ * nx*ny*nz) and may overwrite its complex input. */
+#ifndef SCOPEFS_FFT_H
+#define SCOPEFS_FFT_H
+
+#include <stddef.h>
+
+#include "scopefs/err.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct sf_fft_plan sf_fft_plan; /* engine-specific; opaque */
+
+typedef struct sf_fft_config {
+	int nthreads; /* FFTW: threads per transform (>= 1); ignored by cuFFT */
+	int measure;  /* FFTW: plan with FFTW_MEASURE (slow first plan, faster runs) */
+	int device;   /* cuFFT: CUDA device ordinal; ignored by FFTW */
+} sf_fft_config;
+
+typedef struct sf_fft_ops {
+	const char *name; /* "fftw" or "cufft" */
+
+	/* Make a plan for a real nz x ny x nx shape.  SF_EDEVICE when the GPU
+	 * cannot (out of memory, no device), SF_ENOMEM on the host. */
+	int (*plan_create)(const sf_fft_config *cfg, size_t nz, size_t ny, size_t nx,
+	                   sf_fft_plan **out, sf_err *e);
+	void (*plan_destroy)(sf_fft_plan *p);
+
+	/* A real (nz*ny*nx floats) or complex (nz*ny*(nx/2+1) pairs) buffer. */
+	int (*buf_alloc)(sf_fft_plan *p, int is_complex, void **out, sf_err *e);
+	void (*buf_free)(sf_fft_plan *p, void *buf);
+
+	/* Copy a whole real buffer between host and engine memory. */
+	int (*upload)(sf_fft_plan *p, void *dst, const float *src, sf_err *e);
+	int (*download)(sf_fft_plan *p, float *dst, const void *src, sf_err *e);
+
+	/* Real-to-complex forward; complex-to-real inverse (unnormalised). */
+	int (*forward)(sf_fft_plan *p, const void *real_in, void *cplx_out, sf_err *e);
+	int (*inverse)(sf_fft_plan *p, void *cplx_in, void *real_out, sf_err *e);
+
+	/* x[k] *= h[k], or x[k] *= conj(h[k]) when conj is nonzero. */
+	int (*cmul)(sf_fft_plan *p, void *x, const void *h, int conj, sf_err *e);
+
+	/* Richardson-Lucy steps on real buffers. */
+	/* hx[k] = y[k] / max(hx[k], eps). */
+	int (*rl_ratio)(sf_fft_plan *p, void *hx, const void *y, float eps, sf_err *e);
+	/* x[k] = |(1 - lambda) x[k] c[k] + lambda reg[k]|, or |x[k] c[k]| when reg is NULL. */
+	int (*rl_update)(sf_fft_plan *p, void *x, const void *c, const void *reg, float lambda,
+	                 sf_err *e);
+	/* out = R26 * x: the mean of the 26 neighbours, zero outside the shape. */
+	int (*r26)(sf_fft_plan *p, const void *x, void *out, sf_err *e);
+	/* x = G * x: separable Gaussian of the given sigma (voxels) truncated to
+	 * 2*radius+1 taps, normalised, replicate edges; tmp is a real scratch buffer. */
+	int (*gauss)(sf_fft_plan *p, void *x, void *tmp, float sigma, int radius, sf_err *e);
+	/* The Euclidean norm of x, accumulated in double. */
+	int (*norm2)(sf_fft_plan *p, const void *x, double *out, sf_err *e);
+} sf_fft_ops;
+
+/* The FFTW engine (always present). */
+const sf_fft_ops *sf_fft_fftw_ops(void);
+
+/* FFTW wisdom: import merges the file at path into the process's wisdom,
+ * export writes it (atomically: temp file + rename).  A missing file on
+ * import is SF_ENOTFOUND. */
+int sf_fft_fftw_wisdom_import(const char *path, sf_err *e);
+int sf_fft_fftw_wisdom_export(const char *path, sf_err *e);
+
+/* Drop the process-wide FFTW plan cache (plans are shared per shape by all
+ * workers).  Call only when no plan made by sf_fft_fftw_ops() is alive. */
+void sf_fft_fftw_cleanup(void);
+
+#ifdef SF_HAVE_CUDA
+/* The cuFFT engine.  All buffers live on cfg->device. */
+const sf_fft_ops *sf_fft_cufft_ops(void);
+
+/* Number of usable CUDA devices; 0 when there is no driver or device. */
+int sf_fft_cuda_device_count(void);
+#endif
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

@@ -1,0 +1,505 @@
+/* deconv.c — Richardson-Lucy deconvolution of one block, as LsDeconv does it.
+ *
+ * Per block (docs/deconvolution.md has the formulas):
+ *   1. optional separable Gaussian pre-filter (replicate edges), dark subtraction;
+ *   2. optional edge taper: the block blended into its PSF-blurred self by
+ *      per-axis linear ramps of width max(8, psf/2);
+ *   3. zero padding to the context's FFT shape (7-smooth, >= n + psf - 1 by
+ *      default, so circular convolution equals 'same' convolution with a zero
+ *      boundary), block centred at floor((N - n) / 2);
+ *   4. RL: x <- |x * H^T(y / max(Hx, eps))|, x0 = y, with the Gaussian and
+ *      R26-damping regularisation every regularize_interval-th iteration, and
+ *      the stop criterion on the relative change of ||x||;
+ *   5. the block is cropped back out.
+ * Steps 1-3 and 5 run on the host; step 2's blur and all of step 4 run through
+ * the engine's ops table, so a GPU engine keeps every iteration on the device.
+ *
+ * Invariants: the OTF is the FFT of the PSF centred at index 0 and scaled by
+ * 1/(Nx Ny Nz), so forward, cmul and the unnormalised inverse give exactly
+ * one convolution; outside the block y is 0, hence the ratio is 0 there and x
+ * stays 0 there unless a regularisation step spreads it. */
+#include "scopefs/deconv.h"
+
+#include <float.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+struct sf_deconv_ctx {
+	sf_deconv_params p;     /* validated copy */
+	sf_dims3 n;             /* block shape */
+	sf_dims3 fft;           /* padded shape */
+	sf_dims3 off;           /* block origin inside the padded shape */
+	sf_dims3 psf_n;         /* PSF shape */
+	const sf_fft_ops *ops;  /* engine */
+	sf_fft_plan *plan;      /* engine plan for fft */
+	void *y, *x, *t, *r;    /* engine real buffers: observed, estimate, work, regulariser */
+	void *spec, *otf;       /* engine complex buffers */
+	float *pad;             /* host, fft-shaped */
+	float *blk, *blk_tmp;   /* host, block-shaped */
+	const atomic_int *stop; /* optional interrupt flag; not owned */
+};
+
+void sf_deconv_params_default(sf_deconv_params *p)
+{
+	memset(p, 0, sizeof *p);
+	p->na = 0.40;
+	p->rf = 1.42;
+	p->fcyl = 240;
+	p->slitwidth = 12;
+	p->numit = 6;
+	p->lambda_damping = 0;
+	p->regularize_interval = 3;
+	p->stop_criterion = 0;
+	p->gaussian_sigma[0] = 0.5, p->gaussian_sigma[1] = 0.5, p->gaussian_sigma[2] = 2.5;
+	p->gaussian_filter_size[0] = 13, p->gaussian_filter_size[1] = 13;
+	p->gaussian_filter_size[2] = 25;
+	p->dark = 0;
+	p->taper = 1;
+	p->clipval = 99.99;
+	p->init_value = 0;
+	p->eps = FLT_EPSILON;
+}
+
+void sf_deconv_params_optics(const sf_deconv_params *p, sf_psf_optics *o)
+{
+	o->dxy = p->dxy;
+	o->dz = p->dz;
+	o->na = p->na;
+	o->rf = p->rf;
+	o->lambda_ex = p->lambda_ex;
+	o->lambda_em = p->lambda_em;
+	o->fcyl = p->fcyl;
+	o->slitwidth = p->slitwidth;
+}
+
+int sf_deconv_params_validate(const sf_deconv_params *p, sf_err *e)
+{
+	static const char axis[3] = {'x', 'y', 'z'};
+	sf_psf_optics o;
+	sf_deconv_params_optics(p, &o);
+	int rc = sf_psf_optics_validate(&o, e);
+	if (rc)
+		return rc;
+	if (p->numit < 1 || p->numit > 100000)
+		return sf_fail(e, SF_EINVAL, "numit=%d: must be 1 to 100000", p->numit);
+	if (!(p->lambda_damping >= 0 && p->lambda_damping < 1))
+		return sf_fail(e, SF_EINVAL, "lambda_damping=%g: must be in [0, 1)",
+		               p->lambda_damping);
+	if (p->regularize_interval < 0)
+		return sf_fail(e, SF_EINVAL, "regularize_interval=%d: must be >= 0 (0 = off)",
+		               p->regularize_interval);
+	if (!(p->stop_criterion >= 0 && isfinite(p->stop_criterion)))
+		return sf_fail(e, SF_EINVAL, "stop_criterion=%g: must be >= 0 percent (0 = off)",
+		               p->stop_criterion);
+	for (int a = 0; a < 3; a++) {
+		double s = p->gaussian_sigma[a];
+		int size = p->gaussian_filter_size[a];
+		if (!(s >= 0 && s <= 100))
+			return sf_fail(e, SF_EINVAL,
+			               "gaussian_sigma %c=%g: must be 0 to 100 voxels", axis[a], s);
+		if (s > 0 && (size < 1 || size % 2 == 0 || size > 1025))
+			return sf_fail(e, SF_EINVAL,
+			               "gaussian_filter_size %c=%d: must be odd, 1 to 1025",
+			               axis[a], size);
+	}
+	if (!(p->dark >= 0 && isfinite(p->dark)))
+		return sf_fail(e, SF_EINVAL, "dark=%g: must be >= 0", p->dark);
+	if (!(p->clipval > 0 && p->clipval <= 100))
+		return sf_fail(e, SF_EINVAL, "clipval=%g: must be a percentile in (0, 100]",
+		               p->clipval);
+	if (!(p->init_value >= 0 && isfinite(p->init_value)))
+		return sf_fail(e, SF_EINVAL, "init_value=%g: must be >= 0 (0 = the block)",
+		               p->init_value);
+	if (!(p->eps > 0 && isfinite(p->eps)))
+		return sf_fail(e, SF_EINVAL, "eps=%g: must be > 0", (double)p->eps);
+	return SF_OK;
+}
+
+size_t sf_deconv_smooth7(size_t n)
+{
+	for (size_t m = n > 1 ? n : 1;; m++) {
+		size_t r = m;
+		static const size_t primes[] = {2, 3, 5, 7};
+		for (int i = 0; i < 4; i++)
+			while (r % primes[i] == 0)
+				r /= primes[i];
+		if (r == 1)
+			return m;
+	}
+}
+
+/* --- host-side helpers ------------------------------------------------- */
+
+/* dst = G * src along one axis of shape n (replicate edges); w has 2r+1 taps. */
+static void host_gauss_axis(const float *src, float *dst, sf_dims3 n, int axis, const float *w,
+                            int radius)
+{
+	size_t len = axis == 0 ? n.nx : axis == 1 ? n.ny : n.nz;
+	size_t stride = axis == 0 ? 1 : axis == 1 ? n.nx : n.nx * n.ny;
+	size_t lines = n.nx * n.ny * n.nz / len;
+	for (size_t l = 0; l < lines; l++) {
+		size_t base = axis == 0   ? l * n.nx
+		              : axis == 1 ? (l / n.nx) * n.nx * n.ny + l % n.nx
+		                          : l;
+		for (size_t i = 0; i < len; i++) {
+			float s = 0.0f;
+			for (int k = -radius; k <= radius; k++) {
+				long j = (long)i + k;
+				j = j < 0 ? 0 : j >= (long)len ? (long)len - 1 : j;
+				s += w[k + radius] * src[base + (size_t)j * stride];
+			}
+			dst[base + i * stride] = s;
+		}
+	}
+}
+
+/* The LsDeconv pre-filter: per axis with sigma > 0, a normalised Gaussian of
+ * gaussian_filter_size taps.  Works in place on ctx->blk. */
+static void prefilter(sf_deconv_ctx *ctx)
+{
+	float w[1025];
+	for (int a = 0; a < 3; a++) {
+		double s = ctx->p.gaussian_sigma[a];
+		if (!(s > 0))
+			continue;
+		int radius = (ctx->p.gaussian_filter_size[a] - 1) / 2;
+		double sum = 0;
+		for (int k = -radius; k <= radius; k++)
+			sum += exp(-(double)k * k / (2 * s * s));
+		for (int k = -radius; k <= radius; k++)
+			w[k + radius] = (float)(exp(-(double)k * k / (2 * s * s)) / sum);
+		host_gauss_axis(ctx->blk, ctx->blk_tmp, ctx->n, a, w, radius);
+		float *swap = ctx->blk;
+		ctx->blk = ctx->blk_tmp;
+		ctx->blk_tmp = swap;
+	}
+}
+
+static size_t clamp_index(long i, size_t n)
+{
+	return i < 0 ? 0 : i >= (long)n ? n - 1 : (size_t)i;
+}
+
+/* Fill ctx->pad with the block at ctx->off; outside it either zeros or, with
+ * replicate, the nearest block voxel. */
+static void place_block(sf_deconv_ctx *ctx, const float *blk, int replicate)
+{
+	sf_dims3 N = ctx->fft, n = ctx->n, o = ctx->off;
+	if (!replicate)
+		memset(ctx->pad, 0, N.nx * N.ny * N.nz * sizeof(float));
+	for (size_t z = 0; z < N.nz; z++) {
+		long bz = (long)z - (long)o.nz;
+		if (!replicate && (bz < 0 || bz >= (long)n.nz))
+			continue;
+		for (size_t y = 0; y < N.ny; y++) {
+			long by = (long)y - (long)o.ny;
+			if (!replicate && (by < 0 || by >= (long)n.ny))
+				continue;
+			const float *src =
+			    blk + (clamp_index(bz, n.nz) * n.ny + clamp_index(by, n.ny)) * n.nx;
+			float *dst = ctx->pad + (z * N.ny + y) * N.nx;
+			if (!replicate) {
+				memcpy(dst + o.nx, src, n.nx * sizeof(float));
+				continue;
+			}
+			for (size_t x = 0; x < N.nx; x++)
+				dst[x] = src[clamp_index((long)x - (long)o.nx, n.nx)];
+		}
+	}
+}
+
+/* x = H * x on engine buffer x (through ctx->spec). */
+static int engine_blur(sf_deconv_ctx *ctx, void *x, int conj, sf_err *e)
+{
+	const sf_fft_ops *ops = ctx->ops;
+	int rc = ops->forward(ctx->plan, x, ctx->spec, e);
+	if (!rc)
+		rc = ops->cmul(ctx->plan, ctx->spec, ctx->otf, conj, e);
+	if (!rc)
+		rc = ops->inverse(ctx->plan, ctx->spec, x, e);
+	return rc;
+}
+
+/* Linear ramp weight in [0, 1] at index i of n for a ramp of width r. */
+static float ramp(size_t i, size_t n, size_t r)
+{
+	if (r == 0)
+		return 1.0f;
+	size_t d = i < n - 1 - i ? i : n - 1 - i;
+	return d >= r ? 1.0f : (float)d / (float)r;
+}
+
+static size_t taper_width(size_t psf_n, size_t n)
+{
+	size_t r = psf_n / 2 > 8 ? psf_n / 2 : 8;
+	return r < n / 2 ? r : n / 2;
+}
+
+/* LsDeconv's edge taper: blk = w blk + (1 - w) (H * blk), w the product of
+ * per-axis ramps; the blur sees replicate-extended data so edges stay bright. */
+static int taper(sf_deconv_ctx *ctx, sf_err *e)
+{
+	sf_dims3 n = ctx->n, N = ctx->fft, o = ctx->off;
+	place_block(ctx, ctx->blk, 1);
+	int rc = ctx->ops->upload(ctx->plan, ctx->t, ctx->pad, e);
+	if (!rc)
+		rc = engine_blur(ctx, ctx->t, 0, e);
+	if (!rc)
+		rc = ctx->ops->download(ctx->plan, ctx->pad, ctx->t, e);
+	if (rc)
+		return rc;
+	size_t rx = taper_width(ctx->psf_n.nx, n.nx), ry = taper_width(ctx->psf_n.ny, n.ny),
+	       rz = taper_width(ctx->psf_n.nz, n.nz);
+	for (size_t z = 0; z < n.nz; z++)
+		for (size_t y = 0; y < n.ny; y++) {
+			float wzy = ramp(z, n.nz, rz) * ramp(y, n.ny, ry);
+			const float *blur = ctx->pad + ((z + o.nz) * N.ny + y + o.ny) * N.nx + o.nx;
+			float *v = ctx->blk + (z * n.ny + y) * n.nx;
+			for (size_t x = 0; x < n.nx; x++) {
+				float w = wzy * ramp(x, n.nx, rx);
+				v[x] = w * v[x] + (1.0f - w) * blur[x];
+			}
+		}
+	return SF_OK;
+}
+
+/* --- context ------------------------------------------------------------ */
+
+sf_dims3 sf_deconv_ctx_fft_shape(const sf_deconv_ctx *ctx)
+{
+	return ctx->fft;
+}
+
+void sf_deconv_ctx_set_stop(sf_deconv_ctx *ctx, const atomic_int *stop)
+{
+	ctx->stop = stop;
+}
+
+void sf_deconv_ctx_destroy(sf_deconv_ctx *ctx)
+{
+	if (!ctx)
+		return;
+	void *bufs[] = {ctx->y, ctx->x, ctx->t, ctx->r, ctx->spec, ctx->otf};
+	for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
+		if (bufs[i])
+			ctx->ops->buf_free(ctx->plan, bufs[i]);
+	if (ctx->plan)
+		ctx->ops->plan_destroy(ctx->plan);
+	free(ctx->pad);
+	free(ctx->blk);
+	free(ctx->blk_tmp);
+	free(ctx);
+}
+
+/* Choose the padded size of one axis: explicit (>= n) or smooth7(n + psf - 1). */
+static int pick_fft_size(size_t given, size_t n, size_t psf, char axis, size_t *out, sf_err *e)
+{
+	if (!given) {
+		*out = sf_deconv_smooth7(n + psf - 1);
+		return SF_OK;
+	}
+	if (given < n || given < psf)
+		return sf_fail(e, SF_EINVAL,
+		               "fft_shape %c=%zu: below the block (%zu) or the PSF (%zu)", axis,
+		               given, n, psf);
+	*out = given;
+	return SF_OK;
+}
+
+/* OTF = FFT of the PSF with its centre moved to index 0, scaled by 1/(Nx Ny Nz). */
+static int make_otf(sf_deconv_ctx *ctx, const sf_psf *psf, sf_err *e)
+{
+	sf_dims3 N = ctx->fft;
+	double scale = 1.0 / ((double)N.nx * N.ny * N.nz);
+	memset(ctx->pad, 0, N.nx * N.ny * N.nz * sizeof(float));
+	long cx = (long)psf->nx / 2, cy = (long)psf->ny / 2, cz = (long)psf->nz / 2;
+	for (size_t z = 0; z < psf->nz; z++)
+		for (size_t y = 0; y < psf->ny; y++)
+			for (size_t x = 0; x < psf->nx; x++) {
+				size_t pz = (size_t)(((long)z - cz + (long)N.nz) % (long)N.nz);
+				size_t py = (size_t)(((long)y - cy + (long)N.ny) % (long)N.ny);
+				size_t px = (size_t)(((long)x - cx + (long)N.nx) % (long)N.nx);
+				ctx->pad[(pz * N.ny + py) * N.nx + px] =
+				    (float)(psf->v[(z * psf->ny + y) * psf->nx + x] * scale);
+			}
+	int rc = ctx->ops->upload(ctx->plan, ctx->t, ctx->pad, e);
+	if (!rc)
+		rc = ctx->ops->forward(ctx->plan, ctx->t, ctx->otf, e);
+	return rc;
+}
+
+static int alloc_buffers(sf_deconv_ctx *ctx, sf_err *e)
+{
+	size_t nfft = ctx->fft.nx * ctx->fft.ny * ctx->fft.nz;
+	size_t nblk = ctx->n.nx * ctx->n.ny * ctx->n.nz;
+	ctx->pad = malloc(nfft * sizeof(float));
+	ctx->blk = malloc(nblk * sizeof(float));
+	ctx->blk_tmp = malloc(nblk * sizeof(float));
+	if (!ctx->pad || !ctx->blk || !ctx->blk_tmp)
+		return sf_fail(e, SF_ENOMEM, "deconv: host buffers for %zu voxels", nfft);
+	void **real[] = {&ctx->y, &ctx->x, &ctx->t, &ctx->r};
+	for (size_t i = 0; i < sizeof real / sizeof real[0]; i++) {
+		int rc = ctx->ops->buf_alloc(ctx->plan, 0, real[i], e);
+		if (rc)
+			return rc;
+	}
+	int rc = ctx->ops->buf_alloc(ctx->plan, 1, &ctx->spec, e);
+	if (!rc)
+		rc = ctx->ops->buf_alloc(ctx->plan, 1, &ctx->otf, e);
+	return rc;
+}
+
+int sf_deconv_ctx_create(const sf_deconv_params *p, const sf_psf *psf, sf_dims3 dims,
+                         const sf_fft_ops *ops, const sf_fft_config *cfg, sf_deconv_ctx **out,
+                         sf_err *e)
+{
+	*out = NULL;
+	int rc = sf_deconv_params_validate(p, e);
+	if (rc)
+		return rc;
+	if (!dims.nx || !dims.ny || !dims.nz)
+		return sf_fail(e, SF_EINVAL, "deconv: empty block %zu x %zu x %zu", dims.nx,
+		               dims.ny, dims.nz);
+	if (!psf || !psf->v || !(psf->nx % 2) || !(psf->ny % 2) || !(psf->nz % 2))
+		return sf_fail(e, SF_EINVAL, "deconv: the PSF must have odd sizes");
+	sf_deconv_ctx *ctx = calloc(1, sizeof *ctx);
+	if (!ctx)
+		return sf_fail(e, SF_ENOMEM, "deconv: context");
+	ctx->p = *p;
+	ctx->n = dims;
+	ctx->psf_n = (sf_dims3){psf->nx, psf->ny, psf->nz};
+	ctx->ops = ops;
+	rc = pick_fft_size(p->fft_shape[0], dims.nx, psf->nx, 'x', &ctx->fft.nx, e);
+	if (!rc)
+		rc = pick_fft_size(p->fft_shape[1], dims.ny, psf->ny, 'y', &ctx->fft.ny, e);
+	if (!rc)
+		rc = pick_fft_size(p->fft_shape[2], dims.nz, psf->nz, 'z', &ctx->fft.nz, e);
+	if (rc) {
+		free(ctx);
+		return rc;
+	}
+	ctx->off = (sf_dims3){(ctx->fft.nx - dims.nx) / 2, (ctx->fft.ny - dims.ny) / 2,
+	                      (ctx->fft.nz - dims.nz) / 2};
+	rc = ops->plan_create(cfg, ctx->fft.nz, ctx->fft.ny, ctx->fft.nx, &ctx->plan, e);
+	if (!rc)
+		rc = alloc_buffers(ctx, e);
+	if (!rc)
+		rc = make_otf(ctx, psf, e);
+	if (rc) {
+		sf_deconv_ctx_destroy(ctx);
+		return rc;
+	}
+	*out = ctx;
+	return SF_OK;
+}
+
+/* --- the iterations ----------------------------------------------------- */
+
+/* LsDeconv regularises at iteration i (1-based) when regularize_interval is
+ * on and below numit, i is a multiple of it, and i is neither first nor last. */
+static int is_regularization_time(const sf_deconv_params *p, int i)
+{
+	int k = p->regularize_interval;
+	return k > 0 && k < p->numit && i > 1 && i < p->numit && i % k == 0;
+}
+
+static int rl_iterate(sf_deconv_ctx *ctx, sf_deconv_stats *st, sf_err *e)
+{
+	const sf_fft_ops *ops = ctx->ops;
+	const sf_deconv_params *p = &ctx->p;
+	double prev = 0;
+	int rc = SF_OK;
+	if (p->stop_criterion > 0)
+		rc = ops->norm2(ctx->plan, ctx->x, &prev, e);
+	for (int i = 1; !rc && i <= p->numit; i++) {
+		if (ctx->stop && atomic_load(ctx->stop))
+			return sf_fail(e, SF_EINTR, "deconv: stopped at iteration %d", i);
+		int reg = is_regularization_time(p, i);
+		int damp = reg && p->lambda_damping > 0;
+		if (reg)
+			rc = ops->gauss(ctx->plan, ctx->x, ctx->t, 0.5f, 2, e);
+		if (!rc && damp)
+			rc = ops->r26(ctx->plan, ctx->x, ctx->r, e);
+		if (!rc) /* t = Hx */
+			rc = ops->forward(ctx->plan, ctx->x, ctx->spec, e);
+		if (!rc)
+			rc = ops->cmul(ctx->plan, ctx->spec, ctx->otf, 0, e);
+		if (!rc)
+			rc = ops->inverse(ctx->plan, ctx->spec, ctx->t, e);
+		if (!rc) /* t = y / max(Hx, eps) */
+			rc = ops->rl_ratio(ctx->plan, ctx->t, ctx->y, p->eps, e);
+		if (!rc) /* t = H^T t */
+			rc = engine_blur(ctx, ctx->t, 1, e);
+		if (!rc)
+			rc = ops->rl_update(ctx->plan, ctx->x, ctx->t, damp ? ctx->r : NULL,
+			                    (float)p->lambda_damping, e);
+		if (rc)
+			break;
+		st->iterations = i;
+		if (p->stop_criterion > 0) {
+			double cur;
+			rc = ops->norm2(ctx->plan, ctx->x, &cur, e);
+			if (rc)
+				break;
+			st->last_change = prev > 0 ? fabs(prev - cur) / prev * 100.0 : 0.0;
+			prev = cur;
+			if (i > 1 && st->last_change <= p->stop_criterion)
+				break;
+		}
+	}
+	return rc;
+}
+
+int sf_deconv_block(sf_deconv_ctx *ctx, const float *in, float *out, sf_deconv_stats *stats,
+                    sf_err *e)
+{
+	sf_deconv_stats st = {0, 0.0};
+	sf_dims3 n = ctx->n, N = ctx->fft, o = ctx->off;
+	size_t nblk = n.nx * n.ny * n.nz;
+	memcpy(ctx->blk, in, nblk * sizeof(float));
+	prefilter(ctx);
+	if (ctx->p.dark > 0)
+		for (size_t k = 0; k < nblk; k++)
+			ctx->blk[k] = fmaxf(ctx->blk[k] - (float)ctx->p.dark, 0.0f);
+	int rc = ctx->p.taper ? taper(ctx, e) : SF_OK;
+	if (rc)
+		return rc;
+
+	place_block(ctx, ctx->blk, 0);
+	rc = ctx->ops->upload(ctx->plan, ctx->y, ctx->pad, e);
+	if (!rc && ctx->p.init_value > 0) {
+		for (size_t k = 0; k < nblk; k++)
+			ctx->blk[k] = (float)ctx->p.init_value;
+		place_block(ctx, ctx->blk, 0);
+	}
+	if (!rc)
+		rc = ctx->ops->upload(ctx->plan, ctx->x, ctx->pad, e);
+	if (!rc)
+		rc = rl_iterate(ctx, &st, e);
+	if (!rc)
+		rc = ctx->ops->download(ctx->plan, ctx->pad, ctx->x, e);
+	if (rc)
+		return rc;
+	for (size_t z = 0; z < n.nz; z++)
+		for (size_t y = 0; y < n.ny; y++)
+			memcpy(out + (z * n.ny + y) * n.nx,
+			       ctx->pad + ((z + o.nz) * N.ny + y + o.ny) * N.nx + o.nx,
+			       n.nx * sizeof(float));
+	if (stats)
+		*stats = st;
+	return SF_OK;
+}
+
+int sf_deconv_block_once(const sf_deconv_params *p, const sf_psf *psf, sf_dims3 dims,
+                         const float *in, float *out, const sf_fft_ops *ops,
+                         const sf_fft_config *cfg, sf_err *e)
+{
+	sf_deconv_ctx *ctx;
+	int rc = sf_deconv_ctx_create(p, psf, dims, ops, cfg, &ctx, e);
+	if (rc)
+		return rc;
+	rc = sf_deconv_block(ctx, in, out, NULL, e);
+	sf_deconv_ctx_destroy(ctx);
+	return rc;
+}

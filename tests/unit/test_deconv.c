@@ -1,0 +1,477 @@
+/* test_deconv.c — Richardson-Lucy blocks (src/core/deconv.c, fft_fftw.c,
+ * fft_cufft.cu).
+ *
+ * Without arguments: unit checks.  The RL engine is compared with a direct
+ * (no FFT) double-precision Richardson-Lucy written here from the textbook
+ * formula; a delta PSF must leave the data unchanged; the stop criterion,
+ * the interrupt flag, option validation and the 7-smooth sizes are checked;
+ * with CUDA built in and a device present, the same block on cuFFT and FFTW
+ * must agree to relative L2 < 1e-4 (skipped with a message otherwise).
+ *
+ * With `--rl IN.raw nx ny nz PSF.raw px py pz OUT.raw [key=value ...]`: run
+ * one block (float32 v[z][y][x] files) for the Python oracles in
+ * tests/integration/test_deconv_oracle.py.  Keys: numit, taper, init, reg,
+ * damp, stop, dark, sigma=X,Y,Z, size=X,Y,Z, fft=X,Y,Z, threads, measure,
+ * engine=fftw|cufft, repeat (run the block this many times and print the
+ * seconds per block).  Prints "iterations=N seconds=S fft=X,Y,Z". */
+#include "scopefs/deconv.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+static int passed, failed;
+
+#define CHECK(cond, ...)                                                                           \
+	do {                                                                                       \
+		if (cond) {                                                                        \
+			passed++;                                                                  \
+		} else {                                                                           \
+			failed++;                                                                  \
+			printf("FAIL %s:%d: ", __FILE__, __LINE__);                                \
+			printf(__VA_ARGS__);                                                       \
+			printf("\n");                                                              \
+		}                                                                                  \
+	} while (0)
+
+/* A deterministic generator, so failures reproduce (xorshift64*). */
+static double uniform(unsigned long long *s)
+{
+	*s ^= *s >> 12, *s ^= *s << 25, *s ^= *s >> 27;
+	return (double)((*s * 2685821657736338717ull) >> 11) / 9007199254740992.0;
+}
+
+/* Parameters with every LsDeconv pre/post step off: plain RL. */
+static sf_deconv_params plain_params(int numit)
+{
+	sf_deconv_params p;
+	sf_deconv_params_default(&p);
+	p.dxy = 400, p.dz = 1200, p.lambda_ex = 561, p.lambda_em = 600;
+	p.numit = numit;
+	p.regularize_interval = 0;
+	p.gaussian_sigma[0] = p.gaussian_sigma[1] = p.gaussian_sigma[2] = 0;
+	p.taper = 0;
+	return p;
+}
+
+/* out = 'same' convolution (flip=0) or correlation (flip=1) of v with k,
+ * zero outside v; all shapes odd-centred like scipy's mode='same'. */
+static void direct_conv(const double *v, sf_dims3 n, const float *k, sf_dims3 kn, int flip,
+                        double *out)
+{
+	long cx = (long)kn.nx / 2, cy = (long)kn.ny / 2, cz = (long)kn.nz / 2;
+	for (long z = 0; z < (long)n.nz; z++)
+		for (long y = 0; y < (long)n.ny; y++)
+			for (long x = 0; x < (long)n.nx; x++) {
+				double s = 0;
+				for (long c = 0; c < (long)kn.nz; c++)
+					for (long b = 0; b < (long)kn.ny; b++)
+						for (long a = 0; a < (long)kn.nx; a++) {
+							long sz = flip ? z + c - cz : z - c + cz;
+							long sy = flip ? y + b - cy : y - b + cy;
+							long sx = flip ? x + a - cx : x - a + cx;
+							if (sz < 0 || sy < 0 || sx < 0 ||
+							    sz >= (long)n.nz || sy >= (long)n.ny ||
+							    sx >= (long)n.nx)
+								continue;
+							s += k[(c * kn.ny + b) * kn.nx + a] *
+							     v[(sz * n.ny + sy) * n.nx + sx];
+						}
+				out[(z * n.ny + y) * n.nx + x] = s;
+			}
+}
+
+/* Textbook RL, x0 = y: x <- x * H^T(y / Hx), in double with direct sums. */
+static void direct_rl(const float *y, sf_dims3 n, const float *k, sf_dims3 kn, int numit, double *x)
+{
+	size_t N = n.nx * n.ny * n.nz;
+	double *hx = malloc(N * sizeof *hx), *c = malloc(N * sizeof *c);
+	if (!hx || !c)
+		abort(); /* test harness only: no way to report without an oracle */
+	for (size_t i = 0; i < N; i++)
+		x[i] = y[i];
+	for (int it = 0; it < numit; it++) {
+		direct_conv(x, n, k, kn, 0, hx);
+		for (size_t i = 0; i < N; i++)
+			hx[i] = y[i] / fmax(hx[i], 1.19e-7);
+		direct_conv(hx, n, k, kn, 1, c);
+		for (size_t i = 0; i < N; i++)
+			x[i] = fabs(x[i] * c[i]);
+	}
+	free(hx);
+	free(c);
+}
+
+static void test_matches_direct_rl(void)
+{
+	sf_dims3 n = {11, 9, 10}, kn = {5, 3, 7};
+	size_t N = n.nx * n.ny * n.nz, K = kn.nx * kn.ny * kn.nz;
+	float *y = malloc(N * sizeof *y), *out = malloc(N * sizeof *out);
+	float *k = malloc(K * sizeof *k);
+	double *ref = malloc(N * sizeof *ref);
+	if (!y || !out || !k || !ref)
+		abort();
+	unsigned long long s = 42;
+	double ksum = 0;
+	for (size_t i = 0; i < K; i++)
+		ksum += k[i] = (float)(0.1 + uniform(&s)); /* asymmetric on purpose */
+	for (size_t i = 0; i < K; i++)
+		k[i] = (float)(k[i] / ksum);
+	for (size_t i = 0; i < N; i++)
+		y[i] = (float)(0.2 + uniform(&s));
+	sf_psf psf = {.nx = kn.nx, .ny = kn.ny, .nz = kn.nz, .v = k};
+	sf_deconv_params p = plain_params(5);
+	sf_fft_config cfg = {.nthreads = 1};
+	sf_err e = {0};
+	int rc = sf_deconv_block_once(&p, &psf, n, y, out, sf_fft_fftw_ops(), &cfg, &e);
+	CHECK(rc == SF_OK, "deconv: %s", e.msg);
+	direct_rl(y, n, k, kn, 5, ref);
+	double err = 0, norm = 0;
+	for (size_t i = 0; i < N; i++)
+		err += (out[i] - ref[i]) * (out[i] - ref[i]), norm += ref[i] * ref[i];
+	CHECK(sqrt(err / norm) < 2e-6, "RL vs direct: relative L2 %g", sqrt(err / norm));
+	free(y), free(out), free(k), free(ref);
+}
+
+static void test_delta_psf_is_identity(void)
+{
+	sf_dims3 n = {16, 7, 12};
+	size_t N = n.nx * n.ny * n.nz;
+	float one = 1.0f, *y = malloc(N * sizeof *y), *out = malloc(N * sizeof *out);
+	if (!y || !out)
+		abort();
+	unsigned long long s = 7;
+	for (size_t i = 0; i < N; i++)
+		y[i] = (float)(1 + 100 * uniform(&s));
+	sf_psf psf = {.nx = 1, .ny = 1, .nz = 1, .v = &one};
+	sf_deconv_params p = plain_params(4);
+	p.taper = 1; /* the blur of a delta changes nothing either */
+	sf_fft_config cfg = {.nthreads = 2};
+	sf_err e = {0};
+	int rc = sf_deconv_block_once(&p, &psf, n, y, out, sf_fft_fftw_ops(), &cfg, &e);
+	CHECK(rc == SF_OK, "deconv: %s", e.msg);
+	/* FFT rounding is relative to the block's largest values (101 here). */
+	double worst = 0;
+	for (size_t i = 0; i < N; i++)
+		worst = fmax(worst, fabs(out[i] - y[i]) / 101.0);
+	CHECK(worst < 2e-6, "delta PSF: worst change / max %g", worst);
+	free(y), free(out);
+}
+
+static sf_psf reference_psf(void)
+{
+	sf_psf_optics o = {.dxy = 400,
+	                   .dz = 1200,
+	                   .na = 0.4,
+	                   .rf = 1.42,
+	                   .lambda_ex = 561,
+	                   .lambda_em = 600,
+	                   .fcyl = 240,
+	                   .slitwidth = 12};
+	sf_psf p;
+	sf_err e = {0};
+	if (sf_psf_make(&o, &p, &e)) {
+		printf("FAIL psf: %s\n", e.msg);
+		exit(1);
+	}
+	return p;
+}
+
+static void test_stop_and_interrupt(void)
+{
+	sf_psf psf = reference_psf();
+	sf_dims3 n = {20, 18, 24};
+	size_t N = n.nx * n.ny * n.nz;
+	float *y = malloc(N * sizeof *y), *out = malloc(N * sizeof *out);
+	if (!y || !out)
+		abort();
+	unsigned long long s = 3;
+	for (size_t i = 0; i < N; i++)
+		y[i] = (float)(10 + uniform(&s));
+	sf_deconv_params p;
+	sf_deconv_params_default(&p);
+	p.dxy = 400, p.dz = 1200, p.lambda_ex = 561, p.lambda_em = 600;
+	p.numit = 20;
+	p.stop_criterion = 50; /* any change below 50 % stops at iteration 2 */
+	p.lambda_damping = 0.1;
+	sf_fft_config cfg = {.nthreads = 2};
+	sf_deconv_ctx *ctx;
+	sf_err e = {0};
+	int rc = sf_deconv_ctx_create(&p, &psf, n, sf_fft_fftw_ops(), &cfg, &ctx, &e);
+	CHECK(rc == SF_OK, "ctx: %s", e.msg);
+	if (rc)
+		goto out;
+	sf_dims3 f = sf_deconv_ctx_fft_shape(ctx);
+	CHECK(f.nx == 28 && f.ny == 27 && f.nz == 42, "fft shape %zu %zu %zu", f.nx, f.ny, f.nz);
+	sf_deconv_stats st;
+	rc = sf_deconv_block(ctx, y, out, &st, &e);
+	CHECK(rc == SF_OK && st.iterations == 2, "stop criterion: rc=%d after %d iterations (%s)",
+	      rc, st.iterations, e.msg);
+	int finite = 1;
+	for (size_t i = 0; i < N; i++)
+		finite &= isfinite(out[i]) && out[i] >= 0;
+	CHECK(finite, "output finite and non-negative");
+	atomic_int stop = 1;
+	sf_deconv_ctx_set_stop(ctx, &stop);
+	rc = sf_deconv_block(ctx, y, out, &st, &e);
+	CHECK(rc == SF_EINTR, "interrupt: rc=%d", rc);
+	sf_deconv_ctx_destroy(ctx);
+out:
+	sf_psf_free(&psf);
+	free(y), free(out);
+}
+
+static void test_validation(void)
+{
+	struct {
+		const char *want;
+		void (*set)(sf_deconv_params *);
+	} cases[] = {
+	    {"na=", NULL},
+	    {"dxy=", NULL},
+	    {"numit=", NULL},
+	    {"lambda_damping=", NULL},
+	    {"gaussian_filter_size y=", NULL},
+	    {"clipval=", NULL},
+	    {"gaussian_sigma z=", NULL},
+	    {"dz=", NULL},
+	    {"regularize_interval=", NULL},
+	};
+	for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+		sf_deconv_params p;
+		sf_deconv_params_default(&p);
+		p.dxy = 400, p.dz = 1200, p.lambda_ex = 561, p.lambda_em = 600;
+		switch (i) {
+		case 0: p.na = 1.6; break;
+		case 1: p.dxy = -1; break;
+		case 2: p.numit = 0; break;
+		case 3: p.lambda_damping = 1; break;
+		case 4: p.gaussian_filter_size[1] = 12; break;
+		case 5: p.clipval = 0; break;
+		case 6: p.gaussian_sigma[2] = -1; break;
+		case 7: p.dz = 0; break;
+		case 8: p.regularize_interval = -2; break;
+		}
+		sf_err e = {0};
+		int rc = sf_deconv_params_validate(&p, &e);
+		CHECK(rc == SF_EINVAL && strstr(e.msg, cases[i].want), "case %zu: rc=%d '%s'", i,
+		      rc, e.msg);
+	}
+	sf_deconv_params p;
+	sf_deconv_params_default(&p);
+	sf_err e = {0};
+	CHECK(sf_deconv_params_validate(&p, &e) == SF_EINVAL, "defaults lack spacings");
+	p.dxy = 400, p.dz = 1200, p.lambda_ex = 561, p.lambda_em = 600;
+	CHECK(sf_deconv_params_validate(&p, &e) == SF_OK, "defaults + optics valid: %s", e.msg);
+	/* An FFT shape below the block is refused. */
+	float one = 1;
+	sf_psf psf = {.nx = 1, .ny = 1, .nz = 1, .v = &one};
+	p.fft_shape[0] = 4;
+	sf_deconv_ctx *ctx;
+	sf_fft_config cfg = {.nthreads = 1};
+	int rc =
+	    sf_deconv_ctx_create(&p, &psf, (sf_dims3){8, 8, 8}, sf_fft_fftw_ops(), &cfg, &ctx, &e);
+	CHECK(rc == SF_EINVAL && strstr(e.msg, "fft_shape x="), "small fft: %d '%s'", rc, e.msg);
+}
+
+static void test_smooth7(void)
+{
+	size_t in[] = {1, 7, 11, 13, 17, 19, 97, 121, 1023, 1031};
+	size_t want[] = {1, 7, 12, 14, 18, 20, 98, 125, 1024, 1050};
+	for (size_t i = 0; i < sizeof in / sizeof in[0]; i++)
+		CHECK(sf_deconv_smooth7(in[i]) == want[i], "smooth7(%zu) = %zu, want %zu", in[i],
+		      sf_deconv_smooth7(in[i]), want[i]);
+}
+
+#ifdef SF_HAVE_CUDA
+static void test_gpu_matches_cpu(void)
+{
+	if (sf_fft_cuda_device_count() < 1) {
+		printf("test_deconv: no CUDA device, GPU comparison skipped\n");
+		return;
+	}
+	sf_psf psf = reference_psf();
+	sf_dims3 n = {60, 50, 40};
+	size_t N = n.nx * n.ny * n.nz;
+	float *y = malloc(N * sizeof *y), *cpu = malloc(N * sizeof *cpu);
+	float *gpu = malloc(N * sizeof *gpu);
+	if (!y || !cpu || !gpu)
+		abort();
+	unsigned long long s = 11;
+	for (size_t i = 0; i < N; i++)
+		y[i] = (float)(100 + 1000 * uniform(&s) * uniform(&s));
+	sf_deconv_params p;
+	sf_deconv_params_default(&p);
+	p.dxy = 400, p.dz = 1200, p.lambda_ex = 561, p.lambda_em = 600;
+	p.numit = 10, p.lambda_damping = 0.2, p.dark = 50;
+	sf_fft_config cfg = {.nthreads = 2, .device = 0};
+	sf_err e = {0};
+	int rc = sf_deconv_block_once(&p, &psf, n, y, cpu, sf_fft_fftw_ops(), &cfg, &e);
+	CHECK(rc == SF_OK, "cpu: %s", e.msg);
+	rc = sf_deconv_block_once(&p, &psf, n, y, gpu, sf_fft_cufft_ops(), &cfg, &e);
+	CHECK(rc == SF_OK, "gpu: %s", e.msg);
+	double err = 0, norm = 0;
+	for (size_t i = 0; i < N; i++)
+		err += (double)(gpu[i] - cpu[i]) * (gpu[i] - cpu[i]),
+		    norm += (double)cpu[i] * cpu[i];
+	CHECK(sqrt(err / norm) < 1e-4, "GPU vs CPU relative L2 %g", sqrt(err / norm));
+	printf("test_deconv: GPU vs CPU relative L2 %.3g\n", sqrt(err / norm));
+	sf_psf_free(&psf);
+	free(y), free(cpu), free(gpu);
+}
+#endif
+
+/* --- driver mode ---------------------------------------------------------- */
+
+static float *read_raw(const char *path, size_t n)
+{
+	FILE *f = fopen(path, "rb");
+	float *v = malloc(n * sizeof *v);
+	int ok = f && v && fread(v, sizeof *v, n, f) == n && fgetc(f) == EOF;
+	if (f)
+		fclose(f);
+	if (!ok) {
+		fprintf(stderr, "%s: cannot read %zu floats\n", path, n);
+		free(v);
+		return NULL;
+	}
+	return v;
+}
+
+static void parse_triple(const char *s, double v[3])
+{
+	sscanf(s, "%lf,%lf,%lf", &v[0], &v[1], &v[2]);
+}
+
+static int apply_option(sf_deconv_params *p, sf_fft_config *cfg, const sf_fft_ops **ops,
+                        int *repeat, const char *kv)
+{
+	const char *eq = strchr(kv, '=');
+	if (!eq)
+		return -1;
+	const char *v = eq + 1;
+	size_t klen = (size_t)(eq - kv);
+	double t[3] = {0, 0, 0};
+#define KEY(name) (klen == strlen(name) && !strncmp(kv, name, klen))
+	if (KEY("numit"))
+		p->numit = atoi(v);
+	else if (KEY("taper"))
+		p->taper = atoi(v);
+	else if (KEY("init"))
+		p->init_value = atof(v);
+	else if (KEY("reg"))
+		p->regularize_interval = atoi(v);
+	else if (KEY("damp"))
+		p->lambda_damping = atof(v);
+	else if (KEY("stop"))
+		p->stop_criterion = atof(v);
+	else if (KEY("dark"))
+		p->dark = atof(v);
+	else if (KEY("threads"))
+		cfg->nthreads = atoi(v);
+	else if (KEY("measure"))
+		cfg->measure = atoi(v);
+	else if (KEY("repeat"))
+		*repeat = atoi(v);
+	else if (KEY("sigma")) {
+		parse_triple(v, t);
+		memcpy(p->gaussian_sigma, t, sizeof t);
+	} else if (KEY("size")) {
+		parse_triple(v, t);
+		for (int a = 0; a < 3; a++)
+			p->gaussian_filter_size[a] = (int)t[a];
+	} else if (KEY("fft")) {
+		parse_triple(v, t);
+		for (int a = 0; a < 3; a++)
+			p->fft_shape[a] = (size_t)t[a];
+	} else if (KEY("engine") && !strcmp(v, "fftw"))
+		*ops = sf_fft_fftw_ops();
+#ifdef SF_HAVE_CUDA
+	else if (KEY("engine") && !strcmp(v, "cufft"))
+		*ops = sf_fft_cufft_ops();
+#endif
+	else
+		return -1;
+#undef KEY
+	return 0;
+}
+
+static double now(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+static int run_block(int argc, char **argv)
+{
+	sf_dims3 n = {strtoul(argv[1], NULL, 10), strtoul(argv[2], NULL, 10),
+	              strtoul(argv[3], NULL, 10)};
+	sf_dims3 kn = {strtoul(argv[5], NULL, 10), strtoul(argv[6], NULL, 10),
+	               strtoul(argv[7], NULL, 10)};
+	sf_deconv_params p = plain_params(10);
+	sf_fft_config cfg = {.nthreads = 2};
+	const sf_fft_ops *ops = sf_fft_fftw_ops();
+	int repeat = 1;
+	for (int i = 9; i < argc; i++)
+		if (apply_option(&p, &cfg, &ops, &repeat, argv[i])) {
+			fprintf(stderr, "%s: unknown option\n", argv[i]);
+			return 2;
+		}
+	size_t N = n.nx * n.ny * n.nz;
+	float *y = read_raw(argv[0], N), *k = read_raw(argv[4], kn.nx * kn.ny * kn.nz);
+	float *out = malloc(N * sizeof *out);
+	int rc = 2;
+	sf_deconv_ctx *ctx = NULL;
+	sf_err e = {0};
+	if (!y || !k || !out)
+		goto done;
+	sf_psf psf = {.nx = kn.nx, .ny = kn.ny, .nz = kn.nz, .v = k};
+	if (sf_deconv_ctx_create(&p, &psf, n, ops, &cfg, &ctx, &e)) {
+		fprintf(stderr, "%s\n", e.msg);
+		goto done;
+	}
+	sf_deconv_stats st = {0, 0};
+	double t0 = now();
+	for (int r = 0; r < repeat; r++)
+		if (sf_deconv_block(ctx, y, out, &st, &e)) {
+			fprintf(stderr, "%s\n", e.msg);
+			goto done;
+		}
+	double secs = (now() - t0) / repeat;
+	FILE *f = fopen(argv[8], "wb");
+	if (!f || fwrite(out, sizeof *out, N, f) != N) {
+		fprintf(stderr, "%s: cannot write\n", argv[8]);
+		if (f)
+			fclose(f);
+		goto done;
+	}
+	rc = fclose(f) ? 2 : 0;
+	sf_dims3 fs = sf_deconv_ctx_fft_shape(ctx);
+	printf("iterations=%d seconds=%.6f fft=%zu,%zu,%zu\n", st.iterations, secs, fs.nx, fs.ny,
+	       fs.nz);
+done:
+	sf_deconv_ctx_destroy(ctx);
+	free(y), free(k), free(out);
+	sf_fft_fftw_cleanup();
+	return rc;
+}
+
+int main(int argc, char **argv)
+{
+	if (argc >= 11 && !strcmp(argv[1], "--rl"))
+		return run_block(argc - 2, argv + 2);
+	test_smooth7();
+	test_validation();
+	test_matches_direct_rl();
+	test_delta_psf_is_identity();
+	test_stop_and_interrupt();
+#ifdef SF_HAVE_CUDA
+	test_gpu_matches_cpu();
+#endif
+	sf_fft_fftw_cleanup();
+	printf("test_deconv: %d passed, %d failed\n", passed, failed);
+	return failed != 0;
+}
