@@ -29,8 +29,11 @@ typedef struct sf_slide_level {
 	uint32_t width, height;
 	/* Where the level of channel c lives: main IFD index dir[c]; when
 	 * subifd >= 0, the subifd-th SubIFD of that IFD. */
-	uint32_t *dir;  /* channels entries */
-	int32_t subifd; /* -1: the main IFD itself */
+	uint32_t *dir;           /* channels entries */
+	int32_t subifd;          /* -1: the main IFD itself */
+	uint64_t *ifd_offset;    /* channels entries: file offset of that IFD (reader seeks it) */
+	uint32_t tile_w, tile_h; /* source unit: the tile, or width x rows-per-strip for strips */
+	int tiled;               /* this level is tiled (channel 0's IFD) */
 } sf_slide_level;
 
 typedef struct sf_slide_info {
@@ -49,6 +52,9 @@ typedef struct sf_slide_info {
 	int tiled;            /* level 0 is tiled */
 	uint64_t file_size;   /* identity of the file, for cache keys */
 	int64_t mtime_ns;
+	/* SizeC and SizeZ as the file's own metadata states them (OME-XML Pixels, or an ImageJ
+	 * description's channels= / slices=); 0 when the file does not say. */
+	uint32_t stated_c, stated_z;
 } sf_slide_info;
 
 /* Read the header of path and describe it.  Fails with SF_EFORMAT and a
@@ -59,8 +65,15 @@ void sf_slide_info_free(sf_slide_info *s);
 
 typedef struct sf_slide_reader sf_slide_reader;
 
+/* Open a reader on the file s describes.  s is borrowed and must outlive the
+ * reader.  Fails with SF_EFORMAT if the file's size or mtime changed since
+ * the probe (its layout may no longer be s). */
 int sf_slide_reader_open(const sf_slide_info *s, sf_slide_reader **out, sf_err *e);
 void sf_slide_reader_close(sf_slide_reader *r);
+
+/* How many tiles or strips this reader has decoded (cache misses of its
+ * small LRU of decoded source tiles); for tests and benchmarks. */
+uint64_t sf_slide_reader_decodes(const sf_slide_reader *r);
 
 /* Copy the rect [x, x+w) x [y, y+h) of channel c at level into dst
  * (w*h*samples samples, row-major, samples interleaved, native byte order).

@@ -1,0 +1,628 @@
+/* dataset.c — scan RAW_DIR: which files are whole-slide images and which
+ * files or folders are z-stacks.  The rules are written out in
+ * docs/dataset.md; in short:
+ *   - names starting with '.' are ignored, and so is every file without a
+ *     TIFF-family extension (sf_file_stem's list);
+ *   - a folder (RAW_DIR or a direct subfolder) whose TIFF files are all
+ *     plane-like (one page, one level, untiled, one sample) and of one size
+ *     and type, two or more of them, is a stack of planes;
+ *   - a TIFF directly in RAW_DIR that is a multi-page stack file is a stack;
+ *   - any other TIFF directly in RAW_DIR is a whole-slide image.
+ * Invariants:
+ *  - nothing is ever written, and no symbolic link is followed to a target
+ *    outside RAW_DIR;
+ *  - every name list is in natural order (strverscmp: img_2 < img_10, and
+ *    plain byte order for zero-padded names);
+ *  - a file or folder that cannot be used becomes one sf_problem and the
+ *    scan goes on; only an unusable RAW_DIR fails the scan;
+ *  - slide stems are unique among slides and stack names among stacks. */
+#include "scopefs/dataset.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "scopefs/log.h"
+
+/* Image extensions, longest first so ".ome.tif" wins over ".tif". */
+static const char *const image_exts[] = {
+    ".ome.tiff", ".ome.tif", ".ome.btf", ".ome.tf2", ".ome.tf8", ".qptiff",
+    ".tiff",     ".tif",     ".svs",     ".btf",     ".tf2",     ".tf8",
+};
+
+/* Length of name's image extension, 0 if it has none (case-insensitive). */
+static size_t image_ext_len(const char *name)
+{
+	size_t n = strlen(name);
+	for (size_t i = 0; i < sizeof image_exts / sizeof image_exts[0]; i++) {
+		size_t k = strlen(image_exts[i]);
+		if (n > k && strcasecmp(name + n - k, image_exts[i]) == 0)
+			return k;
+	}
+	return 0;
+}
+
+char *sf_file_stem(const char *name)
+{
+	return strndup(name, strlen(name) - image_ext_len(name));
+}
+
+/* ---- the dataset under construction -------------------------------------- */
+
+static int add_problem(sf_dataset *d, const char *path, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+static int add_problem(sf_dataset *d, const char *path, const char *fmt, ...)
+{
+	sf_problem *np = realloc(d->problems, (d->problem_count + 1) * sizeof *np);
+	if (!np)
+		return SF_ENOMEM;
+	d->problems = np;
+	sf_problem *p = &d->problems[d->problem_count];
+	va_list ap;
+	va_start(ap, fmt);
+	int n = vasprintf(&p->reason, fmt, ap);
+	va_end(ap);
+	p->path = strdup(path);
+	if (n < 0 || !p->path) {
+		free(p->path);
+		if (n >= 0)
+			free(p->reason);
+		return SF_ENOMEM;
+	}
+	d->problem_count++;
+	sf_log(SF_LOG_WARN, "%s: left out: %s", path, p->reason);
+	return SF_OK;
+}
+
+static void stack_free(sf_stack *st)
+{
+	if (!st)
+		return;
+	for (uint32_t i = 0; i < st->planes; i++) {
+		if (st->plane_names)
+			free(st->plane_names[i]);
+		if (st->plane_info)
+			sf_slide_info_free(st->plane_info[i]);
+	}
+	free(st->plane_names);
+	free(st->plane_info);
+	free(st->name);
+	free(st);
+}
+
+void sf_dataset_free(sf_dataset *d)
+{
+	if (!d)
+		return;
+	for (uint32_t i = 0; i < d->slide_count; i++) {
+		sf_slide_info_free(d->slides[i]);
+		free(d->slide_stems[i]);
+	}
+	free(d->slides);
+	free(d->slide_stems);
+	for (uint32_t i = 0; i < d->stack_count; i++)
+		stack_free(d->stacks[i]);
+	free(d->stacks);
+	for (uint32_t i = 0; i < d->problem_count; i++) {
+		free(d->problems[i].path);
+		free(d->problems[i].reason);
+	}
+	free(d->problems);
+	free(d->root);
+	free(d);
+}
+
+/* ---- listing a folder ---------------------------------------------------- */
+
+typedef struct dir_entry {
+	char *name;
+	char *path; /* folder path + "/" + name */
+	int is_dir;
+} dir_entry;
+
+typedef struct listing {
+	dir_entry *items;
+	uint32_t count;
+} listing;
+
+static void listing_free(listing *ls)
+{
+	for (uint32_t i = 0; i < ls->count; i++) {
+		free(ls->items[i].name);
+		free(ls->items[i].path);
+	}
+	free(ls->items);
+	memset(ls, 0, sizeof *ls);
+}
+
+static int by_name(const void *a, const void *b)
+{
+	return strverscmp(((const dir_entry *)a)->name, ((const dir_entry *)b)->name);
+}
+
+/* path lies inside root_real (an absolute path without a trailing '/'). */
+static int inside_root(const char *path, const char *root_real)
+{
+	size_t n = strlen(root_real);
+	return strncmp(path, root_real, n) == 0 && (path[n] == '/' || path[n] == '\0');
+}
+
+/* The type of entry name in folder fd: 'f' regular file, 'd' folder, 0 for
+ * anything else.  A symbolic link counts as its target only if the target
+ * resolves inside RAW_DIR; otherwise it is left out (a problem if it looks
+ * like an image or is a folder link). */
+static int entry_type(sf_dataset *d, int fd, const char *name, const char *path, int *rc)
+{
+	struct stat st;
+	*rc = SF_OK;
+	if (fstatat(fd, name, &st, AT_SYMLINK_NOFOLLOW) != 0)
+		return 0;
+	if (S_ISLNK(st.st_mode)) {
+		char *target = realpath(path, NULL);
+		int relevant = image_ext_len(name) > 0;
+		if (!target) {
+			if (relevant)
+				*rc = add_problem(d, path, "broken symbolic link");
+			return 0;
+		}
+		int ok = inside_root(target, d->root) && stat(target, &st) == 0;
+		if (!ok && (relevant || (stat(target, &st) == 0 && S_ISDIR(st.st_mode))))
+			*rc = add_problem(d, path, "symbolic link leads outside RAW_DIR (to %s)",
+			                  target);
+		free(target);
+		if (!ok)
+			return 0;
+	}
+	return S_ISREG(st.st_mode) ? 'f' : S_ISDIR(st.st_mode) ? 'd' : 0;
+}
+
+/* List folder dir: subfolders (if want_dirs) and files with an image
+ * extension, in natural name order.  Hidden names are skipped. */
+static int list_folder(sf_dataset *d, const char *dir, int want_dirs, listing *out, sf_err *e)
+{
+	memset(out, 0, sizeof *out);
+	DIR *dh = opendir(dir);
+	if (!dh)
+		return sf_fail(e, errno == ENOENT ? SF_ENOTFOUND : SF_EIO, "%s: cannot list: %s",
+		               dir, strerror(errno));
+	uint32_t cap = 0;
+	int rc = SF_OK;
+	struct dirent *de;
+	while (rc == SF_OK && (errno = 0, de = readdir(dh)) != NULL) {
+		if (de->d_name[0] == '.')
+			continue;
+		char *path = NULL;
+		if (asprintf(&path, "%s/%s", dir, de->d_name) < 0) {
+			rc = sf_fail(e, SF_ENOMEM, "%s: out of memory", dir);
+			break;
+		}
+		int type = entry_type(d, dirfd(dh), de->d_name, path, &rc);
+		int keep = (type == 'd' && want_dirs) || (type == 'f' && image_ext_len(de->d_name));
+		if (rc || !keep) {
+			free(path);
+			if (rc)
+				rc = sf_fail(e, SF_ENOMEM, "%s: out of memory", dir);
+			continue;
+		}
+		if (out->count == cap) {
+			cap = cap ? cap * 2 : 16;
+			dir_entry *ni = realloc(out->items, cap * sizeof *ni);
+			if (!ni) {
+				free(path);
+				rc = sf_fail(e, SF_ENOMEM, "%s: out of memory", dir);
+				break;
+			}
+			out->items = ni;
+		}
+		dir_entry *it = &out->items[out->count];
+		it->name = strdup(de->d_name);
+		it->path = path;
+		it->is_dir = type == 'd';
+		out->count++;
+		if (!it->name)
+			rc = sf_fail(e, SF_ENOMEM, "%s: out of memory", dir);
+	}
+	if (rc == SF_OK && errno != 0)
+		rc = sf_fail(e, SF_EIO, "%s: cannot list: %s", dir, strerror(errno));
+	closedir(dh);
+	if (rc) {
+		listing_free(out);
+		return rc;
+	}
+	if (out->count > 1)
+		qsort(out->items, out->count, sizeof *out->items, by_name);
+	return SF_OK;
+}
+
+/* ---- classifying probed files -------------------------------------------- */
+
+/* The TIFF files of one folder, probed. */
+typedef struct probed {
+	const dir_entry *entry;
+	sf_slide_info *info; /* NULL if the probe failed */
+	sf_err err;
+} probed;
+
+static int plane_like(const sf_slide_info *s)
+{
+	return s->kind == SF_SLIDE_FLAT && s->channels == 1 && s->level_count == 1 && !s->tiled &&
+	       s->samples == 1;
+}
+
+static int same_plane_shape(const sf_slide_info *a, const sf_slide_info *b)
+{
+	return a->width == b->width && a->height == b->height && a->dtype == b->dtype;
+}
+
+/* A multi-page file whose pages are z-planes (docs/dataset.md, rule 3). */
+static int is_stack_file(const sf_slide_info *s)
+{
+	if (s->samples != 1 || s->channels < 2)
+		return 0;
+	if (s->is_ome)
+		return s->stated_z > 1 && s->stated_c <= 1;
+	return s->kind == SF_SLIDE_FLAT && s->level_count == 1 && !s->tiled && s->stated_c <= 1;
+}
+
+static const char *shape_text(const sf_slide_info *s, char *buf, size_t cap)
+{
+	snprintf(buf, cap, "%ux%u %s", s->width, s->height, sf_dtype_ome_name(s->dtype));
+	return buf;
+}
+
+/* Why a good file cannot be a plane of a stack folder. */
+static const char *not_plane_reason(const sf_slide_info *s)
+{
+	if (s->tiled)
+		return "is tiled";
+	if (s->samples != 1)
+		return "has 3 samples per pixel (RGB)";
+	if (s->level_count > 1)
+		return "is a pyramid";
+	return "has several pages";
+}
+
+/* The index of a plane whose shape most planes share (Boyer-Moore vote),
+ * so the odd plane is the one reported. */
+static uint32_t majority_plane(const probed *files, uint32_t n)
+{
+	uint32_t cand = 0, votes = 0;
+	for (uint32_t i = 0; i < n; i++) {
+		if (votes == 0) {
+			cand = i;
+			votes = 1;
+		} else {
+			if (same_plane_shape(files[cand].info, files[i].info))
+				votes++;
+			else
+				votes--;
+		}
+	}
+	return cand;
+}
+
+/* Why files (a folder's TIFFs) are not a stack of planes; NULL if they
+ * are.  Writes into buf. */
+static const char *stack_fault(const probed *files, uint32_t n, char *buf, size_t cap)
+{
+	char a[64], b[64];
+	if (n < 2) {
+		snprintf(buf, cap, "only one TIFF file (%s); a plane folder needs two or more",
+		         n ? files[0].entry->name : "");
+		return buf;
+	}
+	for (uint32_t i = 0; i < n; i++) {
+		if (!files[i].info) {
+			snprintf(buf, cap, "plane %s: %s", files[i].entry->name, files[i].err.msg);
+			return buf;
+		}
+	}
+	for (uint32_t i = 0; i < n; i++) {
+		if (!plane_like(files[i].info)) {
+			snprintf(buf, cap,
+			         "plane %s %s; planes must be single-page untiled 2D TIFFs",
+			         files[i].entry->name, not_plane_reason(files[i].info));
+			return buf;
+		}
+	}
+	uint32_t m = majority_plane(files, n);
+	for (uint32_t i = 0; i < n; i++) {
+		if (!same_plane_shape(files[m].info, files[i].info)) {
+			snprintf(buf, cap, "plane %s is %s, plane %s (like most) is %s",
+			         files[i].entry->name, shape_text(files[i].info, a, sizeof a),
+			         files[m].entry->name, shape_text(files[m].info, b, sizeof b));
+			return buf;
+		}
+	}
+	return NULL;
+}
+
+static int push_stack(sf_dataset *d, sf_stack *st)
+{
+	sf_stack **ns = realloc(d->stacks, (d->stack_count + 1) * sizeof *ns);
+	if (!ns)
+		return SF_ENOMEM;
+	d->stacks = ns;
+	d->stacks[d->stack_count++] = st;
+	return SF_OK;
+}
+
+static int stack_name_taken(const sf_dataset *d, const char *name)
+{
+	for (uint32_t i = 0; i < d->stack_count; i++)
+		if (strcmp(d->stacks[i]->name, name) == 0)
+			return 1;
+	return 0;
+}
+
+/* A stack from a plane folder; takes the infos out of files. */
+static int add_plane_stack(sf_dataset *d, const char *name, probed *files, uint32_t n)
+{
+	sf_stack *st = calloc(1, sizeof *st);
+	if (!st)
+		return SF_ENOMEM;
+	st->name = strdup(name);
+	st->plane_names = calloc(n, sizeof *st->plane_names);
+	st->plane_info = calloc(n, sizeof *st->plane_info);
+	if (!st->name || !st->plane_names || !st->plane_info) {
+		stack_free(st);
+		return SF_ENOMEM;
+	}
+	st->planes = n;
+	st->width = files[0].info->width;
+	st->height = files[0].info->height;
+	st->dtype = files[0].info->dtype;
+	for (uint32_t i = 0; i < n; i++) {
+		st->plane_names[i] = strdup(files[i].entry->name);
+		st->plane_info[i] = files[i].info;
+		files[i].info = NULL;
+		if (!st->plane_names[i]) {
+			stack_free(st);
+			return SF_ENOMEM;
+		}
+	}
+	if (push_stack(d, st)) {
+		stack_free(st);
+		return SF_ENOMEM;
+	}
+	return SF_OK;
+}
+
+/* A stack from a multi-page file; takes *info.  Planes are served as
+ * img_000001.tif, img_000002.tif, ... (LsDeconvolve's naming). */
+static int add_file_stack(sf_dataset *d, const char *stem, sf_slide_info **info)
+{
+	sf_slide_info *s = *info;
+	sf_stack *st = calloc(1, sizeof *st);
+	if (!st)
+		return SF_ENOMEM;
+	st->name = strdup(stem);
+	st->plane_names = calloc(s->channels, sizeof *st->plane_names);
+	st->plane_info = calloc(s->channels, sizeof *st->plane_info);
+	if (!st->name || !st->plane_names || !st->plane_info) {
+		stack_free(st);
+		return SF_ENOMEM;
+	}
+	st->planes = s->channels;
+	st->multipage = 1;
+	st->width = s->width;
+	st->height = s->height;
+	st->dtype = s->dtype;
+	for (uint32_t i = 0; i < st->planes; i++) {
+		if (asprintf(&st->plane_names[i], "img_%06u.tif", i + 1) < 0) {
+			st->plane_names[i] = NULL;
+			stack_free(st);
+			return SF_ENOMEM;
+		}
+	}
+	st->plane_info[0] = s;
+	*info = NULL;
+	if (push_stack(d, st)) {
+		st->plane_info[0] = NULL; /* still the caller's on failure */
+		*info = s;
+		stack_free(st);
+		return SF_ENOMEM;
+	}
+	return SF_OK;
+}
+
+static int add_slide(sf_dataset *d, const dir_entry *it, sf_slide_info **info)
+{
+	char *stem = sf_file_stem(it->name);
+	if (!stem)
+		return SF_ENOMEM;
+	for (uint32_t i = 0; i < d->slide_count; i++) {
+		if (strcmp(d->slide_stems[i], stem) == 0) {
+			int rc = add_problem(d, it->path, "its name '%s' is already used by %s",
+			                     stem, d->slides[i]->path);
+			free(stem);
+			return rc;
+		}
+	}
+	sf_slide_info **ns = realloc(d->slides, (d->slide_count + 1) * sizeof *ns);
+	if (ns)
+		d->slides = ns;
+	char **nst = ns ? realloc(d->slide_stems, (d->slide_count + 1) * sizeof *nst) : NULL;
+	if (!nst) {
+		free(stem);
+		return SF_ENOMEM;
+	}
+	d->slide_stems = nst;
+	d->slides[d->slide_count] = *info;
+	d->slide_stems[d->slide_count] = stem;
+	d->slide_count++;
+	*info = NULL;
+	return SF_OK;
+}
+
+/* Probe every TIFF file of ls (folders skipped).  files gets ls->count
+ * slots; *n the number used. */
+static int probe_files(const listing *ls, probed **out, uint32_t *n)
+{
+	probed *files = calloc(ls->count ? ls->count : 1, sizeof *files);
+	if (!files)
+		return SF_ENOMEM;
+	uint32_t k = 0;
+	for (uint32_t i = 0; i < ls->count; i++) {
+		if (ls->items[i].is_dir)
+			continue;
+		/* A failed probe leaves info NULL and its reason in err. */
+		files[k].entry = &ls->items[i];
+		sf_slide_probe(ls->items[i].path, &files[k].info, &files[k].err);
+		k++;
+	}
+	*out = files;
+	*n = k;
+	return SF_OK;
+}
+
+static void probed_free(probed *files, uint32_t n)
+{
+	for (uint32_t i = 0; files && i < n; i++)
+		sf_slide_info_free(files[i].info);
+	free(files);
+}
+
+/* RAW_DIR is a plane folder: its good files are all plane-like and of one
+ * shape, at least two of them. */
+static int root_is_plane_folder(const probed *files, uint32_t n)
+{
+	const sf_slide_info *first = NULL;
+	uint32_t good = 0;
+	for (uint32_t i = 0; i < n; i++) {
+		const sf_slide_info *s = files[i].info;
+		if (!s)
+			continue;
+		if (!plane_like(s) || (first && !same_plane_shape(first, s)))
+			return 0;
+		first = first ? first : s;
+		good++;
+	}
+	return good >= 2;
+}
+
+/* bad_links: image-named links the listing left out (already problems);
+ * a plane folder with such a hole is not served. */
+static int scan_root_files(sf_dataset *d, probed *files, uint32_t n, uint32_t bad_links)
+{
+	char why[600];
+	if (root_is_plane_folder(files, n)) {
+		const char *fault = stack_fault(files, n, why, sizeof why);
+		if (!fault && bad_links)
+			fault = "some planes are unusable symbolic links";
+		if (fault)
+			return add_problem(d, d->root, "RAW_DIR as a plane folder: %s", fault);
+		return add_plane_stack(d, "", files, n);
+	}
+	for (uint32_t i = 0; i < n; i++) {
+		const dir_entry *it = files[i].entry;
+		int rc;
+		if (!files[i].info) {
+			rc = add_problem(d, it->path, "%s", files[i].err.msg);
+		} else if (is_stack_file(files[i].info)) {
+			char *stem = sf_file_stem(it->name);
+			if (!stem)
+				return SF_ENOMEM;
+			if (stack_name_taken(d, stem))
+				rc = add_problem(d, it->path, "stack name '%s' is already used",
+				                 stem);
+			else
+				rc = add_file_stack(d, stem, &files[i].info);
+			free(stem);
+		} else {
+			rc = add_slide(d, it, &files[i].info);
+		}
+		if (rc)
+			return rc;
+	}
+	return SF_OK;
+}
+
+/* A direct subfolder: a stack of planes, a problem, or nothing (no TIFFs). */
+static int scan_subfolder(sf_dataset *d, const dir_entry *dir, sf_err *e)
+{
+	listing ls;
+	sf_err le = {0};
+	uint32_t problems_before = d->problem_count;
+	int rc = list_folder(d, dir->path, 0, &ls, &le);
+	if (rc == SF_ENOMEM)
+		return sf_fail(e, rc, "%s", le.msg);
+	if (rc)
+		return add_problem(d, dir->path, "%s", le.msg);
+	probed *files = NULL;
+	uint32_t n = 0;
+	rc = probe_files(&ls, &files, &n);
+	if (!rc && n > 0) {
+		char why[600];
+		const char *fault = stack_fault(files, n, why, sizeof why);
+		if (!fault && d->problem_count > problems_before)
+			fault = "some planes are unusable symbolic links";
+		if (fault)
+			rc = add_problem(d, dir->path, "%s", fault);
+		else if (stack_name_taken(d, dir->name))
+			rc =
+			    add_problem(d, dir->path, "stack name '%s' is already used", dir->name);
+		else
+			rc = add_plane_stack(d, dir->name, files, n);
+	}
+	probed_free(files, n);
+	listing_free(&ls);
+	if (rc)
+		return sf_fail(e, rc, "%s: out of memory", dir->path);
+	return SF_OK;
+}
+
+int sf_dataset_scan(const char *root, sf_dataset **out, sf_err *e)
+{
+	*out = NULL;
+	struct stat st;
+	if (stat(root, &st) != 0)
+		return sf_fail(e, errno == ENOENT ? SF_ENOTFOUND : SF_EIO, "%s: %s", root,
+		               strerror(errno));
+	if (!S_ISDIR(st.st_mode))
+		return sf_fail(e, SF_EINVAL, "%s: not a folder", root);
+	sf_dataset *d = calloc(1, sizeof *d);
+	if (!d)
+		return sf_fail(e, SF_ENOMEM, "%s: out of memory", root);
+	d->root = realpath(root, NULL);
+	if (!d->root) {
+		int err = errno;
+		sf_dataset_free(d);
+		return sf_fail(e, err == ENOMEM ? SF_ENOMEM : SF_EIO, "%s: %s", root,
+		               strerror(err));
+	}
+	listing ls;
+	int rc = list_folder(d, d->root, 1, &ls, e);
+	uint32_t bad_links = d->problem_count;
+	if (rc) {
+		sf_dataset_free(d);
+		return rc;
+	}
+	probed *files = NULL;
+	uint32_t n = 0;
+	rc = probe_files(&ls, &files, &n);
+	if (!rc)
+		rc = scan_root_files(d, files, n, bad_links);
+	probed_free(files, n);
+	if (rc)
+		rc = sf_fail(e, SF_ENOMEM, "%s: out of memory", d->root);
+	for (uint32_t i = 0; !rc && i < ls.count; i++)
+		if (ls.items[i].is_dir)
+			rc = scan_subfolder(d, &ls.items[i], e);
+	listing_free(&ls);
+	if (rc) {
+		sf_dataset_free(d);
+		return rc;
+	}
+	*out = d;
+	return SF_OK;
+}

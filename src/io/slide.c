@@ -1,0 +1,1497 @@
+/* slide.c — probe TIFF-family slides and read regions from them with libtiff.
+ *
+ * Probing opens the file once, walks the main IFD chain, describes every page
+ * (size, sample type, tiling, NewSubfileType, SubIFDs) and then picks one
+ * layout (see slide.h and docs/dataset.md):
+ *   OME / SubIFD  channels are the leading main-chain pages of page 0's size
+ *                 and type; level l > 0 of channel c is SubIFD l-1 of page c;
+ *   SVS           level 0 is page 0, further levels are the later tiled pages
+ *                 (the stripped thumbnail, label and macro pages are skipped);
+ *   PAGES         one channel; later main-chain pages of the same type that
+ *                 keep shrinking are the levels (libvips / OpenSlide layout);
+ *   FLAT          one level; the leading pages of page 0's size and type are
+ *                 the channels (or z-planes).
+ * Invariants the reader relies on:
+ *  - every IFD a level names has level 0's sample type, samples per pixel and
+ *    photometric class, and every channel of a level has that level's size;
+ *  - levels shrink: each is no larger than the one before in both axes;
+ *  - every tile or strip of every IFD used lies inside the file, so a
+ *    truncated file is refused at probe time rather than in the middle of a
+ *    read.
+ *
+ * A reader owns one TIFF handle (libtiff handles are not thread-safe) and
+ * remembers the current IFD by its offset, so a directory is re-read only
+ * when the level or channel changes.  Uncompressed tiles and strips are read
+ * straight from the file with pread, only the bytes the rect needs.
+ * Compressed ones are decoded whole into a small LRU of decoded units, since
+ * neighbouring output tiles of a resampled level touch the same source tiles.
+ *
+ * libtiff's messages go to a per-handle buffer (TIFFOpenOptions, libtiff
+ * 4.5), never to stderr, and end up in our sf_err message. */
+#include "scopefs/slide.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <tiffio.h>
+
+#include "scopefs/log.h"
+
+#define MAX_PAGES     (1u << 20)   /* more main-chain pages than this: refuse */
+#define MAX_ALLOC     (1ll << 30)  /* libtiff's cap on one allocation (corrupt headers) */
+#define LRU_SLOTS     16           /* decoded tiles or strips kept per reader */
+#define LRU_BUDGET    (48u << 20)  /* bytes of decoded data kept per reader */
+#define SPAN_READ_MAX (1u << 20)   /* uncompressed rows read in one pread up to this size */
+#define MAX_UNIT      (256u << 20) /* largest compressed tile or strip we decode whole */
+
+/* ---- libtiff diagnostics ------------------------------------------------ */
+
+/* Where libtiff reports for one handle.  Keeps the first error since the
+ * last clear: it is the specific one ("Invalid tile byte count"), later ones
+ * are generic ("Failed to read directory"). */
+typedef struct tiff_diag {
+	const char *path; /* dropped from the front of libtiff's messages */
+	char msg[256];
+} tiff_diag;
+
+static int diag_on_error(TIFF *tif, void *user, const char *module, const char *fmt, va_list ap)
+{
+	tiff_diag *d = user;
+	(void)tif;
+	(void)module;
+	if (!d || d->msg[0] != '\0')
+		return 1;
+	char text[sizeof d->msg];
+	vsnprintf(text, sizeof text, fmt, ap);
+	size_t n = d->path ? strlen(d->path) : 0;
+	const char *t = text;
+	if (n && strncmp(t, d->path, n) == 0 && t[n] == ':')
+		t += n + 1 + (t[n + 1] == ' ');
+	snprintf(d->msg, sizeof d->msg, "%s", t);
+	return 1; /* handled: keep libtiff's global stderr handler out of it */
+}
+
+static int diag_on_warning(TIFF *tif, void *user, const char *module, const char *fmt, va_list ap)
+{
+	(void)tif;
+	(void)user;
+	(void)module;
+	(void)fmt;
+	(void)ap;
+	return 1; /* unknown tags and the like: not worth a line per file */
+}
+
+static const char *diag_text(const tiff_diag *d)
+{
+	return d->msg[0] ? d->msg : "no detail from libtiff";
+}
+
+/* ---- opening ------------------------------------------------------------- */
+
+static int check_signature(int fd, const char *path, off_t size, sf_err *e)
+{
+	unsigned char sig[4];
+	if (size == 0)
+		return sf_fail(e, SF_EFORMAT, "%s: empty file (0 bytes), not a TIFF", path);
+	if (size < 8)
+		return sf_fail(e, SF_EFORMAT, "%s: %lld bytes, too short for a TIFF header", path,
+		               (long long)size);
+	ssize_t n = pread(fd, sig, sizeof sig, 0);
+	if (n < 0)
+		return sf_fail(e, SF_EIO, "%s: cannot read: %s", path, strerror(errno));
+	if (n != (ssize_t)sizeof sig)
+		return sf_fail(e, SF_EFORMAT, "%s: truncated TIFF header", path);
+	int le = sig[0] == 'I' && sig[1] == 'I' && (sig[2] == 42 || sig[2] == 43) && sig[3] == 0;
+	int be = sig[0] == 'M' && sig[1] == 'M' && sig[2] == 0 && (sig[3] == 42 || sig[3] == 43);
+	if (!le && !be)
+		return sf_fail(e, SF_EFORMAT, "%s: not a TIFF (no II*/MM* signature)", path);
+	/* The first IFD must start inside the file: the usual symptom of a
+	 * copy cut short, since most writers put IFDs after the pixel data. */
+	unsigned char raw[8];
+	int big = (le ? sig[2] : sig[3]) == 43;
+	if (big && size < 16)
+		return sf_fail(e, SF_EFORMAT, "%s: truncated BigTIFF header", path);
+	if (pread(fd, raw, big ? 8 : 4, big ? 8 : 4) != (big ? 8 : 4))
+		return sf_fail(e, SF_EIO, "%s: cannot read the TIFF header", path);
+	uint64_t first = 0;
+	for (int i = 0, n = big ? 8 : 4; i < n; i++)
+		first |= (uint64_t)raw[le ? i : n - 1 - i] << (8 * i);
+	if (first >= (uint64_t)size)
+		return sf_fail(e, SF_EFORMAT,
+		               "%s: truncated: the first IFD is at byte %llu, the file has %lld",
+		               path, (unsigned long long)first, (long long)size);
+	return SF_OK;
+}
+
+/* Open path read-only as a TIFF whose messages go to diag (which must
+ * outlive the handle).  Fills st from fstat. */
+static int open_tiff(const char *path, tiff_diag *diag, TIFF **out, struct stat *st, sf_err *e)
+{
+	*out = NULL;
+	int fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return sf_fail(e, errno == ENOENT ? SF_ENOTFOUND : SF_EIO, "%s: cannot open: %s",
+		               path, strerror(errno));
+	int rc = SF_OK;
+	if (fstat(fd, st) != 0)
+		rc = sf_fail(e, SF_EIO, "%s: cannot stat: %s", path, strerror(errno));
+	else if (!S_ISREG(st->st_mode))
+		rc = sf_fail(e, SF_EFORMAT, "%s: not a regular file", path);
+	else
+		rc = check_signature(fd, path, st->st_size, e);
+	if (rc) {
+		close(fd);
+		return rc;
+	}
+	TIFFOpenOptions *opts = TIFFOpenOptionsAlloc();
+	if (!opts) {
+		close(fd);
+		return sf_fail(e, SF_ENOMEM, "%s: out of memory opening TIFF", path);
+	}
+	TIFFOpenOptionsSetErrorHandlerExtR(opts, diag_on_error, diag);
+	TIFFOpenOptionsSetWarningHandlerExtR(opts, diag_on_warning, diag);
+	TIFFOpenOptionsSetMaxSingleMemAlloc(opts, MAX_ALLOC);
+	diag->msg[0] = '\0';
+	diag->path = path;
+	/* "m": no mmap, so a file cut short under us gives a read error, not
+	 * SIGBUS.  "O": load tile offsets on demand, not whole arrays per
+	 * directory switch (a WSI level can have 10^5 tiles). */
+	TIFF *tif = TIFFFdOpenExt(fd, path, "rmO", opts);
+	TIFFOpenOptionsFree(opts);
+	if (!tif) {
+		close(fd); /* TIFFFdOpen leaves the descriptor open when it fails */
+		return sf_fail(e, SF_EFORMAT, "%s: not a readable TIFF (truncated or corrupt): %s",
+		               path, diag_text(diag));
+	}
+	*out = tif;
+	return SF_OK;
+}
+
+/* ---- page descriptions --------------------------------------------------- */
+
+typedef struct page_desc {
+	uint64_t offset; /* IFD offset */
+	uint32_t width, height;
+	int tiled;
+	uint32_t tile_w, tile_h, rows_per_strip;
+	uint16_t bps, spp, sample_format, photometric, planar, compression, fill_order;
+	uint32_t subfile_type;
+	uint16_t subifd_count;
+	uint64_t *subifds; /* subifd_count offsets, owned */
+	float xres, yres;
+	uint16_t res_unit;
+} page_desc;
+
+/* Describe the current directory.  Never fails on absent optional tags. */
+static int describe_page(TIFF *tif, const char *path, const char *where, page_desc *p, sf_err *e)
+{
+	memset(p, 0, sizeof *p);
+	p->offset = TIFFCurrentDirOffset(tif);
+	if (!TIFFGetField(tif, TIFFTAG_IMAGEWIDTH, &p->width) ||
+	    !TIFFGetField(tif, TIFFTAG_IMAGELENGTH, &p->height) || !p->width || !p->height)
+		return sf_fail(e, SF_EFORMAT, "%s: %s: no image size", path, where);
+	p->tiled = TIFFIsTiled(tif);
+	if (p->tiled) {
+		if (!TIFFGetField(tif, TIFFTAG_TILEWIDTH, &p->tile_w) ||
+		    !TIFFGetField(tif, TIFFTAG_TILELENGTH, &p->tile_h) || !p->tile_w || !p->tile_h)
+			return sf_fail(e, SF_EFORMAT, "%s: %s: tiled without a tile size", path,
+			               where);
+	} else {
+		TIFFGetFieldDefaulted(tif, TIFFTAG_ROWSPERSTRIP, &p->rows_per_strip);
+		if (p->rows_per_strip == 0 || p->rows_per_strip > p->height)
+			p->rows_per_strip = p->height;
+	}
+	TIFFGetFieldDefaulted(tif, TIFFTAG_BITSPERSAMPLE, &p->bps);
+	TIFFGetFieldDefaulted(tif, TIFFTAG_SAMPLESPERPIXEL, &p->spp);
+	TIFFGetFieldDefaulted(tif, TIFFTAG_SAMPLEFORMAT, &p->sample_format);
+	TIFFGetFieldDefaulted(tif, TIFFTAG_PLANARCONFIG, &p->planar);
+	TIFFGetFieldDefaulted(tif, TIFFTAG_COMPRESSION, &p->compression);
+	TIFFGetFieldDefaulted(tif, TIFFTAG_FILLORDER, &p->fill_order);
+	TIFFGetFieldDefaulted(tif, TIFFTAG_SUBFILETYPE, &p->subfile_type);
+	if (!TIFFGetField(tif, TIFFTAG_PHOTOMETRIC, &p->photometric))
+		p->photometric = p->spp >= 3 ? PHOTOMETRIC_RGB : PHOTOMETRIC_MINISBLACK;
+	if (!TIFFGetField(tif, TIFFTAG_XRESOLUTION, &p->xres))
+		p->xres = 0;
+	if (!TIFFGetField(tif, TIFFTAG_YRESOLUTION, &p->yres))
+		p->yres = 0;
+	TIFFGetFieldDefaulted(tif, TIFFTAG_RESOLUTIONUNIT, &p->res_unit);
+	uint16_t n = 0;
+	uint64_t *offs = NULL;
+	if (TIFFGetField(tif, TIFFTAG_SUBIFD, &n, &offs) && n > 0 && offs) {
+		p->subifds = malloc(n * sizeof *p->subifds);
+		if (!p->subifds)
+			return sf_fail(e, SF_ENOMEM, "%s: out of memory", path);
+		memcpy(p->subifds, offs, n * sizeof *offs);
+		p->subifd_count = n;
+	}
+	return SF_OK;
+}
+
+/* Every tile or strip of the current directory must lie inside the file. */
+static int check_striles(TIFF *tif, const char *path, const char *where, uint64_t file_size,
+                         sf_err *e)
+{
+	/* TIFFNumberOfStrips counts by RowsPerStrip even for tiled IFDs. */
+	uint32_t n = TIFFIsTiled(tif) ? TIFFNumberOfTiles(tif) : TIFFNumberOfStrips(tif);
+	const char *unit = TIFFIsTiled(tif) ? "tile" : "strip";
+	if (n == 0)
+		return sf_fail(e, SF_EFORMAT, "%s: %s: no %ss", path, where, unit);
+	for (uint32_t i = 0; i < n; i++) {
+		int err = 0;
+		uint64_t off = TIFFGetStrileOffsetWithErr(tif, i, &err);
+		uint64_t len = err ? 0 : TIFFGetStrileByteCountWithErr(tif, i, &err);
+		if (err)
+			return sf_fail(e, SF_EFORMAT, "%s: %s: cannot read the offset of %s %u",
+			               path, where, unit, i);
+		if (len == 0)
+			continue; /* sparse: no data, reads as zeros */
+		if (off > file_size || len > file_size - off)
+			return sf_fail(
+			    e, SF_EFORMAT,
+			    "%s: truncated: %s %s %u ends at byte %llu, the file has %llu", path,
+			    where, unit, i, (unsigned long long)(off + len),
+			    (unsigned long long)file_size);
+	}
+	return SF_OK;
+}
+
+static void pages_free(page_desc *pages, uint32_t n)
+{
+	for (uint32_t i = 0; pages && i < n; i++)
+		free(pages[i].subifds);
+	free(pages);
+}
+
+/* Walk the main chain from the current (first) directory to its end. */
+static int read_main_chain(TIFF *tif, const char *path, tiff_diag *diag, uint64_t file_size,
+                           page_desc **out, uint32_t *count, sf_err *e)
+{
+	page_desc *pages = NULL;
+	uint32_t n = 0, cap = 0;
+	int rc = SF_OK;
+	for (;;) {
+		char where[32];
+		snprintf(where, sizeof where, "page %u", n);
+		if (n == cap) {
+			uint32_t ncap = cap ? cap * 2 : 8;
+			page_desc *np = realloc(pages, ncap * sizeof *np);
+			if (!np) {
+				rc = sf_fail(e, SF_ENOMEM, "%s: out of memory", path);
+				break;
+			}
+			pages = np;
+			cap = ncap;
+		}
+		rc = describe_page(tif, path, where, &pages[n], e);
+		if (rc)
+			break;
+		n++;
+		rc = check_striles(tif, path, where, file_size, e);
+		if (rc || TIFFLastDirectory(tif))
+			break;
+		if (n >= MAX_PAGES) {
+			rc = sf_fail(e, SF_EUNSUPPORTED, "%s: more than %u pages", path, MAX_PAGES);
+			break;
+		}
+		diag->msg[0] = '\0';
+		if (!TIFFReadDirectory(tif)) {
+			rc = sf_fail(e, SF_EFORMAT, "%s: cannot read IFD %u (truncated?): %s", path,
+			             n, diag_text(diag));
+			break;
+		}
+	}
+	if (rc) {
+		pages_free(pages, n);
+		return rc;
+	}
+	*out = pages;
+	*count = n;
+	return SF_OK;
+}
+
+/* ---- sample types -------------------------------------------------------- */
+
+static int is_ycbcr_jpeg(const page_desc *p)
+{
+	return p->photometric == PHOTOMETRIC_YCBCR && p->compression == COMPRESSION_JPEG;
+}
+
+/* The dtype and samples per pixel the reader delivers for page p, or
+ * SF_EUNSUPPORTED naming what is wrong. */
+static int pixel_type(const char *path, const char *where, const page_desc *p, sf_dtype *dtype,
+                      uint32_t *samples, sf_err *e)
+{
+	if (p->compression != COMPRESSION_NONE && !TIFFIsCODECConfigured(p->compression))
+		return sf_fail(e, SF_EUNSUPPORTED,
+		               "%s: %s: compression %u cannot be decoded by this libtiff", path,
+		               where, p->compression);
+	if (p->bps == 1)
+		return sf_fail(e, SF_EUNSUPPORTED,
+		               "%s: %s: bilevel (1-bit) images are not supported", path, where);
+	if (p->photometric == PHOTOMETRIC_PALETTE)
+		return sf_fail(e, SF_EUNSUPPORTED, "%s: %s: palette images are not supported", path,
+		               where);
+	if (p->spp == 1) {
+		if (p->photometric == PHOTOMETRIC_MINISWHITE)
+			return sf_fail(e, SF_EUNSUPPORTED,
+			               "%s: %s: min-is-white images are not supported", path,
+			               where);
+		if (p->photometric != PHOTOMETRIC_MINISBLACK)
+			return sf_fail(e, SF_EUNSUPPORTED,
+			               "%s: %s: photometric %u with one sample is not supported",
+			               path, where, p->photometric);
+	} else if (p->spp == 3) {
+		if (p->photometric == PHOTOMETRIC_YCBCR && !is_ycbcr_jpeg(p))
+			return sf_fail(e, SF_EUNSUPPORTED,
+			               "%s: %s: YCbCr outside JPEG compression is not supported",
+			               path, where);
+		if (p->photometric != PHOTOMETRIC_RGB && !is_ycbcr_jpeg(p))
+			return sf_fail(e, SF_EUNSUPPORTED,
+			               "%s: %s: photometric %u with 3 samples is not supported",
+			               path, where, p->photometric);
+		if (p->planar != PLANARCONFIG_CONTIG)
+			return sf_fail(e, SF_EUNSUPPORTED,
+			               "%s: %s: planar (separate) RGB is not supported", path,
+			               where);
+	} else {
+		return sf_fail(e, SF_EUNSUPPORTED,
+		               "%s: %s: %u samples per pixel are not supported (1 or 3)", path,
+		               where, p->spp);
+	}
+	int is_uint =
+	    p->sample_format == SAMPLEFORMAT_UINT || p->sample_format == SAMPLEFORMAT_VOID;
+	if (p->bps == 8 && is_uint)
+		*dtype = SF_U8;
+	else if (p->bps == 16 && is_uint)
+		*dtype = SF_U16;
+	else if (p->bps == 32 && p->sample_format == SAMPLEFORMAT_IEEEFP)
+		*dtype = SF_F32;
+	else {
+		const char *kind = p->sample_format == SAMPLEFORMAT_INT      ? "signed integer"
+		                   : p->sample_format == SAMPLEFORMAT_IEEEFP ? "float"
+		                   : is_uint                                 ? "unsigned integer"
+		                                                             : "complex";
+		return sf_fail(
+		    e, SF_EUNSUPPORTED,
+		    "%s: %s: %u-bit %s samples are not supported (uint8, uint16, float32)", path,
+		    where, p->bps, kind);
+	}
+	*samples = p->spp;
+	return SF_OK;
+}
+
+/* A compressed tile or strip is decoded whole into reader memory: refuse
+ * units over MAX_UNIT (e.g. a whole-image deflate strip of a big plane).
+ * Uncompressed units are read piecewise and have no limit. */
+static int check_unit_size(const char *path, const char *where, const page_desc *p, sf_err *e)
+{
+	uint64_t w = p->tiled ? p->tile_w : p->width;
+	uint64_t h = p->tiled ? p->tile_h : p->rows_per_strip;
+	uint64_t bytes = w * h * p->spp * (p->bps / 8u);
+	if (p->compression == COMPRESSION_NONE || bytes <= MAX_UNIT)
+		return SF_OK;
+	return sf_fail(e, SF_EUNSUPPORTED,
+	               "%s: %s: compressed %s of %llu MiB is too large to decode (limit %u MiB); "
+	               "save it tiled or with smaller strips",
+	               path, where, p->tiled ? "tile" : "strip", (unsigned long long)(bytes >> 20),
+	               MAX_UNIT >> 20);
+}
+
+/* Same decoded layout: a reader may switch between a and b freely. */
+static int same_type(const page_desc *a, const page_desc *b)
+{
+	int a_rgb = a->spp == 3, b_rgb = b->spp == 3;
+	int a_fmt = a->sample_format == SAMPLEFORMAT_VOID ? SAMPLEFORMAT_UINT : a->sample_format;
+	int b_fmt = b->sample_format == SAMPLEFORMAT_VOID ? SAMPLEFORMAT_UINT : b->sample_format;
+	return a->bps == b->bps && a->spp == b->spp && a_fmt == b_fmt && a_rgb == b_rgb &&
+	       a->planar == b->planar;
+}
+
+static int same_shape(const page_desc *a, const page_desc *b)
+{
+	return a->width == b->width && a->height == b->height && same_type(a, b);
+}
+
+/* b may follow a as the next, smaller, level. */
+static int shrinks(const page_desc *a, const page_desc *b)
+{
+	return b->width <= a->width && b->height <= a->height &&
+	       (b->width < a->width || b->height < a->height);
+}
+
+/* ---- a small XML scanner for OME-XML ------------------------------------ */
+
+/* One tag of an XML text: its local name (namespace prefix dropped) and the
+ * raw text of its attributes.  Comments, CDATA, processing instructions and
+ * declarations are skipped; a '>' inside a quoted value does not end a tag. */
+typedef struct xml_tag {
+	const char *name;
+	size_t name_len;
+	const char *attrs; /* from after the name to before '>' or '/>' */
+	size_t attrs_len;
+	int is_end;
+	int self_closing;
+} xml_tag;
+
+static const char *skip_past(const char *p, const char *end, const char *marker)
+{
+	size_t m = strlen(marker);
+	for (; p + m <= end; p++)
+		if (memcmp(p, marker, m) == 0)
+			return p + m;
+	return end;
+}
+
+static int is_xml_space(char c)
+{
+	return c == ' ' || c == '\t' || c == '\r' || c == '\n';
+}
+
+/* Find the next element tag at or after *pos; 0 at the end of the text. */
+static int xml_next_tag(const char **pos, const char *end, xml_tag *t)
+{
+	const char *p = *pos;
+	for (;;) {
+		p = memchr(p, '<', (size_t)(end - p));
+		if (!p) {
+			*pos = end;
+			return 0;
+		}
+		if (end - p >= 4 && memcmp(p, "<!--", 4) == 0)
+			p = skip_past(p + 4, end, "-->");
+		else if (end - p >= 9 && memcmp(p, "<![CDATA[", 9) == 0)
+			p = skip_past(p + 9, end, "]]>");
+		else if (end - p >= 2 && p[1] == '?')
+			p = skip_past(p + 2, end, "?>");
+		else if (end - p >= 2 && p[1] == '!')
+			p = skip_past(p + 2, end, ">");
+		else
+			break;
+	}
+	memset(t, 0, sizeof *t);
+	p++;
+	if (p < end && *p == '/') {
+		t->is_end = 1;
+		p++;
+	}
+	const char *name = p;
+	while (p < end && !is_xml_space(*p) && *p != '>' && *p != '/')
+		p++;
+	const char *colon = memchr(name, ':', (size_t)(p - name));
+	t->name = colon ? colon + 1 : name;
+	t->name_len = (size_t)(p - t->name);
+	t->attrs = p;
+	char quote = 0;
+	while (p < end && (quote || *p != '>')) {
+		if (quote && *p == quote)
+			quote = 0;
+		else if (!quote && (*p == '"' || *p == '\''))
+			quote = *p;
+		p++;
+	}
+	t->attrs_len = (size_t)(p - t->attrs);
+	if (t->attrs_len > 0 && t->attrs[t->attrs_len - 1] == '/') {
+		t->self_closing = 1;
+		t->attrs_len--;
+	}
+	*pos = p < end ? p + 1 : end;
+	return 1;
+}
+
+static int xml_name_is(const xml_tag *t, const char *name)
+{
+	return t->name_len == strlen(name) && memcmp(t->name, name, t->name_len) == 0;
+}
+
+/* Decode the XML entities of value[0..len) into out (NUL-terminated,
+ * truncated to cap). */
+static void xml_unescape(const char *v, size_t len, char *out, size_t cap)
+{
+	static const struct {
+		const char *ent;
+		char c;
+	} named[] = {
+	    {"&amp;", '&'}, {"&lt;", '<'}, {"&gt;", '>'}, {"&quot;", '"'}, {"&apos;", '\''}};
+	size_t o = 0;
+	for (size_t i = 0; i < len && o + 4 < cap;) {
+		if (v[i] != '&') {
+			out[o++] = v[i++];
+			continue;
+		}
+		size_t k;
+		for (k = 0; k < sizeof named / sizeof named[0]; k++) {
+			size_t n = strlen(named[k].ent);
+			if (len - i >= n && memcmp(v + i, named[k].ent, n) == 0) {
+				out[o++] = named[k].c;
+				i += n;
+				break;
+			}
+		}
+		if (k < sizeof named / sizeof named[0])
+			continue;
+		const char *semi = memchr(v + i, ';', len - i);
+		if (semi && len - i > 2 && v[i + 1] == '#') {
+			int hex = v[i + 2] == 'x' || v[i + 2] == 'X';
+			unsigned long cp = strtoul(v + i + (hex ? 3 : 2), NULL, hex ? 16 : 10);
+			/* UTF-8 encode the code point (a channel name may hold "µ"). */
+			if (cp > 0 && cp < 0x80) {
+				out[o++] = (char)cp;
+			} else if (cp >= 0x80 && cp < 0x800) {
+				out[o++] = (char)(0xC0 | (cp >> 6));
+				out[o++] = (char)(0x80 | (cp & 0x3F));
+			} else if (cp >= 0x800 && cp < 0x10000) {
+				out[o++] = (char)(0xE0 | (cp >> 12));
+				out[o++] = (char)(0x80 | ((cp >> 6) & 0x3F));
+				out[o++] = (char)(0x80 | (cp & 0x3F));
+			}
+			i = (size_t)(semi - v) + 1;
+			continue;
+		}
+		out[o++] = v[i++];
+	}
+	out[o] = '\0';
+}
+
+/* The value of attribute name in tag t, unescaped into out; 0 if absent. */
+static int xml_attr(const xml_tag *t, const char *name, char *out, size_t cap)
+{
+	const char *p = t->attrs, *end = t->attrs + t->attrs_len;
+	size_t want = strlen(name);
+	while (p < end) {
+		while (p < end && is_xml_space(*p))
+			p++;
+		const char *an = p;
+		while (p < end && *p != '=' && !is_xml_space(*p))
+			p++;
+		size_t an_len = (size_t)(p - an);
+		while (p < end && is_xml_space(*p))
+			p++;
+		if (p >= end || *p != '=')
+			return 0;
+		p++;
+		while (p < end && is_xml_space(*p))
+			p++;
+		if (p >= end || (*p != '"' && *p != '\''))
+			return 0;
+		char quote = *p++;
+		const char *val = p;
+		while (p < end && *p != quote)
+			p++;
+		if (an_len == want && memcmp(an, name, want) == 0) {
+			xml_unescape(val, (size_t)(p - val), out, cap);
+			return 1;
+		}
+		p++;
+	}
+	return 0;
+}
+
+/* ---- OME-XML ------------------------------------------------------------- */
+
+typedef struct ome_meta {
+	uint32_t size_x, size_y, size_c, size_z, size_t_; /* 0 when absent */
+	double phys_x, phys_y;                            /* micrometres; 0 when absent */
+	char **names;                                     /* Channel Name of the first Pixels */
+	uint32_t name_count;
+	int has_pixels;
+} ome_meta;
+
+static void ome_meta_free(ome_meta *m)
+{
+	for (uint32_t i = 0; i < m->name_count; i++)
+		free(m->names[i]);
+	free(m->names);
+}
+
+static uint32_t attr_u32(const xml_tag *t, const char *name)
+{
+	char buf[32];
+	if (!xml_attr(t, name, buf, sizeof buf))
+		return 0;
+	char *end;
+	unsigned long v = strtoul(buf, &end, 10);
+	return end != buf && v <= UINT32_MAX ? (uint32_t)v : 0;
+}
+
+/* Micrometres per unit for an OME UnitsLength symbol; 0 if not a length we know. */
+static double um_per_unit(const char *u)
+{
+	static const struct {
+		const char *sym;
+		double um;
+	} units[] = {
+	    {"µm", 1},   {"μm", 1},   {"um", 1},   {"nm", 1e-3}, {"pm", 1e-6},
+	    {"Å", 1e-4}, {"mm", 1e3}, {"cm", 1e4}, {"m", 1e6},
+	};
+	for (size_t i = 0; i < sizeof units / sizeof units[0]; i++)
+		if (strcmp(u, units[i].sym) == 0)
+			return units[i].um;
+	return 0;
+}
+
+static double attr_length_um(const xml_tag *t, const char *size_attr, const char *unit_attr)
+{
+	char buf[64], unit[32];
+	if (!xml_attr(t, size_attr, buf, sizeof buf))
+		return 0;
+	char *end;
+	double v = strtod(buf, &end);
+	if (end == buf || !isfinite(v) || v <= 0)
+		return 0;
+	double scale = xml_attr(t, unit_attr, unit, sizeof unit) ? um_per_unit(unit) : 1.0;
+	return v * scale;
+}
+
+static int ome_add_name(ome_meta *m, const char *name)
+{
+	char **nn = realloc(m->names, (m->name_count + 1) * sizeof *nn);
+	if (!nn)
+		return SF_ENOMEM;
+	m->names = nn;
+	m->names[m->name_count] = name ? strdup(name) : NULL;
+	if (name && !m->names[m->name_count])
+		return SF_ENOMEM;
+	m->name_count++;
+	return SF_OK;
+}
+
+/* Read the first Pixels element of an OME-XML text and its Channel names. */
+static int ome_parse(const char *xml, ome_meta *m)
+{
+	memset(m, 0, sizeof *m);
+	const char *pos = xml, *end = xml + strlen(xml);
+	xml_tag t;
+	int inside = 0;
+	while (xml_next_tag(&pos, end, &t)) {
+		if (!inside && !t.is_end && xml_name_is(&t, "Pixels")) {
+			m->has_pixels = 1;
+			m->size_x = attr_u32(&t, "SizeX");
+			m->size_y = attr_u32(&t, "SizeY");
+			m->size_c = attr_u32(&t, "SizeC");
+			m->size_z = attr_u32(&t, "SizeZ");
+			m->size_t_ = attr_u32(&t, "SizeT");
+			m->phys_x = attr_length_um(&t, "PhysicalSizeX", "PhysicalSizeXUnit");
+			m->phys_y = attr_length_um(&t, "PhysicalSizeY", "PhysicalSizeYUnit");
+			if (t.self_closing)
+				break;
+			inside = 1;
+		} else if (inside && t.is_end && xml_name_is(&t, "Pixels")) {
+			break;
+		} else if (inside && !t.is_end && xml_name_is(&t, "Channel")) {
+			char name[256];
+			int has = xml_attr(&t, "Name", name, sizeof name) && name[0];
+			if (ome_add_name(m, has ? name : NULL))
+				return SF_ENOMEM;
+		}
+	}
+	return SF_OK;
+}
+
+/* The description is OME-XML: its root element is OME (any namespace
+ * prefix, so "<OME " and "<ome:OME " both count). */
+static int is_ome_xml(const char *desc)
+{
+	if (!strstr(desc, "OME"))
+		return 0;
+	const char *pos = desc, *end = desc + strlen(desc);
+	xml_tag t;
+	return xml_next_tag(&pos, end, &t) && !t.is_end && xml_name_is(&t, "OME");
+}
+
+/* ---- other descriptions -------------------------------------------------- */
+
+/* "key=value" on its own line of an ImageJ description; 0 if absent. */
+static uint32_t imagej_value(const char *desc, const char *key)
+{
+	size_t k = strlen(key);
+	for (const char *p = desc; p && *p; p = strchr(p, '\n'), p = p ? p + 1 : NULL) {
+		if (strncmp(p, key, k) == 0 && p[k] == '=') {
+			unsigned long v = strtoul(p + k + 1, NULL, 10);
+			return v <= UINT32_MAX ? (uint32_t)v : 0;
+		}
+	}
+	return 0;
+}
+
+/* "MPP = 0.4990" in an Aperio description; 0 if absent. */
+static double aperio_mpp(const char *desc)
+{
+	const char *p = strstr(desc, "MPP");
+	while (p) {
+		const char *q = p + 3;
+		while (*q == ' ')
+			q++;
+		if (*q == '=') {
+			char *end;
+			double v = strtod(q + 1, &end);
+			if (end != q + 1 && isfinite(v) && v > 0)
+				return v;
+		}
+		p = strstr(p + 3, "MPP");
+	}
+	return 0;
+}
+
+/* Micrometres per pixel from XResolution / ResolutionUnit, or 0 when the
+ * value is absent or not plausible for a microscope (0.01 - 100 µm): many
+ * writers store a default of 72 dpi (353 µm) or 1 pixel/mm (1000 µm). */
+static double resolution_um(float res, uint16_t unit)
+{
+	double um_per_unit = unit == RESUNIT_CENTIMETER ? 1e4 : unit == RESUNIT_INCH ? 25400 : 0;
+	if (um_per_unit == 0 || !(res > 0) || !isfinite(res))
+		return 0;
+	double um = um_per_unit / res;
+	return um >= 0.01 && um <= 100 ? um : 0;
+}
+
+/* ---- layout -------------------------------------------------------------- */
+
+/* The IFDs chosen for one level: per channel its offset and main index. */
+typedef struct level_pick {
+	page_desc desc; /* channel 0's IFD (size, tiling); desc.subifds not owned */
+	uint64_t *offsets;
+	uint32_t *dirs;
+	int32_t subifd;
+} level_pick;
+
+typedef struct probe {
+	const char *path;
+	TIFF *tif;
+	tiff_diag *diag;
+	uint64_t file_size;
+	page_desc *pages;
+	uint32_t page_count;
+	uint32_t channels;
+	level_pick *levels;
+	uint32_t level_count;
+} probe;
+
+static int add_level(probe *pr, const page_desc *desc, int32_t subifd)
+{
+	level_pick *nl = realloc(pr->levels, (pr->level_count + 1) * sizeof *nl);
+	if (!nl)
+		return SF_ENOMEM;
+	pr->levels = nl;
+	level_pick *l = &pr->levels[pr->level_count];
+	memset(l, 0, sizeof *l);
+	l->desc = *desc;
+	l->desc.subifds = NULL;
+	l->desc.subifd_count = 0;
+	l->subifd = subifd;
+	l->offsets = calloc(pr->channels, sizeof *l->offsets);
+	l->dirs = calloc(pr->channels, sizeof *l->dirs);
+	pr->level_count++; /* counted now so a failed calloc is still freed */
+	return l->offsets && l->dirs ? SF_OK : SF_ENOMEM;
+}
+
+/* Channels: the leading main-chain pages with page 0's size and type,
+ * capped at limit (0: no cap). */
+static uint32_t leading_channels(const probe *pr, uint32_t limit)
+{
+	uint32_t n = 1;
+	while (n < pr->page_count && (!limit || n < limit) &&
+	       same_shape(&pr->pages[0], &pr->pages[n]) &&
+	       !(pr->pages[n].subfile_type & FILETYPE_REDUCEDIMAGE))
+		n++;
+	return n;
+}
+
+/* Level 0 made of main pages 0..channels-1. */
+static int level0_from_pages(probe *pr)
+{
+	if (add_level(pr, &pr->pages[0], -1))
+		return SF_ENOMEM;
+	for (uint32_t c = 0; c < pr->channels; c++) {
+		pr->levels[0].offsets[c] = pr->pages[c].offset;
+		pr->levels[0].dirs[c] = c;
+	}
+	return SF_OK;
+}
+
+/* Reduced levels from the SubIFDs of each channel page (OME layout).  A
+ * SubIFD that does not fit (other type, size differing between channels,
+ * growing) ends the pyramid there with a warning: level 0 stays usable. */
+static int levels_from_subifds(probe *pr, sf_err *e)
+{
+	uint32_t count = pr->pages[0].subifd_count;
+	for (uint32_t c = 1; c < pr->channels; c++)
+		if (pr->pages[c].subifd_count < count)
+			count = pr->pages[c].subifd_count;
+	for (uint32_t l = 1; l <= count; l++) {
+		page_desc first = {0};
+		int fits = 1;
+		uint64_t *offs = calloc(pr->channels, sizeof *offs);
+		if (!offs)
+			return sf_fail(e, SF_ENOMEM, "%s: out of memory", pr->path);
+		for (uint32_t c = 0; c < pr->channels && fits; c++) {
+			char where[64];
+			snprintf(where, sizeof where, "page %u SubIFD %u", c, l - 1);
+			page_desc d;
+			offs[c] = pr->pages[c].subifds[l - 1];
+			pr->diag->msg[0] = '\0';
+			if (!TIFFSetSubDirectory(pr->tif, offs[c])) {
+				free(offs);
+				return sf_fail(e, SF_EFORMAT, "%s: %s: cannot read it: %s",
+				               pr->path, where, diag_text(pr->diag));
+			}
+			int rc = describe_page(pr->tif, pr->path, where, &d, e);
+			free(d.subifds);
+			if (!rc)
+				rc = check_striles(pr->tif, pr->path, where, pr->file_size, e);
+			if (rc) {
+				free(offs);
+				return rc;
+			}
+			if (c == 0)
+				first = d;
+			fits = same_type(&pr->pages[0], &d) &&
+			       shrinks(&pr->levels[l - 1].desc, &d) && d.width == first.width &&
+			       d.height == first.height;
+			if (!fits)
+				sf_log(SF_LOG_WARN,
+				       "%s: %s does not fit the pyramid; %u levels used", pr->path,
+				       where, l);
+		}
+		if (!fits) {
+			free(offs);
+			break;
+		}
+		int rc = add_level(pr, &first, (int32_t)(l - 1));
+		if (rc) {
+			free(offs);
+			return sf_fail(e, SF_ENOMEM, "%s: out of memory", pr->path);
+		}
+		level_pick *lp = &pr->levels[pr->level_count - 1];
+		for (uint32_t c = 0; c < pr->channels; c++) {
+			lp->offsets[c] = offs[c];
+			lp->dirs[c] = c;
+		}
+		free(offs);
+	}
+	return SF_OK;
+}
+
+/* Reduced levels from later main-chain pages (one channel): pages of the
+ * same type that keep shrinking; tiled_only skips stripped pages (SVS
+ * thumbnail, label, macro).  Stops at the first page that does not fit. */
+static int levels_from_pages(probe *pr, int tiled_only)
+{
+	for (uint32_t i = 1; i < pr->page_count; i++) {
+		const page_desc *p = &pr->pages[i];
+		if (tiled_only && !p->tiled)
+			continue;
+		if (!same_type(&pr->pages[0], p) ||
+		    !shrinks(&pr->levels[pr->level_count - 1].desc, p))
+			break;
+		if (add_level(pr, p, -1))
+			return SF_ENOMEM;
+		pr->levels[pr->level_count - 1].offsets[0] = p->offset;
+		pr->levels[pr->level_count - 1].dirs[0] = i;
+	}
+	return SF_OK;
+}
+
+static void probe_free(probe *pr)
+{
+	for (uint32_t l = 0; l < pr->level_count; l++) {
+		free(pr->levels[l].offsets);
+		free(pr->levels[l].dirs);
+	}
+	free(pr->levels);
+	pages_free(pr->pages, pr->page_count);
+}
+
+/* ---- the info ------------------------------------------------------------ */
+
+void sf_slide_info_free(sf_slide_info *s)
+{
+	if (!s)
+		return;
+	for (uint32_t l = 0; s->levels && l < s->level_count; l++) {
+		free(s->levels[l].dir);
+		free(s->levels[l].ifd_offset);
+	}
+	free(s->levels);
+	for (uint32_t c = 0; s->channel_names && c < s->channels; c++)
+		free(s->channel_names[c]);
+	free(s->channel_names);
+	free(s->path);
+	free(s);
+}
+
+/* Move the picked levels into s (the probe keeps nothing). */
+static int fill_levels(sf_slide_info *s, probe *pr)
+{
+	s->levels = calloc(pr->level_count, sizeof *s->levels);
+	if (!s->levels)
+		return SF_ENOMEM;
+	s->level_count = pr->level_count;
+	for (uint32_t l = 0; l < pr->level_count; l++) {
+		level_pick *lp = &pr->levels[l];
+		sf_slide_level *sl = &s->levels[l];
+		sl->width = lp->desc.width;
+		sl->height = lp->desc.height;
+		sl->tiled = lp->desc.tiled;
+		sl->tile_w = lp->desc.tiled ? lp->desc.tile_w : lp->desc.width;
+		sl->tile_h = lp->desc.tiled ? lp->desc.tile_h : lp->desc.rows_per_strip;
+		sl->subifd = lp->subifd;
+		sl->dir = lp->dirs;
+		sl->ifd_offset = lp->offsets;
+		lp->dirs = NULL;
+		lp->offsets = NULL;
+	}
+	return SF_OK;
+}
+
+static int fill_channel_names(sf_slide_info *s, const ome_meta *ome)
+{
+	s->channel_names = calloc(s->channels, sizeof *s->channel_names);
+	if (!s->channel_names)
+		return SF_ENOMEM;
+	/* OME names belong to channels only when the pages are exactly the channels. */
+	int named = ome && ome->name_count == s->channels && s->stated_z <= 1 && ome->size_t_ <= 1;
+	for (uint32_t c = 0; c < s->channels; c++) {
+		if (named && ome->names[c])
+			s->channel_names[c] = strdup(ome->names[c]);
+		else if (asprintf(&s->channel_names[c], "Channel %u", c) < 0)
+			s->channel_names[c] = NULL;
+		if (!s->channel_names[c])
+			return SF_ENOMEM;
+	}
+	return SF_OK;
+}
+
+/* Copy IFD 0's ImageDescription (current directory right after open). */
+static int read_description(TIFF *tif, char **out)
+{
+	char *d = NULL;
+	*out = NULL;
+	if (TIFFGetField(tif, TIFFTAG_IMAGEDESCRIPTION, &d) && d) {
+		*out = strdup(d);
+		if (!*out)
+			return SF_ENOMEM;
+	}
+	return SF_OK;
+}
+
+/* Choose the layout and fill s from the probe's pages and description. */
+static int choose_layout(probe *pr, sf_slide_info *s, const char *desc, sf_err *e)
+{
+	const page_desc *p0 = &pr->pages[0];
+	ome_meta ome;
+	int has_ome = desc && is_ome_xml(desc);
+	int rc = SF_OK;
+	memset(&ome, 0, sizeof ome);
+	if (has_ome && ome_parse(desc, &ome)) {
+		ome_meta_free(&ome);
+		return sf_fail(e, SF_ENOMEM, "%s: out of memory", pr->path);
+	}
+	rc = pixel_type(pr->path, "page 0", p0, &s->dtype, &s->samples, e);
+	if (rc)
+		goto out;
+	s->is_ome = has_ome;
+	s->ome_size_z = has_ome && ome.size_z ? ome.size_z : 1;
+	if (has_ome) {
+		s->stated_c = ome.size_c;
+		s->stated_z = ome.size_z;
+	} else if (desc && strncmp(desc, "ImageJ=", 7) == 0) {
+		s->stated_c = imagej_value(desc, "channels");
+		s->stated_z = imagej_value(desc, "slices");
+	}
+	int is_svs = !has_ome && desc && strncmp(desc, "Aperio", 6) == 0;
+	if (is_svs) {
+		pr->channels = 1;
+		s->kind = SF_SLIDE_SVS;
+		rc = level0_from_pages(pr);
+		if (!rc)
+			rc = levels_from_pages(pr, 1);
+	} else if (has_ome || p0->subifd_count > 0) {
+		uint64_t planes = has_ome && ome.size_c && ome.size_z && ome.size_t_
+		                      ? (uint64_t)ome.size_c * ome.size_z * ome.size_t_
+		                      : 0;
+		pr->channels = leading_channels(pr, planes > UINT32_MAX ? 0 : (uint32_t)planes);
+		s->kind = SF_SLIDE_OME;
+		rc = level0_from_pages(pr);
+		if (rc)
+			goto out_nomem;
+		rc = levels_from_subifds(pr, e);
+		if (rc)
+			goto out;
+	} else {
+		pr->channels = leading_channels(pr, 0);
+		rc = level0_from_pages(pr);
+		if (!rc && pr->channels == 1)
+			rc = levels_from_pages(pr, 0);
+		s->kind = pr->level_count > 1 ? SF_SLIDE_PAGES : SF_SLIDE_FLAT;
+	}
+	if (rc)
+		goto out_nomem;
+	s->channels = pr->channels;
+	s->width = p0->width;
+	s->height = p0->height;
+	s->tiled = p0->tiled;
+	if (has_ome && ome.phys_x > 0) {
+		s->pixel_size_x = ome.phys_x;
+		s->pixel_size_y = ome.phys_y > 0 ? ome.phys_y : ome.phys_x;
+	} else if (is_svs && aperio_mpp(desc) > 0) {
+		s->pixel_size_x = s->pixel_size_y = aperio_mpp(desc);
+	} else {
+		s->pixel_size_x = resolution_um(p0->xres, p0->res_unit);
+		s->pixel_size_y = resolution_um(p0->yres, p0->res_unit);
+		if (s->pixel_size_x == 0 || s->pixel_size_y == 0)
+			s->pixel_size_x = s->pixel_size_y = 0;
+	}
+	if (fill_levels(s, pr) || fill_channel_names(s, has_ome ? &ome : NULL))
+		goto out_nomem;
+	goto out;
+out_nomem:
+	rc = sf_fail(e, SF_ENOMEM, "%s: out of memory", pr->path);
+out:
+	ome_meta_free(&ome);
+	return rc;
+}
+
+int sf_slide_probe(const char *path, sf_slide_info **out, sf_err *e)
+{
+	*out = NULL;
+	tiff_diag diag = {.path = path};
+	struct stat st;
+	TIFF *tif;
+	int rc = open_tiff(path, &diag, &tif, &st, e);
+	if (rc)
+		return rc;
+	char *desc = NULL;
+	probe pr = {.path = path, .tif = tif, .diag = &diag, .file_size = (uint64_t)st.st_size};
+	sf_slide_info *s = calloc(1, sizeof *s);
+	if (!s || !(s->path = strdup(path)) || read_description(tif, &desc)) {
+		rc = sf_fail(e, SF_ENOMEM, "%s: out of memory", path);
+		goto out;
+	}
+	s->file_size = (uint64_t)st.st_size;
+	s->mtime_ns = (int64_t)st.st_mtim.tv_sec * 1000000000 + st.st_mtim.tv_nsec;
+	rc = read_main_chain(tif, path, &diag, pr.file_size, &pr.pages, &pr.page_count, e);
+	if (!rc)
+		rc = choose_layout(&pr, s, desc, e);
+	/* Every level must decode to level 0's layout (checked per page above
+	 * for type; here for the codec of each level's IFDs), in units a reader
+	 * can hold. */
+	for (uint32_t l = 0; !rc && l < pr.level_count; l++) {
+		char where[32];
+		sf_dtype dt;
+		uint32_t spp;
+		snprintf(where, sizeof where, "level %u", l);
+		rc = pixel_type(path, where, &pr.levels[l].desc, &dt, &spp, e);
+		if (!rc)
+			rc = check_unit_size(path, where, &pr.levels[l].desc, e);
+	}
+out:
+	probe_free(&pr);
+	free(desc);
+	TIFFClose(tif);
+	if (rc) {
+		sf_slide_info_free(s);
+		return rc;
+	}
+	*out = s;
+	return SF_OK;
+}
+
+/* ---- reading ------------------------------------------------------------- */
+
+/* One decoded tile or strip. */
+typedef struct lru_entry {
+	uint64_t ifd;  /* IFD offset; 0 = empty slot */
+	uint32_t unit; /* tile or strip index */
+	uint64_t used; /* reader clock at last use */
+	size_t bytes, cap;
+	uint8_t *data;
+} lru_entry;
+
+/* Geometry of the current directory, as the reader needs it. */
+typedef struct dir_geom {
+	uint32_t width, height;
+	int tiled;
+	uint32_t unit_w, unit_h; /* tile size, or width x rows per strip */
+	uint32_t units_across;
+	uint32_t sample_bytes, pixel_bytes;
+	int raw;  /* uncompressed, MSB-first fill order: read bytes with pread */
+	int swab; /* file byte order differs from ours */
+} dir_geom;
+
+struct sf_slide_reader {
+	const sf_slide_info *s; /* borrowed, outlives the reader */
+	TIFF *tif;
+	int fd;         /* libtiff's descriptor, for pread of uncompressed data */
+	tiff_diag diag; /* libtiff's messages for tif */
+	uint64_t cur;   /* offset of the current directory; 0 before the first switch */
+	uint32_t cur_level, cur_channel;
+	dir_geom g;
+	uint8_t *span; /* rows of uncompressed data read in one go */
+	size_t span_cap;
+	lru_entry lru[LRU_SLOTS];
+	size_t lru_bytes;
+	uint64_t clock;
+	uint64_t decodes;
+};
+
+int sf_slide_reader_open(const sf_slide_info *s, sf_slide_reader **out, sf_err *e)
+{
+	*out = NULL;
+	sf_slide_reader *r = calloc(1, sizeof *r);
+	if (!r)
+		return sf_fail(e, SF_ENOMEM, "%s: out of memory", s->path);
+	struct stat st;
+	int rc = open_tiff(s->path, &r->diag, &r->tif, &st, e);
+	if (rc) {
+		free(r);
+		return rc;
+	}
+	int64_t mtime = (int64_t)st.st_mtim.tv_sec * 1000000000 + st.st_mtim.tv_nsec;
+	if ((uint64_t)st.st_size != s->file_size || mtime != s->mtime_ns) {
+		sf_slide_reader_close(r);
+		return sf_fail(e, SF_EFORMAT, "%s: changed since it was scanned (size or mtime)",
+		               s->path);
+	}
+	r->s = s;
+	r->fd = TIFFFileno(r->tif);
+	*out = r;
+	return SF_OK;
+}
+
+void sf_slide_reader_close(sf_slide_reader *r)
+{
+	if (!r)
+		return;
+	for (int i = 0; i < LRU_SLOTS; i++)
+		free(r->lru[i].data);
+	free(r->span);
+	if (r->tif)
+		TIFFClose(r->tif);
+	free(r);
+}
+
+uint64_t sf_slide_reader_decodes(const sf_slide_reader *r)
+{
+	return r->decodes;
+}
+
+/* Make the IFD of (level, channel) current and note its geometry. */
+static int select_dir(sf_slide_reader *r, uint32_t level, uint32_t channel, sf_err *e)
+{
+	const sf_slide_info *s = r->s;
+	uint64_t off = s->levels[level].ifd_offset[channel];
+	if (off == r->cur)
+		return SF_OK;
+	r->cur = 0;
+	r->diag.msg[0] = '\0';
+	if (!TIFFSetSubDirectory(r->tif, off))
+		return sf_fail(e, SF_EFORMAT, "%s: level %u channel %u: cannot read its IFD: %s",
+		               s->path, level, channel, diag_text(&r->diag));
+	dir_geom *g = &r->g;
+	uint16_t photometric = 0, compression = 0, fill = 0;
+	memset(g, 0, sizeof *g);
+	TIFFGetField(r->tif, TIFFTAG_IMAGEWIDTH, &g->width);
+	TIFFGetField(r->tif, TIFFTAG_IMAGELENGTH, &g->height);
+	TIFFGetFieldDefaulted(r->tif, TIFFTAG_COMPRESSION, &compression);
+	TIFFGetFieldDefaulted(r->tif, TIFFTAG_FILLORDER, &fill);
+	if (!TIFFGetField(r->tif, TIFFTAG_PHOTOMETRIC, &photometric))
+		photometric = 0;
+	if (compression == COMPRESSION_JPEG && photometric == PHOTOMETRIC_YCBCR)
+		TIFFSetField(r->tif, TIFFTAG_JPEGCOLORMODE, JPEGCOLORMODE_RGB);
+	g->tiled = TIFFIsTiled(r->tif);
+	if (g->tiled) {
+		TIFFGetField(r->tif, TIFFTAG_TILEWIDTH, &g->unit_w);
+		TIFFGetField(r->tif, TIFFTAG_TILELENGTH, &g->unit_h);
+	} else {
+		g->unit_w = g->width;
+		TIFFGetFieldDefaulted(r->tif, TIFFTAG_ROWSPERSTRIP, &g->unit_h);
+		if (g->unit_h == 0 || g->unit_h > g->height)
+			g->unit_h = g->height;
+	}
+	if (g->width != s->levels[level].width || g->height != s->levels[level].height ||
+	    !g->unit_w || !g->unit_h)
+		return sf_fail(e, SF_EFORMAT, "%s: level %u channel %u: IFD differs from the probe",
+		               s->path, level, channel);
+	g->units_across = (g->width + g->unit_w - 1) / g->unit_w;
+	g->sample_bytes = (uint32_t)sf_dtype_bytes(s->dtype);
+	g->pixel_bytes = g->sample_bytes * s->samples;
+	g->raw = compression == COMPRESSION_NONE && fill == FILLORDER_MSB2LSB;
+	g->swab = TIFFIsByteSwapped(r->tif) && g->sample_bytes > 1;
+	r->cur = off;
+	r->cur_level = level;
+	r->cur_channel = channel;
+	return SF_OK;
+}
+
+/* The part of a unit the rect needs, in level pixels. */
+typedef struct unit_part {
+	uint32_t index;          /* tile or strip number */
+	uint32_t ux, uy;         /* unit origin */
+	uint32_t x0, y0, x1, y1; /* intersection with the rect, half-open */
+} unit_part;
+
+/* The caller's rect and buffer. */
+typedef struct region {
+	int64_t x, y;
+	uint32_t w, h;
+	uint8_t *dst;
+	size_t dst_stride;
+} region;
+
+static uint8_t *region_at(const region *rg, const dir_geom *g, uint32_t col, uint32_t row)
+{
+	return rg->dst + (size_t)((int64_t)row - rg->y) * rg->dst_stride +
+	       (size_t)((int64_t)col - rg->x) * g->pixel_bytes;
+}
+
+static void swab_row(const dir_geom *g, uint8_t *p, size_t samples)
+{
+	if (!g->swab)
+		return;
+	if (g->sample_bytes == 2)
+		TIFFSwabArrayOfShort((uint16_t *)(void *)p, (tmsize_t)samples);
+	else
+		TIFFSwabArrayOfLong((uint32_t *)(void *)p, (tmsize_t)samples);
+}
+
+static void zero_part(const region *rg, const dir_geom *g, const unit_part *u)
+{
+	size_t row_bytes = (size_t)(u->x1 - u->x0) * g->pixel_bytes;
+	for (uint32_t row = u->y0; row < u->y1; row++)
+		memset(region_at(rg, g, u->x0, row), 0, row_bytes);
+}
+
+static int pread_full(sf_slide_reader *r, void *buf, size_t n, uint64_t off, sf_err *e)
+{
+	uint8_t *p = buf;
+	while (n > 0) {
+		ssize_t got = pread(r->fd, p, n, (off_t)off);
+		if (got < 0 && errno == EINTR)
+			continue;
+		if (got < 0)
+			return sf_fail(e, SF_EIO, "%s: read failed: %s", r->s->path,
+			               strerror(errno));
+		if (got == 0)
+			return sf_fail(e, SF_EFORMAT, "%s: truncated: no data at byte %llu",
+			               r->s->path, (unsigned long long)off);
+		p += got;
+		n -= (size_t)got;
+		off += (uint64_t)got;
+	}
+	return SF_OK;
+}
+
+/* Uncompressed unit: read only the bytes of the part, straight from the file. */
+static int copy_raw(sf_slide_reader *r, const region *rg, const unit_part *u, sf_err *e)
+{
+	const dir_geom *g = &r->g;
+	const char *unit = g->tiled ? "tile" : "strip";
+	int err = 0;
+	uint64_t off = TIFFGetStrileOffsetWithErr(r->tif, u->index, &err);
+	uint64_t len = err ? 0 : TIFFGetStrileByteCountWithErr(r->tif, u->index, &err);
+	if (err)
+		return sf_fail(e, SF_EFORMAT, "%s: level %u: no offset for %s %u", r->s->path,
+		               r->cur_level, unit, u->index);
+	if (len == 0) {
+		zero_part(rg, g, u);
+		return SF_OK;
+	}
+	size_t stride = (size_t)g->unit_w * g->pixel_bytes;
+	size_t row_bytes = (size_t)(u->x1 - u->x0) * g->pixel_bytes;
+	size_t skip = (size_t)(u->x0 - u->ux) * g->pixel_bytes;
+	uint32_t rows = u->y1 - u->y0;
+	uint64_t first = (uint64_t)(u->y0 - u->uy) * stride;
+	uint64_t need = first + (uint64_t)(rows - 1) * stride + skip + row_bytes;
+	if (need > len)
+		return sf_fail(e, SF_EFORMAT, "%s: level %u: %s %u holds %llu bytes, needs %llu",
+		               r->s->path, r->cur_level, unit, u->index, (unsigned long long)len,
+		               (unsigned long long)need);
+	size_t span = (size_t)(need - first);
+	int rc = SF_OK;
+	if (row_bytes == stride && rg->dst_stride == stride) {
+		/* Whole rows of the unit land contiguously in dst. */
+		uint8_t *d = region_at(rg, g, u->x0, u->y0);
+		rc = pread_full(r, d, span, off + first, e);
+		if (!rc)
+			swab_row(g, d, span / g->sample_bytes);
+		return rc;
+	}
+	if (span <= SPAN_READ_MAX || span <= 4 * (size_t)rows * row_bytes) {
+		/* One read of the rows, then copy the columns out. */
+		if (span > r->span_cap) {
+			uint8_t *ns = realloc(r->span, span);
+			if (!ns)
+				return sf_fail(e, SF_ENOMEM, "%s: out of memory", r->s->path);
+			r->span = ns;
+			r->span_cap = span;
+		}
+		rc = pread_full(r, r->span, span, off + first, e);
+		for (uint32_t i = 0; !rc && i < rows; i++) {
+			uint8_t *d = region_at(rg, g, u->x0, u->y0 + i);
+			memcpy(d, r->span + (size_t)i * stride + skip, row_bytes);
+			swab_row(g, d, row_bytes / g->sample_bytes);
+		}
+		return rc;
+	}
+	/* Wide unit, narrow rect: a read per row beats reading it all. */
+	for (uint32_t i = 0; !rc && i < rows; i++) {
+		uint8_t *d = region_at(rg, g, u->x0, u->y0 + i);
+		rc = pread_full(r, d, row_bytes, off + first + (uint64_t)i * stride + skip, e);
+		if (!rc)
+			swab_row(g, d, row_bytes / g->sample_bytes);
+	}
+	return rc;
+}
+
+static void lru_drop(sf_slide_reader *r, lru_entry *le)
+{
+	r->lru_bytes -= le->cap;
+	free(le->data);
+	memset(le, 0, sizeof *le);
+}
+
+/* A slot for a decoded unit of bytes bytes: reuse the least recently used
+ * one, and drop others while the reader holds more than LRU_BUDGET. */
+static lru_entry *lru_slot(sf_slide_reader *r, size_t bytes)
+{
+	lru_entry *victim = NULL;
+	for (int i = 0; i < LRU_SLOTS; i++) {
+		lru_entry *le = &r->lru[i];
+		if (!le->data) {
+			victim = le;
+			break;
+		}
+		if (!victim || le->used < victim->used)
+			victim = le;
+	}
+	victim->ifd = 0; /* invalid until decoded */
+	for (int i = 0; i < LRU_SLOTS && r->lru_bytes - victim->cap + bytes > LRU_BUDGET; i++) {
+		lru_entry *le = &r->lru[i];
+		if (le != victim && le->data)
+			lru_drop(r, le);
+	}
+	if (victim->cap < bytes) {
+		uint8_t *nd = realloc(victim->data, bytes);
+		if (!nd)
+			return NULL;
+		r->lru_bytes += bytes - victim->cap;
+		victim->data = nd;
+		victim->cap = bytes;
+	}
+	return victim;
+}
+
+/* Point *out at the decoded unit u->index of the current directory, from
+ * the LRU or decoded now. */
+static int decoded_unit(sf_slide_reader *r, const unit_part *u, const uint8_t **out, sf_err *e)
+{
+	const dir_geom *g = &r->g;
+	const char *unit = g->tiled ? "tile" : "strip";
+	r->clock++;
+	for (int i = 0; i < LRU_SLOTS; i++) {
+		lru_entry *le = &r->lru[i];
+		if (le->ifd == r->cur && le->unit == u->index) {
+			le->used = r->clock;
+			*out = le->data;
+			return SF_OK;
+		}
+	}
+	uint32_t rows =
+	    g->tiled ? g->unit_h : (g->height - u->uy < g->unit_h ? g->height - u->uy : g->unit_h);
+	size_t bytes = (size_t)g->unit_w * rows * g->pixel_bytes;
+	lru_entry *le = lru_slot(r, bytes);
+	if (!le)
+		return sf_fail(e, SF_ENOMEM, "%s: out of memory for a decoded %s", r->s->path,
+		               unit);
+	int err = 0;
+	uint64_t len = TIFFGetStrileByteCountWithErr(r->tif, u->index, &err);
+	r->diag.msg[0] = '\0';
+	r->decodes++;
+	if (!err && len == 0) {
+		memset(le->data, 0, bytes); /* sparse unit */
+	} else {
+		tmsize_t got =
+		    g->tiled ? TIFFReadEncodedTile(r->tif, u->index, le->data, (tmsize_t)bytes)
+		             : TIFFReadEncodedStrip(r->tif, u->index, le->data, (tmsize_t)bytes);
+		if (err || got < 0 || (size_t)got < bytes)
+			return sf_fail(e, SF_EFORMAT,
+			               "%s: level %u channel %u: cannot decode %s %u: %s",
+			               r->s->path, r->cur_level, r->cur_channel, unit, u->index,
+			               err       ? "no offset"
+			               : got < 0 ? diag_text(&r->diag)
+			                         : "short data");
+	}
+	le->ifd = r->cur;
+	le->unit = u->index;
+	le->bytes = bytes;
+	le->used = r->clock;
+	*out = le->data;
+	return SF_OK;
+}
+
+static int copy_decoded(sf_slide_reader *r, const region *rg, const unit_part *u, sf_err *e)
+{
+	const dir_geom *g = &r->g;
+	const uint8_t *src = NULL;
+	int rc = decoded_unit(r, u, &src, e);
+	if (rc)
+		return rc;
+	size_t stride = (size_t)g->unit_w * g->pixel_bytes;
+	size_t row_bytes = (size_t)(u->x1 - u->x0) * g->pixel_bytes;
+	size_t skip = (size_t)(u->x0 - u->ux) * g->pixel_bytes;
+	for (uint32_t row = u->y0; row < u->y1; row++)
+		memcpy(region_at(rg, g, u->x0, row), src + (size_t)(row - u->uy) * stride + skip,
+		       row_bytes);
+	return SF_OK;
+}
+
+int sf_slide_read_region(sf_slide_reader *r, uint32_t level, uint32_t channel, int64_t x, int64_t y,
+                         uint32_t w, uint32_t h, void *dst, sf_err *e)
+{
+	const sf_slide_info *s = r->s;
+	if (level >= s->level_count || channel >= s->channels)
+		return sf_fail(e, SF_EINVAL, "%s: no level %u channel %u (%u levels, %u channels)",
+		               s->path, level, channel, s->level_count, s->channels);
+	if (w == 0 || h == 0)
+		return SF_OK;
+	size_t pixel_bytes = sf_dtype_bytes(s->dtype) * s->samples;
+	if ((uint64_t)w * h > SIZE_MAX / pixel_bytes || x > INT64_MAX - w || y > INT64_MAX - h)
+		return sf_fail(e, SF_ERANGE, "%s: region %ux%u at (%lld, %lld) overflows", s->path,
+		               w, h, (long long)x, (long long)y);
+	const sf_slide_level *lv = &s->levels[level];
+	region rg = {x, y, w, h, dst, (size_t)w * pixel_bytes};
+	int64_t x0 = x > 0 ? x : 0, y0 = y > 0 ? y : 0;
+	int64_t x1 = x + w < (int64_t)lv->width ? x + w : (int64_t)lv->width;
+	int64_t y1 = y + h < (int64_t)lv->height ? y + h : (int64_t)lv->height;
+	if (x0 != x || y0 != y || x1 != x + w || y1 != y + h)
+		memset(dst, 0, (size_t)w * h * pixel_bytes); /* pixels outside the level */
+	if (x0 >= x1 || y0 >= y1)
+		return SF_OK;
+	int rc = select_dir(r, level, channel, e);
+	if (rc)
+		return rc;
+	const dir_geom *g = &r->g;
+	for (uint32_t ty = (uint32_t)y0 / g->unit_h; !rc && (int64_t)ty * g->unit_h < y1; ty++) {
+		for (uint32_t tx = (uint32_t)x0 / g->unit_w; !rc && (int64_t)tx * g->unit_w < x1;
+		     tx++) {
+			unit_part u;
+			u.ux = tx * g->unit_w;
+			u.uy = ty * g->unit_h;
+			u.index = g->tiled ? ty * g->units_across + tx : ty;
+			u.x0 = (uint32_t)(x0 > u.ux ? x0 : u.ux);
+			u.y0 = (uint32_t)(y0 > u.uy ? y0 : u.uy);
+			u.x1 = (uint32_t)(x1 < (int64_t)u.ux + g->unit_w ? x1 : u.ux + g->unit_w);
+			u.y1 = (uint32_t)(y1 < (int64_t)u.uy + g->unit_h ? y1 : u.uy + g->unit_h);
+			rc = g->raw ? copy_raw(r, &rg, &u, e) : copy_decoded(r, &rg, &u, e);
+		}
+	}
+	return rc;
+}

@@ -1,0 +1,417 @@
+/* test_dataset.c — sf_dataset_scan on folders built here with libtiff:
+ * slides, plane folders, multi-page stacks, bad files, ignored files, the
+ * root-is-a-plane-folder case and mismatched planes; and sf_file_stem. */
+#include <dirent.h>
+#include <fcntl.h>
+#include <ftw.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <tiffio.h>
+
+#include "scopefs/dataset.h"
+#include "scopefs/log.h"
+
+static int passed, failed;
+
+#define CHECK(cond, ...)                                                                           \
+	do {                                                                                       \
+		if (cond) {                                                                        \
+			passed++;                                                                  \
+		} else {                                                                           \
+			failed++;                                                                  \
+			printf("FAIL %s:%d: ", __FILE__, __LINE__);                                \
+			printf(__VA_ARGS__);                                                       \
+			printf("\n");                                                              \
+		}                                                                                  \
+	} while (0)
+
+static char base[64];
+
+static char *path_of(const char *fmt, const char *a, const char *b)
+{
+	static char buf[8][512];
+	static int next;
+	char *p = buf[next++ % 8];
+	char rel[256];
+	snprintf(rel, sizeof rel, fmt, a, b);
+	snprintf(p, 512, "%s/%s", base, rel);
+	return p;
+}
+
+/* ---- fixtures ------------------------------------------------------------ */
+
+typedef struct page {
+	uint32_t w, h;
+	uint16_t bps;  /* 8 or 16 */
+	uint32_t tile; /* 0: strips */
+	int nsub;      /* SubIFD levels that follow (halving) */
+	const char *desc;
+} page;
+
+static int write_page(TIFF *tif, const page *p, uint32_t subfile)
+{
+	TIFFSetField(tif, TIFFTAG_IMAGEWIDTH, p->w);
+	TIFFSetField(tif, TIFFTAG_IMAGELENGTH, p->h);
+	TIFFSetField(tif, TIFFTAG_BITSPERSAMPLE, p->bps);
+	TIFFSetField(tif, TIFFTAG_SAMPLESPERPIXEL, 1);
+	TIFFSetField(tif, TIFFTAG_PHOTOMETRIC, PHOTOMETRIC_MINISBLACK);
+	TIFFSetField(tif, TIFFTAG_COMPRESSION, COMPRESSION_ADOBE_DEFLATE);
+	if (subfile)
+		TIFFSetField(tif, TIFFTAG_SUBFILETYPE, subfile);
+	if (p->desc)
+		TIFFSetField(tif, TIFFTAG_IMAGEDESCRIPTION, p->desc);
+	if (p->nsub) {
+		uint64_t zeros[4] = {0};
+		TIFFSetField(tif, TIFFTAG_SUBIFD, (uint16_t)p->nsub, zeros);
+	}
+	size_t px = p->bps / 8;
+	int ok = 1;
+	if (p->tile) {
+		TIFFSetField(tif, TIFFTAG_TILEWIDTH, p->tile);
+		TIFFSetField(tif, TIFFTAG_TILELENGTH, p->tile);
+		void *buf = calloc((size_t)p->tile * p->tile, px);
+		for (uint32_t i = 0; ok && i < TIFFNumberOfTiles(tif); i++)
+			ok = TIFFWriteEncodedTile(tif, i, buf,
+			                          (tmsize_t)((size_t)p->tile * p->tile * px)) >= 0;
+		free(buf);
+	} else {
+		TIFFSetField(tif, TIFFTAG_ROWSPERSTRIP, p->h);
+		void *buf = calloc((size_t)p->w * p->h, px);
+		ok = TIFFWriteEncodedStrip(tif, 0, buf, (tmsize_t)((size_t)p->w * p->h * px)) >= 0;
+		free(buf);
+	}
+	return ok && TIFFWriteDirectory(tif);
+}
+
+/* pages pages of p; with p->nsub, each followed by its halved SubIFDs. */
+static void write_file(const char *path, const page *p, int pages)
+{
+	TIFF *tif = TIFFOpen(path, "w");
+	int ok = tif != NULL;
+	for (int i = 0; ok && i < pages; i++) {
+		ok = write_page(tif, p, 0);
+		page sub = *p;
+		sub.nsub = 0;
+		sub.desc = NULL;
+		for (int l = 0; ok && l < p->nsub; l++) {
+			sub.w /= 2;
+			sub.h /= 2;
+			ok = write_page(tif, &sub, FILETYPE_REDUCEDIMAGE);
+		}
+	}
+	if (tif)
+		TIFFClose(tif);
+	CHECK(ok, "write %s", path);
+}
+
+static void write_text(const char *path, const char *text)
+{
+	FILE *f = fopen(path, "w");
+	if (f) {
+		fputs(text, f);
+		fclose(f);
+	}
+}
+
+static void make_dir(const char *path)
+{
+	CHECK(mkdir(path, 0755) == 0, "mkdir %s", path);
+}
+
+static const page pyramid = {.w = 512, .h = 384, .bps = 16, .tile = 128, .nsub = 2};
+static const page tiled = {.w = 300, .h = 200, .bps = 8, .tile = 64};
+static const page plane = {.w = 64, .h = 48, .bps = 16};
+static const page plane_tall = {.w = 64, .h = 50, .bps = 16};
+static const page plane_u8 = {.w = 64, .h = 48, .bps = 8};
+
+static int remove_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw)
+{
+	(void)st;
+	(void)flag;
+	(void)ftw;
+	return remove(path);
+}
+
+static void reset_base(void)
+{
+	nftw(base, remove_entry, 8, FTW_DEPTH | FTW_PHYS);
+	make_dir(base);
+}
+
+static const sf_problem *find_problem(const sf_dataset *d, const char *path_end)
+{
+	for (uint32_t i = 0; i < d->problem_count; i++) {
+		size_t n = strlen(d->problems[i].path), k = strlen(path_end);
+		if (n >= k && strcmp(d->problems[i].path + n - k, path_end) == 0)
+			return &d->problems[i];
+	}
+	return NULL;
+}
+
+static const sf_stack *find_stack(const sf_dataset *d, const char *name)
+{
+	for (uint32_t i = 0; i < d->stack_count; i++)
+		if (strcmp(d->stacks[i]->name, name) == 0)
+			return d->stacks[i];
+	return NULL;
+}
+
+static int count_entries(const char *dir)
+{
+	DIR *dh = opendir(dir);
+	int n = 0;
+	if (!dh)
+		return -1;
+	while (readdir(dh))
+		n++;
+	closedir(dh);
+	return n;
+}
+
+/* ---- cases --------------------------------------------------------------- */
+
+static void test_mixed_root(void)
+{
+	reset_base();
+	write_file(path_of("a.ome.tif", 0, 0), &pyramid, 1);
+	write_file(path_of("b.svs", 0, 0), &tiled, 1);
+	write_file(path_of("c.tif", 0, 0), &tiled, 1);
+	write_file(path_of("c.tiff", 0, 0), &tiled, 1); /* same stem as c.tif */
+	page imagej = plane;
+	imagej.desc = "ImageJ=1.53t\nimages=3\nchannels=3\n";
+	write_file(path_of("channels.tif", 0, 0), &imagej, 3); /* declared channels: a slide */
+	write_file(path_of("zstack.tif", 0, 0), &plane, 5);    /* multi-page planes: a stack */
+	page omez = {.w = 96,
+	             .h = 64,
+	             .bps = 16,
+	             .tile = 32,
+	             .desc = "<?xml version=\"1.0\"?><OME><Image><Pixels SizeX=\"96\" SizeY=\"64\" "
+	                     "SizeC=\"1\" SizeZ=\"4\" SizeT=\"1\" Type=\"uint16\"/></Image></OME>"};
+	write_file(path_of("omez.ome.tif", 0, 0), &omez, 4); /* OME z-series: a stack, tiled too */
+	page omec = {.w = 96,
+	             .h = 64,
+	             .bps = 16,
+	             .desc =
+	                 "<OME><Image><Pixels SizeX=\"96\" SizeY=\"64\" SizeC=\"3\" SizeZ=\"1\" "
+	                 "SizeT=\"1\" Type=\"uint16\"/></Image></OME>"};
+	write_file(path_of("omec.ome.tif", 0, 0), &omec,
+	           3); /* OME channels: a slide, untiled too */
+	write_text(path_of("bad.tif", 0, 0), "not an image\n");
+	write_text(path_of("notes.txt", 0, 0), "ignored\n");
+	write_text(path_of("meta.json", 0, 0), "{}\n");
+	write_text(path_of(".hidden.tif", 0, 0), "ignored too\n");
+	make_dir(path_of("planes", 0, 0));
+	for (int i = 3; i >= 1; i--) {
+		char name[32];
+		snprintf(name, sizeof name, "img_%06d.tif", i);
+		write_file(path_of("planes/%s", name, 0), &plane, 1);
+	}
+	write_text(path_of("planes/readme.txt", 0, 0), "ignored\n");
+	make_dir(path_of("empty", 0, 0));
+	make_dir(path_of("mixed", 0, 0));
+	write_file(path_of("mixed/z1.tif", 0, 0), &plane, 1);
+	write_file(path_of("mixed/z2.tif", 0, 0), &plane_tall, 1);
+	write_file(path_of("mixed/z3.tif", 0, 0), &plane, 1);
+	make_dir(path_of("mixed_type", 0, 0));
+	write_file(path_of("mixed_type/z1.tif", 0, 0), &plane_u8, 1);
+	write_file(path_of("mixed_type/z2.tif", 0, 0), &plane, 1);
+	write_file(path_of("mixed_type/z3.tif", 0, 0), &plane, 1);
+	make_dir(path_of("one", 0, 0));
+	write_file(path_of("one/z1.tif", 0, 0), &plane, 1);
+	make_dir(path_of("badplane", 0, 0));
+	write_file(path_of("badplane/z1.tif", 0, 0), &plane, 1);
+	write_file(path_of("badplane/z2.tif", 0, 0), &plane, 1);
+	write_file(path_of("badplane/z3.tif", 0, 0), &plane, 1);
+	struct stat st;
+	CHECK(stat(path_of("badplane/z2.tif", 0, 0), &st) == 0 &&
+	          truncate(path_of("badplane/z2.tif", 0, 0), st.st_size / 2) == 0,
+	      "truncate");
+	make_dir(path_of("linkplanes", 0, 0));
+	write_file(path_of("linkplanes/z1.tif", 0, 0), &plane, 1);
+	write_file(path_of("linkplanes/z3.tif", 0, 0), &plane, 1);
+	make_dir(path_of("tiledplanes", 0, 0));
+	write_file(path_of("tiledplanes/z1.tif", 0, 0), &tiled, 1);
+	write_file(path_of("tiledplanes/z2.tif", 0, 0), &tiled, 1);
+	/* A link out of RAW_DIR is not followed; one inside is. */
+	char outside[128];
+	snprintf(outside, sizeof outside, "%s.outside.tif", base);
+	write_file(outside, &tiled, 1);
+	CHECK(symlink(outside, path_of("outside.tif", 0, 0)) == 0, "symlink");
+	CHECK(symlink("b.svs", path_of("inside.tif", 0, 0)) == 0, "symlink");
+	CHECK(symlink(outside, path_of("linkplanes/z2.tif", 0, 0)) == 0, "symlink");
+	int entries_before = count_entries(base);
+
+	sf_dataset *d = NULL;
+	sf_err e = {0};
+	int rc = sf_dataset_scan(base, &d, &e);
+	CHECK(rc == SF_OK, "mixed: scan: %s", e.msg);
+	unlink(outside);
+	if (rc)
+		return;
+	CHECK(count_entries(base) == entries_before, "mixed: the scan must not write");
+	const char *want_stems[] = {"a", "b", "c", "channels", "inside", "omec"};
+	CHECK(d->slide_count == 6, "mixed: %u slides, want 6", d->slide_count);
+	for (uint32_t i = 0; i < d->slide_count && i < 6; i++)
+		CHECK(strcmp(d->slide_stems[i], want_stems[i]) == 0,
+		      "mixed: slide %u is %s, want %s", i, d->slide_stems[i], want_stems[i]);
+	if (d->slide_count >= 1)
+		CHECK(d->slides[0]->level_count == 3, "mixed: a.ome.tif has %u levels",
+		      d->slides[0]->level_count);
+	CHECK(d->root[0] == '/', "mixed: root %s is absolute", d->root);
+
+	CHECK(d->stack_count == 3, "mixed: %u stacks, want 3", d->stack_count);
+	const sf_stack *oz = find_stack(d, "omez");
+	CHECK(oz && oz->multipage && oz->planes == 4 && oz->width == 96, "mixed: OME z-stack");
+	const sf_stack *z = find_stack(d, "zstack");
+	CHECK(z && z->multipage && z->planes == 5 && z->width == 64 && z->height == 48 &&
+	          z->dtype == SF_U16 && z->plane_info[0] && !z->plane_info[1],
+	      "mixed: zstack stack");
+	if (z)
+		CHECK(strcmp(z->plane_names[0], "img_000001.tif") == 0 &&
+		          strcmp(z->plane_names[4], "img_000005.tif") == 0,
+		      "mixed: zstack plane names %s", z->plane_names[0]);
+	const sf_stack *p = find_stack(d, "planes");
+	CHECK(p && !p->multipage && p->planes == 3 && p->width == 64 && p->dtype == SF_U16,
+	      "mixed: planes stack");
+	if (p && p->planes == 3) {
+		CHECK(strcmp(p->plane_names[0], "img_000001.tif") == 0 &&
+		          strcmp(p->plane_names[2], "img_000003.tif") == 0,
+		      "mixed: plane order %s %s", p->plane_names[0], p->plane_names[2]);
+		CHECK(p->plane_info[2] && strstr(p->plane_info[2]->path, "planes/img_000003.tif"),
+		      "mixed: plane info path");
+	}
+
+	const sf_problem *pr;
+	CHECK((pr = find_problem(d, "/bad.tif")) && strstr(pr->reason, "not a TIFF"),
+	      "mixed: bad.tif problem %s", pr ? pr->reason : "(none)");
+	CHECK((pr = find_problem(d, "/c.tiff")) && strstr(pr->reason, "c.tif"),
+	      "mixed: c.tiff stem clash %s", pr ? pr->reason : "(none)");
+	CHECK((pr = find_problem(d, "/outside.tif")) && strstr(pr->reason, "outside"),
+	      "mixed: outside link %s", pr ? pr->reason : "(none)");
+	CHECK((pr = find_problem(d, "/mixed")) && strstr(pr->reason, "z2.tif") &&
+	          strstr(pr->reason, "64x50"),
+	      "mixed: odd plane %s", pr ? pr->reason : "(none)");
+	CHECK((pr = find_problem(d, "/mixed_type")) && strstr(pr->reason, "z1.tif") &&
+	          strstr(pr->reason, "uint8"),
+	      "mixed: odd type %s", pr ? pr->reason : "(none)");
+	CHECK((pr = find_problem(d, "/one")) && strstr(pr->reason, "only one"),
+	      "mixed: one plane %s", pr ? pr->reason : "(none)");
+	CHECK((pr = find_problem(d, "/badplane")) && strstr(pr->reason, "z2.tif") &&
+	          strstr(pr->reason, "truncated"),
+	      "mixed: truncated plane %s", pr ? pr->reason : "(none)");
+	CHECK((pr = find_problem(d, "/tiledplanes")) && strstr(pr->reason, "tiled"),
+	      "mixed: tiled planes %s", pr ? pr->reason : "(none)");
+	CHECK((pr = find_problem(d, "/linkplanes/z2.tif")) && strstr(pr->reason, "outside"),
+	      "mixed: plane link outside %s", pr ? pr->reason : "(none)");
+	CHECK((pr = find_problem(d, "/linkplanes")) && strstr(pr->reason, "symbolic link"),
+	      "mixed: folder with an outside link %s", pr ? pr->reason : "(none)");
+	CHECK(d->problem_count == 10, "mixed: %u problems, want 10", d->problem_count);
+	for (uint32_t i = 0; i < d->problem_count; i++)
+		CHECK(!strstr(d->problems[i].path, ".txt") &&
+		          !strstr(d->problems[i].path, "json") &&
+		          !strstr(d->problems[i].path, "hidden") &&
+		          !strstr(d->problems[i].path, "empty"),
+		      "mixed: unexpected problem %s", d->problems[i].path);
+	sf_dataset_free(d);
+}
+
+static void test_root_is_plane_folder(void)
+{
+	reset_base();
+	const char *names[] = {"img_10.tif", "img_2.tif", "img_1.tif", "img_3.tif"};
+	for (int i = 0; i < 4; i++)
+		write_file(path_of("%s", names[i], 0), &plane, 1);
+	write_text(path_of("log.txt", 0, 0), "ignored\n");
+	sf_dataset *d = NULL;
+	sf_err e = {0};
+	int rc = sf_dataset_scan(base, &d, &e);
+	CHECK(rc == SF_OK, "root planes: scan: %s", e.msg);
+	if (rc)
+		return;
+	CHECK(d->slide_count == 0 && d->stack_count == 1 && d->problem_count == 0,
+	      "root planes: %u slides %u stacks %u problems", d->slide_count, d->stack_count,
+	      d->problem_count);
+	const sf_stack *s = find_stack(d, "");
+	CHECK(s && s->planes == 4, "root planes: stack named \"\" with 4 planes");
+	const char *order[] = {"img_1.tif", "img_2.tif", "img_3.tif", "img_10.tif"};
+	for (uint32_t i = 0; s && i < s->planes && i < 4; i++)
+		CHECK(strcmp(s->plane_names[i], order[i]) == 0, "root planes: plane %u is %s", i,
+		      s->plane_names[i]);
+	sf_dataset_free(d);
+
+	/* One plane of another size: no longer a plane folder; each file is a
+	 * (flat) slide. */
+	write_file(path_of("img_4.tif", 0, 0), &plane_tall, 1);
+	rc = sf_dataset_scan(base, &d, &e);
+	CHECK(rc == SF_OK && d->stack_count == 0 && d->slide_count == 5,
+	      "root mismatched: %u stacks %u slides", d ? d->stack_count : 0,
+	      d ? d->slide_count : 0);
+	sf_dataset_free(d);
+
+	/* A broken plane among good ones: the root stack is one problem. */
+	unlink(path_of("img_4.tif", 0, 0));
+	write_text(path_of("img_5.tif", 0, 0), "");
+	d = NULL;
+	rc = sf_dataset_scan(base, &d, &e);
+	CHECK(rc == SF_OK && d && d->stack_count == 0 && d->slide_count == 0 &&
+	          d->problem_count == 1 && strstr(d->problems[0].reason, "img_5.tif"),
+	      "root broken plane: %u problems: %s", d ? d->problem_count : 0,
+	      d && d->problem_count ? d->problems[0].reason : "");
+	sf_dataset_free(d);
+}
+
+static void test_edges(void)
+{
+	reset_base();
+	sf_dataset *d = NULL;
+	sf_err e = {0};
+	int rc = sf_dataset_scan(base, &d, &e);
+	CHECK(rc == SF_OK && d && d->slide_count == 0 && d->stack_count == 0 &&
+	          d->problem_count == 0,
+	      "empty root: %s", e.msg);
+	sf_dataset_free(d);
+	d = NULL;
+	rc = sf_dataset_scan(path_of("nope", 0, 0), &d, &e);
+	CHECK(rc == SF_ENOTFOUND && !d && strstr(e.msg, "nope"), "missing root: %d %s", rc, e.msg);
+	write_text(path_of("file", 0, 0), "x");
+	rc = sf_dataset_scan(path_of("file", 0, 0), &d, &e);
+	CHECK(rc == SF_EINVAL && !d && strstr(e.msg, "not a folder"), "file root: %d %s", rc,
+	      e.msg);
+}
+
+static void test_stems(void)
+{
+	const char *cases[][2] = {
+	    {"a.ome.tiff", "a"}, {"a.OME.TIF", "a"}, {"b.svs", "b"},     {"c.tif", "c"},
+	    {"d.tiff", "d"},     {"e.btf", "e"},     {"f.tf8", "f"},     {"g.tf2", "g"},
+	    {"h.ome.btf", "h"},  {"x.y.tif", "x.y"}, {"plain", "plain"}, {"n.txt", "n.txt"},
+	    {"ome.tif", "ome"},  {"s.qptiff", "s"},
+	};
+	for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+		char *s = sf_file_stem(cases[i][0]);
+		CHECK(s && strcmp(s, cases[i][1]) == 0, "stem(%s) = %s, want %s", cases[i][0],
+		      s ? s : "(null)", cases[i][1]);
+		free(s);
+	}
+}
+
+int main(void)
+{
+	sf_log_set_level(SF_LOG_ERROR); /* each problem is logged at WARN: expected here */
+	snprintf(base, sizeof base, "/tmp/test_dataset.XXXXXX");
+	if (!mkdtemp(base)) {
+		perror("mkdtemp");
+		return 1;
+	}
+	test_stems();
+	test_mixed_root();
+	test_root_is_plane_folder();
+	test_edges();
+	nftw(base, remove_entry, 8, FTW_DEPTH | FTW_PHYS);
+	printf("test_dataset: %d passed, %d failed\n", passed, failed);
+	return failed ? 1 : 0;
+}
