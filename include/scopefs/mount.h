@@ -30,21 +30,21 @@ typedef struct sf_node {
 	uint32_t parent;    /* node index */
 	uint32_t *children; /* node indices, sorted by name (directories) */
 	uint32_t child_count, child_cap;
-	char *raw_path;     /* SF_NODE_RAW: absolute path inside RAW_DIR, no symlink */
-	struct stat st;     /* attributes served by getattr */
-	sf_vfile *vfile;    /* SF_NODE_VFILE */
+	char *raw_path;  /* SF_NODE_RAW: absolute path inside RAW_DIR, no symlink */
+	struct stat st;  /* attributes served by getattr */
+	sf_vfile *vfile; /* SF_NODE_VFILE */
 } sf_node;
 
 typedef struct sf_slide_entry {
-	uint32_t slide;     /* index in dataset->slides */
-	const char *state;  /* "served", or why it is not */
+	uint32_t slide;    /* index in dataset->slides */
+	const char *state; /* "served", or why it is not */
 } sf_slide_entry;
 
 typedef struct sf_mount {
 	const sf_options *opts;
 	sf_dataset *dataset;
 	sf_cache *cache;
-	sf_engine *engine;   /* made by sf_mount_start, after daemonizing */
+	sf_engine *engine; /* made by sf_mount_start, after daemonizing */
 	sf_node *nodes;
 	uint32_t node_count, node_cap;
 	sf_product **products;
@@ -54,7 +54,7 @@ typedef struct sf_mount {
 	sf_vfile **vfiles;
 	uint32_t vfile_count, vfile_cap;
 	sf_slide_entry *slide_state; /* dataset->slide_count entries */
-	int reference;       /* index of the reference slide, -1 if none */
+	int reference;               /* index of the reference slide, -1 if none */
 	struct timespec mounted_at;
 } sf_mount;
 

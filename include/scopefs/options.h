@@ -13,9 +13,9 @@
 #include "scopefs/err.h"
 
 typedef struct sf_options {
-	char *raw_dir;     /* absolute, resolved RAW_DIR */
-	char *mountpoint;  /* as given */
-	char *cache_dir;   /* cache=, default $XDG_CACHE_HOME/scopefs or ~/.cache/scopefs */
+	char *raw_dir;       /* absolute, resolved RAW_DIR */
+	char *mountpoint;    /* as given */
+	char *cache_dir;     /* cache=, default $XDG_CACHE_HOME/scopefs or ~/.cache/scopefs */
 	uint64_t cache_size; /* cache_size=, bytes; 0: unbounded */
 	uint64_t mem;        /* mem=, bytes of decoded tiles in RAM */
 	unsigned threads;    /* threads=, workers; 0: one per CPU */

@@ -33,11 +33,11 @@ void sf_pyramid_plan_make(const sf_slide_info *s, uint32_t tile, sf_pyramid_plan
 
 /* The retile product of s on the layout l (which must follow plan). */
 int sf_product_retile_create(const sf_slide_info *s, const sf_pyramid_plan *plan,
-			     const sf_layout *l, sf_product **out, sf_err *e);
+                             const sf_layout *l, sf_product **out, sf_err *e);
 
 /* The planes product of stack st; plane_layout is the layout of one plane
  * file (all planes share it).  Units: plane * strips_per_plane + strip. */
-int sf_product_planes_create(const sf_stack *st, const sf_layout *plane_layout,
-			     sf_product **out, sf_err *e);
+int sf_product_planes_create(const sf_stack *st, const sf_layout *plane_layout, sf_product **out,
+                             sf_err *e);
 
 #endif

@@ -19,7 +19,7 @@
  * averages src [x*k, x*k+k) x [y*k, y*k+k) clipped to the valid part.  A dst
  * pixel whose box holds no valid pixel becomes 0. */
 void sf_box_reduce(const void *src, size_t src_stride, uint32_t valid_w, uint32_t valid_h,
-		   uint32_t k, sf_dtype dtype, uint32_t samples, void *dst, size_t dst_stride,
-		   uint32_t dst_w, uint32_t dst_h);
+                   uint32_t k, sf_dtype dtype, uint32_t samples, void *dst, size_t dst_stride,
+                   uint32_t dst_w, uint32_t dst_h);
 
 #endif

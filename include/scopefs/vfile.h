@@ -22,7 +22,7 @@ typedef struct sf_vfile {
 
 /* Copy bytes [off, off+len) into dst; *got is len clipped at end of file. */
 int sf_vfile_read(sf_engine *g, const sf_vfile *v, uint64_t off, size_t len, uint8_t *dst,
-		  size_t *got, sf_err *e);
+                  size_t *got, sf_err *e);
 
 /* Schedule up to count units that follow file offset off (read-ahead for a
  * sequential reader). */

@@ -43,8 +43,8 @@ static void store_mean(uint8_t *row, uint32_t i, sf_dtype dtype, double sum, uin
 }
 
 void sf_box_reduce(const void *src, size_t src_stride, uint32_t valid_w, uint32_t valid_h,
-		   uint32_t k, sf_dtype dtype, uint32_t samples, void *dst, size_t dst_stride,
-		   uint32_t dst_w, uint32_t dst_h)
+                   uint32_t k, sf_dtype dtype, uint32_t samples, void *dst, size_t dst_stride,
+                   uint32_t dst_w, uint32_t dst_h)
 {
 	const uint8_t *s = src;
 	uint8_t *d = dst;
@@ -63,10 +63,12 @@ void sf_box_reduce(const void *src, size_t src_stride, uint32_t valid_w, uint32_
 				for (uint64_t sy = y0; sy < y1; sy++) {
 					const uint8_t *row = s + sy * src_stride;
 					for (uint64_t sx = x0; sx < x1; sx++)
-						sum += sample_at(row, (uint32_t)(sx * samples + c), dtype);
+						sum += sample_at(row, (uint32_t)(sx * samples + c),
+						                 dtype);
 					n += x1 > x0 ? x1 - x0 : 0;
 				}
-				store_mean(d + (size_t)y * dst_stride, x * samples + c, dtype, sum, n);
+				store_mean(d + (size_t)y * dst_stride, x * samples + c, dtype, sum,
+				           n);
 			}
 		}
 	}

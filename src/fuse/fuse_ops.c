@@ -32,9 +32,15 @@ typedef struct status_handle {
 	size_t len;
 } status_handle;
 
-static sf_mount *mount_of(fuse_req_t req) { return fuse_req_userdata(req); }
+static sf_mount *mount_of(fuse_req_t req)
+{
+	return fuse_req_userdata(req);
+}
 
-static double node_timeout(const sf_node *n) { return n->kind == SF_NODE_STATUS ? 0.0 : TIMEOUT_FOREVER; }
+static double node_timeout(const sf_node *n)
+{
+	return n->kind == SF_NODE_STATUS ? 0.0 : TIMEOUT_FOREVER;
+}
 
 static void node_stat(const sf_mount *m, const sf_node *n, struct stat *st)
 {
@@ -82,7 +88,7 @@ static void op_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
 }
 
 static void op_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
-		       struct fuse_file_info *fi)
+                       struct fuse_file_info *fi)
 {
 	sf_mount *m = mount_of(req);
 	const sf_node *dir = sf_mount_node(m, ino);
@@ -100,8 +106,9 @@ static void op_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
 	}
 	/* Offsets: 0 ".", 1 "..", 2 + i the i-th child. */
 	for (off_t i = off; i < (off_t)dir->child_count + 2; i++) {
-		const sf_node *n = i == 0 ? dir : i == 1 ? &m->nodes[dir->parent]
-							 : &m->nodes[dir->children[i - 2]];
+		const sf_node *n = i == 0   ? dir
+		                   : i == 1 ? &m->nodes[dir->parent]
+		                            : &m->nodes[dir->children[i - 2]];
 		const char *name = i == 0 ? "." : i == 1 ? ".." : n->name;
 		struct stat st;
 		size_t need;
@@ -208,7 +215,7 @@ static void read_vfile(fuse_req_t req, size_t size, off_t off, struct fuse_file_
 }
 
 static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
-		    struct fuse_file_info *fi)
+                    struct fuse_file_info *fi)
 {
 	const sf_node *n = sf_mount_node(mount_of(req), ino);
 
@@ -259,7 +266,7 @@ static void op_statfs(fuse_req_t req, fuse_ino_t ino)
 
 /* Anything that would change the tree: the file system is read-only. */
 static void op_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr, int to_set,
-		       struct fuse_file_info *fi)
+                       struct fuse_file_info *fi)
 {
 	(void)ino, (void)attr, (void)to_set, (void)fi;
 	fuse_reply_err(req, EROFS);
@@ -276,13 +283,13 @@ static void op_init(void *userdata, struct fuse_conn_info *conn)
 }
 
 const struct fuse_lowlevel_ops sf_fuse_ops = {
-	.init = op_init,
-	.lookup = op_lookup,
-	.getattr = op_getattr,
-	.setattr = op_setattr,
-	.readdir = op_readdir,
-	.open = op_open,
-	.read = op_read,
-	.release = op_release,
-	.statfs = op_statfs,
+    .init = op_init,
+    .lookup = op_lookup,
+    .getattr = op_getattr,
+    .setattr = op_setattr,
+    .readdir = op_readdir,
+    .open = op_open,
+    .read = op_read,
+    .release = op_release,
+    .statfs = op_statfs,
 };

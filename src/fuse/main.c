@@ -23,8 +23,8 @@ static int fuse_argv(const sf_options *o, const char *argv0, struct fuse_args *a
 	int has_subtype = strstr(o->fuse_mount_opts, "subtype=") != NULL;
 
 	snprintf(opts, sizeof opts, "ro%s%s%s%s", has_fsname ? "" : ",fsname=scopefs",
-		 has_subtype ? "" : ",subtype=scopefs", o->fuse_mount_opts[0] ? "," : "",
-		 o->fuse_mount_opts);
+	         has_subtype ? "" : ",subtype=scopefs", o->fuse_mount_opts[0] ? "," : "",
+	         o->fuse_mount_opts);
 	if (fuse_opt_add_arg(args, argv0) || fuse_opt_add_arg(args, "-o") ||
 	    fuse_opt_add_arg(args, opts) || (o->debug && fuse_opt_add_arg(args, "-d")))
 		return SF_ENOMEM;

@@ -56,7 +56,7 @@ static void stat_virtual(const sf_mount *m, struct stat *st, mode_t mode, uint64
 
 /* Add a node named name under parent (UINT32_MAX for the root); its index in *idx. */
 static int node_add(sf_mount *m, uint32_t parent, const char *name, sf_node_kind kind,
-		    uint32_t *idx, sf_err *e)
+                    uint32_t *idx, sf_err *e)
 {
 	sf_node *n;
 
@@ -65,7 +65,7 @@ static int node_add(sf_mount *m, uint32_t parent, const char *name, sf_node_kind
 	if (parent != UINT32_MAX) {
 		sf_node *p = &m->nodes[parent];
 		if (grow((void **)&p->children, p->child_count, &p->child_cap,
-			 sizeof *p->children) != SF_OK)
+		         sizeof *p->children) != SF_OK)
 			return sf_fail(e, SF_ENOMEM, "out of memory building the tree");
 	}
 	n = &m->nodes[m->node_count];
@@ -85,10 +85,10 @@ static int node_add(sf_mount *m, uint32_t parent, const char *name, sf_node_kind
 }
 
 /* Keep arrays of owned objects so sf_mount_free can release them. */
-#define KEEP(m, field, count, cap, obj)                                                        \
-	(grow((void **)&(m)->field, (m)->count, &(m)->cap, sizeof *(m)->field) == SF_OK          \
-		 ? ((m)->field[(m)->count++] = (obj), SF_OK)                                     \
-		 : SF_ENOMEM)
+#define KEEP(m, field, count, cap, obj)                                                            \
+	(grow((void **)&(m)->field, (m)->count, &(m)->cap, sizeof *(m)->field) == SF_OK            \
+	     ? ((m)->field[(m)->count++] = (obj), SF_OK)                                           \
+	     : SF_ENOMEM)
 
 static int is_inside(const char *root, const char *path)
 {
@@ -120,8 +120,10 @@ static int raw_walk(sf_mount *m, const char *abs, uint32_t dir, int depth, sf_er
 		if (S_ISLNK(st.st_mode)) {
 			if (!realpath(path, real) || !is_inside(m->dataset->root, real) ||
 			    stat(real, &st) != 0 || !S_ISREG(st.st_mode)) {
-				sf_log(SF_LOG_INFO, "raw: %s: symlink left out (it leaves RAW_DIR, "
-						    "is broken, or names a folder)", path);
+				sf_log(SF_LOG_INFO,
+				       "raw: %s: symlink left out (it leaves RAW_DIR, "
+				       "is broken, or names a folder)",
+				       path);
 				goto next;
 			}
 		} else
@@ -151,16 +153,16 @@ static int raw_walk(sf_mount *m, const char *abs, uint32_t dir, int depth, sf_er
 
 /* Register a virtual file node for layout l and product p. */
 static int add_vfile(sf_mount *m, uint32_t dir, const char *name, sf_layout *l, sf_product *p,
-		     uint64_t unit_base, sf_err *e)
+                     uint64_t unit_base, sf_err *e)
 {
-	sf_vfile *v = calloc(1, sizeof *v);
 	uint32_t idx;
 	int rc;
 
-	if (!v || KEEP(m, vfiles, vfile_count, vfile_cap, v) != SF_OK) {
-		free(v);
+	if (grow((void **)&m->vfiles, m->vfile_count, &m->vfile_cap, sizeof *m->vfiles) != SF_OK)
 		return sf_fail(e, SF_ENOMEM, "out of memory");
-	}
+	if (!(m->vfiles[m->vfile_count] = calloc(1, sizeof(sf_vfile))))
+		return sf_fail(e, SF_ENOMEM, "out of memory");
+	sf_vfile *v = m->vfiles[m->vfile_count++];
 	v->layout = l;
 	v->product = p;
 	v->unit_base = unit_base;
@@ -259,7 +261,7 @@ static int find_reference(sf_mount *m, sf_err *e)
 		}
 	}
 	return sf_fail(e, SF_EINVAL, "option 'reference': no whole-slide image named '%s' in %s",
-		       want, d->root);
+	               want, d->root);
 }
 
 static int build_registered(sf_mount *m, uint32_t root, sf_err *e)
@@ -283,7 +285,8 @@ static int build_registered(sf_mount *m, uint32_t root, sf_err *e)
 			return rc;
 		m->slide_state[i].state = rc == SF_OK ? "served (reference)" : "left out";
 		if (rc != SF_OK)
-			sf_log(SF_LOG_WARN, "registered: %s left out: %s", d->slides[i]->path, e->msg);
+			sf_log(SF_LOG_WARN, "registered: %s left out: %s", d->slides[i]->path,
+			       e->msg);
 	}
 	return SF_OK;
 }
@@ -316,7 +319,7 @@ static int add_stack(sf_mount *m, uint32_t top, const sf_stack *st, sf_err *e)
 		return rc;
 	for (uint32_t z = 0; z < st->planes && rc == SF_OK; z++)
 		rc = add_vfile(m, dir, st->plane_names[z], layout, product,
-			       (uint64_t)z * sf_layout_unit_count(layout), e);
+		               (uint64_t)z * sf_layout_unit_count(layout), e);
 	return rc;
 }
 
@@ -352,7 +355,7 @@ static int make_parents(const char *dir, sf_err *e)
 		*p = '\0';
 		if (mkdir(path, 0755) != 0 && errno != EEXIST)
 			return sf_fail(e, SF_EIO, "option 'cache': cannot create %s: %s", path,
-				       strerror(errno));
+			               strerror(errno));
 		*p = '/';
 	}
 	return SF_OK;
@@ -391,7 +394,8 @@ int sf_mount_build(const sf_options *o, sf_mount **out, sf_err *e)
 		rc = build_deconvolved(m, root, e);
 	if (rc == SF_OK)
 		rc = node_add(m, root, ".scopefs", SF_NODE_DIR, &meta, e);
-	if (rc == SF_OK && (rc = node_add(m, meta, "status", SF_NODE_STATUS, &status, e)) == SF_OK) {
+	if (rc == SF_OK &&
+	    (rc = node_add(m, meta, "status", SF_NODE_STATUS, &status, e)) == SF_OK) {
 		stat_virtual(m, &m->nodes[status].st, S_IFREG | 0444, 0);
 	}
 	if (rc != SF_OK) {
@@ -401,7 +405,7 @@ int sf_mount_build(const sf_options *o, sf_mount **out, sf_err *e)
 	for (uint32_t i = 0; i < m->node_count; i++)
 		if (m->nodes[i].child_count)
 			qsort_r(m->nodes[i].children, m->nodes[i].child_count, sizeof(uint32_t),
-				by_name, m->nodes);
+			        by_name, m->nodes);
 	*out = m;
 	return SF_OK;
 }
@@ -409,10 +413,10 @@ int sf_mount_build(const sf_options *o, sf_mount **out, sf_err *e)
 int sf_mount_start(sf_mount *m, sf_err *e)
 {
 	sf_engine_config cfg = {
-		.threads = m->opts->threads,
-		.mem_bytes = m->opts->mem,
-		.cache = m->cache,
-		.max_products = m->product_count,
+	    .threads = m->opts->threads,
+	    .mem_bytes = m->opts->mem,
+	    .cache = m->cache,
+	    .max_products = m->product_count,
 	};
 	int rc = sf_engine_create(&cfg, &m->engine, e);
 

@@ -28,20 +28,20 @@ typedef struct option_def {
 } option_def;
 
 static const option_def option_table[] = {
-	{"cache", OPT_STRING, "cache=DIR        disk cache folder (default $XDG_CACHE_HOME/scopefs)"},
-	{"cache_size", OPT_SIZE, "cache_size=SIZE  disk cache bound, e.g. 50G (default 20G)"},
-	{"mem", OPT_SIZE, "mem=SIZE         RAM bound for decoded tiles (default 256M)"},
-	{"threads", OPT_COUNT, "threads=N        worker threads (default: one per CPU)"},
-	{"readahead", OPT_COUNT, "readahead=N      tiles scheduled ahead of a sequential reader"},
-	{"reference", OPT_STRING, "reference=NAME   reference slide, file name or stem"},
-	{"preset", OPT_STRING, "preset=NAME      read options from mountopts/NAME"},
-	{"allow_other", OPT_FUSE_FLAG, "allow_other      let other users see the mount"},
-	{"allow_root", OPT_FUSE_FLAG, "allow_root       let root see the mount"},
-	{"default_permissions", OPT_FUSE_FLAG, "default_permissions  kernel permission checks"},
-	{"auto_unmount", OPT_FUSE_FLAG, "auto_unmount     unmount when the daemon dies"},
-	{"ro", OPT_FUSE_FLAG, "ro               read-only (always on)"},
-	{"fsname", OPT_FUSE_VALUE, "fsname=NAME      file system name in mtab"},
-	{"subtype", OPT_FUSE_VALUE, "subtype=NAME     file system subtype in mtab"},
+    {"cache", OPT_STRING, "cache=DIR        disk cache folder (default $XDG_CACHE_HOME/scopefs)"},
+    {"cache_size", OPT_SIZE, "cache_size=SIZE  disk cache bound, e.g. 50G (default 20G)"},
+    {"mem", OPT_SIZE, "mem=SIZE         RAM bound for decoded tiles (default 256M)"},
+    {"threads", OPT_COUNT, "threads=N        worker threads (default: one per CPU)"},
+    {"readahead", OPT_COUNT, "readahead=N      tiles scheduled ahead of a sequential reader"},
+    {"reference", OPT_STRING, "reference=NAME   reference slide, file name or stem"},
+    {"preset", OPT_STRING, "preset=NAME      read options from mountopts/NAME"},
+    {"allow_other", OPT_FUSE_FLAG, "allow_other      let other users see the mount"},
+    {"allow_root", OPT_FUSE_FLAG, "allow_root       let root see the mount"},
+    {"default_permissions", OPT_FUSE_FLAG, "default_permissions  kernel permission checks"},
+    {"auto_unmount", OPT_FUSE_FLAG, "auto_unmount     unmount when the daemon dies"},
+    {"ro", OPT_FUSE_FLAG, "ro               read-only (always on)"},
+    {"fsname", OPT_FUSE_VALUE, "fsname=NAME      file system name in mtab"},
+    {"subtype", OPT_FUSE_VALUE, "subtype=NAME     file system subtype in mtab"},
 };
 #define OPTION_COUNT (sizeof option_table / sizeof option_table[0])
 
@@ -64,10 +64,22 @@ int sf_parse_size(const char *text, uint64_t *out)
 	if (errno)
 		return SF_EINVAL;
 	switch (toupper((unsigned char)*end)) {
-	case 'K': mult = 1ull << 10; end++; break;
-	case 'M': mult = 1ull << 20; end++; break;
-	case 'G': mult = 1ull << 30; end++; break;
-	case 'T': mult = 1ull << 40; end++; break;
+	case 'K':
+		mult = 1ull << 10;
+		end++;
+		break;
+	case 'M':
+		mult = 1ull << 20;
+		end++;
+		break;
+	case 'G':
+		mult = 1ull << 30;
+		end++;
+		break;
+	case 'T':
+		mult = 1ull << 40;
+		end++;
+		break;
 	default: break;
 	}
 	if (toupper((unsigned char)*end) == 'B')
@@ -114,7 +126,7 @@ static int add_fuse_opt(parse_state *ps, const char *opt, sf_err *e)
 
 /* Apply "key" or "key=value" (from -o or a preset line `origin`). */
 static int apply_option(parse_state *ps, const char *item, int from_cli, const char *origin,
-			sf_err *e)
+                        sf_err *e)
 {
 	const char *eq = strchr(item, '=');
 	size_t klen = eq ? (size_t)(eq - item) : strlen(item);
@@ -123,7 +135,8 @@ static int apply_option(parse_state *ps, const char *item, int from_cli, const c
 	size_t i;
 
 	for (i = 0; i < OPTION_COUNT; i++)
-		if (strlen(option_table[i].key) == klen && !strncmp(option_table[i].key, item, klen))
+		if (strlen(option_table[i].key) == klen &&
+		    !strncmp(option_table[i].key, item, klen))
 			break;
 	if (i == OPTION_COUNT)
 		return sf_fail(e, SF_EINVAL, "%sunknown option '%.*s'", origin, (int)klen, item);
@@ -134,18 +147,18 @@ static int apply_option(parse_state *ps, const char *item, int from_cli, const c
 	const option_def *d = &option_table[i];
 	if ((d->kind == OPT_FUSE_FLAG) != (value == NULL))
 		return sf_fail(e, SF_EINVAL, "%soption '%s' %s", origin, d->key,
-			       value ? "takes no value" : "needs a value");
+		               value ? "takes no value" : "needs a value");
 	if (value && !*value)
 		return sf_fail(e, SF_EINVAL, "%soption '%s' has an empty value", origin, d->key);
 	switch (d->kind) {
-	case OPT_FUSE_FLAG:
-		return strcmp(d->key, "ro") ? add_fuse_opt(ps, d->key, e) : SF_OK;
+	case OPT_FUSE_FLAG: return strcmp(d->key, "ro") ? add_fuse_opt(ps, d->key, e) : SF_OK;
 	case OPT_FUSE_VALUE: return add_fuse_opt(ps, item, e);
 	case OPT_SIZE: {
 		uint64_t v;
 		if (sf_parse_size(value, &v) != SF_OK)
-			return sf_fail(e, SF_EINVAL, "%soption '%s': malformed size '%s' (e.g. 512M, 50G)",
-				       origin, d->key, value);
+			return sf_fail(e, SF_EINVAL,
+			               "%soption '%s': malformed size '%s' (e.g. 512M, 50G)",
+			               origin, d->key, value);
 		if (!strcmp(d->key, "mem"))
 			o->mem = v;
 		else
@@ -156,7 +169,7 @@ static int apply_option(parse_state *ps, const char *item, int from_cli, const c
 		unsigned v;
 		if (parse_count(value, &v) != SF_OK)
 			return sf_fail(e, SF_EINVAL, "%soption '%s': malformed count '%s'", origin,
-				       d->key, value);
+			               d->key, value);
 		if (!strcmp(d->key, "threads"))
 			o->threads = v;
 		else
@@ -228,7 +241,7 @@ static int apply_preset(parse_state *ps, sf_err *e)
 	f = fopen(path, "r");
 	if (!f)
 		return sf_fail(e, SF_EINVAL, "option 'preset': cannot read preset '%s' (%s): %s",
-			       ps->o->preset, path, strerror(errno));
+		               ps->o->preset, path, strerror(errno));
 	while (rc == SF_OK && fgets(line, sizeof line, f)) {
 		char *s = line, *end;
 		lineno++;
@@ -240,8 +253,8 @@ static int apply_preset(parse_state *ps, sf_err *e)
 		if (!*s || *s == '#')
 			continue;
 		if (!strncmp(s, "preset=", 7)) {
-			rc = sf_fail(e, SF_EINVAL, "%s:%u: a preset cannot name another preset", path,
-				     lineno);
+			rc = sf_fail(e, SF_EINVAL, "%s:%u: a preset cannot name another preset",
+			             path, lineno);
 			break;
 		}
 		snprintf(origin, sizeof origin, "%s:%u: ", path, lineno);
@@ -273,9 +286,10 @@ static int absolute_future_path(const char *path, char *out, size_t cap)
 	snprintf(probe, sizeof probe, "%s", path);
 	for (;;) {
 		if (realpath(probe, resolved))
-			return (size_t)snprintf(out, cap, "%s%s", resolved, path + strlen(probe)) < cap
-				       ? SF_OK
-				       : SF_ERANGE;
+			return (size_t)snprintf(out, cap, "%s%s", resolved, path + strlen(probe)) <
+			               cap
+			           ? SF_OK
+			           : SF_ERANGE;
 		cut = strrchr(probe, '/');
 		if (!cut)
 			break;
@@ -304,9 +318,9 @@ static int check_paths(sf_options *o, sf_err *e)
 	n = strlen(raw);
 	if (!strncmp(cache, raw, n) && (cache[n] == '/' || cache[n] == '\0'))
 		return sf_fail(e, SF_EINVAL,
-			       "option 'cache': '%s' is inside RAW_DIR '%s'; the raw dataset is "
-			       "never written to",
-			       o->cache_dir, raw);
+		               "option 'cache': '%s' is inside RAW_DIR '%s'; the raw dataset is "
+		               "never written to",
+		               o->cache_dir, raw);
 	if (set_string(&o->raw_dir, raw, e, "RAW_DIR") != SF_OK)
 		return SF_ENOMEM;
 	return set_string(&o->cache_dir, cache, e, "cache");
@@ -342,7 +356,7 @@ int sf_options_parse(int argc, char **argv, sf_options *o, sf_err *e)
 			return sf_fail(e, SF_EINVAL, "unknown option '%s'", a);
 		else if (positional < 2) {
 			rc = set_string(positional ? &o->mountpoint : &o->raw_dir, a, e,
-					positional ? "MOUNTPOINT" : "RAW_DIR");
+			                positional ? "MOUNTPOINT" : "RAW_DIR");
 			if (rc != SF_OK)
 				return rc;
 			positional++;
@@ -392,4 +406,7 @@ void sf_options_usage(const char *argv0)
 	printf("\nUnmount with: fusermount3 -u MOUNTPOINT\n");
 }
 
-const char *sf_version(void) { return SCOPEFS_VERSION; }
+const char *sf_version(void)
+{
+	return SCOPEFS_VERSION;
+}

@@ -84,28 +84,28 @@ static void json_counters(json *j, const sf_mount *m)
 	json_add(j, ",\n  \"cache_dir\": ");
 	json_string(j, m->opts->cache_dir);
 	json_add(j,
-		 ",\n  \"uptime_s\": %ld,\n  \"threads\": %u,\n  \"mem\": %llu,\n"
-		 "  \"cache_size\": %llu,\n",
-		 (long)(now.tv_sec - m->mounted_at.tv_sec),
-		 m->engine ? sf_engine_threads(m->engine) : 0, (unsigned long long)m->opts->mem,
-		 (unsigned long long)m->opts->cache_size);
+	         ",\n  \"uptime_s\": %ld,\n  \"threads\": %u,\n  \"mem\": %llu,\n"
+	         "  \"cache_size\": %llu,\n",
+	         (long)(now.tv_sec - m->mounted_at.tv_sec),
+	         m->engine ? sf_engine_threads(m->engine) : 0, (unsigned long long)m->opts->mem,
+	         (unsigned long long)m->opts->cache_size);
 	json_add(j,
-		 "  \"tiles_served\": %llu,\n  \"tiles_computed\": %llu,\n"
-		 "  \"ram_hits\": %llu,\n  \"ram_misses\": %llu,\n  \"disk_hits\": %llu,\n"
-		 "  \"disk_misses\": %llu,\n  \"in_flight\": %llu,\n  \"errors\": %llu,\n"
-		 "  \"ram_bytes\": %llu,\n  \"prefetched\": %llu,\n",
-		 (unsigned long long)es.served, (unsigned long long)es.computed,
-		 (unsigned long long)es.ram_hits, (unsigned long long)es.ram_misses,
-		 (unsigned long long)es.disk_hits, (unsigned long long)es.disk_misses,
-		 (unsigned long long)es.in_flight, (unsigned long long)es.errors,
-		 (unsigned long long)es.ram_bytes, (unsigned long long)es.prefetched);
+	         "  \"tiles_served\": %llu,\n  \"tiles_computed\": %llu,\n"
+	         "  \"ram_hits\": %llu,\n  \"ram_misses\": %llu,\n  \"disk_hits\": %llu,\n"
+	         "  \"disk_misses\": %llu,\n  \"in_flight\": %llu,\n  \"errors\": %llu,\n"
+	         "  \"ram_bytes\": %llu,\n  \"prefetched\": %llu,\n",
+	         (unsigned long long)es.served, (unsigned long long)es.computed,
+	         (unsigned long long)es.ram_hits, (unsigned long long)es.ram_misses,
+	         (unsigned long long)es.disk_hits, (unsigned long long)es.disk_misses,
+	         (unsigned long long)es.in_flight, (unsigned long long)es.errors,
+	         (unsigned long long)es.ram_bytes, (unsigned long long)es.prefetched);
 	json_add(j,
-		 "  \"cache_bytes\": %llu,\n  \"cache_entries\": %llu,\n"
-		 "  \"cache_corrupt\": %llu,\n  \"cache_evicted\": %llu,\n"
-		 "  \"cache_written\": %llu,\n",
-		 (unsigned long long)cs.bytes, (unsigned long long)cs.entries,
-		 (unsigned long long)cs.corrupt, (unsigned long long)cs.evicted,
-		 (unsigned long long)cs.written);
+	         "  \"cache_bytes\": %llu,\n  \"cache_entries\": %llu,\n"
+	         "  \"cache_corrupt\": %llu,\n  \"cache_evicted\": %llu,\n"
+	         "  \"cache_written\": %llu,\n",
+	         (unsigned long long)cs.bytes, (unsigned long long)cs.entries,
+	         (unsigned long long)cs.corrupt, (unsigned long long)cs.evicted,
+	         (unsigned long long)cs.written);
 }
 
 static void json_dataset(json *j, const sf_mount *m)
@@ -124,9 +124,10 @@ static void json_dataset(json *j, const sf_mount *m)
 		json_string(j, d->slide_stems[i]);
 		json_add(j, ", \"path\": ");
 		json_string(j, s->path);
-		json_add(j, ", \"width\": %u, \"height\": %u, \"channels\": %u, \"levels\": %u, "
-			    "\"state\": ",
-			 s->width, s->height, s->channels, s->level_count);
+		json_add(j,
+		         ", \"width\": %u, \"height\": %u, \"channels\": %u, \"levels\": %u, "
+		         "\"state\": ",
+		         s->width, s->height, s->channels, s->level_count);
 		json_string(j, m->slide_state ? m->slide_state[i].state : "");
 		json_add(j, "}");
 	}
@@ -134,8 +135,8 @@ static void json_dataset(json *j, const sf_mount *m)
 	for (uint32_t i = 0; i < d->stack_count; i++) {
 		json_add(j, "%s\n    {\"name\": ", i ? "," : "");
 		json_string(j, d->stacks[i]->name);
-		json_add(j, ", \"planes\": %u, \"width\": %u, \"height\": %u}", d->stacks[i]->planes,
-			 d->stacks[i]->width, d->stacks[i]->height);
+		json_add(j, ", \"planes\": %u, \"width\": %u, \"height\": %u}",
+		         d->stacks[i]->planes, d->stacks[i]->width, d->stacks[i]->height);
 	}
 	json_add(j, "%s],\n  \"problems\": [", d->stack_count ? "\n  " : "");
 	for (uint32_t i = 0; i < d->problem_count; i++) {

@@ -74,27 +74,29 @@ char *sf_ome_xml(const sf_ome_image *img, sf_err *e)
 	text t = {0};
 
 	text_add(&t, "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n"
-		     "<OME xmlns=\"http://www.openmicroscopy.org/Schemas/OME/2016-06\" "
-		     "xmlns:xsi=\"http://www.w3.org/2001/XMLSchema-instance\" "
-		     "xsi:schemaLocation=\"http://www.openmicroscopy.org/Schemas/OME/2016-06 "
-		     "http://www.openmicroscopy.org/Schemas/OME/2016-06/ome.xsd\" "
-		     "Creator=\"scopefs\">");
+	             "<OME xmlns=\"http://www.openmicroscopy.org/Schemas/OME/2016-06\" "
+	             "xmlns:xsi=\"http://www.w3.org/2001/XMLSchema-instance\" "
+	             "xsi:schemaLocation=\"http://www.openmicroscopy.org/Schemas/OME/2016-06 "
+	             "http://www.openmicroscopy.org/Schemas/OME/2016-06/ome.xsd\" "
+	             "Creator=\"scopefs\">");
 	text_add(&t, "<Image ID=\"Image:0\" Name=\"");
 	text_add_escaped(&t, img->name ? img->name : "image");
-	text_add(&t, "\"><Pixels ID=\"Pixels:0\" DimensionOrder=\"XYCZT\" Type=\"%s\" "
-		     "SizeX=\"%u\" SizeY=\"%u\" SizeC=\"%u\" SizeZ=\"1\" SizeT=\"1\"",
-		 sf_dtype_ome_name(img->dtype), img->width, img->height,
-		 img->channels * img->samples);
+	text_add(&t,
+	         "\"><Pixels ID=\"Pixels:0\" DimensionOrder=\"XYCZT\" Type=\"%s\" "
+	         "SizeX=\"%u\" SizeY=\"%u\" SizeC=\"%u\" SizeZ=\"1\" SizeT=\"1\"",
+	         sf_dtype_ome_name(img->dtype), img->width, img->height,
+	         img->channels * img->samples);
 	if (img->pixel_size_x > 0 && img->pixel_size_y > 0)
 		text_add(&t,
-			 " PhysicalSizeX=\"%.10g\" PhysicalSizeXUnit=\"\xC2\xB5m\" "
-			 "PhysicalSizeY=\"%.10g\" PhysicalSizeYUnit=\"\xC2\xB5m\"",
-			 img->pixel_size_x, img->pixel_size_y);
+		         " PhysicalSizeX=\"%.10g\" PhysicalSizeXUnit=\"\xC2\xB5m\" "
+		         "PhysicalSizeY=\"%.10g\" PhysicalSizeYUnit=\"\xC2\xB5m\"",
+		         img->pixel_size_x, img->pixel_size_y);
 	if (img->samples == 3)
 		text_add(&t, " Interleaved=\"true\"");
 	text_add(&t, ">");
 	for (uint32_t c = 0; c < img->channels; c++) {
-		text_add(&t, "<Channel ID=\"Channel:0:%u\" SamplesPerPixel=\"%u\"", c, img->samples);
+		text_add(&t, "<Channel ID=\"Channel:0:%u\" SamplesPerPixel=\"%u\"", c,
+		         img->samples);
 		if (img->channel_names && img->channel_names[c]) {
 			text_add(&t, " Name=\"");
 			text_add_escaped(&t, img->channel_names[c]);
@@ -104,9 +106,9 @@ char *sf_ome_xml(const sf_ome_image *img, sf_err *e)
 	}
 	for (uint32_t c = 0; c < img->channels; c++)
 		text_add(&t,
-			 "<TiffData IFD=\"%u\" FirstC=\"%u\" FirstZ=\"0\" FirstT=\"0\" "
-			 "PlaneCount=\"1\"/>",
-			 c, c);
+		         "<TiffData IFD=\"%u\" FirstC=\"%u\" FirstZ=\"0\" FirstT=\"0\" "
+		         "PlaneCount=\"1\"/>",
+		         c, c);
 	text_add(&t, "</Pixels></Image></OME>");
 	if (t.failed) {
 		free(t.buf);

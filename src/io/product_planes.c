@@ -49,7 +49,7 @@ static void planes_worker_stop(sf_product *p, void *state)
 /* The reader of plane z, opened into a slot if not held.  A multi-page
  * stack has one file: every plane uses the reader of plane_info[0]. */
 static int planes_reader(const planes *pl, planes_worker *w, uint32_t z, sf_slide_reader **out,
-			 sf_err *e)
+                         sf_err *e)
 {
 	uint32_t file = pl->stack->multipage ? 0 : z;
 	unsigned slot;
@@ -91,7 +91,7 @@ static int planes_compute(sf_product *p, void *state, uint64_t unit, uint8_t *ou
 	if (rc != SF_OK)
 		return rc;
 	return sf_slide_read_region(reader, 0, pl->stack->multipage ? z : 0, 0, y0,
-				    pl->stack->width, h, out, e);
+	                            pl->stack->width, h, out, e);
 }
 
 static void planes_destroy(sf_product *p)
@@ -101,11 +101,11 @@ static void planes_destroy(sf_product *p)
 }
 
 static const sf_product_ops planes_ops = {
-	.worker_start = planes_worker_start,
-	.worker_stop = planes_worker_stop,
-	.compute = planes_compute,
-	.unit_bytes = planes_unit_bytes,
-	.destroy = planes_destroy,
+    .worker_start = planes_worker_start,
+    .worker_stop = planes_worker_stop,
+    .compute = planes_compute,
+    .unit_bytes = planes_unit_bytes,
+    .destroy = planes_destroy,
 };
 
 static sf_key planes_key(const sf_stack *st, uint32_t rows)
@@ -122,8 +122,8 @@ static sf_key planes_key(const sf_stack *st, uint32_t rows)
 	return k;
 }
 
-int sf_product_planes_create(const sf_stack *st, const sf_layout *plane_layout,
-			     sf_product **out, sf_err *e)
+int sf_product_planes_create(const sf_stack *st, const sf_layout *plane_layout, sf_product **out,
+                             sf_err *e)
 {
 	sf_product *p = calloc(1, sizeof *p);
 	planes *pl = calloc(1, sizeof *pl);

@@ -65,8 +65,8 @@ static size_t retile_unit_bytes(const sf_product *p, uint64_t unit)
 
 /* Box-reduce the w x h output pixels at (x0, y0) of channel c into dst. */
 static int retile_box(retile *r, retile_worker *w, uint32_t level, uint32_t c, uint32_t x0,
-		      uint32_t y0, uint32_t out_w, uint32_t out_h, uint8_t *dst, size_t dst_stride,
-		      sf_err *e)
+                      uint32_t y0, uint32_t out_w, uint32_t out_h, uint8_t *dst, size_t dst_stride,
+                      sf_err *e)
 {
 	const sf_slide_info *s = r->slide;
 	uint32_t k = r->plan.box[level], src_level = r->plan.source_level[level];
@@ -85,20 +85,26 @@ static int retile_box(retile *r, retile_worker *w, uint32_t level, uint32_t c, u
 		w->band_cap = 0;
 		if (!(w->band = malloc(need)))
 			return sf_fail(e, SF_ENOMEM, "%s: out of memory for a source band",
-				       s->path);
+			               s->path);
 		w->band_cap = need;
 	}
 	for (uint32_t row = 0; row < out_h; row += band_rows) {
 		uint32_t rows = out_h - row < band_rows ? out_h - row : band_rows;
 		uint64_t sx = (uint64_t)x0 * k, sy = (uint64_t)(y0 + row) * k;
-		uint32_t valid_w = sx >= sw ? 0 : (uint32_t)(sw - sx < (uint64_t)out_w * k ? sw - sx : (uint64_t)out_w * k);
-		uint32_t valid_h = sy >= sh ? 0 : (uint32_t)(sh - sy < (uint64_t)rows * k ? sh - sy : (uint64_t)rows * k);
+		uint32_t valid_w =
+		    sx >= sw
+		        ? 0
+		        : (uint32_t)(sw - sx < (uint64_t)out_w * k ? sw - sx : (uint64_t)out_w * k);
+		uint32_t valid_h =
+		    sy >= sh
+		        ? 0
+		        : (uint32_t)(sh - sy < (uint64_t)rows * k ? sh - sy : (uint64_t)rows * k);
 		int rc = sf_slide_read_region(w->reader, src_level, c, (int64_t)sx, (int64_t)sy,
-					      out_w * k, rows * k, w->band, e);
+		                              out_w * k, rows * k, w->band, e);
 		if (rc != SF_OK)
 			return rc;
 		sf_box_reduce(w->band, src_row_bytes, valid_w, valid_h, k, s->dtype, s->samples,
-			      dst + (size_t)row * dst_stride, dst_stride, out_w, rows);
+		              dst + (size_t)row * dst_stride, dst_stride, out_w, rows);
 	}
 	return SF_OK;
 }
@@ -125,7 +131,7 @@ static int retile_compute(sf_product *p, void *state, uint64_t unit, uint8_t *ou
 		int rc;
 		if (r->plan.box[level] == 1) {
 			rc = sf_slide_read_region(w->reader, r->plan.source_level[level], c, x0, y0,
-						  r->tile, r->tile, page, e);
+			                          r->tile, r->tile, page, e);
 		} else {
 			memset(page, 0, page_bytes);
 			rc = retile_box(r, w, level, c, x0, y0, out_w, out_h, page, row_bytes, e);
@@ -143,11 +149,11 @@ static void retile_destroy(sf_product *p)
 }
 
 static const sf_product_ops retile_ops = {
-	.worker_start = retile_worker_start,
-	.worker_stop = retile_worker_stop,
-	.compute = retile_compute,
-	.unit_bytes = retile_unit_bytes,
-	.destroy = retile_destroy,
+    .worker_start = retile_worker_start,
+    .worker_stop = retile_worker_stop,
+    .compute = retile_compute,
+    .unit_bytes = retile_unit_bytes,
+    .destroy = retile_destroy,
 };
 
 /* Everything the output depends on: the source file's identity, this
@@ -167,7 +173,7 @@ static sf_key retile_key(const sf_slide_info *s, const sf_pyramid_plan *plan, ui
 }
 
 int sf_product_retile_create(const sf_slide_info *s, const sf_pyramid_plan *plan,
-			     const sf_layout *l, sf_product **out, sf_err *e)
+                             const sf_layout *l, sf_product **out, sf_err *e)
 {
 	sf_product *p = calloc(1, sizeof *p);
 	retile *r = calloc(1, sizeof *r);

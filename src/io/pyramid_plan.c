@@ -9,9 +9,15 @@
 
 #include <math.h>
 
-static uint32_t ceil_half(uint32_t v) { return v / 2 + (v & 1); }
+static uint32_t ceil_half(uint32_t v)
+{
+	return v / 2 + (v & 1);
+}
 
-static int is_half_of(uint32_t v, uint32_t prev) { return v == prev / 2 || v == ceil_half(prev); }
+static int is_half_of(uint32_t v, uint32_t prev)
+{
+	return v == prev / 2 || v == ceil_half(prev);
+}
 
 static uint32_t nominal_log2_downsample(const sf_slide_info *s, uint32_t level)
 {
@@ -55,7 +61,8 @@ void sf_pyramid_plan_make(const sf_slide_info *s, uint32_t tile, sf_pyramid_plan
 			plan->height[l] = ceil_half(ph);
 			for (uint32_t i = 0; i < s->level_count; i++)
 				if (nominal_log2_downsample(s, i) <= l &&
-				    nominal_log2_downsample(s, i) >= nominal_log2_downsample(s, best))
+				    nominal_log2_downsample(s, i) >=
+				        nominal_log2_downsample(s, best))
 					best = i;
 			plan->source_level[l] = best;
 			plan->box[l] = 1u << (l - nominal_log2_downsample(s, best));

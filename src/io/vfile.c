@@ -3,10 +3,13 @@
 
 #include <string.h>
 
-uint64_t sf_vfile_size(const sf_vfile *v) { return sf_layout_file_size(v->layout); }
+uint64_t sf_vfile_size(const sf_vfile *v)
+{
+	return sf_layout_file_size(v->layout);
+}
 
 int sf_vfile_read(sf_engine *g, const sf_vfile *v, uint64_t off, size_t len, uint8_t *dst,
-		  size_t *got, sf_err *e)
+                  size_t *got, sf_err *e)
 {
 	uint64_t size = sf_layout_file_size(v->layout);
 	uint64_t header = sf_layout_header_size(v->layout);
@@ -32,7 +35,7 @@ int sf_vfile_read(sf_engine *g, const sf_vfile *v, uint64_t off, size_t len, uin
 		if (n > len - done)
 			n = len - done;
 		rc = sf_engine_read(g, v->product, v->unit_base + unit, (size_t)within, n,
-				    dst + done, e);
+		                    dst + done, e);
 		if (rc != SF_OK)
 			return rc;
 		done += n;

@@ -9,20 +9,20 @@
 
 static int check_passed, check_failed;
 
-#define CHECK(cond, ...)                                                                       \
-	do {                                                                                   \
-		if (cond)                                                                      \
-			check_passed++;                                                        \
-		else {                                                                         \
-			check_failed++;                                                        \
-			printf("FAIL %s:%d: ", __FILE__, __LINE__);                            \
-			printf(__VA_ARGS__);                                                   \
-			printf("\n");                                                          \
-		}                                                                              \
+#define CHECK(cond, ...)                                                                           \
+	do {                                                                                       \
+		if (cond)                                                                          \
+			check_passed++;                                                            \
+		else {                                                                             \
+			check_failed++;                                                            \
+			printf("FAIL %s:%d: ", __FILE__, __LINE__);                                \
+			printf(__VA_ARGS__);                                                       \
+			printf("\n");                                                              \
+		}                                                                                  \
 	} while (0)
 
-#define CHECK_DONE(name)                                                                       \
-	(printf("%s: %d passed, %d failed\n", name, check_passed, check_failed),               \
+#define CHECK_DONE(name)                                                                           \
+	(printf("%s: %d passed, %d failed\n", name, check_passed, check_failed),                   \
 	 check_failed ? 1 : 0)
 
 #endif

@@ -8,7 +8,7 @@
 #include "scopefs/resample.h"
 
 static sf_slide_info slide_with_levels(uint32_t n, const uint32_t *w, const uint32_t *h,
-				       sf_slide_level *storage)
+                                       sf_slide_level *storage)
 {
 	sf_slide_info s;
 	memset(&s, 0, sizeof s);
@@ -72,11 +72,12 @@ static void test_plan_svs_4x(void)
 static void test_box_reduce(void)
 {
 	/* 5x3 uint16 image, k = 2: edge boxes average only in-image pixels. */
-	uint16_t src[3][6] = {{1, 2, 3, 4, 5, 999}, {5, 6, 7, 8, 9, 999}, {10, 20, 30, 40, 51, 999}};
+	uint16_t src[3][6] = {
+	    {1, 2, 3, 4, 5, 999}, {5, 6, 7, 8, 9, 999}, {10, 20, 30, 40, 51, 999}};
 	uint16_t dst[2][3];
 
 	sf_box_reduce(src, sizeof src[0], 5, 3, 2, SF_U16, 1, dst, sizeof dst[0], 3, 2);
-	CHECK(dst[0][0] == 4, "(1+2+5+6+2)/4 = 4, got %u", dst[0][0]);   /* 14/4=3.5 -> 4 */
+	CHECK(dst[0][0] == 4, "(1+2+5+6+2)/4 = 4, got %u", dst[0][0]); /* 14/4=3.5 -> 4 */
 	CHECK(dst[0][2] == 7, "(5+9)/2 = 7, got %u", dst[0][2]);
 	CHECK(dst[1][0] == 15, "(10+20+1)/2 = 15, got %u", dst[1][0]);
 	CHECK(dst[1][2] == 51, "corner single pixel, got %u", dst[1][2]);
