@@ -20,8 +20,8 @@ PKG_CFLAGS := $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
 PKG_LIBS   := $(shell pkg-config --libs $(PKGS) 2>/dev/null) -lfftw3f_threads
 
 CFLAGS  ?= -O2 -g
-CFLAGS  += -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror -Iinclude -pthread $(PKG_CFLAGS) $(SAN)
-LDFLAGS += -pthread $(SAN)
+override CFLAGS += -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror -Iinclude -pthread $(PKG_CFLAGS) $(SAN)
+override LDFLAGS += -pthread $(SAN)
 LDLIBS  += $(PKG_LIBS) -lm
 
 # CUDA is optional: every build works without it.
@@ -30,7 +30,7 @@ CUDA    ?= $(if $(NVCC),1,0)
 CUDA_HOME ?= $(patsubst %/bin/nvcc,%,$(NVCC))
 CU_SRCS := $(if $(filter 1,$(CUDA)),$(wildcard src/core/*.cu))
 ifeq ($(CUDA),1)
-CFLAGS  += -DSF_HAVE_CUDA=1 -I$(CUDA_HOME)/include
+override CFLAGS += -DSF_HAVE_CUDA=1 -I$(CUDA_HOME)/include
 LDLIBS  += -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcufft -lcudart -lstdc++
 NVFLAGS ?= -O2 -Iinclude -Xcompiler -Wall,-Wextra,-Werror,-fPIC -arch=sm_90 \
 	   -gencode arch=compute_90,code=compute_90 -DSF_HAVE_CUDA=1
@@ -45,6 +45,7 @@ FUSE_OBJS := $(FUSE_SRCS:%.c=$(BUILD)/%.o)
 UNIT_SRCS := $(wildcard tests/unit/test_*.c)
 UNIT_BINS := $(UNIT_SRCS:tests/unit/%.c=$(BUILD)/tests/%)
 
+.SECONDARY:
 .PHONY: all deps test unit asan integration demo undemo bench format lint clean
 all: $(BUILD)/scopefs
 
