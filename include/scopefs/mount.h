@@ -15,6 +15,7 @@
 #include "scopefs/dataset.h"
 #include "scopefs/engine.h"
 #include "scopefs/options.h"
+#include "scopefs/transform.h"
 #include "scopefs/vfile.h"
 
 typedef enum sf_node_kind {
@@ -36,8 +37,9 @@ typedef struct sf_node {
 } sf_node;
 
 typedef struct sf_slide_entry {
-	uint32_t slide;    /* index in dataset->slides */
-	const char *state; /* "served", or why it is not */
+	char *state;            /* "served ...", or why it is not (owned) */
+	char *transform_path;   /* the transform file used, or NULL (owned) */
+	sf_transform transform; /* moving slides: reference px -> this slide's px */
 } sf_slide_entry;
 
 typedef struct sf_mount {

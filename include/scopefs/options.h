@@ -22,6 +22,10 @@ typedef struct sf_options {
 	unsigned readahead;  /* readahead=, units scheduled ahead of a sequential reader */
 	char *reference;     /* reference=, file name or stem; NULL: first slide by name */
 	char *preset;        /* preset= as given */
+	char *transforms;    /* transforms=DIR: transform files of moving slides, or NULL */
+	int interp;          /* interp=: an sf_interp (warp.h), default bilinear */
+	double background;   /* background=: value outside a warped slide */
+	int gpu;             /* gpu=: -1 auto, -2 off, else a device index */
 	int foreground, debug, single_thread;
 	int show_help, show_version;
 	/* Options handed to libfuse's mount (allow_other, fsname=...): "-o" list. */

@@ -17,6 +17,7 @@
 #include "scopefs/product.h"
 #include "scopefs/slide.h"
 #include "scopefs/tiff_layout.h"
+#include "scopefs/transform.h"
 
 /* How each output level is made from the source. */
 typedef struct sf_pyramid_plan {
@@ -34,6 +35,23 @@ void sf_pyramid_plan_make(const sf_slide_info *s, uint32_t tile, sf_pyramid_plan
 /* The retile product of s on the layout l (which must follow plan). */
 int sf_product_retile_create(const sf_slide_info *s, const sf_pyramid_plan *plan,
                              const sf_layout *l, sf_product **out, sf_err *e);
+
+/* How a moving slide is warped onto the reference grid. */
+typedef struct sf_warp_options {
+	int interp;        /* an sf_interp (warp.h) */
+	double background; /* value outside the moving slide */
+	int gpu;           /* -1 auto, -2 off, else a device index */
+} sf_warp_options;
+
+/* The warp product: moving slide s resampled through t (a backward map
+ * from reference level-0 pixels to s's level-0 pixels; owned by the caller,
+ * read-only, outliving the product) onto the reference pyramid `plan`
+ * (the reference's level sizes) laid out as l.  Each output level L is
+ * warped from s's nearest adequate level (box-prefiltered when s lacks
+ * one), reading only the source rect the tile's footprint needs. */
+int sf_product_warp_create(const sf_slide_info *s, const sf_transform *t,
+                           const sf_pyramid_plan *plan, const sf_warp_options *wo,
+                           const sf_layout *l, sf_product **out, sf_err *e);
 
 /* The planes product of stack st; plane_layout is the layout of one plane
  * file (all planes share it).  Units: plane * strips_per_plane + strip. */

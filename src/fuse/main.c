@@ -3,6 +3,7 @@
  * Exit status: 0 after a clean unmount, 2 for a usage or option error
  * (nothing mounted), 1 when the dataset, cache or mount fails. */
 #define FUSE_USE_VERSION 312
+#include <malloc.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -70,6 +71,12 @@ int main(int argc, char **argv)
 		return 0;
 	}
 	sf_log_set_level(o.debug ? SF_LOG_DEBUG : SF_LOG_INFO);
+	/* Units are megabytes each and come and go all the time.  glibc would
+	 * raise its mmap threshold after the first free and then keep freed
+	 * units in per-thread heaps, so RSS would drift far above mem: keep
+	 * big blocks in mmap (returned on free) and the arenas few. */
+	mallopt(M_MMAP_THRESHOLD, 256 * 1024);
+	mallopt(M_ARENA_MAX, 4);
 	if (!o.threads) {
 		long n = sysconf(_SC_NPROCESSORS_ONLN);
 		o.threads = n > 0 ? (unsigned)n : 1;

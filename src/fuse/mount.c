@@ -192,56 +192,120 @@ static int keep_layout(sf_mount *m, sf_layout *l, sf_err *e)
 	return SF_OK;
 }
 
-/* registered/<stem>.ome.tif for slide i, re-tiled in its own frame. */
-static int add_retiled_slide(sf_mount *m, uint32_t dir, uint32_t i, sf_err *e)
+/* The layout of a registered/ file: the reference's grid (size, levels,
+ * pixel size) with the channels, samples and type of slide s. */
+static int registered_layout(sf_mount *m, const sf_slide_info *ref, const sf_slide_info *s,
+                             const char *stem, const sf_pyramid_plan *plan, sf_layout **out,
+                             sf_err *e)
 {
-	const sf_slide_info *s = m->dataset->slides[i];
-	const char *stem = m->dataset->slide_stems[i];
-	sf_pyramid_plan plan;
 	sf_layout_spec spec = {0};
 	sf_ome_image ome = {0};
-	sf_layout *layout;
-	sf_product *product;
-	char name[NAME_MAX + 1];
 	int rc;
 
-	sf_pyramid_plan_make(s, SF_TILE, &plan);
 	ome.name = stem;
-	ome.width = s->width;
-	ome.height = s->height;
+	ome.width = ref->width;
+	ome.height = ref->height;
 	ome.channels = s->channels;
 	ome.samples = s->samples;
 	ome.dtype = s->dtype;
-	ome.pixel_size_x = s->pixel_size_x;
-	ome.pixel_size_y = s->pixel_size_y;
+	ome.pixel_size_x = ref->pixel_size_x;
+	ome.pixel_size_y = ref->pixel_size_y;
 	ome.channel_names = s->channel_names;
 	char *xml = sf_ome_xml(&ome, e);
 	if (!xml)
 		return e->code;
-	spec.width = s->width;
-	spec.height = s->height;
+	spec.width = ref->width;
+	spec.height = ref->height;
 	spec.pages = s->channels;
 	spec.samples = s->samples;
 	spec.dtype = s->dtype;
 	spec.tile = SF_TILE;
-	spec.levels = plan.levels;
-	spec.level_width = plan.width;
-	spec.level_height = plan.height;
+	spec.levels = plan->levels;
+	spec.level_width = plan->width;
+	spec.level_height = plan->height;
 	spec.description = xml;
 	spec.bigtiff = -1;
-	if (s->pixel_size_x > 0 && s->pixel_size_y > 0) {
-		spec.resolution_x = 1e4 / s->pixel_size_x;
-		spec.resolution_y = 1e4 / s->pixel_size_y;
+	if (ref->pixel_size_x > 0 && ref->pixel_size_y > 0) {
+		spec.resolution_x = 1e4 / ref->pixel_size_x;
+		spec.resolution_y = 1e4 / ref->pixel_size_y;
 	}
-	rc = sf_layout_create(&spec, &layout, e);
+	rc = sf_layout_create(&spec, out, e);
 	free(xml);
-	if (rc != SF_OK || (rc = keep_layout(m, layout, e)) != SF_OK)
+	return rc == SF_OK ? keep_layout(m, *out, e) : rc;
+}
+
+/* The transform file of a moving slide in DIR: <stem>.json, .txt (elastix),
+ * .tfm (ITK), or the folder <stem>/ as elastix writes it.  NULL if none. */
+static char *find_transform(const char *dir, const char *stem)
+{
+	static const char *const suffixes[] = {".json", ".txt", ".tfm", ""};
+	char path[PATH_MAX];
+	struct stat st;
+
+	for (size_t i = 0; i < sizeof suffixes / sizeof suffixes[0]; i++) {
+		if ((size_t)snprintf(path, sizeof path, "%s/%s%s", dir, stem, suffixes[i]) >=
+		    sizeof path)
+			return NULL;
+		if (stat(path, &st) == 0 &&
+		    (S_ISREG(st.st_mode) || (!*suffixes[i] && S_ISDIR(st.st_mode))))
+			return strdup(path);
+	}
+	return NULL;
+}
+
+static int set_state(sf_slide_entry *se, const char *fmt, const char *detail)
+{
+	char text[768];
+	free(se->state);
+	snprintf(text, sizeof text, fmt, detail);
+	se->state = strdup(text);
+	return se->state ? SF_OK : SF_ENOMEM;
+}
+
+/* registered/<stem>.ome.tif for slide i: the reference re-tiled, a moving
+ * slide warped through its transform.  A slide that cannot be served gets
+ * its reason in slide_state and the mount goes on; only SF_ENOMEM stops it. */
+static int add_registered_slide(sf_mount *m, uint32_t dir, uint32_t i, const sf_pyramid_plan *plan,
+                                sf_err *e)
+{
+	const sf_dataset *d = m->dataset;
+	const sf_slide_info *ref = d->slides[m->reference], *s = d->slides[i];
+	sf_slide_entry *se = &m->slide_state[i];
+	const char *stem = d->slide_stems[i];
+	char name[NAME_MAX + 1];
+	sf_layout *layout;
+	sf_product *product;
+	int rc;
+
+	if ((int)i != m->reference) {
+		sf_tf_units units = {{ref->pixel_size_x, ref->pixel_size_y},
+		                     {s->pixel_size_x, s->pixel_size_y}};
+		if (!m->opts->transforms)
+			return set_state(se, "%s", "not served: no transforms=DIR given");
+		if (!(se->transform_path = find_transform(m->opts->transforms, stem)))
+			return set_state(se, "not served: no transform for it in %s",
+			                 m->opts->transforms);
+		rc = sf_transform_load(se->transform_path, &units, &se->transform, e);
+		if (rc != SF_OK)
+			return rc == SF_ENOMEM ? rc : set_state(se, "not served: %s", e->msg);
+	}
+	rc = registered_layout(m, ref, s, stem, plan, &layout, e);
+	if (rc == SF_OK && (int)i == m->reference)
+		rc = sf_product_retile_create(s, plan, layout, &product, e);
+	else if (rc == SF_OK) {
+		sf_warp_options wo = {m->opts->interp, m->opts->background, m->opts->gpu};
+		rc = sf_product_warp_create(s, &se->transform, plan, &wo, layout, &product, e);
+	}
+	if (rc == SF_OK && (rc = keep_product(m, product, e)) == SF_OK) {
+		snprintf(name, sizeof name, "%s.ome.tif", stem);
+		rc = add_vfile(m, dir, name, layout, product, 0, e);
+	}
+	if (rc == SF_ENOMEM)
 		return rc;
-	rc = sf_product_retile_create(s, &plan, layout, &product, e);
-	if (rc != SF_OK || (rc = keep_product(m, product, e)) != SF_OK)
-		return rc;
-	snprintf(name, sizeof name, "%s.ome.tif", stem);
-	return add_vfile(m, dir, name, layout, product, 0, e);
+	if (rc != SF_OK)
+		return set_state(se, "not served: %s", e->msg);
+	return (int)i == m->reference ? set_state(se, "%s", "served (reference, re-tiled)")
+	                              : set_state(se, "served, warped by %s", se->transform_path);
 }
 
 static int find_reference(sf_mount *m, sf_err *e)
@@ -267,28 +331,24 @@ static int find_reference(sf_mount *m, sf_err *e)
 static int build_registered(sf_mount *m, uint32_t root, sf_err *e)
 {
 	const sf_dataset *d = m->dataset;
+	sf_pyramid_plan plan;
 	uint32_t dir;
 	int rc = node_add(m, root, "registered", SF_NODE_DIR, &dir, e);
 
-	if (rc != SF_OK || (rc = find_reference(m, e)) != SF_OK)
+	if (rc != SF_OK || (rc = find_reference(m, e)) != SF_OK || m->reference < 0)
 		return rc;
-	if (d->slide_count && !(m->slide_state = calloc(d->slide_count, sizeof *m->slide_state)))
+	if (!(m->slide_state = calloc(d->slide_count, sizeof *m->slide_state)))
 		return sf_fail(e, SF_ENOMEM, "out of memory");
-	for (uint32_t i = 0; i < d->slide_count; i++) {
-		m->slide_state[i].slide = i;
-		if ((int)i != m->reference) {
-			m->slide_state[i].state = "moving slide: no transform support yet";
-			continue;
-		}
-		rc = add_retiled_slide(m, dir, i, e);
-		if (rc == SF_ENOMEM)
-			return rc;
-		m->slide_state[i].state = rc == SF_OK ? "served (reference)" : "left out";
-		if (rc != SF_OK)
-			sf_log(SF_LOG_WARN, "registered: %s left out: %s", d->slides[i]->path,
-			       e->msg);
+	for (uint32_t i = 0; i < d->slide_count; i++)
+		sf_transform_init(&m->slide_state[i].transform);
+	sf_pyramid_plan_make(d->slides[m->reference], SF_TILE, &plan);
+	for (uint32_t i = 0; i < d->slide_count && rc == SF_OK; i++) {
+		rc = add_registered_slide(m, dir, i, &plan, e);
+		if (rc == SF_OK && strncmp(m->slide_state[i].state, "served", 6))
+			sf_log(SF_LOG_WARN, "registered: %s: %s", d->slides[i]->path,
+			       m->slide_state[i].state);
 	}
-	return SF_OK;
+	return rc;
 }
 
 /* deconvolved/<stack>/<plane> for each stack (planes at the top for RAW_DIR itself). */
@@ -444,12 +504,17 @@ void sf_mount_free(sf_mount *m)
 	}
 	if (m->cache)
 		sf_cache_close(m->cache);
-	sf_dataset_free(m->dataset);
 	free(m->products);
 	free(m->vfiles);
 	free(m->layouts);
 	free(m->nodes);
+	for (uint32_t i = 0; m->slide_state && i < m->dataset->slide_count; i++) {
+		free(m->slide_state[i].state);
+		free(m->slide_state[i].transform_path);
+		sf_transform_release(&m->slide_state[i].transform);
+	}
 	free(m->slide_state);
+	sf_dataset_free(m->dataset);
 	free(m);
 }
 

@@ -14,6 +14,7 @@
 #include <unistd.h>
 
 #include "scopefs/log.h"
+#include "scopefs/warp.h"
 
 #ifndef SCOPEFS_VERSION
 #define SCOPEFS_VERSION "0.1.0"
@@ -30,11 +31,15 @@ typedef struct option_def {
 static const option_def option_table[] = {
     {"cache", OPT_STRING, "cache=DIR        disk cache folder (default $XDG_CACHE_HOME/scopefs)"},
     {"cache_size", OPT_SIZE, "cache_size=SIZE  disk cache bound, e.g. 50G (default 20G)"},
-    {"mem", OPT_SIZE, "mem=SIZE         RAM bound for decoded tiles (default 256M)"},
+    {"mem", OPT_SIZE, "mem=SIZE         RAM bound for decoded tiles (default 128M)"},
     {"threads", OPT_COUNT, "threads=N        worker threads (default: one per CPU)"},
     {"readahead", OPT_COUNT, "readahead=N      tiles scheduled ahead of a sequential reader"},
     {"reference", OPT_STRING, "reference=NAME   reference slide, file name or stem"},
     {"preset", OPT_STRING, "preset=NAME      read options from mountopts/NAME"},
+    {"transforms", OPT_STRING, "transforms=DIR   transform files of the moving slides"},
+    {"interp", OPT_STRING, "interp=NAME      warp interpolation: bilinear, bicubic, nearest"},
+    {"background", OPT_STRING, "background=V     value outside a warped slide (default 0)"},
+    {"gpu", OPT_STRING, "gpu=auto|off|N   GPU for warps and deconvolution (default auto)"},
     {"allow_other", OPT_FUSE_FLAG, "allow_other      let other users see the mount"},
     {"allow_root", OPT_FUSE_FLAG, "allow_root       let root see the mount"},
     {"default_permissions", OPT_FUSE_FLAG, "default_permissions  kernel permission checks"},
@@ -102,6 +107,45 @@ static int parse_count(const char *text, unsigned *out)
 	if (errno || *end || v > 4096)
 		return SF_EINVAL;
 	*out = (unsigned)v;
+	return SF_OK;
+}
+
+static int parse_interp(const char *value, sf_options *o, const char *origin, sf_err *e)
+{
+	sf_interp i;
+	if (sf_interp_parse(value, &i) != SF_OK)
+		return sf_fail(e, SF_EINVAL,
+		               "%soption 'interp': '%s' is not bilinear, bicubic or nearest",
+		               origin, value);
+	o->interp = (int)i;
+	return SF_OK;
+}
+
+static int parse_background(const char *value, sf_options *o, const char *origin, sf_err *e)
+{
+	char *end;
+	double v = strtod(value, &end);
+	if (*end || v != v)
+		return sf_fail(e, SF_EINVAL, "%soption 'background': '%s' is not a number", origin,
+		               value);
+	o->background = v;
+	return SF_OK;
+}
+
+/* gpu=auto (-1: the first device if any), off (-2), or a device index. */
+static int parse_gpu(const char *value, sf_options *o, const char *origin, sf_err *e)
+{
+	unsigned n;
+	if (!strcmp(value, "auto"))
+		o->gpu = -1;
+	else if (!strcmp(value, "off"))
+		o->gpu = -2;
+	else if (parse_count(value, &n) == SF_OK && n < 64)
+		o->gpu = (int)n;
+	else
+		return sf_fail(e, SF_EINVAL,
+		               "%soption 'gpu': '%s' is not auto, off or a device number", origin,
+		               value);
 	return SF_OK;
 }
 
@@ -181,6 +225,14 @@ static int apply_option(parse_state *ps, const char *item, int from_cli, const c
 			return set_string(&o->cache_dir, value, e, d->key);
 		if (!strcmp(d->key, "reference"))
 			return set_string(&o->reference, value, e, d->key);
+		if (!strcmp(d->key, "transforms"))
+			return set_string(&o->transforms, value, e, d->key);
+		if (!strcmp(d->key, "interp"))
+			return parse_interp(value, o, origin, e);
+		if (!strcmp(d->key, "background"))
+			return parse_background(value, o, origin, e);
+		if (!strcmp(d->key, "gpu"))
+			return parse_gpu(value, o, origin, e);
 		return set_string(&o->preset, value, e, d->key);
 	}
 	return SF_OK;
@@ -331,8 +383,10 @@ int sf_options_parse(int argc, char **argv, sf_options *o, sf_err *e)
 	parse_state ps = {.o = o};
 	int positional = 0, rc;
 
-	o->mem = 256ull << 20;
+	o->mem = 128ull << 20;
 	o->cache_size = 20ull << 30;
+	o->interp = SF_INTERP_BILINEAR;
+	o->gpu = -1;
 	for (int i = 1; i < argc; i++) {
 		const char *a = argv[i];
 		if (!strcmp(a, "-h") || !strcmp(a, "--help"))
@@ -381,6 +435,7 @@ void sf_options_free(sf_options *o)
 	free(o->cache_dir);
 	free(o->reference);
 	free(o->preset);
+	free(o->transforms);
 	free(o->fuse_mount_opts);
 }
 

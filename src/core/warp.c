@@ -1,0 +1,614 @@
+/* warp.c — the CPU warp kernel, the source-rect bound and the level choice.
+ *
+ * A tile is warped row by row in two passes: the source coordinates of the
+ * row (relative to the source buffer) into a scratch array, then the sampling.
+ * The first pass is a multiply and an add per coordinate when the map is
+ * affine, which the compiler vectorises; the second is specialised per sample
+ * type, interpolation and the common sample counts (1, 3, 4) so the channel
+ * loop unrolls.  All value arithmetic goes through warp_math.h, shared with
+ * the CUDA kernel, so both give identical pixels.
+ *
+ * Invariants: the kernel never reads outside the caller's buffer (taps
+ * outside it are the background value); source_rect's result contains every
+ * tap the kernel reads inside the level, with a 1e-3 pixel margin for the
+ * rounding differences between its box arithmetic and the per-pixel maps. */
+#include "scopefs/warp.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "warp_math.h"
+
+#define MAX_SAMPLES  64
+#define MAX_TILE_DIM (1 << 20)
+
+/* Coordinates of row y of the out rect, relative to the source buffer. */
+static void row_coords(const sf_map *m, sf_wrect out, int64_t y, sf_wrect srect,
+                       double *restrict lx, double *restrict ly)
+{
+	const double yy = (double)(out.y + y);
+	const double ox = -(double)srect.x, oy = -(double)srect.y;
+	if (m->nfields == 0 && !m->projective) {
+		/* wm_affine_row with its row constant hoisted: same operations */
+		const double a = m->m[0], d = m->m[3];
+		const double cx = WM_DADD(WM_DMUL(m->m[1], yy), m->m[2]);
+		const double cy = WM_DADD(WM_DMUL(m->m[4], yy), m->m[5]);
+		for (int64_t i = 0; i < out.w; i++) {
+			double xx = (double)(out.x + i);
+			lx[i] = WM_DADD(WM_DADD(WM_DMUL(a, xx), cx), ox);
+			ly[i] = WM_DADD(WM_DADD(WM_DMUL(d, xx), cy), oy);
+		}
+		return;
+	}
+	for (int64_t i = 0; i < out.w; i++) {
+		double sx, sy;
+		wm_map_point(m, (double)(out.x + i), yy, &sx, &sy);
+		lx[i] = WM_DADD(sx, ox);
+		ly[i] = WM_DADD(sy, oy);
+	}
+}
+
+/* Four samples at once (RGBA, 4-channel fluorescence) with GCC/clang vector
+ * types: element-wise IEEE float operations in the same order as
+ * wm_lerp/wm_round_clamp, so the results are the scalar ones, bit for bit. */
+typedef float v4f __attribute__((vector_size(16)));
+typedef int32_t v4i __attribute__((vector_size(16)));
+
+static inline v4f lerp4(v4f a, v4f b, float t)
+{
+	v4f tv = {t, t, t, t};
+	return a + tv * (b - a);
+}
+
+static inline v4f load4_u8(const uint8_t *p)
+{
+	return (v4f){p[0], p[1], p[2], p[3]};
+}
+
+static inline v4f load4_u16(const uint16_t *p)
+{
+	return (v4f){p[0], p[1], p[2], p[3]};
+}
+
+static inline v4f load4_f32(const float *p)
+{
+	return (v4f){p[0], p[1], p[2], p[3]};
+}
+
+/* wm_round_clamp on four lanes: (int)(v + 0.5) for 0 < v < maxv, 0 at or
+ * below 0 (and NaN), maxv at or above maxv - 0.5. */
+static inline v4i round_clamp4(v4f v, float maxv)
+{
+	v4f zero = {0, 0, 0, 0}, half = {0.5f, 0.5f, 0.5f, 0.5f}, top = {maxv, maxv, maxv, maxv};
+	v4f t = v + half;
+	v4i pos = v > zero, low = t < top;
+	v4i r = __builtin_convertvector(t, v4i);
+	v4i tv = __builtin_convertvector(top, v4i);
+	return (r & pos & low) | (tv & ~low & pos);
+}
+
+static inline void store4_u8(uint8_t *o, v4f v)
+{
+	v4i r = round_clamp4(v, 255.0f);
+	o[0] = (uint8_t)r[0], o[1] = (uint8_t)r[1], o[2] = (uint8_t)r[2], o[3] = (uint8_t)r[3];
+}
+
+static inline void store4_u16(uint16_t *o, v4f v)
+{
+	v4i r = round_clamp4(v, 65535.0f);
+	o[0] = (uint16_t)r[0], o[1] = (uint16_t)r[1], o[2] = (uint16_t)r[2], o[3] = (uint16_t)r[3];
+}
+
+static inline void store4_f32(float *o, v4f v)
+{
+	o[0] = v[0], o[1] = v[1], o[2] = v[2], o[3] = v[3];
+}
+
+/* The per-type sampling loops.  T: sample type; NAME: suffix; MAXV: the
+ * largest value of an integer type (0 for float, which is stored as is). */
+#define STORE_u8(v)  ((uint8_t)wm_round_clamp((v), 255.0f))
+#define STORE_u16(v) ((uint16_t)wm_round_clamp((v), 65535.0f))
+#define STORE_f32(v) (v)
+
+#define DEFINE_SAMPLERS(T, NAME)                                                                   \
+	static inline __attribute__((always_inline)) void nearest_##NAME(                          \
+	    const uint8_t *base, size_t stride, int64_t sw, int64_t sh, const double *restrict lx, \
+	    const double *restrict ly, int64_t n, unsigned spp, T bg, T *restrict out)             \
+	{                                                                                          \
+		for (int64_t i = 0; i < n; i++) {                                                  \
+			double fx = floor(WM_DADD(lx[i], 0.5)), fy = floor(WM_DADD(ly[i], 0.5));   \
+			T *o = out + (size_t)i * spp;                                              \
+			if (fx >= 0.0 && fx < (double)sw && fy >= 0.0 && fy < (double)sh) {        \
+				const T *p =                                                       \
+				    (const T *)(const void *)(base + (size_t)fy * stride) +        \
+				    (size_t)fx * spp;                                              \
+				for (unsigned c = 0; c < spp; c++)                                 \
+					o[c] = p[c];                                               \
+			} else {                                                                   \
+				for (unsigned c = 0; c < spp; c++)                                 \
+					o[c] = bg;                                                 \
+			}                                                                          \
+		}                                                                                  \
+	}                                                                                          \
+                                                                                                   \
+	/* Tap (x, y) channel c, or the background outside the buffer. */                          \
+	static inline float tap_##NAME(const uint8_t *base, size_t stride, int64_t sw, int64_t sh, \
+	                               int64_t x, int64_t y, unsigned spp, unsigned c, float bgf)  \
+	{                                                                                          \
+		if (x < 0 || x >= sw || y < 0 || y >= sh)                                          \
+			return bgf;                                                                \
+		return (float)((const T *)(const void *)(base + (size_t)y *                        \
+		                                                    stride))[(size_t)x * spp + c]; \
+	}                                                                                          \
+                                                                                                   \
+	static inline __attribute__((always_inline)) void bilinear_##NAME(                         \
+	    const uint8_t *base, size_t stride, int64_t sw, int64_t sh, const double *restrict lx, \
+	    const double *restrict ly, int64_t n, unsigned spp, T bg, float bgf, T *restrict out)  \
+	{                                                                                          \
+		for (int64_t i = 0; i < n; i++) {                                                  \
+			double x = lx[i], y = ly[i];                                               \
+			T *o = out + (size_t)i * spp;                                              \
+			if (wm_bilinear_outside(x, y, sw, sh)) {                                   \
+				for (unsigned c = 0; c < spp; c++)                                 \
+					o[c] = bg;                                                 \
+				continue;                                                          \
+			}                                                                          \
+			double fx = floor(x), fy = floor(y);                                       \
+			float tx = (float)WM_DADD(x, -fx), ty = (float)WM_DADD(y, -fy);            \
+			int64_t x0 = (int64_t)fx, y0 = (int64_t)fy;                                \
+			if (x0 >= 0 && x0 + 1 < sw && y0 >= 0 && y0 + 1 < sh) {                    \
+				const T *p =                                                       \
+				    (const T *)(const void *)(base + (size_t)y0 * stride) +        \
+				    (size_t)x0 * spp;                                              \
+				const T *q =                                                       \
+				    (const T *)(const void *)((const uint8_t *)p + stride);        \
+				if (spp == 4) {                                                    \
+					store4_##NAME(                                             \
+					    o,                                                     \
+					    lerp4(lerp4(load4_##NAME(p), load4_##NAME(p + 4), tx), \
+					          lerp4(load4_##NAME(q), load4_##NAME(q + 4), tx), \
+					          ty));                                            \
+					continue;                                                  \
+				}                                                                  \
+				for (unsigned c = 0; c < spp; c++) {                               \
+					float top = wm_lerp((float)p[c], (float)p[spp + c], tx);   \
+					float bot = wm_lerp((float)q[c], (float)q[spp + c], tx);   \
+					o[c] = STORE_##NAME(wm_lerp(top, bot, ty));                \
+				}                                                                  \
+				continue;                                                          \
+			}                                                                          \
+			for (unsigned c = 0; c < spp; c++) {                                       \
+				float a = tap_##NAME(base, stride, sw, sh, x0, y0, spp, c, bgf);   \
+				float b =                                                          \
+				    tap_##NAME(base, stride, sw, sh, x0 + 1, y0, spp, c, bgf);     \
+				float d =                                                          \
+				    tap_##NAME(base, stride, sw, sh, x0, y0 + 1, spp, c, bgf);     \
+				float f =                                                          \
+				    tap_##NAME(base, stride, sw, sh, x0 + 1, y0 + 1, spp, c, bgf); \
+				float top = wm_lerp(a, b, tx), bot = wm_lerp(d, f, tx);            \
+				o[c] = STORE_##NAME(wm_lerp(top, bot, ty));                        \
+			}                                                                          \
+		}                                                                                  \
+	}                                                                                          \
+                                                                                                   \
+	static inline __attribute__((always_inline)) void bicubic_##NAME(                          \
+	    const uint8_t *base, size_t stride, int64_t sw, int64_t sh, const double *restrict lx, \
+	    const double *restrict ly, int64_t n, unsigned spp, T bg, float bgf, T *restrict out)  \
+	{                                                                                          \
+		for (int64_t i = 0; i < n; i++) {                                                  \
+			double x = lx[i], y = ly[i];                                               \
+			T *o = out + (size_t)i * spp;                                              \
+			if (wm_bicubic_outside(x, y, sw, sh)) {                                    \
+				for (unsigned c = 0; c < spp; c++)                                 \
+					o[c] = bg;                                                 \
+				continue;                                                          \
+			}                                                                          \
+			double fx = floor(x), fy = floor(y);                                       \
+			float wx[4], wy[4];                                                        \
+			wm_cubic_weights((float)WM_DADD(x, -fx), wx);                              \
+			wm_cubic_weights((float)WM_DADD(y, -fy), wy);                              \
+			int64_t x0 = (int64_t)fx - 1, y0 = (int64_t)fy - 1;                        \
+			int inside = x0 >= 0 && x0 + 3 < sw && y0 >= 0 && y0 + 3 < sh;             \
+			for (unsigned c = 0; c < spp; c++) {                                       \
+				float r[4];                                                        \
+				for (int j = 0; j < 4; j++) {                                      \
+					float t[4];                                                \
+					if (inside) {                                              \
+						const T *p =                                       \
+						    (const T *)(const void *)(base +               \
+						                              (size_t)(y0 + j) *   \
+						                                  stride) +        \
+						    (size_t)x0 * spp + c;                          \
+						for (int k = 0; k < 4; k++)                        \
+							t[k] = (float)p[(size_t)k * spp];          \
+					} else {                                                   \
+						for (int k = 0; k < 4; k++)                        \
+							t[k] = tap_##NAME(base, stride, sw, sh,    \
+							                  x0 + k, y0 + j, spp, c,  \
+							                  bgf);                    \
+					}                                                          \
+					r[j] = wm_dot4(wx, t[0], t[1], t[2], t[3]);                \
+				}                                                                  \
+				o[c] = STORE_##NAME(wm_dot4(wy, r[0], r[1], r[2], r[3]));          \
+			}                                                                          \
+		}                                                                                  \
+	}                                                                                          \
+                                                                                                   \
+	/* One row; spp constant-folds in the switch so the channel loop unrolls. */               \
+	static void sample_row_##NAME(const uint8_t *base, size_t stride, int64_t sw, int64_t sh,  \
+	                              const double *lx, const double *ly, int64_t n, unsigned spp, \
+	                              sf_interp interp, T bg, float bgf, T *out)                   \
+	{                                                                                          \
+		switch (interp) {                                                                  \
+		case SF_INTERP_NEAREST:                                                            \
+			if (spp == 1)                                                              \
+				nearest_##NAME(base, stride, sw, sh, lx, ly, n, 1, bg, out);       \
+			else if (spp == 3)                                                         \
+				nearest_##NAME(base, stride, sw, sh, lx, ly, n, 3, bg, out);       \
+			else if (spp == 4)                                                         \
+				nearest_##NAME(base, stride, sw, sh, lx, ly, n, 4, bg, out);       \
+			else                                                                       \
+				nearest_##NAME(base, stride, sw, sh, lx, ly, n, spp, bg, out);     \
+			break;                                                                     \
+		case SF_INTERP_BILINEAR:                                                           \
+			if (spp == 1)                                                              \
+				bilinear_##NAME(base, stride, sw, sh, lx, ly, n, 1, bg, bgf, out); \
+			else if (spp == 3)                                                         \
+				bilinear_##NAME(base, stride, sw, sh, lx, ly, n, 3, bg, bgf, out); \
+			else if (spp == 4)                                                         \
+				bilinear_##NAME(base, stride, sw, sh, lx, ly, n, 4, bg, bgf, out); \
+			else                                                                       \
+				bilinear_##NAME(base, stride, sw, sh, lx, ly, n, spp, bg, bgf,     \
+				                out);                                              \
+			break;                                                                     \
+		case SF_INTERP_BICUBIC:                                                            \
+			if (spp == 1)                                                              \
+				bicubic_##NAME(base, stride, sw, sh, lx, ly, n, 1, bg, bgf, out);  \
+			else if (spp == 4)                                                         \
+				bicubic_##NAME(base, stride, sw, sh, lx, ly, n, 4, bg, bgf, out);  \
+			else                                                                       \
+				bicubic_##NAME(base, stride, sw, sh, lx, ly, n, spp, bg, bgf,      \
+				               out);                                               \
+			break;                                                                     \
+		}                                                                                  \
+	}
+
+DEFINE_SAMPLERS(uint8_t, u8)
+DEFINE_SAMPLERS(uint16_t, u16)
+DEFINE_SAMPLERS(float, f32)
+
+static int check_args(const sf_warp_src *src, const sf_warp_fmt *fmt, sf_wrect out, const void *dst,
+                      size_t dst_stride, sf_err *e)
+{
+	size_t bytes = sf_dtype_bytes(fmt->dtype);
+	if (bytes == 0)
+		return sf_fail(e, SF_EINVAL, "warp: unknown sample type %d", (int)fmt->dtype);
+	if (fmt->samples < 1 || fmt->samples > MAX_SAMPLES)
+		return sf_fail(e, SF_EINVAL, "warp: %u samples per pixel (1..%d)", fmt->samples,
+		               MAX_SAMPLES);
+	if ((unsigned)fmt->interp > SF_INTERP_BICUBIC)
+		return sf_fail(e, SF_EINVAL, "warp: unknown interpolation %d", (int)fmt->interp);
+	if (out.w < 0 || out.h < 0 || out.w > MAX_TILE_DIM || out.h > MAX_TILE_DIM)
+		return sf_fail(e, SF_EINVAL, "warp: output rect %lldx%lld", (long long)out.w,
+		               (long long)out.h);
+	if (src->rect.w < 0 || src->rect.h < 0 || src->rect.w > ((int64_t)1 << 31) ||
+	    src->rect.h > ((int64_t)1 << 31))
+		return sf_fail(e, SF_EINVAL, "warp: source rect %lldx%lld", (long long)src->rect.w,
+		               (long long)src->rect.h);
+	size_t pix = bytes * fmt->samples;
+	if ((src->rect.w > 0 && src->rect.h > 0) &&
+	    (!src->pixels || src->stride < pix * (size_t)src->rect.w || src->stride % bytes ||
+	     (uintptr_t)src->pixels % bytes))
+		return sf_fail(e, SF_EINVAL, "warp: source buffer stride or alignment");
+	if (out.w > 0 && out.h > 0 &&
+	    (!dst || dst_stride < pix * (size_t)out.w || dst_stride % bytes ||
+	     (uintptr_t)dst % bytes))
+		return sf_fail(e, SF_EINVAL, "warp: output buffer stride or alignment");
+	return SF_OK;
+}
+
+/* The background in the sample type (integers rounded half up, clamped). */
+static float background_value(const sf_warp_fmt *fmt)
+{
+	double b = isfinite(fmt->background) ? fmt->background : 0.0;
+	switch (fmt->dtype) {
+	case SF_U8: return (float)wm_round_clamp((float)fmax(fmin(b, 1e6), -1.0), 255.0f);
+	case SF_U16: return (float)wm_round_clamp((float)fmax(fmin(b, 1e6), -1.0), 65535.0f);
+	case SF_F32: return (float)b;
+	}
+	return 0.0f;
+}
+
+int sf_warp_tile(const sf_map *m, const sf_warp_src *src, const sf_warp_fmt *fmt, sf_wrect out,
+                 void *dst, size_t dst_stride, sf_err *e)
+{
+	int rc = check_args(src, fmt, out, dst, dst_stride, e);
+	if (rc != SF_OK || out.w == 0 || out.h == 0)
+		return rc;
+	double *lx = malloc(2 * (size_t)out.w * sizeof *lx);
+	if (!lx)
+		return sf_fail(e, SF_ENOMEM, "warp: row scratch of %lld pixels", (long long)out.w);
+	double *ly = lx + out.w;
+	const uint8_t *base = src->pixels;
+	int64_t sw = src->rect.w, sh = src->rect.h;
+	if (sw == 0 || sh == 0)
+		sw = sh = 0; /* an empty buffer: every tap is background */
+	float bgf = background_value(fmt);
+	unsigned spp = fmt->samples;
+	for (int64_t y = 0; y < out.h; y++) {
+		uint8_t *row = (uint8_t *)dst + (size_t)y * dst_stride;
+		row_coords(m, out, y, src->rect, lx, ly);
+		switch (fmt->dtype) {
+		case SF_U8:
+			sample_row_u8(base, src->stride, sw, sh, lx, ly, out.w, spp, fmt->interp,
+			              (uint8_t)bgf, bgf, (uint8_t *)row);
+			break;
+		case SF_U16:
+			sample_row_u16(base, src->stride, sw, sh, lx, ly, out.w, spp, fmt->interp,
+			               (uint16_t)bgf, bgf, (uint16_t *)(void *)row);
+			break;
+		case SF_F32:
+			sample_row_f32(base, src->stride, sw, sh, lx, ly, out.w, spp, fmt->interp,
+			               bgf, bgf, (float *)(void *)row);
+			break;
+		}
+	}
+	free(lx);
+	return SF_OK;
+}
+
+/* --- the source rect ------------------------------------------------------ */
+
+typedef struct box {
+	double x0, x1, y0, y1;
+} box;
+
+static void box_add_point(box *b, double x, double y)
+{
+	b->x0 = fmin(b->x0, x);
+	b->x1 = fmax(b->x1, x);
+	b->y0 = fmin(b->y0, y);
+	b->y1 = fmax(b->y1, y);
+}
+
+static int box_finite(const box *b)
+{
+	return isfinite(b->x0) && isfinite(b->x1) && isfinite(b->y0) && isfinite(b->y1);
+}
+
+/* Bounding box of the affine rows r (2x3) applied to box b. */
+static box box_affine(const double r[6], const box *b)
+{
+	box o = {INFINITY, -INFINITY, INFINITY, -INFINITY};
+	double xs[2] = {b->x0, b->x1}, ys[2] = {b->y0, b->y1};
+	for (int i = 0; i < 2; i++)
+		for (int j = 0; j < 2; j++)
+			box_add_point(&o, wm_affine_row(r, xs[i], ys[j]),
+			              wm_affine_row(r + 3, xs[i], ys[j]));
+	return o;
+}
+
+/* Extremes of the field values the grid-index box gb can interpolate:
+ * bilinear and B-spline weights are >= 0 and sum to 1, so values stay within
+ * the range of the nodes that weigh in. */
+static void field_bounds(const sf_field_step *f, const box *gb, double lo[2], double hi[2])
+{
+	double w = f->w, h = f->h;
+	lo[0] = lo[1] = INFINITY;
+	hi[0] = hi[1] = -INFINITY;
+	if (!box_finite(gb)) {
+		for (int k = 0; k < 2; k++) {
+			lo[k] = fmin(f->vmin[k], 0.0);
+			hi[k] = fmax(f->vmax[k], 0.0);
+		}
+		return;
+	}
+	double nx0, nx1, ny0, ny1; /* node range, inclusive */
+	if (f->kind == SF_FIELD_LINEAR) {
+		nx0 = floor(fmin(fmax(gb->x0, 0), w - 1));
+		nx1 = ceil(fmin(fmax(gb->x1, 0), w - 1));
+		ny0 = floor(fmin(fmax(gb->y0, 0), h - 1));
+		ny1 = ceil(fmin(fmax(gb->y1, 0), h - 1));
+	} else {
+		/* zero displacement anywhere outside [1, size - 2) */
+		if (gb->x0 < 1 || gb->x1 >= w - 2 || gb->y0 < 1 || gb->y1 >= h - 2)
+			lo[0] = lo[1] = hi[0] = hi[1] = 0.0;
+		nx0 = fmax(floor(fmax(gb->x0, 1)) - 1, 0);
+		nx1 = fmin(floor(fmin(gb->x1, w - 3)) + 2, w - 1);
+		ny0 = fmax(floor(fmax(gb->y0, 1)) - 1, 0);
+		ny1 = fmin(floor(fmin(gb->y1, h - 3)) + 2, h - 1);
+		if (gb->x1 < 1 || gb->x0 >= w - 2 || gb->y1 < 1 || gb->y0 >= h - 2 || w < 4 ||
+		    h < 4)
+			return; /* wholly outside: only the zero */
+	}
+	for (int64_t y = (int64_t)ny0; y <= (int64_t)ny1; y++) {
+		const float *row = f->v + 2 * (size_t)(y * (int64_t)f->w);
+		for (int64_t x = (int64_t)nx0; x <= (int64_t)nx1; x++) {
+			for (int k = 0; k < 2; k++) {
+				lo[k] = fmin(lo[k], row[2 * x + k]);
+				hi[k] = fmax(hi[k], row[2 * x + k]);
+			}
+		}
+	}
+}
+
+/* Clip [lo, hi] (inclusive, doubles) to [0, n) as integers; 0 when empty. */
+static int clip_span(double lo, double hi, int64_t n, int64_t *a, int64_t *b)
+{
+	if (!(hi >= 0) || !(lo <= (double)(n - 1)) || n <= 0)
+		return 0;
+	*a = lo <= 0 ? 0 : (int64_t)lo;
+	*b = hi >= (double)(n - 1) ? n - 1 : (int64_t)hi;
+	return *a <= *b;
+}
+
+void sf_warp_source_rect(const sf_map *m, sf_wrect out, sf_interp interp, int64_t src_w,
+                         int64_t src_h, sf_wrect *need)
+{
+	const sf_wrect none = {0, 0, 0, 0};
+	*need = none;
+	if (out.w <= 0 || out.h <= 0 || src_w <= 0 || src_h <= 0)
+		return;
+	box b = {(double)out.x, (double)(out.x + out.w - 1), (double)out.y,
+	         (double)(out.y + out.h - 1)};
+	/* the fields, as boxes: p + vm * [lo, hi] */
+	for (unsigned k = 0; k < m->nfields && box_finite(&b); k++) {
+		const sf_field_step *f = &m->field[k];
+		box gb = box_affine(f->g, &b);
+		double lo[2], hi[2];
+		field_bounds(f, &gb, lo, hi);
+		for (int r = 0; r < 2; r++) {
+			double dlo = 0, dhi = 0;
+			for (int j = 0; j < 2; j++) {
+				double a = f->vm[2 * r + j] * lo[j], c = f->vm[2 * r + j] * hi[j];
+				dlo += fmin(a, c);
+				dhi += fmax(a, c);
+			}
+			if (r == 0) {
+				b.x0 += dlo;
+				b.x1 += dhi;
+			} else {
+				b.y0 += dlo;
+				b.y1 += dhi;
+			}
+		}
+	}
+	box s = {INFINITY, -INFINITY, INFINITY, -INFINITY};
+	int whole = !box_finite(&b);
+	double xs[2] = {b.x0, b.x1}, ys[2] = {b.y0, b.y1};
+	for (int i = 0; i < 2 && !whole; i++) {
+		for (int j = 0; j < 2; j++) {
+			double px = wm_affine_row(m->m, xs[i], ys[j]);
+			double py = wm_affine_row(m->m + 3, xs[i], ys[j]);
+			if (m->projective) {
+				/* the image of a box is the hull of its corners only
+				 * while w keeps one sign; else read everything */
+				double w = wm_affine_row(m->m + 6, xs[i], ys[j]);
+				if (!(w > 0)) {
+					whole = 1;
+					break;
+				}
+				px /= w;
+				py /= w;
+			}
+			box_add_point(&s, px, py);
+		}
+	}
+	if (whole || !box_finite(&s)) {
+		*need = (sf_wrect){0, 0, src_w, src_h};
+		return;
+	}
+	const double eps = 1e-3, big = 1e15;
+	double lo_shift = 0, hi_shift = 0;
+	switch (interp) {
+	case SF_INTERP_NEAREST: lo_shift = hi_shift = 0.5; break;
+	case SF_INTERP_BILINEAR: hi_shift = 1; break;
+	case SF_INTERP_BICUBIC:
+		lo_shift = -1;
+		hi_shift = 2;
+		break;
+	}
+	/* nearest reads floor(x + 0.5); bilinear floor(x) .. floor(x) + 1;
+	 * bicubic floor(x) - 1 .. floor(x) + 2 */
+	double x0 = floor(fmax(s.x0 - eps, -big) + (interp == SF_INTERP_NEAREST ? 0.5 : lo_shift));
+	double x1 = floor(fmin(s.x1 + eps, big) + (interp == SF_INTERP_NEAREST ? 0.5 : 0)) +
+	            (interp == SF_INTERP_NEAREST ? 0 : hi_shift);
+	double y0 = floor(fmax(s.y0 - eps, -big) + (interp == SF_INTERP_NEAREST ? 0.5 : lo_shift));
+	double y1 = floor(fmin(s.y1 + eps, big) + (interp == SF_INTERP_NEAREST ? 0.5 : 0)) +
+	            (interp == SF_INTERP_NEAREST ? 0 : hi_shift);
+	int64_t ax, bx, ay, by;
+	if (!clip_span(x0, x1, src_w, &ax, &bx) || !clip_span(y0, y1, src_h, &ay, &by))
+		return;
+	*need = (sf_wrect){ax, ay, bx - ax + 1, by - ay + 1};
+}
+
+/* --- level choice --------------------------------------------------------- */
+
+void sf_warp_choose_source(const sf_transform *t, const double out_ds[2], unsigned nlevels,
+                           const double (*level_ds)[2], sf_source_choice *c)
+{
+	double need = sqrt(out_ds[0] * out_ds[1]) * sf_transform_scale(t);
+	unsigned best = 0;
+	for (unsigned l = 1; l < nlevels; l++) {
+		double ds = fmax(level_ds[l][0], level_ds[l][1]);
+		if (ds <= need * 1.01 && ds >= fmax(level_ds[best][0], level_ds[best][1]))
+			best = l;
+	}
+	c->level = best;
+	c->prefilter = 1;
+	double have = nlevels ? sqrt(level_ds[best][0] * level_ds[best][1]) : 1.0;
+	double r = need / have;
+	if (isfinite(r) && r > 1.5)
+		c->prefilter = r > 65536 ? 65536 : (uint32_t)lround(r);
+	for (int k = 0; k < 2; k++)
+		c->ds[k] = (nlevels ? level_ds[best][k] : 1.0) * c->prefilter;
+}
+
+sf_wrect sf_warp_prefilter_read_rect(const sf_source_choice *c, sf_wrect need, int64_t lw,
+                                     int64_t lh)
+{
+	int64_t k = c->prefilter;
+	int64_t x0 = need.x * k, y0 = need.y * k;
+	int64_t x1 = (need.x + need.w) * k, y1 = (need.y + need.h) * k;
+	x0 = x0 < 0 ? 0 : x0;
+	y0 = y0 < 0 ? 0 : y0;
+	x1 = x1 > lw ? lw : x1;
+	y1 = y1 > lh ? lh : y1;
+	if (x1 <= x0 || y1 <= y0)
+		return (sf_wrect){0, 0, 0, 0};
+	return (sf_wrect){x0, y0, x1 - x0, y1 - y0};
+}
+
+const char *sf_interp_name(sf_interp i)
+{
+	switch (i) {
+	case SF_INTERP_NEAREST: return "nearest";
+	case SF_INTERP_BILINEAR: return "bilinear";
+	case SF_INTERP_BICUBIC: return "bicubic";
+	}
+	return "?";
+}
+
+int sf_interp_parse(const char *s, sf_interp *out)
+{
+	static const sf_interp all[] = {SF_INTERP_NEAREST, SF_INTERP_BILINEAR, SF_INTERP_BICUBIC};
+	for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) {
+		if (s && strcmp(s, sf_interp_name(all[i])) == 0) {
+			*out = all[i];
+			return SF_OK;
+		}
+	}
+	return SF_EINVAL;
+}
+
+#ifndef SF_HAVE_CUDA
+/* Built without CUDA: the GPU path reports itself absent. */
+struct sf_warp_cuda {
+	int unused;
+};
+
+int sf_warp_cuda_create(int device, sf_warp_cuda **out, sf_err *e)
+{
+	*out = NULL;
+	return sf_fail(e, SF_EDEVICE, "gpu %d: scopefs was built without CUDA", device);
+}
+
+void sf_warp_cuda_destroy(sf_warp_cuda *c)
+{
+	(void)c;
+}
+
+int sf_warp_tile_cuda(sf_warp_cuda *c, const sf_map *m, const sf_warp_src *src,
+                      const sf_warp_fmt *fmt, sf_wrect out, void *dst, size_t dst_stride, sf_err *e)
+{
+	(void)c;
+	(void)m;
+	(void)src;
+	(void)fmt;
+	(void)out;
+	(void)dst;
+	(void)dst_stride;
+	return sf_fail(e, SF_EDEVICE, "warp: scopefs was built without CUDA");
+}
+#endif
