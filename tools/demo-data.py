@@ -18,6 +18,7 @@ coordinates, so the moving scan samples the very same continuous pattern
 recover the transform printed at the end.
 """
 
+import json
 import os
 import sys
 import time
@@ -88,6 +89,18 @@ def moved(a):
     return out
 
 
+def moving_transform():
+    """The backward map of moved(): reference pixel X -> moving pixel
+    p = R (X - c) + c + shift, as a 3x3 matrix in (x, y) pixels."""
+    th = np.deg2rad(ROTATE_DEG)
+    rot_inv_yx = np.array([[np.cos(th), -np.sin(th)], [np.sin(th), np.cos(th)]])
+    swap = np.array([[0.0, 1.0], [1.0, 0.0]])
+    r_xy = swap @ np.linalg.inv(rot_inv_yx) @ swap
+    c = np.array([(SIZE - 1) / 2.0, (SIZE - 1) / 2.0])
+    t = c + np.array(SHIFT_XY, dtype=float) - r_xy @ c
+    return [[r_xy[0, 0], r_xy[0, 1], t[0]], [r_xy[1, 0], r_xy[1, 1], t[1]], [0.0, 0.0, 1.0]]
+
+
 def pyramid(a):
     """Levels down to one 512 tile, each the 2x2 mean (rounded) of the last."""
     levels = [a]
@@ -130,9 +143,13 @@ def lightsheet(rng, folder):
 
 
 def main(argv):
-    if len(argv) != 2 or argv[1].startswith('-'):
-        sys.stderr.write('usage: %s DIR\n' % argv[0])
+    if len(argv) not in (2, 3) or argv[1].startswith('-'):
+        sys.stderr.write('usage: %s DIR [TRANSFORMS_DIR]\n' % argv[0])
         return 2
+    if len(argv) == 3:
+        os.makedirs(argv[2], exist_ok=True)
+        with open(os.path.join(argv[2], 'moving.json'), 'w') as f:
+            json.dump({'scopefs_transform': 1, 'matrix': moving_transform()}, f, indent=1)
     out = argv[1]
     os.makedirs(out, exist_ok=True)
     t0 = time.monotonic()
