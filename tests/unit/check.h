@@ -7,14 +7,14 @@
 
 #include <stdio.h>
 
-static int check_passed, check_failed;
+static int passed, failed; /* this test file's counts */
 
 #define CHECK(cond, ...)                                                                           \
 	do {                                                                                       \
 		if (cond)                                                                          \
-			check_passed++;                                                            \
+			passed++;                                                                  \
 		else {                                                                             \
-			check_failed++;                                                            \
+			failed++;                                                                  \
 			printf("FAIL %s:%d: ", __FILE__, __LINE__);                                \
 			printf(__VA_ARGS__);                                                       \
 			printf("\n");                                                              \
@@ -22,7 +22,6 @@ static int check_passed, check_failed;
 	} while (0)
 
 #define CHECK_DONE(name)                                                                           \
-	(printf("%s: %d passed, %d failed\n", name, check_passed, check_failed),                   \
-	 check_failed ? 1 : 0)
+	(printf("%s: %d passed, %d failed\n", name, passed, failed), failed ? 1 : 0)
 
 #endif

@@ -13,21 +13,8 @@
 #include <string.h>
 #include <time.h>
 
+#include "check.h"
 #include "scopefs/blockcodec.h"
-
-static int passed, failed;
-
-#define CHECK(cond, ...)                                                                           \
-	do {                                                                                       \
-		if (cond) {                                                                        \
-			passed++;                                                                  \
-		} else {                                                                           \
-			failed++;                                                                  \
-			printf("FAIL %s:%d: ", __FILE__, __LINE__);                                \
-			printf(__VA_ARGS__);                                                       \
-			printf("\n");                                                              \
-		}                                                                                  \
-	} while (0)
 
 /* splitmix64: a fixed-seed generator so failures reproduce. */
 static uint64_t rng_state = 0x5C0BEF5u;

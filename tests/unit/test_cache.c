@@ -18,22 +18,9 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "check.h"
 #include "scopefs/cache.h"
 #include "scopefs/log.h"
-
-static int passed, failed;
-
-#define CHECK(cond, ...)                                                                           \
-	do {                                                                                       \
-		if (cond) {                                                                        \
-			passed++;                                                                  \
-		} else {                                                                           \
-			failed++;                                                                  \
-			printf("FAIL %s:%d: ", __FILE__, __LINE__);                                \
-			printf(__VA_ARGS__);                                                       \
-			printf("\n");                                                              \
-		}                                                                                  \
-	} while (0)
 
 static char root[64]; /* mkdtemp folder holding every cache of this run */
 

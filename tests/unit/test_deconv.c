@@ -14,6 +14,7 @@
  * damp, stop, dark, sigma=X,Y,Z, size=X,Y,Z, fft=X,Y,Z, threads, measure,
  * engine=fftw|cufft, repeat (run the block this many times and print the
  * seconds per block).  Prints "iterations=N seconds=S fft=X,Y,Z". */
+#include "check.h"
 #include "scopefs/deconv.h"
 
 #include <math.h>
@@ -21,20 +22,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
-
-static int passed, failed;
-
-#define CHECK(cond, ...)                                                                           \
-	do {                                                                                       \
-		if (cond) {                                                                        \
-			passed++;                                                                  \
-		} else {                                                                           \
-			failed++;                                                                  \
-			printf("FAIL %s:%d: ", __FILE__, __LINE__);                                \
-			printf(__VA_ARGS__);                                                       \
-			printf("\n");                                                              \
-		}                                                                                  \
-	} while (0)
 
 /* A deterministic generator, so failures reproduce (xorshift64*). */
 static double uniform(unsigned long long *s)

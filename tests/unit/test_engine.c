@@ -9,6 +9,7 @@
  *
  * The disk cache checks use the real sf_cache (src/io/cache.c) in a fresh
  * temporary folder. */
+#include "check.h"
 #include "scopefs/engine.h"
 
 #include <inttypes.h>
@@ -22,20 +23,6 @@
 #include <unistd.h>
 
 #include "scopefs/log.h"
-
-static int passed, failed;
-
-#define CHECK(cond, ...)                                                                           \
-	do {                                                                                       \
-		if (cond) {                                                                        \
-			passed++;                                                                  \
-		} else {                                                                           \
-			failed++;                                                                  \
-			printf("FAIL %s:%d: ", __func__, __LINE__);                                \
-			printf(__VA_ARGS__);                                                       \
-			printf("\n");                                                              \
-		}                                                                                  \
-	} while (0)
 
 /* ---- the test product --------------------------------------------------- */
 

@@ -8,26 +8,13 @@
  * the PSF as float32 v[z][y][x] to OUT.raw and print
  * "nx ny nz dxy_corr dz fwhm_xy fwhm_z" (the scipy oracle in
  * tests/integration/test_deconv_oracle.py uses this). */
+#include "check.h"
 #include "scopefs/psf.h"
 
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-
-static int passed, failed;
-
-#define CHECK(cond, ...)                                                                           \
-	do {                                                                                       \
-		if (cond) {                                                                        \
-			passed++;                                                                  \
-		} else {                                                                           \
-			failed++;                                                                  \
-			printf("FAIL %s:%d: ", __FILE__, __LINE__);                                \
-			printf(__VA_ARGS__);                                                       \
-			printf("\n");                                                              \
-		}                                                                                  \
-	} while (0)
 
 static sf_psf_optics reference_optics(void)
 {
