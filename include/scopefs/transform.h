@@ -142,9 +142,11 @@ typedef struct sf_tf_units {
 } sf_tf_units;
 
 /* Read the transform at path into t (initialised here; release it after).
- * path may be our JSON (.json), an elastix TransformParameters file, an ITK
- * transform file (.tfm, or .txt starting "#Insight Transform File"), or a
- * folder as elastix writes it (its highest-numbered TransformParameters.N.txt).
+ * path may be a JSON file (ours, with "scopefs_transform"/"matrix", or
+ * wsireg's *_transformations.json: {edge: [elastix maps as {key: [strings]}]}),
+ * an elastix TransformParameters file, an ITK transform file (.tfm, or .txt
+ * starting "#Insight Transform File"), or a folder as elastix writes it (its
+ * highest-numbered TransformParameters.N.txt).
  * units may be NULL (all unknown).  A malformed file fails with SF_EFORMAT
  * and a message "FILE:LINE: what is wrong"; a valid file we cannot represent
  * fails with SF_EUNSUPPORTED. */
