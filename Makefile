@@ -15,7 +15,7 @@ BUILD   ?= build
 PYTHON  ?= /usr/bin/python3
 SAN     ?=
 
-PKGS    := fuse3 libtiff-4 liblz4 libxxhash fftw3f
+PKGS    := fuse3 libtiff-4 liblz4 libxxhash fftw3f libpng
 PKG_CFLAGS := $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
 PKG_LIBS   := $(shell pkg-config --libs $(PKGS) 2>/dev/null) -lfftw3f_threads
 

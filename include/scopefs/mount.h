@@ -1,10 +1,12 @@
 /* mount.h — the mounted tree: built once at mount, read-only afterwards.
  *
- * The whole tree (raw/ passthrough, registered/, deconvolved/, .scopefs/)
- * is built before the file system is mounted, from one scan of RAW_DIR.
- * Files never change during a mount, so the tree needs no lock: FUSE
- * threads only read it.  Inode numbers are node indices + 1 (the root is
- * FUSE_ROOT_ID = 1); nodes live until unmount, so forget has nothing to do. */
+ * The whole tree (raw/ passthrough, registered/, qc/, deconvolved/,
+ * .scopefs/) is built before the file system is mounted, from one scan of
+ * RAW_DIR.  Files never change during a mount, so the tree needs no lock:
+ * FUSE threads only read it.  (A qc/ node's PNG is rendered on first use
+ * inside its sf_qc, which has its own lock; the node itself never changes.)
+ * Inode numbers are node indices + 1 (the root is FUSE_ROOT_ID = 1); nodes
+ * live until unmount, so forget has nothing to do. */
 #ifndef SCOPEFS_MOUNT_H
 #define SCOPEFS_MOUNT_H
 
@@ -23,6 +25,7 @@ typedef enum sf_node_kind {
 	SF_NODE_RAW,    /* a file of RAW_DIR, read with pread */
 	SF_NODE_VFILE,  /* a virtual TIFF */
 	SF_NODE_STATUS, /* .scopefs/status */
+	SF_NODE_QC,     /* qc/<stem>.png: PNG bytes in memory, rendered on first use */
 } sf_node_kind;
 
 typedef struct sf_node {
@@ -31,9 +34,10 @@ typedef struct sf_node {
 	uint32_t parent;    /* node index */
 	uint32_t *children; /* node indices, sorted by name (directories) */
 	uint32_t child_count, child_cap;
-	char *raw_path;  /* SF_NODE_RAW: absolute path inside RAW_DIR, no symlink */
-	struct stat st;  /* attributes served by getattr */
-	sf_vfile *vfile; /* SF_NODE_VFILE */
+	char *raw_path;   /* SF_NODE_RAW: absolute path inside RAW_DIR, no symlink */
+	struct stat st;   /* attributes served by getattr */
+	sf_vfile *vfile;  /* SF_NODE_VFILE */
+	struct sf_qc *qc; /* SF_NODE_QC (owned; mutable inside, under its own lock) */
 } sf_node;
 
 typedef struct sf_slide_entry {

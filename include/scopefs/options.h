@@ -30,6 +30,10 @@ typedef struct sf_options {
 	int show_help, show_version;
 	/* Options handed to libfuse's mount (allow_other, fsname=...): "-o" list. */
 	char *fuse_mount_opts;
+	/* Deconvolution settings (dxy=0.4,dz=1.2,...) from -o and the preset,
+	 * each checked alone (a preset adds only keys the command line lacks);
+	 * every stack applies them, then its own (product_deconv.h).  NULL: none. */
+	char *deconv;
 } sf_options;
 
 /* Parse argv into o (zeroed by the caller).  For --help/--version it sets

@@ -6,8 +6,8 @@
  *   k x k boxes of the source's nearest finer level (k a power of two), read
  *   in bands so memory stays bounded.  Never computed from level 0 when the
  *   source has a closer level.
- * planes: the planes of a z-stack as strip TIFFs (deconvolved/), unit =
- *   (plane, strip); identity until the deconvolution engine fills it. */
+ * warp: a moving slide resampled onto the reference's grid (registered/).
+ * The deconvolution products of deconvolved/ are in product_deconv.h. */
 #ifndef SCOPEFS_PRODUCTS_H
 #define SCOPEFS_PRODUCTS_H
 
@@ -52,10 +52,5 @@ typedef struct sf_warp_options {
 int sf_product_warp_create(const sf_slide_info *s, const sf_transform *t,
                            const sf_pyramid_plan *plan, const sf_warp_options *wo,
                            const sf_layout *l, sf_product **out, sf_err *e);
-
-/* The planes product of stack st; plane_layout is the layout of one plane
- * file (all planes share it).  Units: plane * strips_per_plane + strip. */
-int sf_product_planes_create(const sf_stack *st, const sf_layout *plane_layout, sf_product **out,
-                             sf_err *e);
 
 #endif

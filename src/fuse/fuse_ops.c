@@ -6,7 +6,10 @@
  * during a mount, so entries and attributes are cached by the kernel for a
  * day and virtual files are opened with keep_cache (OpenSlide and ImageJ
  * re-open the file for every tile).  .scopefs/status is the exception: no
- * caching, direct_io, a fresh snapshot at each open. */
+ * caching, direct_io, a fresh snapshot at each open.  A qc/ PNG is rendered
+ * at its first lookup/getattr/open (its exact size is known only then) and
+ * served from memory afterwards, like any stable file.  readdir gives only
+ * inode and type, so listing a folder renders nothing. */
 #define FUSE_USE_VERSION 312
 #include "scopefs/fuse_ops.h"
 
@@ -18,6 +21,7 @@
 
 #include "scopefs/log.h"
 #include "scopefs/mount.h"
+#include "scopefs/qc.h"
 
 #define TIMEOUT_FOREVER 86400.0
 
@@ -42,7 +46,22 @@ static double node_timeout(const sf_node *n)
 	return n->kind == SF_NODE_STATUS ? 0.0 : TIMEOUT_FOREVER;
 }
 
-static void node_stat(const sf_mount *m, const sf_node *n, struct stat *st)
+/* The PNG of a qc/ node, rendered on first use; 0 or an errno. */
+static int qc_bytes(const sf_mount *m, const sf_node *n, const uint8_t **png, size_t *len)
+{
+	sf_err e = {0};
+	int rc = sf_qc_get(n->qc, m->engine, png, len, &e);
+
+	if (rc != SF_OK) {
+		sf_log(SF_LOG_ERROR, "qc/%s: %s", n->name, e.msg);
+		return sf_errno(rc);
+	}
+	return 0;
+}
+
+/* Attributes of n with its exact size; 0 or an errno (a qc/ PNG that
+ * cannot be rendered). */
+static int node_stat(const sf_mount *m, const sf_node *n, struct stat *st)
 {
 	*st = n->st;
 	st->st_ino = sf_node_ino(m, n);
@@ -51,7 +70,16 @@ static void node_stat(const sf_mount *m, const sf_node *n, struct stat *st)
 		char *text = sf_status_json(m, &len);
 		free(text);
 		st->st_size = (off_t)len;
+	} else if (n->kind == SF_NODE_QC) {
+		const uint8_t *png;
+		size_t len;
+		int err = qc_bytes(m, n, &png, &len);
+		if (err)
+			return err;
+		st->st_size = (off_t)len;
+		st->st_blocks = (blkcnt_t)((len + 511) / 512);
 	}
+	return 0;
 }
 
 static void op_lookup(fuse_req_t req, fuse_ino_t parent, const char *name)
@@ -59,6 +87,7 @@ static void op_lookup(fuse_req_t req, fuse_ino_t parent, const char *name)
 	sf_mount *m = mount_of(req);
 	const sf_node *n = sf_mount_lookup(m, parent, name);
 	struct fuse_entry_param ep;
+	int err;
 
 	if (!n) {
 		fuse_reply_err(req, ENOENT);
@@ -67,7 +96,10 @@ static void op_lookup(fuse_req_t req, fuse_ino_t parent, const char *name)
 	memset(&ep, 0, sizeof ep);
 	ep.ino = sf_node_ino(m, n);
 	ep.generation = 1;
-	node_stat(m, n, &ep.attr);
+	if ((err = node_stat(m, n, &ep.attr))) {
+		fuse_reply_err(req, err);
+		return;
+	}
 	ep.attr_timeout = ep.entry_timeout = node_timeout(n);
 	fuse_reply_entry(req, &ep);
 }
@@ -77,13 +109,17 @@ static void op_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
 	sf_mount *m = mount_of(req);
 	const sf_node *n = sf_mount_node(m, ino);
 	struct stat st;
+	int err;
 
 	(void)fi;
 	if (!n) {
 		fuse_reply_err(req, ENOENT);
 		return;
 	}
-	node_stat(m, n, &st);
+	if ((err = node_stat(m, n, &st))) {
+		fuse_reply_err(req, err);
+		return;
+	}
 	fuse_reply_attr(req, &st, node_timeout(n));
 }
 
@@ -110,10 +146,12 @@ static void op_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
 		                   : i == 1 ? &m->nodes[dir->parent]
 		                            : &m->nodes[dir->children[i - 2]];
 		const char *name = i == 0 ? "." : i == 1 ? ".." : n->name;
-		struct stat st;
+		struct stat st = {0};
 		size_t need;
 
-		node_stat(m, n, &st);
+		/* fuse_add_direntry uses only the inode and the type. */
+		st.st_ino = sf_node_ino(m, n);
+		st.st_mode = n->st.st_mode;
 		need = fuse_add_direntry(req, buf + used, size - used, name, &st, i + 1);
 		if (need > size - used)
 			break;
@@ -169,6 +207,17 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 		fi->direct_io = 1;
 		break;
 	}
+	case SF_NODE_QC: {
+		const uint8_t *png;
+		size_t len;
+		int err = qc_bytes(m, n, &png, &len);
+		if (err) {
+			fuse_reply_err(req, err);
+			return;
+		}
+		fi->keep_cache = 1;
+		break;
+	}
 	case SF_NODE_DIR: fuse_reply_err(req, EISDIR); return;
 	}
 	fuse_reply_open(req, fi);
@@ -214,6 +263,22 @@ static void read_vfile(fuse_req_t req, size_t size, off_t off, struct fuse_file_
 	free(buf);
 }
 
+/* Bytes of a qc/ PNG (rendered at open; sf_qc_get then just returns them). */
+static void read_qc(fuse_req_t req, const sf_node *n, size_t size, off_t off)
+{
+	const uint8_t *png;
+	size_t len, start, count;
+	int err = qc_bytes(mount_of(req), n, &png, &len);
+
+	if (err) {
+		fuse_reply_err(req, err);
+		return;
+	}
+	start = (uint64_t)off < len ? (size_t)off : len;
+	count = len - start < size ? len - start : size;
+	fuse_reply_buf(req, (const char *)png + start, count);
+}
+
 static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
                     struct fuse_file_info *fi)
 {
@@ -227,11 +292,23 @@ static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
 		read_raw(req, size, off, fi);
 	else if (n->kind == SF_NODE_VFILE)
 		read_vfile(req, size, off, fi);
+	else if (n->kind == SF_NODE_QC)
+		read_qc(req, n, size, off);
 	else if (n->kind == SF_NODE_STATUS) {
 		status_handle *h = (status_handle *)(uintptr_t)fi->fh;
 		size_t start = (size_t)off < h->len ? (size_t)off : h->len;
 		size_t len = h->len - start < size ? h->len - start : size;
-		fuse_reply_buf(req, h->text + start, len);
+		/* Reply from a copy: the reader may close (and release free the
+		 * snapshot) as soon as the kernel has the reply, before writev
+		 * returns here. */
+		char *copy = malloc(len ? len : 1);
+		if (!copy) {
+			fuse_reply_err(req, ENOMEM);
+			return;
+		}
+		memcpy(copy, h->text + start, len);
+		fuse_reply_buf(req, copy, len);
+		free(copy);
 	} else
 		fuse_reply_err(req, EISDIR);
 }

@@ -19,7 +19,9 @@
 
 #include "scopefs/log.h"
 #include "scopefs/ome_xml.h"
+#include "scopefs/product_deconv.h"
 #include "scopefs/products.h"
+#include "scopefs/qc.h"
 
 #define SF_TILE       512
 #define RAW_MAX_DEPTH 64
@@ -234,13 +236,36 @@ static int registered_layout(sf_mount *m, const sf_slide_info *ref, const sf_sli
 	return rc == SF_OK ? keep_layout(m, *out, e) : rc;
 }
 
+/* Whether name is wsireg's name for stem's transformations,
+ * <project>-<stem>_to_<target>_transformations.json (wsireg2d.py,
+ * save_transformations), with non-empty project and target. */
+static int is_wsireg_name(const char *name, const char *stem)
+{
+	static const char suffix[] = "_transformations.json";
+	size_t n = strlen(name), ns = strlen(stem), nx = sizeof suffix - 1;
+
+	if (n <= nx || strcmp(name + n - nx, suffix))
+		return 0;
+	for (const char *at = strchr(name + 1, '-'); at; at = strchr(at + 1, '-')) {
+		const char *to = at + 1 + ns;
+		if (!strncmp(at + 1, stem, ns) && !strncmp(to, "_to_", 4) && to + 4 < name + n - nx)
+			return 1;
+	}
+	return 0;
+}
+
 /* The transform file of a moving slide in DIR: <stem>.json, .txt (elastix),
- * .tfm (ITK), or the folder <stem>/ as elastix writes it.  NULL if none. */
+ * .tfm (ITK), the folder <stem>/ as elastix writes it, then wsireg's
+ * <stem>_transformations.json or <project>-<stem>_to_<target>_transformations.json
+ * (the first by name if several projects match).  NULL if none. */
 static char *find_transform(const char *dir, const char *stem)
 {
-	static const char *const suffixes[] = {".json", ".txt", ".tfm", ""};
-	char path[PATH_MAX];
+	static const char *const suffixes[] = {".json", ".txt", ".tfm", "",
+	                                       "_transformations.json"};
+	char path[PATH_MAX], best[NAME_MAX + 1] = "";
 	struct stat st;
+	struct dirent *de;
+	DIR *d;
 
 	for (size_t i = 0; i < sizeof suffixes / sizeof suffixes[0]; i++) {
 		if ((size_t)snprintf(path, sizeof path, "%s/%s%s", dir, stem, suffixes[i]) >=
@@ -250,7 +275,15 @@ static char *find_transform(const char *dir, const char *stem)
 		    (S_ISREG(st.st_mode) || (!*suffixes[i] && S_ISDIR(st.st_mode))))
 			return strdup(path);
 	}
-	return NULL;
+	if (!(d = opendir(dir)))
+		return NULL;
+	while ((de = readdir(d)))
+		if (is_wsireg_name(de->d_name, stem) && (!best[0] || strcmp(de->d_name, best) < 0))
+			snprintf(best, sizeof best, "%s", de->d_name);
+	closedir(d);
+	if (!best[0] || (size_t)snprintf(path, sizeof path, "%s/%s", dir, best) >= sizeof path)
+		return NULL;
+	return strdup(path);
 }
 
 static int set_state(sf_slide_entry *se, const char *fmt, const char *detail)
@@ -351,36 +384,142 @@ static int build_registered(sf_mount *m, uint32_t root, sf_err *e)
 	return rc;
 }
 
+/* The virtual file named name among the children of dir (children are not
+ * sorted yet while building, so a linear scan), or NULL. */
+static const sf_vfile *child_vfile(const sf_mount *m, uint32_t dir, const char *name)
+{
+	const sf_node *d = &m->nodes[dir];
+
+	for (uint32_t i = 0; i < d->child_count; i++) {
+		const sf_node *n = &m->nodes[d->children[i]];
+		if (n->kind == SF_NODE_VFILE && !strcmp(n->name, name))
+			return n->vfile;
+	}
+	return NULL;
+}
+
+static uint32_t child_dir(const sf_mount *m, uint32_t dir, const char *name)
+{
+	const sf_node *d = &m->nodes[dir];
+
+	for (uint32_t i = 0; i < d->child_count; i++)
+		if (m->nodes[d->children[i]].kind == SF_NODE_DIR &&
+		    !strcmp(m->nodes[d->children[i]].name, name))
+			return d->children[i];
+	return UINT32_MAX;
+}
+
+/* registered/<stem>.ome.tif of slide i, or NULL when it is not served. */
+static const sf_vfile *registered_vfile(const sf_mount *m, uint32_t reg, uint32_t i)
+{
+	char name[NAME_MAX + 1];
+
+	snprintf(name, sizeof name, "%s.ome.tif", m->dataset->slide_stems[i]);
+	return child_vfile(m, reg, name);
+}
+
+/* qc/<stem>.png for each moving slide served in registered/: the overlay of
+ * the reference's and the warped slide's registration channels (qc.h),
+ * rendered on first use.  No qc/ folder when no moving slide is served. */
+static int build_qc(sf_mount *m, uint32_t root, sf_err *e)
+{
+	const sf_dataset *d = m->dataset;
+	uint32_t reg = child_dir(m, root, "registered"), dir = UINT32_MAX, idx;
+	const sf_vfile *ref_file;
+	int rc = SF_OK;
+
+	if (m->reference < 0 || !m->slide_state || reg == UINT32_MAX ||
+	    !(ref_file = registered_vfile(m, reg, (uint32_t)m->reference)))
+		return SF_OK;
+	sf_qc_side ref = {ref_file, sf_qc_channel(d->slides[m->reference])};
+	for (uint32_t i = 0; i < d->slide_count && rc == SF_OK; i++) {
+		const sf_vfile *mov_file = registered_vfile(m, reg, i);
+		char name[NAME_MAX + 1];
+
+		if ((int)i == m->reference || !mov_file)
+			continue;
+		sf_qc_side mov = {mov_file, sf_qc_channel(d->slides[i])};
+		snprintf(name, sizeof name, "%s.png", d->slide_stems[i]);
+		if (dir == UINT32_MAX)
+			rc = node_add(m, root, "qc", SF_NODE_DIR, &dir, e);
+		if (rc == SF_OK)
+			rc = node_add(m, dir, name, SF_NODE_QC, &idx, e);
+		if (rc == SF_OK)
+			rc = sf_qc_create(&ref, &mov, name, &m->nodes[idx].qc, e);
+		if (rc == SF_OK)
+			stat_virtual(m, &m->nodes[idx].st, S_IFREG | 0444, 0);
+	}
+	return rc;
+}
+
 /* deconvolved/<stack>/<plane> for each stack (planes at the top for RAW_DIR itself). */
 static int add_stack(sf_mount *m, uint32_t top, const sf_stack *st, sf_err *e)
 {
 	const sf_slide_info *first = st->plane_info[0];
 	sf_layout_spec spec = {0};
+	sf_deconv_settings ds;
 	sf_layout *layout;
-	sf_product *product;
+	sf_product *blocks, *product;
 	uint32_t dir = top;
 	int rc;
 
-	if (st->name[0] && (rc = node_add(m, top, st->name, SF_NODE_DIR, &dir, e)) != SF_OK)
+	/* Settings first: a stack that cannot be deconvolved gets no folder. */
+	rc = sf_deconv_settings_for_stack(m->dataset->root, st, m->opts->deconv, m->opts->gpu, &ds,
+	                                  e);
+	if (rc != SF_OK)
 		return rc;
 	spec.width = st->width;
 	spec.height = st->height;
 	spec.pages = 1;
 	spec.samples = first->samples;
-	spec.dtype = st->dtype;
+	spec.dtype = sf_deconv_output_dtype(&ds, st);
 	spec.tile = 0;
 	spec.levels = 1;
 	spec.bigtiff = -1;
 	rc = sf_layout_create(&spec, &layout, e);
 	if (rc != SF_OK || (rc = keep_layout(m, layout, e)) != SF_OK)
 		return rc;
-	rc = sf_product_planes_create(st, layout, &product, e);
-	if (rc != SF_OK || (rc = keep_product(m, product, e)) != SF_OK)
+	/* The planes product reads blocks through m->engine, started later. */
+	rc = sf_product_deconv_create(st, &ds, layout, &m->engine, m->opts->cache_dir, m->opts->mem,
+	                              &blocks, &product, e);
+	if (rc != SF_OK)
+		return rc;
+	if ((rc = keep_product(m, blocks, e)) != SF_OK) {
+		product->ops->destroy(product);
+		return rc;
+	}
+	if ((rc = keep_product(m, product, e)) != SF_OK)
+		return rc;
+	if (st->name[0] && (rc = node_add(m, top, st->name, SF_NODE_DIR, &dir, e)) != SF_OK)
 		return rc;
 	for (uint32_t z = 0; z < st->planes && rc == SF_OK; z++)
 		rc = add_vfile(m, dir, st->plane_names[z], layout, product,
 		               (uint64_t)z * sf_layout_unit_count(layout), e);
 	return rc;
+}
+
+/* Record why stack st is not served, for .scopefs/status "problems". */
+static int stack_problem(sf_dataset *d, const sf_stack *st, const char *reason, sf_err *e)
+{
+	char path[PATH_MAX];
+	sf_problem *grown = realloc(d->problems, (d->problem_count + 1) * sizeof *grown);
+
+	if (!grown)
+		return sf_fail(e, SF_ENOMEM, "out of memory");
+	d->problems = grown;
+	if (st->multipage)
+		snprintf(path, sizeof path, "%s", st->plane_info[0]->path);
+	else
+		snprintf(path, sizeof path, "%s%s%s", d->root, st->name[0] ? "/" : "", st->name);
+	grown[d->problem_count].path = strdup(path);
+	grown[d->problem_count].reason = strdup(reason);
+	if (!grown[d->problem_count].path || !grown[d->problem_count].reason) {
+		free(grown[d->problem_count].path);
+		free(grown[d->problem_count].reason);
+		return sf_fail(e, SF_ENOMEM, "out of memory");
+	}
+	d->problem_count++;
+	return SF_OK;
 }
 
 static int build_deconvolved(sf_mount *m, uint32_t root, sf_err *e)
@@ -392,11 +531,12 @@ static int build_deconvolved(sf_mount *m, uint32_t root, sf_err *e)
 		return SF_OK;
 	rc = node_add(m, root, "deconvolved", SF_NODE_DIR, &dir, e);
 	for (uint32_t i = 0; i < m->dataset->stack_count && rc == SF_OK; i++) {
-		rc = add_stack(m, dir, m->dataset->stacks[i], e);
+		const sf_stack *st = m->dataset->stacks[i];
+
+		rc = add_stack(m, dir, st, e);
 		if (rc != SF_OK && rc != SF_ENOMEM) {
-			sf_log(SF_LOG_WARN, "deconvolved: stack %s left out: %s",
-			       m->dataset->stacks[i]->name, e->msg);
-			rc = SF_OK;
+			sf_log(SF_LOG_WARN, "deconvolved: stack %s left out: %s", st->name, e->msg);
+			rc = stack_problem(m->dataset, st, e->msg, e);
 		}
 	}
 	return rc;
@@ -451,6 +591,8 @@ int sf_mount_build(const sf_options *o, sf_mount **out, sf_err *e)
 	if (rc == SF_OK)
 		rc = build_registered(m, root, e);
 	if (rc == SF_OK)
+		rc = build_qc(m, root, e);
+	if (rc == SF_OK)
 		rc = build_deconvolved(m, root, e);
 	if (rc == SF_OK)
 		rc = node_add(m, root, ".scopefs", SF_NODE_DIR, &meta, e);
@@ -501,6 +643,7 @@ void sf_mount_free(sf_mount *m)
 		free(m->nodes[i].name);
 		free(m->nodes[i].children);
 		free(m->nodes[i].raw_path);
+		sf_qc_free(m->nodes[i].qc);
 	}
 	if (m->cache)
 		sf_cache_close(m->cache);

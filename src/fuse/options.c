@@ -14,13 +14,16 @@
 #include <unistd.h>
 
 #include "scopefs/log.h"
+#include "scopefs/product_deconv.h"
 #include "scopefs/warp.h"
 
 #ifndef SCOPEFS_VERSION
 #define SCOPEFS_VERSION "0.1.0"
 #endif
 
-enum opt_kind { OPT_STRING, OPT_SIZE, OPT_COUNT, OPT_FUSE_FLAG, OPT_FUSE_VALUE };
+/* OPT_DECONV: a deconvolution setting, checked by product_deconv.c and kept
+ * as text in o->deconv (each stack applies it, then its own settings). */
+enum opt_kind { OPT_STRING, OPT_SIZE, OPT_COUNT, OPT_FUSE_FLAG, OPT_FUSE_VALUE, OPT_DECONV };
 
 typedef struct option_def {
 	const char *key;
@@ -40,6 +43,28 @@ static const option_def option_table[] = {
     {"interp", OPT_STRING, "interp=NAME      warp interpolation: bilinear, bicubic, nearest"},
     {"background", OPT_STRING, "background=V     value outside a warped slide (default 0)"},
     {"gpu", OPT_STRING, "gpu=auto|off|N   GPU for warps and deconvolution (default auto)"},
+    {"dxy", OPT_DECONV,
+     "dxy=UM           deconvolution: voxel size in x/y, micrometres (required)"},
+    {"dz", OPT_DECONV, "dz=UM            deconvolution: plane spacing, micrometres (required)"},
+    {"lambda_ex", OPT_DECONV, "lambda_ex=NM     excitation wavelength (or a folder Ex_561_Em_600)"},
+    {"lambda_em", OPT_DECONV, "lambda_em=NM     emission wavelength"},
+    {"na", OPT_DECONV, "na=V             detection NA (default 0.40)"},
+    {"rf", OPT_DECONV, "rf=V             refractive index (default 1.42)"},
+    {"fcyl", OPT_DECONV, "fcyl=MM          cylinder lens focal length (default 240)"},
+    {"slitwidth", OPT_DECONV, "slitwidth=MM     slit width (default 12)"},
+    {"numit", OPT_DECONV, "numit=N          Richardson-Lucy iterations (default 6)"},
+    {"lambda_damping", OPT_DECONV, "lambda_damping=V R26 blend weight in [0, 1) (default 0)"},
+    {"regularize_interval", OPT_DECONV, "regularize_interval=N  Gaussian every N-th iteration (3)"},
+    {"clipval", OPT_DECONV, "clipval=P        percentile of the output range (default 99.99)"},
+    {"stop_criterion", OPT_DECONV, "stop_criterion=P stop when ||x|| changes <= P% (0: off)"},
+    {"gaussian_sigma", OPT_DECONV, "gaussian_sigma=X:Y:Z  pre-filter sigma, voxels (0.5:0.5:2.5)"},
+    {"gaussian_filter_size", OPT_DECONV, "gaussian_filter_size=X:Y:Z  taps (13:13:25)"},
+    {"dark", OPT_DECONV, "dark=V           subtracted after the pre-filter (default 0)"},
+    {"signal_amp", OPT_DECONV, "signal_amp=V     LsDeconv's amplification (default 1)"},
+    {"scale", OPT_DECONV, "scale=auto|GAIN  output scaling (default auto: clipval range)"},
+    {"dtype", OPT_DECONV, "dtype=T          same|uint8|uint16|float32 (default same)"},
+    {"deconv_block", OPT_DECONV, "deconv_block=N   block core edge, voxels (default: from mem)"},
+    {"scale_sample", OPT_DECONV, "scale_sample=N|all  blocks sampled by scale=auto (default 16)"},
     {"allow_other", OPT_FUSE_FLAG, "allow_other      let other users see the mount"},
     {"allow_root", OPT_FUSE_FLAG, "allow_root       let root see the mount"},
     {"default_permissions", OPT_FUSE_FLAG, "default_permissions  kernel permission checks"},
@@ -168,6 +193,40 @@ static int add_fuse_opt(parse_state *ps, const char *opt, sf_err *e)
 	return SF_OK;
 }
 
+/* Check one deconvolution setting alone and append "key=value" to
+ * o->deconv (later items win when a stack applies the list). */
+static int add_deconv_opt(sf_options *o, const char *key, const char *value, const char *origin,
+                          sf_err *e)
+{
+	sf_deconv_settings scratch;
+	size_t len = o->deconv ? strlen(o->deconv) : 0;
+	char *grown;
+	int rc;
+
+	sf_deconv_settings_default(&scratch);
+	rc = sf_deconv_settings_apply(&scratch, key, value, origin, e);
+	if (rc != SF_OK)
+		return rc;
+	grown = realloc(o->deconv, len + strlen(key) + strlen(value) + 3);
+	if (!grown)
+		return sf_fail(e, SF_ENOMEM, "option %s: out of memory", key);
+	sprintf(grown + len, "%s%s=%s", len ? "," : "", key, value);
+	o->deconv = grown;
+	return SF_OK;
+}
+
+/* The mount-wide deconvolution settings together (na < rf, odd filter
+ * sizes): a nonsense combination is an option error. */
+static int check_deconv_opts(const sf_options *o, sf_err *e)
+{
+	sf_deconv_settings s;
+	int rc;
+
+	sf_deconv_settings_default(&s);
+	rc = sf_deconv_settings_apply_list(&s, o->deconv, "", e);
+	return rc == SF_OK ? sf_deconv_settings_check(&s, "", e) : rc;
+}
+
 /* Apply "key" or "key=value" (from -o or a preset line `origin`). */
 static int apply_option(parse_state *ps, const char *item, int from_cli, const char *origin,
                         sf_err *e)
@@ -220,6 +279,7 @@ static int apply_option(parse_state *ps, const char *item, int from_cli, const c
 			o->readahead = v;
 		return SF_OK;
 	}
+	case OPT_DECONV: return add_deconv_opt(o, d->key, value, origin, e);
 	case OPT_STRING:
 		if (!strcmp(d->key, "cache"))
 			return set_string(&o->cache_dir, value, e, d->key);
@@ -423,6 +483,8 @@ int sf_options_parse(int argc, char **argv, sf_options *o, sf_err *e)
 		return sf_fail(e, SF_EINVAL, "usage: scopefs [options] RAW_DIR MOUNTPOINT");
 	if (o->preset && (rc = apply_preset(&ps, e)) != SF_OK)
 		return rc;
+	if ((rc = check_deconv_opts(o, e)) != SF_OK)
+		return rc;
 	if (!(o->fuse_mount_opts = strdup(ps.fuse_opts)))
 		return sf_fail(e, SF_ENOMEM, "out of memory");
 	return check_paths(o, e);
@@ -437,6 +499,7 @@ void sf_options_free(sf_options *o)
 	free(o->preset);
 	free(o->transforms);
 	free(o->fuse_mount_opts);
+	free(o->deconv);
 }
 
 void sf_options_usage(const char *argv0)

@@ -32,6 +32,15 @@
  * once, so a read never waits behind a pool full of read-ahead.  The prefetch
  * queue holds at most 4*threads units and drops requests beyond that.
  *
+ * Nested reads: a product's compute may read units of another product (the
+ * deconvolved strips read deconvolved blocks).  A read issued on a worker
+ * thread of this engine (the thread-local current_worker) does not queue an
+ * absent or queued unit, which could deadlock a pool whose every worker
+ * waits: it claims the unit and makes it inline on its own thread, with its
+ * own per-worker state; it waits only for a unit another worker is already
+ * computing.  Products must not read themselves, and nested reads must not
+ * form a cycle (blocks never read strips), so such a wait always ends.
+ *
  * Per-worker product state (product->ops->worker_start) is made lazily on the
  * worker thread, in worker->states[product->slot]; it is only touched by that
  * worker while it runs, and by sf_engine_destroy after every worker has been
@@ -82,6 +91,10 @@ struct worker {
 	void **states; /* [max_products]: worker_start results */
 	bool *started; /* [max_products]: worker_start succeeded */
 };
+
+/* The worker the calling thread is, NULL on any other thread (FUSE threads,
+ * tests).  Thread-local: each worker sets its own once at start. */
+static _Thread_local struct worker *current_worker;
 
 struct sf_engine {
 	pthread_mutex_t lock;      /* guards everything below but the read-only fields */
@@ -429,11 +442,23 @@ static void work_on(struct worker *w, struct unit_entry *u)
 	graveyard_free(graveyard);
 }
 
+/* A worker takes u for computing (with the lock): its pin, its buffer's
+ * share of the memory bound. */
+static void claim_unit(sf_engine *g, struct unit_entry *u, struct unit_entry **graveyard)
+{
+	u->state = UNIT_COMPUTING;
+	u->pins++;
+	g->stats.ram_bytes += u->bytes;
+	g->ram_units++;
+	evict_over_bound(g, graveyard);
+}
+
 static void *worker_main(void *arg)
 {
 	struct worker *w = arg;
 	sf_engine *g = w->engine;
 
+	current_worker = w;
 	pthread_mutex_lock(&g->lock);
 	for (;;) {
 		struct unit_entry *graveyard = NULL;
@@ -443,11 +468,7 @@ static void *worker_main(void *arg)
 		u = claim_next(g, &is_prefetch);
 		if (!u)
 			break;
-		u->state = UNIT_COMPUTING;
-		u->pins++;
-		g->stats.ram_bytes += u->bytes;
-		g->ram_units++;
-		evict_over_bound(g, &graveyard);
+		claim_unit(g, u, &graveyard);
 		pthread_mutex_unlock(&g->lock);
 
 		graveyard_free(graveyard);
@@ -627,6 +648,25 @@ static struct unit_entry *enqueue_unit(sf_engine *g, sf_product *p, uint64_t uni
 	return u;
 }
 
+/* A nested read on a worker thread: take the queued unit u off its queue and
+ * make it here, now (see "Nested reads" above).  Called and returns with the
+ * lock; u is pinned by the caller and READY or FAILED on return. */
+static void make_inline(sf_engine *g, struct unit_entry *u)
+{
+	struct unit_entry *graveyard = NULL;
+
+	if (u->on_prefetch_queue) {
+		list_remove(&g->prefetch_queue, u);
+		u->on_prefetch_queue = false;
+	} else
+		list_remove(&g->read_queue, u);
+	claim_unit(g, u, &graveyard);
+	pthread_mutex_unlock(&g->lock);
+	graveyard_free(graveyard);
+	work_on(current_worker, u);
+	pthread_mutex_lock(&g->lock);
+}
+
 /* The entry for a read of (p, unit), pinned, READY or FAILED.  With the lock. */
 static int await_unit(sf_engine *g, sf_product *p, uint64_t unit, size_t bytes,
                       struct unit_entry **out, sf_err *e)
@@ -653,6 +693,8 @@ static int await_unit(sf_engine *g, sf_product *p, uint64_t unit, size_t bytes,
 		}
 	}
 	u->pins++;
+	if (u->state == UNIT_QUEUED && current_worker && current_worker->engine == g)
+		make_inline(g, u);
 	while (u->state == UNIT_QUEUED || u->state == UNIT_COMPUTING)
 		pthread_cond_wait(&g->unit_done, &g->lock);
 	*out = u;

@@ -6,7 +6,10 @@
  * BSpline 2D; chains through InitialTransformParametersFileName with Compose
  * or Add), a folder elastix wrote (its highest TransformParameters.N.txt),
  * and ITK text transform files (.tfm: Affine, MatrixOffsetTransformBase,
- * Euler2D/Rigid2D, Similarity2D, Translation, Identity, CompositeTransform).
+ * Euler2D/Rigid2D, Similarity2D, Translation, Identity, CompositeTransform),
+ * and wsireg's *_transformations.json (elastix maps stored as JSON objects of
+ * {key: [strings]}; they go through the same elastix code as text files, via
+ * ex_from_json, and compose last key first as wsireg does).
  *
  * elastix and ITK transforms map fixed physical points to moving physical
  * points; the reader brackets them with pixel->physical matrices (sf_tf_units)
@@ -657,31 +660,23 @@ static int json_field(const char *path, const jval *field, sf_transform *t, sf_e
 	return rc == SF_OK ? SF_OK : prefix_error(e, rc, path, field->line);
 }
 
-int sf_transform_load_json(const char *path, sf_transform *t, sf_err *e)
+/* Our format from its parsed document root into t (initialised by the caller). */
+static int json_ours(const char *path, const jval *root, sf_transform *t, sf_err *e)
 {
-	sf_transform_init(t);
-	char *text = NULL;
-	jval root;
-	int rc = read_text(path, &text, e);
-	if (rc != SF_OK)
-		return rc;
-	rc = json_parse(path, text, &root, e);
-	free(text);
-	if (rc != SF_OK)
-		return rc;
-	const jval *ver = json_get(&root, "scopefs_transform");
-	const jval *mat = json_get(&root, "matrix"), *field = json_get(&root, "field");
+	const jval *ver = json_get(root, "scopefs_transform");
+	const jval *mat = json_get(root, "matrix"), *field = json_get(root, "field");
 	double m[9] = {0, 0, 0, 0, 0, 0, 0, 0, 1};
-	if (root.type != J_OBJ)
-		rc = sf_fail(e, SF_EFORMAT, "%s:%d: not a JSON object", path, root.line);
+	int rc = SF_OK;
+	if (root->type != J_OBJ)
+		rc = sf_fail(e, SF_EFORMAT, "%s:%d: not a JSON object", path, root->line);
 	else if (!ver || ver->type != J_NUM)
-		rc = sf_fail(e, SF_EFORMAT, "%s:%d: no \"scopefs_transform\": 1", path, root.line);
+		rc = sf_fail(e, SF_EFORMAT, "%s:%d: no \"scopefs_transform\": 1", path, root->line);
 	else if (ver->num != 1)
 		rc = sf_fail(e, SF_EUNSUPPORTED, "%s:%d: scopefs_transform version %g (knows 1)",
 		             path, ver->line, ver->num);
 	else if (!mat || mat->type != J_ARR || (mat->n != 2 && mat->n != 3))
 		rc = sf_fail(e, SF_EFORMAT, "%s:%d: \"matrix\" must be 2 or 3 rows of 3 numbers",
-		             path, mat ? mat->line : root.line);
+		             path, mat ? mat->line : root->line);
 	for (size_t r = 0; rc == SF_OK && r < mat->n; r++)
 		rc = json_numbers(path, &mat->items[r], "a \"matrix\" row", 3, m + 3 * r, e);
 	if (rc == SF_OK && field)
@@ -691,6 +686,29 @@ int sf_transform_load_json(const char *path, sf_transform *t, sf_err *e)
 		if (rc != SF_OK)
 			rc = sf_fail(e, rc, "%s:%d: \"matrix\" is singular", path, mat->line);
 	}
+	return rc;
+}
+
+/* The parsed JSON document of path into *root (free it with json_free). */
+static int json_load(const char *path, jval *root, sf_err *e)
+{
+	char *text = NULL;
+	int rc = read_text(path, &text, e);
+	if (rc != SF_OK)
+		return rc;
+	rc = json_parse(path, text, root, e);
+	free(text);
+	return rc;
+}
+
+int sf_transform_load_json(const char *path, sf_transform *t, sf_err *e)
+{
+	jval root;
+	sf_transform_init(t);
+	int rc = json_load(path, &root, e);
+	if (rc != SF_OK)
+		return rc;
+	rc = json_ours(path, &root, t, e);
 	json_free(&root);
 	if (rc != SF_OK)
 		sf_transform_release(t);
@@ -706,8 +724,11 @@ typedef struct ex_entry {
 	char **vals;
 } ex_entry;
 
+/* One elastix parameter map: from a text file (ex_parse) or from a JSON
+ * object of {key: [strings]} as wsireg stores them (ex_from_json). */
 typedef struct ex_file {
 	const char *path;
+	int line; /* a JSON map: the line of its '{'; a text file: 0 */
 	size_t n;
 	ex_entry *ent;
 } ex_file;
@@ -837,6 +858,15 @@ static const ex_entry *ex_find(const ex_file *f, const char *key)
 	return found;
 }
 
+/* The error for a required key that f lacks. */
+static int ex_missing(const ex_file *f, const char *key, sf_err *e)
+{
+	if (f->line > 0)
+		return sf_fail(e, SF_EFORMAT, "%s:%d: the elastix map has no \"%s\"", f->path,
+		               f->line, key);
+	return sf_fail(e, SF_EFORMAT, "%s: no (%s ...) line", f->path, key);
+}
+
 /* Exactly n numbers of key into out; a missing key takes def (if given). */
 static int ex_numbers(const ex_file *f, const char *key, size_t n, const double *def, double *out,
                       sf_err *e)
@@ -844,7 +874,7 @@ static int ex_numbers(const ex_file *f, const char *key, size_t n, const double 
 	const ex_entry *en = ex_find(f, key);
 	if (!en) {
 		if (!def)
-			return sf_fail(e, SF_EFORMAT, "%s: no (%s ...) line", f->path, key);
+			return ex_missing(f, key, e);
 		memcpy(out, def, n * sizeof *out);
 		return SF_OK;
 	}
@@ -864,10 +894,12 @@ static const char *ex_string(const ex_file *f, const char *key, const char *def)
 	return en && en->n >= 1 ? en->vals[0] : def;
 }
 
+/* The line of key's entry; for a key f lacks, the line of the map itself
+ * (a JSON map) or 0 (a text file). */
 static int ex_line(const ex_file *f, const char *key)
 {
 	const ex_entry *en = ex_find(f, key);
-	return en ? en->line : 0;
+	return en ? en->line : f->line;
 }
 
 /* elastix writes direction matrices column by column: D(j, i) = v[i*2 + j]. */
@@ -949,9 +981,9 @@ static int ex_own_transform(const ex_file *f, sf_transform *t, sf_err *e)
 	const char *name = ex_string(f, "Transform", NULL);
 	const ex_entry *pe = ex_find(f, "TransformParameters");
 	if (!name)
-		return sf_fail(e, SF_EFORMAT, "%s: no (Transform ...) line", f->path);
+		return ex_missing(f, "Transform", e);
 	if (!pe)
-		return sf_fail(e, SF_EFORMAT, "%s: no (TransformParameters ...) line", f->path);
+		return ex_missing(f, "TransformParameters", e);
 	size_t np = pe->n;
 	double nexpect;
 	int rc = ex_numbers(f, "NumberOfParameters", 1, (double[]){(double)np}, &nexpect, e);
@@ -1005,6 +1037,25 @@ static int ex_own_transform(const ex_file *f, sf_transform *t, sf_err *e)
 	return rc;
 }
 
+/* The transform of one 2D map f alone (no initial transform), physical ->
+ * physical, into own (initialised here; released on failure). */
+static int ex_map_transform(const ex_file *f, sf_transform *own, sf_err *e)
+{
+	double dim[2];
+	sf_transform_init(own);
+	int rc = ex_numbers(f, "FixedImageDimension", 1, (double[]){2}, dim, e);
+	if (rc == SF_OK)
+		rc = ex_numbers(f, "MovingImageDimension", 1, (double[]){2}, dim + 1, e);
+	if (rc == SF_OK && (dim[0] != 2 || dim[1] != 2))
+		rc = sf_fail(e, SF_EUNSUPPORTED, "%s:%d: %gD images (only 2D)", f->path,
+		             ex_line(f, "FixedImageDimension"), dim[0] != 2 ? dim[0] : dim[1]);
+	if (rc == SF_OK)
+		rc = ex_own_transform(f, own, e);
+	if (rc != SF_OK)
+		sf_transform_release(own);
+	return rc;
+}
+
 /* f and its chain of initial transforms, physical -> physical, into t. */
 static int ex_chain(const char *path, int depth, sf_transform *t, ex_file *top, sf_err *e)
 {
@@ -1021,17 +1072,8 @@ static int ex_chain(const char *path, int depth, sf_transform *t, ex_file *top, 
 	free(text);
 	if (rc != SF_OK)
 		return rc;
-	double dim[2];
-	rc = ex_numbers(&f, "FixedImageDimension", 1, (double[]){2}, dim, e);
-	if (rc == SF_OK)
-		rc = ex_numbers(&f, "MovingImageDimension", 1, (double[]){2}, dim + 1, e);
-	if (rc == SF_OK && (dim[0] != 2 || dim[1] != 2))
-		rc = sf_fail(e, SF_EUNSUPPORTED, "%s:%d: %gD images (only 2D)", f.path,
-		             ex_line(&f, "FixedImageDimension"), dim[0] != 2 ? dim[0] : dim[1]);
 	sf_transform own;
-	sf_transform_init(&own);
-	if (rc == SF_OK)
-		rc = ex_own_transform(&f, &own, e);
+	rc = ex_map_transform(&f, &own, e);
 	const char *init = ex_string(&f, "InitialTransformParametersFileName", NULL);
 	if (!init)
 		init = ex_string(&f, "InitialTransformParameterFileName", "NoInitialTransform");
@@ -1093,10 +1135,38 @@ static int list_elastix_dir(const char *dir, char *out, size_t cap, sf_err *e)
 	return SF_OK;
 }
 
+/* The pixel -> physical matrices of the reference (ref) and the moving slide
+ * (mov): the caller's pixel sizes where known, else the output geometry of
+ * map f (Spacing, Origin, Direction, Index), which is what transformix and
+ * wsireg resample onto; the moving slide then takes the reference's. */
+static int ex_geometry(const ex_file *f, const sf_tf_units *units, double ref[9], double mov[9],
+                       sf_err *e)
+{
+	static const double zero2[2] = {0, 0}, one2[2] = {1, 1}, ident4[4] = {1, 0, 0, 1};
+	double sp[2], origin[2], dirv[4], index[2], d[4];
+	int rc = ex_numbers(f, "Spacing", 2, one2, sp, e);
+	if (rc == SF_OK)
+		rc = ex_numbers(f, "Origin", 2, zero2, origin, e);
+	if (rc == SF_OK)
+		rc = ex_numbers(f, "Direction", 4, ident4, dirv, e);
+	if (rc == SF_OK)
+		rc = ex_numbers(f, "Index", 2, zero2, index, e);
+	if (rc != SF_OK)
+		return rc;
+	if (units && units->ref_px[0] > 0 && units->ref_px[1] > 0) {
+		double m[9] = {units->ref_px[0], 0, 0, 0, units->ref_px[1], 0, 0, 0, 1};
+		memcpy(ref, m, sizeof m);
+	} else {
+		ex_direction(dirv, d);
+		pixel_to_physical(origin, d, sp, index, ref);
+	}
+	moving_geometry(units, ref, mov);
+	return SF_OK;
+}
+
 int sf_transform_load_elastix(const char *path, const sf_tf_units *units, sf_transform *t,
                               sf_err *e)
 {
-	static const double zero2[2] = {0, 0}, one2[2] = {1, 1}, ident4[4] = {1, 0, 0, 1};
 	char file[PATH_MAX];
 	struct stat st;
 	sf_transform_init(t);
@@ -1107,29 +1177,177 @@ int sf_transform_load_elastix(const char *path, const sf_tf_units *units, sf_tra
 		path = file;
 	}
 	ex_file top;
+	double ref[9], mov[9];
 	int rc = ex_chain(path, 0, t, &top, e);
 	if (rc != SF_OK)
 		return rc;
-	double sp[2], origin[2], dirv[4], index[2], d[4], ref[9], mov[9];
-	rc = ex_numbers(&top, "Spacing", 2, one2, sp, e);
+	rc = ex_geometry(&top, units, ref, mov, e);
 	if (rc == SF_OK)
-		rc = ex_numbers(&top, "Origin", 2, zero2, origin, e);
-	if (rc == SF_OK)
-		rc = ex_numbers(&top, "Direction", 4, ident4, dirv, e);
-	if (rc == SF_OK)
-		rc = ex_numbers(&top, "Index", 2, zero2, index, e);
-	if (rc == SF_OK) {
-		if (units && units->ref_px[0] > 0 && units->ref_px[1] > 0) {
-			double m[9] = {units->ref_px[0], 0, 0, 0, units->ref_px[1], 0, 0, 0, 1};
-			memcpy(ref, m, sizeof m);
-		} else {
-			ex_direction(dirv, d);
-			pixel_to_physical(origin, d, sp, index, ref);
-		}
-		moving_geometry(units, ref, mov);
 		rc = physical_to_pixels(t, ref, mov, path, e);
-	}
 	ex_free(&top);
+	if (rc != SF_OK)
+		sf_transform_release(t);
+	return rc;
+}
+
+/* --- wsireg: elastix maps in a JSON file --------------------------------- */
+
+/* One JSON value of a map entry as elastix text: strings as they are,
+ * numbers in full precision (wsireg writes strings; numbers are accepted). */
+static int ex_json_value(const char *path, const jval *v, char **out, sf_err *e)
+{
+	char num[32];
+	if (v->type == J_STR) {
+		*out = strdup(v->str);
+	} else if (v->type == J_NUM) {
+		snprintf(num, sizeof num, "%.17g", v->num);
+		*out = strdup(num);
+	} else {
+		return sf_fail(e, SF_EFORMAT, "%s:%d: elastix map values must be strings", path,
+		               v->line);
+	}
+	return *out ? SF_OK : sf_fail(e, SF_ENOMEM, "%s: out of memory", path);
+}
+
+/* An elastix map from a JSON object {key: [values]} (a bare value counts as
+ * a list of one), so the text reader's code reads it.  Lines are the JSON's. */
+static int ex_from_json(const char *path, const jval *obj, ex_file *f, sf_err *e)
+{
+	memset(f, 0, sizeof *f);
+	f->path = path;
+	f->line = obj->line;
+	if (obj->type != J_OBJ)
+		return sf_fail(e, SF_EFORMAT, "%s:%d: an elastix map must be a JSON object", path,
+		               obj->line);
+	if (obj->n && !(f->ent = calloc(obj->n, sizeof *f->ent)))
+		return sf_fail(e, SF_ENOMEM, "%s: out of memory", path);
+	int rc = SF_OK;
+	for (size_t i = 0; rc == SF_OK && i < obj->n; i++) {
+		const jval *v = &obj->items[i];
+		ex_entry *en = &f->ent[f->n++];
+		en->line = v->line;
+		if (!(en->key = strdup(obj->keys[i]))) {
+			rc = sf_fail(e, SF_ENOMEM, "%s: out of memory", path);
+			break;
+		}
+		size_t count = v->type == J_ARR ? v->n : 1;
+		const jval *items = v->type == J_ARR ? v->items : v;
+		for (size_t j = 0; rc == SF_OK && j < count; j++) {
+			char *text = NULL;
+			rc = ex_json_value(path, &items[j], &text, e);
+			if (rc == SF_OK)
+				rc = ex_add_value(f, en, text, e);
+		}
+	}
+	if (rc != SF_OK)
+		ex_free(f);
+	return rc;
+}
+
+/* Whether a JSON value is an elastix map: an object with a "Transform" key. */
+static int is_elastix_map(const jval *v)
+{
+	return v->type == J_OBJ && json_get(v, "Transform") != NULL;
+}
+
+/* Whether root is meant as a wsireg transformations file rather than ours:
+ * an object without our keys whose values are all objects, lists or null.
+ * (wsireg_load then checks that they hold elastix maps.) */
+static int is_wsireg(const jval *root)
+{
+	if (root->type != J_OBJ || root->n == 0 || json_get(root, "scopefs_transform") ||
+	    json_get(root, "matrix"))
+		return 0;
+	for (size_t i = 0; i < root->n; i++) {
+		jtype type = root->items[i].type;
+		if (type != J_OBJ && type != J_ARR && type != J_NULL)
+			return 0;
+	}
+	return 1;
+}
+
+/* A wsireg entry (the value of one key) as maps in the order they apply to a
+ * point: a single map; an edge's list in list order (elastix's chain: its
+ * first map applies first); but the list under the key "initial", whose maps
+ * wsireg composes as separate steps, last first.  wsireg_count: how many
+ * maps; wsireg_at(key, v, i): the i-th to apply. */
+static size_t wsireg_count(const jval *v)
+{
+	return v->type == J_OBJ ? 1 : v->type == J_ARR ? v->n : 0;
+}
+
+static const jval *wsireg_at(const char *key, const jval *v, size_t i)
+{
+	if (v->type == J_OBJ)
+		return v;
+	return strcmp(key, "initial") == 0 ? &v->items[v->n - 1 - i] : &v->items[i];
+}
+
+/* The whole wsireg transform of root into t (initialised by the caller):
+ * the maps of the LAST key apply first, those of the first key last (see
+ * docs/transforms.md).  Physical units as for elastix files, with the output
+ * geometry of the file's last map, as wsireg resamples onto it. */
+static int wsireg_load(const char *path, const jval *root, const sf_tf_units *units,
+                       sf_transform *t, sf_err *e)
+{
+	const jval *last = NULL;
+	double ref[9], mov[9];
+	int rc = SF_OK;
+	for (size_t k = 0; rc == SF_OK && k < root->n; k++) {
+		const jval *v = &root->items[k];
+		if (wsireg_count(v))
+			last = v->type == J_OBJ ? v : &v->items[v->n - 1];
+		for (size_t i = 0; i < wsireg_count(v) && rc == SF_OK; i++)
+			if (!is_elastix_map(wsireg_at(root->keys[k], v, i)))
+				rc = sf_fail(e, SF_EFORMAT,
+				             "%s:%d: \"%s\" must hold elastix maps (objects with a "
+				             "\"Transform\")",
+				             path, v->line, root->keys[k]);
+	}
+	if (rc == SF_OK && !last)
+		rc = sf_fail(e, SF_EFORMAT,
+		             "%s:%d: no elastix maps (not a wsireg transformations file)", path,
+		             root->line);
+	for (size_t k = root->n; rc == SF_OK && k > 0; k--) {
+		const jval *v = &root->items[k - 1];
+		for (size_t i = 0; rc == SF_OK && i < wsireg_count(v); i++) {
+			ex_file f;
+			sf_transform step;
+			const jval *map = wsireg_at(root->keys[k - 1], v, i);
+			rc = ex_from_json(path, map, &f, e);
+			if (rc != SF_OK)
+				break;
+			rc = ex_map_transform(&f, &step, e);
+			ex_free(&f);
+			if (rc == SF_OK && (rc = sf_transform_then(t, &step, e)) != SF_OK && e &&
+			    !strstr(e->msg, path))
+				prefix_error(e, rc, path, map->line);
+		}
+	}
+	if (rc == SF_OK) {
+		ex_file geo;
+		rc = ex_from_json(path, last, &geo, e);
+		if (rc == SF_OK) {
+			rc = ex_geometry(&geo, units, ref, mov, e);
+			ex_free(&geo);
+		}
+	}
+	if (rc == SF_OK)
+		rc = physical_to_pixels(t, ref, mov, path, e);
+	return rc;
+}
+
+/* A JSON transform file: ours, or wsireg's transformations file. */
+static int load_json_any(const char *path, const sf_tf_units *units, sf_transform *t, sf_err *e)
+{
+	jval root;
+	sf_transform_init(t);
+	int rc = json_load(path, &root, e);
+	if (rc != SF_OK)
+		return rc;
+	rc =
+	    is_wsireg(&root) ? wsireg_load(path, &root, units, t, e) : json_ours(path, &root, t, e);
+	json_free(&root);
 	if (rc != SF_OK)
 		sf_transform_release(t);
 	return rc;
@@ -1362,7 +1580,7 @@ int sf_transform_load(const char *path, const sf_tf_units *units, sf_transform *
 	while (isspace((unsigned char)*s))
 		s++;
 	if (*s == '{')
-		return sf_transform_load_json(path, t, e);
+		return load_json_any(path, units, t, e);
 	if (!strncmp(s, "#Insight Transform File", 23))
 		return sf_transform_load_itk(path, units, t, e);
 	return sf_transform_load_elastix(path, units, t, e);

@@ -4,7 +4,9 @@
  * whose node values are affine in the node index (so bilinear and B-spline
  * interpolation reproduce that affine function exactly inside the grid),
  * centred rotations written out with sin/cos, and the pixel-centre rule
- * x0 = (x + 0.5) f - 0.5.  Fixture files are written to a temporary folder. */
+ * x0 = (x + 0.5) f - 0.5.  wsireg files are checked against the same maps
+ * composed by hand in the order wsireg documents (last key first).  Fixture
+ * files are written to a temporary folder. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -517,6 +519,107 @@ static void test_elastix(void)
 	nmade++;
 }
 
+/* wsireg's *_transformations.json: each key an elastix map or a list of them
+ * (an edge's list applies in list order, as elastix chains them), the LAST
+ * key applied first; the key "initial" holds separate steps, last first. */
+static const char wsireg_file[] =
+    "{\n"
+    " \"initial-mov-00\": {\"Transform\": [\"TranslationTransform\"],\n"
+    "   \"NumberOfParameters\": [\"2\"], \"TransformParameters\": [\"3\", \"-1\"],\n"
+    "   \"Spacing\": [\"2\", \"2\"]},\n"
+    " \"000-to-mid\": [\n"
+    "  {\"Transform\": [\"EulerTransform\"], \"TransformParameters\": [\"0.3\", \"4.5\", "
+    "\"-2.25\"],\n"
+    "   \"CenterOfRotationPoint\": [\"20\", \"15\"], \"Spacing\": [\"1\", \"1\"]},\n"
+    "  {\"Transform\": [\"AffineTransform\"],\n"
+    "   \"TransformParameters\": [\"1.1\", \"0.2\", \"-0.1\", \"0.9\", \"3\", \"4\"],\n"
+    "   \"CenterOfRotationPoint\": [\"10\", \"10\"],\n"
+    "   \"InitialTransformParametersFileName\": [\"0\"]}\n"
+    " ],\n"
+    " \"skipped\": null, \"empty\": [],\n"
+    " \"001-to-ref\": [\n"
+    "  {\"Transform\": [\"SimilarityTransform\"], \"NumberOfParameters\": [4],\n"
+    "   \"TransformParameters\": [\"1.2\", \"-0.4\", \"1\", \"2\"],\n"
+    "   \"CenterOfRotationPoint\": [\"5\", \"6\"], \"Spacing\": [\"0.5\", \"0.5\"],\n"
+    "   \"Origin\": [\"0\", \"0\"], \"Size\": [\"100\", \"80\"]}\n"
+    " ]\n"
+    "}\n";
+
+static void test_wsireg(void)
+{
+	sf_err e;
+	sf_transform t;
+	const char *p = fixture("proj-mov_to_ref_transformations.json", wsireg_file);
+	CHECK(sf_transform_load(p, NULL, &t, &e) == SF_OK, "wsireg: %s", e.msg);
+	for (int k = 0; k < 3; k++) {
+		double x = 10 + 17 * k, y = 5 + 23 * k, qx, qy, rx, ry;
+		/* the file's last map gives the output geometry: spacing 0.5 */
+		euler(-0.4, 1.2, (double[]){1, 2}, (double[]){5, 6}, 0.5 * x, 0.5 * y, &qx, &qy);
+		euler(0.3, 1, (double[]){4.5, -2.25}, (double[]){20, 15}, qx, qy, &rx, &ry);
+		qx = 1.1 * (rx - 10) + 0.2 * (ry - 10) + 10 + 3;
+		qy = -0.1 * (rx - 10) + 0.9 * (ry - 10) + 10 + 4;
+		qx += 3;
+		qy -= 1;
+		/* the moving slide takes the reference's geometry */
+		CHECK_MAP(&t.map, x, y, qx / 0.5, qy / 0.5, 1e-9, "wsireg order and units");
+	}
+	sf_transform_release(&t);
+	sf_tf_units u = {{0.25, 0.25}, {2, 2}};
+	CHECK(sf_transform_load(p, &u, &t, &e) == SF_OK, "wsireg units: %s", e.msg);
+	{
+		double qx, qy, rx, ry;
+		euler(-0.4, 1.2, (double[]){1, 2}, (double[]){5, 6}, 0.25 * 8, 0.25 * 12, &qx, &qy);
+		euler(0.3, 1, (double[]){4.5, -2.25}, (double[]){20, 15}, qx, qy, &rx, &ry);
+		qx = 1.1 * (rx - 10) + 0.2 * (ry - 10) + 10 + 3 + 3;
+		qy = -0.1 * (rx - 10) + 0.9 * (ry - 10) + 10 + 4 - 1;
+		CHECK_MAP(&t.map, 8, 12, qx / 2, qy / 2, 1e-9, "wsireg with caller pixel sizes");
+	}
+	sf_transform_release(&t);
+
+	/* "initial" as a list: separate steps, the last applied first */
+	p = fixture("init_transformations.json",
+	            "{\"initial\": [\n"
+	            " {\"Transform\": [\"TranslationTransform\"], \"TransformParameters\": [\"1\", "
+	            "\"0\"]},\n"
+	            " {\"Transform\": [\"EulerTransform\"],\n"
+	            "  \"TransformParameters\": [\"1.5707963267948966\", \"0\", \"0\"]}]}\n");
+	CHECK(sf_transform_load(p, NULL, &t, &e) == SF_OK, "wsireg initial: %s", e.msg);
+	/* rotate (1, 2) by 90 degrees -> (-2, 1), then translate -> (-1, 1) */
+	CHECK_MAP(&t.map, 1, 2, -1, 1, 1e-9, "wsireg initial list order");
+	sf_transform_release(&t);
+
+	struct {
+		const char *text, *want;
+	} bad[] = {
+	    {"{\"e\": [\n {\"Transform\": [\"EulerTransform\"]}\n]}\n",
+	     "bad_transformations.json:2: the elastix map has no \"TransformParameters\""},
+	    {"{\"e\": [{\"Transform\": [\"EulerTransform\"],\n"
+	     " \"TransformParameters\": [\"0.1\", \"x\", \"2\"]}]}\n",
+	     "bad_transformations.json:2:"},
+	    {"{\"e\": [{\"Transform\": [\"EulerTransform\"],\n"
+	     " \"TransformParameters\": [[\"0.1\"]]}]}\n",
+	     "bad_transformations.json:2: elastix map values must be strings"},
+	    {"{\"a\": {\"Transform\": [\"TranslationTransform\"], \"TransformParameters\": "
+	     "[\"1\", \"2\"]},\n \"e\": [1, 2]}\n",
+	     "bad_transformations.json:2: \"e\" must hold elastix maps"},
+	    {"{\"a\": null,\n \"b\": []}\n", "bad_transformations.json:1: no elastix maps"},
+	    {"{\"e\": [{\"Transform\": [\"EulerTransform\"], \"TransformParameters\": "
+	     "[\"0.1\", \"1\", \"2\"],\n \"FixedImageDimension\": [\"3\"]}]}\n",
+	     "bad_transformations.json:2: 3D"},
+	    {"{}\n", "no \"scopefs_transform\""},
+	};
+	for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+		p = fixture("bad_transformations.json", bad[i].text);
+		nmade--;
+		memset(&e, 0, sizeof e);
+		int rc = sf_transform_load(p, NULL, &t, &e);
+		CHECK(rc != SF_OK && strstr(e.msg, bad[i].want), "bad wsireg %zu: rc %d, '%s'", i,
+		      rc, e.msg);
+		CHECK(t.ngrids == 0 && t.map.nfields == 0, "released");
+	}
+	nmade++;
+}
+
 static void test_itk(void)
 {
 	sf_err e;
@@ -598,6 +701,7 @@ int main(void)
 	test_json();
 	test_elastix();
 	test_itk();
+	test_wsireg();
 	for (int i = nmade - 1; i >= 0; i--)
 		unlink(made[i]);
 	char sub[128];

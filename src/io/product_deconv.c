@@ -1,0 +1,1314 @@
+/* product_deconv.c — deconvolved/ planes: LsDeconv block by block, on read.
+ *
+ * Two products per stack (product_deconv.h):
+ *  - blocks: unit = (bz * count_y + by) * count_x + bx, the block's core
+ *    deconvolved, float32 [z][y][x].  Input window per axis: length
+ *    in = core + 2 halo, starting at origin - halo - (core - c) where c is
+ *    this block's (possibly shorter, last) core, so every window has one
+ *    shape; coordinates outside the volume read the symmetric mirror.
+ *  - planes: unit = plane * strips + strip; the strip's rows come from the
+ *    blocks of its block row at its z (nested engine reads of just those
+ *    rows), then are scaled to the output type.
+ * Invariants:
+ *  1. A block's bytes depend only on the source files, the settings and the
+ *     grid, all mixed into the blocks key; the grid is fixed at mount from
+ *     the settings, the stack size and mem (never from thread count or read
+ *     order).  FFTW plans are FFTW_ESTIMATE with one thread, so repeated
+ *     computations give the same bits.
+ *  2. The output scale is one pair (dmin, dmax) per stack: scale=auto takes
+ *     it from a fixed sample of blocks (the same blocks whatever is read
+ *     first), once, and records it in the cache folder
+ *     (deconv-scale-<planes key>.txt) so later mounts reuse the same numbers.
+ *     Every worker that needs it computes the samples nobody has started.
+ *  3. scale_lock is never held while reading blocks through the engine, and
+ *     a block computation takes no lock of this file, so nested reads and
+ *     the scale cannot deadlock each other.
+ *  4. GPU: with gpu=auto (or a device), the first worker per device that
+ *     computes a block uses cuFFT; any device failure falls back to FFTW for
+ *     that worker, with a log line.  Without a device (or without CUDA in
+ *     the build) everything runs on FFTW, logged once per stack. */
+#include "scopefs/product_deconv.h"
+
+#include <ctype.h>
+#include <errno.h>
+#include <inttypes.h>
+#include <limits.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "scopefs/log.h"
+#include "scopefs/slide.h"
+
+#define SCALE_SAMPLE_DEFAULT 16
+#define BLOCK_EDGE_MAX       256
+#define BLOCK_EDGE_MIN       16
+
+/* ---- settings ------------------------------------------------------------ */
+
+enum key_kind { K_POS, K_NONNEG, K_INT, K_TRIPLE_D, K_TRIPLE_I, K_SPECIAL };
+
+typedef struct key_def {
+	const char *key;
+	enum key_kind kind;
+} key_def;
+
+/* Every key a settings list may hold (gpu is a general mount option too). */
+static const key_def key_table[] = {
+    {"dxy", K_POS},
+    {"dz", K_POS},
+    {"lambda_ex", K_POS},
+    {"lambda_em", K_POS},
+    {"na", K_POS},
+    {"rf", K_POS},
+    {"fcyl", K_POS},
+    {"slitwidth", K_POS},
+    {"numit", K_INT},
+    {"lambda_damping", K_NONNEG},
+    {"regularize_interval", K_INT},
+    {"clipval", K_POS},
+    {"stop_criterion", K_NONNEG},
+    {"gaussian_sigma", K_TRIPLE_D},
+    {"gaussian_filter_size", K_TRIPLE_I},
+    {"dark", K_NONNEG},
+    {"signal_amp", K_POS},
+    {"scale", K_SPECIAL},
+    {"dtype", K_SPECIAL},
+    {"deconv_block", K_INT},
+    {"scale_sample", K_SPECIAL},
+    {"gpu", K_SPECIAL},
+};
+#define KEY_COUNT (sizeof key_table / sizeof key_table[0])
+
+void sf_deconv_settings_default(sf_deconv_settings *s)
+{
+	memset(s, 0, sizeof *s);
+	sf_deconv_params_default(&s->params);
+	s->scale = SF_DECONV_SCALE_AUTO;
+	s->signal_amp = 1;
+	s->dtype = SF_DECONV_DTYPE_SAME;
+	s->gpu = SF_DECONV_GPU_AUTO;
+	s->scale_sample = SCALE_SAMPLE_DEFAULT;
+}
+
+int sf_deconv_settings_is_key(const char *key)
+{
+	for (size_t i = 0; i < KEY_COUNT; i++)
+		if (!strcmp(key_table[i].key, key) && strcmp(key, "gpu"))
+			return 1;
+	return 0;
+}
+
+static int parse_double(const char *text, double *out)
+{
+	char *end;
+
+	errno = 0;
+	*out = strtod(text, &end);
+	return !*text || *end || errno || !isfinite(*out) ? SF_EINVAL : SF_OK;
+}
+
+static int parse_long(const char *text, long *out)
+{
+	char *end;
+
+	errno = 0;
+	*out = strtol(text, &end, 10);
+	return !*text || *end || errno ? SF_EINVAL : SF_OK;
+}
+
+/* "a:b:c" (or one value for all three axes) into v[3]; ints when as_int. */
+static int parse_triple(const char *text, double v[3], int as_int)
+{
+	char buf[128], *save = NULL, *tok;
+	int n = 0;
+
+	if (strlen(text) >= sizeof buf)
+		return SF_EINVAL;
+	strcpy(buf, text);
+	for (tok = strtok_r(buf, ":", &save); tok; tok = strtok_r(NULL, ":", &save)) {
+		long l;
+
+		if (n == 3)
+			return SF_EINVAL;
+		if (as_int) {
+			if (parse_long(tok, &l) != SF_OK)
+				return SF_EINVAL;
+			v[n++] = (double)l;
+		} else if (parse_double(tok, &v[n++]) != SF_OK)
+			return SF_EINVAL;
+	}
+	if (n == 1)
+		v[1] = v[2] = v[0];
+	return n == 1 || n == 3 ? SF_OK : SF_EINVAL;
+}
+
+static int apply_special(sf_deconv_settings *s, const char *key, const char *value,
+                         const char *origin, sf_err *e)
+{
+	double d;
+	long l;
+
+	if (!strcmp(key, "scale")) {
+		if (!strcmp(value, "auto"))
+			s->scale = SF_DECONV_SCALE_AUTO;
+		else if (parse_double(value, &d) == SF_OK && d > 0)
+			s->scale = d;
+		else
+			return sf_fail(e, SF_EINVAL,
+			               "%soption 'scale': '%s' is not auto or a positive gain",
+			               origin, value);
+		return SF_OK;
+	}
+	if (!strcmp(key, "scale_sample")) {
+		if (!strcmp(value, "all"))
+			s->scale_sample = 0;
+		else if (parse_long(value, &l) == SF_OK && l >= 1 && l <= 1000000)
+			s->scale_sample = (uint32_t)l;
+		else
+			return sf_fail(e, SF_EINVAL,
+			               "%soption 'scale_sample': '%s' is not all or a count >= 1",
+			               origin, value);
+		return SF_OK;
+	}
+	if (!strcmp(key, "dtype")) {
+		if (!strcmp(value, "same"))
+			s->dtype = SF_DECONV_DTYPE_SAME;
+		else if (!strcmp(value, "uint8"))
+			s->dtype = SF_U8;
+		else if (!strcmp(value, "uint16"))
+			s->dtype = SF_U16;
+		else if (!strcmp(value, "float32"))
+			s->dtype = SF_F32;
+		else
+			return sf_fail(
+			    e, SF_EINVAL,
+			    "%soption 'dtype': '%s' is not same, uint8, uint16 or float32", origin,
+			    value);
+		return SF_OK;
+	}
+	/* gpu */
+	if (!strcmp(value, "auto"))
+		s->gpu = SF_DECONV_GPU_AUTO;
+	else if (!strcmp(value, "off"))
+		s->gpu = SF_DECONV_GPU_OFF;
+	else if (parse_long(value, &l) == SF_OK && l >= 0 && l < 64)
+		s->gpu = (int)l;
+	else
+		return sf_fail(e, SF_EINVAL,
+		               "%soption 'gpu': '%s' is not auto, off or a device number", origin,
+		               value);
+	return SF_OK;
+}
+
+/* Store a checked number into the field key names. */
+static int store_number(sf_deconv_settings *s, const char *key, double v, const char *origin,
+                        sf_err *e)
+{
+	sf_deconv_params *p = &s->params;
+
+	if (!strcmp(key, "dxy"))
+		p->dxy = v * 1000.0, s->have_dxy = 1; /* um -> nm */
+	else if (!strcmp(key, "dz"))
+		p->dz = v * 1000.0, s->have_dz = 1;
+	else if (!strcmp(key, "lambda_ex"))
+		p->lambda_ex = v, s->have_ex = 1;
+	else if (!strcmp(key, "lambda_em"))
+		p->lambda_em = v, s->have_em = 1;
+	else if (!strcmp(key, "na"))
+		p->na = v;
+	else if (!strcmp(key, "rf"))
+		p->rf = v;
+	else if (!strcmp(key, "fcyl"))
+		p->fcyl = v;
+	else if (!strcmp(key, "slitwidth"))
+		p->slitwidth = v;
+	else if (!strcmp(key, "lambda_damping"))
+		p->lambda_damping = v;
+	else if (!strcmp(key, "clipval"))
+		p->clipval = v;
+	else if (!strcmp(key, "stop_criterion"))
+		p->stop_criterion = v;
+	else if (!strcmp(key, "dark"))
+		p->dark = v;
+	else if (!strcmp(key, "signal_amp"))
+		s->signal_amp = v;
+	else if (!strcmp(key, "numit"))
+		p->numit = (int)v;
+	else if (!strcmp(key, "regularize_interval"))
+		p->regularize_interval = (int)v;
+	else if (!strcmp(key, "deconv_block")) {
+		if (v < BLOCK_EDGE_MIN || v > 4096)
+			return sf_fail(e, SF_EINVAL,
+			               "%soption 'deconv_block': %g is not %d to 4096", origin, v,
+			               BLOCK_EDGE_MIN);
+		s->block = (uint32_t)v;
+	}
+	return SF_OK;
+}
+
+int sf_deconv_settings_apply(sf_deconv_settings *s, const char *key, const char *value,
+                             const char *origin, sf_err *e)
+{
+	const key_def *d = NULL;
+	double v, t[3];
+	long l;
+
+	for (size_t i = 0; i < KEY_COUNT; i++)
+		if (!strcmp(key_table[i].key, key))
+			d = &key_table[i];
+	if (!d)
+		return sf_fail(e, SF_EINVAL, "%sunknown deconvolution option '%s'", origin, key);
+	if (!value || !*value)
+		return sf_fail(e, SF_EINVAL, "%soption '%s' needs a value", origin, key);
+	switch (d->kind) {
+	case K_SPECIAL: return apply_special(s, key, value, origin, e);
+	case K_POS:
+	case K_NONNEG:
+		if (parse_double(value, &v) != SF_OK || v < 0 || (d->kind == K_POS && v == 0))
+			return sf_fail(e, SF_EINVAL, "%soption '%s': '%s' is not a %s number",
+			               origin, key, value,
+			               d->kind == K_POS ? "positive" : "non-negative");
+		return store_number(s, key, v, origin, e);
+	case K_INT:
+		if (parse_long(value, &l) != SF_OK || l < 0 || l > 1000000)
+			return sf_fail(e, SF_EINVAL, "%soption '%s': '%s' is not a count", origin,
+			               key, value);
+		return store_number(s, key, (double)l, origin, e);
+	case K_TRIPLE_D:
+	case K_TRIPLE_I:
+		if (parse_triple(value, t, d->kind == K_TRIPLE_I) != SF_OK)
+			return sf_fail(e, SF_EINVAL,
+			               "%soption '%s': '%s' is not one or three numbers x:y:z (':' "
+			               "separates them, since ',' separates -o options)",
+			               origin, key, value);
+		for (int a = 0; a < 3; a++) {
+			if (d->kind == K_TRIPLE_D)
+				s->params.gaussian_sigma[a] = t[a];
+			else
+				s->params.gaussian_filter_size[a] = (int)t[a];
+		}
+		return SF_OK;
+	}
+	return SF_OK;
+}
+
+/* Apply "key=value" items separated by sep. */
+static int apply_items(sf_deconv_settings *s, const char *list, const char *sep, const char *origin,
+                       sf_err *e)
+{
+	char *copy, *save = NULL;
+	int rc = SF_OK;
+
+	if (!list || !*list)
+		return SF_OK;
+	if (!(copy = strdup(list)))
+		return sf_fail(e, SF_ENOMEM, "out of memory");
+	for (char *item = strtok_r(copy, sep, &save); item && rc == SF_OK;
+	     item = strtok_r(NULL, sep, &save)) {
+		char *eq = strchr(item, '=');
+
+		if (!eq)
+			rc = sf_fail(e, SF_EINVAL, "%soption '%s' needs a value", origin, item);
+		else {
+			*eq = '\0';
+			rc = sf_deconv_settings_apply(s, item, eq + 1, origin, e);
+		}
+	}
+	free(copy);
+	return rc;
+}
+
+int sf_deconv_settings_apply_list(sf_deconv_settings *s, const char *list, const char *origin,
+                                  sf_err *e)
+{
+	return apply_items(s, list, ",", origin, e);
+}
+
+int sf_deconv_settings_check(const sf_deconv_settings *s, const char *origin, sf_err *e)
+{
+	sf_deconv_params p = s->params;
+	sf_err inner = {0};
+
+	/* Stand-ins for what each stack may still set: only combinations of
+	 * the values given are judged here. */
+	if (!s->have_dxy)
+		p.dxy = 400;
+	if (!s->have_dz)
+		p.dz = 1200;
+	if (!s->have_ex)
+		p.lambda_ex = 561;
+	if (!s->have_em)
+		p.lambda_em = 600;
+	if (sf_deconv_params_validate(&p, &inner) != SF_OK)
+		return sf_fail(e, SF_EINVAL, "%soption %s", origin, inner.msg);
+	return SF_OK;
+}
+
+/* The number after "ex"/"em" at a word start in name (Ex_561, em-600, EX488). */
+static int wavelength_in(const char *name, const char *tag, double *out)
+{
+	for (const char *p = name; *p; p++) {
+		const char *q = p + 2;
+		char *end;
+		long v;
+
+		if (p != name && isalnum((unsigned char)p[-1]))
+			continue;
+		if (tolower((unsigned char)p[0]) != tag[0] ||
+		    tolower((unsigned char)p[1]) != tag[1])
+			continue;
+		if (*q == '_' || *q == '-')
+			q++;
+		if (!isdigit((unsigned char)*q))
+			continue;
+		v = strtol(q, &end, 10);
+		if (v >= 200 && v <= 2000 && !isdigit((unsigned char)*end)) {
+			*out = (double)v;
+			return 1;
+		}
+	}
+	return 0;
+}
+
+void sf_deconv_settings_infer_wavelengths(sf_deconv_settings *s, const char *name)
+{
+	if (!name)
+		return;
+	if (wavelength_in(name, "ex", &s->params.lambda_ex))
+		s->have_ex = 1;
+	if (wavelength_in(name, "em", &s->params.lambda_em))
+		s->have_em = 1;
+}
+
+/* key=value lines of a per-stack file (# comments); SF_ENOTFOUND if absent. */
+static int apply_file(sf_deconv_settings *s, const char *path, sf_err *e)
+{
+	char line[1024], origin[PATH_MAX + 32];
+	unsigned lineno = 0;
+	FILE *f = fopen(path, "r");
+	int rc = SF_OK;
+
+	if (!f)
+		return errno == ENOENT ? SF_ENOTFOUND
+		                       : sf_fail(e, SF_EIO, "%s: %s", path, strerror(errno));
+	while (rc == SF_OK && fgets(line, sizeof line, f)) {
+		char *p = line, *end;
+
+		lineno++;
+		while (isspace((unsigned char)*p))
+			p++;
+		end = p + strlen(p);
+		while (end > p && isspace((unsigned char)end[-1]))
+			*--end = '\0';
+		if (!*p || *p == '#')
+			continue;
+		snprintf(origin, sizeof origin, "%s:%u: ", path, lineno);
+		rc = apply_items(s, p, "\n", origin, e);
+	}
+	fclose(f);
+	if (rc == SF_OK) {
+		snprintf(origin, sizeof origin, "%s: ", path);
+		rc = sf_deconv_settings_check(s, origin, e);
+	}
+	return rc;
+}
+
+int sf_deconv_settings_for_stack(const char *raw_dir, const sf_stack *st, const char *mount_list,
+                                 int gpu, sf_deconv_settings *s, sf_err *e)
+{
+	char path[PATH_MAX];
+	const char *name = st->name;
+	int rc;
+
+	sf_deconv_settings_default(s);
+	s->gpu = gpu;
+	rc = sf_deconv_settings_apply_list(s, mount_list, "", e);
+	if (rc != SF_OK)
+		return rc;
+	if (!name[0]) {
+		const char *slash = strrchr(raw_dir, '/');
+		sf_deconv_settings_infer_wavelengths(s, slash ? slash + 1 : raw_dir);
+	} else
+		sf_deconv_settings_infer_wavelengths(s, name);
+	/* RAW_DIR/<stack>.scopefs.conf, then <stack folder>/scopefs.conf (the
+	 * more specific one last, so it wins). */
+	if (name[0]) {
+		snprintf(path, sizeof path, "%s/%s.scopefs.conf", raw_dir, name);
+		rc = apply_file(s, path, e);
+		if (rc != SF_OK && rc != SF_ENOTFOUND)
+			return rc;
+	}
+	if (!st->multipage) {
+		snprintf(path, sizeof path, "%s%s%s/scopefs.conf", raw_dir, name[0] ? "/" : "",
+		         name);
+		rc = apply_file(s, path, e);
+		if (rc != SF_OK && rc != SF_ENOTFOUND)
+			return rc;
+	}
+	if (!s->have_dxy || !s->have_dz)
+		return sf_fail(e, SF_EINVAL,
+		               "deconvolution needs dxy and dz (-o dxy=0.4,dz=1.2 or a preset)");
+	if (!s->have_ex || !s->have_em)
+		return sf_fail(e, SF_EINVAL,
+		               "deconvolution needs lambda_ex and lambda_em (-o "
+		               "lambda_ex=561,lambda_em=600, a preset, or a folder named like "
+		               "Ex_561_Em_600)");
+	return sf_deconv_settings_check(s, "", e);
+}
+
+sf_dtype sf_deconv_output_dtype(const sf_deconv_settings *s, const sf_stack *st)
+{
+	return s->dtype == SF_DECONV_DTYPE_SAME ? st->dtype : (sf_dtype)s->dtype;
+}
+
+/* ---- the grid -------------------------------------------------------------- */
+
+typedef struct grid {
+	uint32_t dim[3];   /* volume x y z */
+	uint32_t core[3];  /* core edge per axis (the last block may be shorter) */
+	uint32_t halo[3];  /* voxels each side */
+	uint32_t count[3]; /* blocks per axis */
+	uint32_t in[3];    /* input window: core + 2 halo */
+} grid;
+
+/* Bytes one worker's context and buffers take for input window `in`. */
+static uint64_t working_set(const uint32_t in[3], const sf_psf *psf)
+{
+	uint64_t f[3], nin = (uint64_t)in[0] * in[1] * in[2];
+	size_t pn[3] = {psf->nx, psf->ny, psf->nz};
+
+	for (int a = 0; a < 3; a++)
+		f[a] = sf_deconv_smooth7(in[a] + pn[a] - 1);
+	/* 4 real engine buffers + host pad, 2 half-spectrum complex, 3 window-sized */
+	return f[0] * f[1] * f[2] * 4 * 5 + (f[0] / 2 + 1) * f[1] * f[2] * 8 * 2 + nin * 4 * 3;
+}
+
+/* Core edge from deconv_block, else the largest multiple of 16 up to 256
+ * whose working set fits in half of mem (the other half keeps blocks),
+ * then evened out so the blocks of an axis have (nearly) equal cores. */
+static void grid_make(grid *g, const sf_stack *st, const sf_deconv_settings *s, const sf_psf *psf,
+                      uint64_t mem)
+{
+	size_t pn[3] = {psf->nx, psf->ny, psf->nz};
+	uint32_t edge = s->block;
+
+	g->dim[0] = st->width;
+	g->dim[1] = st->height;
+	g->dim[2] = st->planes;
+	for (int a = 0; a < 3; a++) {
+		uint32_t f = (uint32_t)s->params.gaussian_filter_size[a];
+		g->halo[a] = (uint32_t)pn[a] > f ? (uint32_t)pn[a] : f;
+	}
+	if (!edge) {
+		for (edge = BLOCK_EDGE_MAX; edge > BLOCK_EDGE_MIN; edge -= 16) {
+			uint32_t in[3];
+
+			for (int a = 0; a < 3; a++)
+				in[a] = (edge < g->dim[a] ? edge : g->dim[a]) + 2 * g->halo[a];
+			if (working_set(in, psf) <= mem / 2)
+				break;
+		}
+	}
+	for (int a = 0; a < 3; a++) {
+		g->core[a] = edge < g->dim[a] ? edge : g->dim[a];
+		g->count[a] = (g->dim[a] + g->core[a] - 1) / g->core[a];
+		/* From mem: the same block count with balanced cores (256 in
+		 * cores of 176 would leave a last core of 80 in a full window). */
+		if (!s->block)
+			g->core[a] = (g->dim[a] + g->count[a] - 1) / g->count[a];
+		g->in[a] = g->core[a] + 2 * g->halo[a];
+	}
+}
+
+/* Symmetric mirror of i into [0, n): ... 1 0 | 0 1 ... n-1 | n-1 n-2 ... */
+static uint32_t mirror(int64_t i, uint32_t n)
+{
+	int64_t period = 2 * (int64_t)n, m = i % period;
+
+	if (m < 0)
+		m += period;
+	return (uint32_t)(m < n ? m : period - 1 - m);
+}
+
+/* ---- the blocks product ---------------------------------------------------- */
+
+typedef struct blocks {
+	const sf_stack *stack; /* owned by the dataset */
+	sf_deconv_settings s;
+	sf_psf psf;
+	grid g;
+	atomic_int gpu_workers; /* workers that took a device so far */
+	atomic_int told_cpu;    /* the "computing on the CPU" line was logged */
+} blocks;
+
+typedef struct blocks_worker {
+	sf_deconv_ctx *ctx;
+	int on_gpu;
+	float *in;               /* the input window, in[0]*in[1]*in[2] */
+	uint8_t *rect;           /* one plane's source rect, source type */
+	size_t rect_cap;         /* bytes of rect */
+	uint32_t *map[3];        /* window index -> volume index per axis */
+	sf_slide_reader *reader; /* last plane file opened */
+	uint32_t reader_file;
+} blocks_worker;
+
+static int blocks_worker_start(sf_product *p, void **state, sf_err *e)
+{
+	const blocks *b = p->impl;
+	blocks_worker *w = calloc(1, sizeof *w);
+	size_t n = (size_t)b->g.in[0] * b->g.in[1] * b->g.in[2];
+
+	if (!w)
+		return sf_fail(e, SF_ENOMEM, "%s: out of memory", p->name);
+	*state = w;
+	w->in = malloc(n * sizeof(float));
+	for (int a = 0; a < 3; a++)
+		w->map[a] = malloc(b->g.in[a] * sizeof(uint32_t));
+	if (!w->in || !w->map[0] || !w->map[1] || !w->map[2])
+		return sf_fail(e, SF_ENOMEM, "%s: out of memory for a %zu-voxel block", p->name, n);
+	return SF_OK;
+}
+
+static void blocks_worker_stop(sf_product *p, void *state)
+{
+	blocks_worker *w = state;
+
+	(void)p;
+	if (!w)
+		return;
+	sf_deconv_ctx_destroy(w->ctx);
+	sf_slide_reader_close(w->reader);
+	free(w->in);
+	free(w->rect);
+	for (int a = 0; a < 3; a++)
+		free(w->map[a]);
+	free(w);
+}
+
+/* Unit index -> block position. */
+static void block_pos(const grid *g, uint64_t unit, uint32_t pos[3])
+{
+	pos[0] = (uint32_t)(unit % g->count[0]);
+	pos[1] = (uint32_t)(unit / g->count[0] % g->count[1]);
+	pos[2] = (uint32_t)(unit / ((uint64_t)g->count[0] * g->count[1]));
+}
+
+/* Core size of the block at pos along axis a. */
+static uint32_t block_core(const grid *g, const uint32_t pos[3], int a)
+{
+	uint32_t o = pos[a] * g->core[a];
+
+	return g->dim[a] - o < g->core[a] ? g->dim[a] - o : g->core[a];
+}
+
+static size_t blocks_unit_bytes(const sf_product *p, uint64_t unit)
+{
+	const blocks *b = p->impl;
+	uint32_t pos[3];
+
+	block_pos(&b->g, unit, pos);
+	return (size_t)block_core(&b->g, pos, 0) * block_core(&b->g, pos, 1) *
+	       block_core(&b->g, pos, 2) * sizeof(float);
+}
+
+/* A context on a device or on FFTW, as settings and devices allow. */
+static int make_context(sf_product *p, blocks *b, blocks_worker *w, int try_gpu, sf_err *e)
+{
+	sf_dims3 dims = {b->g.in[0], b->g.in[1], b->g.in[2]};
+	sf_fft_config cfg = {.nthreads = 1, .measure = 0, .device = 0};
+	const char *why = "gpu=off";
+
+#ifdef SF_HAVE_CUDA
+	if (try_gpu && b->s.gpu != SF_DECONV_GPU_OFF) {
+		int devices = sf_fft_cuda_device_count();
+
+		why = "no CUDA device (cudaGetDeviceCount found none)";
+		if (devices > 0) {
+			int k = atomic_fetch_add(&b->gpu_workers, 1);
+
+			why = "every device already has its worker";
+			if (b->s.gpu >= 0 ? k == 0 && b->s.gpu < devices : k < devices) {
+				sf_err ge = {0};
+
+				cfg.device = b->s.gpu >= 0 ? b->s.gpu : k;
+				if (sf_deconv_ctx_create(&b->s.params, &b->psf, dims,
+				                         sf_fft_cufft_ops(), &cfg, &w->ctx,
+				                         &ge) == SF_OK) {
+					w->on_gpu = 1;
+					sf_log(SF_LOG_INFO, "%s: worker on CUDA device %d", p->name,
+					       cfg.device);
+					return SF_OK;
+				}
+				sf_log(SF_LOG_WARN,
+				       "%s: CUDA device %d unusable, using the CPU: %s", p->name,
+				       cfg.device, ge.msg);
+				why = "the device failed";
+			}
+		}
+	}
+#else
+	if (try_gpu && b->s.gpu != SF_DECONV_GPU_OFF)
+		why = "built without CUDA";
+#endif
+	if (!try_gpu)
+		why = "the device failed";
+	if (!atomic_exchange(&b->told_cpu, 1))
+		sf_log(SF_LOG_INFO, "%s: deconvolving on the CPU (FFTW): %s", p->name, why);
+	w->on_gpu = 0;
+	cfg.device = 0;
+	return sf_deconv_ctx_create(&b->s.params, &b->psf, dims, sf_fft_fftw_ops(), &cfg, &w->ctx,
+	                            e);
+}
+
+/* The reader of plane file `file`, reopened only when it changes. */
+static int plane_reader(const blocks *b, blocks_worker *w, uint32_t file, sf_err *e)
+{
+	if (w->reader && w->reader_file == file)
+		return SF_OK;
+	sf_slide_reader_close(w->reader);
+	w->reader = NULL;
+	w->reader_file = file;
+	return sf_slide_reader_open(b->stack->plane_info[file], &w->reader, e);
+}
+
+static float sample_at(const uint8_t *rect, sf_dtype t, size_t i)
+{
+	switch (t) {
+	case SF_U8: return rect[i];
+	case SF_U16: return ((const uint16_t *)(const void *)rect)[i];
+	default: return ((const float *)(const void *)rect)[i];
+	}
+}
+
+/* Fill w->in with the block's input window from the planes. */
+static int read_window(const blocks *b, blocks_worker *w, const int64_t start[3], sf_err *e)
+{
+	const grid *g = &b->g;
+	const sf_stack *st = b->stack;
+	size_t sb = sf_dtype_bytes(st->dtype);
+	uint32_t lo[2] = {UINT32_MAX, UINT32_MAX}, hi[2] = {0, 0};
+	size_t rw, rh;
+
+	for (int a = 0; a < 3; a++)
+		for (uint32_t i = 0; i < g->in[a]; i++) {
+			uint32_t v = mirror(start[a] + i, g->dim[a]);
+
+			w->map[a][i] = v;
+			if (a < 2) {
+				lo[a] = v < lo[a] ? v : lo[a];
+				hi[a] = v + 1 > hi[a] ? v + 1 : hi[a];
+			}
+		}
+	rw = hi[0] - lo[0];
+	rh = hi[1] - lo[1];
+	if (rw * rh * sb > w->rect_cap) {
+		free(w->rect);
+		w->rect_cap = rw * rh * sb;
+		if (!(w->rect = malloc(w->rect_cap))) {
+			w->rect_cap = 0;
+			return sf_fail(e, SF_ENOMEM, "%s: out of memory", st->name);
+		}
+	}
+	for (uint32_t k = 0; k < g->in[2]; k++) {
+		uint32_t z = w->map[2][k];
+		float *dst = w->in + (size_t)k * g->in[1] * g->in[0];
+		int rc = plane_reader(b, w, st->multipage ? 0 : z, e);
+
+		if (rc == SF_OK)
+			rc = sf_slide_read_region(w->reader, 0, st->multipage ? z : 0, lo[0], lo[1],
+			                          (uint32_t)rw, (uint32_t)rh, w->rect, e);
+		if (rc != SF_OK)
+			return rc;
+		for (uint32_t j = 0; j < g->in[1]; j++) {
+			size_t row = (size_t)(w->map[1][j] - lo[1]) * rw;
+
+			for (uint32_t i = 0; i < g->in[0]; i++)
+				dst[(size_t)j * g->in[0] + i] =
+				    sample_at(w->rect, st->dtype, row + w->map[0][i] - lo[0]);
+		}
+	}
+	return SF_OK;
+}
+
+static int run_block(sf_product *p, blocks *b, blocks_worker *w, sf_err *e)
+{
+	sf_deconv_stats stats = {0};
+	int rc;
+
+	if (!w->ctx && (rc = make_context(p, b, w, 1, e)) != SF_OK)
+		return rc;
+	rc = sf_deconv_block(w->ctx, w->in, w->in, &stats, e);
+	if (rc == SF_EDEVICE && w->on_gpu) {
+		/* The window is intact: the engine reads it before writing out. */
+		sf_log(SF_LOG_WARN, "%s: GPU failed, this worker continues on the CPU: %s", p->name,
+		       e->msg);
+		sf_deconv_ctx_destroy(w->ctx);
+		w->ctx = NULL;
+		if ((rc = make_context(p, b, w, 0, e)) == SF_OK)
+			rc = sf_deconv_block(w->ctx, w->in, w->in, &stats, e);
+	}
+	return rc;
+}
+
+static int blocks_compute(sf_product *p, void *state, uint64_t unit, uint8_t *out, sf_err *e)
+{
+	blocks *b = p->impl;
+	blocks_worker *w = state;
+	const grid *g = &b->g;
+	uint32_t pos[3], c[3], off[3];
+	int64_t start[3];
+	float *dst = (float *)(void *)out;
+	int rc;
+
+	block_pos(g, unit, pos);
+	for (int a = 0; a < 3; a++) {
+		c[a] = block_core(g, pos, a);
+		off[a] = g->halo[a] + (g->core[a] - c[a]);
+		start[a] = (int64_t)pos[a] * g->core[a] - off[a];
+	}
+	rc = read_window(b, w, start, e);
+	if (rc == SF_OK)
+		rc = run_block(p, b, w, e);
+	if (rc != SF_OK)
+		return rc;
+	for (uint32_t z = 0; z < c[2]; z++)
+		for (uint32_t y = 0; y < c[1]; y++)
+			memcpy(dst + ((size_t)z * c[1] + y) * c[0],
+			       w->in + ((size_t)(z + off[2]) * g->in[1] + y + off[1]) * g->in[0] +
+			           off[0],
+			       c[0] * sizeof(float));
+	return SF_OK;
+}
+
+static void blocks_destroy(sf_product *p)
+{
+	blocks *b = p->impl;
+
+	sf_psf_free(&b->psf);
+	free(b);
+	free(p);
+}
+
+static const sf_product_ops blocks_ops = {
+    .worker_start = blocks_worker_start,
+    .worker_stop = blocks_worker_stop,
+    .compute = blocks_compute,
+    .unit_bytes = blocks_unit_bytes,
+    .destroy = blocks_destroy,
+};
+
+static sf_key mix_double(sf_key k, double v)
+{
+	uint64_t bits;
+
+	memcpy(&bits, &v, sizeof bits);
+	return sf_key_mix_u64(k, bits);
+}
+
+/* Everything a block's bytes depend on. */
+static sf_key blocks_key(const sf_stack *st, const sf_deconv_settings *s, const grid *g)
+{
+	const sf_deconv_params *p = &s->params;
+	const double optics[] = {p->dxy,
+	                         p->dz,
+	                         p->lambda_ex,
+	                         p->lambda_em,
+	                         p->na,
+	                         p->rf,
+	                         p->fcyl,
+	                         p->slitwidth,
+	                         p->numit,
+	                         p->lambda_damping,
+	                         p->regularize_interval,
+	                         p->stop_criterion,
+	                         p->dark,
+	                         p->taper,
+	                         p->init_value,
+	                         (double)p->eps};
+	sf_key k = sf_key_of("scopefs deconv blocks v1", 24);
+	uint32_t files = st->multipage ? 1 : st->planes;
+
+	k = sf_key_mix_u64(k, st->dtype);
+	k = sf_key_mix_u64(k, st->multipage);
+	for (uint32_t z = 0; z < files; z++) {
+		k = sf_key_mix_str(k, st->plane_info[z]->path);
+		k = sf_key_mix_u64(k, st->plane_info[z]->file_size);
+		k = sf_key_mix_u64(k, (uint64_t)st->plane_info[z]->mtime_ns);
+	}
+	for (size_t i = 0; i < sizeof optics / sizeof optics[0]; i++)
+		k = mix_double(k, optics[i]);
+	for (int a = 0; a < 3; a++) {
+		k = mix_double(k, p->gaussian_sigma[a]);
+		k = sf_key_mix_u64(k, (uint64_t)p->gaussian_filter_size[a]);
+		k = sf_key_mix_u64(k, p->fft_shape[a]);
+		k = sf_key_mix_u64(k, g->dim[a]);
+		k = sf_key_mix_u64(k, g->core[a]);
+		k = sf_key_mix_u64(k, g->halo[a]);
+	}
+	return k;
+}
+
+static int blocks_create(const sf_stack *st, const sf_deconv_settings *s, uint64_t mem,
+                         sf_product **out, sf_err *e)
+{
+	sf_product *p = calloc(1, sizeof *p);
+	blocks *b = calloc(1, sizeof *b);
+	sf_psf_optics o;
+	int rc;
+
+	*out = NULL;
+	if (!p || !b) {
+		free(p);
+		free(b);
+		return sf_fail(e, SF_ENOMEM, "stack %s: out of memory", st->name);
+	}
+	b->stack = st;
+	b->s = *s;
+	sf_deconv_params_optics(&s->params, &o);
+	rc = sf_psf_make(&o, &b->psf, e);
+	if (rc != SF_OK) {
+		free(p);
+		free(b);
+		return rc;
+	}
+	grid_make(&b->g, st, s, &b->psf, mem);
+	p->ops = &blocks_ops;
+	p->key = blocks_key(st, s, &b->g);
+	p->elem_bytes = 4;
+	p->unit_count = (uint64_t)b->g.count[0] * b->g.count[1] * b->g.count[2];
+	p->impl = b;
+	snprintf(p->name, sizeof p->name, "deconv blocks:%s", st->name[0] ? st->name : "(root)");
+	*out = p;
+	return SF_OK;
+}
+
+/* ---- output scaling -------------------------------------------------------- */
+
+static void swap_f(float *a, float *b)
+{
+	float t = *a;
+	*a = *b;
+	*b = t;
+}
+
+/* Rearrange v so v[k] is the k-th smallest (Hoare quickselect, median of 3). */
+static void select_kth(float *v, size_t n, size_t k)
+{
+	size_t lo = 0, hi = n - 1;
+
+	while (hi > lo) {
+		size_t mid = lo + (hi - lo) / 2, i = lo, j = hi;
+		float pivot;
+
+		if (v[mid] < v[lo])
+			swap_f(&v[mid], &v[lo]);
+		if (v[hi] < v[lo])
+			swap_f(&v[hi], &v[lo]);
+		if (v[hi] < v[mid])
+			swap_f(&v[hi], &v[mid]);
+		pivot = v[mid];
+		while (i <= j) {
+			while (v[i] < pivot)
+				i++;
+			while (pivot < v[j])
+				j--;
+			if (i <= j) {
+				swap_f(&v[i], &v[j]);
+				i++;
+				if (j == 0)
+					break;
+				j--;
+			}
+		}
+		if (k <= j)
+			hi = j;
+		else if (k >= i)
+			lo = i;
+		else
+			return;
+	}
+}
+
+/* MATLAB prctile(v, pct): sorted x_1..x_n sit at percentiles 100 (i - 0.5)/n,
+ * linear in between, clamped to x_1 / x_n outside.  v is reordered. */
+static double percentile(float *v, size_t n, double pct)
+{
+	double pos = (double)n * pct / 100.0 - 0.5, frac, a, b;
+	size_t k;
+
+	if (pos <= 0) {
+		select_kth(v, n, 0);
+		return v[0];
+	}
+	if (pos >= (double)(n - 1)) {
+		select_kth(v, n, n - 1);
+		return v[n - 1];
+	}
+	k = (size_t)pos;
+	frac = pos - (double)k;
+	select_kth(v, n, k);
+	a = v[k];
+	b = v[k + 1];
+	for (size_t i = k + 2; i < n; i++)
+		b = v[i] < b ? v[i] : b;
+	return a + frac * (b - a);
+}
+
+struct scale_sample;
+
+typedef struct planes {
+	sf_product *blocks_product; /* not owned */
+	const blocks *b;            /* its impl */
+	sf_engine *const *engine;   /* the mount's engine pointer */
+	const sf_layout *layout;
+	uint64_t strips; /* units per plane */
+	uint32_t rows;   /* rows per strip */
+	sf_dtype out;
+	double gain; /* scale > 0 */
+	char *scale_path;
+	pthread_mutex_t scale_lock; /* guards the fields below */
+	pthread_cond_t scale_done;  /* broadcast when a sample settles */
+	int have_scale;
+	double dmin, dmax;
+	struct scale_sample *samples; /* sample_count entries (scale=auto) */
+	uint64_t sample_count;
+} planes;
+
+static int read_scale_file(planes *pl)
+{
+	FILE *f = fopen(pl->scale_path, "r");
+	double lo, hi;
+	int ok;
+
+	if (!f)
+		return 0;
+	ok = fscanf(f, "dmin %la dmax %la", &lo, &hi) == 2 && isfinite(lo) && isfinite(hi);
+	fclose(f);
+	if (ok) {
+		pl->dmin = lo;
+		pl->dmax = hi;
+	}
+	return ok;
+}
+
+/* Record (dmin, dmax) for later mounts: temp file + rename. */
+static void write_scale_file(const planes *pl, uint64_t sampled, uint64_t total)
+{
+	char tmp[PATH_MAX + 32];
+	FILE *f;
+
+	snprintf(tmp, sizeof tmp, "%s.tmp.%d", pl->scale_path, (int)getpid());
+	f = fopen(tmp, "w");
+	if (!f) {
+		sf_log(SF_LOG_WARN, "%s: cannot record the scale: %s", pl->scale_path,
+		       strerror(errno));
+		return;
+	}
+	fprintf(f,
+	        "dmin %a dmax %a\n# dmin %.9g dmax %.9g from %" PRIu64 " of %" PRIu64 " blocks\n",
+	        pl->dmin, pl->dmax, pl->dmin, pl->dmax, sampled, total);
+	if (fclose(f) != 0 || rename(tmp, pl->scale_path) != 0) {
+		sf_log(SF_LOG_WARN, "%s: cannot record the scale: %s", pl->scale_path,
+		       strerror(errno));
+		unlink(tmp);
+	}
+}
+
+/* Percentiles of sample i, one state per sampled block (under scale_lock). */
+enum { SAMPLE_TODO, SAMPLE_BUSY, SAMPLE_DONE };
+
+typedef struct scale_sample {
+	double lo, hi; /* [100 - clipval, clipval] percentiles of the block's core */
+	int state;
+} scale_sample;
+
+/* Block i of the n sampled: floor((2i + 1) total / (2n)), spread evenly. */
+static uint64_t sample_unit(uint64_t i, uint64_t n, uint64_t total)
+{
+	return (2 * i + 1) * total / (2 * n);
+}
+
+/* The two percentiles of one sampled block, read through the engine (made
+ * inline when absent: the caller is a worker).  Runs without scale_lock. */
+static int sample_percentiles(planes *pl, uint64_t unit, double *lo, double *hi, sf_err *e)
+{
+	sf_product *bp = pl->blocks_product;
+	double clip = pl->b->s.params.clipval;
+	size_t bytes = bp->ops->unit_bytes(bp, unit);
+	float *v = malloc(bytes);
+	int rc;
+
+	if (!v)
+		return sf_fail(e, SF_ENOMEM, "%s: out of memory", bp->name);
+	rc = sf_engine_read(*pl->engine, bp, unit, 0, bytes, (uint8_t *)v, e);
+	if (rc == SF_OK) {
+		*lo = percentile(v, bytes / 4, 100.0 - clip);
+		*hi = percentile(v, bytes / 4, clip);
+	}
+	free(v);
+	return rc;
+}
+
+/* With scale_lock: the smallest low and largest high over the samples. */
+static void finish_scale(planes *pl)
+{
+	uint64_t total = pl->blocks_product->unit_count;
+	double lo = INFINITY, hi = -INFINITY;
+
+	for (uint64_t i = 0; i < pl->sample_count; i++) {
+		lo = pl->samples[i].lo < lo ? pl->samples[i].lo : lo;
+		hi = pl->samples[i].hi > hi ? pl->samples[i].hi : hi;
+	}
+	pl->dmin = lo;
+	pl->dmax = hi;
+	pl->have_scale = 1;
+	sf_log(SF_LOG_INFO, "%s: scale from %" PRIu64 " of %" PRIu64 " blocks: dmin %g dmax %g",
+	       pl->blocks_product->name, pl->sample_count, total, lo, hi);
+	write_scale_file(pl, pl->sample_count, total);
+}
+
+/* LsDeconv's (dmin, dmax), from the record in the cache folder or from the
+ * sampled blocks.  Every worker that needs the scale helps: it takes the next
+ * sample nobody has started (beginning at `start`, so workers spread out),
+ * and waits only when every remaining sample is being computed by another.
+ * Each sample is a pure function of its block, so the result does not depend
+ * on who computed what. */
+static int ensure_scale(planes *pl, uint64_t start, sf_err *e)
+{
+	int rc = SF_OK;
+
+	pthread_mutex_lock(&pl->scale_lock);
+	if (!pl->have_scale && read_scale_file(pl))
+		pl->have_scale = 1;
+	while (!pl->have_scale && rc == SF_OK) {
+		uint64_t n = pl->sample_count, todo = n, done = 0;
+
+		for (uint64_t k = 0; k < n; k++) {
+			uint64_t i = (start + k) % n;
+
+			done += pl->samples[i].state == SAMPLE_DONE;
+			if (todo == n && pl->samples[i].state == SAMPLE_TODO)
+				todo = i;
+		}
+		if (done == n) {
+			finish_scale(pl);
+			break;
+		}
+		if (todo == n) {
+			pthread_cond_wait(&pl->scale_done, &pl->scale_lock);
+			continue;
+		}
+		pl->samples[todo].state = SAMPLE_BUSY;
+		pthread_mutex_unlock(&pl->scale_lock);
+		double lo = 0, hi = 0;
+		rc = sample_percentiles(pl, sample_unit(todo, n, pl->blocks_product->unit_count),
+		                        &lo, &hi, e);
+		pthread_mutex_lock(&pl->scale_lock);
+		pl->samples[todo].state = rc == SF_OK ? SAMPLE_DONE : SAMPLE_TODO;
+		pl->samples[todo].lo = lo;
+		pl->samples[todo].hi = hi;
+		pthread_cond_broadcast(&pl->scale_done);
+	}
+	pthread_mutex_unlock(&pl->scale_lock);
+	return rc;
+}
+
+/* ---- the planes product ---------------------------------------------------- */
+
+static size_t planes_unit_bytes(const sf_product *p, uint64_t unit)
+{
+	const planes *pl = p->impl;
+
+	return sf_layout_unit_bytes(pl->layout, unit % pl->strips);
+}
+
+static int planes_worker_start(sf_product *p, void **state, sf_err *e)
+{
+	const planes *pl = p->impl;
+	float *buf = malloc((size_t)pl->rows * pl->b->g.core[0] * sizeof(float));
+
+	if (!buf)
+		return sf_fail(e, SF_ENOMEM, "%s: out of memory", p->name);
+	*state = buf;
+	return SF_OK;
+}
+
+static void planes_worker_stop(sf_product *p, void *state)
+{
+	(void)p;
+	free(state);
+}
+
+/* Convert n values of src into the strip at dst (element index at). */
+static void put_values(const planes *pl, const float *src, size_t n, uint8_t *dst, size_t at)
+{
+	double amp = pl->b->s.signal_amp;
+	double top = pl->out == SF_U8 ? 255.0 : 65535.0;
+	double range = pl->dmax > pl->dmin ? pl->dmax - pl->dmin : 1.0;
+	double mul = pl->gain > 0 ? pl->gain : top * amp / range;
+	double sub = pl->gain > 0 ? 0.0 : pl->dmin;
+	double shift = pl->gain > 0 ? 0.0 : amp;
+
+	if (pl->out == SF_F32) {
+		memcpy(dst + at * 4, src, n * sizeof(float));
+		return;
+	}
+	for (size_t i = 0; i < n; i++) {
+		double v = round(((double)src[i] - sub) * mul - shift);
+
+		v = v < 0 ? 0 : v > top ? top : v;
+		if (pl->out == SF_U8)
+			dst[at + i] = (uint8_t)v;
+		else
+			((uint16_t *)(void *)dst)[at + i] = (uint16_t)v;
+	}
+}
+
+static int planes_compute(sf_product *p, void *state, uint64_t unit, uint8_t *out, sf_err *e)
+{
+	planes *pl = p->impl;
+	const grid *g = &pl->b->g;
+	sf_engine *eng = *pl->engine;
+	float *buf = state;
+	uint32_t z = (uint32_t)(unit / pl->strips), bz = z / g->core[2];
+	uint32_t y0 = (uint32_t)(unit % pl->strips * pl->rows);
+	uint32_t h = g->dim[1] - y0 < pl->rows ? g->dim[1] - y0 : pl->rows;
+	int rc = SF_OK;
+
+	if (!eng)
+		return sf_fail(e, SF_EINVAL, "%s: engine not started", p->name);
+	if (pl->out != SF_F32 && pl->gain <= 0 && (rc = ensure_scale(pl, unit, e)) != SF_OK)
+		return rc;
+	for (uint32_t by = y0 / g->core[1]; by <= (y0 + h - 1) / g->core[1] && rc == SF_OK; by++) {
+		uint32_t pos[3] = {0, by, bz};
+		uint32_t cy = block_core(g, pos, 1), cz_off = z - bz * g->core[2];
+		uint32_t ya = y0 > by * g->core[1] ? y0 : by * g->core[1];
+		uint32_t yb = y0 + h < by * g->core[1] + cy ? y0 + h : by * g->core[1] + cy;
+
+		/* Start at a column that depends on the strip, so workers on
+		 * neighbouring strips compute different blocks at once. */
+		for (uint32_t i = 0; i < g->count[0] && rc == SF_OK; i++) {
+			uint32_t bx = (uint32_t)((unit + i) % g->count[0]);
+			uint64_t bunit = ((uint64_t)bz * g->count[1] + by) * g->count[0] + bx;
+			uint32_t cx;
+			size_t off;
+
+			pos[0] = bx;
+			cx = block_core(g, pos, 0);
+			off = (((size_t)cz_off * cy) + (ya - by * g->core[1])) * cx * sizeof(float);
+			rc = sf_engine_read(eng, pl->blocks_product, bunit, off,
+			                    (size_t)(yb - ya) * cx * sizeof(float), (uint8_t *)buf,
+			                    e);
+			for (uint32_t r = 0; rc == SF_OK && r < yb - ya; r++)
+				put_values(pl, buf + (size_t)r * cx, cx, out,
+				           (size_t)(ya + r - y0) * g->dim[0] +
+				               (size_t)bx * g->core[0]);
+		}
+	}
+	return rc;
+}
+
+static void planes_destroy(sf_product *p)
+{
+	planes *pl = p->impl;
+
+	pthread_cond_destroy(&pl->scale_done);
+	pthread_mutex_destroy(&pl->scale_lock);
+	free(pl->samples);
+	free(pl->scale_path);
+	free(pl);
+	free(p);
+}
+
+static const sf_product_ops planes_ops = {
+    .worker_start = planes_worker_start,
+    .worker_stop = planes_worker_stop,
+    .compute = planes_compute,
+    .unit_bytes = planes_unit_bytes,
+    .destroy = planes_destroy,
+};
+
+static sf_key planes_key(const sf_product *bp, const planes *pl)
+{
+	const sf_deconv_settings *s = &pl->b->s;
+	sf_key k = sf_key_mix_str(bp->key, "scopefs deconv planes v1");
+
+	k = sf_key_mix_u64(k, pl->rows);
+	k = sf_key_mix_u64(k, pl->out);
+	k = mix_double(k, s->scale);
+	k = mix_double(k, s->signal_amp);
+	k = mix_double(k, s->params.clipval);
+	return sf_key_mix_u64(k, s->scale > 0 ? 0 : s->scale_sample);
+}
+
+int sf_product_deconv_create(const sf_stack *st, const sf_deconv_settings *s,
+                             const sf_layout *plane_layout, sf_engine *const *engine,
+                             const char *cache_dir, uint64_t mem_bytes, sf_product **blocks_out,
+                             sf_product **planes_out, sf_err *e)
+{
+	sf_product *bp, *p;
+	planes *pl;
+	char hex[33], path[PATH_MAX];
+	int rc;
+
+	*blocks_out = *planes_out = NULL;
+	if (st->plane_info[0]->samples != 1)
+		return sf_fail(e, SF_EUNSUPPORTED,
+		               "stack %s: %u samples per pixel; deconvolution takes one", st->name,
+		               st->plane_info[0]->samples);
+	rc = blocks_create(st, s, mem_bytes, &bp, e);
+	if (rc != SF_OK)
+		return rc;
+	p = calloc(1, sizeof *p);
+	pl = calloc(1, sizeof *pl);
+	if (!p || !pl) {
+		free(p);
+		free(pl);
+		bp->ops->destroy(bp);
+		return sf_fail(e, SF_ENOMEM, "stack %s: out of memory", st->name);
+	}
+	pl->blocks_product = bp;
+	pl->b = bp->impl;
+	pl->engine = engine;
+	pl->layout = plane_layout;
+	pl->strips = sf_layout_unit_count(plane_layout);
+	pl->rows = sf_layout_unit_rows(plane_layout);
+	pl->out = sf_deconv_output_dtype(s, st);
+	pl->gain = s->scale;
+	pthread_mutex_init(&pl->scale_lock, NULL);
+	pthread_cond_init(&pl->scale_done, NULL);
+	pl->sample_count =
+	    s->scale_sample && s->scale_sample < bp->unit_count ? s->scale_sample : bp->unit_count;
+	p->ops = &planes_ops;
+	p->key = planes_key(bp, pl);
+	p->elem_bytes = (unsigned)sf_dtype_bytes(pl->out);
+	p->unit_count = pl->strips * st->planes;
+	p->impl = pl;
+	snprintf(p->name, sizeof p->name, "deconvolved:%s", st->name[0] ? st->name : "(root)");
+	sf_key_hex(p->key, hex);
+	snprintf(path, sizeof path, "%s/deconv-scale-%s.txt", cache_dir ? cache_dir : ".", hex);
+	pl->samples = calloc(pl->sample_count, sizeof *pl->samples);
+	if (!(pl->scale_path = strdup(path)) || !pl->samples) {
+		planes_destroy(p);
+		bp->ops->destroy(bp);
+		return sf_fail(e, SF_ENOMEM, "stack %s: out of memory", st->name);
+	}
+	{
+		const grid *g = &pl->b->g;
+
+		sf_log(SF_LOG_INFO,
+		       "%s: blocks %ux%ux%u (x y z) of core %ux%ux%u, halo %u %u %u, PSF "
+		       "%zux%zux%zu",
+		       p->name, g->count[0], g->count[1], g->count[2], g->core[0], g->core[1],
+		       g->core[2], g->halo[0], g->halo[1], g->halo[2], pl->b->psf.nx, pl->b->psf.ny,
+		       pl->b->psf.nz);
+	}
+	*blocks_out = bp;
+	*planes_out = p;
+	return SF_OK;
+}

@@ -1,0 +1,205 @@
+/* test_product_deconv.c — deconvolution settings, the block grid, and the
+ * engine's nested reads that the deconvolved strips rely on.
+ *
+ * Pixel correctness of the products (seams, ground truth, determinism) is
+ * checked end to end through a mount in tests/integration/test_mount_deconv.py
+ * against numpy/scipy oracles. */
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "check.h"
+#include "scopefs/engine.h"
+#include "scopefs/fft.h"
+#include "scopefs/product_deconv.h"
+
+static void test_defaults_and_apply(void)
+{
+	sf_deconv_settings s;
+	sf_err e = {0};
+
+	sf_deconv_settings_default(&s);
+	CHECK(s.params.numit == 6 && s.params.na == 0.40 && s.params.rf == 1.42,
+	      "decwrap defaults: numit %d na %g rf %g", s.params.numit, s.params.na, s.params.rf);
+	CHECK(!s.have_dxy && !s.have_dz && s.scale == 0 && s.dtype == SF_DECONV_DTYPE_SAME,
+	      "dxy/dz unset, scale auto, dtype same");
+	CHECK(sf_deconv_settings_apply_list(&s, "dxy=0.4,dz=1.2,numit=9,gaussian_sigma=1:2:3", "",
+	                                    &e) == SF_OK,
+	      "a list applies: %s", e.msg);
+	CHECK(s.params.dxy == 400 && s.params.dz == 1200 && s.have_dxy && s.have_dz,
+	      "dxy/dz in um become nm: %g %g", s.params.dxy, s.params.dz);
+	CHECK(s.params.numit == 9, "numit=9");
+	CHECK(s.params.gaussian_sigma[0] == 1 && s.params.gaussian_sigma[1] == 2 &&
+	          s.params.gaussian_sigma[2] == 3,
+	      "gaussian_sigma x:y:z");
+	CHECK(sf_deconv_settings_apply(&s, "gaussian_filter_size", "7", "", &e) == SF_OK &&
+	          s.params.gaussian_filter_size[2] == 7,
+	      "one filter size for all axes");
+	CHECK(sf_deconv_settings_apply(&s, "scale", "2.5", "", &e) == SF_OK && s.scale == 2.5,
+	      "scale=GAIN");
+	CHECK(sf_deconv_settings_apply(&s, "dtype", "float32", "", &e) == SF_OK &&
+	          s.dtype == SF_F32,
+	      "dtype=float32");
+	CHECK(sf_deconv_settings_apply(&s, "deconv_block", "48", "", &e) == SF_OK && s.block == 48,
+	      "deconv_block=48");
+	CHECK(sf_deconv_settings_is_key("numit") && sf_deconv_settings_is_key("dxy") &&
+	          !sf_deconv_settings_is_key("gpu") && !sf_deconv_settings_is_key("mem"),
+	      "is_key: deconvolution keys only (gpu is a general option)");
+}
+
+static void test_errors_name_the_option(void)
+{
+	sf_deconv_settings s;
+	sf_err e = {0};
+
+	sf_deconv_settings_default(&s);
+	CHECK(sf_deconv_settings_apply(&s, "dxy", "-0.4", "", &e) == SF_EINVAL &&
+	          strstr(e.msg, "'dxy'"),
+	      "negative dxy names dxy: %s", e.msg);
+	CHECK(sf_deconv_settings_apply(&s, "gaussian_sigma", "1:2", "", &e) == SF_EINVAL &&
+	          strstr(e.msg, "gaussian_sigma"),
+	      "two sigmas rejected: %s", e.msg);
+	CHECK(sf_deconv_settings_apply(&s, "dtype", "int8", "", &e) == SF_EINVAL &&
+	          strstr(e.msg, "dtype"),
+	      "dtype int8 rejected: %s", e.msg);
+	CHECK(sf_deconv_settings_apply(&s, "bogus", "1", "f:3: ", &e) == SF_EINVAL &&
+	          strstr(e.msg, "f:3: ") && strstr(e.msg, "bogus"),
+	      "unknown key with origin: %s", e.msg);
+	CHECK(sf_deconv_settings_apply_list(&s, "na=1.5,rf=1.42", "", &e) == SF_OK,
+	      "na and rf alone are numbers");
+	CHECK(sf_deconv_settings_check(&s, "", &e) == SF_EINVAL && strstr(e.msg, "na=1.5"),
+	      "na >= rf is refused naming na: %s", e.msg);
+	sf_deconv_settings_default(&s);
+	CHECK(sf_deconv_settings_apply(&s, "gaussian_filter_size", "12:13:25", "", &e) == SF_OK,
+	      "even size parses");
+	CHECK(sf_deconv_settings_check(&s, "", &e) == SF_EINVAL &&
+	          strstr(e.msg, "gaussian_filter_size"),
+	      "even filter size refused: %s", e.msg);
+}
+
+static void test_infer_wavelengths(void)
+{
+	sf_deconv_settings s;
+
+	sf_deconv_settings_default(&s);
+	sf_deconv_settings_infer_wavelengths(&s, "sample1_Ex_561_Em_600_stitched");
+	CHECK(s.have_ex && s.have_em && s.params.lambda_ex == 561 && s.params.lambda_em == 600,
+	      "Ex_561_Em_600: %g %g", s.params.lambda_ex, s.params.lambda_em);
+	sf_deconv_settings_default(&s);
+	sf_deconv_settings_infer_wavelengths(&s, "ex488-em525");
+	CHECK(s.params.lambda_ex == 488 && s.params.lambda_em == 525, "ex488-em525");
+	sf_deconv_settings_default(&s);
+	sf_deconv_settings_infer_wavelengths(&s, "next_5610_item_600");
+	CHECK(!s.have_ex && !s.have_em, "no word-start tag: nothing inferred");
+}
+
+/* ---- nested reads (engine) -------------------------------------------------
+ * A "leaf" product whose unit u is 4096 bytes of (u + i) & 0xff, and a
+ * "root" product whose unit u sums leaf units u and u+1 read through the
+ * engine from inside compute.  With one worker a queued nested read would
+ * deadlock; the inline rule must make it. */
+
+static sf_engine *nested_engine;
+static atomic_int leaf_computes;
+
+static int leaf_compute(sf_product *p, void *state, uint64_t unit, uint8_t *out, sf_err *e)
+{
+	(void)p, (void)state, (void)e;
+	atomic_fetch_add(&leaf_computes, 1);
+	usleep(2000);
+	for (int i = 0; i < 4096; i++)
+		out[i] = (uint8_t)(unit + (uint64_t)i);
+	return SF_OK;
+}
+
+static size_t unit_4k(const sf_product *p, uint64_t unit)
+{
+	(void)p, (void)unit;
+	return 4096;
+}
+
+static sf_product leaf_product;
+
+static int root_compute(sf_product *p, void *state, uint64_t unit, uint8_t *out, sf_err *e)
+{
+	uint8_t a[4096], b[4096];
+	int rc;
+
+	(void)p, (void)state;
+	rc = sf_engine_read(nested_engine, &leaf_product, unit, 0, 4096, a, e);
+	if (rc == SF_OK)
+		rc = sf_engine_read(nested_engine, &leaf_product, unit + 1, 0, 4096, b, e);
+	for (int i = 0; rc == SF_OK && i < 4096; i++)
+		out[i] = (uint8_t)(a[i] + b[i]);
+	return rc;
+}
+
+static void no_destroy(sf_product *p)
+{
+	(void)p;
+}
+
+static const sf_product_ops leaf_ops = {
+    .compute = leaf_compute, .unit_bytes = unit_4k, .destroy = no_destroy};
+static const sf_product_ops root_ops = {
+    .compute = root_compute, .unit_bytes = unit_4k, .destroy = no_destroy};
+
+static void test_nested_reads(unsigned threads)
+{
+	sf_engine_config cfg = {.threads = threads, .mem_bytes = 1 << 20};
+	sf_product root = {.ops = &root_ops, .elem_bytes = 1, .unit_count = 32};
+	sf_err e = {0};
+	int bad = 0, rc;
+
+	memset(&leaf_product, 0, sizeof leaf_product);
+	leaf_product.ops = &leaf_ops;
+	leaf_product.elem_bytes = 1;
+	leaf_product.unit_count = 33;
+	leaf_product.key = sf_key_of("leaf", 4);
+	root.key = sf_key_of("root", 4);
+	snprintf(leaf_product.name, sizeof leaf_product.name, "leaf");
+	snprintf(root.name, sizeof root.name, "root");
+	atomic_store(&leaf_computes, 0);
+	rc = sf_engine_create(&cfg, &nested_engine, &e);
+	if (rc == SF_OK)
+		rc = sf_engine_add_product(nested_engine, &leaf_product, &e);
+	if (rc == SF_OK)
+		rc = sf_engine_add_product(nested_engine, &root, &e);
+	CHECK(rc == SF_OK, "engine with two products: %s", e.msg);
+	if (rc != SF_OK) {
+		sf_engine_destroy(nested_engine);
+		return;
+	}
+	/* Prefetch everything so every worker is busy with root units that
+	 * read leaf units, then read them all. */
+	for (uint64_t u = 0; u < 32; u++)
+		sf_engine_prefetch(nested_engine, &root, u);
+	for (uint64_t u = 0; u < 32; u++) {
+		uint8_t got[4096];
+
+		rc = sf_engine_read(nested_engine, &root, u, 0, 4096, got, &e);
+		for (int i = 0; rc == SF_OK && i < 4096; i++)
+			bad += got[i] != (uint8_t)(2 * (u + (uint64_t)i) + 1);
+		if (rc != SF_OK)
+			bad++;
+	}
+	CHECK(bad == 0, "threads=%u: every root unit is leaf u + leaf u+1 (%d bad)", threads, bad);
+	CHECK(atomic_load(&leaf_computes) == 33,
+	      "threads=%u: each leaf unit computed once (%d computations)", threads,
+	      atomic_load(&leaf_computes));
+	sf_engine_destroy(nested_engine);
+}
+
+int main(void)
+{
+	test_defaults_and_apply();
+	test_errors_name_the_option();
+	test_infer_wavelengths();
+	test_nested_reads(1);
+	test_nested_reads(2);
+	test_nested_reads(4);
+	sf_fft_fftw_cleanup();
+	return CHECK_DONE("test_product_deconv");
+}
