@@ -23,7 +23,7 @@
  * written after waiters are woken, so readers never wait on the disk write.
  * A failed disk cache read or write is logged and otherwise ignored.
  * Prefetches: at most 4 per worker wait in their queue (more are dropped),
- * and at most threads-1 workers (1 if there is one) compute them at once.
+ * and at most threads - threads/4 workers compute them at once.
  * Nested reads: a product's compute may call sf_engine_read for units of
  * another product of the same engine (deconvolved strips read deconvolved
  * blocks).  Such a read, issued on a worker thread, makes an absent or

@@ -28,8 +28,10 @@
  *     or written, or while bytes are copied out to a reader.
  *
  * Reads beat prefetches: workers take the read queue first, and at most
- * threads-1 workers (one when there is a single worker) compute prefetches at
- * once, so a read never waits behind a pool full of read-ahead.  The prefetch
+ * threads - threads/4 workers (all of them up to 3 threads) compute
+ * prefetches at once, so on a big pool a read never waits behind read-ahead,
+ * and on a small one (2 cores) cp still uses every core; a read then waits
+ * at most one unit's computation.  The prefetch
  * queue holds at most 4*threads units and drops requests beyond that.
  *
  * Nested reads: a product's compute may read units of another product (the
@@ -541,7 +543,7 @@ static int engine_alloc(const sf_engine_config *cfg, sf_engine *g, sf_err *e)
 	g->threads = thread_count(cfg->threads);
 	g->max_products = cfg->max_products ? cfg->max_products : DEFAULT_MAX_PRODUCTS;
 	g->prefetch_cap = PREFETCH_QUEUE_PER_THREAD * g->threads;
-	g->prefetch_workers = g->threads > 1 ? g->threads - 1 : 1;
+	g->prefetch_workers = g->threads - g->threads / 4;
 	g->mem_bytes = cfg->mem_bytes;
 	g->cache = cfg->cache;
 	g->bucket_count = MIN_BUCKETS;

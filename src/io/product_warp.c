@@ -39,6 +39,10 @@ typedef struct warp_worker {
 	size_t src_cap;
 	uint8_t *raw; /* level pixels before box prefiltering */
 	size_t raw_cap;
+	uint8_t *mixed; /* all channels' source rect, samples interleaved */
+	size_t mixed_cap;
+	uint8_t *mixed_out; /* the warped tile, samples interleaved */
+	size_t mixed_out_cap;
 	sf_warp_cuda *gpu; /* NULL: CPU */
 } warp_worker;
 
@@ -94,6 +98,8 @@ static void warp_worker_stop(sf_product *p, void *state)
 		sf_warp_cuda_destroy(ww->gpu);
 	free(ww->src);
 	free(ww->raw);
+	free(ww->mixed);
+	free(ww->mixed_out);
 	free(ww);
 }
 
@@ -173,6 +179,89 @@ static int warp_channel(const warp_product *w, warp_worker *ww, const sf_map *ma
 	return sf_warp_tile(map, &src, &fmt, out, dst, dst_stride, e);
 }
 
+/* Copy n samples of b bytes from plane into every `stride`-th slot of dst,
+ * or back (to_planes). */
+static void interleave(uint8_t *mixed, uint8_t *plane, size_t n, size_t b, uint32_t channels,
+                       uint32_t c, int to_planes)
+{
+#define SF_INTERLEAVE(T)                                                                           \
+	do {                                                                                       \
+		T *m = (T *)(void *)mixed + c, *pl = (T *)(void *)plane;                           \
+		for (size_t i = 0; i < n; i++, m += channels) {                                    \
+			if (to_planes)                                                             \
+				pl[i] = *m;                                                        \
+			else                                                                       \
+				*m = pl[i];                                                        \
+		}                                                                                  \
+	} while (0)
+	if (b == 1)
+		SF_INTERLEAVE(uint8_t);
+	else if (b == 2)
+		SF_INTERLEAVE(uint16_t);
+	else
+		SF_INTERLEAVE(uint32_t);
+#undef SF_INTERLEAVE
+}
+
+/* All planar channels in one warp: the map (the expensive part: coordinates,
+ * field lookups, weights) is computed once per output pixel instead of once
+ * per channel.  Same pixels as channel by channel: the kernel's arithmetic
+ * per sample does not depend on how many samples a pixel has. */
+static int warp_channels_together(const warp_product *w, warp_worker *ww, const sf_map *map,
+                                  const sf_source_choice *ch, sf_wrect out, uint8_t *tile,
+                                  size_t page_bytes, sf_err *e)
+{
+	const sf_slide_info *s = w->slide;
+	uint32_t nc = s->channels;
+	size_t b = sf_dtype_bytes(s->dtype);
+	sf_warp_fmt fmt = {s->dtype, nc, (sf_interp)w->opts.interp, w->opts.background};
+	uint32_t lw = s->levels[ch->level].width, lh = s->levels[ch->level].height;
+	int64_t vw = (lw + ch->prefilter - 1) / ch->prefilter;
+	int64_t vh = (lh + ch->prefilter - 1) / ch->prefilter;
+	size_t out_px = (size_t)out.w * (size_t)out.h;
+	sf_wrect need;
+	sf_warp_src src;
+	int rc;
+
+	sf_warp_source_rect(map, out, fmt.interp, vw, vh, &need);
+	size_t need_px = (size_t)need.w * (size_t)need.h;
+	if ((rc = ensure(&ww->mixed, &ww->mixed_cap, need_px * nc * b, s->path, e)) != SF_OK ||
+	    (rc = ensure(&ww->mixed_out, &ww->mixed_out_cap, out_px * nc * b, s->path, e)) != SF_OK)
+		return rc;
+	for (uint32_t c = 0; c < nc && need_px; c++) {
+		if ((rc = read_source(w, ww, ch, c, need, e)) != SF_OK)
+			return rc;
+		interleave(ww->mixed, ww->src, need_px, b, nc, c, 0);
+	}
+	src.pixels = ww->mixed;
+	src.stride = (size_t)need.w * nc * b;
+	src.rect = need;
+	rc = SF_EDEVICE;
+	if (ww->gpu) {
+		sf_err ge = {0};
+		rc = sf_warp_tile_cuda(ww->gpu, map, &src, &fmt, out, ww->mixed_out,
+		                       (size_t)out.w * nc * b, &ge);
+		if (rc != SF_OK) {
+			sf_log(SF_LOG_WARN,
+			       "%s: GPU warp failed, this worker goes on on the CPU: %s", s->path,
+			       ge.msg);
+			sf_warp_cuda_destroy(ww->gpu);
+			ww->gpu = NULL;
+		}
+	}
+	if (rc != SF_OK && (rc = sf_warp_tile(map, &src, &fmt, out, ww->mixed_out,
+	                                      (size_t)out.w * nc * b, e)) != SF_OK)
+		return rc;
+	/* Back to one page per channel, rows of the full tile width. */
+	size_t row = (size_t)w->tile * b;
+	for (uint32_t c = 0; c < nc; c++)
+		for (int64_t y = 0; y < out.h; y++)
+			interleave(ww->mixed_out + (size_t)y * out.w * nc * b,
+			           tile + (size_t)c * page_bytes + (size_t)y * row, (size_t)out.w,
+			           b, nc, c, 1);
+	return SF_OK;
+}
+
 static int warp_compute(sf_product *p, void *state, uint64_t unit, uint8_t *out, sf_err *e)
 {
 	warp_product *w = p->impl;
@@ -198,6 +287,8 @@ static int warp_compute(sf_product *p, void *state, uint64_t unit, uint8_t *out,
 	rect.h =
 	    w->plan.height[level] - rect.y < w->tile ? w->plan.height[level] - rect.y : w->tile;
 	memset(out, 0, page_bytes * s->channels);
+	if (s->samples == 1 && s->channels > 1 && s->channels <= 64)
+		return warp_channels_together(w, ww, &map, &ch, rect, out, page_bytes, e);
 	for (uint32_t c = 0; c < s->channels; c++) {
 		int rc = warp_channel(w, ww, &map, &ch, c, rect, out + (size_t)c * page_bytes,
 		                      row_bytes, e);
