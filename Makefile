@@ -98,6 +98,7 @@ undemo:
 
 bench: deps all
 	$(PYTHON) tests/bench/run.py
+	$(PYTHON) tests/bench/warp.py
 
 format:
 	clang-format -i $(wildcard src/*/*.c src/*/*.cu include/scopefs/*.h tests/unit/*.c tools/*.c)
