@@ -1355,18 +1355,31 @@ static int load_json_any(const char *path, const sf_tf_units *units, sf_transfor
 
 /* --- ITK transform files -------------------------------------------------- */
 
+/* A field of 4096 x 4096 nodes: bounds what a malformed file can allocate. */
+#define ITK_MAX_PARAMETERS ((size_t)2 << 24)
+
 typedef struct itk_part {
 	char name[128];
 	int line;
 	size_t np, nf;
-	double par[16], fixed[16];
+	double *par; /* np values, malloc'd (a displacement field has 2 per node) */
+	double fixed[16];
 	int has_par, has_fixed;
 } itk_part;
 
-/* Up to cap numbers from s into out; SF_EFORMAT on a non-number or too many. */
-static int itk_numbers(const char *path, int line, const char *s, double *out, size_t cap,
+static void itk_parts_free(itk_part *parts, size_t n)
+{
+	for (size_t i = 0; parts && i < n; i++)
+		free(parts[i].par);
+	free(parts);
+}
+
+/* Every number of s into *out (grown as needed, at most cap values);
+ * SF_EFORMAT on a non-number or too many. */
+static int itk_numbers(const char *path, int line, const char *s, double **out, size_t cap,
                        size_t *n, sf_err *e)
 {
+	size_t room = 0;
 	*n = 0;
 	for (;;) {
 		while (isspace((unsigned char)*s))
@@ -1382,7 +1395,15 @@ static int itk_numbers(const char *path, int line, const char *s, double *out, s
 		if (*n == cap)
 			return sf_fail(e, SF_EFORMAT, "%s:%d: more than %zu values", path, line,
 			               cap);
-		out[(*n)++] = v;
+		if (*n == room) {
+			size_t want = room ? room * 2 : 16;
+			double *grown = realloc(*out, want * sizeof *grown);
+			if (!grown)
+				return sf_fail(e, SF_ENOMEM, "%s:%d: out of memory", path, line);
+			*out = grown;
+			room = want;
+		}
+		(*out)[(*n)++] = v;
 		s = end;
 	}
 }
@@ -1494,8 +1515,13 @@ static int itk_parse(const char *path, char *text, itk_part **parts, size_t *npa
 				             l);
 				break;
 			}
-			rc = itk_numbers(path, line, val, fixed ? cur->fixed : cur->par, 16,
+			double *fixed_buf = NULL;
+			rc = itk_numbers(path, line, val, fixed ? &fixed_buf : &cur->par,
+			                 fixed ? 16 : ITK_MAX_PARAMETERS,
 			                 fixed ? &cur->nf : &cur->np, e);
+			if (fixed && cur->nf)
+				memcpy(cur->fixed, fixed_buf, cur->nf * sizeof *fixed_buf);
+			free(fixed_buf);
 			*(fixed ? &cur->has_fixed : &cur->has_par) = 1;
 		} else {
 			rc = sf_fail(e, SF_EFORMAT, "%s:%d: unknown key '%s'", path, line, l);
@@ -1506,10 +1532,62 @@ static int itk_parse(const char *path, char *text, itk_part **parts, size_t *npa
 	if (rc == SF_OK && *nparts == 0)
 		rc = sf_fail(e, SF_EFORMAT, "%s:%d: no Transform line", path, line);
 	if (rc != SF_OK) {
-		free(*parts);
+		itk_parts_free(*parts, *nparts);
 		*parts = NULL;
 	}
 	return rc;
+}
+
+/* ITK's DisplacementFieldTransform as its text writer stores it: Parameters
+ * are the field's (dx, dy) per node, x fastest, in physical units;
+ * FixedParameters are size (2), origin (2), spacing (2) and direction (4,
+ * row-major) of the field image.  T(p) = p + D(p), D bilinear between nodes.
+ * (ITK gives zero displacement outside the field; we clamp to the edge
+ * nodes, which differs only where the field does not cover the slide.) */
+static int itk_field(const char *path, const itk_part *p, sf_transform *t, sf_err *e)
+{
+	const double *f = p->fixed;
+	double det, inv[4], gmap[6];
+	static const double vm[4] = {1, 0, 0, 1};
+	sf_field_grid *g;
+
+	if (p->nf != 10)
+		return sf_fail(e, SF_EFORMAT,
+		               "%s:%d: %s takes 10 FixedParameters (size, origin, spacing, "
+		               "direction)",
+		               path, p->line, p->name);
+	if (f[0] < 1 || f[1] < 1 || f[0] != floor(f[0]) || f[1] != floor(f[1]) ||
+	    f[0] > (1 << 20) || f[1] > (1 << 20) || f[4] <= 0 || f[5] <= 0)
+		return sf_fail(e, SF_EFORMAT, "%s:%d: bad field size or spacing", path, p->line);
+	uint32_t w = (uint32_t)f[0], h = (uint32_t)f[1];
+	if (p->np != 2 * (size_t)w * h)
+		return sf_fail(e, SF_EFORMAT, "%s:%d: a %ux%u field needs %zu Parameters, not %zu",
+		               path, p->line, w, h, 2 * (size_t)w * h, p->np);
+	det = f[6] * f[9] - f[7] * f[8];
+	if (fabs(det) < 1e-12)
+		return sf_fail(e, SF_EFORMAT, "%s:%d: singular field direction", path, p->line);
+	inv[0] = f[9] / det;
+	inv[1] = -f[7] / det;
+	inv[2] = -f[8] / det;
+	inv[3] = f[6] / det;
+	/* grid index = diag(1 / spacing) * direction^-1 * (p - origin) */
+	gmap[0] = inv[0] / f[4];
+	gmap[1] = inv[1] / f[4];
+	gmap[2] = -(gmap[0] * f[2] + gmap[1] * f[3]);
+	gmap[3] = inv[2] / f[5];
+	gmap[4] = inv[3] / f[5];
+	gmap[5] = -(gmap[3] * f[2] + gmap[4] * f[3]);
+	if (!(g = sf_field_grid_create(SF_FIELD_LINEAR, w, h, e)))
+		return e->code;
+	for (size_t i = 0; i < p->np; i++)
+		g->v[i] = (float)p->par[i];
+	int rc = sf_field_grid_finish(g, e);
+	if (rc != SF_OK) {
+		sf_field_grid_free(g);
+		return prefix_error(e, rc, path, p->line);
+	}
+	rc = sf_transform_then_field(t, g, gmap, vm, e);
+	return rc == SF_OK ? SF_OK : prefix_error(e, rc, path, p->line);
 }
 
 int sf_transform_load_itk(const char *path, const sf_tf_units *units, sf_transform *t, sf_err *e)
@@ -1538,12 +1616,16 @@ int sf_transform_load_itk(const char *path, const sf_tf_units *units, sf_transfo
 	/* a composite applies its LAST transform first: T0(T1(...Tn(x))) */
 	for (size_t i = n; rc == SF_OK && i > first; i--) {
 		double m[9];
+		if (!strncmp(parts[i - 1].name, "DisplacementFieldTransform_", 27)) {
+			rc = itk_field(path, &parts[i - 1], t, e);
+			continue;
+		}
 		rc = itk_matrix(path, &parts[i - 1], m, e);
 		if (rc == SF_OK && sf_transform_then_matrix(t, m, e) != SF_OK)
 			rc = sf_fail(e, SF_EFORMAT, "%s:%d: singular transform", path,
 			             parts[i - 1].line);
 	}
-	free(parts);
+	itk_parts_free(parts, n);
 	if (rc == SF_OK) {
 		double ref[9] = {1, 0, 0, 0, 1, 0, 0, 0, 1}, mov[9];
 		if (units && units->ref_px[0] > 0 && units->ref_px[1] > 0) {

@@ -654,11 +654,32 @@ static void test_itk(void)
 	/* pixel 3 -> physical 6 -> 2 * 6 + 1 = 13 -> moving pixel 13 / 4 */
 	CHECK_MAP(&t.map, 3, 3, 13.0 / 4, 13.0 / 4, 1e-12, "itk physical units");
 	sf_transform_release(&t);
+	/* A displacement field as ITK's text writer stores it: 3 x 2 nodes,
+	 * origin (10, 20), spacing (4, 5); node (i, j) displaces by (i, 2 j). */
+	p = fixture("f.tfm", "#Insight Transform File V1.0\n"
+	                     "#Transform 0\nTransform: CompositeTransform_double_2_2\n"
+	                     "#Transform 1\nTransform: DisplacementFieldTransform_double_2_2\n"
+	                     "Parameters: 0 0 1 0 2 0 0 2 1 2 2 2\n"
+	                     "FixedParameters: 3 2 10 20 4 5 1 0 0 1\n"
+	                     "#Transform 2\nTransform: TranslationTransform_double_2_2\n"
+	                     "Parameters: 1 0\nFixedParameters: \n");
+	CHECK(sf_transform_load(p, NULL, &t, &e) == SF_OK, "itk field: %s", e.msg);
+	/* (15, 22.5) -> translate -> (16, 22.5) = node (1.5, 0.5): + (1.5, 1) */
+	CHECK_MAP(&t.map, 15, 22.5, 17.5, 23.5, 1e-6, "itk field, bilinear between nodes");
+	/* (17, 25) -> translate -> (18, 25) = node (2, 1) exactly: + (2, 2) */
+	CHECK_MAP(&t.map, 17, 25, 20, 27, 1e-6, "itk field at a node");
+	sf_transform_release(&t);
 	struct {
 		const char *text, *want;
 	} bad[] = {
 	    {"#Insight Transform File V1.0\nTransform: AffineTransform_double_2_2\n"
 	     "Parameters: 1 0 0 1 0\nFixedParameters: 0 0\n",
+	     "bad.tfm:2:"},
+	    {"#Insight Transform File V1.0\nTransform: DisplacementFieldTransform_double_2_2\n"
+	     "Parameters: 0 0 1 0\nFixedParameters: 3 2 0 0 1 1 1 0 0 1\n",
+	     "bad.tfm:2:"},
+	    {"#Insight Transform File V1.0\nTransform: DisplacementFieldTransform_double_2_2\n"
+	     "Parameters: 0 0\nFixedParameters: 1 1 0 0 1 1\n",
 	     "bad.tfm:2:"},
 	    {"#Insight Transform File V1.0\nTransform: AffineTransform_double_2_2\n"
 	     "Parameters: 1 0 0 1 0 zz\n",
