@@ -1,0 +1,71 @@
+/* register_math.h — small helpers shared by the register_*.c files (private).
+ *
+ * Bilinear sampling with pixel centres at integers (transform.h), the NCC of
+ * a reference image against a mapped moving image, box-halved pyramids, and
+ * the 3x3 map between pyramid levels. */
+#ifndef SCOPEFS_REGISTER_MATH_H
+#define SCOPEFS_REGISTER_MATH_H
+
+#include <math.h>
+#include <stdint.h>
+
+#include "scopefs/register.h"
+
+/* Bilinear sample of im at (x, y); pixels outside the image count as 0, so
+ * the value fades to 0 over the half pixel beyond the edge centres. */
+static inline float reg_sample_zero(const sf_reg_image *im, double x, double y)
+{
+	double fx = floor(x), fy = floor(y);
+	long ix = (long)fx, iy = (long)fy;
+	float ax = (float)(x - fx), ay = (float)(y - fy);
+	long w = im->w, h = im->h;
+	if (ix < -1 || iy < -1 || ix >= w || iy >= h)
+		return 0.0f;
+	float v00 = 0, v01 = 0, v10 = 0, v11 = 0;
+	const float *p = im->px;
+	if (iy >= 0) {
+		if (ix >= 0)
+			v00 = p[iy * w + ix];
+		if (ix + 1 < w)
+			v01 = p[iy * w + ix + 1];
+	}
+	if (iy + 1 < h) {
+		if (ix >= 0)
+			v10 = p[(iy + 1) * w + ix];
+		if (ix + 1 < w)
+			v11 = p[(iy + 1) * w + ix + 1];
+	}
+	float top = v00 + ax * (v01 - v00), bot = v10 + ax * (v11 - v10);
+	return top + ay * (bot - top);
+}
+
+/* A box-halved pyramid: level 0 is the image itself (borrowed), level l has
+ * downsample 2^l under the pixel-centre rule (sf_box_reduce with k = 2). */
+#define REG_MAX_LEVELS 16
+typedef struct reg_pyramid {
+	unsigned n;                      /* levels */
+	sf_reg_image lv[REG_MAX_LEVELS]; /* lv[0] borrows; the others are owned */
+} reg_pyramid;
+
+/* Halve until the longest side is <= min_dim (or a side would reach 1). */
+int reg_pyramid_build(const sf_reg_image *im, uint32_t min_dim, reg_pyramid *p, sf_err *e);
+/* Halve exactly l times (fewer only where a side would drop below 4). */
+int reg_pyramid_to(const sf_reg_image *im, unsigned l, reg_pyramid *p, sf_err *e);
+void reg_pyramid_free(reg_pyramid *p);
+
+/* The map m between thumbnails (level 0) as a map between level-l pixels of
+ * both pyramids: S(2^l)^-1 o m o S(2^l), S(f): x -> (x + 0.5) f - 0.5; and back. */
+void reg_map_to_level(const double m[9], unsigned l, double out[9]);
+void reg_map_from_level(const double ml[9], unsigned l, double out[9]);
+
+/* NCC of ref against mov(m x) over the reference pixels (mask nonzero, NULL
+ * = all); with inside_only, only where m x falls inside mov (between its
+ * edge pixel centres), else mov is 0 outside.  *frac (may be NULL) receives
+ * the fraction of the considered pixels used.  0 when either side is flat. */
+double reg_ncc(const sf_reg_image *ref, const uint8_t *mask, const sf_reg_image *mov,
+               const double m[9], int inside_only, double *frac);
+
+/* The mirror image of src about its vertical centre line, x -> w - 1 - x. */
+int reg_mirror_x(const sf_reg_image *src, sf_reg_image *out, sf_err *e);
+
+#endif

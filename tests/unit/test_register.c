@@ -1,0 +1,356 @@
+/* test_register.c — unit tests of the registration core (register.h), and a
+ * driver for tests/integration/test_register_oracle.py.
+ *
+ * Without arguments: preprocessing against hand-computed values, the
+ * level-0 transform against the pixel-centre rule written out, and
+ * registration of pairs whose truth needs no interpolation (90-degree
+ * rotations, mirrors and whole-pixel shifts done by index permutation).
+ *
+ * Driver: test_register --register REF MOV RW RH MW MH MODEL OUT.json [MASK]
+ * reads REF (RW x RH) and MOV (MW x MH) as raw little-endian float32, runs
+ * sf_reg_normalise (1st to 99.5th percentile) on both, then
+ * sf_reg_register with MODEL ("similarity" or "affine"), and writes the map,
+ * NCC, overlap and the time taken as JSON.  With MASK (any word) the
+ * reference's Otsu tissue mask restricts the fit. */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "check.h"
+#include "scopefs/register.h"
+
+/* --- deterministic synthetic tissue ---------------------------------------- */
+
+static uint64_t rng_state = 88172645463325252ull;
+static double rnd(void) /* xorshift64*, uniform in [0, 1) */
+{
+	rng_state ^= rng_state >> 12;
+	rng_state ^= rng_state << 25;
+	rng_state ^= rng_state >> 27;
+	return (double)((rng_state * 2685821657736338717ull) >> 11) / 9007199254740992.0;
+}
+
+/* Blobs of several sizes inside an irregular tissue outline, background 0. */
+static int make_tissue(uint32_t w, uint32_t h, sf_reg_image *im, sf_err *e)
+{
+	int rc = sf_reg_image_alloc(im, w, h, e);
+	if (rc)
+		return rc;
+	for (int b = 0; b < 160; b++) {
+		double cx = w * (0.2 + 0.6 * rnd()), cy = h * (0.2 + 0.6 * rnd());
+		double s = (b < 10 ? 0.08 : 0.015) * w * (0.5 + rnd()), a = 0.3 + rnd();
+		int r = (int)(3 * s);
+		for (int y = (int)cy - r; y <= (int)cy + r; y++)
+			for (int x = (int)cx - r; x <= (int)cx + r; x++) {
+				if (x < 0 || y < 0 || x >= (int)w || y >= (int)h)
+					continue;
+				double d2 = (x - cx) * (x - cx) + (y - cy) * (y - cy);
+				im->px[(size_t)y * w + x] += (float)(a * exp(-0.5 * d2 / (s * s)));
+			}
+	}
+	return SF_OK;
+}
+
+/* --- preprocessing ----------------------------------------------------------- */
+
+static void test_normalise(void)
+{
+	sf_err e = {0};
+	sf_reg_image im;
+	CHECK(sf_reg_image_alloc(&im, 101, 1, &e) == SF_OK, "alloc: %s", e.msg);
+	for (int i = 0; i <= 100; i++)
+		im.px[i] = (float)(i * 2 + 10); /* 10 .. 210, percentile p at 10 + 2p */
+	CHECK(sf_reg_normalise(&im, 10, 90, &e) == SF_OK, "normalise: %s", e.msg);
+	/* lo = 30, hi = 190: value v -> (v - 30) / 160 */
+	CHECK(im.px[0] == 0 && im.px[100] == 1, "clamped ends %g %g", im.px[0], im.px[100]);
+	CHECK(fabsf(im.px[50] - 0.5f) < 1e-6f, "middle %g", im.px[50]);
+	CHECK(fabsf(im.px[20] - 20.0f / 160) < 1e-6f, "p20 %g", im.px[20]);
+	CHECK(sf_reg_normalise(&im, 50, 40, &e) == SF_EINVAL, "bad percentiles rejected");
+	for (int i = 0; i <= 100; i++)
+		im.px[i] = 7;
+	CHECK(sf_reg_normalise(&im, 1, 99, &e) == SF_OK && im.px[3] == 0, "flat -> 0");
+	sf_reg_image_free(&im);
+	CHECK(sf_reg_image_alloc(&im, 0, 5, &e) == SF_EINVAL, "empty image rejected");
+}
+
+static void test_od(void)
+{
+	sf_err e = {0};
+	/* white glass, mid grey, pure hematoxylin of amount 0.5 (OD = 0.5 * h / |h|) */
+	static const double h[3] = {0.650, 0.704, 0.286};
+	double hn = sqrt(h[0] * h[0] + h[1] * h[1] + h[2] * h[2]);
+	uint8_t px[3 * 4] = {255, 255, 255, 127, 127, 127};
+	for (int c = 0; c < 3; c++) {
+		double od = 0.5 * h[c] / hn;
+		px[6 + c] = (uint8_t)lround(256 * pow(10, -od) - 1);
+	}
+	px[9] = px[10] = px[11] = 0; /* black */
+	sf_reg_image t, hx;
+	CHECK(sf_reg_od_grey(px, sizeof px, 4, 1, 3, SF_REG_OD_TOTAL, &t, &e) == SF_OK, "od: %s",
+	      e.msg);
+	CHECK(t.px[0] == 0, "glass OD %g", t.px[0]);
+	CHECK(fabs(t.px[1] - -log10(128 / 256.0)) < 1e-6, "grey OD %g", t.px[1]);
+	CHECK(fabs(t.px[3] - log10(256.0)) < 1e-5, "black OD %g", t.px[3]);
+	CHECK(sf_reg_od_grey(px, sizeof px, 4, 1, 3, SF_REG_OD_HEMATOXYLIN, &hx, &e) == SF_OK,
+	      "od h: %s", e.msg);
+	CHECK(fabs(hx.px[2] - 0.5) < 0.02, "hematoxylin amount %g (0.5)", hx.px[2]);
+	CHECK(hx.px[0] == 0, "glass hematoxylin %g", hx.px[0]);
+	CHECK(sf_reg_od_grey(px, sizeof px, 4, 1, 2, SF_REG_OD_TOTAL, &t, &e) == SF_EINVAL,
+	      "2 samples rejected");
+	sf_reg_image_free(&t);
+	sf_reg_image_free(&hx);
+}
+
+static void test_mask(void)
+{
+	sf_err e = {0};
+	sf_reg_image im;
+	uint32_t w = 64, h = 48;
+	CHECK(sf_reg_image_alloc(&im, w, h, &e) == SF_OK, "alloc");
+	for (uint32_t y = 0; y < h; y++)
+		for (uint32_t x = 0; x < w; x++) {
+			int in = (x - 32.0) * (x - 32.0) + (y - 24.0) * (y - 24.0) < 15 * 15;
+			im.px[y * w + x] = (float)((in ? 0.8 : 0.1) + 0.1 * (rnd() - 0.5));
+		}
+	uint8_t *mask = malloc(w * h);
+	double thr = 0;
+	CHECK(mask && sf_reg_tissue_mask(&im, 1.0, mask, &thr, &e) == SF_OK, "mask: %s", e.msg);
+	int wrong = 0;
+	for (uint32_t y = 0; y < h; y++)
+		for (uint32_t x = 0; x < w; x++) {
+			double d = sqrt((x - 32.0) * (x - 32.0) + (y - 24.0) * (y - 24.0));
+			if (fabs(d - 15) > 2 && mask[y * w + x] != (d < 15))
+				wrong++;
+		}
+	CHECK(wrong == 0, "mask wrong at %d pixels away from the edge", wrong);
+	CHECK(thr > 0.2 && thr < 0.7, "threshold %g between the levels", thr);
+	free(mask);
+	sf_reg_image_free(&im);
+}
+
+/* --- level-0 transform ----------------------------------------------------- */
+
+static void test_to_transform(void)
+{
+	sf_err e = {0};
+	double m[9] = {0.9, -0.2, 5.5, 0.3, 1.1, -7.25, 0, 0, 1};
+	double rds[2] = {8, 6}, mds[2] = {4, 5};
+	sf_transform t;
+	CHECK(sf_reg_to_transform(m, rds, mds, &t, &e) == SF_OK, "to_transform: %s", e.msg);
+	for (int k = 0; k < 4; k++) {
+		double X = 13.7 * k - 4, Y = 100 - 31.3 * k;
+		/* reference level-0 -> thumbnail: x = (X + 0.5) / f - 0.5 */
+		double xt = (X + 0.5) / rds[0] - 0.5, yt = (Y + 0.5) / rds[1] - 0.5;
+		double sx = m[0] * xt + m[1] * yt + m[2], sy = m[3] * xt + m[4] * yt + m[5];
+		double ex = (sx + 0.5) * mds[0] - 0.5, ey = (sy + 0.5) * mds[1] - 0.5, gx, gy;
+		sf_map_point(&t.map, X, Y, &gx, &gy);
+		CHECK(fabs(gx - ex) < 1e-9 && fabs(gy - ey) < 1e-9, "point %d: (%g %g) vs (%g %g)",
+		      k, gx, gy, ex, ey);
+	}
+	sf_transform_release(&t);
+	double bad[2] = {0, 1};
+	CHECK(sf_reg_to_transform(m, bad, mds, &t, &e) == SF_EINVAL, "zero downsample rejected");
+}
+
+/* --- registration with exact truth ---------------------------------------- */
+
+/* mov(P x + c) = ref(x) for P a signed permutation (rotation by rot * 90
+ * degrees, then optionally mirrored) and c integer: mov is ref moved
+ * exactly, 0 elsewhere.  m = [P c] is then the true backward map
+ * (ref(x) = mov(m x)). */
+static int permuted(const sf_reg_image *ref, int rot, int mirror, int sx, int sy, sf_reg_image *mov,
+                    double m[9], sf_err *e)
+{
+	int w = (int)ref->w, h = (int)ref->h, mw = rot % 2 ? h : w, mh = rot % 2 ? w : h;
+	int rc = sf_reg_image_alloc(mov, (uint32_t)mw, (uint32_t)mh, e);
+	if (rc)
+		return rc;
+	double p[4], c[2];
+	switch (rot) {
+	case 0: p[0] = 1, p[1] = 0, p[2] = 0, p[3] = 1, c[0] = 0, c[1] = 0; break;
+	case 1: p[0] = 0, p[1] = -1, p[2] = 1, p[3] = 0, c[0] = h - 1, c[1] = 0; break;
+	case 2: p[0] = -1, p[1] = 0, p[2] = 0, p[3] = -1, c[0] = w - 1, c[1] = h - 1; break;
+	default: p[0] = 0, p[1] = 1, p[2] = -1, p[3] = 0, c[0] = 0, c[1] = w - 1; break;
+	}
+	if (mirror) { /* then x -> mw - 1 - x */
+		p[0] = -p[0], p[1] = -p[1], c[0] = mw - 1 - c[0];
+	}
+	c[0] += sx;
+	c[1] += sy;
+	for (int y = 0; y < h; y++)
+		for (int x = 0; x < w; x++) {
+			int u = (int)lround(p[0] * x + p[1] * y + c[0]);
+			int v = (int)lround(p[2] * x + p[3] * y + c[1]);
+			if (u >= 0 && v >= 0 && u < mw && v < mh)
+				mov->px[(size_t)v * mw + u] = ref->px[(size_t)y * w + x];
+		}
+	double fm[9] = {p[0], p[1], c[0], p[2], p[3], c[1], 0, 0, 1};
+	memcpy(m, fm, sizeof fm);
+	return SF_OK;
+}
+
+/* Largest distance between the two maps over the reference's corners. */
+static double corner_error(const double a[9], const double b[9], uint32_t w, uint32_t h)
+{
+	double worst = 0;
+	for (int k = 0; k < 4; k++) {
+		double x = (k & 1) ? w - 1.0 : 0, y = (k & 2) ? h - 1.0 : 0;
+		double dx = (a[0] - b[0]) * x + (a[1] - b[1]) * y + a[2] - b[2];
+		double dy = (a[3] - b[3]) * x + (a[4] - b[4]) * y + a[5] - b[5];
+		double d = sqrt(dx * dx + dy * dy);
+		worst = d > worst ? d : worst;
+	}
+	return worst;
+}
+
+static void test_register_exact(void)
+{
+	sf_err e = {0};
+	sf_reg_image ref;
+	if (make_tissue(200, 160, &ref, &e)) {
+		CHECK(0, "tissue: %s", e.msg);
+		return;
+	}
+	sf_reg_opts o;
+	sf_reg_opts_default(&o);
+	static const int cases[][4] = {{0, 0, 17, -23}, {1, 0, -30, 12}, {2, 1, 5, 40},
+	                               {3, 1, -44, -9}, {1, 1, 0, 0},    {2, 0, 33, 3}};
+	for (size_t k = 0; k < sizeof cases / sizeof cases[0]; k++) {
+		sf_reg_image mov;
+		double truth[9];
+		if (permuted(&ref, cases[k][0], cases[k][1], cases[k][2], cases[k][3], &mov, truth,
+		             &e)) {
+			CHECK(0, "permute: %s", e.msg);
+			continue;
+		}
+		sf_reg_result r;
+		CHECK(sf_reg_init_similarity(&ref, &mov, &o, &r, &e) == SF_OK, "init: %s", e.msg);
+		double err0 = corner_error(r.m, truth, ref.w, ref.h);
+		CHECK(err0 < 3, "case %zu init: corner error %.3f px", k, err0);
+		CHECK(sf_reg_refine(&ref, NULL, &mov, &o, &r, &e) == SF_OK, "refine: %s", e.msg);
+		double err = corner_error(r.m, truth, ref.w, ref.h);
+		CHECK(err < 0.1, "case %zu (rot %d mirror %d): corner error %.4f px, ncc %.4f", k,
+		      cases[k][0] * 90, cases[k][1], err, r.ncc);
+		CHECK(r.mirrored == cases[k][1], "case %zu mirrored %d", k, r.mirrored);
+		CHECK(fabs(r.scale - 1) < 1e-3, "case %zu scale %g", k, r.scale);
+		o.model = k % 2 ? SF_REG_AFFINE : SF_REG_SIMILARITY;
+		sf_reg_image_free(&mov);
+	}
+	sf_reg_image_free(&ref);
+}
+
+static void test_bad_input(void)
+{
+	sf_err e = {0};
+	sf_reg_image a, b;
+	sf_reg_opts o;
+	sf_reg_result r;
+	sf_reg_opts_default(&o);
+	CHECK(sf_reg_image_alloc(&a, 4, 4, &e) == SF_OK, "alloc");
+	CHECK(sf_reg_image_alloc(&b, 64, 64, &e) == SF_OK, "alloc");
+	CHECK(sf_reg_register(&a, NULL, &b, &o, &r, &e) == SF_EINVAL, "tiny image rejected");
+	o.max_scale = 0.5;
+	CHECK(sf_reg_register(&b, NULL, &b, &o, &r, &e) == SF_EINVAL, "bad max_scale rejected");
+	sf_reg_image_free(&a);
+	sf_reg_image_free(&b);
+}
+
+/* --- driver ----------------------------------------------------------------- */
+
+static int read_raw(const char *path, uint32_t w, uint32_t h, sf_reg_image *im, sf_err *e)
+{
+	int rc = sf_reg_image_alloc(im, w, h, e);
+	if (rc)
+		return rc;
+	FILE *f = fopen(path, "rb");
+	size_t n = (size_t)w * h;
+	if (!f || fread(im->px, sizeof *im->px, n, f) != n) {
+		if (f)
+			fclose(f);
+		sf_reg_image_free(im);
+		return sf_fail(e, SF_EIO, "%s: cannot read %zu floats", path, n);
+	}
+	fclose(f);
+	return SF_OK;
+}
+
+static int drive(int argc, char **argv)
+{
+	if (argc < 10) {
+		fprintf(stderr, "usage: %s --register REF MOV RW RH MW MH MODEL OUT.json [MASK]\n",
+		        argv[0]);
+		return 2;
+	}
+	sf_err e = {0};
+	sf_reg_image ref = {0}, mov = {0};
+	uint8_t *mask = NULL;
+	sf_reg_opts o;
+	sf_reg_opts_default(&o);
+	o.model = strcmp(argv[8], "affine") ? SF_REG_SIMILARITY : SF_REG_AFFINE;
+	int rc = read_raw(argv[2], (uint32_t)atoi(argv[4]), (uint32_t)atoi(argv[5]), &ref, &e);
+	if (!rc)
+		rc = read_raw(argv[3], (uint32_t)atoi(argv[6]), (uint32_t)atoi(argv[7]), &mov, &e);
+	/* as the mount will: background to 0, bright tissue to 1 */
+	if (!rc)
+		rc = sf_reg_normalise(&ref, 1, 99.5, &e);
+	if (!rc)
+		rc = sf_reg_normalise(&mov, 1, 99.5, &e);
+	if (!rc && argc > 10) {
+		mask = malloc((size_t)ref.w * ref.h);
+		rc = mask ? sf_reg_tissue_mask(&ref, 2.0, mask, NULL, &e)
+		          : sf_fail(&e, SF_ENOMEM, "mask");
+	}
+	struct timespec t0, t1, t2;
+	sf_reg_result r = {0}, init = {0};
+	clock_gettime(CLOCK_MONOTONIC, &t0);
+	if (!rc)
+		rc = sf_reg_init_similarity(&ref, &mov, &o, &r, &e);
+	clock_gettime(CLOCK_MONOTONIC, &t1);
+	init = r;
+	if (!rc)
+		rc = sf_reg_refine(&ref, mask, &mov, &o, &r, &e);
+	clock_gettime(CLOCK_MONOTONIC, &t2);
+	if (!rc) {
+		FILE *f = fopen(argv[9], "w");
+		if (!f)
+			rc = sf_fail(&e, SF_EIO, "%s: cannot write", argv[9]);
+		else {
+			double ms_init =
+			    (t1.tv_sec - t0.tv_sec) * 1e3 + (t1.tv_nsec - t0.tv_nsec) / 1e6;
+			double ms_all =
+			    (t2.tv_sec - t0.tv_sec) * 1e3 + (t2.tv_nsec - t0.tv_nsec) / 1e6;
+			fprintf(f, "{\"m\": [");
+			for (int i = 0; i < 9; i++)
+				fprintf(f, "%.17g%s", r.m[i], i < 8 ? ", " : "");
+			fprintf(f, "], \"init\": [");
+			for (int i = 0; i < 9; i++)
+				fprintf(f, "%.17g%s", init.m[i], i < 8 ? ", " : "");
+			fprintf(f,
+			        "], \"ncc\": %.6f, \"init_ncc\": %.6f, \"overlap\": %.6f, "
+			        "\"mirrored\": %d, \"ms_init\": %.3f, \"ms\": %.3f}\n",
+			        r.ncc, init.ncc, r.overlap, r.mirrored, ms_init, ms_all);
+			fclose(f);
+		}
+	}
+	free(mask);
+	sf_reg_image_free(&ref);
+	sf_reg_image_free(&mov);
+	if (rc)
+		fprintf(stderr, "test_register: %s\n", e.msg);
+	return rc ? 1 : 0;
+}
+
+int main(int argc, char **argv)
+{
+	if (argc > 1 && !strcmp(argv[1], "--register"))
+		return drive(argc, argv);
+	test_normalise();
+	test_od();
+	test_mask();
+	test_to_transform();
+	test_register_exact();
+	test_bad_input();
+	return CHECK_DONE("test_register");
+}
