@@ -99,6 +99,7 @@ undemo:
 bench: deps all
 	$(PYTHON) tests/bench/run.py
 	$(PYTHON) tests/bench/warp.py
+	$(PYTHON) tests/bench/deconv.py
 
 format:
 	clang-format -i $(wildcard src/*/*.c src/*/*.cu include/scopefs/*.h tests/unit/*.c tools/*.c)

@@ -80,6 +80,12 @@ void sf_deconv_params_optics(const sf_deconv_params *p, sf_psf_optics *o);
 /* The smallest 2,3,5,7-smooth integer >= n. */
 size_t sf_deconv_smooth7(size_t n);
 
+/* The padded FFT shape of a context for blocks of shape n and a PSF of shape
+ * psf: given[a] where nonzero (NULL: none), else the 7-smooth size from
+ * n + psf - 1 up to 4/3 of it (a multiple of 4 along x) that a fixed cost
+ * model of the FFTW engine finds fastest.  A pure function of its inputs. */
+sf_dims3 sf_deconv_fft_dims(sf_dims3 n, sf_dims3 psf, const size_t given[3]);
+
 /* Make a context for blocks of shape dims with the given PSF (copied) on the
  * engine ops (cfg chooses threads or device).  SF_EDEVICE when a GPU engine
  * cannot get its memory: the caller may retry with the FFTW engine. */

@@ -70,6 +70,22 @@ typedef struct sf_fft_ops {
 	int (*gauss)(sf_fft_plan *p, void *x, void *tmp, float sigma, int radius, sf_err *e);
 	/* The Euclidean norm of x, accumulated in double. */
 	int (*norm2)(sf_fft_plan *p, const void *x, double *out, sf_err *e);
+
+	/* Optional fused forms (NULL where an engine lacks them: deconv.c then
+	 * composes the same steps from the ops above).  They use a transfer
+	 * function in the engine's own layout, made by make_transfer, and give
+	 * the same values as the composed steps to float32 rounding; their
+	 * bytes do not depend on the plan's thread count. */
+	/* tf = the spectrum of real buffer kernel (kernel kept), laid out for
+	 * convolve and rl_step (not for cmul). */
+	int (*make_transfer)(sf_fft_plan *p, const void *kernel, void *tf, sf_err *e);
+	/* x = H x, or H^T x when conj is nonzero (H: multiplication by tf);
+	 * spec is a complex scratch buffer. */
+	int (*convolve)(sf_fft_plan *p, void *x, void *spec, const void *tf, int conj, sf_err *e);
+	/* One Richardson-Lucy update: c = H^T(y / max(Hx, eps)), then
+	 * x = |(1 - lambda) x c + lambda reg|, or |x c| when reg is NULL. */
+	int (*rl_step)(sf_fft_plan *p, void *x, const void *y, void *spec, const void *tf,
+	               const void *reg, float lambda, float eps, sf_err *e);
 } sf_fft_ops;
 
 /* The FFTW engine (always present). */
@@ -79,6 +95,12 @@ const sf_fft_ops *sf_fft_fftw_ops(void);
  * export writes it (atomically: temp file + rename).  A missing file on
  * import is SF_ENOTFOUND. */
 int sf_fft_fftw_wisdom_import(const char *path, sf_err *e);
+
+/* FFTW's planner (plan creation and destruction) is not thread-safe: every
+ * caller in the process that plans with fftwf directly takes this lock, the
+ * one fft_fftw.c plans under. */
+void sf_fft_fftw_planner_lock(void);
+void sf_fft_fftw_planner_unlock(void);
 int sf_fft_fftw_wisdom_export(const char *path, sf_err *e);
 
 /* Drop the process-wide FFTW plan cache (plans are shared per shape by all

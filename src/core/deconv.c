@@ -4,21 +4,27 @@
  *   1. optional separable Gaussian pre-filter (replicate edges), dark subtraction;
  *   2. optional edge taper: the block blended into its PSF-blurred self by
  *      per-axis linear ramps of width max(8, psf/2);
- *   3. zero padding to the context's FFT shape (7-smooth, >= n + psf - 1 by
- *      default, so circular convolution equals 'same' convolution with a zero
- *      boundary), block centred at floor((N - n) / 2);
+ *   3. zero padding to the context's FFT shape (by default the 7-smooth size
+ *      >= n + psf - 1 that a fixed FFT cost model finds fastest, so circular
+ *      convolution equals 'same' convolution with a zero boundary), block
+ *      centred at floor((N - n) / 2);
  *   4. RL: x <- |x * H^T(y / max(Hx, eps))|, x0 = y, with the Gaussian and
  *      R26-damping regularisation every regularize_interval-th iteration, and
  *      the stop criterion on the relative change of ||x||;
  *   5. the block is cropped back out.
  * Steps 1-3 and 5 run on the host; step 2's blur and all of step 4 run through
  * the engine's ops table, so a GPU engine keeps every iteration on the device.
+ * When the engine has the fused forms (make_transfer, convolve, rl_step) they
+ * are used, and the OTF is in the engine's own layout; otherwise forward,
+ * cmul and inverse.
  *
  * Invariants: the OTF is the FFT of the PSF centred at index 0 and scaled by
- * 1/(Nx Ny Nz), so forward, cmul and the unnormalised inverse give exactly
- * one convolution; outside the block y is 0, hence the ratio is 0 there and x
- * stays 0 there unless a regularisation step spreads it. */
+ * 1/(Nx Ny Nz), so forward, cmul and the unnormalised inverse (or convolve)
+ * give exactly one convolution; outside the block y is 0, hence the ratio is
+ * 0 there and x stays 0 there unless a regularisation step spreads it. */
 #include "scopefs/deconv.h"
+
+#include "filter1d.h"
 
 #include <float.h>
 #include <math.h>
@@ -37,6 +43,7 @@ struct sf_deconv_ctx {
 	void *spec, *otf;       /* engine complex buffers */
 	float *pad;             /* host, fft-shaped */
 	float *blk, *blk_tmp;   /* host, block-shaped */
+	float *ext;             /* host, one x row plus the pre-filter's widest edges */
 	const atomic_int *stop; /* optional interrupt flag; not owned */
 };
 
@@ -131,29 +138,6 @@ size_t sf_deconv_smooth7(size_t n)
 
 /* --- host-side helpers ------------------------------------------------- */
 
-/* dst = G * src along one axis of shape n (replicate edges); w has 2r+1 taps. */
-static void host_gauss_axis(const float *src, float *dst, sf_dims3 n, int axis, const float *w,
-                            int radius)
-{
-	size_t len = axis == 0 ? n.nx : axis == 1 ? n.ny : n.nz;
-	size_t stride = axis == 0 ? 1 : axis == 1 ? n.nx : n.nx * n.ny;
-	size_t lines = n.nx * n.ny * n.nz / len;
-	for (size_t l = 0; l < lines; l++) {
-		size_t base = axis == 0   ? l * n.nx
-		              : axis == 1 ? (l / n.nx) * n.nx * n.ny + l % n.nx
-		                          : l;
-		for (size_t i = 0; i < len; i++) {
-			float s = 0.0f;
-			for (int k = -radius; k <= radius; k++) {
-				long j = (long)i + k;
-				j = j < 0 ? 0 : j >= (long)len ? (long)len - 1 : j;
-				s += w[k + radius] * src[base + (size_t)j * stride];
-			}
-			dst[base + i * stride] = s;
-		}
-	}
-}
-
 /* The LsDeconv pre-filter: per axis with sigma > 0, a normalised Gaussian of
  * gaussian_filter_size taps.  Works in place on ctx->blk. */
 static void prefilter(sf_deconv_ctx *ctx)
@@ -169,7 +153,8 @@ static void prefilter(sf_deconv_ctx *ctx)
 			sum += exp(-(double)k * k / (2 * s * s));
 		for (int k = -radius; k <= radius; k++)
 			w[k + radius] = (float)(exp(-(double)k * k / (2 * s * s)) / sum);
-		host_gauss_axis(ctx->blk, ctx->blk_tmp, ctx->n, a, w, radius);
+		filter1d_axis(ctx->blk, ctx->blk_tmp, ctx->n.nx, ctx->n.ny, ctx->n.nz, a, w, radius,
+		              ctx->ext);
 		float *swap = ctx->blk;
 		ctx->blk = ctx->blk_tmp;
 		ctx->blk_tmp = swap;
@@ -209,10 +194,18 @@ static void place_block(sf_deconv_ctx *ctx, const float *blk, int replicate)
 	}
 }
 
+/* Whether the engine has the fused forms (then ctx->otf is in its own layout). */
+static int fused(const sf_deconv_ctx *ctx)
+{
+	return ctx->ops->make_transfer && ctx->ops->convolve && ctx->ops->rl_step;
+}
+
 /* x = H * x on engine buffer x (through ctx->spec). */
 static int engine_blur(sf_deconv_ctx *ctx, void *x, int conj, sf_err *e)
 {
 	const sf_fft_ops *ops = ctx->ops;
+	if (fused(ctx))
+		return ops->convolve(ctx->plan, x, ctx->spec, ctx->otf, conj, e);
 	int rc = ops->forward(ctx->plan, x, ctx->spec, e);
 	if (!rc)
 		rc = ops->cmul(ctx->plan, ctx->spec, ctx->otf, conj, e);
@@ -289,21 +282,124 @@ void sf_deconv_ctx_destroy(sf_deconv_ctx *ctx)
 	free(ctx->pad);
 	free(ctx->blk);
 	free(ctx->blk_tmp);
+	free(ctx->ext);
 	free(ctx);
 }
 
-/* Choose the padded size of one axis: explicit (>= n) or smooth7(n + psf - 1). */
-static int pick_fft_size(size_t given, size_t n, size_t psf, char axis, size_t *out, sf_err *e)
+/* Nanoseconds x 100 per point of the n-point complex FFT, for 7-smooth n,
+ * as the FFTW engine runs it: 32 contiguous transforms out of place,
+ * FFTW_ESTIMATE plans, forward + backward, best of 3 (FFTW 3.3.10, gcc 12,
+ * AMD EPYC, 2026-11-25).
+ * ESTIMATE does lengths with a large power of 2 in them 2-4x faster per
+ * point than others (270: 3.4 ns, 288: 1.8, 320: 0.87), so a slightly larger
+ * padded grid is often the faster one.  A fixed table, not a timing at run
+ * time, so the chosen size (and the bytes) never vary. */
+static const struct {
+	unsigned short n, cost;
+} fft_cost[] = {
+    {2, 33},     {3, 33},     {4, 30},     {5, 38},     {6, 37},     {7, 42},     {8, 36},
+    {9, 47},     {10, 39},    {12, 39},    {14, 45},    {15, 46},    {16, 42},    {18, 196},
+    {20, 43},    {21, 236},   {24, 151},   {25, 68},    {27, 249},   {28, 110},   {30, 149},
+    {32, 47},    {35, 195},   {36, 119},   {40, 117},   {42, 165},   {45, 206},   {48, 64},
+    {49, 190},   {50, 142},   {54, 266},   {56, 111},   {60, 111},   {63, 201},   {64, 58},
+    {70, 157},   {72, 152},   {75, 205},   {80, 66},    {81, 222},   {84, 108},   {90, 272},
+    {96, 66},    {98, 159},   {100, 118},  {105, 195},  {108, 111},  {112, 138},  {120, 88},
+    {125, 243},  {126, 169},  {128, 72},   {135, 209},  {140, 149},  {144, 66},   {147, 341},
+    {150, 218},  {160, 66},   {162, 290},  {168, 194},  {175, 229},  {180, 157},  {189, 349},
+    {192, 67},   {196, 152},  {200, 96},   {210, 226},  {216, 196},  {224, 147},  {225, 240},
+    {240, 68},   {243, 364},  {245, 291},  {250, 207},  {252, 157},  {256, 69},   {270, 326},
+    {280, 153},  {288, 159},  {294, 237},  {300, 143},  {315, 307},  {320, 71},   {324, 161},
+    {336, 148},  {343, 284},  {350, 218},  {360, 165},  {375, 304},  {378, 246},  {384, 70},
+    {392, 165},  {400, 75},   {405, 315},  {420, 139},  {432, 153},  {441, 299},  {448, 153},
+    {450, 328},  {480, 178},  {486, 342},  {490, 220},  {500, 149},  {504, 170},  {512, 72},
+    {525, 299},  {540, 140},  {560, 155},  {567, 310},  {576, 162},  {588, 142},  {600, 149},
+    {625, 341},  {630, 229},  {640, 75},   {648, 182},  {672, 140},  {675, 314},  {686, 231},
+    {700, 178},  {720, 163},  {729, 329},  {735, 287},  {750, 283},  {756, 149},  {768, 125},
+    {784, 170},  {800, 139},  {810, 346},  {840, 148},  {864, 143},  {875, 335},  {882, 243},
+    {896, 158},  {900, 185},  {945, 304},  {960, 128},  {972, 152},  {980, 185},  {1000, 175},
+    {1008, 141}, {1024, 79},  {1029, 421}, {1050, 296}, {1080, 148}, {1120, 153}, {1125, 352},
+    {1134, 252}, {1152, 166}, {1176, 218}, {1200, 153}, {1215, 315}, {1225, 323}, {1250, 277},
+    {1260, 191}, {1280, 82},  {1296, 189}, {1323, 437}, {1344, 148}, {1350, 390}, {1372, 191},
+    {1400, 177}, {1440, 191}, {1458, 368}, {1470, 303}, {1500, 180}, {1512, 216}, {1536, 135},
+    {1568, 187}, {1575, 340}, {1600, 158}, {1620, 201}, {1680, 153}, {1701, 452}, {1715, 389},
+    {1728, 151}, {1750, 295}, {1764, 207}, {1792, 158}, {1800, 217}, {1875, 412}, {1890, 317},
+    {1920, 131}, {1944, 231}, {1960, 199}, {2000, 156}, {2016, 207}, {2025, 352}, {2048, 88},
+};
+
+static unsigned fft_point_cost(size_t n)
 {
-	if (!given) {
-		*out = sf_deconv_smooth7(n + psf - 1);
-		return SF_OK;
+	size_t lo = 0, hi = sizeof fft_cost / sizeof fft_cost[0];
+	while (lo < hi) {
+		size_t mid = (lo + hi) / 2;
+		if (fft_cost[mid].n == n)
+			return fft_cost[mid].cost;
+		if (fft_cost[mid].n < n)
+			lo = mid + 1;
+		else
+			hi = mid;
 	}
+	return n % 64 ? 250 : 100; /* beyond the table: the typical costs above */
+}
+
+/* Up to FFT_CANDIDATES sizes per axis: 7-smooth, from the minimum to 4/3
+ * of it (multiples of 4 along x). */
+enum { FFT_CANDIDATES = 24 };
+
+static size_t fft_candidates(size_t given, size_t min, int is_x, size_t out[FFT_CANDIDATES])
+{
+	size_t k = 0;
+	if (given) {
+		out[0] = given;
+		return 1;
+	}
+	for (size_t m = sf_deconv_smooth7(min); k < FFT_CANDIDATES; m = sf_deconv_smooth7(m + 1)) {
+		if (k && m * 3 > min * 4)
+			break;
+		if (!is_x || m % 4 == 0)
+			out[k++] = m;
+	}
+	return k;
+}
+
+sf_dims3 sf_deconv_fft_dims(sf_dims3 n, sf_dims3 psf, const size_t given[3])
+{
+	/* Per padded voxel and iteration: 4 transforms of 3 passes, each pass
+	 * half a complex point per voxel (x: nx/2-point transforms), plus the
+	 * memory passes and element-wise work, 6.5-7.5 ns per voxel (fitted
+	 * alongside the table; the upper end, as more voxels also cost cache,
+	 * makes the model pick the measured best of 288/320 x 280/320 x 80). */
+	static const size_t zero[3] = {0, 0, 0};
+	size_t cand[3][FFT_CANDIDATES], count[3];
+	sf_dims3 best = {0, 0, 0};
+	double best_cost = 0;
+	if (!given)
+		given = zero;
+	count[0] = fft_candidates(given[0], n.nx + psf.nx - 1, 1, cand[0]);
+	count[1] = fft_candidates(given[1], n.ny + psf.ny - 1, 0, cand[1]);
+	count[2] = fft_candidates(given[2], n.nz + psf.nz - 1, 0, cand[2]);
+	for (size_t i = 0; i < count[0]; i++)
+		for (size_t j = 0; j < count[1]; j++)
+			for (size_t k = 0; k < count[2]; k++) {
+				size_t x = cand[0][i], y = cand[1][j], z = cand[2][k];
+				unsigned cx = x % 2 ? 2 * fft_point_cost(x) : fft_point_cost(x / 2);
+				double c =
+				    (double)x * y * z *
+				    (2.0 * (cx + fft_point_cost(y) + fft_point_cost(z)) + 750);
+				if (!best.nx || c < best_cost)
+					best = (sf_dims3){x, y, z}, best_cost = c;
+			}
+	return best;
+}
+
+/* Check an explicit padded size of one axis (0: chosen by the cost model). */
+static int check_fft_size(size_t given, size_t n, size_t psf, char axis, sf_err *e)
+{
+	if (!given)
+		return SF_OK;
 	if (given < n || given < psf)
 		return sf_fail(e, SF_EINVAL,
 		               "fft_shape %c=%zu: below the block (%zu) or the PSF (%zu)", axis,
 		               given, n, psf);
-	*out = given;
 	return SF_OK;
 }
 
@@ -324,7 +420,9 @@ static int make_otf(sf_deconv_ctx *ctx, const sf_psf *psf, sf_err *e)
 				    (float)(psf->v[(z * psf->ny + y) * psf->nx + x] * scale);
 			}
 	int rc = ctx->ops->upload(ctx->plan, ctx->t, ctx->pad, e);
-	if (!rc)
+	if (!rc && fused(ctx))
+		rc = ctx->ops->make_transfer(ctx->plan, ctx->t, ctx->otf, e);
+	else if (!rc)
 		rc = ctx->ops->forward(ctx->plan, ctx->t, ctx->otf, e);
 	return rc;
 }
@@ -336,7 +434,8 @@ static int alloc_buffers(sf_deconv_ctx *ctx, sf_err *e)
 	ctx->pad = malloc(nfft * sizeof(float));
 	ctx->blk = malloc(nblk * sizeof(float));
 	ctx->blk_tmp = malloc(nblk * sizeof(float));
-	if (!ctx->pad || !ctx->blk || !ctx->blk_tmp)
+	ctx->ext = malloc((ctx->n.nx + 2 * 512) * sizeof(float)); /* radius <= 512 (size <= 1025) */
+	if (!ctx->pad || !ctx->blk || !ctx->blk_tmp || !ctx->ext)
 		return sf_fail(e, SF_ENOMEM, "deconv: host buffers for %zu voxels", nfft);
 	void **real[] = {&ctx->y, &ctx->x, &ctx->t, &ctx->r};
 	for (size_t i = 0; i < sizeof real / sizeof real[0]; i++) {
@@ -370,15 +469,16 @@ int sf_deconv_ctx_create(const sf_deconv_params *p, const sf_psf *psf, sf_dims3 
 	ctx->n = dims;
 	ctx->psf_n = (sf_dims3){psf->nx, psf->ny, psf->nz};
 	ctx->ops = ops;
-	rc = pick_fft_size(p->fft_shape[0], dims.nx, psf->nx, 'x', &ctx->fft.nx, e);
+	rc = check_fft_size(p->fft_shape[0], dims.nx, psf->nx, 'x', e);
 	if (!rc)
-		rc = pick_fft_size(p->fft_shape[1], dims.ny, psf->ny, 'y', &ctx->fft.ny, e);
+		rc = check_fft_size(p->fft_shape[1], dims.ny, psf->ny, 'y', e);
 	if (!rc)
-		rc = pick_fft_size(p->fft_shape[2], dims.nz, psf->nz, 'z', &ctx->fft.nz, e);
+		rc = check_fft_size(p->fft_shape[2], dims.nz, psf->nz, 'z', e);
 	if (rc) {
 		free(ctx);
 		return rc;
 	}
+	ctx->fft = sf_deconv_fft_dims(dims, ctx->psf_n, p->fft_shape);
 	ctx->off = (sf_dims3){(ctx->fft.nx - dims.nx) / 2, (ctx->fft.ny - dims.ny) / 2,
 	                      (ctx->fft.nz - dims.nz) / 2};
 	rc = ops->plan_create(cfg, ctx->fft.nz, ctx->fft.ny, ctx->fft.nx, &ctx->plan, e);
@@ -404,6 +504,27 @@ static int is_regularization_time(const sf_deconv_params *p, int i)
 	return k > 0 && k < p->numit && i > 1 && i < p->numit && i % k == 0;
 }
 
+/* One RL update from the engine's plain ops:
+ * x = |(1 - lambda) x H^T(y / max(Hx, eps)) + lambda r|. */
+static int rl_correct(sf_deconv_ctx *ctx, int damp, sf_err *e)
+{
+	const sf_fft_ops *ops = ctx->ops;
+	const sf_deconv_params *p = &ctx->p;
+	int rc = ops->forward(ctx->plan, ctx->x, ctx->spec, e); /* t = Hx */
+	if (!rc)
+		rc = ops->cmul(ctx->plan, ctx->spec, ctx->otf, 0, e);
+	if (!rc)
+		rc = ops->inverse(ctx->plan, ctx->spec, ctx->t, e);
+	if (!rc) /* t = y / max(Hx, eps) */
+		rc = ops->rl_ratio(ctx->plan, ctx->t, ctx->y, p->eps, e);
+	if (!rc) /* t = H^T t */
+		rc = engine_blur(ctx, ctx->t, 1, e);
+	if (!rc)
+		rc = ops->rl_update(ctx->plan, ctx->x, ctx->t, damp ? ctx->r : NULL,
+		                    (float)p->lambda_damping, e);
+	return rc;
+}
+
 static int rl_iterate(sf_deconv_ctx *ctx, sf_deconv_stats *st, sf_err *e)
 {
 	const sf_fft_ops *ops = ctx->ops;
@@ -421,19 +542,12 @@ static int rl_iterate(sf_deconv_ctx *ctx, sf_deconv_stats *st, sf_err *e)
 			rc = ops->gauss(ctx->plan, ctx->x, ctx->t, 0.5f, 2, e);
 		if (!rc && damp)
 			rc = ops->r26(ctx->plan, ctx->x, ctx->r, e);
-		if (!rc) /* t = Hx */
-			rc = ops->forward(ctx->plan, ctx->x, ctx->spec, e);
-		if (!rc)
-			rc = ops->cmul(ctx->plan, ctx->spec, ctx->otf, 0, e);
-		if (!rc)
-			rc = ops->inverse(ctx->plan, ctx->spec, ctx->t, e);
-		if (!rc) /* t = y / max(Hx, eps) */
-			rc = ops->rl_ratio(ctx->plan, ctx->t, ctx->y, p->eps, e);
-		if (!rc) /* t = H^T t */
-			rc = engine_blur(ctx, ctx->t, 1, e);
-		if (!rc)
-			rc = ops->rl_update(ctx->plan, ctx->x, ctx->t, damp ? ctx->r : NULL,
-			                    (float)p->lambda_damping, e);
+		if (!rc && fused(ctx))
+			rc =
+			    ops->rl_step(ctx->plan, ctx->x, ctx->y, ctx->spec, ctx->otf,
+			                 damp ? ctx->r : NULL, (float)p->lambda_damping, p->eps, e);
+		else if (!rc)
+			rc = rl_correct(ctx, damp, e);
 		if (rc)
 			break;
 		st->iterations = i;

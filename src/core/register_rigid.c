@@ -19,9 +19,8 @@
  * in the spectrum.
  *
  * FFTW: plans are made per call with FFTW_ESTIMATE (fast, no scribbling).
- * The planner is not thread-safe by itself, so fftwf_make_planner_thread_safe
- * is called once per process (pthread_once) before the first plan; that
- * also covers fft_fftw.c's plans, which take their own lock besides. */
+ * The planner is not thread-safe, so plans are made and destroyed under the
+ * process-wide planner lock of fft_fftw.c (sf_fft_fftw_planner_lock). */
 #include "scopefs/register.h"
 
 #include <fftw3.h>
@@ -31,18 +30,13 @@
 #include <string.h>
 
 #include "register_math.h"
+#include "scopefs/fft.h"
 
 #define LP_ANGLES      360 /* log-polar rows over [0, pi): 0.5 degree steps */
 #define LP_RADII       256 /* log-polar columns */
 #define LP_RMIN        3.0 /* lowest frequency sampled (cycles per canvas) */
 #define TAPER_PX       8   /* border ramp of the images before their FFT */
 #define MAX_CANDIDATES 16
-
-static pthread_once_t planner_once = PTHREAD_ONCE_INIT;
-static void make_planner_thread_safe(void)
-{
-	fftwf_make_planner_thread_safe();
-}
 
 /* A 2D real FFT of rows x cols with its buffers. */
 typedef struct fft2 {
@@ -54,10 +48,12 @@ typedef struct fft2 {
 
 static void fft2_free(fft2 *f)
 {
+	sf_fft_fftw_planner_lock();
 	if (f->fwd)
 		fftwf_destroy_plan(f->fwd);
 	if (f->inv)
 		fftwf_destroy_plan(f->inv);
+	sf_fft_fftw_planner_unlock();
 	fftwf_free(f->re);
 	fftwf_free(f->c);
 	memset(f, 0, sizeof *f);
@@ -65,7 +61,6 @@ static void fft2_free(fft2 *f)
 
 static int fft2_make(fft2 *f, int rows, int cols, sf_err *e)
 {
-	pthread_once(&planner_once, make_planner_thread_safe);
 	memset(f, 0, sizeof *f);
 	f->rows = rows;
 	f->cols = cols;
@@ -76,8 +71,10 @@ static int fft2_make(fft2 *f, int rows, int cols, sf_err *e)
 		fft2_free(f);
 		return sf_fail(e, SF_ENOMEM, "register: FFT buffers %d x %d", rows, cols);
 	}
+	sf_fft_fftw_planner_lock();
 	f->fwd = fftwf_plan_dft_r2c_2d(rows, cols, f->re, f->c, FFTW_ESTIMATE);
 	f->inv = fftwf_plan_dft_c2r_2d(rows, cols, f->c, f->re, FFTW_ESTIMATE);
+	sf_fft_fftw_planner_unlock();
 	if (!f->fwd || !f->inv) {
 		fft2_free(f);
 		return sf_fail(e, SF_EUNSUPPORTED, "register: no FFT plan for %d x %d", rows, cols);

@@ -479,13 +479,14 @@ typedef struct grid {
 /* Bytes one worker's context and buffers take for input window `in`. */
 static uint64_t working_set(const uint32_t in[3], const sf_psf *psf)
 {
-	uint64_t f[3], nin = (uint64_t)in[0] * in[1] * in[2];
-	size_t pn[3] = {psf->nx, psf->ny, psf->nz};
+	uint64_t nin = (uint64_t)in[0] * in[1] * in[2];
+	sf_dims3 f = sf_deconv_fft_dims((sf_dims3){in[0], in[1], in[2]},
+	                                (sf_dims3){psf->nx, psf->ny, psf->nz}, NULL);
 
-	for (int a = 0; a < 3; a++)
-		f[a] = sf_deconv_smooth7(in[a] + pn[a] - 1);
-	/* 4 real engine buffers + host pad, 2 half-spectrum complex, 3 window-sized */
-	return f[0] * f[1] * f[2] * 4 * 5 + (f[0] / 2 + 1) * f[1] * f[2] * 8 * 2 + nin * 4 * 3;
+	/* 4 real engine buffers + host pad, 2 half-spectrum complex (rows padded
+	 * to an even length), 3 window-sized */
+	return (uint64_t)f.nx * f.ny * f.nz * 4 * 5 +
+	       (uint64_t)(f.nx / 2 + 2) * f.ny * f.nz * 8 * 2 + nin * 4 * 3;
 }
 
 /* Core edge from deconv_block, else the largest multiple of 16 up to 256
@@ -830,7 +831,8 @@ static sf_key blocks_key(const sf_stack *st, const sf_deconv_settings *s, const 
 	                         p->taper,
 	                         p->init_value,
 	                         (double)p->eps};
-	sf_key k = sf_key_of("scopefs deconv blocks v1", 24);
+	/* v2: padded sizes from the FFT cost model, fused FFTW passes */
+	sf_key k = sf_key_of("scopefs deconv blocks v2", 24);
 	uint32_t files = st->multipage ? 1 : st->planes;
 
 	k = sf_key_mix_u64(k, st->dtype);

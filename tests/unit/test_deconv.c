@@ -4,7 +4,10 @@
  * Without arguments: unit checks.  The RL engine is compared with a direct
  * (no FFT) double-precision Richardson-Lucy written here from the textbook
  * formula; a delta PSF must leave the data unchanged; the stop criterion,
- * the interrupt flag, option validation and the 7-smooth sizes are checked;
+ * the interrupt flag, option validation, the 7-smooth and padded sizes are
+ * checked; the FFTW engine's fused forms (convolve, rl_step) are compared
+ * with FFTW's own 3D r2c/c2r plans and must give the same bytes for 1, 2
+ * and 3 threads;
  * with CUDA built in and a device present, the same block on cuFFT and FFTW
  * must agree to relative L2 < 1e-4 (skipped with a message otherwise).
  *
@@ -190,8 +193,10 @@ static void test_stop_and_interrupt(void)
 	CHECK(rc == SF_OK, "ctx: %s", e.msg);
 	if (rc)
 		goto out;
-	sf_dims3 f = sf_deconv_ctx_fft_shape(ctx);
-	CHECK(f.nx == 28 && f.ny == 27 && f.nz == 42, "fft shape %zu %zu %zu", f.nx, f.ny, f.nz);
+	sf_dims3 f = sf_deconv_ctx_fft_shape(ctx),
+	         want = sf_deconv_fft_dims(n, (sf_dims3){9, 9, 19}, NULL);
+	CHECK(f.nx == want.nx && f.ny == want.ny && f.nz == want.nz, "fft shape %zu %zu %zu", f.nx,
+	      f.ny, f.nz);
 	sf_deconv_stats st;
 	rc = sf_deconv_block(ctx, y, out, &st, &e);
 	CHECK(rc == SF_OK && st.iterations == 2, "stop criterion: rc=%d after %d iterations (%s)",
@@ -270,6 +275,145 @@ static void test_smooth7(void)
 	for (size_t i = 0; i < sizeof in / sizeof in[0]; i++)
 		CHECK(sf_deconv_smooth7(in[i]) == want[i], "smooth7(%zu) = %zu, want %zu", in[i],
 		      sf_deconv_smooth7(in[i]), want[i]);
+}
+
+/* The padded sizes: at least n + psf - 1, at most 4/3 of it, 7-smooth, x a
+ * multiple of 4; given sizes kept.  The 256 x 256 x 64 block with a 15^3
+ * PSF (the speed test's) pins the cost table: ESTIMATE does 288 and 280
+ * faster than the minimal 270 (docs/deconvolution.md section 4). */
+static void test_fft_dims(void)
+{
+	sf_dims3 blocks[] = {{20, 18, 24}, {90, 90, 178}, {256, 256, 64}, {7, 300, 33}, {1, 1, 1}};
+	sf_dims3 psf = {9, 9, 19};
+	for (size_t i = 0; i < sizeof blocks / sizeof blocks[0]; i++) {
+		sf_dims3 n = blocks[i], f = sf_deconv_fft_dims(n, psf, NULL);
+		size_t got[3] = {f.nx, f.ny, f.nz};
+		size_t min[3] = {n.nx + psf.nx - 1, n.ny + psf.ny - 1, n.nz + psf.nz - 1};
+		for (int a = 0; a < 3; a++)
+			CHECK(got[a] >= min[a] && 3 * got[a] <= 4 * min[a] + 12 &&
+			          sf_deconv_smooth7(got[a]) == got[a] && (a || got[a] % 4 == 0),
+			      "block %zu axis %d: padded %zu for %zu", i, a, got[a], min[a]);
+	}
+	sf_dims3 f = sf_deconv_fft_dims((sf_dims3){256, 256, 64}, (sf_dims3){15, 15, 15}, NULL);
+	CHECK(f.nx == 288 && f.ny == 280 && f.nz == 80, "speed case: %zu %zu %zu", f.nx, f.ny,
+	      f.nz);
+	size_t given[3] = {0, 31, 0};
+	f = sf_deconv_fft_dims((sf_dims3){20, 18, 24}, psf, given);
+	CHECK(f.ny == 31, "given y kept: %zu", f.ny);
+}
+
+/* A random buffer of n floats in [lo, hi). */
+static float *random_buffer(size_t n, float lo, float hi, unsigned long long seed)
+{
+	float *v = malloc(n * sizeof *v);
+	if (!v)
+		abort();
+	for (size_t i = 0; i < n; i++)
+		v[i] = lo + (hi - lo) * (float)uniform(&seed);
+	return v;
+}
+
+static double rel_l2(const float *a, const float *b, size_t n)
+{
+	double d = 0, s = 0;
+	for (size_t i = 0; i < n; i++)
+		d += ((double)a[i] - b[i]) * ((double)a[i] - b[i]), s += (double)b[i] * b[i];
+	return sqrt(d / (s > 0 ? s : 1));
+}
+
+/* One engine, both ways: the fused convolve and rl_step against FFTW's own
+ * 3D r2c/c2r plans with cmul, rl_ratio, rl_update (forward, cmul, inverse);
+ * and the fused bytes the same for 1, 2 and 3 threads.  Shapes cover rows
+ * and columns that fill no chunk, odd ny, nx = 2 mod 4 (unaligned x plans)
+ * and odd nx (no fused path: the composed steps). */
+static void test_fused_engine(void)
+{
+	size_t shapes[][3] = {{40, 36, 30}, {22, 21, 17}, {64, 50, 9}, {30, 33, 12}, {27, 20, 10}};
+	const sf_fft_ops *ops = sf_fft_fftw_ops();
+	for (size_t si = 0; si < sizeof shapes / sizeof shapes[0]; si++) {
+		size_t nx = shapes[si][0], ny = shapes[si][1], nz = shapes[si][2], N = nx * ny * nz;
+		sf_fft_plan *plan[3] = {NULL, NULL, NULL};
+		void *ker = NULL, *tf = NULL, *otf = NULL, *spec = NULL,
+		     *xb[3] = {NULL, NULL, NULL};
+		void *yb = NULL, *tb = NULL, *rb = NULL;
+		float *k = random_buffer(N, 0, 1, 11 + si), *x = random_buffer(N, 0.5f, 2, 23 + si);
+		float *y = random_buffer(N, 0.5f, 2, 37 + si),
+		      *reg = random_buffer(N, 0, 1, 41 + si);
+		float *want = malloc(N * sizeof *want), *got = malloc(N * sizeof *got);
+		float *got2 = malloc(N * sizeof *got2);
+		sf_err e = {0};
+		int rc = SF_OK;
+		if (!want || !got || !got2)
+			abort();
+		for (int t = 0; t < 3 && !rc; t++)
+			rc = ops->plan_create(&(sf_fft_config){.nthreads = t + 1}, nz, ny, nx,
+			                      &plan[t], &e);
+		void **bufs[] = {&ker, &yb, &tb, &rb, &xb[0], &xb[1], &xb[2]};
+		for (size_t b = 0; b < sizeof bufs / sizeof bufs[0] && !rc; b++)
+			rc = ops->buf_alloc(plan[0], 0, bufs[b], &e);
+		if (!rc)
+			rc = ops->buf_alloc(plan[0], 1, &tf, &e);
+		if (!rc)
+			rc = ops->buf_alloc(plan[0], 1, &otf, &e);
+		if (!rc)
+			rc = ops->buf_alloc(plan[0], 1, &spec, &e);
+		CHECK(rc == SF_OK, "shape %zu: buffers: %s", si, e.msg);
+		if (rc)
+			goto next;
+		/* Reference: 3D plans, cmul, ratio, update (conj transfer = H^T). */
+		ops->upload(plan[0], ker, k, &e);
+		ops->forward(plan[0], ker, otf, &e);
+		ops->make_transfer(plan[0], ker, tf, &e);
+		ops->upload(plan[0], tb, x, &e);
+		ops->forward(plan[0], tb, spec, &e);
+		ops->cmul(plan[0], spec, otf, 0, &e);
+		ops->inverse(plan[0], spec, tb, &e);
+		ops->download(plan[0], want, tb, &e);
+		ops->upload(plan[0], xb[0], x, &e);
+		ops->convolve(plan[0], xb[0], spec, tf, 0, &e);
+		ops->download(plan[0], got, xb[0], &e);
+		double err = rel_l2(got, want, N);
+		CHECK(err < 2e-6, "shape %zu: convolve vs r2c/cmul/c2r: rel L2 %.2e", si, err);
+
+		ops->upload(plan[0], yb, y, &e);
+		ops->upload(plan[0], rb, reg, &e);
+		ops->upload(plan[0], tb, x, &e);
+		ops->forward(plan[0], tb, spec, &e);
+		ops->cmul(plan[0], spec, otf, 0, &e);
+		ops->inverse(plan[0], spec, tb, &e);
+		ops->rl_ratio(plan[0], tb, yb, 1e-3f, &e);
+		ops->forward(plan[0], tb, spec, &e);
+		ops->cmul(plan[0], spec, otf, 1, &e);
+		ops->inverse(plan[0], spec, tb, &e);
+		ops->upload(plan[0], xb[0], x, &e);
+		ops->rl_update(plan[0], xb[0], tb, rb, 0.25f, &e);
+		ops->download(plan[0], want, xb[0], &e);
+		for (int t = 0; t < 3; t++) {
+			ops->upload(plan[t], xb[t], x, &e);
+			rc = ops->rl_step(plan[t], xb[t], yb, spec, tf, rb, 0.25f, 1e-3f, &e);
+			CHECK(rc == SF_OK, "shape %zu: rl_step: %s", si, e.msg);
+		}
+		ops->download(plan[0], got, xb[0], &e);
+		err = rel_l2(got, want, N);
+		CHECK(err < 2e-6, "shape %zu: rl_step vs composed steps: rel L2 %.2e", si, err);
+		for (int t = 1; t < 3 && nx % 2 == 0; t++) { /* the fused path's promise */
+			ops->download(plan[0], got2, xb[t], &e);
+			CHECK(!memcmp(got, got2, N * sizeof *got), "shape %zu: %d threads differ",
+			      si, t + 1);
+		}
+	next:
+		for (size_t b = 0; b < sizeof bufs / sizeof bufs[0]; b++)
+			if (*bufs[b])
+				ops->buf_free(plan[0], *bufs[b]);
+		void *cb[] = {tf, otf, spec};
+		for (size_t b = 0; b < 3; b++)
+			if (cb[b])
+				ops->buf_free(plan[0], cb[b]);
+		for (int t = 0; t < 3; t++)
+			if (plan[t])
+				ops->plan_destroy(plan[t]);
+		free(k), free(x), free(y), free(reg), free(want), free(got), free(got2);
+	}
 }
 
 #ifdef SF_HAVE_CUDA
@@ -451,6 +595,8 @@ int main(int argc, char **argv)
 	if (argc >= 11 && !strcmp(argv[1], "--rl"))
 		return run_block(argc - 2, argv + 2);
 	test_smooth7();
+	test_fft_dims();
+	test_fused_engine();
 	test_validation();
 	test_matches_direct_rl();
 	test_delta_psf_is_identity();
