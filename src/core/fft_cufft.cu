@@ -333,10 +333,24 @@ static int cufft_norm2(sf_fft_plan *p, const void *x, double *out, sf_err *e)
 }
 
 static const sf_fft_ops cufft_ops = {
-    "cufft",        cufft_plan_create, cufft_plan_destroy, cufft_buf_alloc, cufft_buf_free,
-    cufft_upload,   cufft_download,    cufft_forward,      cufft_inverse,   cufft_cmul,
-    cufft_rl_ratio, cufft_rl_update,   cufft_r26,          cufft_gauss,     cufft_norm2,
-    NULL,           NULL,              NULL, /* no fused forms: deconv.c composes them */
+    "cufft",
+    cufft_plan_create,
+    cufft_plan_destroy,
+    cufft_buf_alloc,
+    cufft_buf_free,
+    cufft_upload,
+    cufft_download,
+    cufft_forward,
+    cufft_inverse,
+    cufft_cmul,
+    cufft_rl_ratio,
+    cufft_rl_update,
+    cufft_r26,
+    cufft_gauss,
+    cufft_norm2,
+    NULL,
+    NULL,
+    NULL, /* no fused forms: deconv.c composes them */
 };
 
 extern "C" const sf_fft_ops *sf_fft_cufft_ops(void)

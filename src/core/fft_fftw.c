@@ -488,7 +488,7 @@ static void pass_run(const pass_job *job)
 {
 	const sf_fft_plan *p = job->p;
 	size_t t = (size_t)p->nthreads < job->items ? (size_t)p->nthreads : job->items;
-	pass_range r[64];
+	pass_range r[64] = {{0}};
 	pthread_t tid[64];
 	int started[64] = {0};
 
