@@ -44,6 +44,7 @@ typedef struct sf_deconv_settings {
 	int have_ex, have_em;    /* given or inferred (required) */
 	double scale;            /* 0: auto; > 0: out = round(v * scale), clamped */
 	double signal_amp;       /* LsDeconv's amplification (auto scale); default 1 */
+	double destripe_sigma;   /* z destriping after deconvolution (destripe.h); 0: off */
 	int dtype;               /* SF_DECONV_DTYPE_SAME or an sf_dtype */
 	int gpu;                 /* SF_DECONV_GPU_AUTO, _OFF, or a device index */
 	uint32_t block;          /* deconv_block: core edge in voxels; 0 = from mem */

@@ -61,6 +61,8 @@ static const option_def option_table[] = {
     {"gaussian_filter_size", OPT_DECONV, "gaussian_filter_size=X:Y:Z  taps (13:13:25)"},
     {"dark", OPT_DECONV, "dark=V           subtracted after the pre-filter (default 0)"},
     {"signal_amp", OPT_DECONV, "signal_amp=V     LsDeconv's amplification (default 1)"},
+    {"destripe_sigma", OPT_DECONV,
+     "destripe_sigma=S z destriping after deconvolution (default 0: off)"},
     {"scale", OPT_DECONV, "scale=auto|GAIN  output scaling (default auto: clipval range)"},
     {"dtype", OPT_DECONV, "dtype=T          same|uint8|uint16|float32 (default same)"},
     {"deconv_block", OPT_DECONV, "deconv_block=N   block core edge, voxels (default: from mem)"},

@@ -28,6 +28,7 @@
  *     that worker, with a log line.  Without a device (or without CUDA in
  *     the build) everything runs on FFTW, logged once per stack. */
 #include "scopefs/product_deconv.h"
+#include "scopefs/destripe.h"
 
 #include <ctype.h>
 #include <errno.h>
@@ -76,6 +77,7 @@ static const key_def key_table[] = {
     {"gaussian_filter_size", K_TRIPLE_I},
     {"dark", K_NONNEG},
     {"signal_amp", K_POS},
+    {"destripe_sigma", K_NONNEG},
     {"scale", K_SPECIAL},
     {"dtype", K_SPECIAL},
     {"deconv_block", K_INT},
@@ -237,6 +239,8 @@ static int store_number(sf_deconv_settings *s, const char *key, double v, const 
 		p->dark = v;
 	else if (!strcmp(key, "signal_amp"))
 		s->signal_amp = v;
+	else if (!strcmp(key, "destripe_sigma"))
+		s->destripe_sigma = v;
 	else if (!strcmp(key, "numit"))
 		p->numit = (int)v;
 	else if (!strcmp(key, "regularize_interval"))
@@ -775,6 +779,10 @@ static int blocks_compute(sf_product *p, void *state, uint64_t unit, uint8_t *ou
 	rc = read_window(b, w, start, e);
 	if (rc == SF_OK)
 		rc = run_block(p, b, w, e);
+	/* LsDeconv destripes the whole window (halo included) before cropping,
+	 * so every block is filtered at the same width (the notch depends on it). */
+	if (rc == SF_OK && b->s.destripe_sigma > 0)
+		rc = sf_destripe_z(w->in, g->in[2], g->in[1], g->in[0], b->s.destripe_sigma, e);
 	if (rc != SF_OK)
 		return rc;
 	for (uint32_t z = 0; z < c[2]; z++)
@@ -833,6 +841,7 @@ static sf_key blocks_key(const sf_stack *st, const sf_deconv_settings *s, const 
 	                         (double)p->eps};
 	/* v2: padded sizes from the FFT cost model, fused FFTW passes */
 	sf_key k = sf_key_of("scopefs deconv blocks v2", 24);
+	k = mix_double(k, s->destripe_sigma);
 	uint32_t files = st->multipage ? 1 : st->planes;
 
 	k = sf_key_mix_u64(k, st->dtype);
