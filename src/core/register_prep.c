@@ -13,6 +13,7 @@
 #include <string.h>
 
 #include "register_math.h"
+#include "scopefs/select.h"
 
 #define REG_MAX_SIDE (1u << 15)
 
@@ -64,38 +65,6 @@ int sf_reg_image_from_channel(const void *px, size_t stride, uint32_t w, uint32_
 	return SF_OK;
 }
 
-/* The k-th smallest of a[0..n) (0-based), reordering a (Hoare's selection). */
-static float select_kth(float *a, size_t n, size_t k)
-{
-	size_t lo = 0, hi = n - 1;
-	while (lo < hi) {
-		float pivot = a[lo + (hi - lo) / 2];
-		size_t i = lo, j = hi;
-		while (i <= j) {
-			while (a[i] < pivot)
-				i++;
-			while (a[j] > pivot)
-				j--;
-			if (i <= j) {
-				float t = a[i];
-				a[i] = a[j];
-				a[j] = t;
-				i++;
-				if (j == 0)
-					break;
-				j--;
-			}
-		}
-		if (k <= j)
-			hi = j;
-		else if (k >= i)
-			lo = i;
-		else
-			break;
-	}
-	return a[k];
-}
-
 int sf_reg_normalise(sf_reg_image *im, double lo_pct, double hi_pct, sf_err *e)
 {
 	if (!(lo_pct >= 0 && lo_pct < hi_pct && hi_pct <= 100))
@@ -107,8 +76,8 @@ int sf_reg_normalise(sf_reg_image *im, double lo_pct, double hi_pct, sf_err *e)
 	if (!copy)
 		return sf_fail(e, SF_ENOMEM, "register: percentile buffer of %zu floats", n);
 	memcpy(copy, im->px, n * sizeof *copy);
-	float lo = select_kth(copy, n, (size_t)floor(lo_pct / 100.0 * (double)(n - 1) + 0.5));
-	float hi = select_kth(copy, n, (size_t)floor(hi_pct / 100.0 * (double)(n - 1) + 0.5));
+	float lo = sf_select_kth(copy, n, (size_t)floor(lo_pct / 100.0 * (double)(n - 1) + 0.5));
+	float hi = sf_select_kth(copy, n, (size_t)floor(hi_pct / 100.0 * (double)(n - 1) + 0.5));
 	free(copy);
 	float scale = hi > lo ? 1.0f / (hi - lo) : 0.0f;
 	for (size_t i = 0; i < n; i++) {

@@ -29,6 +29,7 @@
  *     the build) everything runs on FFTW, logged once per stack. */
 #include "scopefs/product_deconv.h"
 #include "scopefs/destripe.h"
+#include "scopefs/select.h"
 
 #include <ctype.h>
 #include <errno.h>
@@ -900,51 +901,6 @@ static int blocks_create(const sf_stack *st, const sf_deconv_settings *s, uint64
 
 /* ---- output scaling -------------------------------------------------------- */
 
-static void swap_f(float *a, float *b)
-{
-	float t = *a;
-	*a = *b;
-	*b = t;
-}
-
-/* Rearrange v so v[k] is the k-th smallest (Hoare quickselect, median of 3). */
-static void select_kth(float *v, size_t n, size_t k)
-{
-	size_t lo = 0, hi = n - 1;
-
-	while (hi > lo) {
-		size_t mid = lo + (hi - lo) / 2, i = lo, j = hi;
-		float pivot;
-
-		if (v[mid] < v[lo])
-			swap_f(&v[mid], &v[lo]);
-		if (v[hi] < v[lo])
-			swap_f(&v[hi], &v[lo]);
-		if (v[hi] < v[mid])
-			swap_f(&v[hi], &v[mid]);
-		pivot = v[mid];
-		while (i <= j) {
-			while (v[i] < pivot)
-				i++;
-			while (pivot < v[j])
-				j--;
-			if (i <= j) {
-				swap_f(&v[i], &v[j]);
-				i++;
-				if (j == 0)
-					break;
-				j--;
-			}
-		}
-		if (k <= j)
-			hi = j;
-		else if (k >= i)
-			lo = i;
-		else
-			return;
-	}
-}
-
 /* MATLAB prctile(v, pct): sorted x_1..x_n sit at percentiles 100 (i - 0.5)/n,
  * linear in between, clamped to x_1 / x_n outside.  v is reordered. */
 static double percentile(float *v, size_t n, double pct)
@@ -953,16 +909,16 @@ static double percentile(float *v, size_t n, double pct)
 	size_t k;
 
 	if (pos <= 0) {
-		select_kth(v, n, 0);
+		sf_select_kth(v, n, 0);
 		return v[0];
 	}
 	if (pos >= (double)(n - 1)) {
-		select_kth(v, n, n - 1);
+		sf_select_kth(v, n, n - 1);
 		return v[n - 1];
 	}
 	k = (size_t)pos;
 	frac = pos - (double)k;
-	select_kth(v, n, k);
+	sf_select_kth(v, n, k);
 	a = v[k];
 	b = v[k + 1];
 	for (size_t i = k + 2; i < n; i++)
