@@ -52,6 +52,10 @@ typedef struct sf_slide_info {
 	int tiled;            /* level 0 is tiled */
 	uint64_t file_size;   /* identity of the file, for cache keys */
 	int64_t mtime_ns;
+	/* Decoded tiles shared by all readers of this slide (one worker decodes a
+	 * source tile, the others copy it); mutable behind its own lock, so a
+	 * const sf_slide_info may still be shared between threads.  NULL: none. */
+	struct sf_tile_share *share;
 	/* SizeC and SizeZ as the file's own metadata states them (OME-XML Pixels, or an ImageJ
 	 * description's channels= / slices=); 0 when the file does not say. */
 	uint32_t stated_c, stated_z;

@@ -32,6 +32,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <limits.h>
 #include <math.h>
 #include <stdarg.h>
@@ -51,6 +52,8 @@
 #define LRU_BUDGET    (48u << 20)  /* bytes of decoded data kept per reader */
 #define SPAN_READ_MAX (1u << 20)   /* uncompressed rows read in one pread up to this size */
 #define MAX_UNIT      (256u << 20) /* largest compressed tile or strip we decode whole */
+#define SHARE_SLOTS   64           /* decoded units kept per slide for all its readers */
+#define SHARE_BUDGET  (24u << 20)  /* bytes of them */
 
 /* ---- libtiff diagnostics ------------------------------------------------ */
 
@@ -911,6 +914,112 @@ static void probe_free(probe *pr)
 
 /* ---- the info ------------------------------------------------------------ */
 
+/* ---- decoded units shared by a slide's readers ---------------------------
+ *
+ * Workers compute neighbouring output tiles at once, and neighbours need the
+ * same source tiles: without sharing each worker's reader decodes them again
+ * (zlib decoding is most of a warp's CPU).  A unit is keyed by its IFD
+ * offset and index; copies go in and out under the lock, so no reader holds
+ * a pointer into the share. */
+typedef struct share_entry {
+	uint64_t ifd;  /* IFD offset; 0 = empty */
+	uint32_t unit; /* tile or strip index */
+	uint64_t used; /* share clock at last use */
+	size_t bytes;
+	uint8_t *data;
+} share_entry;
+
+struct sf_tile_share {
+	pthread_mutex_t lock;
+	share_entry e[SHARE_SLOTS]; /* protected by lock */
+	uint64_t clock;             /* protected by lock */
+	size_t bytes;               /* protected by lock */
+};
+
+static struct sf_tile_share *share_new(void)
+{
+	struct sf_tile_share *sh = calloc(1, sizeof *sh);
+	if (sh && pthread_mutex_init(&sh->lock, NULL) != 0) {
+		free(sh);
+		sh = NULL;
+	}
+	return sh; /* NULL just means no sharing */
+}
+
+static void share_free(struct sf_tile_share *sh)
+{
+	if (!sh)
+		return;
+	for (int i = 0; i < SHARE_SLOTS; i++)
+		free(sh->e[i].data);
+	pthread_mutex_destroy(&sh->lock);
+	free(sh);
+}
+
+/* Copy unit (ifd, unit) of bytes bytes into dst if the share has it. */
+static int share_get(struct sf_tile_share *sh, uint64_t ifd, uint32_t unit, uint8_t *dst,
+                     size_t bytes)
+{
+	int found = 0;
+	if (!sh)
+		return 0;
+	pthread_mutex_lock(&sh->lock);
+	for (int i = 0; i < SHARE_SLOTS; i++) {
+		share_entry *se = &sh->e[i];
+		if (se->ifd == ifd && se->unit == unit && se->bytes == bytes) {
+			memcpy(dst, se->data, bytes);
+			se->used = ++sh->clock;
+			found = 1;
+			break;
+		}
+	}
+	pthread_mutex_unlock(&sh->lock);
+	return found;
+}
+
+static void share_drop(struct sf_tile_share *sh, share_entry *se)
+{
+	sh->bytes -= se->bytes;
+	free(se->data);
+	memset(se, 0, sizeof *se);
+}
+
+/* Keep a copy of a freshly decoded unit, evicting the least recently used. */
+static void share_put(struct sf_tile_share *sh, uint64_t ifd, uint32_t unit, const uint8_t *src,
+                      size_t bytes)
+{
+	if (!sh || bytes > SHARE_BUDGET / 4)
+		return;
+	uint8_t *copy = malloc(bytes);
+	if (!copy)
+		return;
+	memcpy(copy, src, bytes);
+	pthread_mutex_lock(&sh->lock);
+	share_entry *victim = NULL;
+	for (int i = 0; i < SHARE_SLOTS; i++) {
+		share_entry *se = &sh->e[i];
+		if (se->ifd == ifd && se->unit == unit) { /* another reader was first */
+			pthread_mutex_unlock(&sh->lock);
+			free(copy);
+			return;
+		}
+		if (!victim || !se->data || (victim->data && se->used < victim->used))
+			victim = se;
+	}
+	if (victim->data)
+		share_drop(sh, victim);
+	while (sh->bytes + bytes > SHARE_BUDGET) {
+		share_entry *oldest = NULL;
+		for (int i = 0; i < SHARE_SLOTS; i++)
+			if (sh->e[i].data && (!oldest || sh->e[i].used < oldest->used))
+				oldest = &sh->e[i];
+		share_drop(sh, oldest);
+	}
+	*victim = (share_entry){ifd, unit, ++sh->clock, bytes, copy};
+	sh->bytes += bytes;
+	pthread_mutex_unlock(&sh->lock);
+}
+
 void sf_slide_info_free(sf_slide_info *s)
 {
 	if (!s)
@@ -923,6 +1032,7 @@ void sf_slide_info_free(sf_slide_info *s)
 	for (uint32_t c = 0; s->channel_names && c < s->channels; c++)
 		free(s->channel_names[c]);
 	free(s->channel_names);
+	share_free(s->share);
 	free(s->path);
 	free(s);
 }
@@ -1100,6 +1210,7 @@ out:
 		sf_slide_info_free(s);
 		return rc;
 	}
+	s->share = share_new();
 	*out = s;
 	return SF_OK;
 }
@@ -1411,6 +1522,14 @@ static int decoded_unit(sf_slide_reader *r, const unit_part *u, const uint8_t **
 	if (!le)
 		return sf_fail(e, SF_ENOMEM, "%s: out of memory for a decoded %s", r->s->path,
 		               unit);
+	if (share_get(r->s->share, r->cur, u->index, le->data, bytes)) {
+		le->ifd = r->cur;
+		le->unit = u->index;
+		le->bytes = bytes;
+		le->used = r->clock;
+		*out = le->data;
+		return SF_OK;
+	}
 	int err = 0;
 	uint64_t len = TIFFGetStrileByteCountWithErr(r->tif, u->index, &err);
 	r->diag.msg[0] = '\0';
@@ -1433,6 +1552,7 @@ static int decoded_unit(sf_slide_reader *r, const unit_part *u, const uint8_t **
 	le->unit = u->index;
 	le->bytes = bytes;
 	le->used = r->clock;
+	share_put(r->s->share, r->cur, u->index, le->data, bytes);
 	*out = le->data;
 	return SF_OK;
 }
