@@ -987,7 +987,7 @@ static void write_scale_file(const planes *pl, uint64_t sampled, uint64_t total)
 }
 
 /* Percentiles of sample i, one state per sampled block (under scale_lock). */
-enum { SAMPLE_TODO, SAMPLE_BUSY, SAMPLE_DONE };
+enum { SAMPLE_PENDING, SAMPLE_BUSY, SAMPLE_DONE };
 
 typedef struct scale_sample {
 	double lo, hi; /* [100 - clipval, clipval] percentiles of the block's core */
@@ -1053,32 +1053,32 @@ static int ensure_scale(planes *pl, uint64_t start, sf_err *e)
 	if (!pl->have_scale && read_scale_file(pl))
 		pl->have_scale = 1;
 	while (!pl->have_scale && rc == SF_OK) {
-		uint64_t n = pl->sample_count, todo = n, done = 0;
+		uint64_t n = pl->sample_count, pending = n, done = 0;
 
 		for (uint64_t k = 0; k < n; k++) {
 			uint64_t i = (start + k) % n;
 
 			done += pl->samples[i].state == SAMPLE_DONE;
-			if (todo == n && pl->samples[i].state == SAMPLE_TODO)
-				todo = i;
+			if (pending == n && pl->samples[i].state == SAMPLE_PENDING)
+				pending = i;
 		}
 		if (done == n) {
 			finish_scale(pl);
 			break;
 		}
-		if (todo == n) {
+		if (pending == n) {
 			pthread_cond_wait(&pl->scale_done, &pl->scale_lock);
 			continue;
 		}
-		pl->samples[todo].state = SAMPLE_BUSY;
+		pl->samples[pending].state = SAMPLE_BUSY;
 		pthread_mutex_unlock(&pl->scale_lock);
 		double lo = 0, hi = 0;
-		rc = sample_percentiles(pl, sample_unit(todo, n, pl->blocks_product->unit_count),
+		rc = sample_percentiles(pl, sample_unit(pending, n, pl->blocks_product->unit_count),
 		                        &lo, &hi, e);
 		pthread_mutex_lock(&pl->scale_lock);
-		pl->samples[todo].state = rc == SF_OK ? SAMPLE_DONE : SAMPLE_TODO;
-		pl->samples[todo].lo = lo;
-		pl->samples[todo].hi = hi;
+		pl->samples[pending].state = rc == SF_OK ? SAMPLE_DONE : SAMPLE_PENDING;
+		pl->samples[pending].lo = lo;
+		pl->samples[pending].hi = hi;
 		pthread_cond_broadcast(&pl->scale_done);
 	}
 	pthread_mutex_unlock(&pl->scale_lock);
