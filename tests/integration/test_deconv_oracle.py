@@ -164,6 +164,18 @@ def test_rl_x0_equals_y_matches_numpy(drivers, tmp_path, ref_psf):
     assert err < 1e-5
 
 
+def smooth7(n):
+    """The smallest 7-smooth integer >= n (the FFT size LsDeconv pads to)."""
+    while True:
+        r = n
+        for p in (2, 3, 5, 7):
+            while r % p == 0:
+                r //= p
+        if r == 1:
+            return n
+        n += 1
+
+
 def gauss_taps(sigma, radius):
     k = np.arange(-radius, radius + 1, dtype=np.float64)
     w = np.exp(-k * k / (2 * sigma * sigma))
@@ -189,15 +201,6 @@ def lsdeconv_pipeline(y, psf, sigma, size, dark, numit, reg, damp):
         w = w * ramp.reshape([-1 if a == axis else 1 for a in range(3)])
     y = w * y + (1 - w) * blurred
     # zero padding to smooth7(n + psf - 1), block at floor((N - n) / 2)
-    def smooth7(n):
-        while True:
-            r = n
-            for p in (2, 3, 5, 7):
-                while r % p == 0:
-                    r //= p
-            if r == 1:
-                return n
-            n += 1
     shape = [smooth7(n + k - 1) for n, k in zip(y.shape, psf.shape)]
     off = [(N - n) // 2 for N, n in zip(shape, y.shape)]
     sl = tuple(slice(o, o + n) for o, n in zip(off, y.shape))

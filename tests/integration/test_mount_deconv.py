@@ -22,7 +22,7 @@ import tifffile
 from scipy import ndimage, signal
 
 from conftest import REPO, read_all
-from test_deconv_oracle import REFERENCE, oracle_psf
+from test_deconv_oracle import REFERENCE, gauss_taps, oracle_psf, smooth7
 from test_mount_deconvolved import imagej_read
 
 import gen
@@ -57,23 +57,6 @@ def read_bytes(folder, names, order):
 
 
 # ------------------------------------------------------------------ the oracle
-
-def gauss_taps(sigma, radius):
-    k = np.arange(-radius, radius + 1, dtype=np.float64)
-    w = np.exp(-k * k / (2 * sigma * sigma))
-    return w / w.sum()
-
-
-def smooth7(n):
-    while True:
-        r = n
-        for p in (2, 3, 5, 7):
-            while r % p == 0:
-                r //= p
-        if r == 1:
-            return n
-        n += 1
-
 
 def pipeline(y, psf, sigma=SIGMA, size=SIZE, dark=0.0, numit=6, reg=3):
     """docs/deconvolution.md section 3 on one block, float64, FFTs by numpy."""
