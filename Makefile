@@ -100,6 +100,8 @@ bench: deps all
 	$(PYTHON) tests/bench/run.py
 	$(PYTHON) tests/bench/warp.py
 	$(PYTHON) tests/bench/deconv.py
+	$(PYTHON) tests/bench/register.py
+	$(PYTHON) tests/bench/register_mem.py
 
 format:
 	clang-format -i $(wildcard src/*/*.c src/*/*.cu include/scopefs/*.h tests/unit/*.c tools/*.c)

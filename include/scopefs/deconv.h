@@ -38,6 +38,7 @@ typedef struct sf_deconv_params {
 	double lambda_damping;   /* blend weight of R26*x in [0, 1); default 0 */
 	int regularize_interval; /* Gaussian (sigma 0.5) every n-th iteration; 0 off; default 3 */
 	double stop_criterion;   /* stop when ||x|| changes by <= this many percent; 0 off */
+	int accelerate; /* Biggs-Andrews extrapolation (beyond LsDeconv): 1 on, 0 off (default) */
 
 	/* Block pre-processing: */
 	double gaussian_sigma[3];    /* x y z, voxels; 0 on an axis skips it; default .5 .5 2.5 */

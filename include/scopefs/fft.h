@@ -71,6 +71,18 @@ typedef struct sf_fft_ops {
 	/* The Euclidean norm of x, accumulated in double. */
 	int (*norm2)(sf_fft_plan *p, const void *x, double *out, sf_err *e);
 
+	/* Biggs-Andrews acceleration (deconv.h `accelerate`; every engine has
+	 * them).  Predict: for every k, v = max(x[k] + alpha (x[k] - prev[k]), 0),
+	 * then prev[k] = x[k] and x[k] = origin[k] = v. */
+	int (*ba_predict)(sf_fft_plan *p, void *x, void *prev, void *origin, float alpha,
+	                  sf_err *e);
+	/* Step: g[k] = x[k] - g[k] (g holds the predict's origin on entry), and
+	 * dots[0] = sum g[k] g_old[k], dots[1] = sum g_old[k]^2, accumulated in
+	 * double in an order that depends only on the shape (both 0 when g_old
+	 * is NULL). */
+	int (*ba_step)(sf_fft_plan *p, const void *x, void *g, const void *g_old, double dots[2],
+	               sf_err *e);
+
 	/* Optional fused forms (NULL where an engine lacks them: deconv.c then
 	 * composes the same steps from the ops above).  They use a transfer
 	 * function in the engine's own layout, made by make_transfer, and give
@@ -113,6 +125,11 @@ const sf_fft_ops *sf_fft_cufft_ops(void);
 
 /* Number of usable CUDA devices; 0 when there is no driver or device. */
 int sf_fft_cuda_device_count(void);
+
+/* Free and total memory of a device in bytes (cudaMemGetInfo); SF_EDEVICE
+ * when it cannot be asked.  Initialises CUDA in the calling process: not
+ * before a fork whose child uses the device. */
+int sf_fft_cuda_mem_info(int device, size_t *free_bytes, size_t *total_bytes, sf_err *e);
 #endif
 
 #ifdef __cplusplus

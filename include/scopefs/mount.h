@@ -4,7 +4,10 @@
  * .scopefs/) is built before the file system is mounted, from one scan of
  * RAW_DIR.  Files never change during a mount, so the tree needs no lock:
  * FUSE threads only read it.  (A qc/ node's PNG is rendered on first use
- * inside its sf_qc, which has its own lock; the node itself never changes.)
+ * inside its sf_qc, which has its own lock; the node itself never changes.
+ * Nodes of slides that scopefs registers itself are in the tree from the
+ * start and show once their registration succeeded: sf_mount_node_visible
+ * asks the job, which has its own lock and never changes a result.)
  * Inode numbers are node indices + 1 (the root is FUSE_ROOT_ID = 1); nodes
  * live until unmount, so forget has nothing to do. */
 #ifndef SCOPEFS_MOUNT_H
@@ -22,10 +25,11 @@
 
 typedef enum sf_node_kind {
 	SF_NODE_DIR,
-	SF_NODE_RAW,    /* a file of RAW_DIR, read with pread */
-	SF_NODE_VFILE,  /* a virtual TIFF */
-	SF_NODE_STATUS, /* .scopefs/status */
-	SF_NODE_QC,     /* qc/<stem>.png: PNG bytes in memory, rendered on first use */
+	SF_NODE_RAW,       /* a file of RAW_DIR, read with pread */
+	SF_NODE_VFILE,     /* a virtual TIFF */
+	SF_NODE_STATUS,    /* .scopefs/status */
+	SF_NODE_QC,        /* qc/<stem>.png: PNG bytes in memory, rendered on first use */
+	SF_NODE_TRANSFORM, /* transforms/<stem>.*: a computed transform as a file (autoreg.h) */
 } sf_node_kind;
 
 typedef struct sf_node {
@@ -38,6 +42,10 @@ typedef struct sf_node {
 	struct stat st;   /* attributes served by getattr */
 	sf_vfile *vfile;  /* SF_NODE_VFILE */
 	struct sf_qc *qc; /* SF_NODE_QC (owned; mutable inside, under its own lock) */
+	/* A node that shows only when scopefs's registration of slide
+	 * autoreg_slide succeeds (-1: always shown); SF_NODE_TRANSFORM: which file. */
+	int32_t autoreg_slide;
+	int transform_file; /* an sf_autoreg_file_kind */
 } sf_node;
 
 typedef struct sf_slide_entry {
@@ -61,6 +69,8 @@ typedef struct sf_mount {
 	uint32_t vfile_count, vfile_cap;
 	sf_slide_entry *slide_state; /* dataset->slide_count entries */
 	int reference;               /* index of the reference slide, -1 if none */
+	struct sf_autoreg *autoreg;  /* scopefs's own registration, NULL if no slide needs it */
+	char *transforms_dir;        /* absolute path of transforms/ in the mount (elastix files) */
 	struct timespec mounted_at;
 } sf_mount;
 
@@ -71,6 +81,10 @@ int sf_mount_build(const sf_options *o, sf_mount **out, sf_err *e);
 int sf_mount_start(sf_mount *m, sf_err *e);
 
 void sf_mount_free(sf_mount *m);
+
+/* Whether n shows (lookup, readdir): a node tied to a registration shows
+ * once it succeeded (waits for it; seconds on first use, cached after). */
+int sf_mount_node_visible(const sf_mount *m, const sf_node *n);
 
 /* Node of inode ino, or NULL. */
 const sf_node *sf_mount_node(const sf_mount *m, uint64_t ino);

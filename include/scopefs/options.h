@@ -10,6 +10,7 @@
 
 #include <stdint.h>
 
+#include "scopefs/autoreg.h"
 #include "scopefs/err.h"
 
 typedef struct sf_options {
@@ -34,6 +35,7 @@ typedef struct sf_options {
 	 * each checked alone (a preset adds only keys the command line lacks);
 	 * every stack applies them, then its own (product_deconv.h).  NULL: none. */
 	char *deconv;
+	sf_reg_settings reg; /* reg_*: scopefs's own registration of slides without transforms */
 } sf_options;
 
 /* Parse argv into o (zeroed by the caller).  For --help/--version it sets

@@ -53,4 +53,15 @@ int sf_product_warp_create(const sf_slide_info *s, const sf_transform *t,
                            const sf_pyramid_plan *plan, const sf_warp_options *wo,
                            const sf_layout *l, sf_product **out, sf_err *e);
 
+/* The warp product of a moving slide that scopefs registers itself
+ * (autoreg.h): the same pixels as sf_product_warp_create with the slide's
+ * computed transform, which it waits for on the first tile a worker makes
+ * (a failed registration fails the tile).  The key comes from the
+ * registration's inputs (sf_autoreg_key), so it exists before the transform
+ * does.  The job must outlive the product. */
+struct sf_autoreg;
+int sf_product_autoreg_create(const sf_slide_info *s, struct sf_autoreg *a, uint32_t slide,
+                              const sf_pyramid_plan *plan, const sf_warp_options *wo,
+                              const sf_layout *l, sf_product **out, sf_err *e);
+
 #endif

@@ -85,18 +85,33 @@ typedef struct sf_reg_opts {
 	uint32_t min_dim;   /* longest side of the coarsest refinement level */
 	uint32_t max_dim;   /* finest refinement level: the first whose longest side <= this
 	                       (0: the thumbnails themselves) */
-	int max_iter;       /* Gauss-Newton iterations per level */
+	int max_iter;       /* Gauss-Newton (metric MI: BFGS) iterations per level */
 	int candidates;     /* rotation/scale peaks tried, each at angle and angle + 180 */
+	int metric;         /* SF_REG_METRIC_NCC (0, the default) or SF_REG_METRIC_MI */
 } sf_reg_opts;
 
+/* The similarity measure that the refinement maximises.  NCC suits the
+ * same stain (intensities related by a gain and bias); MI (Mattes mutual
+ * information) suits different stains, where the relation between the two
+ * images' intensities may be any function, even a non-monotonic one.  With
+ * MI the initialisation searches both the moving intensities and their
+ * negation, ranks all candidates by MI and refines the best 10 (instead
+ * of 5) by MI. */
+typedef enum sf_reg_metric {
+	SF_REG_METRIC_NCC = 0,
+	SF_REG_METRIC_MI = 1,
+} sf_reg_metric;
+
 /* model SIMILARITY, try_mirror 1, max_scale 1.6, init_dim 256, min_dim 64,
- * max_dim 0, max_iter 40, candidates 8. */
+ * max_dim 0, max_iter 40, candidates 8, metric NCC. */
 void sf_reg_opts_default(sf_reg_opts *o);
 
 typedef struct sf_reg_result {
 	double m[9];      /* backward map, reference thumbnail px -> moving thumbnail px */
 	double ncc;       /* normalised cross-correlation at the finest level, over the
 	                     reference pixels (in the mask) whose source is inside the moving image */
+	double mi;        /* metric MI: Mattes mutual information (nats, sf_reg_mi) at the
+	                     finest level over the same pixels; metric NCC: 0 */
 	double overlap;   /* fraction of those reference pixels */
 	double scale;     /* sqrt |det| of m's linear part */
 	double angle_deg; /* rotation of m's linear part after taking out the mirror */
@@ -110,7 +125,8 @@ typedef struct sf_reg_result {
  * and (try_mirror) its mirror.  The five best distinct candidates by NCC
  * are each refined (similarity, up to the init_dim level) and the one with
  * the best NCC over the overlap wins (discounted when the overlap is under
- * a fifth of the reference).
+ * a fifth of the reference).  Metric MI: see sf_reg_metric; the candidates
+ * are refined up to half the init_dim level and judged by MI.
  * Any angle, shifts up to about the image size.  r->ncc and r->overlap are
  * those of the refinement at that level. */
 int sf_reg_init_similarity(const sf_reg_image *ref, const sf_reg_image *mov, const sf_reg_opts *o,
@@ -121,9 +137,30 @@ int sf_reg_init_similarity(const sf_reg_image *ref, const sf_reg_image *mov, con
  * along, so it maximises NCC), coarse to fine over box-halved pyramids, with
  * robust (Geman-McClure) weights so missing tissue pieces do not pull.
  * ref_mask (w * h bytes of ref, nonzero = use; NULL = all pixels) restricts
- * the pixels compared.  Fills every field of r. */
+ * the pixels compared.  Fills every field of r.  Metric MI: sf_reg_refine_mi. */
 int sf_reg_refine(const sf_reg_image *ref, const uint8_t *ref_mask, const sf_reg_image *mov,
                   const sf_reg_opts *o, sf_reg_result *r, sf_err *e);
+
+/* Mutual information of ref against mov(m x) (m as in sf_reg_result) over
+ * the reference pixels in the mask (NULL = all) whose source lies between
+ * mov's edge pixel centres, mov sampled bilinearly, no blur.  Mattes'
+ * estimator with `bins` bins per axis (8..64): reference value a falls in bin
+ * floor((a - amin) / (amax - amin) * bins) (the last bin takes amax), amin
+ * and amax its extremes over the mask; the moving value b spreads over bins
+ * by a cubic B-spline window centred at 2 + (b - bmin) / (bmax - bmin) *
+ * (bins - 5), bmin and bmax mov's extremes.  MI = sum p log(p / (pa pb)),
+ * natural log.  *overlap (may be NULL) receives the fraction of the mask
+ * pixels used.  0 when either image is flat or fewer than 16 pixels count. */
+double sf_reg_mi(const sf_reg_image *ref, const uint8_t *ref_mask, const sf_reg_image *mov,
+                 const double m[9], int bins, double *overlap);
+
+/* sf_reg_refine for metric MI (sf_reg_refine calls it): maximises sf_reg_mi
+ * (32 bins at the finer levels, 16 at the coarse ones) by BFGS with a
+ * backtracking line search on its analytic gradient, coarse to fine over
+ * the same pyramid levels, blur and pixels as the NCC refinement.  Keeps
+ * the result only if its MI at the finest level is at least the start's. */
+int sf_reg_refine_mi(const sf_reg_image *ref, const uint8_t *ref_mask, const sf_reg_image *mov,
+                     const sf_reg_opts *o, sf_reg_result *r, sf_err *e);
 
 /* sf_reg_init_similarity then sf_reg_refine. */
 int sf_reg_register(const sf_reg_image *ref, const uint8_t *ref_mask, const sf_reg_image *mov,
@@ -138,5 +175,63 @@ int sf_reg_to_transform(const double m[9], const double ref_ds[2], const double 
 
 /* Fill r's scale, angle_deg and mirrored from r->m. */
 void sf_reg_describe(sf_reg_result *r);
+
+/* --- non-rigid ------------------------------------------------------------- */
+
+/* A displacement field on the reference thumbnail's grid reduced by `step`:
+ * node (i, j) sits at reference thumbnail pixel ((i + 0.5) * step - 0.5,
+ * (j + 0.5) * step - 0.5) (pixel-centre rule of transform.h); d holds
+ * 2 * w * h floats (dx, dy per node, x fastest) in reference THUMBNAIL
+ * pixels.  The non-rigid model is  ref(x) ~ mov(m (x + D(x))), D bilinear
+ * between nodes, clamped to the edge nodes outside. */
+typedef struct sf_reg_field {
+	uint32_t w, h;
+	uint32_t step;
+	float *d;        /* owned */
+	double jac_min;  /* minimum Jacobian determinant of x -> x + D(x) over the nodes
+	                    (1 = no deformation; <= 0 = folded) */
+	double disp_max; /* largest |D| in thumbnail px */
+} sf_reg_field;
+
+/* Multi-resolution diffeomorphic demons with symmetric forces on locally
+ * normalised images (docs/registration.md, "Non-rigid").  Sigmas and steps
+ * are in pixels of the pyramid level being worked on. */
+typedef struct sf_reg_nonrigid_opts {
+	uint32_t step;      /* node spacing in thumbnail px (>= 1); default 1 */
+	uint32_t min_dim;   /* longest side of the coarsest level (>= 8) */
+	uint32_t max_dim;   /* finest level: first with longest side <= this (0: the thumbnail) */
+	int iter_coarse;    /* demons iterations at each level coarser than the finest (>= 0) */
+	int iter_fine;      /* demons iterations at the finest level (>= 0) */
+	double sigma_fluid; /* Gaussian smoothing of each update (0..20) */
+	double sigma_diff;  /* Gaussian smoothing of the field after each update (0..20) */
+	double sigma_norm;  /* window of the local mean/contrast normalisation (> 0, <= 20) */
+	double max_step;    /* largest update per iteration (> 0, <= 10) */
+	double grad_floor;  /* damping added to |J|^2, in mean |grad Nref|^2 (>= 0) */
+} sf_reg_nonrigid_opts;
+
+/* step 1, min_dim 32, max_dim 1024, iter_coarse 60, iter_fine 30,
+ * sigma_fluid 1, sigma_diff 2, sigma_norm 4, max_step 0.5, grad_floor 2. */
+void sf_reg_nonrigid_opts_default(sf_reg_nonrigid_opts *o);
+
+/* Given ref (with optional mask, w*h bytes, nonzero = tissue) and mov already
+ * aligned by the affine backward map m (ref thumb px -> mov thumb px, from
+ * sf_reg_register), find D.  f is filled (allocated here; free with
+ * sf_reg_field_free).  Pure and re-entrant.  The zero field is returned
+ * when the deformation does not lower the mismatch of the normalised images
+ * at the finest level.  SF_EINVAL for empty images, a non-affine m or bad
+ * options; SF_ENOMEM. */
+int sf_reg_nonrigid(const sf_reg_image *ref, const uint8_t *mask, const sf_reg_image *mov,
+                    const double m[9], const sf_reg_nonrigid_opts *o, sf_reg_field *f, sf_err *e);
+void sf_reg_field_free(sf_reg_field *f); /* f becomes empty; an empty f is fine */
+
+/* D at reference thumbnail point (x, y) (bilinear between nodes, clamped to
+ * the edge nodes), in thumbnail px. */
+void sf_reg_field_at(const sf_reg_field *f, double x, double y, double *dx, double *dy);
+
+/* Level-0 transform T0 = S(mov_ds) o m o (id + D) o S(ref_ds)^-1, S(f): x -> (x + 0.5) f - 0.5,
+ * built with sf_transform_then_field / sf_transform_then_matrix (transform.h) as ONE linear
+ * (SF_FIELD_LINEAR) field step followed by the matrix. t initialised here. */
+int sf_reg_to_transform_field(const double m[9], const sf_reg_field *f, const double ref_ds[2],
+                              const double mov_ds[2], sf_transform *t, sf_err *e);
 
 #endif

@@ -53,8 +53,9 @@ typedef struct sf_slide_info {
 	uint64_t file_size;   /* identity of the file, for cache keys */
 	int64_t mtime_ns;
 	/* Decoded tiles shared by all readers of this slide (one worker decodes a
-	 * source tile, the others copy it); mutable behind its own lock, so a
-	 * const sf_slide_info may still be shared between threads.  NULL: none. */
+	 * source tile, the others copy from it in place); mutable behind its own
+	 * lock, so a const sf_slide_info may still be shared between threads.
+	 * NULL: none. */
 	struct sf_tile_share *share;
 	/* SizeC and SizeZ as the file's own metadata states them (OME-XML Pixels, or an ImageJ
 	 * description's channels= / slices=); 0 when the file does not say. */
@@ -75,8 +76,8 @@ typedef struct sf_slide_reader sf_slide_reader;
 int sf_slide_reader_open(const sf_slide_info *s, sf_slide_reader **out, sf_err *e);
 void sf_slide_reader_close(sf_slide_reader *r);
 
-/* How many tiles or strips this reader has decoded (cache misses of its
- * small LRU of decoded source tiles); for tests and benchmarks. */
+/* How many tiles or strips this reader has decoded itself (units neither
+ * the slide's share nor its own small LRU held); for tests and benchmarks. */
 uint64_t sf_slide_reader_decodes(const sf_slide_reader *r);
 
 /* Copy the rect [x, x+w) x [y, y+h) of channel c at level into dst
@@ -85,5 +86,17 @@ uint64_t sf_slide_reader_decodes(const sf_slide_reader *r);
  * level and the tile. */
 int sf_slide_read_region(sf_slide_reader *r, uint32_t level, uint32_t channel, int64_t x, int64_t y,
                          uint32_t w, uint32_t h, void *dst, sf_err *e);
+
+/* Eviction hint for the slide's shared decoded tiles: fn(ctx, level, tile)
+ * says how soon tile `tile` (row-major index in the level's tile grid, any
+ * channel) of `level` will be read again, smaller = sooner, UINT64_MAX =
+ * not at all; the share evicts the tile read again last first.  fn runs
+ * under the share's lock: it must be quick, thread-safe and must not call
+ * into the slide.  One hint per slide: setting one replaces any other;
+ * fn = NULL removes the hint only if `owner` set it (LRU again).  The
+ * owner must remove its hint before ctx goes away. */
+typedef uint64_t (*sf_slide_reuse_fn)(void *ctx, uint32_t level, uint32_t tile);
+void sf_slide_set_reuse_hint(const sf_slide_info *s, const void *owner, sf_slide_reuse_fn fn,
+                             void *ctx);
 
 #endif

@@ -10,7 +10,9 @@
  *      centred at floor((N - n) / 2);
  *   4. RL: x <- |x * H^T(y / max(Hx, eps))|, x0 = y, with the Gaussian and
  *      R26-damping regularisation every regularize_interval-th iteration, and
- *      the stop criterion on the relative change of ||x||;
+ *      the stop criterion on the relative change of ||x||; optionally
+ *      (accelerate) each RL step taken from the Biggs-Andrews extrapolation
+ *      of the last two estimates;
  *   5. the block is cropped back out.
  * Steps 1-3 and 5 run on the host; step 2's blur and all of step 4 run through
  * the engine's ops table, so a GPU engine keeps every iteration on the device.
@@ -41,9 +43,13 @@ struct sf_deconv_ctx {
 	sf_fft_plan *plan;      /* engine plan for fft */
 	void *y, *x, *t, *r;    /* engine real buffers: observed, estimate, work, regulariser */
 	void *spec, *otf;       /* engine complex buffers */
+	void *prev, *g, *g_old; /* engine real buffers of the acceleration (else NULL):
+	                         * x_{k-1}, the newest RL step (first the predicted
+	                         * point it starts from), the step before it */
 	float *pad;             /* host, fft-shaped */
 	float *blk, *blk_tmp;   /* host, block-shaped */
-	float *ext;             /* host, one x row plus the pre-filter's widest edges */
+	float *ext;             /* host, per thread one x row plus the pre-filter's widest edges */
+	int nthreads;           /* host threads of the pre-filter (cfg->nthreads, >= 1) */
 	const atomic_int *stop; /* optional interrupt flag; not owned */
 };
 
@@ -96,6 +102,8 @@ int sf_deconv_params_validate(const sf_deconv_params *p, sf_err *e)
 	if (p->regularize_interval < 0)
 		return sf_fail(e, SF_EINVAL, "regularize_interval=%d: must be >= 0 (0 = off)",
 		               p->regularize_interval);
+	if (p->accelerate != 0 && p->accelerate != 1)
+		return sf_fail(e, SF_EINVAL, "accelerate=%d: must be 0 or 1", p->accelerate);
 	if (!(p->stop_criterion >= 0 && isfinite(p->stop_criterion)))
 		return sf_fail(e, SF_EINVAL, "stop_criterion=%g: must be >= 0 percent (0 = off)",
 		               p->stop_criterion);
@@ -153,8 +161,8 @@ static void prefilter(sf_deconv_ctx *ctx)
 			sum += exp(-(double)k * k / (2 * s * s));
 		for (int k = -radius; k <= radius; k++)
 			w[k + radius] = (float)(exp(-(double)k * k / (2 * s * s)) / sum);
-		filter1d_axis(ctx->blk, ctx->blk_tmp, ctx->n.nx, ctx->n.ny, ctx->n.nz, a, w, radius,
-		              ctx->ext);
+		filter1d_axis_mt(ctx->blk, ctx->blk_tmp, ctx->n.nx, ctx->n.ny, ctx->n.nz, a, w,
+		                 radius, ctx->ext, ctx->nthreads);
 		float *swap = ctx->blk;
 		ctx->blk = ctx->blk_tmp;
 		ctx->blk_tmp = swap;
@@ -273,7 +281,8 @@ void sf_deconv_ctx_destroy(sf_deconv_ctx *ctx)
 {
 	if (!ctx)
 		return;
-	void *bufs[] = {ctx->y, ctx->x, ctx->t, ctx->r, ctx->spec, ctx->otf};
+	void *bufs[] = {ctx->y,   ctx->x,    ctx->t, ctx->r,    ctx->spec,
+	                ctx->otf, ctx->prev, ctx->g, ctx->g_old};
 	for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
 		if (bufs[i])
 			ctx->ops->buf_free(ctx->plan, bufs[i]);
@@ -434,11 +443,13 @@ static int alloc_buffers(sf_deconv_ctx *ctx, sf_err *e)
 	ctx->pad = malloc(nfft * sizeof(float));
 	ctx->blk = malloc(nblk * sizeof(float));
 	ctx->blk_tmp = malloc(nblk * sizeof(float));
-	ctx->ext = malloc((ctx->n.nx + 2 * 512) * sizeof(float)); /* radius <= 512 (size <= 1025) */
+	/* radius <= 512 (size <= 1025) */
+	ctx->ext = malloc((size_t)ctx->nthreads * (ctx->n.nx + 2 * 512) * sizeof(float));
 	if (!ctx->pad || !ctx->blk || !ctx->blk_tmp || !ctx->ext)
 		return sf_fail(e, SF_ENOMEM, "deconv: host buffers for %zu voxels", nfft);
-	void **real[] = {&ctx->y, &ctx->x, &ctx->t, &ctx->r};
-	for (size_t i = 0; i < sizeof real / sizeof real[0]; i++) {
+	void **real[] = {&ctx->y, &ctx->x, &ctx->t, &ctx->r, &ctx->prev, &ctx->g, &ctx->g_old};
+	size_t nreal = ctx->p.accelerate ? 7 : 4; /* the last 3 only to accelerate */
+	for (size_t i = 0; i < nreal; i++) {
 		int rc = ctx->ops->buf_alloc(ctx->plan, 0, real[i], e);
 		if (rc)
 			return rc;
@@ -469,6 +480,7 @@ int sf_deconv_ctx_create(const sf_deconv_params *p, const sf_psf *psf, sf_dims3 
 	ctx->n = dims;
 	ctx->psf_n = (sf_dims3){psf->nx, psf->ny, psf->nz};
 	ctx->ops = ops;
+	ctx->nthreads = cfg->nthreads < 1 ? 1 : cfg->nthreads > 64 ? 64 : cfg->nthreads;
 	rc = check_fft_size(p->fft_shape[0], dims.nx, psf->nx, 'x', e);
 	if (!rc)
 		rc = check_fft_size(p->fft_shape[1], dims.ny, psf->ny, 'y', e);
@@ -525,29 +537,64 @@ static int rl_correct(sf_deconv_ctx *ctx, int damp, sf_err *e)
 	return rc;
 }
 
+/* Biggs-Andrews (1997) extrapolation, as MATLAB's deconvlucy computes it:
+ * alpha = sum(g_{k-1} g_{k-2}) / sum(g_{k-2}^2) clamped to [0, 1], from the
+ * last two RL steps g = RL(v) - v, v the extrapolated point each started
+ * from; 0 until two steps exist (the first two iterations are plain).  A
+ * regularisation iteration does not extrapolate (alpha 0), so the Gaussian
+ * and R26 act on x itself as in LsDeconv, and the next momentum x - prev
+ * starts from the regularised x. */
+static float ba_alpha(const double dots[2], int steps, int reg)
+{
+	if (reg || steps < 2 || !(dots[1] > 0))
+		return 0.0f;
+	double a = dots[0] / dots[1];
+	return (float)(a > 1.0 ? 1.0 : a > 0.0 ? a : 0.0);
+}
+
+/* One iteration's regularisation, prediction and RL update on ctx->x. */
+static int rl_one(sf_deconv_ctx *ctx, int i, const double dots[2], int steps, sf_err *e)
+{
+	const sf_fft_ops *ops = ctx->ops;
+	const sf_deconv_params *p = &ctx->p;
+	int reg = is_regularization_time(p, i);
+	int damp = reg && p->lambda_damping > 0;
+	int rc = SF_OK;
+	if (reg)
+		rc = ops->gauss(ctx->plan, ctx->x, ctx->t, 0.5f, 2, e);
+	if (!rc && damp)
+		rc = ops->r26(ctx->plan, ctx->x, ctx->r, e);
+	if (!rc && p->accelerate)
+		rc = ops->ba_predict(ctx->plan, ctx->x, ctx->prev, ctx->g,
+		                     ba_alpha(dots, steps, reg), e);
+	if (!rc && fused(ctx))
+		rc = ops->rl_step(ctx->plan, ctx->x, ctx->y, ctx->spec, ctx->otf,
+		                  damp ? ctx->r : NULL, (float)p->lambda_damping, p->eps, e);
+	else if (!rc)
+		rc = rl_correct(ctx, damp, e);
+	return rc;
+}
+
 static int rl_iterate(sf_deconv_ctx *ctx, sf_deconv_stats *st, sf_err *e)
 {
 	const sf_fft_ops *ops = ctx->ops;
 	const sf_deconv_params *p = &ctx->p;
-	double prev = 0;
-	int rc = SF_OK;
+	double prev = 0, dots[2] = {0.0, 0.0};
+	int rc = SF_OK, steps = 0; /* RL steps g recorded for the acceleration */
 	if (p->stop_criterion > 0)
 		rc = ops->norm2(ctx->plan, ctx->x, &prev, e);
 	for (int i = 1; !rc && i <= p->numit; i++) {
 		if (ctx->stop && atomic_load(ctx->stop))
 			return sf_fail(e, SF_EINTR, "deconv: stopped at iteration %d", i);
-		int reg = is_regularization_time(p, i);
-		int damp = reg && p->lambda_damping > 0;
-		if (reg)
-			rc = ops->gauss(ctx->plan, ctx->x, ctx->t, 0.5f, 2, e);
-		if (!rc && damp)
-			rc = ops->r26(ctx->plan, ctx->x, ctx->r, e);
-		if (!rc && fused(ctx))
-			rc =
-			    ops->rl_step(ctx->plan, ctx->x, ctx->y, ctx->spec, ctx->otf,
-			                 damp ? ctx->r : NULL, (float)p->lambda_damping, p->eps, e);
-		else if (!rc)
-			rc = rl_correct(ctx, damp, e);
+		rc = rl_one(ctx, i, dots, steps, e);
+		if (!rc && p->accelerate) {
+			rc = ops->ba_step(ctx->plan, ctx->x, ctx->g, steps ? ctx->g_old : NULL,
+			                  dots, e);
+			void *swap = ctx->g; /* the newest step becomes g_old */
+			ctx->g = ctx->g_old;
+			ctx->g_old = swap;
+			steps++;
+		}
 		if (rc)
 			break;
 		st->iterations = i;

@@ -4,8 +4,8 @@
  *
  * Invariants: every plan owns one stream; every transform, kernel and copy of
  * that plan is queued on it in program order, so no other synchronisation is
- * needed between steps; download and norm2 synchronise the stream before they
- * hand results to the host.  Per-plan device scratch (Gaussian taps, the norm
+ * needed between steps; download, norm2 and ba_step synchronise the stream
+ * before they hand results to the host.  Per-plan device scratch (Gaussian taps, the norm
  * accumulator) keeps plans on the same device independent of each other, so
  * one worker thread per plan needs no lock.  Any CUDA or cuFFT failure,
  * including out of memory, is SF_EDEVICE with the library's message: the
@@ -20,7 +20,8 @@ extern "C" {
 #include <math.h>
 #include <stdlib.h>
 
-#define MAX_TAPS 1025
+#define MAX_TAPS   1025
+#define MAX_BLOCKS 1024 /* reduction grids: enough blocks to fill the GPU */
 
 struct sf_fft_plan {
 	size_t nz, ny, nx;    /* real shape */
@@ -31,6 +32,7 @@ struct sf_fft_plan {
 	cudaStream_t stream; /* every operation of this plan */
 	float *taps;         /* device, MAX_TAPS Gaussian weights */
 	double *acc;         /* device, one double for norm2 */
+	double *part;        /* device, 2 * MAX_BLOCKS per-block sums of ba_step */
 };
 
 static int cuda_fail(sf_err *e, cudaError_t err, const char *what)
@@ -138,6 +140,49 @@ __global__ void k_sumsq(const float *v, size_t n, double *acc)
 		atomicAdd(acc, part[0]);
 }
 
+/* Biggs-Andrews predict; the same operations as the FFTW engine's. */
+__global__ void k_ba_predict(float *x, float *prev, float *origin, float alpha, size_t n)
+{
+	for (size_t k = blockIdx.x * (size_t)blockDim.x + threadIdx.x; k < n;
+	     k += (size_t)gridDim.x * blockDim.x) {
+		/* prev may be unset when alpha is 0 (first iteration): not read */
+		float cur = x[k], y = alpha != 0.0f ? cur + alpha * (cur - prev[k]) : cur;
+		y = y > 0.0f ? y : 0.0f;
+		prev[k] = cur, x[k] = y, origin[k] = y;
+	}
+}
+
+/* g = x - g; with g_old, block b writes sum g g_old and sum g_old^2 of its
+ * grid-stride share to part[2b], part[2b + 1] (no atomics: the host adds
+ * the blocks in order, so the sums are the same from run to run). */
+__global__ void k_ba_step(const float *x, float *g, const float *g_old, size_t n, double *part)
+{
+	__shared__ double gg[256], oo[256];
+	double sg = 0.0, so = 0.0;
+	for (size_t k = blockIdx.x * (size_t)blockDim.x + threadIdx.x; k < n;
+	     k += (size_t)gridDim.x * blockDim.x) {
+		float step = x[k] - g[k];
+		g[k] = step;
+		if (g_old) {
+			sg += (double)step * g_old[k];
+			so += (double)g_old[k] * g_old[k];
+		}
+	}
+	if (!g_old)
+		return;
+	gg[threadIdx.x] = sg, oo[threadIdx.x] = so;
+	__syncthreads();
+	for (unsigned half = blockDim.x / 2; half > 0; half /= 2) {
+		if (threadIdx.x < half) {
+			gg[threadIdx.x] += gg[threadIdx.x + half];
+			oo[threadIdx.x] += oo[threadIdx.x + half];
+		}
+		__syncthreads();
+	}
+	if (threadIdx.x == 0)
+		part[2 * blockIdx.x] = gg[0], part[2 * blockIdx.x + 1] = oo[0];
+}
+
 /* --- ops ----------------------------------------------------------------- */
 
 static void cufft_plan_destroy(sf_fft_plan *p)
@@ -151,6 +196,7 @@ static void cufft_plan_destroy(sf_fft_plan *p)
 		cufftDestroy(p->c2r);
 	cudaFree(p->taps);
 	cudaFree(p->acc);
+	cudaFree(p->part);
 	if (p->stream)
 		cudaStreamDestroy(p->stream);
 	free(p);
@@ -178,6 +224,8 @@ static int cufft_plan_create(const sf_fft_config *cfg, size_t nz, size_t ny, siz
 		err = cudaMalloc((void **)&p->taps, MAX_TAPS * sizeof(float));
 	if (err == cudaSuccess)
 		err = cudaMalloc((void **)&p->acc, sizeof(double));
+	if (err == cudaSuccess)
+		err = cudaMalloc((void **)&p->part, 2 * MAX_BLOCKS * sizeof(double));
 	if (err != cudaSuccess)
 		rc = cuda_fail(e, err, "plan setup");
 	cufftResult r = CUFFT_SUCCESS;
@@ -332,6 +380,37 @@ static int cufft_norm2(sf_fft_plan *p, const void *x, double *out, sf_err *e)
 	return SF_OK;
 }
 
+static int cufft_ba_predict(sf_fft_plan *p, void *x, void *prev, void *origin, float alpha,
+                            sf_err *e)
+{
+	k_ba_predict<<<grid_for(p->nreal), 256, 0, p->stream>>>((float *)x, (float *)prev,
+	                                                        (float *)origin, alpha, p->nreal);
+	return launched(e, "ba_predict");
+}
+
+static int cufft_ba_step(sf_fft_plan *p, const void *x, void *g, const void *g_old, double dots[2],
+                         sf_err *e)
+{
+	double part[2 * MAX_BLOCKS];
+	unsigned blocks = grid_for(p->nreal);
+	blocks = blocks < MAX_BLOCKS ? blocks : MAX_BLOCKS;
+	dots[0] = dots[1] = 0.0;
+	k_ba_step<<<blocks, 256, 0, p->stream>>>((const float *)x, (float *)g, (const float *)g_old,
+	                                         p->nreal, p->part);
+	cudaError_t err = cudaGetLastError();
+	if (err != cudaSuccess || !g_old)
+		return err == cudaSuccess ? SF_OK : cuda_fail(e, err, "ba_step");
+	err = cudaMemcpyAsync(part, p->part, 2 * blocks * sizeof(double), cudaMemcpyDeviceToHost,
+	                      p->stream);
+	if (err == cudaSuccess)
+		err = cudaStreamSynchronize(p->stream);
+	if (err != cudaSuccess)
+		return cuda_fail(e, err, "ba_step sums");
+	for (unsigned b = 0; b < blocks; b++)
+		dots[0] += part[2 * b], dots[1] += part[2 * b + 1];
+	return SF_OK;
+}
+
 static const sf_fft_ops cufft_ops = {
     "cufft",
     cufft_plan_create,
@@ -348,6 +427,8 @@ static const sf_fft_ops cufft_ops = {
     cufft_r26,
     cufft_gauss,
     cufft_norm2,
+    cufft_ba_predict,
+    cufft_ba_step,
     NULL,
     NULL,
     NULL, /* no fused forms: deconv.c composes them */
@@ -356,6 +437,14 @@ static const sf_fft_ops cufft_ops = {
 extern "C" const sf_fft_ops *sf_fft_cufft_ops(void)
 {
 	return &cufft_ops;
+}
+
+extern "C" int sf_fft_cuda_mem_info(int device, size_t *free_bytes, size_t *total_bytes, sf_err *e)
+{
+	cudaError_t err = cudaSetDevice(device);
+	if (err == cudaSuccess)
+		err = cudaMemGetInfo(free_bytes, total_bytes);
+	return err == cudaSuccess ? SF_OK : cuda_fail(e, err, "cudaMemGetInfo");
 }
 
 extern "C" int sf_fft_cuda_device_count(void)

@@ -425,12 +425,12 @@ static int fftw_gauss(sf_fft_plan *p, void *x, void *tmp, float sigma, int radiu
 		sum += exp(-(double)k * k / (2.0 * sigma * sigma));
 	for (int k = -radius; k <= radius; k++)
 		w[k + radius] = (float)(exp(-(double)k * k / (2.0 * sigma * sigma)) / sum);
-	float *ext = malloc((p->nx + 2 * (size_t)radius) * sizeof *ext);
+	float *ext = malloc((size_t)p->nthreads * (p->nx + 2 * (size_t)radius) * sizeof *ext);
 	if (!ext)
-		return sf_fail(e, SF_ENOMEM, "gauss: row buffer");
-	filter1d_axis(x, tmp, p->nx, p->ny, p->nz, 0, w, radius, ext);
-	filter1d_axis(tmp, x, p->nx, p->ny, p->nz, 1, w, radius, ext);
-	filter1d_axis(x, tmp, p->nx, p->ny, p->nz, 2, w, radius, ext);
+		return sf_fail(e, SF_ENOMEM, "gauss: row buffers");
+	filter1d_axis_mt(x, tmp, p->nx, p->ny, p->nz, 0, w, radius, ext, p->nthreads);
+	filter1d_axis_mt(tmp, x, p->nx, p->ny, p->nz, 1, w, radius, ext, p->nthreads);
+	filter1d_axis_mt(x, tmp, p->nx, p->ny, p->nz, 2, w, radius, ext, p->nthreads);
 	memcpy(x, tmp, p->nreal * sizeof(float));
 	free(ext);
 	return SF_OK;
@@ -444,6 +444,69 @@ static int fftw_norm2(sf_fft_plan *p, const void *x, double *out, sf_err *e)
 	for (size_t k = 0; k < p->nreal; k++)
 		s += (double)v[k] * v[k];
 	*out = sqrt(s);
+	return SF_OK;
+}
+
+/* Biggs-Andrews predict: v = max(x + alpha (x - prev), 0); prev = x;
+ * x = origin = v.  A plain compare, as in ratio_run, so it vectorises. */
+static int fftw_ba_predict(sf_fft_plan *p, void *x, void *prev, void *origin, float alpha,
+                           sf_err *e)
+{
+	(void)e;
+	float *restrict v = x, *restrict old = prev, *restrict o = origin;
+	size_t k = 0, n = p->nreal, n8 = n / 8 * 8;
+	if (alpha == 0.0f) { /* prev may be unset (first iteration): not read */
+		for (; k < n; k++) {
+			float y = v[k] > 0.0f ? v[k] : 0.0f;
+			old[k] = v[k], v[k] = y, o[k] = y;
+		}
+		return SF_OK;
+	}
+	for (; k < n8; k++) {
+		float cur = v[k], y = cur + alpha * (cur - old[k]);
+		y = y > 0.0f ? y : 0.0f;
+		old[k] = cur, v[k] = y, o[k] = y;
+	}
+	for (; k < n; k++) {
+		float cur = v[k], y = cur + alpha * (cur - old[k]);
+		y = y > 0.0f ? y : 0.0f;
+		old[k] = cur, v[k] = y, o[k] = y;
+	}
+	return SF_OK;
+}
+
+/* Biggs-Andrews step g = x - origin (in place of origin) and the two dot
+ * products.  Four partial sums by k mod 4, added in a fixed order: the
+ * result depends only on the shape, never on the thread count. */
+static int fftw_ba_step(sf_fft_plan *p, const void *x, void *g, const void *g_old, double dots[2],
+                        sf_err *e)
+{
+	(void)e;
+	const float *restrict v = x, *restrict old = g_old;
+	float *restrict d = g;
+	double gg[4] = {0, 0, 0, 0}, oo[4] = {0, 0, 0, 0};
+	size_t k = 0, n = p->nreal, n4 = n / 4 * 4;
+	if (!old) {
+		for (k = 0; k < n; k++)
+			d[k] = v[k] - d[k];
+		dots[0] = dots[1] = 0.0;
+		return SF_OK;
+	}
+	for (; k < n4; k += 4)
+		for (size_t j = 0; j < 4; j++) {
+			float step = v[k + j] - d[k + j];
+			d[k + j] = step;
+			gg[j] += (double)step * old[k + j];
+			oo[j] += (double)old[k + j] * old[k + j];
+		}
+	for (; k < n; k++) {
+		float step = v[k] - d[k];
+		d[k] = step;
+		gg[0] += (double)step * old[k];
+		oo[0] += (double)old[k] * old[k];
+	}
+	dots[0] = (gg[0] + gg[1]) + (gg[2] + gg[3]);
+	dots[1] = (oo[0] + oo[1]) + (oo[2] + oo[3]);
 	return SF_OK;
 }
 
@@ -875,6 +938,8 @@ static const sf_fft_ops fftw_ops = {
     .r26 = fftw_r26,
     .gauss = fftw_gauss,
     .norm2 = fftw_norm2,
+    .ba_predict = fftw_ba_predict,
+    .ba_step = fftw_ba_step,
     .make_transfer = fftw_make_transfer,
     .convolve = fftw_convolve,
     .rl_step = fftw_rl_step,

@@ -13,6 +13,7 @@
 #ifndef SCOPEFS_CORE_FILTER1D_H
 #define SCOPEFS_CORE_FILTER1D_H
 
+#include <pthread.h>
 #include <stddef.h>
 
 /* d[x] += wk * s[x] for x < n; to a multiple of 8 first, which gcc -O2's
@@ -68,6 +69,78 @@ static inline void filter1d_axis(const float *restrict src, float *restrict dst,
 				filter1d_axpy(d, s0 + j * stride, run, w[k]);
 			}
 		}
+	}
+}
+
+/* One thread's share of filter1d_axis_mt: planes [first, end) along x or
+ * y, rows [first, end) of every plane along z. */
+typedef struct filter1d_range {
+	const float *src;
+	float *dst;
+	size_t nx, ny, nz, first, end;
+	int axis, radius;
+	const float *w;
+	float *ext; /* nx + 2 radius floats of this thread */
+} filter1d_range;
+
+static inline void *filter1d_run_range(void *arg)
+{
+	const filter1d_range *r = arg;
+	size_t plane = r->nx * r->ny, taps = 2 * (size_t)r->radius + 1;
+	if (r->axis < 2) {
+		filter1d_axis(r->src + r->first * plane, r->dst + r->first * plane, r->nx, r->ny,
+		              r->end - r->first, r->axis, r->w, r->radius, r->ext);
+		return NULL;
+	}
+	size_t run = (r->end - r->first) * r->nx, off = r->first * r->nx;
+	for (size_t i = 0; i < r->nz; i++) {
+		float *d = r->dst + i * plane + off;
+		for (size_t x = 0; x < run; x++)
+			d[x] = 0.0f;
+		for (size_t k = 0; k < taps; k++) {
+			size_t j = filter1d_clamp((long)i + (long)k - r->radius, r->nz);
+			filter1d_axpy(d, r->src + j * plane + off, run, r->w[k]);
+		}
+	}
+	return NULL;
+}
+
+/* filter1d_axis on up to `threads` threads (at most 64): along x and y each
+ * takes a range of planes, along z a range of rows of every plane.  Every
+ * output voxel gets the same sum in the same order as filter1d_axis, so the
+ * bytes do not depend on the thread count.  ext holds threads * (nx + 2
+ * radius) floats.  A thread that cannot start has its share run here. */
+static inline void filter1d_axis_mt(const float *src, float *dst, size_t nx, size_t ny, size_t nz,
+                                    int axis, const float *w, int radius, float *ext, int threads)
+{
+	filter1d_range r[64] = {{0}};
+	pthread_t tid[64];
+	int started[64] = {0};
+	size_t items = axis < 2 ? nz : ny;
+	size_t t = threads < 1 ? 1 : threads > 64 ? 64 : (size_t)threads;
+	if (!items)
+		return;
+	t = t < items ? t : items;
+	for (size_t i = 0; i < t; i++)
+		r[i] = (filter1d_range){.src = src,
+		                        .dst = dst,
+		                        .nx = nx,
+		                        .ny = ny,
+		                        .nz = nz,
+		                        .first = items * i / t,
+		                        .end = items * (i + 1) / t,
+		                        .axis = axis,
+		                        .radius = radius,
+		                        .w = w,
+		                        .ext = ext + i * (nx + 2 * (size_t)radius)};
+	for (size_t i = 1; i < t; i++)
+		started[i] = pthread_create(&tid[i], NULL, filter1d_run_range, &r[i]) == 0;
+	filter1d_run_range(&r[0]);
+	for (size_t i = 1; i < t; i++) {
+		if (started[i])
+			pthread_join(tid[i], NULL);
+		else
+			filter1d_run_range(&r[i]);
 	}
 }
 

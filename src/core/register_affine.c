@@ -459,6 +459,11 @@ static void score(const reg_pyramid *rp, const reg_pyramid *mp, const uint8_t *m
 int sf_reg_refine(const sf_reg_image *ref, const uint8_t *ref_mask, const sf_reg_image *mov,
                   const sf_reg_opts *o, sf_reg_result *r, sf_err *e)
 {
+	if (o->metric == SF_REG_METRIC_MI)
+		return sf_reg_refine_mi(ref, ref_mask, mov, o, r, e); /* register_mi.c */
+	if (o->metric != SF_REG_METRIC_NCC)
+		return sf_fail(e, SF_EINVAL, "register: metric %d", o->metric);
+	r->mi = 0;
 	if (o->model != SF_REG_SIMILARITY && o->model != SF_REG_AFFINE)
 		return sf_fail(e, SF_EINVAL, "register: model %d", (int)o->model);
 	if (!ref->px || !mov->px || ref->w < 8 || ref->h < 8 || mov->w < 8 || mov->h < 8)

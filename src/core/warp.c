@@ -23,6 +23,56 @@
 #define MAX_SAMPLES  64
 #define MAX_TILE_DIM (1 << 20)
 
+/* Row coordinates for the common field map: one bilinear field whose grid
+ * row does not depend on x (g3 == 0: g3 * x + c is c exactly for finite x,
+ * or a zero that clamps to the same node row), then an affine matrix.  The
+ * same operations as wm_map_point, in the same order, so the same bits; but
+ * what a row shares (the grid row, its weight, the first field's y terms)
+ * is computed once, and what a grid cell shares (its corner values and
+ * their differences) once per cell: nodes are hundreds of pixels apart. */
+static void row_coords_linear_field(const sf_map *m, sf_wrect out, double yy, double ox, double oy,
+                                    double *restrict lx, double *restrict ly)
+{
+	const sf_field_step *f = &m->field[0];
+	const int64_t w = f->w, h = f->h;
+	const double cgx = WM_DADD(WM_DMUL(f->g[1], yy), f->g[2]);
+	double gy =
+	    WM_DADD(WM_DMUL(f->g[3], (double)out.x), WM_DADD(WM_DMUL(f->g[4], yy), f->g[5]));
+	gy = gy > 0.0 ? (gy < (double)(h - 1) ? gy : (double)(h - 1)) : 0.0;
+	const int64_t iy = (int64_t)gy, iy1 = iy + (iy + 1 < h);
+	const double ty = WM_DADD(gy, -(double)iy);
+	const float *row0 = f->v + 2 * iy * w, *row1 = f->v + 2 * iy1 * w;
+	int64_t cell = -1;
+	double a[2] = {0, 0}, ab[2] = {0, 0}, c[2] = {0, 0}, cd[2] = {0, 0};
+	for (int64_t i = 0; i < out.w; i++) {
+		double x = (double)(out.x + i), y = yy;
+		double gx = WM_DADD(WM_DMUL(f->g[0], x), cgx);
+		gx = gx > 0.0 ? (gx < (double)(w - 1) ? gx : (double)(w - 1)) : 0.0;
+		int64_t ix = (int64_t)gx;
+		double tx = WM_DADD(gx, -(double)ix);
+		if (ix != cell) {
+			int64_t ix1 = ix + (ix + 1 < w);
+			for (int k = 0; k < 2; k++) {
+				a[k] = (double)row0[2 * ix + k];
+				ab[k] = WM_DADD((double)row0[2 * ix1 + k], -a[k]);
+				c[k] = (double)row1[2 * ix + k];
+				cd[k] = WM_DADD((double)row1[2 * ix1 + k], -c[k]);
+			}
+			cell = ix;
+		}
+		double r[2];
+		for (int k = 0; k < 2; k++) {
+			double top = WM_DADD(a[k], WM_DMUL(tx, ab[k]));
+			double bot = WM_DADD(c[k], WM_DMUL(tx, cd[k]));
+			r[k] = WM_DADD(top, WM_DMUL(ty, WM_DADD(bot, -top)));
+		}
+		x = WM_DADD(x, WM_DADD(WM_DMUL(f->vm[0], r[0]), WM_DMUL(f->vm[1], r[1])));
+		y = WM_DADD(y, WM_DADD(WM_DMUL(f->vm[2], r[0]), WM_DMUL(f->vm[3], r[1])));
+		lx[i] = WM_DADD(wm_affine_row(m->m, x, y), ox);
+		ly[i] = WM_DADD(wm_affine_row(m->m + 3, x, y), oy);
+	}
+}
+
 /* Coordinates of row y of the out rect, relative to the source buffer. */
 static void row_coords(const sf_map *m, sf_wrect out, int64_t y, sf_wrect srect,
                        double *restrict lx, double *restrict ly)
@@ -39,6 +89,11 @@ static void row_coords(const sf_map *m, sf_wrect out, int64_t y, sf_wrect srect,
 			lx[i] = WM_DADD(WM_DADD(WM_DMUL(a, xx), cx), ox);
 			ly[i] = WM_DADD(WM_DADD(WM_DMUL(d, xx), cy), oy);
 		}
+		return;
+	}
+	if (m->nfields == 1 && m->field[0].kind == SF_FIELD_LINEAR && !m->projective &&
+	    m->field[0].g[3] == 0.0 && m->field[0].w > 0 && m->field[0].h > 0) {
+		row_coords_linear_field(m, out, yy, ox, oy, lx, ly);
 		return;
 	}
 	for (int64_t i = 0; i < out.w; i++) {
@@ -61,48 +116,115 @@ static inline v4f lerp4(v4f a, v4f b, float t)
 	return a + tv * (b - a);
 }
 
-static inline v4f load4_u8(const uint8_t *p)
+/* Two neighbouring pixels of four samples (a, the one at p, and b, the one
+ * at p + 4) as floats.  With SSE2 (every x86-64) one unaligned load and a
+ * widening unpack per pixel pair; GCC scalarises __builtin_convertvector of
+ * integers without SSE4.1, so the generic path is the fallback only.  Every
+ * u8, u16 and f32 value converts exactly, so both give the same floats. */
+#if defined(__SSE2__)
+#include <emmintrin.h>
+
+static inline void load4x2_u8(const uint8_t *p, v4f *a, v4f *b)
 {
-	return (v4f){p[0], p[1], p[2], p[3]};
+	__m128i z = _mm_setzero_si128();
+	__m128i w = _mm_unpacklo_epi8(_mm_loadl_epi64((const __m128i *)(const void *)p), z);
+	*a = (v4f)_mm_cvtepi32_ps(_mm_unpacklo_epi16(w, z));
+	*b = (v4f)_mm_cvtepi32_ps(_mm_unpackhi_epi16(w, z));
 }
 
-static inline v4f load4_u16(const uint16_t *p)
+static inline void load4x2_u16(const uint16_t *p, v4f *a, v4f *b)
 {
-	return (v4f){p[0], p[1], p[2], p[3]};
+	__m128i z = _mm_setzero_si128();
+	__m128i v = _mm_loadu_si128((const __m128i *)(const void *)p);
+	*a = (v4f)_mm_cvtepi32_ps(_mm_unpacklo_epi16(v, z));
+	*b = (v4f)_mm_cvtepi32_ps(_mm_unpackhi_epi16(v, z));
+}
+#else
+static inline void load4x2_u8(const uint8_t *p, v4f *a, v4f *b)
+{
+	*a = (v4f){p[0], p[1], p[2], p[3]};
+	*b = (v4f){p[4], p[5], p[6], p[7]};
 }
 
-static inline v4f load4_f32(const float *p)
+static inline void load4x2_u16(const uint16_t *p, v4f *a, v4f *b)
 {
-	return (v4f){p[0], p[1], p[2], p[3]};
+	*a = (v4f){p[0], p[1], p[2], p[3]};
+	*b = (v4f){p[4], p[5], p[6], p[7]};
+}
+#endif
+
+static inline void load4x2_f32(const float *p, v4f *a, v4f *b)
+{
+	memcpy(a, p, sizeof *a);
+	memcpy(b, p + 4, sizeof *b);
 }
 
-/* wm_round_clamp on four lanes: (int)(v + 0.5) for 0 < v < maxv, 0 at or
- * below 0 (and NaN), maxv at or above maxv - 0.5. */
-static inline v4i round_clamp4(v4f v, float maxv)
+/* floor(x) as an integer for -2^62 < x < 2^62 (not NaN): truncate, then
+ * step down when truncation went up.  Cheaper than floor() without
+ * SSE4.1's roundsd; the same integer, so the same pixels. */
+static inline int64_t floor_i64(double x)
 {
-	v4f zero = {0, 0, 0, 0}, half = {0.5f, 0.5f, 0.5f, 0.5f}, top = {maxv, maxv, maxv, maxv};
-	v4f t = v + half;
-	v4i pos = v > zero, low = t < top;
-	v4i r = __builtin_convertvector(t, v4i);
-	v4i tv = __builtin_convertvector(top, v4i);
-	return (r & pos & low) | (tv & ~low & pos);
+	int64_t i = (int64_t)x;
+	return i - ((double)i > x);
 }
 
+/* Store four blended lanes.  Precondition: every lane is a bilinear blend
+ * (lerps with weights in [0, 1]) of samples of the type, so it lies within
+ * [0, max] exactly (a float lerp never leaves the interval of its ends) and
+ * is not NaN; then wm_round_clamp is just (int)(v + 0.5): v + 0.5 <= max +
+ * 0.5 truncates to at most max.  So these give wm_round_clamp's bytes. */
+#if defined(__SSE2__)
 static inline void store4_u8(uint8_t *o, v4f v)
 {
-	v4i r = round_clamp4(v, 255.0f);
-	o[0] = (uint8_t)r[0], o[1] = (uint8_t)r[1], o[2] = (uint8_t)r[2], o[3] = (uint8_t)r[3];
+	__m128i r = _mm_cvttps_epi32(_mm_add_ps((__m128)v, _mm_set1_ps(0.5f)));
+	r = _mm_packs_epi32(r, r); /* <= 255: no saturation */
+	int32_t four = _mm_cvtsi128_si32(_mm_packus_epi16(r, r));
+	memcpy(o, &four, 4);
 }
 
 static inline void store4_u16(uint16_t *o, v4f v)
 {
-	v4i r = round_clamp4(v, 65535.0f);
-	o[0] = (uint16_t)r[0], o[1] = (uint16_t)r[1], o[2] = (uint16_t)r[2], o[3] = (uint16_t)r[3];
+	__m128i r = _mm_cvttps_epi32(_mm_add_ps((__m128)v, _mm_set1_ps(0.5f)));
+	/* no unsigned 32 -> 16 pack before SSE4.1: shift into the signed range,
+	 * pack, shift back */
+	__m128i bias = _mm_set1_epi32(32768);
+	r = _mm_packs_epi32(_mm_sub_epi32(r, bias), _mm_sub_epi32(r, bias));
+	r = _mm_xor_si128(r, _mm_set1_epi16((short)0x8000));
+	_mm_storel_epi64((__m128i *)(void *)o, r);
 }
+#else
+static inline void store4_u8(uint8_t *o, v4f v)
+{
+	for (int i = 0; i < 4; i++)
+		o[i] = (uint8_t)(int32_t)(v[i] + 0.5f);
+}
+
+static inline void store4_u16(uint16_t *o, v4f v)
+{
+	for (int i = 0; i < 4; i++)
+		o[i] = (uint16_t)(int32_t)(v[i] + 0.5f);
+}
+#endif
 
 static inline void store4_f32(float *o, v4f v)
 {
-	o[0] = v[0], o[1] = v[1], o[2] = v[2], o[3] = v[3];
+	memcpy(o, &v, sizeof v);
+}
+
+/* A rotated map walks the source across rows, where the hardware
+ * prefetcher cannot follow: a cache miss every few pixels.  So the kernel
+ * asks for the two rows of taps of the pixel PREFETCH_AHEAD to come (a
+ * hint only: no pixel depends on it). */
+#define PREFETCH_AHEAD 16
+
+static inline void prefetch_taps(const uint8_t *base, size_t stride, int64_t sw, int64_t sh,
+                                 double x, double y, size_t px)
+{
+	if (x >= 0.0 && x < (double)sw && y >= 0.0 && y < (double)(sh - 1)) {
+		const uint8_t *p = base + (size_t)y * stride + (size_t)x * px;
+		__builtin_prefetch(p);
+		__builtin_prefetch(p + stride);
+	}
 }
 
 /* The per-type sampling loops.  T: sample type; NAME: suffix; MAXV: the
@@ -117,12 +239,14 @@ static inline void store4_f32(float *o, v4f v)
 	    const double *restrict ly, int64_t n, unsigned spp, T bg, T *restrict out)             \
 	{                                                                                          \
 		for (int64_t i = 0; i < n; i++) {                                                  \
-			double fx = floor(WM_DADD(lx[i], 0.5)), fy = floor(WM_DADD(ly[i], 0.5));   \
+			/* floor(v) lies in [0, n) exactly when v does (n an integer;              \
+			 * NaN fails), and truncation is floor for v >= 0 */                       \
+			double vx = WM_DADD(lx[i], 0.5), vy = WM_DADD(ly[i], 0.5);                 \
 			T *o = out + (size_t)i * spp;                                              \
-			if (fx >= 0.0 && fx < (double)sw && fy >= 0.0 && fy < (double)sh) {        \
+			if (vx >= 0.0 && vx < (double)sw && vy >= 0.0 && vy < (double)sh) {        \
 				const T *p =                                                       \
-				    (const T *)(const void *)(base + (size_t)fy * stride) +        \
-				    (size_t)fx * spp;                                              \
+				    (const T *)(const void *)(base + (size_t)vy * stride) +        \
+				    (size_t)vx * spp;                                              \
 				for (unsigned c = 0; c < spp; c++)                                 \
 					o[c] = p[c];                                               \
 			} else {                                                                   \
@@ -149,14 +273,17 @@ static inline void store4_f32(float *o, v4f v)
 		for (int64_t i = 0; i < n; i++) {                                                  \
 			double x = lx[i], y = ly[i];                                               \
 			T *o = out + (size_t)i * spp;                                              \
+			if (i + PREFETCH_AHEAD < n)                                                \
+				prefetch_taps(base, stride, sw, sh, lx[i + PREFETCH_AHEAD],        \
+				              ly[i + PREFETCH_AHEAD], spp * sizeof(T));            \
 			if (wm_bilinear_outside(x, y, sw, sh)) {                                   \
 				for (unsigned c = 0; c < spp; c++)                                 \
 					o[c] = bg;                                                 \
 				continue;                                                          \
 			}                                                                          \
-			double fx = floor(x), fy = floor(y);                                       \
-			float tx = (float)WM_DADD(x, -fx), ty = (float)WM_DADD(y, -fy);            \
-			int64_t x0 = (int64_t)fx, y0 = (int64_t)fy;                                \
+			int64_t x0 = floor_i64(x), y0 = floor_i64(y);                              \
+			float tx = (float)WM_DADD(x, -(double)x0);                                 \
+			float ty = (float)WM_DADD(y, -(double)y0);                                 \
 			if (x0 >= 0 && x0 + 1 < sw && y0 >= 0 && y0 + 1 < sh) {                    \
 				const T *p =                                                       \
 				    (const T *)(const void *)(base + (size_t)y0 * stride) +        \
@@ -164,11 +291,11 @@ static inline void store4_f32(float *o, v4f v)
 				const T *q =                                                       \
 				    (const T *)(const void *)((const uint8_t *)p + stride);        \
 				if (spp == 4) {                                                    \
+					v4f pa, pb, qa, qb;                                        \
+					load4x2_##NAME(p, &pa, &pb);                               \
+					load4x2_##NAME(q, &qa, &qb);                               \
 					store4_##NAME(                                             \
-					    o,                                                     \
-					    lerp4(lerp4(load4_##NAME(p), load4_##NAME(p + 4), tx), \
-					          lerp4(load4_##NAME(q), load4_##NAME(q + 4), tx), \
-					          ty));                                            \
+					    o, lerp4(lerp4(pa, pb, tx), lerp4(qa, qb, tx), ty));   \
 					continue;                                                  \
 				}                                                                  \
 				for (unsigned c = 0; c < spp; c++) {                               \
@@ -204,11 +331,11 @@ static inline void store4_f32(float *o, v4f v)
 					o[c] = bg;                                                 \
 				continue;                                                          \
 			}                                                                          \
-			double fx = floor(x), fy = floor(y);                                       \
+			int64_t fx = floor_i64(x), fy = floor_i64(y);                              \
 			float wx[4], wy[4];                                                        \
-			wm_cubic_weights((float)WM_DADD(x, -fx), wx);                              \
-			wm_cubic_weights((float)WM_DADD(y, -fy), wy);                              \
-			int64_t x0 = (int64_t)fx - 1, y0 = (int64_t)fy - 1;                        \
+			wm_cubic_weights((float)WM_DADD(x, -(double)fx), wx);                      \
+			wm_cubic_weights((float)WM_DADD(y, -(double)fy), wy);                      \
+			int64_t x0 = fx - 1, y0 = fy - 1;                                          \
 			int inside = x0 >= 0 && x0 + 3 < sw && y0 >= 0 && y0 + 3 < sh;             \
 			for (unsigned c = 0; c < spp; c++) {                                       \
 				float r[4];                                                        \

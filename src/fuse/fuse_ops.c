@@ -8,8 +8,12 @@
  * re-open the file for every tile).  .scopefs/status is the exception: no
  * caching, direct_io, a fresh snapshot at each open.  A qc/ PNG is rendered
  * at its first lookup/getattr/open (its exact size is known only then) and
- * served from memory afterwards, like any stable file.  readdir gives only
- * inode and type, so listing a folder renders nothing. */
+ * served from memory afterwards, like any stable file.  A transforms/ file
+ * is made at each open into that open's handle (a field file is tens of MB:
+ * not worth keeping), its size once at first lookup.  readdir gives only inode and type, so listing
+ * a folder renders nothing, but a node tied to scopefs's own registration (registered/, qc/,
+ * transforms/ of such a slide) shows only once it succeeded, so lookup and
+ * readdir wait for it (sf_mount_node_visible). */
 #define FUSE_USE_VERSION 312
 #include "scopefs/fuse_ops.h"
 
@@ -21,6 +25,7 @@
 
 #include "scopefs/log.h"
 #include "scopefs/mount.h"
+#include "scopefs/autoreg.h"
 #include "scopefs/qc.h"
 
 #define TIMEOUT_FOREVER 86400.0
@@ -31,6 +36,7 @@ typedef struct vfile_handle {
 	uint64_t next_off; /* updated with relaxed atomics: a hint, not state */
 } vfile_handle;
 
+/* An open file's own snapshot of bytes: .scopefs/status, a transforms/ file. */
 typedef struct status_handle {
 	char *text;
 	size_t len;
@@ -47,13 +53,13 @@ static double node_timeout(const sf_node *n)
 }
 
 /* The PNG of a qc/ node, rendered on first use; 0 or an errno. */
-static int qc_bytes(const sf_mount *m, const sf_node *n, const uint8_t **png, size_t *len)
+static int qc_bytes(const sf_mount *m, const sf_node *n, const uint8_t **bytes, size_t *len)
 {
 	sf_err e = {0};
-	int rc = sf_qc_get(n->qc, m->engine, png, len, &e);
+	int rc = sf_qc_get(n->qc, m->engine, bytes, len, &e);
 
 	if (rc != SF_OK) {
-		sf_log(SF_LOG_ERROR, "qc/%s: %s", n->name, e.msg);
+		sf_log(SF_LOG_ERROR, "%s: %s", n->name, e.msg);
 		return sf_errno(rc);
 	}
 	return 0;
@@ -70,6 +76,17 @@ static int node_stat(const sf_mount *m, const sf_node *n, struct stat *st)
 		char *text = sf_status_json(m, &len);
 		free(text);
 		st->st_size = (off_t)len;
+	} else if (n->kind == SF_NODE_TRANSFORM) {
+		sf_err e = {0};
+		uint64_t len;
+		int rc = sf_autoreg_file_size(m->autoreg, (uint32_t)n->autoreg_slide,
+		                              (sf_autoreg_file_kind)n->transform_file, &len, &e);
+		if (rc != SF_OK) {
+			sf_log(SF_LOG_ERROR, "transforms/%s: %s", n->name, e.msg);
+			return sf_errno(rc);
+		}
+		st->st_size = (off_t)len;
+		st->st_blocks = (blkcnt_t)((len + 511) / 512);
 	} else if (n->kind == SF_NODE_QC) {
 		const uint8_t *png;
 		size_t len;
@@ -89,7 +106,7 @@ static void op_lookup(fuse_req_t req, fuse_ino_t parent, const char *name)
 	struct fuse_entry_param ep;
 	int err;
 
-	if (!n) {
+	if (!n || !sf_mount_node_visible(m, n)) {
 		fuse_reply_err(req, ENOENT);
 		return;
 	}
@@ -149,6 +166,8 @@ static void op_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
 		struct stat st = {0};
 		size_t need;
 
+		if (i >= 2 && !sf_mount_node_visible(m, n))
+			continue; /* offsets stay those of the full child list */
 		/* fuse_add_direntry uses only the inode and the type. */
 		st.st_ino = sf_node_ino(m, n);
 		st.st_mode = n->st.st_mode;
@@ -205,6 +224,23 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 		}
 		fi->fh = (uint64_t)(uintptr_t)h;
 		fi->direct_io = 1;
+		break;
+	}
+	case SF_NODE_TRANSFORM: {
+		status_handle *h = calloc(1, sizeof *h);
+		sf_err e = {0};
+		int rc = h ? sf_autoreg_file_make(m->autoreg, (uint32_t)n->autoreg_slide,
+		                                  (sf_autoreg_file_kind)n->transform_file,
+		                                  (uint8_t **)&h->text, &h->len, &e)
+		           : sf_fail(&e, SF_ENOMEM, "out of memory");
+		if (rc != SF_OK) {
+			sf_log(SF_LOG_ERROR, "transforms/%s: %s", n->name, e.msg);
+			free(h);
+			fuse_reply_err(req, sf_errno(rc));
+			return;
+		}
+		fi->fh = (uint64_t)(uintptr_t)h;
+		fi->keep_cache = 1;
 		break;
 	}
 	case SF_NODE_QC: {
@@ -294,7 +330,7 @@ static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
 		read_vfile(req, size, off, fi);
 	else if (n->kind == SF_NODE_QC)
 		read_qc(req, n, size, off);
-	else if (n->kind == SF_NODE_STATUS) {
+	else if (n->kind == SF_NODE_STATUS || n->kind == SF_NODE_TRANSFORM) {
 		status_handle *h = (status_handle *)(uintptr_t)fi->fh;
 		size_t start = (size_t)off < h->len ? (size_t)off : h->len;
 		size_t len = h->len - start < size ? h->len - start : size;
@@ -321,7 +357,7 @@ static void op_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
 		close((int)fi->fh);
 	else if (n && n->kind == SF_NODE_VFILE)
 		free((vfile_handle *)(uintptr_t)fi->fh);
-	else if (n && n->kind == SF_NODE_STATUS) {
+	else if (n && (n->kind == SF_NODE_STATUS || n->kind == SF_NODE_TRANSFORM)) {
 		status_handle *h = (status_handle *)(uintptr_t)fi->fh;
 		free(h->text);
 		free(h);

@@ -17,6 +17,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "scopefs/autoreg.h"
 #include "scopefs/log.h"
 #include "scopefs/ome_xml.h"
 #include "scopefs/product_deconv.h"
@@ -75,6 +76,7 @@ static int node_add(sf_mount *m, uint32_t parent, const char *name, sf_node_kind
 	if (!(n->name = strdup(name)))
 		return sf_fail(e, SF_ENOMEM, "out of memory building the tree");
 	n->kind = kind;
+	n->autoreg_slide = -1;
 	n->parent = parent == UINT32_MAX ? m->node_count : parent;
 	if (kind == SF_NODE_DIR)
 		stat_virtual(m, &n->st, S_IFDIR | 0555, 0);
@@ -295,9 +297,42 @@ static int set_state(sf_slide_entry *se, const char *fmt, const char *detail)
 	return se->state ? SF_OK : SF_ENOMEM;
 }
 
+/* The transform of moving slide i from transforms=DIR.  Sets *todo when
+ * scopefs is to register the slide itself (no file for it, reg=auto).  A
+ * slide that cannot be served gets its reason in slide_state; only
+ * SF_ENOMEM is returned as a failure. */
+static int load_transform(sf_mount *m, uint32_t i, uint8_t *todo, sf_err *e)
+{
+	const sf_dataset *d = m->dataset;
+	const sf_slide_info *ref = d->slides[m->reference], *s = d->slides[i];
+	sf_slide_entry *se = &m->slide_state[i];
+	sf_tf_units units = {{ref->pixel_size_x, ref->pixel_size_y},
+	                     {s->pixel_size_x, s->pixel_size_y}};
+	int rc;
+
+	if (m->opts->transforms)
+		se->transform_path = find_transform(m->opts->transforms, d->slide_stems[i]);
+	if (!se->transform_path) {
+		if (m->opts->reg.enabled) {
+			*todo = 1;
+			return SF_OK;
+		}
+		if (!m->opts->transforms)
+			return set_state(se, "%s",
+			                 "not served: no transforms=DIR given and reg=off");
+		return set_state(se, "not served: no transform for it in %s and reg=off",
+		                 m->opts->transforms);
+	}
+	rc = sf_transform_load(se->transform_path, &units, &se->transform, e);
+	if (rc != SF_OK)
+		return rc == SF_ENOMEM ? rc : set_state(se, "not served: %s", e->msg);
+	return SF_OK;
+}
+
 /* registered/<stem>.ome.tif for slide i: the reference re-tiled, a moving
- * slide warped through its transform.  A slide that cannot be served gets
- * its reason in slide_state and the mount goes on; only SF_ENOMEM stops it. */
+ * slide warped through its transform file or through scopefs's own
+ * registration.  A slide that cannot be served gets its reason in
+ * slide_state and the mount goes on; only SF_ENOMEM stops it. */
 static int add_registered_slide(sf_mount *m, uint32_t dir, uint32_t i, const sf_pyramid_plan *plan,
                                 sf_err *e)
 {
@@ -305,38 +340,36 @@ static int add_registered_slide(sf_mount *m, uint32_t dir, uint32_t i, const sf_
 	const sf_slide_info *ref = d->slides[m->reference], *s = d->slides[i];
 	sf_slide_entry *se = &m->slide_state[i];
 	const char *stem = d->slide_stems[i];
+	int autoreg = sf_autoreg_has(m->autoreg, i);
+	sf_warp_options wo = {m->opts->interp, m->opts->background, m->opts->gpu};
 	char name[NAME_MAX + 1];
 	sf_layout *layout;
 	sf_product *product;
 	int rc;
 
-	if ((int)i != m->reference) {
-		sf_tf_units units = {{ref->pixel_size_x, ref->pixel_size_y},
-		                     {s->pixel_size_x, s->pixel_size_y}};
-		if (!m->opts->transforms)
-			return set_state(se, "%s", "not served: no transforms=DIR given");
-		if (!(se->transform_path = find_transform(m->opts->transforms, stem)))
-			return set_state(se, "not served: no transform for it in %s",
-			                 m->opts->transforms);
-		rc = sf_transform_load(se->transform_path, &units, &se->transform, e);
-		if (rc != SF_OK)
-			return rc == SF_ENOMEM ? rc : set_state(se, "not served: %s", e->msg);
-	}
+	if ((int)i != m->reference && !autoreg && !se->transform_path)
+		return SF_OK; /* its reason is in slide_state */
+	if ((int)i != m->reference && se->state)
+		return SF_OK; /* its transform file failed to load */
 	rc = registered_layout(m, ref, s, stem, plan, &layout, e);
 	if (rc == SF_OK && (int)i == m->reference)
 		rc = sf_product_retile_create(s, plan, layout, &product, e);
-	else if (rc == SF_OK) {
-		sf_warp_options wo = {m->opts->interp, m->opts->background, m->opts->gpu};
+	else if (rc == SF_OK && autoreg)
+		rc = sf_product_autoreg_create(s, m->autoreg, i, plan, &wo, layout, &product, e);
+	else if (rc == SF_OK)
 		rc = sf_product_warp_create(s, &se->transform, plan, &wo, layout, &product, e);
-	}
 	if (rc == SF_OK && (rc = keep_product(m, product, e)) == SF_OK) {
 		snprintf(name, sizeof name, "%s.ome.tif", stem);
 		rc = add_vfile(m, dir, name, layout, product, 0, e);
 	}
+	if (rc == SF_OK && autoreg) /* add_vfile's node is the last one */
+		m->nodes[m->node_count - 1].autoreg_slide = (int32_t)i;
 	if (rc == SF_ENOMEM)
 		return rc;
 	if (rc != SF_OK)
 		return set_state(se, "not served: %s", e->msg);
+	if (autoreg)
+		return set_state(se, "%s", "registered by scopefs"); /* status asks the job */
 	return (int)i == m->reference ? set_state(se, "%s", "served (reference, re-tiled)")
 	                              : set_state(se, "served, warped by %s", se->transform_path);
 }
@@ -361,25 +394,96 @@ static int find_reference(sf_mount *m, sf_err *e)
 	               want, d->root);
 }
 
+/* The absolute folder transforms/ is served at: elastix files refer to each
+ * other by absolute path. */
+static int transforms_path(sf_mount *m, sf_err *e)
+{
+	char real[PATH_MAX], path[PATH_MAX + 16];
+
+	if (!realpath(m->opts->mountpoint, real))
+		snprintf(real, sizeof real, "%s", m->opts->mountpoint);
+	snprintf(path, sizeof path, "%s/transforms", real);
+	if (!(m->transforms_dir = strdup(path)))
+		return sf_fail(e, SF_ENOMEM, "out of memory");
+	return SF_OK;
+}
+
+/* The registration job of the slides that have no transform file. */
+static int make_autoreg(sf_mount *m, const uint8_t *todo, sf_err *e)
+{
+	const sf_dataset *d = m->dataset;
+	unsigned threads =
+	    m->opts->threads ? m->opts->threads : (unsigned)sysconf(_SC_NPROCESSORS_ONLN);
+	int any = 0, rc;
+
+	for (uint32_t i = 0; i < d->slide_count; i++)
+		any |= todo[i];
+	if (!any)
+		return SF_OK;
+	if ((rc = transforms_path(m, e)) != SF_OK)
+		return rc;
+	return sf_autoreg_create(d, (uint32_t)m->reference, todo, &m->opts->reg, threads, m->cache,
+	                         m->transforms_dir, &m->autoreg, e);
+}
+
 static int build_registered(sf_mount *m, uint32_t root, sf_err *e)
 {
 	const sf_dataset *d = m->dataset;
 	sf_pyramid_plan plan;
+	uint8_t *todo;
 	uint32_t dir;
 	int rc = node_add(m, root, "registered", SF_NODE_DIR, &dir, e);
 
 	if (rc != SF_OK || (rc = find_reference(m, e)) != SF_OK || m->reference < 0)
 		return rc;
-	if (!(m->slide_state = calloc(d->slide_count, sizeof *m->slide_state)))
+	if (!(m->slide_state = calloc(d->slide_count, sizeof *m->slide_state)) ||
+	    !(todo = calloc(d->slide_count, 1)))
 		return sf_fail(e, SF_ENOMEM, "out of memory");
 	for (uint32_t i = 0; i < d->slide_count; i++)
 		sf_transform_init(&m->slide_state[i].transform);
+	for (uint32_t i = 0; i < d->slide_count && rc == SF_OK; i++)
+		if ((int)i != m->reference)
+			rc = load_transform(m, i, &todo[i], e);
+	if (rc == SF_OK)
+		rc = make_autoreg(m, todo, e);
+	free(todo);
 	sf_pyramid_plan_make(d->slides[m->reference], SF_TILE, &plan);
 	for (uint32_t i = 0; i < d->slide_count && rc == SF_OK; i++) {
 		rc = add_registered_slide(m, dir, i, &plan, e);
-		if (rc == SF_OK && strncmp(m->slide_state[i].state, "served", 6))
+		if (rc == SF_OK && strncmp(m->slide_state[i].state, "served", 6) &&
+		    !sf_autoreg_has(m->autoreg, i))
 			sf_log(SF_LOG_WARN, "registered: %s: %s", d->slides[i]->path,
 			       m->slide_state[i].state);
+	}
+	return rc;
+}
+
+/* transforms/<stem>.json, .elastix.txt (and the field files) for each slide
+ * scopefs registers: made from the job's result on first use. */
+static int build_transforms(sf_mount *m, uint32_t root, sf_err *e)
+{
+	const sf_dataset *d = m->dataset;
+	uint32_t dir = UINT32_MAX, idx;
+	int rc = SF_OK;
+
+	for (uint32_t i = 0; m->autoreg && i < d->slide_count && rc == SF_OK; i++) {
+		if (!sf_autoreg_has(m->autoreg, i))
+			continue;
+		if (dir == UINT32_MAX &&
+		    (rc = node_add(m, root, "transforms", SF_NODE_DIR, &dir, e)))
+			return rc;
+		for (int k = 0; k < SF_AUTOREG_FILE_KINDS && rc == SF_OK; k++) {
+			char name[NAME_MAX + 1];
+			if (!sf_autoreg_file_exists(&m->opts->reg, (sf_autoreg_file_kind)k))
+				continue;
+			sf_autoreg_file_name((sf_autoreg_file_kind)k, d->slide_stems[i], name,
+			                     sizeof name);
+			if ((rc = node_add(m, dir, name, SF_NODE_TRANSFORM, &idx, e)) != SF_OK)
+				break;
+			m->nodes[idx].autoreg_slide = (int32_t)i;
+			m->nodes[idx].transform_file = k;
+			stat_virtual(m, &m->nodes[idx].st, S_IFREG | 0444, 0);
+		}
 	}
 	return rc;
 }
@@ -444,6 +548,8 @@ static int build_qc(sf_mount *m, uint32_t root, sf_err *e)
 			rc = node_add(m, root, "qc", SF_NODE_DIR, &dir, e);
 		if (rc == SF_OK)
 			rc = node_add(m, dir, name, SF_NODE_QC, &idx, e);
+		if (rc == SF_OK && sf_autoreg_has(m->autoreg, i))
+			m->nodes[idx].autoreg_slide = (int32_t)i;
 		if (rc == SF_OK)
 			rc = sf_qc_create(&ref, &mov, name, &m->nodes[idx].qc, e);
 		if (rc == SF_OK)
@@ -593,6 +699,8 @@ int sf_mount_build(const sf_options *o, sf_mount **out, sf_err *e)
 	if (rc == SF_OK)
 		rc = build_qc(m, root, e);
 	if (rc == SF_OK)
+		rc = build_transforms(m, root, e);
+	if (rc == SF_OK)
 		rc = build_deconvolved(m, root, e);
 	if (rc == SF_OK)
 		rc = node_add(m, root, ".scopefs", SF_NODE_DIR, &meta, e);
@@ -624,7 +732,22 @@ int sf_mount_start(sf_mount *m, sf_err *e)
 
 	for (uint32_t i = 0; rc == SF_OK && i < m->product_count; i++)
 		rc = sf_engine_add_product(m->engine, m->products[i], e);
+	if (rc == SF_OK && m->autoreg && m->opts->reg.eager)
+		rc = sf_autoreg_start(m->autoreg, e);
 	return rc;
+}
+
+int sf_mount_node_visible(const sf_mount *m, const sf_node *n)
+{
+	const sf_transform *t;
+	sf_err e = {0};
+
+	if (n->autoreg_slide < 0)
+		return 1;
+	if (sf_autoreg_wait(m->autoreg, (uint32_t)n->autoreg_slide, &t, &e) != SF_OK)
+		return 0;
+	return n->kind != SF_NODE_TRANSFORM || t->map.nfields > 0 ||
+	       n->transform_file == SF_AUTOREG_JSON || n->transform_file == SF_AUTOREG_ELASTIX;
 }
 
 void sf_mount_free(sf_mount *m)
@@ -635,6 +758,8 @@ void sf_mount_free(sf_mount *m)
 		sf_engine_destroy(m->engine);
 	for (uint32_t i = 0; i < m->product_count; i++)
 		m->products[i]->ops->destroy(m->products[i]);
+	sf_autoreg_destroy(m->autoreg); /* after the products that borrow its transforms */
+	free(m->transforms_dir);
 	for (uint32_t i = 0; i < m->vfile_count; i++)
 		free(m->vfiles[i]);
 	for (uint32_t i = 0; i < m->layout_count; i++)

@@ -23,7 +23,16 @@
 
 /* OPT_DECONV: a deconvolution setting, checked by product_deconv.c and kept
  * as text in o->deconv (each stack applies it, then its own settings). */
-enum opt_kind { OPT_STRING, OPT_SIZE, OPT_COUNT, OPT_FUSE_FLAG, OPT_FUSE_VALUE, OPT_DECONV };
+/* OPT_REG: a registration setting, checked by autoreg.c into o->reg. */
+enum opt_kind {
+	OPT_STRING,
+	OPT_SIZE,
+	OPT_COUNT,
+	OPT_FUSE_FLAG,
+	OPT_FUSE_VALUE,
+	OPT_DECONV,
+	OPT_REG
+};
 
 typedef struct option_def {
 	const char *key;
@@ -43,6 +52,13 @@ static const option_def option_table[] = {
     {"interp", OPT_STRING, "interp=NAME      warp interpolation: bilinear, bicubic, nearest"},
     {"background", OPT_STRING, "background=V     value outside a warped slide (default 0)"},
     {"gpu", OPT_STRING, "gpu=auto|off|N   GPU for warps and deconvolution (default auto)"},
+    {"reg", OPT_REG, "reg=auto|off     register slides that have no transform file (auto)"},
+    {"reg_channel", OPT_REG, "reg_channel=C    registration channel, name or index (DAPI)"},
+    {"reg_metric", OPT_REG, "reg_metric=M     auto|ncc|mi (auto: mi across stains)"},
+    {"reg_dim", OPT_REG, "reg_dim=N        longest side of the affine fit (default 1024)"},
+    {"reg_nonrigid_dim", OPT_REG, "reg_nonrigid_dim=N  non-rigid grid side (2000; 0: none)"},
+    {"reg_order", OPT_REG, "reg_order=O      direct|serial (default direct)"},
+    {"reg_eager", OPT_REG, "reg_eager=0|1    register at mount, not on first use"},
     {"dxy", OPT_DECONV,
      "dxy=UM           deconvolution: voxel size in x/y, micrometres (required)"},
     {"dz", OPT_DECONV, "dz=UM            deconvolution: plane spacing, micrometres (required)"},
@@ -57,6 +73,7 @@ static const option_def option_table[] = {
     {"regularize_interval", OPT_DECONV, "regularize_interval=N  Gaussian every N-th iteration (3)"},
     {"clipval", OPT_DECONV, "clipval=P        percentile of the output range (default 99.99)"},
     {"stop_criterion", OPT_DECONV, "stop_criterion=P stop when ||x|| changes <= P% (0: off)"},
+    {"accelerate", OPT_DECONV, "accelerate=0|1   Biggs-Andrews accelerated RL (default 0)"},
     {"gaussian_sigma", OPT_DECONV, "gaussian_sigma=X:Y:Z  pre-filter sigma, voxels (0.5:0.5:2.5)"},
     {"gaussian_filter_size", OPT_DECONV, "gaussian_filter_size=X:Y:Z  taps (13:13:25)"},
     {"dark", OPT_DECONV, "dark=V           subtracted after the pre-filter (default 0)"},
@@ -282,6 +299,7 @@ static int apply_option(parse_state *ps, const char *item, int from_cli, const c
 		return SF_OK;
 	}
 	case OPT_DECONV: return add_deconv_opt(o, d->key, value, origin, e);
+	case OPT_REG: return sf_reg_settings_apply(&o->reg, d->key, value, origin, e);
 	case OPT_STRING:
 		if (!strcmp(d->key, "cache"))
 			return set_string(&o->cache_dir, value, e, d->key);
@@ -449,6 +467,7 @@ int sf_options_parse(int argc, char **argv, sf_options *o, sf_err *e)
 	o->cache_size = 20ull << 30;
 	o->interp = SF_INTERP_BILINEAR;
 	o->gpu = -1;
+	sf_reg_settings_default(&o->reg);
 	for (int i = 1; i < argc; i++) {
 		const char *a = argv[i];
 		if (!strcmp(a, "-h") || !strcmp(a, "--help"))

@@ -9,6 +9,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "scopefs/autoreg.h"
 #include "scopefs/mount.h"
 
 typedef struct json {
@@ -128,7 +129,12 @@ static void json_dataset(json *j, const sf_mount *m)
 		         ", \"width\": %u, \"height\": %u, \"channels\": %u, \"levels\": %u, "
 		         "\"state\": ",
 		         s->width, s->height, s->channels, s->level_count);
-		json_string(j, m->slide_state ? m->slide_state[i].state : "");
+		if (sf_autoreg_has(m->autoreg, i)) {
+			char state[1024];
+			sf_autoreg_describe(m->autoreg, i, state, sizeof state);
+			json_string(j, state);
+		} else
+			json_string(j, m->slide_state ? m->slide_state[i].state : "");
 		json_add(j, "}");
 	}
 	json_add(j, "%s],\n  \"stacks\": [", d->slide_count ? "\n  " : "");

@@ -13,20 +13,26 @@
  *  1. A block's bytes depend only on the source files, the settings and the
  *     grid, all mixed into the blocks key; the grid is fixed at mount from
  *     the settings, the stack size and mem (never from thread count or read
- *     order).  FFTW plans are FFTW_ESTIMATE with one thread, so repeated
- *     computations give the same bits.
+ *     order).  FFTW plans are FFTW_ESTIMATE and the fused FFTW passes give
+ *     the same bits for any thread count, so repeated computations do too.
  *  2. The output scale is one pair (dmin, dmax) per stack: scale=auto takes
  *     it from a fixed sample of blocks (the same blocks whatever is read
  *     first), once, and records it in the cache folder
  *     (deconv-scale-<planes key>.txt) so later mounts reuse the same numbers.
  *     Every worker that needs it computes the samples nobody has started.
  *  3. scale_lock is never held while reading blocks through the engine, and
- *     a block computation takes no lock of this file, so nested reads and
- *     the scale cannot deadlock each other.
+ *     a block computation takes only cpu_lock, around sf_deconv_block alone
+ *     (no engine read, no other lock inside), so nested reads, the scale and
+ *     the shared CPU context cannot deadlock each other.
  *  4. GPU: with gpu=auto (or a device), the first worker per device that
  *     computes a block uses cuFFT; any device failure falls back to FFTW for
  *     that worker, with a log line.  Without a device (or without CUDA in
- *     the build) everything runs on FFTW, logged once per stack. */
+ *     the build) everything runs on FFTW, logged once per stack.  A GPU
+ *     worker first checks the block fits in the device's free memory.
+ *  5. Memory: CPU blocks share one FFTW context per stack (cpu_lock), run
+ *     one at a time with every engine thread inside its FFT passes, so the
+ *     host holds one block working set beside mem, whatever the worker
+ *     count (a GPU worker adds its context's host buffers). */
 #include "scopefs/product_deconv.h"
 #include "scopefs/destripe.h"
 #include "scopefs/select.h"
@@ -74,6 +80,7 @@ static const key_def key_table[] = {
     {"regularize_interval", K_INT},
     {"clipval", K_POS},
     {"stop_criterion", K_NONNEG},
+    {"accelerate", K_INT},
     {"gaussian_sigma", K_TRIPLE_D},
     {"gaussian_filter_size", K_TRIPLE_I},
     {"dark", K_NONNEG},
@@ -244,7 +251,12 @@ static int store_number(sf_deconv_settings *s, const char *key, double v, const 
 		s->destripe_sigma = v;
 	else if (!strcmp(key, "numit"))
 		p->numit = (int)v;
-	else if (!strcmp(key, "regularize_interval"))
+	else if (!strcmp(key, "accelerate")) {
+		if (v > 1)
+			return sf_fail(e, SF_EINVAL, "%soption 'accelerate': %g is not 0 or 1",
+			               origin, v);
+		p->accelerate = (int)v;
+	} else if (!strcmp(key, "regularize_interval"))
 		p->regularize_interval = (int)v;
 	else if (!strcmp(key, "deconv_block")) {
 		if (v < BLOCK_EDGE_MIN || v > 4096)
@@ -482,15 +494,15 @@ typedef struct grid {
 } grid;
 
 /* Bytes one worker's context and buffers take for input window `in`. */
-static uint64_t working_set(const uint32_t in[3], const sf_psf *psf)
+static uint64_t working_set(const uint32_t in[3], const sf_psf *psf, int accelerate)
 {
 	uint64_t nin = (uint64_t)in[0] * in[1] * in[2];
 	sf_dims3 f = sf_deconv_fft_dims((sf_dims3){in[0], in[1], in[2]},
 	                                (sf_dims3){psf->nx, psf->ny, psf->nz}, NULL);
 
-	/* 4 real engine buffers + host pad, 2 half-spectrum complex (rows padded
-	 * to an even length), 3 window-sized */
-	return (uint64_t)f.nx * f.ny * f.nz * 4 * 5 +
+	/* 4 real engine buffers + host pad (+ 3 more to accelerate), 2
+	 * half-spectrum complex (rows padded to an even length), 3 window-sized */
+	return (uint64_t)f.nx * f.ny * f.nz * 4 * (accelerate ? 8 : 5) +
 	       (uint64_t)(f.nx / 2 + 2) * f.ny * f.nz * 8 * 2 + nin * 4 * 3;
 }
 
@@ -516,7 +528,7 @@ static void grid_make(grid *g, const sf_stack *st, const sf_deconv_settings *s, 
 
 			for (int a = 0; a < 3; a++)
 				in[a] = (edge < g->dim[a] ? edge : g->dim[a]) + 2 * g->halo[a];
-			if (working_set(in, psf) <= mem / 2)
+			if (working_set(in, psf, s->params.accelerate) <= mem / 2)
 				break;
 		}
 	}
@@ -548,13 +560,20 @@ typedef struct blocks {
 	sf_deconv_settings s;
 	sf_psf psf;
 	grid g;
-	atomic_int gpu_workers; /* workers that took a device so far */
-	atomic_int told_cpu;    /* the "computing on the CPU" line was logged */
+	sf_engine *const *engine; /* the mount's engine pointer (its thread count) */
+	atomic_int gpu_workers;   /* workers that took a device so far */
+	atomic_int told_cpu;      /* the "computing on the CPU" line was logged */
+	/* The one FFTW context of the stack.  CPU blocks run one at a time on it,
+	 * each with every engine thread inside the FFT passes (as LsDeconv runs
+	 * one block at a time), so the host holds one block working set however
+	 * many workers there are; the bytes do not depend on the thread count. */
+	pthread_mutex_t cpu_lock; /* guards cpu_ctx and its use */
+	sf_deconv_ctx *cpu_ctx;   /* made on first use; cpu_lock */
 } blocks;
 
 typedef struct blocks_worker {
-	sf_deconv_ctx *ctx;
-	int on_gpu;
+	sf_deconv_ctx *ctx;      /* this worker's GPU context, or NULL (the shared CPU one) */
+	const char *why_cpu;     /* why this worker has no GPU context, once it tried */
 	float *in;               /* the input window, in[0]*in[1]*in[2] */
 	uint8_t *rect;           /* one plane's source rect, source type */
 	size_t rect_cap;         /* bytes of rect */
@@ -622,53 +641,107 @@ static size_t blocks_unit_bytes(const sf_product *p, uint64_t unit)
 	       block_core(&b->g, pos, 2) * sizeof(float);
 }
 
-/* A context on a device or on FFTW, as settings and devices allow. */
-static int make_context(sf_product *p, blocks *b, blocks_worker *w, int try_gpu, sf_err *e)
-{
-	sf_dims3 dims = {b->g.in[0], b->g.in[1], b->g.in[2]};
-	sf_fft_config cfg = {.nthreads = 1, .measure = 0, .device = 0};
-	const char *why = "gpu=off";
-
 #ifdef SF_HAVE_CUDA
-	if (try_gpu && b->s.gpu != SF_DECONV_GPU_OFF) {
+/* Device bytes of a cuFFT context for window `in`: its real buffers (4, or
+ * 7 to accelerate), 2 half spectra, and cuFFT's R2C and C2R work areas,
+ * counted as one half spectrum each. */
+static uint64_t device_working_set(const uint32_t in[3], const sf_psf *psf, int accelerate)
+{
+	sf_dims3 f = sf_deconv_fft_dims((sf_dims3){in[0], in[1], in[2]},
+	                                (sf_dims3){psf->nx, psf->ny, psf->nz}, NULL);
+
+	return (uint64_t)f.nx * f.ny * f.nz * 4 * (accelerate ? 7 : 4) +
+	       (uint64_t)(f.nx / 2 + 1) * f.ny * f.nz * 8 * 4;
+}
+
+/* SF_OK when a block's context fits in the free memory of device (from
+ * cudaMemGetInfo, asked by the worker: CUDA must not start before the
+ * daemon forks); else SF_EDEVICE naming both sizes, so the worker stays on
+ * the CPU with a clear line instead of failing inside cudaMalloc.  The grid
+ * itself comes from mem (grid_make), the same on every machine. */
+static int device_fits(const sf_product *p, const blocks *b, int device, sf_err *e)
+{
+	size_t free_bytes = 0, total_bytes = 0;
+	uint64_t need = device_working_set(b->g.in, &b->psf, b->s.params.accelerate);
+	int rc = sf_fft_cuda_mem_info(device, &free_bytes, &total_bytes, e);
+
+	if (rc != SF_OK)
+		return rc;
+	if (need > free_bytes)
+		return sf_fail(e, SF_EDEVICE,
+		               "%s: a block needs about %" PRIu64 " MiB on device %d, %zu MiB of "
+		               "%zu MiB are free (lower deconv_block or mem)",
+		               p->name, need >> 20, device, free_bytes >> 20, total_bytes >> 20);
+	return SF_OK;
+}
+#endif
+
+/* A GPU context for this worker when settings and devices allow; otherwise
+ * w->ctx stays NULL and w->why_cpu says why. */
+static void try_gpu_context(sf_product *p, blocks *b, blocks_worker *w)
+{
+	w->why_cpu = "gpu=off";
+#ifdef SF_HAVE_CUDA
+	if (b->s.gpu != SF_DECONV_GPU_OFF) {
+		sf_dims3 dims = {b->g.in[0], b->g.in[1], b->g.in[2]};
+		sf_fft_config cfg = {.nthreads = 1, .measure = 0, .device = 0};
 		int devices = sf_fft_cuda_device_count();
 
-		why = "no CUDA device (cudaGetDeviceCount found none)";
+		w->why_cpu = "no CUDA device (cudaGetDeviceCount found none)";
 		if (devices > 0) {
 			int k = atomic_fetch_add(&b->gpu_workers, 1);
 
-			why = "every device already has its worker";
+			w->why_cpu = "every device already has its worker";
 			if (b->s.gpu >= 0 ? k == 0 && b->s.gpu < devices : k < devices) {
 				sf_err ge = {0};
 
 				cfg.device = b->s.gpu >= 0 ? b->s.gpu : k;
-				if (sf_deconv_ctx_create(&b->s.params, &b->psf, dims,
+				if (device_fits(p, b, cfg.device, &ge) == SF_OK &&
+				    sf_deconv_ctx_create(&b->s.params, &b->psf, dims,
 				                         sf_fft_cufft_ops(), &cfg, &w->ctx,
 				                         &ge) == SF_OK) {
-					w->on_gpu = 1;
 					sf_log(SF_LOG_INFO, "%s: worker on CUDA device %d", p->name,
 					       cfg.device);
-					return SF_OK;
+					return;
 				}
 				sf_log(SF_LOG_WARN,
 				       "%s: CUDA device %d unusable, using the CPU: %s", p->name,
 				       cfg.device, ge.msg);
-				why = "the device failed";
+				w->why_cpu = "the device failed";
 			}
 		}
 	}
 #else
-	if (try_gpu && b->s.gpu != SF_DECONV_GPU_OFF)
-		why = "built without CUDA";
+	(void)p;
+	if (b->s.gpu != SF_DECONV_GPU_OFF)
+		w->why_cpu = "built without CUDA";
 #endif
-	if (!try_gpu)
-		why = "the device failed";
-	if (!atomic_exchange(&b->told_cpu, 1))
-		sf_log(SF_LOG_INFO, "%s: deconvolving on the CPU (FFTW): %s", p->name, why);
-	w->on_gpu = 0;
-	cfg.device = 0;
-	return sf_deconv_ctx_create(&b->s.params, &b->psf, dims, sf_fft_fftw_ops(), &cfg, &w->ctx,
-	                            e);
+}
+
+/* Deconvolve w->in in place on the stack's shared FFTW context, made on
+ * first use with as many FFT threads as the engine has workers. */
+static int cpu_block(sf_product *p, blocks *b, blocks_worker *w, sf_deconv_stats *st, sf_err *e)
+{
+	int rc = SF_OK;
+
+	pthread_mutex_lock(&b->cpu_lock);
+	if (!b->cpu_ctx) {
+		sf_dims3 dims = {b->g.in[0], b->g.in[1], b->g.in[2]};
+		unsigned threads = b->engine && *b->engine ? sf_engine_threads(*b->engine) : 1;
+		sf_fft_config cfg = {.nthreads = 1, .measure = 0, .device = 0};
+
+		if (threads > 1) /* the FFTW engine runs at most 64 */
+			cfg.nthreads = threads < 64 ? (int)threads : 64;
+		if (!atomic_exchange(&b->told_cpu, 1))
+			sf_log(SF_LOG_INFO, "%s: deconvolving on the CPU (FFTW, %d threads): %s",
+			       p->name, cfg.nthreads, w->why_cpu ? w->why_cpu : "gpu=off");
+		rc = sf_deconv_ctx_create(&b->s.params, &b->psf, dims, sf_fft_fftw_ops(), &cfg,
+		                          &b->cpu_ctx, e);
+	}
+	if (rc == SF_OK)
+		rc = sf_deconv_block(b->cpu_ctx, w->in, w->in, st, e);
+	pthread_mutex_unlock(&b->cpu_lock);
+	return rc;
 }
 
 /* The reader of plane file `file`, reopened only when it changes. */
@@ -746,17 +819,19 @@ static int run_block(sf_product *p, blocks *b, blocks_worker *w, sf_err *e)
 	sf_deconv_stats stats = {0};
 	int rc;
 
-	if (!w->ctx && (rc = make_context(p, b, w, 1, e)) != SF_OK)
-		return rc;
+	if (!w->why_cpu && !w->ctx)
+		try_gpu_context(p, b, w);
+	if (!w->ctx)
+		return cpu_block(p, b, w, &stats, e);
 	rc = sf_deconv_block(w->ctx, w->in, w->in, &stats, e);
-	if (rc == SF_EDEVICE && w->on_gpu) {
+	if (rc == SF_EDEVICE) {
 		/* The window is intact: the engine reads it before writing out. */
 		sf_log(SF_LOG_WARN, "%s: GPU failed, this worker continues on the CPU: %s", p->name,
 		       e->msg);
 		sf_deconv_ctx_destroy(w->ctx);
 		w->ctx = NULL;
-		if ((rc = make_context(p, b, w, 0, e)) == SF_OK)
-			rc = sf_deconv_block(w->ctx, w->in, w->in, &stats, e);
+		w->why_cpu = "the device failed";
+		rc = cpu_block(p, b, w, &stats, e);
 	}
 	return rc;
 }
@@ -799,6 +874,8 @@ static void blocks_destroy(sf_product *p)
 {
 	blocks *b = p->impl;
 
+	sf_deconv_ctx_destroy(b->cpu_ctx);
+	pthread_mutex_destroy(&b->cpu_lock);
 	sf_psf_free(&b->psf);
 	free(b);
 	free(p);
@@ -854,6 +931,8 @@ static sf_key blocks_key(const sf_stack *st, const sf_deconv_settings *s, const 
 	}
 	for (size_t i = 0; i < sizeof optics / sizeof optics[0]; i++)
 		k = mix_double(k, optics[i]);
+	if (p->accelerate) /* only when on: caches made before the option stay valid */
+		k = sf_key_mix_str(k, "accelerate=1");
 	for (int a = 0; a < 3; a++) {
 		k = mix_double(k, p->gaussian_sigma[a]);
 		k = sf_key_mix_u64(k, (uint64_t)p->gaussian_filter_size[a]);
@@ -866,7 +945,7 @@ static sf_key blocks_key(const sf_stack *st, const sf_deconv_settings *s, const 
 }
 
 static int blocks_create(const sf_stack *st, const sf_deconv_settings *s, uint64_t mem,
-                         sf_product **out, sf_err *e)
+                         sf_engine *const *engine, sf_product **out, sf_err *e)
 {
 	sf_product *p = calloc(1, sizeof *p);
 	blocks *b = calloc(1, sizeof *b);
@@ -881,6 +960,7 @@ static int blocks_create(const sf_stack *st, const sf_deconv_settings *s, uint64
 	}
 	b->stack = st;
 	b->s = *s;
+	b->engine = engine;
 	sf_deconv_params_optics(&s->params, &o);
 	rc = sf_psf_make(&o, &b->psf, e);
 	if (rc != SF_OK) {
@@ -889,6 +969,7 @@ static int blocks_create(const sf_stack *st, const sf_deconv_settings *s, uint64
 		return rc;
 	}
 	grid_make(&b->g, st, s, &b->psf, mem);
+	pthread_mutex_init(&b->cpu_lock, NULL);
 	p->ops = &blocks_ops;
 	p->key = blocks_key(st, s, &b->g);
 	p->elem_bytes = 4;
@@ -1228,7 +1309,7 @@ int sf_product_deconv_create(const sf_stack *st, const sf_deconv_settings *s,
 		return sf_fail(e, SF_EUNSUPPORTED,
 		               "stack %s: %u samples per pixel; deconvolution takes one", st->name,
 		               st->plane_info[0]->samples);
-	rc = blocks_create(st, s, mem_bytes, &bp, e);
+	rc = blocks_create(st, s, mem_bytes, engine, &bp, e);
 	if (rc != SF_OK)
 		return rc;
 	p = calloc(1, sizeof *p);

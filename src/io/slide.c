@@ -23,8 +23,10 @@
  * remembers the current IFD by its offset, so a directory is re-read only
  * when the level or channel changes.  Uncompressed tiles and strips are read
  * straight from the file with pread, only the bytes the rect needs.
- * Compressed ones are decoded whole into a small LRU of decoded units, since
- * neighbouring output tiles of a resampled level touch the same source tiles.
+ * Compressed ones are decoded whole into the slide's share of decoded units
+ * (below), used by every reader of the slide, since neighbouring output
+ * tiles of a resampled level touch the same source tiles; a reader falls
+ * back to its own small LRU when the share cannot take a unit.
  *
  * libtiff's messages go to a per-handle buffer (TIFFOpenOptions, libtiff
  * 4.5), never to stderr, and end up in our sf_err message. */
@@ -52,8 +54,8 @@
 #define LRU_BUDGET    (48u << 20)  /* bytes of decoded data kept per reader */
 #define SPAN_READ_MAX (1u << 20)   /* uncompressed rows read in one pread up to this size */
 #define MAX_UNIT      (256u << 20) /* largest compressed tile or strip we decode whole */
-#define SHARE_SLOTS   64           /* decoded units kept per slide for all its readers */
-#define SHARE_BUDGET  (24u << 20)  /* bytes of them */
+#define SHARE_SLOTS   256          /* decoded units kept per slide for all its readers */
+#define SHARE_BUDGET  (64u << 20)  /* bytes of them, all slides together */
 
 /* ---- libtiff diagnostics ------------------------------------------------ */
 
@@ -919,64 +921,145 @@ static void probe_free(probe *pr)
  * Workers compute neighbouring output tiles at once, and neighbours need the
  * same source tiles: without sharing each worker's reader decodes them again
  * (zlib decoding is most of a warp's CPU).  A unit is keyed by its IFD
- * offset and index; copies go in and out under the lock, so no reader holds
- * a pointer into the share. */
+ * offset and index.  Entry life cycle, all under the lock:
+ *
+ *   (absent) --reader misses--> DECODING (pinned by its decoder, others wait
+ *   on `changed`) --decoded--> READY --last pin gone, chosen as victim-->
+ *   (absent);  DECODING --decode failed--> (absent), waiters retry.
+ *
+ * Readers copy straight out of a READY entry while they pin it (pins > 0),
+ * so one decoded copy serves every worker, and a unit two workers want at
+ * once is decoded once.  Only unpinned READY entries are evicted: by the
+ * reuse hint when one is set (the unit read again last goes first), else
+ * least recently used.  An evicted buffer of the right size is reused for
+ * the next unit, which spares a malloc and its page faults.
+ *
+ * SHARE_BUDGET bounds the decoded bytes of all slides' shares together, so
+ * memory does not grow with the number of slides read: a share that needs
+ * room beyond it first empties other slides' shares (their unpinned READY
+ * entries), which are idle when one slide is copied at a time.  Lock order:
+ * a share's lock, then share_registry_lock, then other shares' locks only
+ * through trylock (a busy share is skipped), so no cycle can wait. */
 typedef struct share_entry {
-	uint64_t ifd;  /* IFD offset; 0 = empty */
-	uint32_t unit; /* tile or strip index */
-	uint64_t used; /* share clock at last use */
+	uint64_t ifd;   /* IFD offset; 0 = empty */
+	uint32_t unit;  /* tile or strip index */
+	uint32_t level; /* of the slide, for the reuse hint */
+	uint64_t used;  /* share clock at last use */
 	size_t bytes;
 	uint8_t *data;
+	unsigned pins; /* readers using data now */
+	int ready;     /* 0: its decoder is still writing data */
 } share_entry;
 
 struct sf_tile_share {
+	struct sf_tile_share *next_share; /* protected by share_registry_lock */
 	pthread_mutex_t lock;
+	pthread_cond_t changed;     /* an entry became READY or was dropped */
 	share_entry e[SHARE_SLOTS]; /* protected by lock */
 	uint64_t clock;             /* protected by lock */
-	size_t bytes;               /* protected by lock */
+	size_t bytes;               /* protected by lock: sum of e[].bytes */
+	sf_slide_reuse_fn hint;     /* protected by lock; NULL: LRU */
+	void *hint_ctx;             /* protected by lock */
+	const void *hint_owner;     /* protected by lock */
 };
+
+/* Every live share, and their decoded bytes together: process-wide state
+ * by design (one budget for all slides), behind its own lock. */
+static pthread_mutex_t share_registry_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct sf_tile_share *share_registry; /* protected by share_registry_lock */
+static size_t share_total_bytes;             /* protected by share_registry_lock */
+
+static void share_account(long long delta)
+{
+	pthread_mutex_lock(&share_registry_lock);
+	share_total_bytes = (size_t)((long long)share_total_bytes + delta);
+	pthread_mutex_unlock(&share_registry_lock);
+}
 
 static struct sf_tile_share *share_new(void)
 {
 	struct sf_tile_share *sh = calloc(1, sizeof *sh);
-	if (sh && pthread_mutex_init(&sh->lock, NULL) != 0) {
+	if (!sh)
+		return NULL; /* NULL just means no sharing */
+	if (pthread_mutex_init(&sh->lock, NULL) != 0) {
 		free(sh);
-		sh = NULL;
+		return NULL;
 	}
-	return sh; /* NULL just means no sharing */
+	if (pthread_cond_init(&sh->changed, NULL) != 0) {
+		pthread_mutex_destroy(&sh->lock);
+		free(sh);
+		return NULL;
+	}
+	pthread_mutex_lock(&share_registry_lock);
+	sh->next_share = share_registry;
+	share_registry = sh;
+	pthread_mutex_unlock(&share_registry_lock);
+	return sh;
 }
 
 static void share_free(struct sf_tile_share *sh)
 {
 	if (!sh)
 		return;
+	pthread_mutex_lock(&share_registry_lock);
+	for (struct sf_tile_share **pp = &share_registry; *pp; pp = &(*pp)->next_share) {
+		if (*pp == sh) {
+			*pp = sh->next_share;
+			break;
+		}
+	}
+	share_total_bytes -= sh->bytes;
+	pthread_mutex_unlock(&share_registry_lock);
 	for (int i = 0; i < SHARE_SLOTS; i++)
 		free(sh->e[i].data);
+	pthread_cond_destroy(&sh->changed);
 	pthread_mutex_destroy(&sh->lock);
 	free(sh);
 }
 
-/* Copy unit (ifd, unit) of bytes bytes into dst if the share has it. */
-static int share_get(struct sf_tile_share *sh, uint64_t ifd, uint32_t unit, uint8_t *dst,
-                     size_t bytes)
+void sf_slide_set_reuse_hint(const sf_slide_info *s, const void *owner, sf_slide_reuse_fn fn,
+                             void *ctx)
 {
-	int found = 0;
+	struct sf_tile_share *sh = s->share;
 	if (!sh)
-		return 0;
+		return;
 	pthread_mutex_lock(&sh->lock);
-	for (int i = 0; i < SHARE_SLOTS; i++) {
-		share_entry *se = &sh->e[i];
-		if (se->ifd == ifd && se->unit == unit && se->bytes == bytes) {
-			memcpy(dst, se->data, bytes);
-			se->used = ++sh->clock;
-			found = 1;
-			break;
-		}
+	if (fn || sh->hint_owner == owner) {
+		sh->hint = fn;
+		sh->hint_ctx = fn ? ctx : NULL;
+		sh->hint_owner = fn ? owner : NULL;
 	}
 	pthread_mutex_unlock(&sh->lock);
-	return found;
 }
 
+static share_entry *share_find(struct sf_tile_share *sh, uint64_t ifd, uint32_t unit)
+{
+	for (int i = 0; i < SHARE_SLOTS; i++)
+		if (sh->e[i].ifd == ifd && sh->e[i].unit == unit)
+			return &sh->e[i];
+	return NULL;
+}
+
+/* The evictable entry to go first (NULL: every entry is pinned or being
+ * decoded).  Lock held. */
+static share_entry *share_victim(struct sf_tile_share *sh)
+{
+	share_entry *best = NULL;
+	uint64_t best_next = 0;
+	for (int i = 0; i < SHARE_SLOTS; i++) {
+		share_entry *se = &sh->e[i];
+		if (!se->data || se->pins || !se->ready)
+			continue;
+		uint64_t next = sh->hint ? sh->hint(sh->hint_ctx, se->level, se->unit) : 0;
+		if (!best || next > best_next || (next == best_next && se->used < best->used)) {
+			best = se;
+			best_next = next;
+		}
+	}
+	return best;
+}
+
+/* Lock held; the caller accounts the bytes to share_total_bytes. */
 static void share_drop(struct sf_tile_share *sh, share_entry *se)
 {
 	sh->bytes -= se->bytes;
@@ -984,39 +1067,84 @@ static void share_drop(struct sf_tile_share *sh, share_entry *se)
 	memset(se, 0, sizeof *se);
 }
 
-/* Keep a copy of a freshly decoded unit, evicting the least recently used. */
-static void share_put(struct sf_tile_share *sh, uint64_t ifd, uint32_t unit, const uint8_t *src,
-                      size_t bytes)
+/* Free the unpinned READY entries of every other share that is not busy,
+ * until `need` more bytes fit the budget.  sh's lock held. */
+static void share_trim_others(struct sf_tile_share *sh, size_t need)
 {
-	if (!sh || bytes > SHARE_BUDGET / 4)
-		return;
-	uint8_t *copy = malloc(bytes);
-	if (!copy)
-		return;
-	memcpy(copy, src, bytes);
-	pthread_mutex_lock(&sh->lock);
-	share_entry *victim = NULL;
-	for (int i = 0; i < SHARE_SLOTS; i++) {
-		share_entry *se = &sh->e[i];
-		if (se->ifd == ifd && se->unit == unit) { /* another reader was first */
-			pthread_mutex_unlock(&sh->lock);
-			free(copy);
-			return;
+	pthread_mutex_lock(&share_registry_lock);
+	for (struct sf_tile_share *o = share_registry; o && share_total_bytes + need > SHARE_BUDGET;
+	     o = o->next_share) {
+		if (o == sh || pthread_mutex_trylock(&o->lock) != 0)
+			continue;
+		for (int i = 0; i < SHARE_SLOTS; i++) {
+			share_entry *se = &o->e[i];
+			if (se->data && !se->pins && se->ready) {
+				share_total_bytes -= se->bytes;
+				share_drop(o, se);
+			}
 		}
-		if (!victim || !se->data || (victim->data && se->used < victim->used))
-			victim = se;
+		pthread_mutex_unlock(&o->lock);
 	}
-	if (victim->data)
-		share_drop(sh, victim);
-	while (sh->bytes + bytes > SHARE_BUDGET) {
-		share_entry *oldest = NULL;
-		for (int i = 0; i < SHARE_SLOTS; i++)
-			if (sh->e[i].data && (!oldest || sh->e[i].used < oldest->used))
-				oldest = &sh->e[i];
-		share_drop(sh, oldest);
+	pthread_mutex_unlock(&share_registry_lock);
+}
+
+/* Whether `need` more bytes fit the budget of all shares together. */
+static int share_total_fits(size_t need)
+{
+	pthread_mutex_lock(&share_registry_lock);
+	int fits = share_total_bytes + need <= SHARE_BUDGET;
+	pthread_mutex_unlock(&share_registry_lock);
+	return fits;
+}
+
+/* A DECODING entry for (ifd, unit) with a buffer of bytes bytes, pinned by
+ * the caller; NULL when the share cannot hold it (every slot busy, or out of
+ * memory): the caller then decodes privately.  Lock held. */
+static share_entry *share_claim(struct sf_tile_share *sh, uint64_t ifd, uint32_t unit,
+                                uint32_t level, size_t bytes)
+{
+	share_entry *slot = NULL;
+	uint8_t *buf = NULL;
+	if (bytes > SHARE_BUDGET / 4)
+		return NULL;
+	for (int i = 0; i < SHARE_SLOTS && !slot; i++)
+		if (!sh->e[i].data)
+			slot = &sh->e[i];
+	size_t kept = 0; /* bytes of buf, still counted in share_total_bytes */
+	if (!share_total_fits(bytes))
+		share_trim_others(sh, bytes);
+	while (!slot || sh->bytes + bytes > SHARE_BUDGET || !share_total_fits(bytes - kept)) {
+		share_entry *v = share_victim(sh);
+		if (!v)
+			break;
+		size_t freed = v->bytes;
+		if (!buf && v->bytes == bytes) { /* keep its buffer for the newcomer */
+			buf = v->data;
+			v->data = NULL;
+			kept = bytes;
+			freed = 0;
+		}
+		share_drop(sh, v);
+		share_account(-(long long)freed);
+		if (!slot)
+			slot = v;
 	}
-	*victim = (share_entry){ifd, unit, ++sh->clock, bytes, copy};
+	if (!slot || sh->bytes + bytes > SHARE_BUDGET || !share_total_fits(bytes - kept) ||
+	    (!buf && !(buf = malloc(bytes)))) {
+		share_account(-(long long)kept);
+		free(buf);
+		return NULL;
+	}
+	*slot = (share_entry){ifd, unit, level, ++sh->clock, bytes, buf, 1, 0};
 	sh->bytes += bytes;
+	share_account((long long)(bytes - kept));
+	return slot;
+}
+
+static void share_unpin(struct sf_tile_share *sh, share_entry *se)
+{
+	pthread_mutex_lock(&sh->lock);
+	se->pins--;
 	pthread_mutex_unlock(&sh->lock);
 }
 
@@ -1500,12 +1628,90 @@ static lru_entry *lru_slot(sf_slide_reader *r, size_t bytes)
 	return victim;
 }
 
-/* Point *out at the decoded unit u->index of the current directory, from
- * the LRU or decoded now. */
-static int decoded_unit(sf_slide_reader *r, const unit_part *u, const uint8_t **out, sf_err *e)
+/* Decode unit u of the current directory into buf (bytes bytes). */
+static int decode_into(sf_slide_reader *r, const unit_part *u, uint8_t *buf, size_t bytes,
+                       sf_err *e)
 {
 	const dir_geom *g = &r->g;
 	const char *unit = g->tiled ? "tile" : "strip";
+	int err = 0;
+	uint64_t len = TIFFGetStrileByteCountWithErr(r->tif, u->index, &err);
+	r->diag.msg[0] = '\0';
+	r->decodes++;
+	if (!err && len == 0) {
+		memset(buf, 0, bytes); /* sparse unit */
+		return SF_OK;
+	}
+	tmsize_t got = g->tiled ? TIFFReadEncodedTile(r->tif, u->index, buf, (tmsize_t)bytes)
+	                        : TIFFReadEncodedStrip(r->tif, u->index, buf, (tmsize_t)bytes);
+	if (err || got < 0 || (size_t)got < bytes)
+		return sf_fail(e, SF_EFORMAT, "%s: level %u channel %u: cannot decode %s %u: %s",
+		               r->s->path, r->cur_level, r->cur_channel, unit, u->index,
+		               err       ? "no offset"
+		               : got < 0 ? diag_text(&r->diag)
+		                         : "short data");
+	return SF_OK;
+}
+
+/* The unit from the slide's share, decoding it there if no reader has:
+ * SF_OK with *pin set (the caller unpins it after use), SF_OK with *pin
+ * NULL when the share cannot take it (decode privately), or a decode error. */
+static int shared_unit(sf_slide_reader *r, const unit_part *u, size_t bytes, share_entry **pin,
+                       sf_err *e)
+{
+	struct sf_tile_share *sh = r->s->share;
+	share_entry *se;
+	*pin = NULL;
+	pthread_mutex_lock(&sh->lock);
+	while ((se = share_find(sh, r->cur, u->index)) && !se->ready && se->bytes == bytes)
+		pthread_cond_wait(&sh->changed, &sh->lock); /* another reader decodes it */
+	if (se && se->bytes != bytes) {
+		pthread_mutex_unlock(&sh->lock); /* cannot happen for one IFD; be safe */
+		return SF_OK;
+	}
+	if (se) {
+		se->pins++;
+		se->used = ++sh->clock;
+		pthread_mutex_unlock(&sh->lock);
+		*pin = se;
+		return SF_OK;
+	}
+	se = share_claim(sh, r->cur, u->index, r->cur_level, bytes);
+	pthread_mutex_unlock(&sh->lock);
+	if (!se)
+		return SF_OK;
+	int rc = decode_into(r, u, se->data, bytes, e);
+	pthread_mutex_lock(&sh->lock);
+	if (rc != SF_OK) {
+		share_account(-(long long)se->bytes);
+		share_drop(sh, se); /* waiters retry, and fail or succeed themselves */
+	} else
+		se->ready = 1;
+	pthread_cond_broadcast(&sh->changed);
+	pthread_mutex_unlock(&sh->lock);
+	if (rc == SF_OK)
+		*pin = se;
+	return rc;
+}
+
+/* Point *out at the decoded unit u->index of the current directory: in the
+ * slide's share (*pin set: unpin it after use), else in this reader's LRU
+ * (*pin NULL), decoding it when neither has it. */
+static int decoded_unit(sf_slide_reader *r, const unit_part *u, const uint8_t **out,
+                        share_entry **pin, sf_err *e)
+{
+	const dir_geom *g = &r->g;
+	uint32_t rows =
+	    g->tiled ? g->unit_h : (g->height - u->uy < g->unit_h ? g->height - u->uy : g->unit_h);
+	size_t bytes = (size_t)g->unit_w * rows * g->pixel_bytes;
+	*pin = NULL;
+	if (r->s->share) {
+		int rc = shared_unit(r, u, bytes, pin, e);
+		if (rc != SF_OK || *pin) {
+			*out = *pin ? (*pin)->data : NULL;
+			return rc;
+		}
+	}
 	r->clock++;
 	for (int i = 0; i < LRU_SLOTS; i++) {
 		lru_entry *le = &r->lru[i];
@@ -1515,44 +1721,17 @@ static int decoded_unit(sf_slide_reader *r, const unit_part *u, const uint8_t **
 			return SF_OK;
 		}
 	}
-	uint32_t rows =
-	    g->tiled ? g->unit_h : (g->height - u->uy < g->unit_h ? g->height - u->uy : g->unit_h);
-	size_t bytes = (size_t)g->unit_w * rows * g->pixel_bytes;
 	lru_entry *le = lru_slot(r, bytes);
 	if (!le)
 		return sf_fail(e, SF_ENOMEM, "%s: out of memory for a decoded %s", r->s->path,
-		               unit);
-	if (share_get(r->s->share, r->cur, u->index, le->data, bytes)) {
-		le->ifd = r->cur;
-		le->unit = u->index;
-		le->bytes = bytes;
-		le->used = r->clock;
-		*out = le->data;
-		return SF_OK;
-	}
-	int err = 0;
-	uint64_t len = TIFFGetStrileByteCountWithErr(r->tif, u->index, &err);
-	r->diag.msg[0] = '\0';
-	r->decodes++;
-	if (!err && len == 0) {
-		memset(le->data, 0, bytes); /* sparse unit */
-	} else {
-		tmsize_t got =
-		    g->tiled ? TIFFReadEncodedTile(r->tif, u->index, le->data, (tmsize_t)bytes)
-		             : TIFFReadEncodedStrip(r->tif, u->index, le->data, (tmsize_t)bytes);
-		if (err || got < 0 || (size_t)got < bytes)
-			return sf_fail(e, SF_EFORMAT,
-			               "%s: level %u channel %u: cannot decode %s %u: %s",
-			               r->s->path, r->cur_level, r->cur_channel, unit, u->index,
-			               err       ? "no offset"
-			               : got < 0 ? diag_text(&r->diag)
-			                         : "short data");
-	}
+		               g->tiled ? "tile" : "strip");
+	int rc = decode_into(r, u, le->data, bytes, e);
+	if (rc != SF_OK)
+		return rc;
 	le->ifd = r->cur;
 	le->unit = u->index;
 	le->bytes = bytes;
 	le->used = r->clock;
-	share_put(r->s->share, r->cur, u->index, le->data, bytes);
 	*out = le->data;
 	return SF_OK;
 }
@@ -1561,7 +1740,8 @@ static int copy_decoded(sf_slide_reader *r, const region *rg, const unit_part *u
 {
 	const dir_geom *g = &r->g;
 	const uint8_t *src = NULL;
-	int rc = decoded_unit(r, u, &src, e);
+	share_entry *pin = NULL;
+	int rc = decoded_unit(r, u, &src, &pin, e);
 	if (rc)
 		return rc;
 	size_t stride = (size_t)g->unit_w * g->pixel_bytes;
@@ -1570,6 +1750,8 @@ static int copy_decoded(sf_slide_reader *r, const region *rg, const unit_part *u
 	for (uint32_t row = u->y0; row < u->y1; row++)
 		memcpy(region_at(rg, g, u->x0, row), src + (size_t)(row - u->uy) * stride + skip,
 		       row_bytes);
+	if (pin)
+		share_unpin(r->s->share, pin);
 	return SF_OK;
 }
 

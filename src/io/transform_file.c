@@ -32,6 +32,8 @@
 #include <sys/stat.h>
 #include <tiffio.h>
 
+#include "scopefs/metaimage.h"
+
 #define MAX_FILE_BYTES  ((size_t)1 << 30)
 #define MAX_CHAIN_DEPTH 16
 #define MAX_JSON_DEPTH  32
@@ -974,6 +976,36 @@ static int ex_bspline(const ex_file *f, const double *par, size_t npar, sf_trans
 	return rc == SF_OK ? SF_OK : prefix_error(e, rc, f->path, ex_line(f, "Transform"));
 }
 
+/* elastix's DeformationFieldTransform: T(p) = p + D(p), D a physical
+ * displacement image (MetaImage) read bilinearly.  elastix's default
+ * interpolation order is 0 (nearest), which we do not reproduce. */
+static int ex_deformation_field(const ex_file *f, sf_transform *t, sf_err *e)
+{
+	static const double vm[4] = {1, 0, 0, 1};
+	const char *name = ex_string(f, "DeformationFieldFileName", NULL);
+	char path[PATH_MAX];
+	double order, gmap[6];
+	sf_field_grid *g;
+	int rc = ex_numbers(f, "DeformationFieldInterpolationOrder", 1, (double[]){0}, &order, e);
+
+	if (rc != SF_OK)
+		return rc;
+	if (!name)
+		return ex_missing(f, "DeformationFieldFileName", e);
+	if (order != 1)
+		return sf_fail(
+		    e, SF_EUNSUPPORTED,
+		    "%s:%d: DeformationFieldInterpolationOrder %g (only 1, linear, is read)",
+		    f->path, ex_line(f, "DeformationFieldInterpolationOrder"), order);
+	if (!resolve_near(f->path, name, path, sizeof path))
+		return sf_fail(e, SF_ENOTFOUND, "%s:%d: deformation field %s not found", f->path,
+		               ex_line(f, "DeformationFieldFileName"), name);
+	if ((rc = sf_metaimage_read_field(path, &g, gmap, e)) != SF_OK)
+		return prefix_error(e, rc, f->path, ex_line(f, "DeformationFieldFileName"));
+	rc = sf_transform_then_field(t, g, gmap, vm, e);
+	return rc == SF_OK ? SF_OK : prefix_error(e, rc, f->path, ex_line(f, "Transform"));
+}
+
 /* The transform f itself (without its initial transform), physical units. */
 static int ex_own_transform(const ex_file *f, sf_transform *t, sf_err *e)
 {
@@ -982,6 +1014,8 @@ static int ex_own_transform(const ex_file *f, sf_transform *t, sf_err *e)
 	const ex_entry *pe = ex_find(f, "TransformParameters");
 	if (!name)
 		return ex_missing(f, "Transform", e);
+	if (strcmp(name, "DeformationFieldTransform") == 0)
+		return ex_deformation_field(f, t, e); /* no parameters: the field is an image */
 	if (!pe)
 		return ex_missing(f, "TransformParameters", e);
 	size_t np = pe->n;
@@ -1029,6 +1063,7 @@ static int ex_own_transform(const ex_file *f, sf_transform *t, sf_err *e)
 	} else if (rc == SF_OK && (strcmp(name, "BSplineTransform") == 0 ||
 	                           strcmp(name, "RecursiveBSplineTransform") == 0)) {
 		rc = ex_bspline(f, par, np, t, e);
+
 	} else if (rc == SF_OK) {
 		rc = sf_fail(e, SF_EUNSUPPORTED, "%s:%d: transform %s is not supported", f->path,
 		             ex_line(f, "Transform"), name);

@@ -6,7 +6,8 @@ section to stdout and appends it to docs/benchmarks.md; run.py may call
 section() and append the text itself.  Data lives in $SCOPEFS_BENCH_DIR
 (default /tmp/scopefs-bench), shared with run.py: the 16k x 16k, 4-channel
 uint16 source (run.make_source) is made once.  $SCOPEFS_BUILD (default
-build) names the build folder whose scopefs and tests/test_warp are run.
+build) names the build folder whose scopefs and tests/test_warp are run;
+$SCOPEFS_BIN, when set, names the scopefs binary itself.
 
 The moving slide is the same pixels under another name (a hard link), with
 a transform JSON: an affine (3 degree rotation about the centre + a shift)
@@ -55,7 +56,7 @@ ANGLE_DEG = 3.0
 SHIFT = (180.0, -120.0)
 FIELD_STEP = 512
 FIELD_AMP = 24.0
-core.SCOPEFS = os.path.join(BUILD, "scopefs")
+core.SCOPEFS = os.environ.get("SCOPEFS_BIN", os.path.join(BUILD, "scopefs"))
 
 VWARP_C = r"""
 /* vwarp: libvips doing scopefs' warp, for the benchmark.

@@ -107,7 +107,8 @@ def lib(tmp_path_factory):
     shim = d / "shim.c"
     shim.write_text(SHIM)
     so = d / "libwarpshim.so"
-    srcs = ["src/core/warp.c", "src/core/transform.c", "src/io/transform_file.c"]
+    srcs = ["src/core/warp.c", "src/core/transform.c", "src/io/transform_file.c",
+            "src/io/metaimage.c"]
     srcs += ["src/util/err.c", "src/util/log.c", "src/util/pixel.c"]
     tiff = subprocess.run(["pkg-config", "--cflags", "--libs", "libtiff-4"],
                           capture_output=True, text=True, check=True).stdout.split()

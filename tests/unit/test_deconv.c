@@ -7,14 +7,15 @@
  * the interrupt flag, option validation, the 7-smooth and padded sizes are
  * checked; the FFTW engine's fused forms (convolve, rl_step) are compared
  * with FFTW's own 3D r2c/c2r plans and must give the same bytes for 1, 2
- * and 3 threads;
+ * and 3 threads, and so must a whole block (pre-filter, regularisation,
+ * Biggs-Andrews acceleration);
  * with CUDA built in and a device present, the same block on cuFFT and FFTW
  * must agree to relative L2 < 1e-4 (skipped with a message otherwise).
  *
  * With `--rl IN.raw nx ny nz PSF.raw px py pz OUT.raw [key=value ...]`: run
  * one block (float32 v[z][y][x] files) for the Python oracles in
  * tests/integration/test_deconv_oracle.py.  Keys: numit, taper, init, reg,
- * damp, stop, dark, sigma=X,Y,Z, size=X,Y,Z, fft=X,Y,Z, threads, measure,
+ * damp, stop, accelerate, dark, sigma=X,Y,Z, size=X,Y,Z, fft=X,Y,Z, threads, measure,
  * engine=fftw|cufft, repeat (run the block this many times and print the
  * seconds per block).  Prints "iterations=N seconds=S fft=X,Y,Z". */
 #include "check.h"
@@ -73,25 +74,39 @@ static void direct_conv(const double *v, sf_dims3 n, const float *k, sf_dims3 kn
 			}
 }
 
-/* Textbook RL, x0 = y: x <- x * H^T(y / Hx), in double with direct sums. */
-static void direct_rl(const float *y, sf_dims3 n, const float *k, sf_dims3 kn, int numit, double *x)
+/* Textbook RL, x0 = y: x <- x * H^T(y / Hx), in double with direct sums.
+ * With accel, Biggs-Andrews as MATLAB's deconvlucy writes it: the RL step
+ * is taken from v = max(x + a (x - x_prev), 0), a = <g1, g2> / <g2, g2>
+ * clamped to [0, 1] from the last two steps g = RL(v) - v (0 before). */
+static void direct_rl(const float *y, sf_dims3 n, const float *k, sf_dims3 kn, int numit, int accel,
+                      double *x)
 {
 	size_t N = n.nx * n.ny * n.nz;
 	double *hx = malloc(N * sizeof *hx), *c = malloc(N * sizeof *c);
-	if (!hx || !c)
+	double *xp = malloc(N * sizeof *xp), *v = malloc(N * sizeof *v);
+	double *g1 = calloc(N, sizeof *g1), *g2 = calloc(N, sizeof *g2);
+	if (!hx || !c || !xp || !v || !g1 || !g2)
 		abort(); /* test harness only: no way to report without an oracle */
 	for (size_t i = 0; i < N; i++)
-		x[i] = y[i];
+		x[i] = xp[i] = y[i];
 	for (int it = 0; it < numit; it++) {
-		direct_conv(x, n, k, kn, 0, hx);
+		double a = 0, num = 0, den = 0;
+		for (size_t i = 0; accel && it >= 2 && i < N; i++)
+			num += g1[i] * g2[i], den += g2[i] * g2[i];
+		if (den > 0)
+			a = fmin(fmax(num / den, 0), 1);
+		for (size_t i = 0; i < N; i++)
+			v[i] = fmax(x[i] + a * (x[i] - xp[i]), 0), xp[i] = x[i];
+		direct_conv(v, n, k, kn, 0, hx);
 		for (size_t i = 0; i < N; i++)
 			hx[i] = y[i] / fmax(hx[i], 1.19e-7);
 		direct_conv(hx, n, k, kn, 1, c);
-		for (size_t i = 0; i < N; i++)
-			x[i] = fabs(x[i] * c[i]);
+		for (size_t i = 0; i < N; i++) {
+			x[i] = fabs(v[i] * c[i]);
+			g2[i] = g1[i], g1[i] = x[i] - v[i];
+		}
 	}
-	free(hx);
-	free(c);
+	free(hx), free(c), free(xp), free(v), free(g1), free(g2);
 }
 
 static void test_matches_direct_rl(void)
@@ -112,16 +127,20 @@ static void test_matches_direct_rl(void)
 	for (size_t i = 0; i < N; i++)
 		y[i] = (float)(0.2 + uniform(&s));
 	sf_psf psf = {.nx = kn.nx, .ny = kn.ny, .nz = kn.nz, .v = k};
-	sf_deconv_params p = plain_params(5);
-	sf_fft_config cfg = {.nthreads = 1};
-	sf_err e = {0};
-	int rc = sf_deconv_block_once(&p, &psf, n, y, out, sf_fft_fftw_ops(), &cfg, &e);
-	CHECK(rc == SF_OK, "deconv: %s", e.msg);
-	direct_rl(y, n, k, kn, 5, ref);
-	double err = 0, norm = 0;
-	for (size_t i = 0; i < N; i++)
-		err += (out[i] - ref[i]) * (out[i] - ref[i]), norm += ref[i] * ref[i];
-	CHECK(sqrt(err / norm) < 2e-6, "RL vs direct: relative L2 %g", sqrt(err / norm));
+	for (int accel = 0; accel <= 1; accel++) {
+		sf_deconv_params p = plain_params(accel ? 8 : 5);
+		p.accelerate = accel;
+		sf_fft_config cfg = {.nthreads = 1};
+		sf_err e = {0};
+		int rc = sf_deconv_block_once(&p, &psf, n, y, out, sf_fft_fftw_ops(), &cfg, &e);
+		CHECK(rc == SF_OK, "deconv: %s", e.msg);
+		direct_rl(y, n, k, kn, p.numit, accel, ref);
+		double err = 0, norm = 0;
+		for (size_t i = 0; i < N; i++)
+			err += (out[i] - ref[i]) * (out[i] - ref[i]), norm += ref[i] * ref[i];
+		CHECK(sqrt(err / norm) < 2e-6, "RL (accelerate=%d) vs direct: relative L2 %g",
+		      accel, sqrt(err / norm));
+	}
 	free(y), free(out), free(k), free(ref);
 }
 
@@ -215,6 +234,39 @@ out:
 	free(y), free(out);
 }
 
+/* The whole block (pre-filter, taper, Gaussian and R26 regularisation,
+ * acceleration) gives the same bytes on 1, 2 and 3 threads: the product
+ * layer shares one context whose thread count is the engine's. */
+static void test_threads_same_bytes(void)
+{
+	sf_psf psf = reference_psf();
+	sf_dims3 n = {30, 22, 41};
+	size_t N = n.nx * n.ny * n.nz;
+	float *y = malloc(N * sizeof *y), *one = malloc(N * sizeof *one);
+	float *out = malloc(N * sizeof *out);
+	if (!y || !one || !out)
+		abort();
+	unsigned long long s = 17;
+	for (size_t i = 0; i < N; i++)
+		y[i] = (float)(50 + 500 * uniform(&s) * uniform(&s));
+	sf_deconv_params p;
+	sf_deconv_params_default(&p);
+	p.dxy = 400, p.dz = 1200, p.lambda_ex = 561, p.lambda_em = 600;
+	p.numit = 7, p.lambda_damping = 0.1, p.dark = 20, p.accelerate = 1;
+	for (int t = 1; t <= 3; t++) {
+		sf_fft_config cfg = {.nthreads = t};
+		sf_err e = {0};
+		int rc = sf_deconv_block_once(&p, &psf, n, y, t == 1 ? one : out, sf_fft_fftw_ops(),
+		                              &cfg, &e);
+		CHECK(rc == SF_OK, "threads=%d: %s", t, e.msg);
+		if (t > 1)
+			CHECK(!memcmp(one, out, N * sizeof *out), "threads=%d: bytes differ from 1",
+			      t);
+	}
+	sf_psf_free(&psf);
+	free(y), free(one), free(out);
+}
+
 static void test_validation(void)
 {
 	struct {
@@ -230,6 +282,7 @@ static void test_validation(void)
 	    {"gaussian_sigma z=", NULL},
 	    {"dz=", NULL},
 	    {"regularize_interval=", NULL},
+	    {"accelerate=", NULL},
 	};
 	for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
 		sf_deconv_params p;
@@ -245,6 +298,7 @@ static void test_validation(void)
 		case 6: p.gaussian_sigma[2] = -1; break;
 		case 7: p.dz = 0; break;
 		case 8: p.regularize_interval = -2; break;
+		case 9: p.accelerate = 2; break;
 		}
 		sf_err e = {0};
 		int rc = sf_deconv_params_validate(&p, &e);
@@ -433,22 +487,26 @@ static void test_gpu_matches_cpu(void)
 	unsigned long long s = 11;
 	for (size_t i = 0; i < N; i++)
 		y[i] = (float)(100 + 1000 * uniform(&s) * uniform(&s));
-	sf_deconv_params p;
-	sf_deconv_params_default(&p);
-	p.dxy = 400, p.dz = 1200, p.lambda_ex = 561, p.lambda_em = 600;
-	p.numit = 10, p.lambda_damping = 0.2, p.dark = 50;
-	sf_fft_config cfg = {.nthreads = 2, .device = 0};
-	sf_err e = {0};
-	int rc = sf_deconv_block_once(&p, &psf, n, y, cpu, sf_fft_fftw_ops(), &cfg, &e);
-	CHECK(rc == SF_OK, "cpu: %s", e.msg);
-	rc = sf_deconv_block_once(&p, &psf, n, y, gpu, sf_fft_cufft_ops(), &cfg, &e);
-	CHECK(rc == SF_OK, "gpu: %s", e.msg);
-	double err = 0, norm = 0;
-	for (size_t i = 0; i < N; i++)
-		err += (double)(gpu[i] - cpu[i]) * (gpu[i] - cpu[i]),
-		    norm += (double)cpu[i] * cpu[i];
-	CHECK(sqrt(err / norm) < 1e-4, "GPU vs CPU relative L2 %g", sqrt(err / norm));
-	printf("test_deconv: GPU vs CPU relative L2 %.3g\n", sqrt(err / norm));
+	for (int accel = 0; accel <= 1; accel++) {
+		sf_deconv_params p;
+		sf_deconv_params_default(&p);
+		p.dxy = 400, p.dz = 1200, p.lambda_ex = 561, p.lambda_em = 600;
+		p.numit = 10, p.lambda_damping = 0.2, p.dark = 50, p.accelerate = accel;
+		sf_fft_config cfg = {.nthreads = 2, .device = 0};
+		sf_err e = {0};
+		int rc = sf_deconv_block_once(&p, &psf, n, y, cpu, sf_fft_fftw_ops(), &cfg, &e);
+		CHECK(rc == SF_OK, "cpu: %s", e.msg);
+		rc = sf_deconv_block_once(&p, &psf, n, y, gpu, sf_fft_cufft_ops(), &cfg, &e);
+		CHECK(rc == SF_OK, "gpu: %s", e.msg);
+		double err = 0, norm = 0;
+		for (size_t i = 0; i < N; i++)
+			err += (double)(gpu[i] - cpu[i]) * (gpu[i] - cpu[i]),
+			    norm += (double)cpu[i] * cpu[i];
+		CHECK(sqrt(err / norm) < 1e-4, "GPU vs CPU (accelerate=%d) relative L2 %g", accel,
+		      sqrt(err / norm));
+		printf("test_deconv: GPU vs CPU (accelerate=%d) relative L2 %.3g\n", accel,
+		       sqrt(err / norm));
+	}
 	sf_psf_free(&psf);
 	free(y), free(cpu), free(gpu);
 }
@@ -498,6 +556,8 @@ static int apply_option(sf_deconv_params *p, sf_fft_config *cfg, const sf_fft_op
 		p->lambda_damping = atof(v);
 	else if (KEY("stop"))
 		p->stop_criterion = atof(v);
+	else if (KEY("accelerate"))
+		p->accelerate = atoi(v);
 	else if (KEY("dark"))
 		p->dark = atof(v);
 	else if (KEY("threads"))
@@ -601,6 +661,7 @@ int main(int argc, char **argv)
 	test_matches_direct_rl();
 	test_delta_psf_is_identity();
 	test_stop_and_interrupt();
+	test_threads_same_bytes();
 #ifdef SF_HAVE_CUDA
 	test_gpu_matches_cpu();
 #endif

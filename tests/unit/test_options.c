@@ -6,6 +6,7 @@
 
 #include "check.h"
 #include "scopefs/options.h"
+#include "scopefs/register.h"
 
 static int parse(sf_options *o, sf_err *e, int argc, const char **argv)
 {
@@ -105,6 +106,47 @@ static void test_preset(const char *raw, const char *dir)
 	sf_options_free(&o);
 }
 
+/* The reg_* keys: defaults, values, and a refusal naming the key. */
+static void test_registration(const char *raw, const char *cache)
+{
+	sf_options o = {0};
+	sf_err e = {0};
+	char opt[600];
+
+	snprintf(opt, sizeof opt,
+	         "cache=%s,reg_channel=CD3,reg_metric=mi,reg_dim=512,reg_nonrigid_dim=0,"
+	         "reg_order=serial,reg_eager=1",
+	         cache);
+	const char *ok[] = {"scopefs", "-o", opt, raw, "/mnt"};
+	CHECK(parse(&o, &e, 5, ok) == SF_OK, "reg options: %s", e.msg);
+	CHECK(o.reg.enabled && !strcmp(o.reg.channel, "CD3") && o.reg.metric == SF_REG_METRIC_MI &&
+	          o.reg.dim == 512 && o.reg.nonrigid_dim == 0 && o.reg.serial && o.reg.eager,
+	      "reg values applied");
+	sf_options_free(&o);
+
+	memset(&o, 0, sizeof o);
+	snprintf(opt, sizeof opt, "cache=%s", cache);
+	const char *plain[] = {"scopefs", "-o", opt, raw, "/mnt"};
+	CHECK(parse(&o, &e, 5, plain) == SF_OK && o.reg.enabled && o.reg.metric == -1 &&
+	          o.reg.dim == 1024 && o.reg.nonrigid_dim == 2000 && !o.reg.serial && !o.reg.eager,
+	      "reg defaults");
+	sf_options_free(&o);
+
+	static const char *const bad[] = {
+	    "reg=maybe",        "reg_metric=ssd", "reg_dim=10", "reg_nonrigid_dim=9999",
+	    "reg_order=random", "reg_eager=2",    "reg_dim=abc"};
+	for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+		char key[32];
+		memset(&o, 0, sizeof o);
+		snprintf(opt, sizeof opt, "cache=%s,%s", cache, bad[i]);
+		snprintf(key, sizeof key, "%.*s", (int)strcspn(bad[i], "="), bad[i]);
+		const char *argv[] = {"scopefs", "-o", opt, raw, "/mnt"};
+		CHECK(parse(&o, &e, 5, argv) == SF_EINVAL && strstr(e.msg, key),
+		      "%s refused naming %s: %s", bad[i], key, e.msg);
+		sf_options_free(&o);
+	}
+}
+
 int main(void)
 {
 	char dir[] = "/tmp/scopefs-test-options-XXXXXX";
@@ -118,6 +160,7 @@ int main(void)
 	test_sizes();
 	test_cli(raw, cache);
 	test_preset(raw, dir);
+	test_registration(raw, cache);
 	char cmd[700];
 	snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
 	if (system(cmd) != 0)

@@ -188,6 +188,42 @@ static void test_rounding_and_clamping(void)
 	sf_transform_release(&t);
 }
 
+/* The 4-sample vector path at the type's extremes and at coordinates in
+ * (-1, 0), where floor is -1 (truncation alone would give 0): values from
+ * first principles. */
+static void test_four_lane_edges(void)
+{
+	sf_err e;
+	sf_transform t;
+	/* src = x - 0.25: output pixel 0 samples -0.25: 0.75 of pixel 0, 0.25
+	 * of the background; pixel 1 samples 0.75 */
+	double shift[9] = {1, 0, -0.25, 0, 1, 0, 0, 0, 1};
+	affine(&t, shift);
+	uint16_t src16[2 * 2 * 4], out16[2 * 4];
+	uint8_t src8[2 * 2 * 4], out8[2 * 4];
+	for (int i = 0; i < 16; i++) {
+		src16[i] = i % 4 == 3 ? 0 : 65535;
+		src8[i] = i % 4 == 3 ? 0 : 255;
+	}
+	src16[1] = src16[5] = src16[9] = src16[13] = 40000; /* channel 1: flat 40000 */
+	sf_warp_src s16 = {src16, 2 * 4 * 2, {0, 0, 2, 2}};
+	sf_warp_fmt f16 = {SF_U16, 4, SF_INTERP_BILINEAR, 1000};
+	sf_warp_tile(&t.map, &s16, &f16, (sf_wrect){0, 0, 2, 1}, out16, sizeof out16, &e);
+	/* pixel 0: 1000 + 0.75 (v - 1000): 65535 -> 49401.25 -> 49401;
+	 * 40000 -> 30250; 0 -> 250; pixel 1: all inside, flat -> v */
+	CHECK(out16[0] == 49401 && out16[1] == 30250 && out16[3] == 250,
+	      "u16 x4 at -0.25: %u %u %u", out16[0], out16[1], out16[3]);
+	CHECK(out16[4] == 65535 && out16[5] == 40000 && out16[7] == 0,
+	      "u16 x4 at the top of the range: %u %u %u", out16[4], out16[5], out16[7]);
+	sf_warp_src s8 = {src8, 2 * 4, {0, 0, 2, 2}};
+	sf_warp_fmt f8 = {SF_U8, 4, SF_INTERP_BILINEAR, 0};
+	sf_warp_tile(&t.map, &s8, &f8, (sf_wrect){0, 0, 2, 1}, out8, sizeof out8, &e);
+	/* 0.75 * 255 = 191.25 -> 191 */
+	CHECK(out8[0] == 191 && out8[3] == 0 && out8[4] == 255 && out8[7] == 0,
+	      "u8 x4: %u %u %u %u", out8[0], out8[3], out8[4], out8[7]);
+	sf_transform_release(&t);
+}
+
 /* The 4-sample fast path (vector lanes) equals four 1-sample warps. */
 static void test_four_lanes(void)
 {
@@ -473,6 +509,7 @@ int main(int argc, char **argv)
 	test_identity_and_shift();
 	test_rounding_and_clamping();
 	test_four_lanes();
+	test_four_lane_edges();
 	test_bad_arguments();
 	test_source_rect();
 	test_choose_source();

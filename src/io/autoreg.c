@@ -1,0 +1,864 @@
+/* autoreg.c — the registration job of a mount (autoreg.h).
+ *
+ * The job runs in three phases over its slides, each phase a shared queue
+ * that every job thread drains before waiting for the phase to finish:
+ *   0. thumbnails: the registration image and tissue mask of every slide
+ *      that is needed (the reference, the slides to register, and in serial
+ *      order their neighbours);
+ *   1. affine: each slide to its target (the reference, or in serial order
+ *      its neighbour towards the reference): similarity search, then affine
+ *      refinement (register.h), as a level-0 matrix;
+ *   2. finish: compose the chain to the reference (serial), fit the
+ *      non-rigid field against the reference, apply the guard, build the
+ *      transform and store it in the disk cache.
+ * Slides found in the cache skip all three.  Thumbnails are freed when the
+ * job ends.  One lock guards the queues and every slide's state; the
+ * registration itself runs outside it. */
+#include "scopefs/autoreg.h"
+
+#include <ctype.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "autoreg_thumb.h"
+#include "scopefs/log.h"
+#include "scopefs/register.h"
+#include "scopefs/transform_export.h"
+
+#define PHASES 3
+
+/* The guard: a result outside these bounds is not served. */
+#define GUARD_MIN_OVERLAP  0.25 /* of the reference's tissue */
+#define GUARD_MIN_NCC      0.20 /* NCC metric: below it nothing really matched */
+#define GUARD_MIN_MI       0.05 /* MI metric, nats */
+#define GUARD_MAX_SCALE    1.5  /* level-0 scale against the pixel-size ratio */
+#define GUARD_MAX_SHEAR    1.5  /* ratio of the linear part's singular values */
+#define GUARD_MIN_JACOBIAN 0.1  /* of x -> x + D(x): below it the field (nearly) folds */
+#define GUARD_MAX_DISP     0.1  /* largest field displacement, of the thumbnail diagonal */
+
+enum slide_stage { ST_IDLE, ST_QUEUED, ST_THUMB, ST_AFFINE, ST_NONRIGID, ST_DONE, ST_FAILED };
+
+static const char *const stage_text[] = {"waiting for registered/ to be used", "queued",
+                                         "reading its thumbnail", "affine registration",
+                                         "non-rigid registration"};
+
+typedef struct slide_job {
+	int in_job;      /* registered by this job (else a target only) */
+	uint32_t target; /* registered to this slide (the reference, or a neighbour) */
+	enum slide_stage stage;
+	sf_key key;
+	double affine0[9]; /* phase 1: level-0 backward map target px -> this slide px */
+	sf_reg_result r;   /* phase 1's fit */
+	int affine_ok;
+	sf_transform t; /* the result */
+	double jac_min, disp_max;
+	double seconds;           /* affine + non-rigid, this slide's own work */
+	double t_affine, t_field; /* the two parts (not cached) */
+	int has_field, cached;
+	char why[512];                             /* ST_FAILED: the reason */
+	uint64_t file_size[SF_AUTOREG_FILE_KINDS]; /* + 1: 0 = not known yet */
+} slide_job;
+
+struct sf_autoreg {
+	const sf_dataset *d;
+	uint32_t ref;
+	sf_reg_settings s;
+	unsigned threads;
+	sf_cache *cache;
+	char *tdir;
+	slide_job *jobs;       /* d->slide_count */
+	autoreg_thumb *thumbs; /* d->slide_count; made in phase 0 */
+
+	pthread_mutex_t lock; /* guards everything below and every jobs[] field after create */
+	pthread_cond_t changed;
+	int started, stopping;
+	pthread_t *tids;
+	unsigned nthreads;
+	uint32_t *queue[PHASES]; /* slide indices per phase */
+	uint32_t count[PHASES], next[PHASES], done[PHASES];
+};
+
+/* --- settings ------------------------------------------------------------- */
+
+void sf_reg_settings_default(sf_reg_settings *s)
+{
+	memset(s, 0, sizeof *s);
+	s->enabled = 1;
+	s->metric = -1;
+	s->dim = 1024;
+	s->nonrigid_dim = 2000;
+}
+
+static int parse_dim(const char *value, int zero_ok, uint32_t *out)
+{
+	char *end;
+	unsigned long v;
+
+	if (!isdigit((unsigned char)value[0]))
+		return SF_EINVAL;
+	v = strtoul(value, &end, 10);
+	if (*end || (v == 0 && !zero_ok) || (v != 0 && (v < 64 || v > 8192)))
+		return SF_EINVAL;
+	*out = (uint32_t)v;
+	return SF_OK;
+}
+
+static int pick(const char *value, const char *a, const char *b, int *out)
+{
+	if (!strcmp(value, a))
+		*out = 0;
+	else if (!strcmp(value, b))
+		*out = 1;
+	else
+		return SF_EINVAL;
+	return SF_OK;
+}
+
+int sf_reg_settings_apply(sf_reg_settings *s, const char *key, const char *value,
+                          const char *origin, sf_err *e)
+{
+	int v, rc = SF_EINVAL;
+	const char *want = "";
+
+	if (!strcmp(key, "reg")) {
+		want = "auto or off";
+		if ((rc = pick(value, "off", "auto", &v)) == SF_OK)
+			s->enabled = v;
+	} else if (!strcmp(key, "reg_channel")) {
+		want = "a channel name or index (at most 63 characters)";
+		if (strlen(value) < sizeof s->channel) {
+			snprintf(s->channel, sizeof s->channel, "%s", value);
+			rc = SF_OK;
+		}
+	} else if (!strcmp(key, "reg_metric")) {
+		want = "auto, ncc or mi";
+		if (!strcmp(value, "auto"))
+			s->metric = -1, rc = SF_OK;
+		else if ((rc = pick(value, "ncc", "mi", &v)) == SF_OK)
+			s->metric = v ? SF_REG_METRIC_MI : SF_REG_METRIC_NCC;
+	} else if (!strcmp(key, "reg_dim")) {
+		want = "a side length from 64 to 8192";
+		rc = parse_dim(value, 0, &s->dim);
+	} else if (!strcmp(key, "reg_nonrigid_dim")) {
+		want = "0 (no non-rigid step) or a side length from 64 to 8192";
+		rc = parse_dim(value, 1, &s->nonrigid_dim);
+	} else if (!strcmp(key, "reg_order")) {
+		want = "direct or serial";
+		if ((rc = pick(value, "direct", "serial", &v)) == SF_OK)
+			s->serial = v;
+	} else if (!strcmp(key, "reg_eager")) {
+		want = "0 or 1";
+		if ((rc = pick(value, "0", "1", &v)) == SF_OK)
+			s->eager = v;
+	} else
+		return sf_fail(e, SF_EINVAL, "%sunknown option '%s'", origin, key);
+	if (rc != SF_OK)
+		return sf_fail(e, SF_EINVAL, "%soption '%s': '%s' is not %s", origin, key, value,
+		               want);
+	return SF_OK;
+}
+
+/* --- file names ------------------------------------------------------------ */
+
+static const char *const file_suffix[SF_AUTOREG_FILE_KINDS] = {
+    ".json", ".field.tif", ".elastix.txt", ".elastix-field.txt", ".field.mhd", ".field.raw"};
+
+void sf_autoreg_file_name(sf_autoreg_file_kind k, const char *stem, char *buf, size_t n)
+{
+	snprintf(buf, n, "%s%s", stem, file_suffix[k]);
+}
+
+int sf_autoreg_file_exists(const sf_reg_settings *s, sf_autoreg_file_kind k)
+{
+	return k == SF_AUTOREG_JSON || k == SF_AUTOREG_ELASTIX || s->nonrigid_dim > 0;
+}
+
+/* --- keys and the disk cache ---------------------------------------------- */
+
+static sf_key mix_slide(sf_key k, const sf_slide_info *s)
+{
+	k = sf_key_mix_str(k, s->path);
+	k = sf_key_mix_u64(k, s->file_size);
+	return sf_key_mix_u64(k, (uint64_t)s->mtime_ns);
+}
+
+/* Everything slide i's result depends on: both slides (every slide of the
+ * chain in serial order), the settings that shape it, the code's version. */
+static sf_key slide_key(const sf_autoreg *a, uint32_t i)
+{
+	sf_key k = sf_key_of("scopefs autoreg v1", 18);
+	const sf_reg_settings *s = &a->s;
+
+	k = mix_slide(k, a->d->slides[a->ref]);
+	for (uint32_t j = i; j != a->ref; j = a->jobs[j].target)
+		k = mix_slide(k, a->d->slides[j]);
+	k = sf_key_mix_str(k, s->channel);
+	k = sf_key_mix_u64(k, (uint64_t)(s->metric + 1));
+	k = sf_key_mix_u64(k, ((uint64_t)s->dim << 32) | s->nonrigid_dim);
+	return sf_key_mix_u64(k, (uint64_t)s->serial);
+}
+
+/* A result in the cache: this header under mix(key, 1), the field's
+ * 2 * fw * fh floats under mix(key, 2). */
+typedef struct cached_result {
+	uint64_t magic; /* CACHE_MAGIC: layout version */
+	double m[9], g[6], vm[4];
+	double ncc, mi, overlap, scale, angle, jac_min, disp_max, seconds;
+	uint32_t fw, fh, has_field, mirrored;
+} cached_result;
+
+#define CACHE_MAGIC 0x3147455241534653ull /* "SFSAREG1" */
+
+static int cache_store(sf_autoreg *a, slide_job *j, sf_err *e)
+{
+	cached_result c = {0};
+	const sf_map *mp = &j->t.map;
+	int rc;
+
+	c.magic = CACHE_MAGIC;
+	memcpy(c.m, mp->m, sizeof c.m);
+	c.ncc = j->r.ncc, c.mi = j->r.mi, c.overlap = j->r.overlap, c.scale = j->r.scale;
+	c.angle = j->r.angle_deg, c.mirrored = (uint32_t)j->r.mirrored;
+	c.jac_min = j->jac_min, c.disp_max = j->disp_max, c.seconds = j->seconds;
+	if ((c.has_field = j->has_field)) {
+		memcpy(c.g, mp->field[0].g, sizeof c.g);
+		memcpy(c.vm, mp->field[0].vm, sizeof c.vm);
+		c.fw = mp->field[0].w, c.fh = mp->field[0].h;
+		rc = sf_cache_put(a->cache, sf_key_mix_u64(j->key, 2),
+		                  (const uint8_t *)mp->field[0].v,
+		                  (size_t)c.fw * c.fh * 2 * sizeof(float), 4, e);
+		if (rc != SF_OK)
+			return rc;
+	}
+	return sf_cache_put(a->cache, sf_key_mix_u64(j->key, 1), (const uint8_t *)&c, sizeof c, 4,
+	                    e);
+}
+
+/* SF_OK when slide j's result was in the cache (j->t set), else SF_ENOTFOUND. */
+static int cache_load(sf_autoreg *a, slide_job *j, sf_err *e)
+{
+	cached_result c;
+	sf_field_grid *g;
+	sf_transform t;
+	int rc = sf_cache_get(a->cache, sf_key_mix_u64(j->key, 1), (uint8_t *)&c, sizeof c, e);
+
+	if (rc != SF_OK)
+		return rc;
+	if (c.magic != CACHE_MAGIC ||
+	    (c.has_field && (!c.fw || !c.fh || c.fw > 8192 || c.fh > 8192)))
+		return SF_ENOTFOUND;
+	sf_transform_init(&t);
+	if (c.has_field) {
+		if (!(g = sf_field_grid_create(SF_FIELD_LINEAR, c.fw, c.fh, e)))
+			return SF_ENOMEM;
+		rc = sf_cache_get(a->cache, sf_key_mix_u64(j->key, 2), (uint8_t *)g->v,
+		                  (size_t)c.fw * c.fh * 2 * sizeof(float), e);
+		if (rc == SF_OK)
+			rc = sf_field_grid_finish(g, e);
+		if (rc != SF_OK) {
+			sf_field_grid_free(g);
+			return rc == SF_ENOMEM ? rc : SF_ENOTFOUND;
+		}
+		if ((rc = sf_transform_then_field(&t, g, c.g, c.vm, e)) != SF_OK)
+			return rc;
+	}
+	if ((rc = sf_transform_then_matrix(&t, c.m, e)) != SF_OK) {
+		sf_transform_release(&t);
+		return rc;
+	}
+	j->t = t;
+	j->r.ncc = c.ncc, j->r.mi = c.mi, j->r.overlap = c.overlap, j->r.scale = c.scale;
+	j->r.angle_deg = c.angle, j->r.mirrored = (int)c.mirrored;
+	j->jac_min = c.jac_min, j->disp_max = c.disp_max, j->seconds = c.seconds;
+	j->has_field = (int)c.has_field;
+	j->cached = 1;
+	return SF_OK;
+}
+
+/* --- the phases ------------------------------------------------------------- */
+
+static double now_s(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+/* S(f): thumbnail px -> level-0 px, x -> (x + 0.5) f - 0.5 (per axis); and its inverse. */
+static void ds_matrix(const double ds[2], int inverse, double out[9])
+{
+	double fx = inverse ? 1.0 / ds[0] : ds[0], fy = inverse ? 1.0 / ds[1] : ds[1];
+	double m[9] = {fx, 0, 0.5 * (fx - 1), 0, fy, 0.5 * (fy - 1), 0, 0, 1};
+	memcpy(out, m, sizeof m);
+}
+
+static int slide_metric(const sf_autoreg *a, uint32_t i)
+{
+	if (a->s.metric >= 0)
+		return a->s.metric;
+	return a->thumbs[i].brightfield != a->thumbs[a->jobs[i].target].brightfield
+	           ? SF_REG_METRIC_MI
+	           : SF_REG_METRIC_NCC;
+}
+
+static void set_stage(sf_autoreg *a, uint32_t i, enum slide_stage st)
+{
+	pthread_mutex_lock(&a->lock);
+	a->jobs[i].stage = st;
+	pthread_cond_broadcast(&a->changed);
+	pthread_mutex_unlock(&a->lock);
+}
+
+/* Slide i failed: keep the reason (the first one) for status and waiters. */
+static void fail_slide(sf_autoreg *a, uint32_t i, const char *why)
+{
+	pthread_mutex_lock(&a->lock);
+	if (a->jobs[i].stage != ST_FAILED) {
+		a->jobs[i].stage = ST_FAILED;
+		snprintf(a->jobs[i].why, sizeof a->jobs[i].why, "%s", why);
+		sf_log(SF_LOG_WARN, "registration of %s: %s", a->d->slides[i]->path, why);
+	}
+	pthread_cond_broadcast(&a->changed);
+	pthread_mutex_unlock(&a->lock);
+}
+
+static void phase_thumb(sf_autoreg *a, uint32_t i)
+{
+	uint32_t dim = a->s.dim > a->s.nonrigid_dim ? a->s.dim : a->s.nonrigid_dim;
+	double t0 = now_s();
+	sf_err e = {0};
+
+	if (a->jobs[i].in_job)
+		set_stage(a, i, ST_THUMB);
+	if (autoreg_thumb_make(a->d->slides[i], a->s.channel, dim, &a->thumbs[i], &e) != SF_OK)
+		fail_slide(a, i, e.msg);
+	else
+		sf_log(SF_LOG_INFO, "registration thumbnail of %s: %ux%u in %.2f s",
+		       a->d->slides[i]->path, a->thumbs[i].im.w, a->thumbs[i].im.h, now_s() - t0);
+}
+
+/* Slide i to its target: the fit on thumbnails, then the level-0 matrix. */
+static void phase_affine(sf_autoreg *a, uint32_t i)
+{
+	slide_job *j = &a->jobs[i];
+	const autoreg_thumb *ref = &a->thumbs[j->target], *mov = &a->thumbs[i];
+	uint32_t side = ref->im.w > ref->im.h ? ref->im.w : ref->im.h;
+	double t0 = now_s();
+	sf_reg_opts o;
+	sf_transform t;
+	sf_err e = {0};
+	char why[600];
+
+	if (!ref->im.px || !mov->im.px) {
+		snprintf(why, sizeof why, "no thumbnail of %s",
+		         a->d->slides[ref->im.px ? i : j->target]->path);
+		fail_slide(a, i, why);
+		return;
+	}
+	set_stage(a, i, ST_AFFINE);
+	sf_reg_opts_default(&o);
+	o.model = SF_REG_AFFINE;
+	o.metric = slide_metric(a, i);
+	o.max_dim = side > a->s.dim ? a->s.dim : 0;
+	if (sf_reg_register(&ref->im, ref->mask, &mov->im, &o, &j->r, &e) != SF_OK ||
+	    sf_reg_to_transform(j->r.m, ref->ds, mov->ds, &t, &e) != SF_OK) {
+		fail_slide(a, i, e.msg);
+		return;
+	}
+	memcpy(j->affine0, t.map.m, sizeof j->affine0);
+	sf_transform_release(&t);
+	j->t_affine = now_s() - t0;
+	j->seconds = j->t_affine;
+	j->affine_ok = 1;
+}
+
+/* Singular values of the 2x2 linear part of m (row-major 3x3). */
+static void singular_values(const double m[9], double *smax, double *smin)
+{
+	double a = m[0], b = m[1], c = m[3], d = m[4];
+	double s1 = a * a + b * b + c * c + d * d, det = fabs(a * d - b * c);
+	double disc = sqrt(fmax(s1 * s1 - 4 * det * det, 0));
+
+	*smax = sqrt((s1 + disc) / 2);
+	*smin = sqrt(fmax((s1 - disc) / 2, 0));
+}
+
+/* Why the affine part of slide i (level-0 matrix m0) is not served, or NULL. */
+static const char *guard_affine(const sf_autoreg *a, uint32_t i, const sf_reg_result *r, int metric,
+                                const double m0[9], char *why, size_t n)
+{
+	const sf_slide_info *ref = a->d->slides[a->ref], *mov = a->d->slides[i];
+	double expect = 1, smax, smin, scale;
+
+	if (ref->pixel_size_x > 0 && mov->pixel_size_x > 0)
+		expect = ref->pixel_size_x / mov->pixel_size_x;
+	singular_values(m0, &smax, &smin);
+	scale = sqrt(smax * smin) / expect;
+	if (r->overlap < GUARD_MIN_OVERLAP)
+		snprintf(why, n, "rejected: the slides overlap on only %.0f%% of the tissue",
+		         100 * r->overlap);
+	else if (metric == SF_REG_METRIC_NCC && r->ncc < GUARD_MIN_NCC)
+		snprintf(why, n, "rejected: no convincing match (NCC %.3f < %.2f)", r->ncc,
+		         GUARD_MIN_NCC);
+	else if (metric == SF_REG_METRIC_MI && r->mi < GUARD_MIN_MI)
+		snprintf(why, n, "rejected: no convincing match (mutual information %.3f < %.2f)",
+		         r->mi, GUARD_MIN_MI);
+	else if (scale > GUARD_MAX_SCALE || scale < 1 / GUARD_MAX_SCALE)
+		snprintf(why, n,
+		         "rejected: the transform scales the slide by %.2f (pixel sizes "
+		         "say %.2f)",
+		         scale * expect, expect);
+	else if (smin <= 0 || smax / smin > GUARD_MAX_SHEAR)
+		snprintf(why, n, "rejected: the transform shears the slide (axis ratio %.2f)",
+		         smin > 0 ? smax / smin : INFINITY);
+	else
+		return NULL;
+	return why;
+}
+
+/* The level-0 matrix from the reference to slide i: its own fit, then
+ * (serial) each link of the chain towards the reference.  NULL when a link
+ * failed, with the reason in why. */
+static const char *chain_matrix(sf_autoreg *a, uint32_t i, double m0[9], char *why, size_t n)
+{
+	memcpy(m0, a->jobs[i].affine0, 9 * sizeof *m0);
+	for (uint32_t j = a->jobs[i].target; j != a->ref; j = a->jobs[j].target) {
+		if (!a->jobs[j].affine_ok) {
+			snprintf(why, n, "rejected: the registration of its neighbour %s failed",
+			         a->d->slide_stems[j]);
+			return why;
+		}
+		sf_mat3_mul(m0, a->jobs[j].affine0, m0);
+	}
+	return NULL;
+}
+
+/* The non-rigid step and the transform for thumbnail map m (reference
+ * thumbnail px -> slide i thumbnail px).  NULL on success, else why. */
+static const char *fit_field(sf_autoreg *a, uint32_t i, const double m[9], sf_transform *t,
+                             char *why, size_t n)
+{
+	const autoreg_thumb *ref = &a->thumbs[a->ref], *mov = &a->thumbs[i];
+	uint32_t side = ref->im.w > ref->im.h ? ref->im.w : ref->im.h;
+	double diag = hypot(ref->im.w, ref->im.h);
+	sf_reg_nonrigid_opts no;
+	sf_reg_field f = {0};
+	sf_err e = {0};
+	int rc;
+
+	sf_reg_nonrigid_opts_default(&no);
+	no.step = (side + a->s.nonrigid_dim - 1) / a->s.nonrigid_dim;
+	no.step = no.step ? no.step : 1;
+	set_stage(a, i, ST_NONRIGID);
+	rc = sf_reg_nonrigid(&ref->im, ref->mask, &mov->im, m, &no, &f, &e);
+	if (rc == SF_OK && f.jac_min < GUARD_MIN_JACOBIAN)
+		snprintf(why, n, "rejected: the non-rigid field folds the tissue (Jacobian %.3f)",
+		         f.jac_min);
+	else if (rc == SF_OK && f.disp_max > GUARD_MAX_DISP * diag)
+		snprintf(why, n,
+		         "rejected: the non-rigid field moves tissue %.0f thumbnail px "
+		         "(over %.0f%% of the diagonal)",
+		         f.disp_max, 100 * GUARD_MAX_DISP);
+	else if (rc == SF_OK &&
+	         (rc = sf_reg_to_transform_field(m, &f, ref->ds, mov->ds, t, &e)) == SF_OK) {
+		a->jobs[i].jac_min = f.jac_min;
+		a->jobs[i].disp_max = f.disp_max * ref->ds[0];
+		a->jobs[i].has_field = 1;
+		sf_reg_field_free(&f);
+		return NULL;
+	}
+	if (rc != SF_OK)
+		snprintf(why, n, "%s", e.msg);
+	sf_reg_field_free(&f);
+	return why;
+}
+
+/* Slide i's transform to the reference: compose, guard, field, cache. */
+static void phase_finish(sf_autoreg *a, uint32_t i)
+{
+	slide_job *j = &a->jobs[i];
+	const autoreg_thumb *ref = &a->thumbs[a->ref], *mov = &a->thumbs[i];
+	int metric = slide_metric(a, i);
+	double t0 = now_s(), m0[9], m[9], sref[9], smov_inv[9];
+	char why[512];
+	sf_transform t;
+	sf_err e = {0};
+
+	if (!j->affine_ok)
+		return; /* failed in phase 1, reason kept */
+	if (chain_matrix(a, i, m0, why, sizeof why) ||
+	    guard_affine(a, i, &j->r, metric, m0, why, sizeof why)) {
+		fail_slide(a, i, why);
+		return;
+	}
+	/* The thumbnail map against the reference (direct: the fit itself). */
+	ds_matrix(ref->ds, 0, sref);
+	ds_matrix(mov->ds, 1, smov_inv);
+	if (j->target == a->ref)
+		memcpy(m, j->r.m, sizeof m);
+	else {
+		sf_mat3_mul(m0, sref, m);
+		sf_mat3_mul(smov_inv, m, m);
+	}
+	sf_transform_init(&t);
+	if (a->s.nonrigid_dim > 0 && metric == SF_REG_METRIC_NCC) {
+		if (fit_field(a, i, m, &t, why, sizeof why)) {
+			fail_slide(a, i, why);
+			return;
+		}
+	} else if (sf_reg_to_transform(m, ref->ds, mov->ds, &t, &e) != SF_OK) {
+		fail_slide(a, i, e.msg);
+		return;
+	}
+	j->t_field = now_s() - t0;
+	j->seconds += j->t_field;
+	sf_log(SF_LOG_INFO, "registered %s: affine %.2f s, non-rigid %.2f s", a->d->slides[i]->path,
+	       j->t_affine, j->t_field);
+	pthread_mutex_lock(&a->lock);
+	j->t = t;
+	j->stage = ST_DONE;
+	pthread_cond_broadcast(&a->changed);
+	pthread_mutex_unlock(&a->lock);
+	if (cache_store(a, j, &e) != SF_OK)
+		sf_log(SF_LOG_WARN, "registration of %s: not cached: %s", a->d->slides[i]->path,
+		       e.msg);
+}
+
+/* --- threads ---------------------------------------------------------------- */
+
+typedef void (*phase_fn)(sf_autoreg *a, uint32_t i);
+static const phase_fn phase_run[PHASES] = {phase_thumb, phase_affine, phase_finish};
+
+/* Every job thread drains each phase's queue, then waits for the phase's
+ * last slide before the next phase (phase 1 reads phase 0's thumbnails;
+ * phase 2 reads every link of a chain). */
+static void *job_thread(void *arg)
+{
+	sf_autoreg *a = arg;
+
+	pthread_mutex_lock(&a->lock);
+	for (int ph = 0; ph < PHASES && !a->stopping; ph++) {
+		while (a->next[ph] < a->count[ph] && !a->stopping) {
+			uint32_t i = a->queue[ph][a->next[ph]++];
+			pthread_mutex_unlock(&a->lock);
+			phase_run[ph](a, i);
+			pthread_mutex_lock(&a->lock);
+			a->done[ph]++;
+			pthread_cond_broadcast(&a->changed);
+		}
+		while (a->done[ph] < a->count[ph] && !a->stopping)
+			pthread_cond_wait(&a->changed, &a->lock);
+	}
+	/* The last thread out frees the thumbnails: nothing reads them any more. */
+	if (a->done[PHASES - 1] == a->count[PHASES - 1] && a->thumbs) {
+		int last = 1;
+		for (uint32_t i = 0; i < a->d->slide_count; i++)
+			last &= a->jobs[i].stage != ST_THUMB && a->jobs[i].stage != ST_AFFINE &&
+			        a->jobs[i].stage != ST_NONRIGID;
+		if (last) {
+			for (uint32_t i = 0; i < a->d->slide_count; i++)
+				autoreg_thumb_free(&a->thumbs[i]);
+		}
+	}
+	pthread_mutex_unlock(&a->lock);
+	return NULL;
+}
+
+/* Queue the phases: slides whose result is not cached, and what they need. */
+static int plan_phases(sf_autoreg *a, sf_err *e)
+{
+	uint32_t n = a->d->slide_count;
+	uint8_t *thumb = calloc(n, 1);
+
+	if (!thumb)
+		return sf_fail(e, SF_ENOMEM, "out of memory");
+	for (int ph = 0; ph < PHASES; ph++)
+		if (!(a->queue[ph] = calloc(n, sizeof *a->queue[ph]))) {
+			free(thumb);
+			return sf_fail(e, SF_ENOMEM, "out of memory");
+		}
+	for (uint32_t i = 0; i < n; i++) {
+		slide_job *j = &a->jobs[i];
+		if (!j->in_job)
+			continue;
+		if (cache_load(a, j, e) == SF_OK) {
+			j->stage = ST_DONE;
+			continue;
+		}
+		j->stage = ST_QUEUED;
+		a->queue[1][a->count[1]++] = i;
+		a->queue[2][a->count[2]++] = i;
+		thumb[i] = thumb[a->ref] = 1;
+		for (uint32_t k = j->target; k != a->ref; k = a->jobs[k].target)
+			thumb[k] = 1; /* serial: the chain is refitted with it */
+	}
+	for (uint32_t i = 0; i < n; i++)
+		if (thumb[i])
+			a->queue[0][a->count[0]++] = i;
+	/* A chain member that is cached still needs its affine link refitted. */
+	for (uint32_t i = 0; i < n; i++)
+		if (thumb[i] && a->jobs[i].in_job && a->jobs[i].stage == ST_DONE) {
+			a->jobs[i].stage = ST_QUEUED;
+			a->jobs[i].cached = 0;
+			sf_transform_release(&a->jobs[i].t);
+			a->queue[1][a->count[1]++] = i;
+			a->queue[2][a->count[2]++] = i;
+		}
+	free(thumb);
+	return SF_OK;
+}
+
+int sf_autoreg_start(sf_autoreg *a, sf_err *e)
+{
+	int rc = SF_OK;
+
+	pthread_mutex_lock(&a->lock);
+	if (a->started) {
+		pthread_mutex_unlock(&a->lock);
+		return SF_OK;
+	}
+	a->started = 1;
+	if ((rc = plan_phases(a, e)) == SF_OK) {
+		unsigned want = a->count[0] ? a->threads : 0;
+		if (want > a->count[0])
+			want = a->count[0];
+		if (want && !(a->tids = calloc(want, sizeof *a->tids)))
+			rc = sf_fail(e, SF_ENOMEM, "out of memory");
+		for (unsigned k = 0; rc == SF_OK && k < want; k++) {
+			if (pthread_create(&a->tids[k], NULL, job_thread, a)) {
+				rc = sf_fail(e, SF_ENOMEM, "cannot start a registration thread");
+				break;
+			}
+			a->nthreads++;
+		}
+	}
+	if (rc != SF_OK && !a->nthreads) /* nothing will run: fail every waiting slide */
+		for (uint32_t i = 0; i < a->d->slide_count; i++)
+			if (a->jobs[i].in_job && a->jobs[i].stage != ST_DONE) {
+				a->jobs[i].stage = ST_FAILED;
+				snprintf(a->jobs[i].why, sizeof a->jobs[i].why, "%s", e->msg);
+			}
+	pthread_cond_broadcast(&a->changed);
+	pthread_mutex_unlock(&a->lock);
+	return rc;
+}
+
+/* --- the public side ---------------------------------------------------------- */
+
+int sf_autoreg_create(const sf_dataset *d, uint32_t reference, const uint8_t *todo,
+                      const sf_reg_settings *s, unsigned threads, sf_cache *cache,
+                      const char *transforms_dir, sf_autoreg **out, sf_err *e)
+{
+	sf_autoreg *a = calloc(1, sizeof *a);
+	uint32_t n = d->slide_count;
+
+	if (!a || !(a->jobs = calloc(n, sizeof *a->jobs)) ||
+	    !(a->thumbs = calloc(n, sizeof *a->thumbs)) || !(a->tdir = strdup(transforms_dir))) {
+		if (a) {
+			free(a->jobs);
+			free(a->thumbs);
+		}
+		free(a);
+		return sf_fail(e, SF_ENOMEM, "out of memory");
+	}
+	a->d = d, a->ref = reference, a->s = *s, a->cache = cache;
+	a->threads = threads ? threads : 1;
+	pthread_mutex_init(&a->lock, NULL);
+	pthread_cond_init(&a->changed, NULL);
+	for (uint32_t i = 0; i < n; i++) {
+		slide_job *j = &a->jobs[i];
+		sf_transform_init(&j->t);
+		j->in_job = i != reference && todo[i];
+		j->target = reference;
+	}
+	/* Serial order: each slide's neighbour towards the reference among the
+	 * slides of the job (slides with their own transform files are skipped). */
+	for (uint32_t i = 0; s->serial && i < n; i++) {
+		if (!a->jobs[i].in_job)
+			continue;
+		if (i < reference) {
+			uint32_t k = i + 1;
+			while (k < reference && !a->jobs[k].in_job)
+				k++;
+			a->jobs[i].target = k;
+		} else {
+			uint32_t k = i - 1;
+			while (k > reference && !a->jobs[k].in_job)
+				k--;
+			a->jobs[i].target = k;
+		}
+	}
+	for (uint32_t i = 0; i < n; i++)
+		a->jobs[i].key = slide_key(a, i);
+	*out = a;
+	return SF_OK;
+}
+
+void sf_autoreg_destroy(sf_autoreg *a)
+{
+	if (!a)
+		return;
+	pthread_mutex_lock(&a->lock);
+	a->stopping = 1;
+	pthread_cond_broadcast(&a->changed);
+	pthread_mutex_unlock(&a->lock);
+	for (unsigned k = 0; k < a->nthreads; k++)
+		pthread_join(a->tids[k], NULL);
+	for (uint32_t i = 0; i < a->d->slide_count; i++) {
+		sf_transform_release(&a->jobs[i].t);
+		autoreg_thumb_free(&a->thumbs[i]);
+	}
+	for (int ph = 0; ph < PHASES; ph++)
+		free(a->queue[ph]);
+	pthread_mutex_destroy(&a->lock);
+	pthread_cond_destroy(&a->changed);
+	free(a->tids);
+	free(a->jobs);
+	free(a->thumbs);
+	free(a->tdir);
+	free(a);
+}
+
+int sf_autoreg_has(const sf_autoreg *a, uint32_t i)
+{
+	return a && i < a->d->slide_count && a->jobs[i].in_job;
+}
+
+sf_key sf_autoreg_key(const sf_autoreg *a, uint32_t i)
+{
+	return a->jobs[i].key;
+}
+
+int sf_autoreg_wait(sf_autoreg *a, uint32_t i, const sf_transform **t, sf_err *e)
+{
+	slide_job *j = &a->jobs[i];
+	int rc = SF_OK;
+
+	if (!j->in_job)
+		return sf_fail(e, SF_EINVAL, "%s is not registered by scopefs",
+		               a->d->slides[i]->path);
+	sf_autoreg_start(a, e); /* a failure marks the slides failed */
+	pthread_mutex_lock(&a->lock);
+	while (j->stage != ST_DONE && j->stage != ST_FAILED && !a->stopping)
+		pthread_cond_wait(&a->changed, &a->lock);
+	if (j->stage == ST_DONE)
+		*t = &j->t;
+	else
+		rc = sf_fail(e, SF_EFORMAT, "registration of %s: %s", a->d->slides[i]->path,
+		             j->stage == ST_FAILED ? j->why : "stopped (unmount)");
+	pthread_mutex_unlock(&a->lock);
+	return rc;
+}
+
+void sf_autoreg_describe(sf_autoreg *a, uint32_t i, char *buf, size_t n)
+{
+	const slide_job *j = &a->jobs[i];
+	char field[160] = "";
+
+	pthread_mutex_lock(&a->lock);
+	if (j->stage == ST_FAILED)
+		snprintf(buf, n, "not served: %s", j->why);
+	else if (j->stage != ST_DONE)
+		snprintf(buf, n, "registering: %s", stage_text[j->stage]);
+	else {
+		if (j->has_field)
+			snprintf(field, sizeof field,
+			         ", non-rigid field up to %.1f px (min Jacobian %.2f)", j->disp_max,
+			         j->jac_min);
+		snprintf(buf, n,
+		         "served, registered by scopefs%s: %s, NCC %.3f over %.0f%% of the tissue, "
+		         "scale %.3f, rotation %.1f deg%s%s, %.2f s",
+		         j->cached ? " (from the cache)" : "", a->s.serial ? "serial" : "direct",
+		         j->r.ncc, 100 * j->r.overlap, j->r.scale, j->r.angle_deg,
+		         j->r.mirrored ? ", mirrored" : "", field, j->seconds);
+	}
+	pthread_mutex_unlock(&a->lock);
+}
+
+/* Make the bytes of file kind k of slide i from its transform t. */
+static int make_file(sf_autoreg *a, uint32_t i, const sf_transform *t, sf_autoreg_file_kind k,
+                     uint8_t **bytes, size_t *len, sf_err *e)
+{
+	const sf_slide_info *ref = a->d->slides[a->ref], *mov = a->d->slides[i];
+	const char *stem = a->d->slide_stems[i];
+	sf_tf_units units = {{ref->pixel_size_x, ref->pixel_size_y},
+	                     {mov->pixel_size_x, mov->pixel_size_y}};
+	uint32_t ref_size[2] = {ref->width, ref->height};
+	char name[2][300], path[2][4200], *txt[2] = {NULL, NULL}, *mhd = NULL;
+	size_t tlen[2] = {0, 0}, mlen = 0;
+	uint8_t *raw = NULL;
+	int rc;
+
+	if (t->map.nfields == 0 && k != SF_AUTOREG_JSON && k != SF_AUTOREG_ELASTIX)
+		return sf_fail(e, SF_ENOTFOUND, "%s has no non-rigid field", stem);
+	switch (k) {
+	case SF_AUTOREG_JSON:
+		sf_autoreg_file_name(SF_AUTOREG_FIELD_TIFF, stem, name[0], sizeof name[0]);
+		return sf_transform_export_json(t, name[0], (char **)bytes, len, e);
+	case SF_AUTOREG_FIELD_TIFF: return sf_transform_export_field_tiff(t, bytes, len, e);
+	case SF_AUTOREG_FIELD_MHD:
+	case SF_AUTOREG_FIELD_RAW:
+		sf_autoreg_file_name(SF_AUTOREG_FIELD_RAW, stem, name[0], sizeof name[0]);
+		rc = sf_transform_export_field_mhd(t, &units, ref_size, name[0], &mhd, &mlen, &raw,
+		                                   len, e);
+		if (rc == SF_OK && k == SF_AUTOREG_FIELD_MHD) {
+			free(raw);
+			*bytes = (uint8_t *)mhd, *len = mlen;
+		} else if (rc == SF_OK) {
+			free(mhd);
+			*bytes = raw;
+		}
+		return rc;
+	default:
+		sf_autoreg_file_name(SF_AUTOREG_ELASTIX_FIELD, stem, name[0], sizeof name[0]);
+		sf_autoreg_file_name(SF_AUTOREG_FIELD_MHD, stem, name[1], sizeof name[1]);
+		snprintf(path[0], sizeof path[0], "%s/%s", a->tdir, name[0]);
+		snprintf(path[1], sizeof path[1], "%s/%s", a->tdir, name[1]);
+		rc = sf_transform_export_elastix(t, &units, ref_size, path[0], path[1], &txt[0],
+		                                 &tlen[0], &txt[1], &tlen[1], e);
+		if (rc != SF_OK)
+			return rc;
+		int want = k == SF_AUTOREG_ELASTIX_FIELD;
+		free(txt[!want]);
+		*bytes = (uint8_t *)txt[want], *len = tlen[want];
+		return SF_OK;
+	}
+}
+
+int sf_autoreg_file_make(sf_autoreg *a, uint32_t i, sf_autoreg_file_kind k, uint8_t **bytes,
+                         size_t *len, sf_err *e)
+{
+	const sf_transform *t;
+	int rc = sf_autoreg_wait(a, i, &t, e);
+
+	*bytes = NULL, *len = 0;
+	return rc == SF_OK ? make_file(a, i, t, k, bytes, len, e) : rc;
+}
+
+int sf_autoreg_file_size(sf_autoreg *a, uint32_t i, sf_autoreg_file_kind k, uint64_t *size,
+                         sf_err *e)
+{
+	slide_job *j = &a->jobs[i];
+	uint8_t *bytes;
+	size_t len;
+	int rc;
+
+	pthread_mutex_lock(&a->lock);
+	*size = j->file_size[k] ? j->file_size[k] - 1 : 0;
+	rc = j->file_size[k] ? SF_OK : SF_ENOTFOUND;
+	pthread_mutex_unlock(&a->lock);
+	if (rc == SF_OK)
+		return rc;
+	if ((rc = sf_autoreg_file_make(a, i, k, &bytes, &len, e)) != SF_OK)
+		return rc;
+	free(bytes);
+	pthread_mutex_lock(&a->lock);
+	j->file_size[k] = (uint64_t)len + 1;
+	pthread_mutex_unlock(&a->lock);
+	*size = len;
+	return SF_OK;
+}

@@ -1,0 +1,149 @@
+/* autoreg_thumb.c — the registration image of a slide (autoreg_thumb.h).
+ *
+ * Reading goes band by band: BAND_ROWS thumbnail rows need k * BAND_ROWS
+ * rows of the chosen level, which are read, box-reduced into the raw
+ * thumbnail and dropped, so a 30k slide costs a few MB beyond its
+ * thumbnail.  Grey conversion and the percentile stretch then run on the
+ * whole raw thumbnail (percentiles need all of it). */
+#include "autoreg_thumb.h"
+
+#include <ctype.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+#include "scopefs/qc.h"
+#include "scopefs/resample.h"
+
+#define BAND_ROWS  32
+#define STRETCH_LO 1.0  /* percentile mapped to 0: background */
+#define STRETCH_HI 99.5 /* percentile mapped to 1: bright tissue, below saturated specks */
+#define MASK_SIGMA 2.0  /* px, smoothing before Otsu */
+
+int autoreg_is_brightfield(const sf_slide_info *s)
+{
+	return s->samples >= 3 && s->dtype == SF_U8;
+}
+
+/* The planar channel to register: reg_channel by name (any case), then as
+ * an index; the default is the first DAPI/Hoechst channel, else 0. */
+static int pick_channel(const sf_slide_info *s, const char *want, uint32_t *out, sf_err *e)
+{
+	char *end;
+	unsigned long idx;
+
+	if (!want || !*want) {
+		*out = sf_qc_channel(s);
+		return SF_OK;
+	}
+	for (uint32_t c = 0; c < s->channels; c++)
+		if (s->channel_names[c] && !strcasecmp(s->channel_names[c], want)) {
+			*out = c;
+			return SF_OK;
+		}
+	idx = strtoul(want, &end, 10);
+	if (isdigit((unsigned char)want[0]) && !*end && idx < s->channels) {
+		*out = (uint32_t)idx;
+		return SF_OK;
+	}
+	return sf_fail(e, SF_EINVAL, "%s: option 'reg_channel': no channel '%s' (it has %u)",
+	               s->path, want, s->channels);
+}
+
+/* The smallest level whose longest side is still >= dim (level 0 if none). */
+static uint32_t pick_level(const sf_slide_info *s, uint32_t dim)
+{
+	uint32_t best = 0;
+
+	for (uint32_t l = 0; l < s->level_count; l++) {
+		uint32_t w = s->levels[l].width, h = s->levels[l].height;
+		if ((w > h ? w : h) >= dim)
+			best = l;
+	}
+	return best;
+}
+
+/* Read level `level` of channel c reduced by k into raw (tw x th pixels). */
+static int read_reduced(const sf_slide_info *s, uint32_t level, uint32_t c, uint32_t k,
+                        uint8_t *raw, uint32_t tw, uint32_t th, sf_err *e)
+{
+	const sf_slide_level *lv = &s->levels[level];
+	size_t px = sf_dtype_bytes(s->dtype) * s->samples;
+	size_t band_stride = (size_t)lv->width * px;
+	uint8_t *band = malloc(band_stride * k * BAND_ROWS);
+	sf_slide_reader *r = NULL;
+	int rc;
+
+	if (!band)
+		return sf_fail(e, SF_ENOMEM, "%s: out of memory for a thumbnail band", s->path);
+	rc = sf_slide_reader_open(s, &r, e);
+	for (uint32_t y = 0; rc == SF_OK && y < th; y += BAND_ROWS) {
+		uint32_t rows = th - y < BAND_ROWS ? th - y : BAND_ROWS;
+		uint64_t y0 = (uint64_t)y * k;
+		uint32_t src_rows =
+		    (uint32_t)(lv->height - y0 < (uint64_t)rows * k ? lv->height - y0
+		                                                    : (uint64_t)rows * k);
+		rc =
+		    sf_slide_read_region(r, level, c, 0, (int64_t)y0, lv->width, src_rows, band, e);
+		if (rc == SF_OK)
+			sf_box_reduce(band, band_stride, lv->width, src_rows, k, s->dtype,
+			              s->samples, raw + (size_t)y * tw * px, (size_t)tw * px, tw,
+			              rows);
+	}
+	sf_slide_reader_close(r);
+	free(band);
+	return rc;
+}
+
+int autoreg_thumb_make(const sf_slide_info *s, const char *channel, uint32_t dim, autoreg_thumb *t,
+                       sf_err *e)
+{
+	uint32_t level = pick_level(s, dim), k, tw, th, side;
+	const sf_slide_level *lv = &s->levels[level];
+	size_t px = sf_dtype_bytes(s->dtype) * s->samples;
+	uint8_t *raw;
+	int rc;
+
+	memset(t, 0, sizeof *t);
+	t->brightfield = autoreg_is_brightfield(s);
+	if (!t->brightfield && s->samples != 1)
+		return sf_fail(e, SF_EUNSUPPORTED,
+		               "%s: %u samples per pixel of this type cannot be registered",
+		               s->path, s->samples);
+	if (!t->brightfield && (rc = pick_channel(s, channel, &t->channel, e)) != SF_OK)
+		return rc;
+	side = lv->width > lv->height ? lv->width : lv->height;
+	k = (side + dim - 1) / dim;
+	k = k ? k : 1;
+	tw = (lv->width + k - 1) / k;
+	th = (lv->height + k - 1) / k;
+	t->ds[0] = (double)s->width / lv->width * k;
+	t->ds[1] = (double)s->height / lv->height * k;
+	if (!(raw = malloc((size_t)tw * th * px)))
+		return sf_fail(e, SF_ENOMEM, "%s: out of memory for a %ux%u thumbnail", s->path, tw,
+		               th);
+	rc = read_reduced(s, level, t->brightfield ? 0 : t->channel, k, raw, tw, th, e);
+	if (rc == SF_OK && t->brightfield)
+		rc = sf_reg_od_grey(raw, (size_t)tw * px, tw, th, s->samples, SF_REG_OD_TOTAL,
+		                    &t->im, e);
+	else if (rc == SF_OK)
+		rc = sf_reg_image_from_channel(raw, (size_t)tw * px, tw, th, s->dtype, 1, 0, &t->im,
+		                               e);
+	free(raw);
+	if (rc == SF_OK)
+		rc = sf_reg_normalise(&t->im, STRETCH_LO, STRETCH_HI, e);
+	if (rc == SF_OK && !(t->mask = malloc((size_t)tw * th)))
+		rc = sf_fail(e, SF_ENOMEM, "%s: out of memory for a tissue mask", s->path);
+	if (rc == SF_OK)
+		rc = sf_reg_tissue_mask(&t->im, MASK_SIGMA, t->mask, NULL, e);
+	if (rc != SF_OK)
+		autoreg_thumb_free(t);
+	return rc;
+}
+
+void autoreg_thumb_free(autoreg_thumb *t)
+{
+	sf_reg_image_free(&t->im);
+	free(t->mask);
+	t->mask = NULL;
+}

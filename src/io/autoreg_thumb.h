@@ -1,0 +1,39 @@
+/* autoreg_thumb.h — the registration image of a slide (private to autoreg.c).
+ *
+ * A grey float thumbnail whose longest side is at most `dim`, read from the
+ * slide's smallest pyramid level that is at least that large (box-reduced
+ * by an integer factor, in bands, so memory stays near the thumbnail's
+ * size), prepared so background is ~0 and tissue positive:
+ *  - fluorescence: the registration channel (reg_channel by name or index,
+ *    else the first DAPI/Hoechst channel, else 0), stretched from its 1st
+ *    to its 99.5th percentile;
+ *  - RGB brightfield (uint8, 3+ samples): mean optical density, stretched
+ *    the same way.
+ * ds[] is the thumbnail's downsample (level-0 px per thumbnail px, per
+ * axis) under the pixel-centre rule of transform.h. */
+#ifndef SCOPEFS_AUTOREG_THUMB_H
+#define SCOPEFS_AUTOREG_THUMB_H
+
+#include <stdint.h>
+
+#include "scopefs/err.h"
+#include "scopefs/register.h"
+#include "scopefs/slide.h"
+
+typedef struct autoreg_thumb {
+	sf_reg_image im;
+	uint8_t *mask; /* tissue mask (Otsu), im.w * im.h bytes */
+	double ds[2];
+	int brightfield; /* made from optical density */
+	uint32_t channel;
+} autoreg_thumb;
+
+/* channel: reg_channel as given ("" for the default). */
+int autoreg_thumb_make(const sf_slide_info *s, const char *channel, uint32_t dim, autoreg_thumb *t,
+                       sf_err *e);
+void autoreg_thumb_free(autoreg_thumb *t);
+
+/* Whether s is an RGB brightfield slide (registered through optical density). */
+int autoreg_is_brightfield(const sf_slide_info *s);
+
+#endif
