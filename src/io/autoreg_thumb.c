@@ -123,15 +123,20 @@ int autoreg_thumb_make(const sf_slide_info *s, const char *channel, uint32_t dim
 		return sf_fail(e, SF_ENOMEM, "%s: out of memory for a %ux%u thumbnail", s->path, tw,
 		               th);
 	rc = read_reduced(s, level, t->brightfield ? 0 : t->channel, k, raw, tw, th, e);
-	if (rc == SF_OK && t->brightfield)
+	if (rc == SF_OK && t->brightfield) {
 		rc = sf_reg_od_grey(raw, (size_t)tw * px, tw, th, s->samples, SF_REG_OD_TOTAL,
 		                    &t->im, e);
-	else if (rc == SF_OK)
+		if (rc == SF_OK)
+			rc = sf_reg_od_grey(raw, (size_t)tw * px, tw, th, s->samples,
+			                    SF_REG_OD_HEMATOXYLIN, &t->hema, e);
+	} else if (rc == SF_OK)
 		rc = sf_reg_image_from_channel(raw, (size_t)tw * px, tw, th, s->dtype, 1, 0, &t->im,
 		                               e);
 	free(raw);
 	if (rc == SF_OK)
 		rc = sf_reg_normalise(&t->im, STRETCH_LO, STRETCH_HI, e);
+	if (rc == SF_OK && t->hema.px)
+		rc = sf_reg_normalise(&t->hema, STRETCH_LO, STRETCH_HI, e);
 	if (rc == SF_OK && !(t->mask = malloc((size_t)tw * th)))
 		rc = sf_fail(e, SF_ENOMEM, "%s: out of memory for a tissue mask", s->path);
 	if (rc == SF_OK)
@@ -144,6 +149,7 @@ int autoreg_thumb_make(const sf_slide_info *s, const char *channel, uint32_t dim
 void autoreg_thumb_free(autoreg_thumb *t)
 {
 	sf_reg_image_free(&t->im);
+	sf_reg_image_free(&t->hema);
 	free(t->mask);
 	t->mask = NULL;
 }

@@ -8,7 +8,8 @@
  *    else the first DAPI/Hoechst channel, else 0), stretched from its 1st
  *    to its 99.5th percentile;
  *  - RGB brightfield (uint8, 3+ samples): mean optical density, stretched
- *    the same way.
+ *    the same way, and a second image of the hematoxylin amount (colour
+ *    deconvolution), which H&E and an IHC counterstain share.
  * ds[] is the thumbnail's downsample (level-0 px per thumbnail px, per
  * axis) under the pixel-centre rule of transform.h. */
 #ifndef SCOPEFS_AUTOREG_THUMB_H
@@ -22,7 +23,8 @@
 
 typedef struct autoreg_thumb {
 	sf_reg_image im;
-	uint8_t *mask; /* tissue mask (Otsu), im.w * im.h bytes */
+	sf_reg_image hema; /* brightfield: the hematoxylin image; else empty */
+	uint8_t *mask;     /* tissue mask (Otsu), im.w * im.h bytes */
 	double ds[2];
 	int brightfield; /* made from optical density */
 	uint32_t channel;

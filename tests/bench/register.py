@@ -18,8 +18,8 @@ SubIFDs).  >= 60 landmarks per pair on tissue both slides share; the truth
 is each landmark mapped through the known map (inverted exactly).
 
 Methods, on the same pairs in one run:
-  scopefs   a real mount of the pair (reference=ref, reg_eager=1, and
-            reg_metric=mi for the H&E -> IHC pairs); landmarks are mapped
+  scopefs   a real mount of the pair (reference=ref, reg_eager=1, all
+            else default: what a user gets); landmarks are mapped
             through transforms/mov.json by a numpy evaluation of the JSON
             format (docs/transforms.md: matrix + bilinear field), not by
             scopefs code.  Time: from starting the daemon until its status
@@ -77,7 +77,7 @@ N_LANDMARKS = 60
 LEVELS = 3
 ELASTIX_LEVEL = 0
 REG_TIMEOUT_S = 300
-IHC_METRIC = "mi"  # --ihc-metric: reg_metric for the H&E -> IHC pairs ("" = scopefs's default)
+IHC_METRIC = ""  # --ihc-metric: reg_metric for the H&E -> IHC pairs ("" = scopefs's default)
 
 AFFINE_PARAMS = """\
 // affine stage: Mattes MI, 4 resolutions
@@ -499,7 +499,7 @@ def main():
     ap.add_argument("--only", type=int, nargs="*", help="run only these pair indices")
     ap.add_argument("--elastix-level", type=int, default=ELASTIX_LEVEL,
                     help="pyramid level elastix registers (default 0)")
-    ap.add_argument("--ihc-metric", default="mi", help="reg_metric for H&E -> IHC ('' = default)")
+    ap.add_argument("--ihc-metric", default="", help="reg_metric for H&E -> IHC ('' = default)")
     ap.add_argument("--no-append", action="store_true", help="do not append to benchmarks.md")
     ap.add_argument("--keep", action="store_true", help="keep the pairs in " + WORK)
     args = ap.parse_args()

@@ -8,6 +8,7 @@ same pixels as the registration itself: the reader and the writer agree
 (transformix checks the writer alone, test_transform_export_oracle.py).
 Also: the field files follow the field, a user's file wins, reg=off.
 """
+import json
 import shutil
 
 import numpy as np
@@ -18,6 +19,24 @@ from scipy import ndimage as ndi
 import gen
 
 SIZE = 768
+
+
+def turned(a, deg, t):
+    """a turned by deg about its centre and shifted by t: returns (slide, M) with
+    a(x) = slide(M x), M the backward 3x3 map reference px -> slide px."""
+    th = np.deg2rad(deg)
+    c, s = np.cos(th), np.sin(th)
+    ctr = (SIZE - 1) / 2.0
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE].astype(float)
+    dx, dy = xx - ctr - t[0], yy - ctr - t[1]
+    px, py = c * dx + s * dy + ctr, -s * dx + c * dy + ctr
+    out = np.stack([ndi.map_coordinates(a[i].astype(float), [py, px], order=1)
+                    for i in range(a.shape[0])]).astype(np.uint16)
+    lin = np.array([[c, -s], [s, c]])
+    m = np.eye(3)
+    m[:2, :2] = lin
+    m[:2, 2] = np.array([ctr, ctr]) + np.array(t) - lin @ np.array([ctr, ctr])
+    return out, m
 
 
 @pytest.fixture
@@ -126,3 +145,22 @@ def test_a_bad_deformation_field_names_the_file(pair, tmp_path, damage, words):
     st = state(m2, 'b_mov')
     assert st.startswith('not served: %s/b_mov.txt' % ex_dir) and words in st, st
     assert sorted(p.name for p in m2.path('registered').iterdir()) == ['a_ref.ome.tif']
+
+
+def test_serial_order_composes_the_chain(scopefs):
+    """reg_order=serial: c registers to b, b to a_ref; c's map is the chain's."""
+    a = gen.tissue(SIZE, SIZE, channels=1, seed=21)
+    truth = {}
+    gen.write_ome(scopefs.raw / 'a_ref.ome.tif', gen.pyramid(a[..., None], 2), names=['DAPI'])
+    for stem, deg, t in (('b', 9.0, (15.0, -8.0)), ('c', -14.0, (-10.0, 22.0))):
+        img, truth[stem] = turned(a, deg, t)
+        gen.write_ome(scopefs.raw / ('%s.ome.tif' % stem), gen.pyramid(img[..., None], 2),
+                      names=['DAPI'])
+    m = scopefs.mount(opts={'reg_order': 'serial', 'reg_nonrigid_dim': 0})
+    pts = np.random.default_rng(2).uniform(0.3 * SIZE, 0.7 * SIZE, (100, 2))
+    h = np.c_[pts, np.ones(len(pts))]
+    for stem in ('b', 'c'):
+        got = np.array(json.loads(m.path('transforms', stem + '.json').read_text())['matrix'])
+        assert 'registered by scopefs: serial,' in state(m, stem), state(m, stem)
+        err = np.hypot(*((got @ h.T) - (truth[stem] @ h.T))[:2])
+        assert np.median(err) < 0.5, (stem, np.median(err))
