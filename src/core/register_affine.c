@@ -30,15 +30,8 @@
 #include "register_math.h"
 
 #define MAXP          8     /* 6 geometric + gain + bias */
-#define BLUR_SIGMA    1.0   /* px at every level, on both images */
 #define STEP_TOL      0.005 /* stop when no reference corner moves more (level px) */
 #define GM_SCALE_MADS 3.0   /* Geman-McClure scale, in robust standard deviations */
-
-/* One pyramid level ready for the fit. */
-typedef struct fit_level {
-	sf_reg_image ref, mov, gx, gy; /* blurred copies; gradient of mov */
-	uint8_t *mask;                 /* ref mask at this level, NULL = all */
-} fit_level;
 
 /* Parameters: geom[0..ng), then gain, bias. */
 typedef struct fit_params {
@@ -47,95 +40,6 @@ typedef struct fit_params {
 	double cx, cy;  /* reference centre at this level */
 	double p[MAXP]; /* similarity p q b1 b2 | affine a0 a1 b1 a3 a4 b2; then g, o */
 } fit_params;
-
-static void level_free(fit_level *lv)
-{
-	sf_reg_image_free(&lv->ref);
-	sf_reg_image_free(&lv->mov);
-	sf_reg_image_free(&lv->gx);
-	sf_reg_image_free(&lv->gy);
-	free(lv->mask);
-	lv->mask = NULL;
-}
-
-static int copy_blurred(const sf_reg_image *src, sf_reg_image *dst, sf_err *e)
-{
-	int rc = sf_reg_image_alloc(dst, src->w, src->h, e);
-	if (rc)
-		return rc;
-	memcpy(dst->px, src->px, (size_t)src->w * src->h * sizeof *dst->px);
-	return sf_reg_gauss(dst, BLUR_SIGMA, e);
-}
-
-/* Central differences (one-sided at the borders). */
-static void gradient(const sf_reg_image *im, sf_reg_image *gx, sf_reg_image *gy)
-{
-	long w = im->w, h = im->h;
-	for (long y = 0; y < h; y++) {
-		long y0 = y > 0 ? y - 1 : y, y1 = y + 1 < h ? y + 1 : y;
-		for (long x = 0; x < w; x++) {
-			long x0 = x > 0 ? x - 1 : x, x1 = x + 1 < w ? x + 1 : x;
-			const float *p = im->px;
-			gx->px[y * w + x] =
-			    (p[y * w + x1] - p[y * w + x0]) / (float)(x1 - x0 ? x1 - x0 : 1);
-			gy->px[y * w + x] =
-			    (p[y1 * w + x] - p[y0 * w + x]) / (float)(y1 - y0 ? y1 - y0 : 1);
-		}
-	}
-}
-
-/* The level-l mask: halve the 0/1 mask as floats l times, keep >= 0.5. */
-static int level_mask(const uint8_t *mask, uint32_t w, uint32_t h, unsigned l,
-                      const sf_reg_image *like, uint8_t **out, sf_err *e)
-{
-	*out = NULL;
-	if (!mask)
-		return SF_OK;
-	sf_reg_image mf;
-	int rc = sf_reg_image_alloc(&mf, w, h, e);
-	if (rc)
-		return rc;
-	for (size_t i = 0; i < (size_t)w * h; i++)
-		mf.px[i] = mask[i] ? 1.0f : 0.0f;
-	reg_pyramid p;
-	rc = reg_pyramid_to(&mf, l, &p, e);
-	if (!rc) {
-		const sf_reg_image *top = &p.lv[p.n - 1];
-		size_t n = (size_t)like->w * like->h;
-		if (top->w != like->w || top->h != like->h)
-			rc = sf_fail(e, SF_EINVAL,
-			             "register: mask pyramid does not match the image");
-		else if (!(*out = malloc(n)))
-			rc = sf_fail(e, SF_ENOMEM, "register: level mask");
-		else
-			for (size_t i = 0; i < n; i++)
-				(*out)[i] = top->px[i] >= 0.5f;
-		reg_pyramid_free(&p);
-	}
-	sf_reg_image_free(&mf);
-	return rc;
-}
-
-static int level_make(const sf_reg_image *ref, const sf_reg_image *mov, const uint8_t *mask,
-                      uint32_t mw, uint32_t mh, unsigned l, fit_level *lv, sf_err *e)
-{
-	memset(lv, 0, sizeof *lv);
-	int rc = copy_blurred(ref, &lv->ref, e);
-	if (!rc)
-		rc = copy_blurred(mov, &lv->mov, e);
-	if (!rc)
-		rc = sf_reg_image_alloc(&lv->gx, mov->w, mov->h, e);
-	if (!rc)
-		rc = sf_reg_image_alloc(&lv->gy, mov->w, mov->h, e);
-	if (!rc)
-		rc = level_mask(mask, mw, mh, l, ref, &lv->mask, e);
-	if (rc) {
-		level_free(lv);
-		return rc;
-	}
-	gradient(&lv->mov, &lv->gx, &lv->gy);
-	return SF_OK;
-}
 
 /* The 3x3 map of the parameters. */
 static void params_to_map(const fit_params *fp, double m[9])
@@ -199,7 +103,7 @@ typedef struct pass_sums {
 
 /* One pass: residuals, robust weights (sigma > 0) and the normal equations.
  * resid (may be NULL) receives |r| of each used pixel, in order. */
-static void fit_pass(const fit_level *lv, const fit_params *fp, double sigma, pass_sums *s,
+static void fit_pass(const reg_fit_level *lv, const fit_params *fp, double sigma, pass_sums *s,
                      float *resid)
 {
 	int np = fp->ng + 2;
@@ -328,7 +232,7 @@ static int cmp_float(const void *a, const void *b)
 }
 
 /* Least-squares gain and bias of ref against mov(m x) over the used pixels. */
-static void fit_gain_bias(const fit_level *lv, fit_params *fp)
+static void fit_gain_bias(const reg_fit_level *lv, fit_params *fp)
 {
 	double m[9], sa = 0, sb = 0, sbb = 0, sab = 0;
 	size_t n = 0;
@@ -355,7 +259,7 @@ static void fit_gain_bias(const fit_level *lv, fit_params *fp)
 }
 
 /* Levenberg-Marquardt at one level, from and into fp. */
-static int fit_level_run(const fit_level *lv, fit_params *fp, int max_iter, sf_err *e)
+static int fit_level_run(const reg_fit_level *lv, fit_params *fp, int max_iter, sf_err *e)
 {
 	size_t n = (size_t)lv->ref.w * lv->ref.h;
 	float *resid = malloc(n * sizeof *resid);
@@ -408,9 +312,9 @@ static int refine_levels(const reg_pyramid *rp, const reg_pyramid *mp, const uin
 	fp.f0 = m[0] * m[4] - m[1] * m[3] < 0 ? -1 : 1;
 	fp.p[fp.ng] = 1;
 	for (unsigned l = lc + 1; l-- > lf;) {
-		fit_level lv;
-		int rc =
-		    level_make(&rp->lv[l], &mp->lv[l], mask, rp->lv[0].w, rp->lv[0].h, l, &lv, e);
+		reg_fit_level lv;
+		int rc = reg_fit_level_make(&rp->lv[l], &mp->lv[l], mask, rp->lv[0].w, rp->lv[0].h,
+		                            l, &lv, e);
 		if (rc)
 			return rc;
 		double ml[9];
@@ -419,7 +323,7 @@ static int refine_levels(const reg_pyramid *rp, const reg_pyramid *mp, const uin
 		fp.cy = (lv.ref.h - 1) / 2.0;
 		params_from_map(ml, &fp);
 		rc = fit_level_run(&lv, &fp, o->max_iter, e);
-		level_free(&lv);
+		reg_fit_level_free(&lv);
 		if (rc)
 			return rc;
 		params_to_map(&fp, ml);
@@ -450,7 +354,7 @@ static void score(const reg_pyramid *rp, const reg_pyramid *mp, const uint8_t *m
 	double ml[9];
 	reg_map_to_level(m, lf, ml);
 	uint8_t *lm = NULL;
-	if (lf && mask && level_mask(mask, rp->lv[0].w, rp->lv[0].h, lf, &rp->lv[lf], &lm, e))
+	if (lf && mask && reg_level_mask(mask, rp->lv[0].w, rp->lv[0].h, lf, &rp->lv[lf], &lm, e))
 		lm = NULL; /* out of memory: score over all pixels */
 	*ncc = reg_ncc(&rp->lv[lf], lf ? lm : mask, &mp->lv[lf], ml, 1, overlap);
 	free(lm);

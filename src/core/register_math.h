@@ -68,4 +68,23 @@ double reg_ncc(const sf_reg_image *ref, const uint8_t *mask, const sf_reg_image 
 /* The mirror image of src about its vertical centre line, x -> w - 1 - x. */
 int reg_mirror_x(const sf_reg_image *src, sf_reg_image *out, sf_err *e);
 
+/* One pyramid level ready for an intensity fit (register_level.c): both
+ * images blurred with sigma 1 px, the moving image's gradient (central
+ * differences, one-sided at the borders) and the reference mask at that
+ * level.  The NCC and MI refinements share it. */
+typedef struct reg_fit_level {
+	sf_reg_image ref, mov, gx, gy; /* blurred copies; gradient of mov */
+	uint8_t *mask;                 /* ref mask at this level, NULL = all */
+} reg_fit_level;
+
+/* The w x h 0/1 mask at pyramid level l: halved as floats l times, kept
+ * where >= 0.5; *out (like's size) is NULL when mask is.  e may be NULL. */
+int reg_level_mask(const uint8_t *mask, uint32_t w, uint32_t h, unsigned l,
+                   const sf_reg_image *like, uint8_t **out, sf_err *e);
+/* Level l of ref and mov (the pyramids' level-l images), the mask being
+ * the full-size mw x mh one.  lv is freed on failure. */
+int reg_fit_level_make(const sf_reg_image *ref, const sf_reg_image *mov, const uint8_t *mask,
+                       uint32_t mw, uint32_t mh, unsigned l, reg_fit_level *lv, sf_err *e);
+void reg_fit_level_free(reg_fit_level *lv);
+
 #endif

@@ -37,7 +37,6 @@
 #define BINS_COARSE   16    /* ... and at the coarse levels, whose few samples spread thin */
 #define FINE_PIXELS   16384 /* mask pixels from which a level uses BINS_FINE */
 #define MIN_SAMPLES   16    /* fewer overlapping pixels: MI is 0 and no step is taken */
-#define BLUR_SIGMA    1.0   /* px at every level, on both images, as the NCC refinement */
 #define STEP_TOL      0.002 /* level px: a step that moves the border less ends the level */
 #define MAX_STEP      2.0   /* level px: the longest quasi-Newton step tried */
 #define MAX_BACKTRACK 12    /* halvings of a step before it counts as failed */
@@ -304,38 +303,6 @@ static double mi_of(const mi_acc *a, double *grad)
 	return mi;
 }
 
-/* The level-l mask: the 0/1 mask halved as floats l times, kept >= 0.5. */
-static int level_mask(const uint8_t *mask, const sf_reg_image *full, unsigned l,
-                      const sf_reg_image *like, uint8_t **out, sf_err *e)
-{
-	*out = NULL;
-	if (!mask)
-		return SF_OK;
-	sf_reg_image mf;
-	int rc = sf_reg_image_alloc(&mf, full->w, full->h, e);
-	if (rc)
-		return rc;
-	for (size_t i = 0; i < (size_t)full->w * full->h; i++)
-		mf.px[i] = mask[i] ? 1.0f : 0.0f;
-	reg_pyramid p;
-	rc = reg_pyramid_to(&mf, l, &p, e);
-	if (!rc) {
-		const sf_reg_image *top = &p.lv[p.n - 1];
-		size_t n = (size_t)like->w * like->h;
-		if (top->w != like->w || top->h != like->h)
-			rc = sf_fail(e, SF_EINVAL,
-			             "register: mask pyramid does not match the image");
-		else if (!(*out = malloc(n)))
-			rc = sf_fail(e, SF_ENOMEM, "register: level mask");
-		else
-			for (size_t i = 0; i < n; i++)
-				(*out)[i] = top->px[i] >= 0.5f;
-		reg_pyramid_free(&p);
-	}
-	sf_reg_image_free(&mf);
-	return rc;
-}
-
 double sf_reg_mi(const sf_reg_image *ref, const uint8_t *ref_mask, const sf_reg_image *mov,
                  const double m[9], int bins, double *overlap)
 {
@@ -361,72 +328,26 @@ double sf_reg_mi(const sf_reg_image *ref, const uint8_t *ref_mask, const sf_reg_
 
 /* --- the optimiser ----------------------------------------------------------- */
 
-/* One pyramid level ready for the fit (owned copies). */
+/* One pyramid level ready for the fit (owned copies) and its bins. */
 typedef struct mi_level {
-	sf_reg_image ref, mov, gx, gy;
-	uint8_t *mask;
+	reg_fit_level f;
 	mi_bins b;
 	int usable; /* 0: an image is flat at this level */
 } mi_level;
-
-static void level_free(mi_level *lv)
-{
-	sf_reg_image_free(&lv->ref);
-	sf_reg_image_free(&lv->mov);
-	sf_reg_image_free(&lv->gx);
-	sf_reg_image_free(&lv->gy);
-	free(lv->mask);
-	lv->mask = NULL;
-}
-
-static int copy_blurred(const sf_reg_image *src, sf_reg_image *dst, sf_err *e)
-{
-	int rc = sf_reg_image_alloc(dst, src->w, src->h, e);
-	if (rc)
-		return rc;
-	memcpy(dst->px, src->px, (size_t)src->w * src->h * sizeof *dst->px);
-	return sf_reg_gauss(dst, BLUR_SIGMA, e);
-}
-
-/* Central differences, one-sided at the borders. */
-static void gradient(const sf_reg_image *im, sf_reg_image *gx, sf_reg_image *gy)
-{
-	long w = im->w, h = im->h;
-	const float *p = im->px;
-	for (long y = 0; y < h; y++) {
-		long y0 = y > 0 ? y - 1 : y, y1 = y + 1 < h ? y + 1 : y;
-		for (long x = 0; x < w; x++) {
-			long x0 = x > 0 ? x - 1 : x, x1 = x + 1 < w ? x + 1 : x;
-			gx->px[y * w + x] = (p[y * w + x1] - p[y * w + x0]) / (float)(x1 - x0);
-			gy->px[y * w + x] = (p[y1 * w + x] - p[y0 * w + x]) / (float)(y1 - y0);
-		}
-	}
-}
 
 static int level_make(const reg_pyramid *rp, const reg_pyramid *mp, const uint8_t *mask, unsigned l,
                       mi_level *lv, sf_err *e)
 {
 	memset(lv, 0, sizeof *lv);
-	const sf_reg_image *mov = &mp->lv[l];
-	int rc = copy_blurred(&rp->lv[l], &lv->ref, e);
-	if (!rc)
-		rc = copy_blurred(mov, &lv->mov, e);
-	if (!rc)
-		rc = sf_reg_image_alloc(&lv->gx, mov->w, mov->h, e);
-	if (!rc)
-		rc = sf_reg_image_alloc(&lv->gy, mov->w, mov->h, e);
-	if (!rc)
-		rc = level_mask(mask, &rp->lv[0], l, &lv->ref, &lv->mask, e);
-	if (rc) {
-		level_free(lv);
+	int rc = reg_fit_level_make(&rp->lv[l], &mp->lv[l], mask, rp->lv[0].w, rp->lv[0].h, l,
+	                            &lv->f, e);
+	if (rc)
 		return rc;
-	}
-	gradient(&lv->mov, &lv->gx, &lv->gy);
 	size_t used = 0;
-	for (size_t i = 0; i < (size_t)lv->ref.w * lv->ref.h; i++)
-		used += !lv->mask || lv->mask[i];
+	for (size_t i = 0; i < (size_t)lv->f.ref.w * lv->f.ref.h; i++)
+		used += !lv->f.mask || lv->f.mask[i];
 	int bins = used >= FINE_PIXELS ? BINS_FINE : BINS_COARSE;
-	lv->usable = bins_make(&lv->ref, lv->mask, &lv->mov, bins, &lv->b);
+	lv->usable = bins_make(&lv->f.ref, lv->f.mask, &lv->f.mov, bins, &lv->b);
 	return SF_OK;
 }
 
@@ -434,7 +355,7 @@ static int level_make(const reg_pyramid *rp, const reg_pyramid *mp, const uint8_
 static double cost_at(const mi_level *lv, const mi_params *fp, const double *sc, mi_acc *a,
                       double *gz)
 {
-	mi_view v = {&lv->ref, &lv->mov, &lv->gx, &lv->gy, lv->mask};
+	mi_view v = {&lv->f.ref, &lv->f.mov, &lv->f.gx, &lv->f.gy, lv->f.mask};
 	double m[9];
 	params_to_map(fp, m);
 	mi_pass(&v, &lv->b, m, fp, a);
@@ -517,7 +438,7 @@ static double direction(double h[MAXG][MAXG], const double *g, int n, double *d)
 static void fit_level_run(const mi_level *lv, mi_params *fp, int max_iter, mi_acc *a)
 {
 	int n = fp->ng;
-	double radius = (lv->ref.w + lv->ref.h) / 4.0, sc[MAXG], h[MAXG][MAXG], gz[MAXG];
+	double radius = (lv->f.ref.w + lv->f.ref.h) / 4.0, sc[MAXG], h[MAXG][MAXG], gz[MAXG];
 	for (int u = 0; u < n; u++) /* translations are in px; matrix entries move the border */
 		sc[u] = (n == 4 ? u < 2 : u % 3 != 2) ? radius : 1;
 	double f = cost_at(lv, fp, sc, a, gz);
@@ -592,15 +513,15 @@ static int refine_levels(const reg_pyramid *rp, const reg_pyramid *mp, const uin
 		if (lv.usable) {
 			double ml[9];
 			reg_map_to_level(m, l, ml);
-			fp.cx = (lv.ref.w - 1) / 2.0;
-			fp.cy = (lv.ref.h - 1) / 2.0;
+			fp.cx = (lv.f.ref.w - 1) / 2.0;
+			fp.cy = (lv.f.ref.h - 1) / 2.0;
 			params_from_map(ml, &fp);
 			a.bins = lv.b.bins; /* a holds BINS_FINE; a level may use fewer */
 			fit_level_run(&lv, &fp, o->max_iter, &a);
 			params_to_map(&fp, ml);
 			reg_map_from_level(ml, l, m);
 		}
-		level_free(&lv);
+		reg_fit_level_free(&lv.f);
 	}
 	acc_free(&a);
 	return rc;
@@ -613,7 +534,8 @@ static void score(const reg_pyramid *rp, const reg_pyramid *mp, const uint8_t *m
 	double ml[9];
 	reg_map_to_level(m, lf, ml);
 	uint8_t *lm = NULL;
-	if (lf && mask && level_mask(mask, &rp->lv[0], lf, &rp->lv[lf], &lm, NULL))
+	if (lf && mask &&
+	    reg_level_mask(mask, rp->lv[0].w, rp->lv[0].h, lf, &rp->lv[lf], &lm, NULL))
 		lm = NULL; /* out of memory: score over all pixels */
 	const uint8_t *use = lf ? lm : mask;
 	r->mi = sf_reg_mi(&rp->lv[lf], use, &mp->lv[lf], ml, BINS_FINE, &r->overlap);

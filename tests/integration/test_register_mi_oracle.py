@@ -30,7 +30,7 @@ import scipy.ndimage as ndi
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SRCS = ["tests/unit/test_register_mi.c", "src/core/register_prep.c",
-        "src/core/register_rigid.c", "src/core/register_affine.c", "src/core/register_mi.c",
+        "src/core/register_rigid.c", "src/core/register_affine.c", "src/core/register_mi.c", "src/core/register_level.c",
         "src/core/fft_fftw.c", "src/core/select.c", "src/core/transform.c", "src/util/err.c",
         "src/util/log.c", "src/util/pixel.c"]
 N_SIMILARITY = 16

@@ -27,7 +27,7 @@ from reg_pairs import make_pair  # the pair generator, shared with the mount tes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SRCS = ["tests/unit/test_register.c", "src/core/register_prep.c", "src/core/register_rigid.c",
-        "src/core/register_affine.c", "src/core/register_mi.c", "src/core/fft_fftw.c", "src/core/select.c", "src/core/transform.c", "src/util/err.c",
+        "src/core/register_affine.c", "src/core/register_mi.c", "src/core/register_level.c", "src/core/fft_fftw.c", "src/core/select.c", "src/core/transform.c", "src/util/err.c",
         "src/util/log.c", "src/util/pixel.c"]
 N_SIMILARITY = 24
 N_AFFINE = 8

@@ -1,0 +1,98 @@
+/* register_level.c — one pyramid level ready for an intensity fit, shared
+ * by the NCC refinement (register_affine.c) and the MI refinement
+ * (register_mi.c): blurred copies, the moving image's gradient, and the
+ * reference mask brought to that level (register_math.h). */
+#include <stdlib.h>
+#include <string.h>
+
+#include "register_math.h"
+
+#define BLUR_SIGMA 1.0 /* px at every level, on both images */
+
+void reg_fit_level_free(reg_fit_level *lv)
+{
+	sf_reg_image_free(&lv->ref);
+	sf_reg_image_free(&lv->mov);
+	sf_reg_image_free(&lv->gx);
+	sf_reg_image_free(&lv->gy);
+	free(lv->mask);
+	lv->mask = NULL;
+}
+
+static int copy_blurred(const sf_reg_image *src, sf_reg_image *dst, sf_err *e)
+{
+	int rc = sf_reg_image_alloc(dst, src->w, src->h, e);
+	if (rc)
+		return rc;
+	memcpy(dst->px, src->px, (size_t)src->w * src->h * sizeof *dst->px);
+	return sf_reg_gauss(dst, BLUR_SIGMA, e);
+}
+
+/* Central differences (one-sided at the borders). */
+static void gradient(const sf_reg_image *im, sf_reg_image *gx, sf_reg_image *gy)
+{
+	long w = im->w, h = im->h;
+	for (long y = 0; y < h; y++) {
+		long y0 = y > 0 ? y - 1 : y, y1 = y + 1 < h ? y + 1 : y;
+		for (long x = 0; x < w; x++) {
+			long x0 = x > 0 ? x - 1 : x, x1 = x + 1 < w ? x + 1 : x;
+			const float *p = im->px;
+			gx->px[y * w + x] =
+			    (p[y * w + x1] - p[y * w + x0]) / (float)(x1 - x0 ? x1 - x0 : 1);
+			gy->px[y * w + x] =
+			    (p[y1 * w + x] - p[y0 * w + x]) / (float)(y1 - y0 ? y1 - y0 : 1);
+		}
+	}
+}
+
+int reg_level_mask(const uint8_t *mask, uint32_t w, uint32_t h, unsigned l,
+                   const sf_reg_image *like, uint8_t **out, sf_err *e)
+{
+	*out = NULL;
+	if (!mask)
+		return SF_OK;
+	sf_reg_image mf;
+	int rc = sf_reg_image_alloc(&mf, w, h, e);
+	if (rc)
+		return rc;
+	for (size_t i = 0; i < (size_t)w * h; i++)
+		mf.px[i] = mask[i] ? 1.0f : 0.0f;
+	reg_pyramid p;
+	rc = reg_pyramid_to(&mf, l, &p, e);
+	if (!rc) {
+		const sf_reg_image *top = &p.lv[p.n - 1];
+		size_t n = (size_t)like->w * like->h;
+		if (top->w != like->w || top->h != like->h)
+			rc = sf_fail(e, SF_EINVAL,
+			             "register: mask pyramid does not match the image");
+		else if (!(*out = malloc(n)))
+			rc = sf_fail(e, SF_ENOMEM, "register: level mask");
+		else
+			for (size_t i = 0; i < n; i++)
+				(*out)[i] = top->px[i] >= 0.5f;
+		reg_pyramid_free(&p);
+	}
+	sf_reg_image_free(&mf);
+	return rc;
+}
+
+int reg_fit_level_make(const sf_reg_image *ref, const sf_reg_image *mov, const uint8_t *mask,
+                       uint32_t mw, uint32_t mh, unsigned l, reg_fit_level *lv, sf_err *e)
+{
+	memset(lv, 0, sizeof *lv);
+	int rc = copy_blurred(ref, &lv->ref, e);
+	if (!rc)
+		rc = copy_blurred(mov, &lv->mov, e);
+	if (!rc)
+		rc = sf_reg_image_alloc(&lv->gx, mov->w, mov->h, e);
+	if (!rc)
+		rc = sf_reg_image_alloc(&lv->gy, mov->w, mov->h, e);
+	if (!rc)
+		rc = reg_level_mask(mask, mw, mh, l, ref, &lv->mask, e);
+	if (rc) {
+		reg_fit_level_free(lv);
+		return rc;
+	}
+	gradient(&lv->mov, &lv->gx, &lv->gy);
+	return SF_OK;
+}
