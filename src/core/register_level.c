@@ -96,3 +96,41 @@ int reg_fit_level_make(const sf_reg_image *ref, const sf_reg_image *mov, const u
 	gradient(&lv->mov, &lv->gx, &lv->gy);
 	return SF_OK;
 }
+
+/* Levels: the finest whose reference fits max_dim, the coarsest whose
+ * reference fits min_dim (never finer than the finest). */
+static void pick_levels(const sf_reg_image *ref, const sf_reg_opts *o, unsigned *lc, unsigned *lf)
+{
+	uint32_t longest = ref->w > ref->h ? ref->w : ref->h;
+	unsigned f = 0, c = 0;
+	while (o->max_dim && ((uint64_t)longest + (1ull << f) - 1) >> f > o->max_dim && f < 15)
+		f++;
+	uint32_t lo = o->min_dim > 8 ? o->min_dim : 8;
+	while (((uint64_t)longest + (1ull << c) - 1) >> c > lo && c < 15)
+		c++;
+	*lf = f;
+	*lc = c > f ? c : f;
+}
+
+int reg_refine_begin(const sf_reg_image *ref, const sf_reg_image *mov, const sf_reg_opts *o,
+                     reg_refine_pyramids *p, sf_err *e)
+{
+	if (o->model != SF_REG_SIMILARITY && o->model != SF_REG_AFFINE)
+		return sf_fail(e, SF_EINVAL, "register: model %d", (int)o->model);
+	if (!ref->px || !mov->px || ref->w < 8 || ref->h < 8 || mov->w < 8 || mov->h < 8)
+		return sf_fail(e, SF_EINVAL, "register: images %u x %u and %u x %u (need >= 8 px)",
+		               ref->w, ref->h, mov->w, mov->h);
+	pick_levels(ref, o, &p->lc, &p->lf);
+	int rc = reg_pyramid_to(ref, p->lc, &p->rp, e);
+	if (rc)
+		return rc;
+	rc = reg_pyramid_to(mov, p->lc, &p->mp, e);
+	if (rc) {
+		reg_pyramid_free(&p->rp);
+		return rc;
+	}
+	unsigned top = p->rp.n < p->mp.n ? p->rp.n - 1 : p->mp.n - 1;
+	p->lc = p->lc < top ? p->lc : top;
+	p->lf = p->lf < p->lc ? p->lf : p->lc;
+	return SF_OK;
+}

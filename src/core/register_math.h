@@ -87,4 +87,16 @@ int reg_fit_level_make(const sf_reg_image *ref, const sf_reg_image *mov, const u
                        uint32_t mw, uint32_t mh, unsigned l, reg_fit_level *lv, sf_err *e);
 void reg_fit_level_free(reg_fit_level *lv);
 
+/* What a refinement (NCC or MI) works on: both pyramids and the levels it
+ * runs, from lc (coarsest: the reference's longest side at most min_dim)
+ * to lf (finest: at most max_dim, 0 = the thumbnails), clamped to both
+ * pyramids.  reg_refine_begin checks the model and the sizes first. */
+typedef struct reg_refine_pyramids {
+	reg_pyramid rp, mp;
+	unsigned lc, lf;
+} reg_refine_pyramids;
+
+int reg_refine_begin(const sf_reg_image *ref, const sf_reg_image *mov, const sf_reg_opts *o,
+                     reg_refine_pyramids *p, sf_err *e);
+
 #endif

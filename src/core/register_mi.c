@@ -483,20 +483,6 @@ static void fit_level_run(const mi_level *lv, mi_params *fp, int max_iter, mi_ac
 	}
 }
 
-/* Levels: as pick_levels of register_affine.c. */
-static void pick_levels(const sf_reg_image *ref, const sf_reg_opts *o, unsigned *lc, unsigned *lf)
-{
-	uint32_t longest = ref->w > ref->h ? ref->w : ref->h;
-	unsigned f = 0, c = 0;
-	while (o->max_dim && ((uint64_t)longest + (1ull << f) - 1) >> f > o->max_dim && f < 15)
-		f++;
-	uint32_t lo = o->min_dim > 8 ? o->min_dim : 8;
-	while (((uint64_t)longest + (1ull << c) - 1) >> c > lo && c < 15)
-		c++;
-	*lf = f;
-	*lc = c > f ? c : f;
-}
-
 static int refine_levels(const reg_pyramid *rp, const reg_pyramid *mp, const uint8_t *mask,
                          const sf_reg_opts *o, unsigned lc, unsigned lf, double m[9], sf_err *e)
 {
@@ -546,25 +532,12 @@ static void score(const reg_pyramid *rp, const reg_pyramid *mp, const uint8_t *m
 int sf_reg_refine_mi(const sf_reg_image *ref, const uint8_t *ref_mask, const sf_reg_image *mov,
                      const sf_reg_opts *o, sf_reg_result *r, sf_err *e)
 {
-	if (o->model != SF_REG_SIMILARITY && o->model != SF_REG_AFFINE)
-		return sf_fail(e, SF_EINVAL, "register: model %d", (int)o->model);
-	if (!ref->px || !mov->px || ref->w < 8 || ref->h < 8 || mov->w < 8 || mov->h < 8)
-		return sf_fail(e, SF_EINVAL, "register: images %u x %u and %u x %u (need >= 8 px)",
-		               ref->w, ref->h, mov->w, mov->h);
-	unsigned lc, lf;
-	pick_levels(ref, o, &lc, &lf);
-	reg_pyramid rp, mp;
-	int rc = reg_pyramid_to(ref, lc, &rp, e);
+	reg_refine_pyramids pp;
+	int rc = reg_refine_begin(ref, mov, o, &pp, e);
 	if (rc)
 		return rc;
-	rc = reg_pyramid_to(mov, lc, &mp, e);
-	if (rc) {
-		reg_pyramid_free(&rp);
-		return rc;
-	}
-	unsigned top = rp.n < mp.n ? rp.n - 1 : mp.n - 1;
-	lc = lc < top ? lc : top;
-	lf = lf < lc ? lf : lc;
+	reg_pyramid rp = pp.rp, mp = pp.mp;
+	unsigned lc = pp.lc, lf = pp.lf;
 	sf_reg_result start = *r, end = *r;
 	score(&rp, &mp, ref_mask, lf, start.m, &start);
 	rc = refine_levels(&rp, &mp, ref_mask, o, lc, lf, end.m, e);

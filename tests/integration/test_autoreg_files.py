@@ -10,6 +10,7 @@ Also: the field files follow the field, a user's file wins, reg=off.
 """
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -164,3 +165,12 @@ def test_serial_order_composes_the_chain(scopefs):
         assert 'registered by scopefs: serial,' in state(m, stem), state(m, stem)
         err = np.hypot(*((got @ h.T) - (truth[stem] @ h.T))[:2])
         assert np.median(err) < 0.5, (stem, np.median(err))
+
+
+@pytest.mark.parametrize('preset', ['cyclic-if', 'serial-sections'])
+def test_registration_presets_mount(pair, preset):
+    """The shipped registration presets parse and register the pair."""
+    repo = Path(__file__).resolve().parents[2]
+    m = pair.mount(opts={'preset': str(repo / 'mountopts' / preset), 'reg_nonrigid_dim': 256})
+    m.path('transforms', 'b_mov.json').read_text()
+    assert state(m, 'b_mov').startswith('served, registered by scopefs'), state(m, 'b_mov')

@@ -19,6 +19,7 @@
 #include <time.h>
 
 #include "check.h"
+#include "reg_fixture.h"
 #include "scopefs/register.h"
 
 /* --- deterministic synthetic tissue ---------------------------------------- */
@@ -160,51 +161,6 @@ static void test_to_transform(void)
  * degrees, then optionally mirrored) and c integer: mov is ref moved
  * exactly, 0 elsewhere.  m = [P c] is then the true backward map
  * (ref(x) = mov(m x)). */
-static int permuted(const sf_reg_image *ref, int rot, int mirror, int sx, int sy, sf_reg_image *mov,
-                    double m[9], sf_err *e)
-{
-	int w = (int)ref->w, h = (int)ref->h, mw = rot % 2 ? h : w, mh = rot % 2 ? w : h;
-	int rc = sf_reg_image_alloc(mov, (uint32_t)mw, (uint32_t)mh, e);
-	if (rc)
-		return rc;
-	double p[4], c[2];
-	switch (rot) {
-	case 0: p[0] = 1, p[1] = 0, p[2] = 0, p[3] = 1, c[0] = 0, c[1] = 0; break;
-	case 1: p[0] = 0, p[1] = -1, p[2] = 1, p[3] = 0, c[0] = h - 1, c[1] = 0; break;
-	case 2: p[0] = -1, p[1] = 0, p[2] = 0, p[3] = -1, c[0] = w - 1, c[1] = h - 1; break;
-	default: p[0] = 0, p[1] = 1, p[2] = -1, p[3] = 0, c[0] = 0, c[1] = w - 1; break;
-	}
-	if (mirror) { /* then x -> mw - 1 - x */
-		p[0] = -p[0], p[1] = -p[1], c[0] = mw - 1 - c[0];
-	}
-	c[0] += sx;
-	c[1] += sy;
-	for (int y = 0; y < h; y++)
-		for (int x = 0; x < w; x++) {
-			int u = (int)lround(p[0] * x + p[1] * y + c[0]);
-			int v = (int)lround(p[2] * x + p[3] * y + c[1]);
-			if (u >= 0 && v >= 0 && u < mw && v < mh)
-				mov->px[(size_t)v * mw + u] = ref->px[(size_t)y * w + x];
-		}
-	double fm[9] = {p[0], p[1], c[0], p[2], p[3], c[1], 0, 0, 1};
-	memcpy(m, fm, sizeof fm);
-	return SF_OK;
-}
-
-/* Largest distance between the two maps over the reference's corners. */
-static double corner_error(const double a[9], const double b[9], uint32_t w, uint32_t h)
-{
-	double worst = 0;
-	for (int k = 0; k < 4; k++) {
-		double x = (k & 1) ? w - 1.0 : 0, y = (k & 2) ? h - 1.0 : 0;
-		double dx = (a[0] - b[0]) * x + (a[1] - b[1]) * y + a[2] - b[2];
-		double dy = (a[3] - b[3]) * x + (a[4] - b[4]) * y + a[5] - b[5];
-		double d = sqrt(dx * dx + dy * dy);
-		worst = d > worst ? d : worst;
-	}
-	return worst;
-}
-
 static void test_register_exact(void)
 {
 	sf_err e = {0};
@@ -220,8 +176,8 @@ static void test_register_exact(void)
 	for (size_t k = 0; k < sizeof cases / sizeof cases[0]; k++) {
 		sf_reg_image mov;
 		double truth[9];
-		if (permuted(&ref, cases[k][0], cases[k][1], cases[k][2], cases[k][3], &mov, truth,
-		             &e)) {
+		if (permuted(&ref, cases[k][0], cases[k][1], cases[k][2], cases[k][3], 0.0f, &mov,
+		             truth, &e)) {
 			CHECK(0, "permute: %s", e.msg);
 			continue;
 		}
@@ -255,25 +211,6 @@ static void test_bad_input(void)
 	CHECK(sf_reg_register(&b, NULL, &b, &o, &r, &e) == SF_EINVAL, "bad max_scale rejected");
 	sf_reg_image_free(&a);
 	sf_reg_image_free(&b);
-}
-
-/* --- driver ----------------------------------------------------------------- */
-
-static int read_raw(const char *path, uint32_t w, uint32_t h, sf_reg_image *im, sf_err *e)
-{
-	int rc = sf_reg_image_alloc(im, w, h, e);
-	if (rc)
-		return rc;
-	FILE *f = fopen(path, "rb");
-	size_t n = (size_t)w * h;
-	if (!f || fread(im->px, sizeof *im->px, n, f) != n) {
-		if (f)
-			fclose(f);
-		sf_reg_image_free(im);
-		return sf_fail(e, SF_EIO, "%s: cannot read %zu floats", path, n);
-	}
-	fclose(f);
-	return SF_OK;
 }
 
 static int drive(int argc, char **argv)

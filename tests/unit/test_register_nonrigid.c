@@ -23,6 +23,7 @@
 #include <time.h>
 
 #include "check.h"
+#include "reg_fixture.h"
 #include "scopefs/register.h"
 
 /* --- an analytic tissue image -------------------------------------------------- */
@@ -300,30 +301,6 @@ static void test_bad_input(void)
 	sf_reg_field_free(&f);
 	sf_reg_field_free(&f); /* twice is fine */
 	sf_reg_image_free(&im);
-}
-
-/* --- the driver --------------------------------------------------------------------- */
-
-static int read_raw(const char *path, uint32_t w, uint32_t h, sf_reg_image *im, sf_err *e)
-{
-	int rc = sf_reg_image_alloc(im, w, h, e);
-	if (rc)
-		return rc;
-	FILE *f = fopen(path, "rb");
-	size_t n = (size_t)w * h;
-	if (!f || fread(im->px, sizeof *im->px, n, f) != n) {
-		if (f)
-			fclose(f);
-		sf_reg_image_free(im);
-		return sf_fail(e, SF_EIO, "%s: cannot read %zu floats", path, n);
-	}
-	fclose(f);
-	return SF_OK;
-}
-
-static double ms_between(const struct timespec *a, const struct timespec *b)
-{
-	return (b->tv_sec - a->tv_sec) * 1e3 + (b->tv_nsec - a->tv_nsec) / 1e6;
 }
 
 static int write_out(const char *base, const sf_reg_result *r, const sf_reg_field *f, double ms_aff,
