@@ -10,6 +10,9 @@ Writes
   DIR/moving.ome.tif     the same tissue seen by a second scan: rotated by
                          ROTATE_DEG about the centre and shifted by SHIFT_XY
                          pixels, same layout
+  DIR/round2.ome.tif     a copy of moving.ome.tif that has no transform
+                         file: scopefs registers it itself on first use, and
+                         transforms/round2.json should match moving.json
   DIR/lightsheet/        a z-stack of 32 single-page uint16 planes
                          img_000001.tif ... (512 x 512, fluorescent beads)
 Takes well under 30 s on two cores.  The tissue is drawn in slide
@@ -20,6 +23,7 @@ recover the transform printed at the end.
 
 import json
 import os
+import shutil
 import sys
 import time
 
@@ -157,10 +161,11 @@ def main(argv):
     ref = tissue(rng)
     write_ome(os.path.join(out, 'reference.ome.tif'), pyramid(to_uint16(ref)))
     write_ome(os.path.join(out, 'moving.ome.tif'), pyramid(to_uint16(moved(ref))))
+    shutil.copyfile(os.path.join(out, 'moving.ome.tif'), os.path.join(out, 'round2.ome.tif'))
     del ref
     lightsheet(rng, os.path.join(out, 'lightsheet'))
-    print('demo data in %s (%.1f s): reference.ome.tif, moving.ome.tif '
-          '(content rotated %.1f deg about the centre and shifted by (%+.0f, %+.0f) px), '
+    print('demo data in %s (%.1f s): reference.ome.tif, moving.ome.tif and its copy '
+          'round2.ome.tif (content rotated %.1f deg about the centre and shifted by (%+.0f, %+.0f) px), '
           'lightsheet/ (%d planes)' % (out, time.monotonic() - t0, ROTATE_DEG, SHIFT_XY[0],
                                        SHIFT_XY[1], PLANES))
     return 0
