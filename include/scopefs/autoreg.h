@@ -76,11 +76,11 @@ void sf_autoreg_file_name(sf_autoreg_file_kind k, const char *stem, char *buf, s
  * field files only when nonrigid_dim > 0). */
 int sf_autoreg_file_exists(const sf_reg_settings *s, sf_autoreg_file_kind k);
 
-/* A job over dataset d: todo[i] != 0 for each slide to register to slide
+/* A job over dataset d: to_register[i] != 0 for each slide to register to slide
  * `reference`.  transforms_dir: the absolute folder the transforms/ files
  * are served at (elastix files refer to each other by path).  d, s, cache
  * are borrowed and must outlive the job. */
-int sf_autoreg_create(const sf_dataset *d, uint32_t reference, const uint8_t *todo,
+int sf_autoreg_create(const sf_dataset *d, uint32_t reference, const uint8_t *to_register,
                       const sf_reg_settings *s, unsigned threads, sf_cache *cache,
                       const char *transforms_dir, sf_autoreg **out, sf_err *e);
 void sf_autoreg_destroy(sf_autoreg *a);

@@ -35,64 +35,9 @@
 
 /* Parameters: geom[0..ng), then gain, bias. */
 typedef struct fit_params {
-	int ng;         /* 4 (similarity) or 6 (affine) */
-	double f0;      /* similarity: -1 mirrored, 1 not */
-	double cx, cy;  /* reference centre at this level */
+	reg_geom g;     /* the geometric model (register_math.h) */
 	double p[MAXP]; /* similarity p q b1 b2 | affine a0 a1 b1 a3 a4 b2; then g, o */
 } fit_params;
-
-/* The 3x3 map of the parameters. */
-static void params_to_map(const fit_params *fp, double m[9])
-{
-	const double *p = fp->p;
-	double l00, l01, l10, l11, b1, b2;
-	if (fp->ng == 4) {
-		l00 = p[0] * fp->f0;
-		l01 = -p[1];
-		l10 = p[1] * fp->f0;
-		l11 = p[0];
-		b1 = p[2];
-		b2 = p[3];
-	} else {
-		l00 = p[0];
-		l01 = p[1];
-		b1 = p[2];
-		l10 = p[3];
-		l11 = p[4];
-		b2 = p[5];
-	}
-	m[0] = l00;
-	m[1] = l01;
-	m[2] = b1 - l00 * fp->cx - l01 * fp->cy;
-	m[3] = l10;
-	m[4] = l11;
-	m[5] = b2 - l10 * fp->cx - l11 * fp->cy;
-	m[6] = m[7] = 0;
-	m[8] = 1;
-}
-
-/* The parameters closest to map m (similarity: the projection of L F0 on
- * [p -q; q p]); gain and bias are left alone. */
-static void params_from_map(const double m[9], fit_params *fp)
-{
-	double *p = fp->p;
-	double b1 = m[0] * fp->cx + m[1] * fp->cy + m[2];
-	double b2 = m[3] * fp->cx + m[4] * fp->cy + m[5];
-	if (fp->ng == 4) {
-		double s00 = m[0] * fp->f0, s10 = m[3] * fp->f0; /* L F0, F0 its own inverse */
-		p[0] = (s00 + m[4]) / 2;
-		p[1] = (s10 - m[1]) / 2;
-		p[2] = b1;
-		p[3] = b2;
-	} else {
-		p[0] = m[0];
-		p[1] = m[1];
-		p[2] = b1;
-		p[3] = m[3];
-		p[4] = m[4];
-		p[5] = b2;
-	}
-}
 
 /* Sums of one pass over the reference pixels at parameters fp. */
 typedef struct pass_sums {
@@ -106,11 +51,11 @@ typedef struct pass_sums {
 static void fit_pass(const reg_fit_level *lv, const fit_params *fp, double sigma, pass_sums *s,
                      float *resid)
 {
-	int np = fp->ng + 2;
+	int np = fp->g.ng + 2;
 	double m[9];
-	params_to_map(fp, m);
+	reg_geom_to_map(&fp->g, fp->p, m);
 	memset(s, 0, sizeof *s);
-	double g = fp->p[fp->ng], o = fp->p[fp->ng + 1], cost = 0;
+	double g = fp->p[fp->g.ng], o = fp->p[fp->g.ng + 1], cost = 0;
 	double xmax = lv->mov.w - 1.0, ymax = lv->mov.h - 1.0, s2 = sigma * sigma;
 	const sf_reg_image *ref = &lv->ref;
 	for (uint32_t y = 0; y < ref->h; y++) {
@@ -133,23 +78,10 @@ static void fit_pass(const reg_fit_level *lv, const fit_params *fp, double sigma
 				cost += r * r / d;
 			} else
 				cost += r * r;
-			double u1 = x - fp->cx, u2 = y - fp->cy, j[MAXP];
-			if (fp->ng == 4) {
-				u1 *= fp->f0;
-				j[0] = dx * u1 + dy * u2;
-				j[1] = -dx * u2 + dy * u1;
-				j[2] = dx;
-				j[3] = dy;
-			} else {
-				j[0] = dx * u1;
-				j[1] = dx * u2;
-				j[2] = dx;
-				j[3] = dy * u1;
-				j[4] = dy * u2;
-				j[5] = dy;
-			}
-			j[fp->ng] = mv;
-			j[fp->ng + 1] = 1;
+			double j[MAXP];
+			reg_geom_jacobian(&fp->g, x, y, dx, dy, j);
+			j[fp->g.ng] = mv;
+			j[fp->g.ng + 1] = 1;
 			for (int a = 0; a < np; a++) {
 				double wj = w * j[a];
 				s->g[a] += wj * r;
@@ -213,8 +145,8 @@ static int lm_solve(const pass_sums *s, int np, double lambda, double *delta)
 static double corner_move(const fit_params *a, const fit_params *b, const sf_reg_image *ref)
 {
 	double ma[9], mb[9], worst = 0;
-	params_to_map(a, ma);
-	params_to_map(b, mb);
+	reg_geom_to_map(&a->g, a->p, ma);
+	reg_geom_to_map(&b->g, b->p, mb);
 	for (int k = 0; k < 4; k++) {
 		double x = (k & 1) ? ref->w - 1.0 : 0, y = (k & 2) ? ref->h - 1.0 : 0;
 		double dx = (ma[0] - mb[0]) * x + (ma[1] - mb[1]) * y + ma[2] - mb[2];
@@ -236,7 +168,7 @@ static void fit_gain_bias(const reg_fit_level *lv, fit_params *fp)
 {
 	double m[9], sa = 0, sb = 0, sbb = 0, sab = 0;
 	size_t n = 0;
-	params_to_map(fp, m);
+	reg_geom_to_map(&fp->g, fp->p, m);
 	double xmax = lv->mov.w - 1.0, ymax = lv->mov.h - 1.0;
 	for (uint32_t y = 0; y < lv->ref.h; y++)
 		for (uint32_t x = 0; x < lv->ref.w; x++) {
@@ -254,8 +186,8 @@ static void fit_gain_bias(const reg_fit_level *lv, fit_params *fp)
 		}
 	double vb = n ? sbb - sb * sb / n : 0;
 	double g = vb > 1e-12 * (double)n && n ? (sab - sa * sb / n) / vb : 1;
-	fp->p[fp->ng] = g > 0.05 ? g : 0.05; /* an anti-correlated start is no start */
-	fp->p[fp->ng + 1] = n ? (sa - fp->p[fp->ng] * sb) / n : 0;
+	fp->p[fp->g.ng] = g > 0.05 ? g : 0.05; /* an anti-correlated start is no start */
+	fp->p[fp->g.ng + 1] = n ? (sa - fp->p[fp->g.ng] * sb) / n : 0;
 }
 
 /* Levenberg-Marquardt at one level, from and into fp. */
@@ -265,7 +197,7 @@ static int fit_level_run(const reg_fit_level *lv, fit_params *fp, int max_iter, 
 	float *resid = malloc(n * sizeof *resid);
 	if (!resid)
 		return sf_fail(e, SF_ENOMEM, "register: residual buffer of %zu floats", n);
-	int np = fp->ng + 2;
+	int np = fp->g.ng + 2;
 	fit_gain_bias(lv, fp);
 	pass_sums cur, next;
 	fit_pass(lv, fp, 0, &cur, resid);
@@ -308,9 +240,9 @@ static int refine_levels(const reg_pyramid *rp, const reg_pyramid *mp, const uin
                          const sf_reg_opts *o, unsigned lc, unsigned lf, double m[9], sf_err *e)
 {
 	fit_params fp = {0};
-	fp.ng = o->model == SF_REG_AFFINE ? 6 : 4;
-	fp.f0 = m[0] * m[4] - m[1] * m[3] < 0 ? -1 : 1;
-	fp.p[fp.ng] = 1;
+	fp.g.ng = o->model == SF_REG_AFFINE ? 6 : 4;
+	fp.g.f0 = m[0] * m[4] - m[1] * m[3] < 0 ? -1 : 1;
+	fp.p[fp.g.ng] = 1;
 	for (unsigned l = lc + 1; l-- > lf;) {
 		reg_fit_level lv;
 		int rc = reg_fit_level_make(&rp->lv[l], &mp->lv[l], mask, rp->lv[0].w, rp->lv[0].h,
@@ -319,14 +251,14 @@ static int refine_levels(const reg_pyramid *rp, const reg_pyramid *mp, const uin
 			return rc;
 		double ml[9];
 		reg_map_to_level(m, l, ml);
-		fp.cx = (lv.ref.w - 1) / 2.0;
-		fp.cy = (lv.ref.h - 1) / 2.0;
-		params_from_map(ml, &fp);
+		fp.g.cx = (lv.ref.w - 1) / 2.0;
+		fp.g.cy = (lv.ref.h - 1) / 2.0;
+		reg_geom_from_map(&fp.g, ml, fp.p);
 		rc = fit_level_run(&lv, &fp, o->max_iter, e);
 		reg_fit_level_free(&lv);
 		if (rc)
 			return rc;
-		params_to_map(&fp, ml);
+		reg_geom_to_map(&fp.g, fp.p, ml);
 		reg_map_from_level(ml, l, m);
 	}
 	return SF_OK;

@@ -1,7 +1,8 @@
-/* register_level.c — one pyramid level ready for an intensity fit, shared
- * by the NCC refinement (register_affine.c) and the MI refinement
- * (register_mi.c): blurred copies, the moving image's gradient, and the
- * reference mask brought to that level (register_math.h). */
+/* register_level.c — what the NCC refinement (register_affine.c) and the
+ * MI refinement (register_mi.c) share (register_math.h): one pyramid level
+ * ready for a fit (blurred copies, the moving image's gradient, the
+ * reference mask at that level), the choice of levels and pyramids, and
+ * the similarity/affine parameterisation. */
 #include <stdlib.h>
 #include <string.h>
 
@@ -133,4 +134,57 @@ int reg_refine_begin(const sf_reg_image *ref, const sf_reg_image *mov, const sf_
 	p->lc = p->lc < top ? p->lc : top;
 	p->lf = p->lf < p->lc ? p->lf : p->lc;
 	return SF_OK;
+}
+
+void reg_geom_to_map(const reg_geom *g, const double *p, double m[9])
+{
+	double l00, l01, l10, l11, b1, b2;
+	if (g->ng == 4) {
+		l00 = p[0] * g->f0, l01 = -p[1], l10 = p[1] * g->f0, l11 = p[0];
+		b1 = p[2], b2 = p[3];
+	} else {
+		l00 = p[0], l01 = p[1], b1 = p[2], l10 = p[3], l11 = p[4], b2 = p[5];
+	}
+	m[0] = l00;
+	m[1] = l01;
+	m[2] = b1 - l00 * g->cx - l01 * g->cy;
+	m[3] = l10;
+	m[4] = l11;
+	m[5] = b2 - l10 * g->cx - l11 * g->cy;
+	m[6] = m[7] = 0;
+	m[8] = 1;
+}
+
+void reg_geom_from_map(const reg_geom *g, const double m[9], double *p)
+{
+	double b1 = m[0] * g->cx + m[1] * g->cy + m[2];
+	double b2 = m[3] * g->cx + m[4] * g->cy + m[5];
+	if (g->ng == 4) { /* L F0 with F0 its own inverse, projected */
+		p[0] = (m[0] * g->f0 + m[4]) / 2;
+		p[1] = (m[3] * g->f0 - m[1]) / 2;
+		p[2] = b1;
+		p[3] = b2;
+	} else {
+		p[0] = m[0], p[1] = m[1], p[2] = b1;
+		p[3] = m[3], p[4] = m[4], p[5] = b2;
+	}
+}
+
+void reg_geom_jacobian(const reg_geom *g, double x, double y, double dx, double dy, double *j)
+{
+	double u1 = x - g->cx, u2 = y - g->cy;
+	if (g->ng == 4) {
+		u1 *= g->f0;
+		j[0] = dx * u1 + dy * u2;
+		j[1] = -dx * u2 + dy * u1;
+		j[2] = dx;
+		j[3] = dy;
+	} else {
+		j[0] = dx * u1;
+		j[1] = dx * u2;
+		j[2] = dx;
+		j[3] = dy * u1;
+		j[4] = dy * u2;
+		j[5] = dy;
+	}
 }

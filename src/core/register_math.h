@@ -87,6 +87,24 @@ int reg_fit_level_make(const sf_reg_image *ref, const sf_reg_image *mov, const u
                        uint32_t mw, uint32_t mh, unsigned l, reg_fit_level *lv, sf_err *e);
 void reg_fit_level_free(reg_fit_level *lv);
 
+/* The geometric model of a refinement at one level: p holds ng
+ * parameters, similarity (ng 4: p q b1 b2, L = [p -q; q p] F0 with F0 =
+ * diag(f0, 1) the mirror found by the search) or affine (ng 6: a0 a1 b1
+ * a3 a4 b2, L = [a0 a1; a3 a4]), with T(x) = L (x - c) + b about the
+ * level's reference centre c, so the parameters are well conditioned. */
+typedef struct reg_geom {
+	int ng;        /* 4 (similarity) or 6 (affine) */
+	double f0;     /* similarity: -1 mirrored, 1 not */
+	double cx, cy; /* reference centre at this level */
+} reg_geom;
+
+/* The 3x3 map of p; the p closest to map m (similarity: the projection of
+ * L F0 on [p -q; q p]); and d(T(x, y))/dp dotted with the moving image's
+ * gradient (dx, dy), into j[0 .. ng). */
+void reg_geom_to_map(const reg_geom *g, const double *p, double m[9]);
+void reg_geom_from_map(const reg_geom *g, const double m[9], double *p);
+void reg_geom_jacobian(const reg_geom *g, double x, double y, double dx, double dy, double *j);
+
 /* What a refinement (NCC or MI) works on: both pyramids and the levels it
  * runs, from lc (coarsest: the reference's longest side at most min_dim)
  * to lf (finest: at most max_dim, 0 = the thumbnails), clamped to both

@@ -68,69 +68,9 @@ typedef struct mi_acc {
 
 /* Parameters at one level (as fit_params of register_affine.c, no gain). */
 typedef struct mi_params {
-	int ng;         /* 4 (similarity) or 6 (affine) */
-	double f0;      /* similarity: -1 mirrored, 1 not */
-	double cx, cy;  /* reference centre at this level */
+	reg_geom g;     /* the geometric model (register_math.h) */
 	double p[MAXG]; /* similarity p q b1 b2 | affine a0 a1 b1 a3 a4 b2 */
 } mi_params;
-
-static void params_to_map(const mi_params *fp, double m[9])
-{
-	const double *p = fp->p;
-	double l00, l01, l10, l11, b1, b2;
-	if (fp->ng == 4) {
-		l00 = p[0] * fp->f0, l01 = -p[1], l10 = p[1] * fp->f0, l11 = p[0];
-		b1 = p[2], b2 = p[3];
-	} else {
-		l00 = p[0], l01 = p[1], b1 = p[2], l10 = p[3], l11 = p[4], b2 = p[5];
-	}
-	m[0] = l00;
-	m[1] = l01;
-	m[2] = b1 - l00 * fp->cx - l01 * fp->cy;
-	m[3] = l10;
-	m[4] = l11;
-	m[5] = b2 - l10 * fp->cx - l11 * fp->cy;
-	m[6] = m[7] = 0;
-	m[8] = 1;
-}
-
-/* The parameters closest to m (similarity: the projection of L F0 on
- * [p -q; q p]). */
-static void params_from_map(const double m[9], mi_params *fp)
-{
-	double *p = fp->p;
-	double b1 = m[0] * fp->cx + m[1] * fp->cy + m[2];
-	double b2 = m[3] * fp->cx + m[4] * fp->cy + m[5];
-	if (fp->ng == 4) {
-		p[0] = (m[0] * fp->f0 + m[4]) / 2;
-		p[1] = (m[3] * fp->f0 - m[1]) / 2;
-		p[2] = b1;
-		p[3] = b2;
-	} else {
-		p[0] = m[0], p[1] = m[1], p[2] = b1;
-		p[3] = m[3], p[4] = m[4], p[5] = b2;
-	}
-}
-
-/* d(source point)/d(param) dotted with the moving gradient (dx, dy). */
-static void jacobian(const mi_params *fp, double x, double y, double dx, double dy, double *j)
-{
-	double u1 = x - fp->cx, u2 = y - fp->cy;
-	if (fp->ng == 4) {
-		u1 *= fp->f0;
-		j[0] = dx * u1 + dy * u2;
-		j[1] = -dx * u2 + dy * u1;
-		j[2] = dx;
-		j[3] = dy;
-	} else {
-		j[0] = dx * u1;
-		j[1] = dx * u2;
-		j[2] = dx;
-		j[3] = dy * u1;
-		j[4] = dy * u2;
-		j[5] = dy;
-	}
-}
 
 /* Cubic B-spline window of the four bins k0 .. k0 + 3 around centre k
  * (k0 = floor(k) - 1): w[j] = B3(k0 + j - k), dw[j] = its derivative in k. */
@@ -232,7 +172,7 @@ static inline float bilin_get(const float *p, const bilin *b)
 static void mi_pass(const mi_view *v, const mi_bins *b, const double m[9], const mi_params *fp,
                     mi_acc *a)
 {
-	int nb = b->bins, np = fp && v->gx ? fp->ng : 0;
+	int nb = b->bins, np = fp && v->gx ? fp->g.ng : 0;
 	memset(a->joint, 0, (size_t)nb * nb * sizeof *a->joint);
 	if (np)
 		memset(a->djoint, 0, (size_t)nb * nb * np * sizeof *a->djoint);
@@ -263,7 +203,7 @@ static void mi_pass(const mi_view *v, const mi_bins *b, const double m[9], const
 				continue;
 			double dx = bilin_get(v->gx->px, &bw) * b->bscale;
 			double dy = bilin_get(v->gy->px, &bw) * b->bscale;
-			jacobian(fp, x, y, dx, dy, j);
+			reg_geom_jacobian(&fp->g, x, y, dx, dy, j);
 			double *d = a->djoint + ((size_t)ia * nb + k0) * np;
 			for (int q = 0; q < 4; q++, d += np)
 				for (int u = 0; u < np; u++)
@@ -357,12 +297,12 @@ static double cost_at(const mi_level *lv, const mi_params *fp, const double *sc,
 {
 	mi_view v = {&lv->f.ref, &lv->f.mov, &lv->f.gx, &lv->f.gy, lv->f.mask};
 	double m[9];
-	params_to_map(fp, m);
+	reg_geom_to_map(&fp->g, fp->p, m);
 	mi_pass(&v, &lv->b, m, fp, a);
 	if (a->n < MIN_SAMPLES)
 		return INFINITY;
 	double mi = mi_of(a, gz);
-	for (int u = 0; u < fp->ng; u++)
+	for (int u = 0; u < fp->g.ng; u++)
 		gz[u] = -gz[u] / sc[u];
 	return -mi;
 }
@@ -401,13 +341,13 @@ static int line_search(const mi_level *lv, mi_params *fp, const double *sc, mi_a
 	for (int t = 0; t < MAX_BACKTRACK; t++, *alpha *= 0.5) {
 		mi_params trial = *fp;
 		double gt[MAXG];
-		for (int u = 0; u < fp->ng; u++)
+		for (int u = 0; u < fp->g.ng; u++)
 			trial.p[u] += *alpha * d[u] / sc[u];
 		double ft = cost_at(lv, &trial, sc, a, gt);
 		if (ft <= *f + ARMIJO * *alpha * slope) {
 			*fp = trial;
 			*f = ft;
-			memcpy(gz, gt, fp->ng * sizeof *gz);
+			memcpy(gz, gt, fp->g.ng * sizeof *gz);
 			return 0;
 		}
 	}
@@ -437,7 +377,7 @@ static double direction(double h[MAXG][MAXG], const double *g, int n, double *d)
 /* Maximise MI at one level from and into fp. */
 static void fit_level_run(const mi_level *lv, mi_params *fp, int max_iter, mi_acc *a)
 {
-	int n = fp->ng;
+	int n = fp->g.ng;
 	double radius = (lv->f.ref.w + lv->f.ref.h) / 4.0, sc[MAXG], h[MAXG][MAXG], gz[MAXG];
 	for (int u = 0; u < n; u++) /* translations are in px; matrix entries move the border */
 		sc[u] = (n == 4 ? u < 2 : u % 3 != 2) ? radius : 1;
@@ -487,10 +427,10 @@ static int refine_levels(const reg_pyramid *rp, const reg_pyramid *mp, const uin
                          const sf_reg_opts *o, unsigned lc, unsigned lf, double m[9], sf_err *e)
 {
 	mi_params fp = {0};
-	fp.ng = o->model == SF_REG_AFFINE ? 6 : 4;
-	fp.f0 = m[0] * m[4] - m[1] * m[3] < 0 ? -1 : 1;
+	fp.g.ng = o->model == SF_REG_AFFINE ? 6 : 4;
+	fp.g.f0 = m[0] * m[4] - m[1] * m[3] < 0 ? -1 : 1;
 	mi_acc a = {0};
-	int rc = acc_make(&a, BINS_FINE, fp.ng, e);
+	int rc = acc_make(&a, BINS_FINE, fp.g.ng, e);
 	for (unsigned l = lc + 1; !rc && l-- > lf;) {
 		mi_level lv;
 		rc = level_make(rp, mp, mask, l, &lv, e);
@@ -499,12 +439,12 @@ static int refine_levels(const reg_pyramid *rp, const reg_pyramid *mp, const uin
 		if (lv.usable) {
 			double ml[9];
 			reg_map_to_level(m, l, ml);
-			fp.cx = (lv.f.ref.w - 1) / 2.0;
-			fp.cy = (lv.f.ref.h - 1) / 2.0;
-			params_from_map(ml, &fp);
+			fp.g.cx = (lv.f.ref.w - 1) / 2.0;
+			fp.g.cy = (lv.f.ref.h - 1) / 2.0;
+			reg_geom_from_map(&fp.g, ml, fp.p);
 			a.bins = lv.b.bins; /* a holds BINS_FINE; a level may use fewer */
 			fit_level_run(&lv, &fp, o->max_iter, &a);
-			params_to_map(&fp, ml);
+			reg_geom_to_map(&fp.g, fp.p, ml);
 			reg_map_from_level(ml, l, m);
 		}
 		reg_fit_level_free(&lv.f);

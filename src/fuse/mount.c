@@ -297,11 +297,11 @@ static int set_state(sf_slide_entry *se, const char *fmt, const char *detail)
 	return se->state ? SF_OK : SF_ENOMEM;
 }
 
-/* The transform of moving slide i from transforms=DIR.  Sets *todo when
+/* The transform of moving slide i from transforms=DIR.  Sets *to_register when
  * scopefs is to register the slide itself (no file for it, reg=auto).  A
  * slide that cannot be served gets its reason in slide_state; only
  * SF_ENOMEM is returned as a failure. */
-static int load_transform(sf_mount *m, uint32_t i, uint8_t *todo, sf_err *e)
+static int load_transform(sf_mount *m, uint32_t i, uint8_t *to_register, sf_err *e)
 {
 	const sf_dataset *d = m->dataset;
 	const sf_slide_info *ref = d->slides[m->reference], *s = d->slides[i];
@@ -314,7 +314,7 @@ static int load_transform(sf_mount *m, uint32_t i, uint8_t *todo, sf_err *e)
 		se->transform_path = find_transform(m->opts->transforms, d->slide_stems[i]);
 	if (!se->transform_path) {
 		if (m->opts->reg.enabled) {
-			*todo = 1;
+			*to_register = 1;
 			return SF_OK;
 		}
 		if (!m->opts->transforms)
@@ -409,7 +409,7 @@ static int transforms_path(sf_mount *m, sf_err *e)
 }
 
 /* The registration job of the slides that have no transform file. */
-static int make_autoreg(sf_mount *m, const uint8_t *todo, sf_err *e)
+static int make_autoreg(sf_mount *m, const uint8_t *to_register, sf_err *e)
 {
 	const sf_dataset *d = m->dataset;
 	unsigned threads =
@@ -417,36 +417,36 @@ static int make_autoreg(sf_mount *m, const uint8_t *todo, sf_err *e)
 	int any = 0, rc;
 
 	for (uint32_t i = 0; i < d->slide_count; i++)
-		any |= todo[i];
+		any |= to_register[i];
 	if (!any)
 		return SF_OK;
 	if ((rc = transforms_path(m, e)) != SF_OK)
 		return rc;
-	return sf_autoreg_create(d, (uint32_t)m->reference, todo, &m->opts->reg, threads, m->cache,
-	                         m->transforms_dir, &m->autoreg, e);
+	return sf_autoreg_create(d, (uint32_t)m->reference, to_register, &m->opts->reg, threads,
+	                         m->cache, m->transforms_dir, &m->autoreg, e);
 }
 
 static int build_registered(sf_mount *m, uint32_t root, sf_err *e)
 {
 	const sf_dataset *d = m->dataset;
 	sf_pyramid_plan plan;
-	uint8_t *todo;
+	uint8_t *to_register;
 	uint32_t dir;
 	int rc = node_add(m, root, "registered", SF_NODE_DIR, &dir, e);
 
 	if (rc != SF_OK || (rc = find_reference(m, e)) != SF_OK || m->reference < 0)
 		return rc;
 	if (!(m->slide_state = calloc(d->slide_count, sizeof *m->slide_state)) ||
-	    !(todo = calloc(d->slide_count, 1)))
+	    !(to_register = calloc(d->slide_count, 1)))
 		return sf_fail(e, SF_ENOMEM, "out of memory");
 	for (uint32_t i = 0; i < d->slide_count; i++)
 		sf_transform_init(&m->slide_state[i].transform);
 	for (uint32_t i = 0; i < d->slide_count && rc == SF_OK; i++)
 		if ((int)i != m->reference)
-			rc = load_transform(m, i, &todo[i], e);
+			rc = load_transform(m, i, &to_register[i], e);
 	if (rc == SF_OK)
-		rc = make_autoreg(m, todo, e);
-	free(todo);
+		rc = make_autoreg(m, to_register, e);
+	free(to_register);
 	sf_pyramid_plan_make(d->slides[m->reference], SF_TILE, &plan);
 	for (uint32_t i = 0; i < d->slide_count && rc == SF_OK; i++) {
 		rc = add_registered_slide(m, dir, i, &plan, e);

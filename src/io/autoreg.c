@@ -627,17 +627,10 @@ static void *job_thread(void *arg)
 		while (a->done[ph] < a->count[ph] && !a->stopping)
 			pthread_cond_wait(&a->changed, &a->lock);
 	}
-	/* The last thread out frees the thumbnails: nothing reads them any more. */
-	if (a->done[PHASES - 1] == a->count[PHASES - 1] && a->thumbs) {
-		int last = 1;
+	/* Every phase is done: nothing reads the thumbnails any more. */
+	if (a->done[PHASES - 1] == a->count[PHASES - 1])
 		for (uint32_t i = 0; i < a->d->slide_count; i++)
-			last &= a->jobs[i].stage != ST_THUMB && a->jobs[i].stage != ST_AFFINE &&
-			        a->jobs[i].stage != ST_NONRIGID;
-		if (last) {
-			for (uint32_t i = 0; i < a->d->slide_count; i++)
-				autoreg_thumb_free(&a->thumbs[i]);
-		}
-	}
+			autoreg_thumb_free(&a->thumbs[i]);
 	pthread_mutex_unlock(&a->lock);
 	return NULL;
 }
@@ -723,7 +716,7 @@ int sf_autoreg_start(sf_autoreg *a, sf_err *e)
 
 /* --- the public side ---------------------------------------------------------- */
 
-int sf_autoreg_create(const sf_dataset *d, uint32_t reference, const uint8_t *todo,
+int sf_autoreg_create(const sf_dataset *d, uint32_t reference, const uint8_t *to_register,
                       const sf_reg_settings *s, unsigned threads, sf_cache *cache,
                       const char *transforms_dir, sf_autoreg **out, sf_err *e)
 {
@@ -746,7 +739,7 @@ int sf_autoreg_create(const sf_dataset *d, uint32_t reference, const uint8_t *to
 	for (uint32_t i = 0; i < n; i++) {
 		slide_job *j = &a->jobs[i];
 		sf_transform_init(&j->t);
-		j->in_job = i != reference && todo[i];
+		j->in_job = i != reference && to_register[i];
 		j->target = reference;
 	}
 	/* Serial order: each slide's neighbour towards the reference among the
