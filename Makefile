@@ -100,6 +100,7 @@ bench: deps all
 	$(PYTHON) tests/bench/run.py
 	$(PYTHON) tests/bench/warp.py
 	$(PYTHON) tests/bench/deconv.py
+	$(PYTHON) tests/bench/deconv_gpu.py
 	$(PYTHON) tests/bench/register.py
 	$(PYTHON) tests/bench/register_mem.py
 

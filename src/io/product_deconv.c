@@ -24,8 +24,8 @@
  *     a block computation takes only cpu_lock, around sf_deconv_block alone
  *     (no engine read, no other lock inside), so nested reads, the scale and
  *     the shared CPU context cannot deadlock each other.
- *  4. GPU: with gpu=auto (or a device), the first worker per device that
- *     computes a block uses cuFFT; any device failure falls back to FFTW for
+ *  4. GPU: with gpu=auto (or a device), the first GPU_WORKERS_PER_DEVICE
+ *     workers per device that compute a block use cuFFT; any device failure falls back to FFTW for
  *     that worker, with a log line.  Without a device (or without CUDA in
  *     the build) everything runs on FFTW, logged once per stack.  A GPU
  *     worker first checks the block fits in the device's free memory.
@@ -676,6 +676,12 @@ static int device_fits(const sf_product *p, const blocks *b, int device, sf_err 
 }
 #endif
 
+/* Workers that deconvolve on one device at once.  One block's host-side
+ * steps (reading the window from the planes, pre-filter, taper, cache
+ * write) take longer than its iterations on the device, so a few workers
+ * per device keep it busy; device_fits bounds them by its free memory. */
+#define GPU_WORKERS_PER_DEVICE 4
+
 /* A GPU context for this worker when settings and devices allow; otherwise
  * w->ctx stays NULL and w->why_cpu says why. */
 static void try_gpu_context(sf_product *p, blocks *b, blocks_worker *w)
@@ -684,18 +690,23 @@ static void try_gpu_context(sf_product *p, blocks *b, blocks_worker *w)
 #ifdef SF_HAVE_CUDA
 	if (b->s.gpu != SF_DECONV_GPU_OFF) {
 		sf_dims3 dims = {b->g.in[0], b->g.in[1], b->g.in[2]};
+		unsigned threads = b->engine && *b->engine ? sf_engine_threads(*b->engine) : 1;
 		sf_fft_config cfg = {.nthreads = 1, .measure = 0, .device = 0};
 		int devices = sf_fft_cuda_device_count();
 
+		/* the host-side pre-filter's threads: a share of the engine's */
+		if (threads > GPU_WORKERS_PER_DEVICE)
+			cfg.nthreads = (int)(threads / GPU_WORKERS_PER_DEVICE);
 		w->why_cpu = "no CUDA device (cudaGetDeviceCount found none)";
 		if (devices > 0) {
 			int k = atomic_fetch_add(&b->gpu_workers, 1);
+			int slots = (b->s.gpu >= 0 ? 1 : devices) * GPU_WORKERS_PER_DEVICE;
 
-			w->why_cpu = "every device already has its worker";
-			if (b->s.gpu >= 0 ? k == 0 && b->s.gpu < devices : k < devices) {
+			w->why_cpu = "every device already has its workers";
+			if (k < slots && (b->s.gpu < 0 || b->s.gpu < devices)) {
 				sf_err ge = {0};
 
-				cfg.device = b->s.gpu >= 0 ? b->s.gpu : k;
+				cfg.device = b->s.gpu >= 0 ? b->s.gpu : k % devices;
 				if (device_fits(p, b, cfg.device, &ge) == SF_OK &&
 				    sf_deconv_ctx_create(&b->s.params, &b->psf, dims,
 				                         sf_fft_cufft_ops(), &cfg, &w->ctx,

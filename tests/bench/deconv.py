@@ -287,10 +287,7 @@ def section():
 def main():
     if not shutil.which("/usr/bin/time"):
         subprocess.run(["apt-get", "install", "-y", "-qq", "time"], check=True)
-    text = section()
-    print(text)
-    with open(os.path.join(ROOT, "docs", "benchmarks.md"), "a") as f:
-        f.write("\n" + text)
+    core.publish(section())
     return 0
 
 

@@ -115,6 +115,13 @@ class Mount:
         return rss
 
 
+def publish(text):
+    """Print a bench section and append it to docs/benchmarks.md."""
+    print(text)
+    with open(os.path.join(ROOT, "docs", "benchmarks.md"), "a") as f:
+        f.write("\n" + text)
+
+
 def drop_caches():
     try:
         with open("/proc/sys/vm/drop_caches", "w") as f:

@@ -5,6 +5,10 @@
  *                        CPU kernel speed: bilinear uint16, 4 samples, one
  *                        thread, Mpx/s; the optional number stops after
  *                        affine (0), + bilinear field (1), + B-spline (2)
+ *   test_warp --bench-gpu [same]
+ *                        the same tiles on the GPU (source rect upload,
+ *                        kernel, download per tile), each first compared
+ *                        with the CPU kernel's bytes
  *
  * Expected values come from first principles (identity and integer shifts
  * reproduce the source exactly; half-way blends round half up; Catmull-Rom
@@ -443,14 +447,39 @@ static double now(void)
 	return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
-/* only: run just this interpolation (NULL: all); field_max: last field kind */
-static int bench(const char *only, int field_max)
+/* One output tile on the GPU as the tile engine does it: upload only the
+ * source rect the tile needs (sf_warp_source_rect), warp, download.  The
+ * CPU kernel's bytes for the same tile are compared; a difference counts. */
+static int gpu_tile(sf_warp_cuda *gpu, const sf_map *m, const sf_warp_src *whole,
+                    const sf_warp_fmt *f, sf_wrect o, void *out, void *ref, int *differ, sf_err *e)
+{
+	size_t px = sf_dtype_bytes(f->dtype) * f->samples, stride = (size_t)o.w * px;
+	sf_wrect need;
+	sf_warp_source_rect(m, o, f->interp, whole->rect.w, whole->rect.h, &need);
+	sf_warp_src s = {(const char *)whole->pixels + (size_t)need.y * whole->stride +
+	                     (size_t)need.x * px,
+	                 whole->stride, need};
+	if (sf_warp_tile_cuda(gpu, m, &s, f, o, out, stride, e) != SF_OK)
+		return -1;
+	if (ref) {
+		if (sf_warp_tile(m, whole, f, o, ref, stride, e) != SF_OK)
+			return -1;
+		*differ += memcmp(out, ref, stride * (size_t)o.h) != 0;
+	}
+	return 0;
+}
+
+/* only: run just this interpolation (NULL: all); field_max: last field kind;
+ * gpu: time the CUDA kernel instead (per tile, transfers included), after
+ * one untimed pass that compares every tile with the CPU kernel. */
+static int bench(const char *only, int field_max, sf_warp_cuda *gpu)
 {
 	const int64_t sw = 2048, sh = 2048, tile = 512;
 	const unsigned spp = 4;
 	uint16_t *img = make_image(sw, sh, spp, SF_U16);
 	uint16_t *out = malloc((size_t)(tile * tile) * spp * 2);
-	if (!img || !out)
+	uint16_t *ref = malloc((size_t)(tile * tile) * spp * 2);
+	if (!img || !out || !ref)
 		return 1;
 	for (int field = 0; field <= field_max; field++) {
 		for (int interp = 0; interp < 3; interp++) {
@@ -475,37 +504,67 @@ static int bench(const char *only, int field_max)
 			sf_transform_then_matrix(&t, m, &e);
 			sf_warp_src s = {img, (size_t)sw * spp * 2, {0, 0, sw, sh}};
 			sf_warp_fmt f = {SF_U16, spp, (sf_interp)interp, 0};
+			int differ = 0, failed = 0;
+			for (int64_t ty = 0; gpu && ty < 1536; ty += tile)
+				for (int64_t tx = 0; tx < 1536; tx += tile)
+					failed |= gpu_tile(gpu, &t.map, &s, &f,
+					                   (sf_wrect){tx, ty, tile, tile}, out, ref,
+					                   &differ, &e);
 			double t0 = now(), px = 0;
 			int reps = 0;
-			while (now() - t0 < 1.0) {
+			while (!failed && now() - t0 < 1.0) {
 				for (int64_t ty = 0; ty < 1536; ty += tile)
 					for (int64_t tx = 0; tx < 1536; tx += tile) {
 						sf_wrect o = {tx, ty, tile, tile};
-						sf_warp_tile(&t.map, &s, &f, o, out,
-						             (size_t)tile * spp * 2, &e);
+						if (gpu)
+							failed |= gpu_tile(gpu, &t.map, &s, &f, o,
+							                   out, NULL, NULL, &e);
+						else
+							sf_warp_tile(&t.map, &s, &f, o, out,
+							             (size_t)tile * spp * 2, &e);
 						px += (double)(tile * tile);
 					}
 				reps++;
 			}
 			double dt = now() - t0;
-			printf("warp uint16 x4 %-8s %-16s %7.1f Mpx/s per core (%.0f MB/s out)\n",
+			if (failed) {
+				fprintf(stderr, "test_warp: GPU bench: %s\n", e.msg);
+				return 1;
+			}
+			printf("warp uint16 x4 %-8s %-16s %7.1f Mpx/s %s (%.0f MB/s out)",
 			       sf_interp_name(interp),
 			       field == 0   ? "affine"
 			       : field == 1 ? "affine+bilinear"
 			                    : "affine+bspline",
-			       px / dt / 1e6, px * spp * 2 / dt / 1e6);
+			       px / dt / 1e6, gpu ? "on the GPU" : "per core",
+			       px * spp * 2 / dt / 1e6);
+			if (gpu)
+				printf(", %d of 9 tiles differ from the CPU", differ);
+			printf("\n");
 			sf_transform_release(&t);
 		}
 	}
 	free(img);
 	free(out);
+	free(ref);
 	return 0;
 }
 
 int main(int argc, char **argv)
 {
 	if (argc > 1 && strcmp(argv[1], "--bench") == 0)
-		return bench(argc > 2 ? argv[2] : NULL, argc > 3 ? atoi(argv[3]) : 2);
+		return bench(argc > 2 ? argv[2] : NULL, argc > 3 ? atoi(argv[3]) : 2, NULL);
+	if (argc > 1 && strcmp(argv[1], "--bench-gpu") == 0) {
+		sf_err e = {0};
+		sf_warp_cuda *gpu = NULL;
+		if (sf_warp_cuda_create(0, &gpu, &e) != SF_OK) {
+			fprintf(stderr, "test_warp: no GPU: %s\n", e.msg);
+			return 1;
+		}
+		int rc = bench(argc > 2 ? argv[2] : NULL, argc > 3 ? atoi(argv[3]) : 2, gpu);
+		sf_warp_cuda_destroy(gpu);
+		return rc;
+	}
 	test_identity_and_shift();
 	test_rounding_and_clamping();
 	test_four_lanes();
