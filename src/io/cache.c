@@ -52,10 +52,18 @@
 #define VERSION_FMT      "scopefs cache format %u\n"
 #define TMP_PREFIX       ".tmp."
 #define ENTRY_SUFFIX     ".sfc"
-#define STALE_TMP_S      300 /* a temp file this old belongs to a dead writer */
-#define BUMP_MIN_AGE_S   10  /* hits on an entry younger than this skip the mtime write */
-#define EVICT_TARGET_PCT 90  /* eviction stops at this share of max_bytes */
-#define REL_MAX          128 /* "ab/<name>" relative paths; our names are shorter */
+#define STALE_TMP_S      300        /* a temp file this old belongs to a dead writer */
+#define BUMP_MIN_AGE_S   10         /* hits on an entry younger than this skip the mtime write */
+#define EVICT_TARGET_PCT 90         /* eviction stops at this share of max_bytes */
+#define REL_MAX          128        /* "ab/<name>" relative paths; our names are shorter */
+#define SCRATCH_SLOTS    8          /* encode/decode buffers kept for reuse (see scratch_take) */
+#define SCRATCH_MAX      (5u << 20) /* larger buffers are freed, not kept */
+
+/* A buffer lent by the cache's scratch pool. */
+struct scratch {
+	uint8_t *p;
+	size_t cap;
+};
 
 struct sf_cache {
 	char *dir;            /* the folder as given, for messages */
@@ -68,6 +76,8 @@ struct sf_cache {
 	uint64_t put_count;   /* entries this mount has ever written */
 	int evicting;         /* one evictor at a time */
 	sf_cache_stats st;    /* counters; bytes/entries are the view of invariant 5 */
+	struct scratch spare[SCRATCH_SLOTS]; /* idle buffers of the scratch pool */
+	unsigned nspare;
 };
 
 /* One entry seen by a scan, for eviction ordering. */
@@ -574,9 +584,66 @@ void sf_cache_close(sf_cache *c)
 	if (!c)
 		return;
 	pthread_mutex_destroy(&c->lock);
+	for (unsigned i = 0; i < c->nspare; i++)
+		free(c->spare[i].p);
 	close(c->dirfd);
 	free(c->dir);
 	free(c);
+}
+
+/* ---- scratch pool ---- */
+
+/* A buffer of at least n bytes.  Every put and get needs two buffers of
+ * about a unit's size; fresh multi-megabyte mallocs are mmapped, and the
+ * kernel faults and zeroes each of their pages on first touch, which was
+ * 5% of a cold warp cp's CPU.  So up to SCRATCH_SLOTS buffers of at most
+ * SCRATCH_MAX bytes are kept between calls (deconvolution blocks are
+ * larger and are not kept).  SF_ENOMEM when out of memory. */
+static int scratch_take(sf_cache *c, size_t n, struct scratch *out)
+{
+	if (!n)
+		n = 1;
+	pthread_mutex_lock(&c->lock);
+	for (unsigned i = c->nspare; i-- > 0;)
+		if (c->spare[i].cap >= n) {
+			*out = c->spare[i];
+			c->spare[i] = c->spare[--c->nspare];
+			pthread_mutex_unlock(&c->lock);
+			return SF_OK;
+		}
+	pthread_mutex_unlock(&c->lock);
+	out->cap = n;
+	out->p = malloc(n);
+	return out->p ? SF_OK : SF_ENOMEM;
+}
+
+/* Give a buffer back: kept when small enough and a slot is free (else the
+ * smallest kept one makes room when this one is larger), freed otherwise. */
+static void scratch_give(sf_cache *c, struct scratch *b)
+{
+	uint8_t *drop = b->p;
+
+	if (!b->p)
+		return;
+	if (b->cap <= SCRATCH_MAX) {
+		pthread_mutex_lock(&c->lock);
+		if (c->nspare < SCRATCH_SLOTS) {
+			c->spare[c->nspare++] = *b;
+			drop = NULL;
+		} else {
+			unsigned small = 0;
+			for (unsigned i = 1; i < c->nspare; i++)
+				if (c->spare[i].cap < c->spare[small].cap)
+					small = i;
+			if (c->spare[small].cap < b->cap) {
+				drop = c->spare[small].p;
+				c->spare[small] = *b;
+			}
+		}
+		pthread_mutex_unlock(&c->lock);
+	}
+	free(drop);
+	b->p = NULL;
 }
 
 /* ---- get ---- */
@@ -640,7 +707,7 @@ static const char *entry_decode(const uint8_t *buf, size_t size, sf_key k, uint8
 
 int sf_cache_get(sf_cache *c, sf_key k, uint8_t *dst, size_t n, sf_err *e)
 {
-	uint8_t *buf = NULL, *scratch = NULL;
+	struct scratch buf = {NULL, 0}, scratch = {NULL, 0};
 	char rel[40];
 	const char *why;
 	struct stat st;
@@ -675,22 +742,20 @@ int sf_cache_get(sf_cache *c, sf_key k, uint8_t *dst, size_t n, sf_err *e)
 		rc = drop_bad(c, rel, &st, "larger than any encoding of the size asked for", e);
 		goto out;
 	}
-	buf = malloc(size);
-	scratch = malloc(n ? n : 1);
-	if (!buf || !scratch) {
+	if (scratch_take(c, size, &buf) != SF_OK || scratch_take(c, n, &scratch) != SF_OK) {
 		rc = sf_fail(e, SF_ENOMEM, "%s/%s: out of memory reading a cache entry", c->dir,
 		             rel);
 		count_miss(c);
 		goto out;
 	}
-	rc = read_all(fd, buf, size);
+	rc = read_all(fd, buf.p, size);
 	if (rc < 0) {
 		rc = sf_fail(e, SF_EIO, "%s/%s: %s", c->dir, rel, strerror(errno));
 		count_miss(c);
 		goto out;
 	}
 	why = rc ? "shorter than its size (truncated while read?)"
-	         : entry_decode(buf, size, k, dst, n, scratch);
+	         : entry_decode(buf.p, size, k, dst, n, scratch.p);
 	if (why) {
 		rc = drop_bad(c, rel, &st, why, e);
 		goto out;
@@ -704,8 +769,8 @@ int sf_cache_get(sf_cache *c, sf_key k, uint8_t *dst, size_t n, sf_err *e)
 	pthread_mutex_unlock(&c->lock);
 	rc = SF_OK;
 out:
-	free(buf);
-	free(scratch);
+	scratch_give(c, &buf);
+	scratch_give(c, &scratch);
 	close(fd);
 	return rc;
 }
@@ -758,7 +823,7 @@ int sf_cache_put(sf_cache *c, sf_key k, const uint8_t *src, size_t n, unsigned e
                  sf_err *e)
 {
 	struct entry_header eh = {.version = FORMAT_VERSION, .elem_bytes = elem_bytes, .key = k};
-	uint8_t *buf = NULL, *scratch = NULL;
+	struct scratch buf = {NULL, 0}, scratch = {NULL, 0};
 	size_t bound, enc_n, size;
 	char rel[40];
 	int rc;
@@ -768,14 +833,13 @@ int sf_cache_put(sf_cache *c, sf_key k, const uint8_t *src, size_t n, unsigned e
 	if (bound == 0)
 		return sf_fail(e, SF_ERANGE, "%s/%s: %zu bytes are too many for one cache entry",
 		               c->dir, rel, n);
-	buf = malloc(HEADER_BYTES + bound);
-	scratch = malloc(n ? n : 1);
-	if (!buf || !scratch) {
+	if (scratch_take(c, HEADER_BYTES + bound, &buf) != SF_OK ||
+	    scratch_take(c, n, &scratch) != SF_OK) {
 		rc = sf_fail(e, SF_ENOMEM, "%s/%s: out of memory encoding a cache entry", c->dir,
 		             rel);
 		goto out;
 	}
-	rc = sf_block_encode(src, n, elem_bytes, scratch, buf + HEADER_BYTES, bound, &enc_n, e);
+	rc = sf_block_encode(src, n, elem_bytes, scratch.p, buf.p + HEADER_BYTES, bound, &enc_n, e);
 	if (rc)
 		goto out;
 	size = HEADER_BYTES + enc_n;
@@ -788,8 +852,8 @@ int sf_cache_put(sf_cache *c, sf_key k, const uint8_t *src, size_t n, unsigned e
 	eh.raw_size = n;
 	eh.enc_size = enc_n;
 	eh.raw_hash = XXH64(src, n, 0);
-	header_write(buf, &eh);
-	rc = entry_publish(c, rel, buf, size, e);
+	header_write(buf.p, &eh);
+	rc = entry_publish(c, rel, buf.p, size, e);
 	if (rc)
 		goto out;
 	pthread_mutex_lock(&c->lock);
@@ -805,8 +869,8 @@ int sf_cache_put(sf_cache *c, sf_key k, const uint8_t *src, size_t n, unsigned e
 	pthread_mutex_unlock(&c->lock);
 	maybe_evict(c);
 out:
-	free(buf);
-	free(scratch);
+	scratch_give(c, &buf);
+	scratch_give(c, &scratch);
 	return rc;
 }
 
