@@ -49,6 +49,12 @@ typedef struct sf_deconv_settings {
 	int gpu;                 /* SF_DECONV_GPU_AUTO, _OFF, or a device index */
 	uint32_t block;          /* deconv_block: core edge in voxels; 0 = from mem */
 	uint32_t scale_sample;   /* blocks sampled by scale=auto; 0 = all; default 16 */
+	/* decwrap.py's denoise_strength: when the last of dark and
+	 * denoise_strength given is denoise_strength (have_denoise), dark is
+	 * LsDeconv's value for it, as sf_deconv_settings_resolve sets it. */
+	double denoise_strength;
+	int have_denoise;
+	int flip; /* LsDeconv's flip_upside_down: planes flipped along y */
 } sf_deconv_settings;
 
 /* decwrap.py's defaults; dxy, dz and the wavelengths unset. */
@@ -66,6 +72,13 @@ int sf_deconv_settings_apply(sf_deconv_settings *s, const char *key, const char 
 /* Apply a comma-separated key=value list (NULL or "" is nothing). */
 int sf_deconv_settings_apply_list(sf_deconv_settings *s, const char *list, const char *origin,
                                   sf_err *e);
+
+/* Derived values, once every source is applied: with denoise_strength N,
+ * dark = N times the centre weight of the pre-filter's normalised 3D
+ * Gaussian (LsDeconv's dark(): a centred impulse of height N filtered by
+ * the pre-filter, its maximum), or 0 when the pre-filter is off (LsDeconv
+ * subtracts it only after the filter). */
+void sf_deconv_settings_resolve(sf_deconv_settings *s);
 
 /* Check the combination of what is set (na < rf, ...) without requiring the
  * per-stack values (dxy, dz, wavelengths).  Mount-wide options use this. */

@@ -86,6 +86,10 @@ static const key_def key_table[] = {
     {"dark", K_NONNEG},
     {"signal_amp", K_POS},
     {"destripe_sigma", K_NONNEG},
+    {"denoise_strength", K_NONNEG},
+    {"flip", K_INT},
+    {"convert_to_8bit", K_INT},
+    {"convert_to_16bit", K_INT},
     {"scale", K_SPECIAL},
     {"dtype", K_SPECIAL},
     {"deconv_block", K_INT},
@@ -244,8 +248,19 @@ static int store_number(sf_deconv_settings *s, const char *key, double v, const 
 	else if (!strcmp(key, "stop_criterion"))
 		p->stop_criterion = v;
 	else if (!strcmp(key, "dark"))
-		p->dark = v;
-	else if (!strcmp(key, "signal_amp"))
+		p->dark = v, s->have_denoise = 0; /* the last of the two wins */
+	else if (!strcmp(key, "denoise_strength"))
+		s->denoise_strength = v, s->have_denoise = 1;
+	else if (!strcmp(key, "flip") || !strcmp(key, "convert_to_8bit") ||
+	         !strcmp(key, "convert_to_16bit")) {
+		if (v > 1)
+			return sf_fail(e, SF_EINVAL, "%soption '%s': %g is not 0 or 1", origin, key,
+			               v);
+		if (key[0] == 'f')
+			s->flip = (int)v;
+		else if (v == 1) /* LsDeconv's switches; 0 keeps dtype as it is */
+			s->dtype = strstr(key, "16") ? SF_U16 : SF_U8;
+	} else if (!strcmp(key, "signal_amp"))
 		s->signal_amp = v;
 	else if (!strcmp(key, "destripe_sigma"))
 		s->destripe_sigma = v;
@@ -344,6 +359,28 @@ int sf_deconv_settings_apply_list(sf_deconv_settings *s, const char *list, const
                                   sf_err *e)
 {
 	return apply_items(s, list, ",", origin, e);
+}
+
+void sf_deconv_settings_resolve(sf_deconv_settings *s)
+{
+	sf_deconv_params *p = &s->params;
+	double centre = 1.0;
+
+	if (!s->have_denoise)
+		return;
+	for (int a = 0; a < 3; a++) {
+		double sigma = p->gaussian_sigma[a], sum = 0.0;
+		int radius = (p->gaussian_filter_size[a] - 1) / 2;
+
+		if (!(sigma > 0)) {
+			centre = 0.0; /* no pre-filter: LsDeconv subtracts nothing */
+			break;
+		}
+		for (int k = -radius; k <= radius; k++)
+			sum += exp(-(double)k * k / (2.0 * sigma * sigma));
+		centre /= sum;
+	}
+	p->dark = s->denoise_strength * centre;
 }
 
 int sf_deconv_settings_check(const sf_deconv_settings *s, const char *origin, sf_err *e)
@@ -475,6 +512,7 @@ int sf_deconv_settings_for_stack(const char *raw_dir, const sf_stack *st, const 
 		               "deconvolution needs lambda_ex and lambda_em (-o "
 		               "lambda_ex=561,lambda_em=600, a preset, or a folder named like "
 		               "Ex_561_Em_600)");
+	sf_deconv_settings_resolve(s);
 	return sf_deconv_settings_check(s, "", e);
 }
 
@@ -1237,17 +1275,20 @@ static int planes_compute(sf_product *p, void *state, uint64_t unit, uint8_t *ou
 	uint32_t z = (uint32_t)(unit / pl->strips), bz = z / g->core[2];
 	uint32_t y0 = (uint32_t)(unit % pl->strips * pl->rows);
 	uint32_t h = g->dim[1] - y0 < pl->rows ? g->dim[1] - y0 : pl->rows;
+	/* flip: output rows [y0, y0 + h) are volume rows [vy0, vy0 + h) reversed */
+	uint32_t vy0 = pl->b->s.flip ? g->dim[1] - y0 - h : y0;
 	int rc = SF_OK;
 
 	if (!eng)
 		return sf_fail(e, SF_EINVAL, "%s: engine not started", p->name);
 	if (pl->out != SF_F32 && pl->gain <= 0 && (rc = ensure_scale(pl, unit, e)) != SF_OK)
 		return rc;
-	for (uint32_t by = y0 / g->core[1]; by <= (y0 + h - 1) / g->core[1] && rc == SF_OK; by++) {
+	for (uint32_t by = vy0 / g->core[1]; by <= (vy0 + h - 1) / g->core[1] && rc == SF_OK;
+	     by++) {
 		uint32_t pos[3] = {0, by, bz};
 		uint32_t cy = block_core(g, pos, 1), cz_off = z - bz * g->core[2];
-		uint32_t ya = y0 > by * g->core[1] ? y0 : by * g->core[1];
-		uint32_t yb = y0 + h < by * g->core[1] + cy ? y0 + h : by * g->core[1] + cy;
+		uint32_t ya = vy0 > by * g->core[1] ? vy0 : by * g->core[1];
+		uint32_t yb = vy0 + h < by * g->core[1] + cy ? vy0 + h : by * g->core[1] + cy;
 
 		/* Start at a column that depends on the strip, so workers on
 		 * neighbouring strips compute different blocks at once. */
@@ -1263,10 +1304,14 @@ static int planes_compute(sf_product *p, void *state, uint64_t unit, uint8_t *ou
 			rc = sf_engine_read(eng, pl->blocks_product, bunit, off,
 			                    (size_t)(yb - ya) * cx * sizeof(float), (uint8_t *)buf,
 			                    e);
-			for (uint32_t r = 0; rc == SF_OK && r < yb - ya; r++)
+			for (uint32_t r = 0; rc == SF_OK && r < yb - ya; r++) {
+				uint32_t row = ya + r - vy0; /* in the strip */
+
+				if (pl->b->s.flip)
+					row = h - 1 - row;
 				put_values(pl, buf + (size_t)r * cx, cx, out,
-				           (size_t)(ya + r - y0) * g->dim[0] +
-				               (size_t)bx * g->core[0]);
+				           (size_t)row * g->dim[0] + (size_t)bx * g->core[0]);
+			}
 		}
 	}
 	return rc;
@@ -1302,6 +1347,7 @@ static sf_key planes_key(const sf_product *bp, const planes *pl)
 	k = mix_double(k, s->scale);
 	k = mix_double(k, s->signal_amp);
 	k = mix_double(k, s->params.clipval);
+	k = sf_key_mix_u64(k, (uint64_t)s->flip);
 	return sf_key_mix_u64(k, s->scale > 0 ? 0 : s->scale_sample);
 }
 

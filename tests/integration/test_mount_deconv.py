@@ -148,6 +148,47 @@ def test_blocks_match_whole_volume_and_oracle(scopefs, psf):
     assert st['errors'] == 0 and st['problems'] == []
 
 
+def lsdeconv_dark(strength, sigma=SIGMA, size=SIZE):
+    """LsDeconv's dark() (LsDeconv.m): a zero volume of the filter's size
+    with `strength` at its centre, filtered by the normalised pre-filter
+    Gaussian; its maximum."""
+    a = np.zeros(size[::-1])  # z y x
+    a[tuple(n // 2 for n in a.shape)] = strength
+    for axis, s, n in zip((2, 1, 0), sigma, size):
+        r = (n - 1) // 2
+        k = np.exp(-np.arange(-r, r + 1) ** 2 / (2.0 * s * s))
+        a = ndimage.correlate1d(a, k / k.sum(), axis=axis, mode='wrap')
+    return float(a.max())
+
+
+def test_lsdeconv_switches(scopefs, psf):
+    """decwrap.py's denoise_strength, flip and convert_to_8bit: the first
+    against the numpy oracle with LsDeconv's dark() recomputed here, flip
+    against numpy's flip of the unflipped planes (blocks of 16 rows, so
+    strips cross block faces), convert_to_8bit against dtype=uint8."""
+    vol = gen.beads(24, 40, 48, seed=5)
+    names = write_stack(scopefs.raw / 'beads', vol)
+    opts = dict(OPTICS, dtype='float32', deconv_block='128')
+    got = read_stack(scopefs.mount(opts=dict(opts, denoise_strength='300')).path(
+        'deconvolved', 'beads'), names)
+    dark = lsdeconv_dark(300)
+    err = rel_l2(got, whole_volume_oracle(vol, psf, dark=dark))
+    print('\ndenoise_strength=300: dark %.4f, vs oracle rel L2 %.2e' % (dark, err))
+    assert dark > 25 and err < 1e-4
+
+    small = dict(OPTICS, deconv_block='16')
+    plain = read_stack(scopefs.mount(opts=small).path('deconvolved', 'beads'), names)
+    flipped = read_stack(scopefs.mount(opts=dict(small, flip='1')).path(
+        'deconvolved', 'beads'), names)
+    assert plain.dtype == np.uint16 and np.array_equal(flipped, plain[:, ::-1, :])
+
+    u8 = read_stack(scopefs.mount(opts=dict(small, dtype='uint8')).path(
+        'deconvolved', 'beads'), names)
+    c8 = read_stack(scopefs.mount(opts=dict(small, convert_to_8bit='1')).path(
+        'deconvolved', 'beads'), names)
+    assert c8.dtype == np.uint8 and np.array_equal(c8, u8)
+
+
 def psnr(a, ref):
     return 10 * np.log10(ref.max() ** 2 / np.mean((a - ref) ** 2))
 

@@ -4,6 +4,7 @@
  * Pixel correctness of the products (seams, ground truth, determinism) is
  * checked end to end through a mount in tests/integration/test_mount_deconv.py
  * against numpy/scipy oracles. */
+#include <math.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -77,6 +78,45 @@ static void test_errors_name_the_option(void)
 	CHECK(sf_deconv_settings_check(&s, "", &e) == SF_EINVAL &&
 	          strstr(e.msg, "gaussian_filter_size"),
 	      "even filter size refused: %s", e.msg);
+}
+
+/* decwrap.py's switches.  The expected dark is LsDeconv's dark() for
+ * denoise_strength 1 with decwrap's pre-filter (sigma 0.5 0.5 2.5, sizes
+ * 13 13 25): the maximum of a centred unit impulse filtered by the
+ * normalised Gaussian, 0.0987292424 (computed with numpy/scipy). */
+static void test_lsdeconv_switches(void)
+{
+	sf_deconv_settings s;
+	sf_err e = {0};
+
+	sf_deconv_settings_default(&s);
+	CHECK(sf_deconv_settings_apply(&s, "denoise_strength", "1", "", &e) == SF_OK,
+	      "denoise_strength parses: %s", e.msg);
+	sf_deconv_settings_resolve(&s);
+	CHECK(fabs(s.params.dark - 0.0987292424) < 1e-9, "denoise_strength 1 -> dark %.10f",
+	      s.params.dark);
+	CHECK(sf_deconv_settings_apply_list(&s, "denoise_strength=200,dark=7", "", &e) == SF_OK,
+	      "both parse");
+	sf_deconv_settings_resolve(&s);
+	CHECK(s.params.dark == 7, "dark given last wins: %g", s.params.dark);
+	CHECK(sf_deconv_settings_apply_list(&s, "denoise_strength=200,gaussian_sigma=0", "", &e) ==
+	          SF_OK,
+	      "no pre-filter parses");
+	sf_deconv_settings_resolve(&s);
+	CHECK(s.params.dark == 0, "no pre-filter: LsDeconv subtracts nothing (%g)", s.params.dark);
+	CHECK(sf_deconv_settings_apply(&s, "flip", "1", "", &e) == SF_OK && s.flip == 1, "flip=1");
+	CHECK(sf_deconv_settings_apply(&s, "flip", "2", "", &e) == SF_EINVAL &&
+	          strstr(e.msg, "'flip'"),
+	      "flip=2 refused: %s", e.msg);
+	CHECK(sf_deconv_settings_apply(&s, "convert_to_8bit", "1", "", &e) == SF_OK &&
+	          s.dtype == SF_U8,
+	      "convert_to_8bit=1 is dtype uint8");
+	CHECK(sf_deconv_settings_apply(&s, "convert_to_16bit", "0", "", &e) == SF_OK &&
+	          s.dtype == SF_U8,
+	      "convert_to_16bit=0 keeps the dtype");
+	CHECK(sf_deconv_settings_apply(&s, "convert_to_16bit", "1", "", &e) == SF_OK &&
+	          s.dtype == SF_U16,
+	      "convert_to_16bit=1 is dtype uint16");
 }
 
 static void test_infer_wavelengths(void)
@@ -196,6 +236,7 @@ int main(void)
 {
 	test_defaults_and_apply();
 	test_errors_name_the_option();
+	test_lsdeconv_switches();
 	test_infer_wavelengths();
 	test_nested_reads(1);
 	test_nested_reads(2);
