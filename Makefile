@@ -99,6 +99,7 @@ undemo:
 bench: deps all
 	$(PYTHON) tests/bench/run.py
 	$(PYTHON) tests/bench/warp.py
+	$(PYTHON) tests/bench/warp_gpu.py
 	$(PYTHON) tests/bench/deconv.py
 	$(PYTHON) tests/bench/deconv_gpu.py
 	$(PYTHON) tests/bench/register.py
