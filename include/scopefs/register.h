@@ -88,6 +88,8 @@ typedef struct sf_reg_opts {
 	int max_iter;       /* Gauss-Newton (metric MI: BFGS) iterations per level */
 	int candidates;     /* rotation/scale peaks tried, each at angle and angle + 180 */
 	int metric;         /* SF_REG_METRIC_NCC (0, the default) or SF_REG_METRIC_MI */
+	unsigned threads;   /* threads of one call (its own small pool; 0 or 1: the
+	                       caller's only); the result does not depend on it */
 } sf_reg_opts;
 
 /* The similarity measure that the refinement maximises.  NCC suits the
@@ -103,7 +105,7 @@ typedef enum sf_reg_metric {
 } sf_reg_metric;
 
 /* model SIMILARITY, try_mirror 1, max_scale 1.6, init_dim 256, min_dim 64,
- * max_dim 0, max_iter 40, candidates 8, metric NCC. */
+ * max_dim 0, max_iter 40, candidates 8, metric NCC, threads 1. */
 void sf_reg_opts_default(sf_reg_opts *o);
 
 typedef struct sf_reg_result {
@@ -207,10 +209,13 @@ typedef struct sf_reg_nonrigid_opts {
 	double sigma_norm;  /* window of the local mean/contrast normalisation (> 0, <= 20) */
 	double max_step;    /* largest update per iteration (> 0, <= 10) */
 	double grad_floor;  /* damping added to |J|^2, in mean |grad Nref|^2 (>= 0) */
+	unsigned threads;   /* threads of this call (its own small pool; 0 or 1: the
+	                       caller's only); the result does not depend on it */
 } sf_reg_nonrigid_opts;
 
 /* step 1, min_dim 32, max_dim 1024, iter_coarse 60, iter_fine 30,
- * sigma_fluid 1, sigma_diff 2, sigma_norm 4, max_step 0.5, grad_floor 2. */
+ * sigma_fluid 1, sigma_diff 2, sigma_norm 4, max_step 0.5, grad_floor 2,
+ * threads 1. */
 void sf_reg_nonrigid_opts_default(sf_reg_nonrigid_opts *o);
 
 /* Given ref (with optional mask, w*h bytes, nonzero = tissue) and mov already
@@ -223,6 +228,10 @@ void sf_reg_nonrigid_opts_default(sf_reg_nonrigid_opts *o);
 int sf_reg_nonrigid(const sf_reg_image *ref, const uint8_t *mask, const sf_reg_image *mov,
                     const double m[9], const sf_reg_nonrigid_opts *o, sf_reg_field *f, sf_err *e);
 void sf_reg_field_free(sf_reg_field *f); /* f becomes empty; an empty f is fine */
+
+/* Fill f->jac_min and f->disp_max from f's nodes (the Jacobian by central
+ * differences, one-sided at the edges; lengths in f's px). */
+void sf_reg_field_stats(sf_reg_field *f);
 
 /* D at reference thumbnail point (x, y) (bilinear between nodes, clamped to
  * the edge nodes), in thumbnail px. */

@@ -122,6 +122,7 @@ int reg_refine_begin(const sf_reg_image *ref, const sf_reg_image *mov, const sf_
 		return sf_fail(e, SF_EINVAL, "register: images %u x %u and %u x %u (need >= 8 px)",
 		               ref->w, ref->h, mov->w, mov->h);
 	pick_levels(ref, o, &p->lc, &p->lf);
+	p->pool = NULL;
 	int rc = reg_pyramid_to(ref, p->lc, &p->rp, e);
 	if (rc)
 		return rc;
@@ -134,6 +135,25 @@ int reg_refine_begin(const sf_reg_image *ref, const sf_reg_image *mov, const sf_
 	p->lc = p->lc < top ? p->lc : top;
 	p->lf = p->lf < p->lc ? p->lf : p->lc;
 	return SF_OK;
+}
+
+unsigned reg_refine_coarsest(const sf_reg_image *ref, const sf_reg_opts *o)
+{
+	unsigned lc, lf;
+	pick_levels(ref, o, &lc, &lf);
+	return lc;
+}
+
+void reg_refine_view(const reg_pyramid *rp, const reg_pyramid *mp, const sf_reg_opts *o,
+                     reg_pool *pool, reg_refine_pyramids *p)
+{
+	p->rp = *rp;
+	p->mp = *mp;
+	p->pool = pool;
+	pick_levels(&rp->lv[0], o, &p->lc, &p->lf);
+	unsigned top = rp->n < mp->n ? rp->n - 1 : mp->n - 1;
+	p->lc = p->lc < top ? p->lc : top;
+	p->lf = p->lf < p->lc ? p->lf : p->lc;
 }
 
 void reg_geom_to_map(const reg_geom *g, const double *p, double m[9])

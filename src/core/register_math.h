@@ -109,12 +109,56 @@ void reg_geom_jacobian(const reg_geom *g, double x, double y, double dx, double 
  * runs, from lc (coarsest: the reference's longest side at most min_dim)
  * to lf (finest: at most max_dim, 0 = the thumbnails), clamped to both
  * pyramids.  reg_refine_begin checks the model and the sizes first. */
+typedef struct reg_pool reg_pool;
 typedef struct reg_refine_pyramids {
 	reg_pyramid rp, mp;
 	unsigned lc, lf;
+	reg_pool *pool; /* borrowed; NULL: one thread */
 } reg_refine_pyramids;
 
+/* Builds both pyramids (owned: free rp and mp); pool NULL. */
 int reg_refine_begin(const sf_reg_image *ref, const sf_reg_image *mov, const sf_reg_opts *o,
                      reg_refine_pyramids *p, sf_err *e);
+/* The coarsest level a refinement with o starts at (before clamping to
+ * the pyramids), so a caller can build pyramids deep enough once. */
+unsigned reg_refine_coarsest(const sf_reg_image *ref, const sf_reg_opts *o);
+/* p borrows the already built rp and mp (not to be freed through p), the
+ * levels picked for o and clamped to both; pool as given. */
+void reg_refine_view(const reg_pyramid *rp, const reg_pyramid *mp, const sf_reg_opts *o,
+                     reg_pool *pool, reg_refine_pyramids *p);
+
+/* The refinements on pyramids p (register_affine.c, register_mi.c): as
+ * sf_reg_refine and sf_reg_refine_mi, without building anything twice. */
+int reg_refine_ncc(const reg_refine_pyramids *p, const uint8_t *ref_mask, const sf_reg_opts *o,
+                   sf_reg_result *r, sf_err *e);
+int reg_refine_mi(const reg_refine_pyramids *p, const uint8_t *ref_mask, const sf_reg_opts *o,
+                  sf_reg_result *r, sf_err *e);
+
+/* A small fixed pool of threads owned by one registration call
+ * (register_pool.c).  Work is split into numbered blocks whose bounds do
+ * not depend on the thread count, each block writing only its own outputs,
+ * so results are identical for any number of threads.  A NULL pool (from
+ * threads <= 1) runs the blocks in order on the caller's thread. */
+typedef void (*reg_pool_fn)(void *ctx, long block);
+
+/* threads - 1 workers (the caller is the last); *p NULL when threads <= 1. */
+int reg_pool_start(reg_pool **p, unsigned threads, sf_err *e);
+void reg_pool_stop(reg_pool *p); /* NULL is fine */
+/* fn(ctx, b) for every b < blocks, on the workers and the caller; returns
+ * when all are done.  Not re-entrant: one job per pool at a time. */
+void reg_pool_run(reg_pool *p, long blocks, reg_pool_fn fn, void *ctx);
+unsigned reg_pool_threads(const reg_pool *p);
+
+/* Rows per block of a row-split image loop: a fixed height, so the
+ * blocks (and the order in which their sums are added) do not depend on
+ * the thread count. */
+#define REG_BLOCK_ROWS 32
+/* Images with fewer pixels than this run on one thread: waking the pool
+ * costs more than it saves. */
+#define REG_PARALLEL_MIN_PX 16384
+static inline long reg_row_blocks(long h)
+{
+	return (h + REG_BLOCK_ROWS - 1) / REG_BLOCK_ROWS;
+}
 
 #endif

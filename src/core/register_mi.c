@@ -58,12 +58,19 @@ typedef struct mi_view {
 	const uint8_t *mask;         /* of ref; NULL = all */
 } mi_view;
 
-/* The joint histogram and its derivative in the parameters. */
+/* The joint histogram and its derivative in the parameters.  A pass
+ * fills one partial histogram per band of reference rows (MI_BANDS bands,
+ * fixed, so the sums do not depend on the threads) and adds them in band
+ * order. */
+#define MI_BANDS 8
 typedef struct mi_acc {
 	int bins, np;
-	double *joint;  /* bins * bins, [a][b] */
-	double *djoint; /* bins * bins * np, [a][b][mu]; NULL for the value only */
-	size_t n;       /* samples */
+	double *joint;            /* bins * bins, [a][b] */
+	double *djoint;           /* bins * bins * np, [a][b][mu]; NULL for the value only */
+	size_t n;                 /* samples */
+	double *bjoint, *bdjoint; /* MI_BANDS partial joint / djoint, each as above */
+	size_t bn[MI_BANDS];
+	reg_pool *pool; /* borrowed; NULL: one thread */
 } mi_acc;
 
 /* Parameters at one level (as fit_params of register_affine.c, no gain). */
@@ -122,7 +129,9 @@ static void acc_free(mi_acc *a)
 {
 	free(a->joint);
 	free(a->djoint);
-	a->joint = a->djoint = NULL;
+	free(a->bjoint);
+	free(a->bdjoint);
+	a->joint = a->djoint = a->bjoint = a->bdjoint = NULL;
 }
 
 static int acc_make(mi_acc *a, int bins, int np, sf_err *e)
@@ -130,9 +139,12 @@ static int acc_make(mi_acc *a, int bins, int np, sf_err *e)
 	size_t nb = (size_t)bins * bins;
 	a->bins = bins;
 	a->np = np;
+	a->pool = NULL;
 	a->joint = malloc(nb * sizeof *a->joint);
 	a->djoint = np ? malloc(nb * np * sizeof *a->djoint) : NULL;
-	if (!a->joint || (np && !a->djoint)) {
+	a->bjoint = malloc(MI_BANDS * nb * sizeof *a->bjoint);
+	a->bdjoint = np ? malloc(MI_BANDS * nb * np * sizeof *a->bdjoint) : NULL;
+	if (!a->joint || (np && !a->djoint) || !a->bjoint || (np && !a->bdjoint)) {
 		acc_free(a);
 		return sf_fail(e, SF_ENOMEM, "register: MI histograms of %d bins", bins);
 	}
@@ -167,19 +179,36 @@ static inline float bilin_get(const float *p, const bilin *b)
 	return top + b->ay * (bot - top);
 }
 
-/* One pass over the reference pixels at map m: the joint histogram and,
- * with fp and a gradient in v, its derivative in fp's parameters. */
-static void mi_pass(const mi_view *v, const mi_bins *b, const double m[9], const mi_params *fp,
-                    mi_acc *a)
+/* What one pass reads (mi_band). */
+typedef struct mi_job {
+	const mi_view *v;
+	const mi_bins *b;
+	const double *m;
+	const mi_params *fp;
+	mi_acc *a;
+	int np;
+} mi_job;
+
+/* Band `band` of the reference rows into its partial histograms. */
+static void mi_band(void *ctx, long band)
 {
-	int nb = b->bins, np = fp && v->gx ? fp->g.ng : 0;
-	memset(a->joint, 0, (size_t)nb * nb * sizeof *a->joint);
+	const mi_job *jb = ctx;
+	const mi_view *v = jb->v;
+	const mi_bins *b = jb->b;
+	const double *m = jb->m;
+	mi_acc *a = jb->a;
+	int nb = b->bins, np = jb->np;
+	double *joint = a->bjoint + (size_t)band * nb * nb;
+	double *djoint = np ? a->bdjoint + (size_t)band * nb * nb * np : NULL;
+	memset(joint, 0, (size_t)nb * nb * sizeof *joint);
 	if (np)
-		memset(a->djoint, 0, (size_t)nb * nb * np * sizeof *a->djoint);
-	a->n = 0;
+		memset(djoint, 0, (size_t)nb * nb * np * sizeof *djoint);
+	size_t n = 0;
 	const sf_reg_image *ref = v->ref;
 	double xmax = v->mov->w - 1.0, ymax = v->mov->h - 1.0;
-	for (uint32_t y = 0; y < ref->h; y++)
+	uint32_t y0 = (uint32_t)((uint64_t)ref->h * band / MI_BANDS);
+	uint32_t y1 = (uint32_t)((uint64_t)ref->h * (band + 1) / MI_BANDS);
+	for (uint32_t y = y0; y < y1; y++)
 		for (uint32_t x = 0; x < ref->w; x++) {
 			size_t i = (size_t)y * ref->w + x;
 			if (v->mask && !v->mask[i])
@@ -195,20 +224,46 @@ static void mi_pass(const mi_view *v, const mi_bins *b, const double m[9], const
 			int k0;
 			double w[4], dw[4], j[MAXG];
 			bspline3(k, &k0, w, dw);
-			double *row = a->joint + (size_t)ia * nb + k0;
+			double *row = joint + (size_t)ia * nb + k0;
 			for (int q = 0; q < 4; q++)
 				row[q] += w[q];
-			a->n++;
+			n++;
 			if (!np)
 				continue;
 			double dx = bilin_get(v->gx->px, &bw) * b->bscale;
 			double dy = bilin_get(v->gy->px, &bw) * b->bscale;
-			reg_geom_jacobian(&fp->g, x, y, dx, dy, j);
-			double *d = a->djoint + ((size_t)ia * nb + k0) * np;
+			reg_geom_jacobian(&jb->fp->g, x, y, dx, dy, j);
+			double *d = djoint + ((size_t)ia * nb + k0) * np;
 			for (int q = 0; q < 4; q++, d += np)
 				for (int u = 0; u < np; u++)
 					d[u] += dw[q] * j[u];
 		}
+	a->bn[band] = n;
+}
+
+/* One pass over the reference pixels at map m: the joint histogram and,
+ * with fp and a gradient in v, its derivative in fp's parameters.  The
+ * bands run over a's pool and are added in band order. */
+static void mi_pass(const mi_view *v, const mi_bins *b, const double m[9], const mi_params *fp,
+                    mi_acc *a)
+{
+	int nb = b->bins, np = fp && v->gx ? fp->g.ng : 0;
+	mi_job jb = {v, b, m, fp, a, np};
+	reg_pool_run(a->pool, MI_BANDS, mi_band, &jb);
+	size_t nj = (size_t)nb * nb, nd = nj * np;
+	memcpy(a->joint, a->bjoint, nj * sizeof *a->joint);
+	if (np)
+		memcpy(a->djoint, a->bdjoint, nd * sizeof *a->djoint);
+	a->n = a->bn[0];
+	for (int band = 1; band < MI_BANDS; band++) {
+		const double *bj = a->bjoint + (size_t)band * nj;
+		for (size_t i = 0; i < nj; i++)
+			a->joint[i] += bj[i];
+		const double *bd = np ? a->bdjoint + (size_t)band * nd : NULL;
+		for (size_t i = 0; i < nd; i++)
+			a->djoint[i] += bd[i];
+		a->n += a->bn[band];
+	}
 }
 
 /* MI of the histogram in a and (grad, may be NULL) its gradient. */
@@ -424,7 +479,8 @@ static void fit_level_run(const mi_level *lv, mi_params *fp, int max_iter, mi_ac
 }
 
 static int refine_levels(const reg_pyramid *rp, const reg_pyramid *mp, const uint8_t *mask,
-                         const sf_reg_opts *o, unsigned lc, unsigned lf, double m[9], sf_err *e)
+                         const sf_reg_opts *o, unsigned lc, unsigned lf, reg_pool *pool,
+                         double m[9], sf_err *e)
 {
 	mi_params fp = {0};
 	fp.g.ng = o->model == SF_REG_AFFINE ? 6 : 4;
@@ -443,6 +499,9 @@ static int refine_levels(const reg_pyramid *rp, const reg_pyramid *mp, const uin
 			fp.g.cy = (lv.f.ref.h - 1) / 2.0;
 			reg_geom_from_map(&fp.g, ml, fp.p);
 			a.bins = lv.b.bins; /* a holds BINS_FINE; a level may use fewer */
+			/* Small levels run on one thread: waking the pool costs more. */
+			a.pool =
+			    (uint64_t)lv.f.ref.w * lv.f.ref.h >= REG_PARALLEL_MIN_PX ? pool : NULL;
 			fit_level_run(&lv, &fp, o->max_iter, &a);
 			reg_geom_to_map(&fp.g, fp.p, ml);
 			reg_map_from_level(ml, l, m);
@@ -469,24 +528,25 @@ static void score(const reg_pyramid *rp, const reg_pyramid *mp, const uint8_t *m
 	free(lm);
 }
 
-int sf_reg_refine_mi(const sf_reg_image *ref, const uint8_t *ref_mask, const sf_reg_image *mov,
-                     const sf_reg_opts *o, sf_reg_result *r, sf_err *e)
+int reg_refine_mi(const reg_refine_pyramids *pp, const uint8_t *ref_mask, const sf_reg_opts *o,
+                  sf_reg_result *r, sf_err *e)
 {
-	reg_refine_pyramids pp;
-	int rc = reg_refine_begin(ref, mov, o, &pp, e);
-	if (rc)
-		return rc;
-	reg_pyramid rp = pp.rp, mp = pp.mp;
-	unsigned lc = pp.lc, lf = pp.lf;
+	const reg_pyramid *rp = &pp->rp, *mp = &pp->mp;
 	sf_reg_result start = *r, end = *r;
-	score(&rp, &mp, ref_mask, lf, start.m, &start);
-	rc = refine_levels(&rp, &mp, ref_mask, o, lc, lf, end.m, e);
+	score(rp, mp, ref_mask, pp->lf, start.m, &start);
+	int rc = refine_levels(rp, mp, ref_mask, o, pp->lc, pp->lf, pp->pool, end.m, e);
 	if (!rc) {
-		score(&rp, &mp, ref_mask, lf, end.m, &end);
+		score(rp, mp, ref_mask, pp->lf, end.m, &end);
 		*r = end.mi >= start.mi ? end : start;
 		sf_reg_describe(r);
 	}
-	reg_pyramid_free(&rp);
-	reg_pyramid_free(&mp);
 	return rc;
+}
+
+int sf_reg_refine_mi(const sf_reg_image *ref, const uint8_t *ref_mask, const sf_reg_image *mov,
+                     const sf_reg_opts *o, sf_reg_result *r, sf_err *e)
+{
+	sf_reg_opts mi = *o;
+	mi.metric = SF_REG_METRIC_MI;
+	return sf_reg_refine(ref, ref_mask, mov, &mi, r, e);
 }

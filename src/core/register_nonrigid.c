@@ -53,6 +53,8 @@ typedef struct nr_level {
 	float *dx, *dy;   /* the update, then the composed field */
 	float *scratch;   /* warped moving image; blur scratch */
 	float floor_g2;   /* added to |J|^2: grad_floor * mean |grad Nref|^2 */
+	double *part;     /* per row block: the mismatch sums of forces() */
+	reg_pool *pool;   /* borrowed: NULL on small levels (serial) */
 } nr_level;
 
 void sf_reg_nonrigid_opts_default(sf_reg_nonrigid_opts *o)
@@ -67,6 +69,7 @@ void sf_reg_nonrigid_opts_default(sf_reg_nonrigid_opts *o)
 	o->sigma_norm = 4.0;
 	o->max_step = 0.5;
 	o->grad_floor = 2.0;
+	o->threads = 1;
 }
 
 void sf_reg_field_free(sf_reg_field *f)
@@ -96,27 +99,45 @@ static inline float sample_clamp(const float *p, long w, long h, double x, doubl
 	return top + ay * (bot - top);
 }
 
-/* d[i] += k s[i], i < n; four lanes at a time through GCC/Clang vector
- * types (the -O2 build does not vectorise this loop by itself). */
-static inline void axpy(float *restrict d, const float *restrict s, float k, long n)
+/* d[x] = sum over t of k[t] rows[t][x] (t = 0 .. 2 r), x < n, for a
+ * symmetric kernel (k[t] = k[2 r - t], as blur() makes it): the mirrored
+ * taps are added first and multiplied once.  Eight lanes at a time through
+ * GCC/Clang vector types, the accumulators in registers: one read of each
+ * row and one write of d. */
+static void taps_sum(float *restrict d, const float *const *rows, const float *k, int r, long n)
 {
 	typedef float v4f __attribute__((vector_size(16)));
-	v4f kv = {k, k, k, k};
-	long i = 0;
-	for (; i + 4 <= n; i += 4) {
-		v4f a, b;
-		memcpy(&a, d + i, sizeof a);
-		memcpy(&b, s + i, sizeof b);
-		a += kv * b;
-		memcpy(d + i, &a, sizeof a);
+	long x = 0;
+	for (; x + 8 <= n; x += 8) {
+		v4f kc = {k[r], k[r], k[r], k[r]}, a0, a1, b0, b1;
+		memcpy(&b0, rows[r] + x, sizeof b0);
+		memcpy(&b1, rows[r] + x + 4, sizeof b1);
+		a0 = kc * b0;
+		a1 = kc * b1;
+		for (int t = 0; t < r; t++) {
+			v4f kv = {k[t], k[t], k[t], k[t]}, c0, c1;
+			memcpy(&b0, rows[t] + x, sizeof b0);
+			memcpy(&b1, rows[t] + x + 4, sizeof b1);
+			memcpy(&c0, rows[2 * r - t] + x, sizeof c0);
+			memcpy(&c1, rows[2 * r - t] + x + 4, sizeof c1);
+			a0 += kv * (b0 + c0);
+			a1 += kv * (b1 + c1);
+		}
+		memcpy(d + x, &a0, sizeof a0);
+		memcpy(d + x + 4, &a1, sizeof a1);
 	}
-	for (; i < n; i++)
-		d[i] += k * s[i];
+	for (; x < n; x++) {
+		float acc = k[r] * rows[r][x];
+		for (int t = 0; t < r; t++)
+			acc += k[t] * (rows[t][x] + rows[2 * r - t][x]);
+		d[x] = acc;
+	}
 }
 
-static void blur_rows(const float *src, float *dst, long w, long h, const float *k, int r)
+static void blur_rows(const float *src, float *dst, long w, long y0, long y1, const float *k, int r)
 {
-	for (long y = 0; y < h; y++) {
+	const float *rows[2 * MAX_RADIUS + 1];
+	for (long y = y0; y < y1; y++) {
 		const float *restrict s = src + y * w;
 		float *restrict d = dst + y * w;
 		long lo = r < w ? r : w, hi = w - r > lo ? w - r : lo; /* interior [lo, hi) */
@@ -132,28 +153,48 @@ static void blur_rows(const float *src, float *dst, long w, long h, const float 
 				acc += k[t + r] * s[clampl(x + t, 0, w - 1)];
 			d[x] = acc;
 		}
-		/* taps outer, pixels inner: the inner loop runs along the row */
-		for (long x = lo; x < hi; x++)
-			d[x] = 0;
 		for (int t = -r; t <= r; t++)
-			axpy(d + lo, s + lo + t, k[t + r], hi - lo);
+			rows[t + r] = s + lo + t;
+		taps_sum(d + lo, rows, k, r, hi - lo);
 	}
 }
 
 /* Row by row, so the inner loop runs along x over whole rows (vectorises). */
-static void blur_cols(const float *src, float *dst, long w, long h, const float *k, int r)
+static void blur_cols(const float *src, float *dst, long w, long h, long y0, long y1,
+                      const float *k, int r)
 {
-	for (long y = 0; y < h; y++) {
-		float *restrict d = dst + y * w;
-		memset(d, 0, (size_t)w * sizeof *d);
+	const float *rows[2 * MAX_RADIUS + 1];
+	for (long y = y0; y < y1; y++) {
 		for (int t = -r; t <= r; t++)
-			axpy(d, src + clampl(y + t, 0, h - 1) * w, k[t + r], w);
+			rows[t + r] = src + clampl(y + t, 0, h - 1) * w;
+		taps_sum(dst + y * w, rows, k, r, w);
 	}
 }
 
+/* One pass of a blur over row blocks (blur_block). */
+typedef struct blur_job {
+	const float *src;
+	float *dst;
+	long w, h;
+	const float *k;
+	int r, cols; /* cols: the vertical pass */
+} blur_job;
+
+static void blur_block(void *ctx, long b)
+{
+	const blur_job *j = ctx;
+	long y0 = b * REG_BLOCK_ROWS, y1 = y0 + REG_BLOCK_ROWS < j->h ? y0 + REG_BLOCK_ROWS : j->h;
+	if (j->cols)
+		blur_cols(j->src, j->dst, j->w, j->h, y0, y1, j->k, j->r);
+	else
+		blur_rows(j->src, j->dst, j->w, y0, y1, j->k, j->r);
+}
+
 /* In-place Gaussian blur of p (edges replicated, taps to 3 sigma) through
- * tmp (w * h floats).  sigma <= 0 does nothing; sigma <= MAX_SIGMA. */
-static void blur(float *p, float *tmp, long w, long h, double sigma)
+ * tmp (w * h floats), rows split over the pool (may be NULL).  sigma <= 0
+ * does nothing; sigma <= MAX_SIGMA.  Every output pixel is computed the
+ * same way whatever the split. */
+static void blur(reg_pool *pool, float *p, float *tmp, long w, long h, double sigma)
 {
 	if (!(sigma > 0))
 		return;
@@ -165,22 +206,23 @@ static void blur(float *p, float *tmp, long w, long h, double sigma)
 		sum += k[t + r] = (float)exp(-0.5 * t * t / (sigma * sigma));
 	for (int t = 0; t <= 2 * r; t++)
 		k[t] = (float)(k[t] / sum);
-	blur_rows(p, tmp, w, h, k, r);
-	blur_cols(tmp, p, w, h, k, r);
+	blur_job rows = {p, tmp, w, h, k, r, 0}, cols = {tmp, p, w, h, k, r, 1};
+	reg_pool_run(pool, reg_row_blocks(h), blur_block, &rows);
+	reg_pool_run(pool, reg_row_blocks(h), blur_block, &cols);
 }
 
 /* out := N(in) (see the top of the file), using a and tmp as scratch. */
-static void normalise_local(const float *in, const float *wt, long w, long h, double sigma,
-                            float *out, float *a, float *tmp)
+static void normalise_local(reg_pool *pool, const float *in, const float *wt, long w, long h,
+                            double sigma, float *out, float *a, float *tmp)
 {
 	size_t n = (size_t)w * h;
 	memcpy(a, in, n * sizeof *a);
-	blur(a, tmp, w, h, sigma);
+	blur(pool, a, tmp, w, h, sigma);
 	for (size_t i = 0; i < n; i++) {
 		out[i] = in[i] - a[i];
 		a[i] = out[i] * out[i];
 	}
-	blur(a, tmp, w, h, sigma);
+	blur(pool, a, tmp, w, h, sigma);
 	double sum = 0, cnt = 0;
 	for (size_t i = 0; i < n; i++) {
 		sum += (double)wt[i] * a[i];
@@ -226,25 +268,60 @@ static void set_floor(nr_level *L, double grad_floor)
 	L->floor_g2 = cnt > 0 ? (float)(grad_floor * sum / cnt) : 0.0f;
 }
 
-/* scratch := Nmov(x + u). */
-static void warp_moving(nr_level *L)
+/* Rows [*y0, *y1) of row block b of level L. */
+static void block_rows(const nr_level *L, long b, long *y0, long *y1)
 {
-	for (long y = 0; y < L->h; y++)
-		for (long x = 0; x < L->w; x++) {
-			long i = y * L->w + x;
-			L->scratch[i] = sample_clamp(L->mov, L->w, L->h, (double)x + L->ux[i],
-			                             (double)y + L->uy[i]);
+	*y0 = b * REG_BLOCK_ROWS;
+	*y1 = *y0 + REG_BLOCK_ROWS < L->h ? *y0 + REG_BLOCK_ROWS : L->h;
+}
+
+/* scratch := Nmov(x + u), on row block b. */
+static void warp_block(void *ctx, long b)
+{
+	nr_level *L = ctx;
+	long y0, y1;
+	block_rows(L, b, &y0, &y1);
+	long w = L->w, h = L->h;
+	double xmax = (double)(w - 1), ymax = (double)(h - 1);
+	for (long y = y0; y < y1; y++)
+		for (long x = 0; x < w; x++) {
+			long i = y * w + x;
+			double px = (double)x + L->ux[i], py = (double)y + L->uy[i];
+			/* Inside the last pixel centres the clamps of sample_clamp do
+			 * nothing: the same value, fewer tests. */
+			if (px >= 0 && py >= 0 && px < xmax && py < ymax) {
+				long ix = (long)px, iy = (long)py;
+				float ax = (float)(px - (double)ix), ay = (float)(py - (double)iy);
+				const float *r0 = L->mov + iy * w + ix, *r1 = r0 + w;
+				float top = r0[0] + ax * (r0[1] - r0[0]),
+				      bot = r1[0] + ax * (r1[1] - r1[0]);
+				L->scratch[i] = top + ay * (bot - top);
+			} else
+				L->scratch[i] = sample_clamp(L->mov, w, h, px, py);
 		}
 }
 
-/* The demons force of step 2 into (dx, dy); returns the weighted mean
- * squared mismatch of the warped moving image (scratch) against ref. */
-static double forces(nr_level *L, double max_step)
+static void warp_moving(nr_level *L)
 {
-	long w = L->w, h = L->h;
-	float inv_sx2 = (float)(1.0 / (4.0 * max_step * max_step));
+	reg_pool_run(L->pool, reg_row_blocks(L->h), warp_block, L);
+}
+
+/* forces() on one row block: the force into (dx, dy), the block's
+ * weighted squared mismatch and weight into part[2 b], part[2 b + 1]. */
+typedef struct force_job {
+	nr_level *L;
+	float inv_sx2;
+} force_job;
+
+static void force_block(void *ctx, long b)
+{
+	const force_job *j = ctx;
+	nr_level *L = j->L;
+	long w = L->w, h = L->h, y0, y1;
+	float inv_sx2 = j->inv_sx2;
 	double e = 0, wsum = 0;
-	for (long y = 0; y < h; y++)
+	block_rows(L, b, &y0, &y1);
+	for (long y = y0; y < y1; y++)
 		for (long x = 0; x < w; x++) {
 			long i = y * w + x;
 			float wt = L->wt[i];
@@ -264,19 +341,77 @@ static double forces(nr_level *L, double max_step)
 			L->dx[i] = -wt * d * jx / den;
 			L->dy[i] = -wt * d * jy / den;
 		}
+	L->part[2 * b] = e;
+	L->part[2 * b + 1] = wsum;
+}
+
+/* The demons force of step 2 into (dx, dy); returns the weighted mean
+ * squared mismatch of the warped moving image (scratch) against ref.  The
+ * row blocks' sums are added in block order (the same for any thread count). */
+static double forces(nr_level *L, double max_step)
+{
+	force_job j = {L, (float)(1.0 / (4.0 * max_step * max_step))};
+	long nb = reg_row_blocks(L->h);
+	reg_pool_run(L->pool, nb, force_block, &j);
+	double e = 0, wsum = 0;
+	for (long b = 0; b < nb; b++) {
+		e += L->part[2 * b];
+		wsum += L->part[2 * b + 1];
+	}
 	return wsum > 0 ? e / wsum : 0;
 }
 
-/* Step 4: (dx, dy) := du + u(x + du), then swap so u holds the result. */
+/* Bilinear samples of planes a and b (w x h) at one point, as sample_clamp
+ * of each (the same operations, the weights computed once). */
+static inline void sample_clamp2(const float *a, const float *b, long w, long h, double x, double y,
+                                 float *va, float *vb)
+{
+	x = x > 0 ? (x < (double)(w - 1) ? x : (double)(w - 1)) : 0;
+	y = y > 0 ? (y < (double)(h - 1) ? y : (double)(h - 1)) : 0;
+	long ix = (long)x, iy = (long)y;
+	long ix1 = ix + (ix + 1 < w), iy1 = iy + (iy + 1 < h);
+	float ax = (float)(x - (double)ix), ay = (float)(y - (double)iy);
+	long i00 = iy * w + ix, i01 = iy * w + ix1, i10 = iy1 * w + ix, i11 = iy1 * w + ix1;
+	float top = a[i00] + ax * (a[i01] - a[i00]), bot = a[i10] + ax * (a[i11] - a[i10]);
+	*va = top + ay * (bot - top);
+	top = b[i00] + ax * (b[i01] - b[i00]), bot = b[i10] + ax * (b[i11] - b[i10]);
+	*vb = top + ay * (bot - top);
+}
+
+/* Step 4 on one row block: (dx, dy) := du + u(x + du). */
+static void compose_block(void *ctx, long b)
+{
+	nr_level *L = ctx;
+	long y0, y1;
+	block_rows(L, b, &y0, &y1);
+	long w = L->w, h = L->h;
+	double xmax = (double)(w - 1), ymax = (double)(h - 1);
+	for (long y = y0; y < y1; y++)
+		for (long x = 0; x < w; x++) {
+			long i = y * w + x;
+			double px = (double)x + L->dx[i], py = (double)y + L->dy[i];
+			float vx, vy;
+			if (px >= 0 && py >= 0 && px < xmax && py < ymax) { /* as in warp_block */
+				long ix = (long)px, iy = (long)py, k = iy * w + ix;
+				float ax = (float)(px - (double)ix), ay = (float)(py - (double)iy);
+				const float *a = L->ux, *c = L->uy;
+				float top = a[k] + ax * (a[k + 1] - a[k]);
+				float bot = a[k + w] + ax * (a[k + w + 1] - a[k + w]);
+				vx = top + ay * (bot - top);
+				top = c[k] + ax * (c[k + 1] - c[k]);
+				bot = c[k + w] + ax * (c[k + w + 1] - c[k + w]);
+				vy = top + ay * (bot - top);
+			} else
+				sample_clamp2(L->ux, L->uy, w, h, px, py, &vx, &vy);
+			L->dx[i] += vx;
+			L->dy[i] += vy;
+		}
+}
+
+/* Step 4 over the level, then swap so u holds the result. */
 static void compose(nr_level *L)
 {
-	for (long y = 0; y < L->h; y++)
-		for (long x = 0; x < L->w; x++) {
-			long i = y * L->w + x;
-			double px = (double)x + L->dx[i], py = (double)y + L->dy[i];
-			L->dx[i] += sample_clamp(L->ux, L->w, L->h, px, py);
-			L->dy[i] += sample_clamp(L->uy, L->w, L->h, px, py);
-		}
+	reg_pool_run(L->pool, reg_row_blocks(L->h), compose_block, L);
 	float *t = L->ux;
 	L->ux = L->dx;
 	L->dx = t;
@@ -295,11 +430,11 @@ static void run_level(nr_level *L, const sf_reg_nonrigid_opts *o, int iters)
 		if (k >= STALL_WIN && hist[k % STALL_WIN] - e < STALL_TOL * hist[k % STALL_WIN])
 			break; /* fell by less than STALL_TOL over STALL_WIN iterations */
 		hist[k % STALL_WIN] = e;
-		blur(L->dx, L->scratch, L->w, L->h, o->sigma_fluid);
-		blur(L->dy, L->scratch, L->w, L->h, o->sigma_fluid);
+		blur(L->pool, L->dx, L->scratch, L->w, L->h, o->sigma_fluid);
+		blur(L->pool, L->dy, L->scratch, L->w, L->h, o->sigma_fluid);
 		compose(L);
-		blur(L->ux, L->scratch, L->w, L->h, o->sigma_diff);
-		blur(L->uy, L->scratch, L->w, L->h, o->sigma_diff);
+		blur(L->pool, L->ux, L->scratch, L->w, L->h, o->sigma_diff);
+		blur(L->pool, L->uy, L->scratch, L->w, L->h, o->sigma_diff);
 	}
 }
 
@@ -314,6 +449,7 @@ static void level_free(nr_level *L)
 	free(L->dx);
 	free(L->dy);
 	free(L->scratch);
+	free(L->part);
 	memset(L, 0, sizeof *L);
 }
 
@@ -329,6 +465,11 @@ static int level_alloc(nr_level *L, long w, long h, sf_err *e)
 			return sf_fail(e, SF_ENOMEM,
 			               "register: non-rigid level %ldx%ld: out of memory", w, h);
 		}
+	if (!(L->part = calloc(2 * (size_t)reg_row_blocks(h), sizeof *L->part))) {
+		level_free(L);
+		return sf_fail(e, SF_ENOMEM, "register: non-rigid level %ldx%ld: out of memory", w,
+		               h);
+	}
 	return SF_OK;
 }
 
@@ -454,9 +595,7 @@ void sf_reg_field_at(const sf_reg_field *f, double x, double y, double *dx, doub
 	*dy = out[1];
 }
 
-/* jac_min and disp_max over the nodes (central differences, one-sided at
- * the edges, in thumbnail px). */
-static void field_stats(sf_reg_field *f)
+void sf_reg_field_stats(sf_reg_field *f)
 {
 	long w = f->w, h = f->h;
 	double jmin = INFINITY, dmax = 0;
@@ -476,7 +615,7 @@ static void field_stats(sf_reg_field *f)
 				    ((double)(j1 - j0) * f->step);
 			double det = (1 + g[0]) * (1 + g[3]) - g[1] * g[2];
 			jmin = det < jmin ? det : jmin;
-			double len = hypot(p[0], p[1]);
+			double len = sqrt((double)p[0] * p[0] + (double)p[1] * p[1]);
 			dmax = len > dmax ? len : dmax;
 		}
 	f->jac_min = jmin;
@@ -505,7 +644,7 @@ static int field_out(const nr_level *L, unsigned lf, const sf_reg_image *ref, ui
 			d[0] = (float)(scale * sample_clamp(L->ux, L->w, L->h, lx, ly));
 			d[1] = (float)(scale * sample_clamp(L->uy, L->w, L->h, lx, ly));
 		}
-	field_stats(f);
+	sf_reg_field_stats(f);
 	return SF_OK;
 }
 
@@ -524,7 +663,7 @@ static unsigned finest_level(const reg_pyramid *p, uint32_t max_dim)
 
 /* Demons from the coarsest level to lf; cur ends holding level lf. */
 static int solve(const reg_pyramid *pr, const reg_pyramid *pm, const reg_pyramid *pw, unsigned lf,
-                 const sf_reg_nonrigid_opts *o, nr_level *cur, sf_err *e)
+                 const sf_reg_nonrigid_opts *o, reg_pool *pool, nr_level *cur, sf_err *e)
 {
 	nr_level prev = {0};
 	for (unsigned l = pr->n; l-- > lf;) {
@@ -535,10 +674,11 @@ static int solve(const reg_pyramid *pr, const reg_pyramid *pm, const reg_pyramid
 			return rc;
 		}
 		cur->wt = pw->lv[l].px;
-		normalise_local(r->px, cur->wt, cur->w, cur->h, o->sigma_norm, cur->ref, cur->dx,
-		                cur->scratch);
-		normalise_local(pm->lv[l].px, cur->wt, cur->w, cur->h, o->sigma_norm, cur->mov,
+		cur->pool = (uint64_t)cur->w * cur->h >= REG_PARALLEL_MIN_PX ? pool : NULL;
+		normalise_local(cur->pool, r->px, cur->wt, cur->w, cur->h, o->sigma_norm, cur->ref,
 		                cur->dx, cur->scratch);
+		normalise_local(cur->pool, pm->lv[l].px, cur->wt, cur->w, cur->h, o->sigma_norm,
+		                cur->mov, cur->dx, cur->scratch);
 		set_floor(cur, o->grad_floor);
 		if (prev.ux)
 			upsample_field(&prev, cur);
@@ -562,7 +702,10 @@ int sf_reg_nonrigid(const sf_reg_image *ref, const uint8_t *mask, const sf_reg_i
 	sf_reg_image mova = {0}, wt = {0};
 	reg_pyramid pr = {0}, pm = {0}, pw = {0};
 	nr_level fine = {0};
-	rc = resample_moving(ref, mask, mov, m, &mova, &wt, e);
+	reg_pool *pool = NULL;
+	rc = reg_pool_start(&pool, o->threads, e);
+	if (!rc)
+		rc = resample_moving(ref, mask, mov, m, &mova, &wt, e);
 	if (!rc)
 		rc = reg_pyramid_build(ref, o->min_dim, &pr, e);
 	if (!rc)
@@ -572,7 +715,7 @@ int sf_reg_nonrigid(const sf_reg_image *ref, const uint8_t *mask, const sf_reg_i
 	unsigned lf = 0;
 	if (!rc) {
 		lf = finest_level(&pr, o->max_dim);
-		rc = solve(&pr, &pm, &pw, lf, o, &fine, e);
+		rc = solve(&pr, &pm, &pw, lf, o, pool, &fine, e);
 	}
 	if (!rc) {
 		/* Never worse than no deformation at all (e.g. nothing to match). */
@@ -581,6 +724,7 @@ int sf_reg_nonrigid(const sf_reg_image *ref, const uint8_t *mask, const sf_reg_i
 		rc = field_out(with < without ? &fine : NULL, lf, ref, o->step, f, e);
 	}
 	level_free(&fine);
+	reg_pool_stop(pool);
 	if (pr.n)
 		reg_pyramid_free(&pr);
 	if (pm.n)

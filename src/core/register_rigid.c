@@ -470,6 +470,7 @@ void sf_reg_opts_default(sf_reg_opts *o)
 	o->max_iter = 40;
 	o->candidates = 8;
 	o->metric = SF_REG_METRIC_NCC;
+	o->threads = 1;
 }
 
 static int check_opts(const sf_reg_opts *o, sf_err *e)
@@ -551,66 +552,150 @@ static unsigned search_level(const sf_reg_image *a, const sf_reg_image *b, uint3
 	return l;
 }
 
-int sf_reg_init_similarity(const sf_reg_image *ref, const sf_reg_image *mov, const sf_reg_opts *o,
-                           sf_reg_result *r, sf_err *e)
+/* The refinement of one candidate (cand_block), each on its own thread
+ * with no pool of its own: candidates are independent, so the outcome does
+ * not depend on which thread ran which. */
+typedef struct cand_job {
+	const reg_refine_pyramids *pp; /* pool NULL */
+	const sf_reg_opts *quick;
+	const cand_list *cands;
+	unsigned lv; /* the search level */
+	sf_reg_result *res;
+	int *rc;
+	sf_err *err;
+} cand_job;
+
+static void cand_block(void *ctx, long i)
 {
-	int rc = check_opts(o, e);
-	if (rc)
-		return rc;
-	if (!ref->px || !mov->px || ref->w < 8 || ref->h < 8 || mov->w < 8 || mov->h < 8)
-		return sf_fail(e, SF_EINVAL, "register: images %u x %u and %u x %u (need >= 8 px)",
-		               ref->w, ref->h, mov->w, mov->h);
-	unsigned l = search_level(ref, mov, o->init_dim);
-	reg_pyramid rp, mp;
-	rc = reg_pyramid_to(ref, l, &rp, e);
-	if (rc)
-		return rc;
-	rc = reg_pyramid_to(mov, l, &mp, e);
-	if (rc) {
-		reg_pyramid_free(&rp);
-		return rc;
-	}
-	/* Both pyramids reach level l unless an image is tiny; use the level
-	 * both have, the scale between them stays that of the thumbnails. */
-	unsigned lv = rp.n - 1 < mp.n - 1 ? rp.n - 1 : mp.n - 1;
-	const sf_reg_image *rw = &rp.lv[lv], *mw = &mp.lv[lv];
-	uint32_t longest = rw->w > rw->h ? rw->w : rw->h;
-	longest = mw->w > longest ? mw->w : longest;
-	longest = mw->h > longest ? mw->h : longest;
-	int n = nice_size(2 * (int)longest);
-	cand_list cands = {0};
-	if (o->metric == SF_REG_METRIC_MI)
-		rc = search_mi(rw, mw, n, o, &cands, e);
-	else
-		rc = search_pair(rw, mw, n, NULL, NULL, o, &cands, e);
-	/* Settle between the candidates by refining each at the search level. */
+	const cand_job *j = ctx;
+	memset(&j->res[i], 0, sizeof j->res[i]);
+	reg_map_from_level(j->cands->c[i].m, j->lv, j->res[i].m);
+	j->rc[i] = j->quick->metric == SF_REG_METRIC_MI
+	               ? reg_refine_mi(j->pp, NULL, j->quick, &j->res[i], &j->err[i])
+	               : reg_refine_ncc(j->pp, NULL, j->quick, &j->res[i], &j->err[i]);
+}
+
+/* Settle between the candidates by refining each at the search level
+ * (in parallel over the pool); the best one, into r. */
+static int settle(const reg_pyramid *rp, const reg_pyramid *mp, unsigned lv, const cand_list *cands,
+                  const sf_reg_opts *o, reg_pool *pool, sf_reg_result *r, sf_err *e)
+{
 	sf_reg_opts quick = *o; /* same metric: MI candidates are judged by MI */
 	quick.model = SF_REG_SIMILARITY;
 	/* MI refinements cost more than NCC ones: settling a level coarser
 	 * more than halved the MI initialisation's time on the test pairs
 	 * and changed none of their outcomes. */
 	quick.max_dim = o->metric == SF_REG_METRIC_MI ? o->init_dim / 2 : o->init_dim;
-	double best_fit = -2;
+	reg_refine_pyramids pp;
+	reg_refine_view(rp, mp, &quick, NULL, &pp);
 	int tries = o->metric == SF_REG_METRIC_MI ? KEEP_MI : KEEP;
-	for (int i = 0; !rc && i < cands.n && i < tries; i++) {
-		sf_reg_result c = {0};
-		reg_map_from_level(cands.c[i].m, lv, c.m);
-		rc = sf_reg_refine(ref, NULL, mov, &quick, &c, e);
-		if (rc)
-			break;
+	tries = tries < cands->n ? tries : cands->n;
+	sf_reg_result res[KEEP_MI];
+	int rcs[KEEP_MI];
+	sf_err errs[KEEP_MI];
+	cand_job job = {&pp, &quick, cands, lv, res, rcs, errs};
+	reg_pool_run(pool, tries, cand_block, &job);
+	double best_fit = -2;
+	for (int i = 0; i < tries; i++) {
+		if (rcs[i]) {
+			if (e)
+				*e = errs[i];
+			return rcs[i];
+		}
 		/* Judge by the NCC (metric MI: the MI) over the overlap, which
 		 * stays high for the right map when the moving slide shows only
 		 * part of the tissue; a small overlap (under MIN_OVERLAP of the
 		 * reference) that happens to fit is discounted in proportion. */
-		double fit = o->metric == SF_REG_METRIC_MI ? c.mi : c.ncc;
-		fit *= c.overlap < MIN_OVERLAP ? c.overlap / MIN_OVERLAP : 1;
+		double fit = o->metric == SF_REG_METRIC_MI ? res[i].mi : res[i].ncc;
+		fit *= res[i].overlap < MIN_OVERLAP ? res[i].overlap / MIN_OVERLAP : 1;
 		if (fit > best_fit) {
 			best_fit = fit;
-			*r = c;
+			*r = res[i];
 		}
 	}
-	reg_pyramid_free(&rp);
-	reg_pyramid_free(&mp);
+	return SF_OK;
+}
+
+/* The initialisation on pyramids built to at least the search level l. */
+static int init_on(const reg_pyramid *rp, const reg_pyramid *mp, unsigned l, const sf_reg_opts *o,
+                   reg_pool *pool, sf_reg_result *r, sf_err *e)
+{
+	/* Both pyramids reach level l unless an image is tiny; use the level
+	 * both have, the scale between them stays that of the thumbnails. */
+	unsigned lv = rp->n - 1 < mp->n - 1 ? rp->n - 1 : mp->n - 1;
+	lv = lv < l ? lv : l;
+	const sf_reg_image *rw = &rp->lv[lv], *mw = &mp->lv[lv];
+	uint32_t longest = rw->w > rw->h ? rw->w : rw->h;
+	longest = mw->w > longest ? mw->w : longest;
+	longest = mw->h > longest ? mw->h : longest;
+	int n = nice_size(2 * (int)longest);
+	cand_list cands = {0};
+	int rc = o->metric == SF_REG_METRIC_MI ? search_mi(rw, mw, n, o, &cands, e)
+	                                       : search_pair(rw, mw, n, NULL, NULL, o, &cands, e);
+	if (!rc)
+		rc = settle(rp, mp, lv, &cands, o, pool, r, e);
+	return rc;
+}
+
+static int check_images(const sf_reg_image *ref, const sf_reg_image *mov, sf_err *e)
+{
+	if (!ref->px || !mov->px || ref->w < 8 || ref->h < 8 || mov->w < 8 || mov->h < 8)
+		return sf_fail(e, SF_EINVAL, "register: images %u x %u and %u x %u (need >= 8 px)",
+		               ref->w, ref->h, mov->w, mov->h);
+	return SF_OK;
+}
+
+/* Both pyramids to depth `depth` and the pool of o->threads. */
+static int begin(const sf_reg_image *ref, const sf_reg_image *mov, unsigned depth,
+                 const sf_reg_opts *o, reg_pyramid *rp, reg_pyramid *mp, reg_pool **pool, sf_err *e)
+{
+	int rc = reg_pyramid_to(ref, depth, rp, e);
+	if (rc)
+		return rc;
+	rc = reg_pyramid_to(mov, depth, mp, e);
+	if (!rc)
+		rc = reg_pool_start(pool, o->threads, e);
+	if (rc) {
+		if (mp->n)
+			reg_pyramid_free(mp);
+		reg_pyramid_free(rp);
+	}
+	return rc;
+}
+
+static void end(reg_pyramid *rp, reg_pyramid *mp, reg_pool *pool)
+{
+	reg_pool_stop(pool);
+	reg_pyramid_free(rp);
+	reg_pyramid_free(mp);
+}
+
+/* Checks, then begin with pyramids deep enough for the search (level *l)
+ * and for the refinements. */
+static int prepare(const sf_reg_image *ref, const sf_reg_image *mov, const sf_reg_opts *o,
+                   unsigned *l, reg_pyramid *rp, reg_pyramid *mp, reg_pool **pool, sf_err *e)
+{
+	int rc = check_opts(o, e);
+	if (!rc)
+		rc = check_images(ref, mov, e);
+	if (rc)
+		return rc;
+	unsigned lc = reg_refine_coarsest(ref, o);
+	*l = search_level(ref, mov, o->init_dim);
+	return begin(ref, mov, *l > lc ? *l : lc, o, rp, mp, pool, e);
+}
+
+int sf_reg_init_similarity(const sf_reg_image *ref, const sf_reg_image *mov, const sf_reg_opts *o,
+                           sf_reg_result *r, sf_err *e)
+{
+	reg_pyramid rp = {0}, mp = {0};
+	reg_pool *pool = NULL;
+	unsigned l;
+	int rc = prepare(ref, mov, o, &l, &rp, &mp, &pool, e);
+	if (rc)
+		return rc;
+	rc = init_on(&rp, &mp, l, o, pool, r, e);
+	end(&rp, &mp, pool);
 	return rc;
 }
 
@@ -653,11 +738,24 @@ int sf_reg_to_transform(const double m[9], const double ref_ds[2], const double 
 	return sf_transform_then_matrix(t, t0, e);
 }
 
+/* One set of pyramids (deep enough for the search, the candidates'
+ * refinements and the final one) and one pool serve the whole call. */
 int sf_reg_register(const sf_reg_image *ref, const uint8_t *ref_mask, const sf_reg_image *mov,
                     const sf_reg_opts *o, sf_reg_result *r, sf_err *e)
 {
-	int rc = sf_reg_init_similarity(ref, mov, o, r, e);
+	reg_pyramid rp = {0}, mp = {0};
+	reg_pool *pool = NULL;
+	unsigned l;
+	int rc = prepare(ref, mov, o, &l, &rp, &mp, &pool, e);
 	if (rc)
 		return rc;
-	return sf_reg_refine(ref, ref_mask, mov, o, r, e);
+	rc = init_on(&rp, &mp, l, o, pool, r, e);
+	if (!rc) {
+		reg_refine_pyramids pp;
+		reg_refine_view(&rp, &mp, o, pool, &pp);
+		rc = o->metric == SF_REG_METRIC_MI ? reg_refine_mi(&pp, ref_mask, o, r, e)
+		                                   : reg_refine_ncc(&pp, ref_mask, o, r, e);
+	}
+	end(&rp, &mp, pool);
+	return rc;
 }

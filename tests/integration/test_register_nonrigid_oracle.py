@@ -17,7 +17,6 @@ m (x + D(x)) with D interpolated here (bilinear between nodes, clamped), against
 affine map alone.  TRE is in moving thumbnail px.
 """
 
-import glob
 import json
 import os
 import subprocess
@@ -26,25 +25,15 @@ import numpy as np
 import pytest
 import scipy.ndimage as ndi
 
+import core_driver
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 N_PAIRS = 8
 
 
 @pytest.fixture(scope="session")
 def driver(tmp_path_factory):
-    d = tmp_path_factory.mktemp("nrdrv")
-    exe = d / "test_register_nonrigid"
-    srcs = (["tests/unit/test_register_nonrigid.c"]
-            + sorted(os.path.relpath(p, ROOT)
-                     for p in glob.glob(os.path.join(ROOT, "src/core/register_*.c")))
-            + ["src/core/fft_fftw.c", "src/core/select.c", "src/core/transform.c",
-               "src/util/err.c", "src/util/log.c", "src/util/pixel.c"])
-    flags = subprocess.run(["pkg-config", "--cflags", "--libs", "fftw3f"],
-                           capture_output=True, text=True, check=True).stdout.split()
-    cmd = ["cc", "-std=c11", "-D_GNU_SOURCE", "-O2", "-Wall", "-Wextra", "-Werror",
-           "-Iinclude", "-pthread"] + srcs + flags + ["-lfftw3f_threads", "-lm", "-o", str(exe)]
-    subprocess.run(cmd, cwd=ROOT, check=True)
-    return exe
+    return core_driver.build(tmp_path_factory.mktemp("nrdrv"), "test_register_nonrigid")
 
 
 def tissue_world(rng, h, w):

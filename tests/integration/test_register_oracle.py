@@ -25,24 +25,16 @@ import pytest
 
 from reg_pairs import make_pair  # the pair generator, shared with the mount tests
 
+import core_driver
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SRCS = ["tests/unit/test_register.c", "src/core/register_prep.c", "src/core/register_rigid.c",
-        "src/core/register_affine.c", "src/core/register_mi.c", "src/core/register_level.c", "src/core/fft_fftw.c", "src/core/select.c", "src/core/transform.c", "src/util/err.c",
-        "src/util/log.c", "src/util/pixel.c"]
 N_SIMILARITY = 24
 N_AFFINE = 8
 
 
 @pytest.fixture(scope="session")
 def driver(tmp_path_factory):
-    d = tmp_path_factory.mktemp("regdrv")
-    exe = d / "test_register"
-    flags = subprocess.run(["pkg-config", "--cflags", "--libs", "fftw3f"],
-                           capture_output=True, text=True, check=True).stdout.split()
-    cmd = ["cc", "-std=c11", "-D_GNU_SOURCE", "-O2", "-Wall", "-Wextra", "-Werror",
-           "-Iinclude", "-pthread"] + SRCS + flags + ["-lfftw3f_threads", "-lm", "-o", str(exe)]
-    subprocess.run(cmd, cwd=ROOT, check=True)
-    return exe
+    return core_driver.build(tmp_path_factory.mktemp("regdrv"), "test_register")
 
 
 def register(driver, tmp_path, ref, mov, model, tag):

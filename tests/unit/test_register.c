@@ -197,6 +197,46 @@ static void test_register_exact(void)
 	sf_reg_image_free(&ref);
 }
 
+/* One registration (search, candidates, affine refinement; NCC and MI) on
+ * 1, 2 and 3 threads must give the same map bit for bit: the pool splits
+ * work into blocks that do not depend on the thread count (register.h). */
+static void test_threads_same(void)
+{
+	sf_err e = {0};
+	sf_reg_image ref, mov;
+	double truth[9];
+	if (make_tissue(320, 256, &ref, &e)) {
+		CHECK(0, "tissue: %s", e.msg);
+		return;
+	}
+	if (permuted(&ref, 1, 1, 21, -13, 0.0f, &mov, truth, &e)) {
+		CHECK(0, "permute: %s", e.msg);
+		sf_reg_image_free(&ref);
+		return;
+	}
+	for (int metric = SF_REG_METRIC_NCC; metric <= SF_REG_METRIC_MI; metric++) {
+		sf_reg_opts o;
+		sf_reg_result one, r;
+		sf_reg_opts_default(&o);
+		o.model = SF_REG_AFFINE;
+		o.metric = metric;
+		CHECK(sf_reg_register(&ref, NULL, &mov, &o, &one, &e) == SF_OK, "register: %s",
+		      e.msg);
+		CHECK(corner_error(one.m, truth, ref.w, ref.h) < 0.2,
+		      "metric %d: corner error %.3f", metric,
+		      corner_error(one.m, truth, ref.w, ref.h));
+		for (unsigned th = 2; th <= 3; th++) {
+			o.threads = th;
+			CHECK(sf_reg_register(&ref, NULL, &mov, &o, &r, &e) == SF_OK,
+			      "register on %u threads: %s", th, e.msg);
+			CHECK(!memcmp(r.m, one.m, sizeof r.m) && r.ncc == one.ncc && r.mi == one.mi,
+			      "metric %d, %u threads: the same map as on one thread", metric, th);
+		}
+	}
+	sf_reg_image_free(&mov);
+	sf_reg_image_free(&ref);
+}
+
 static void test_bad_input(void)
 {
 	sf_err e = {0};
@@ -288,6 +328,7 @@ int main(int argc, char **argv)
 	test_mask();
 	test_to_transform();
 	test_register_exact();
+	test_threads_same();
 	test_bad_input();
 	return CHECK_DONE("test_register");
 }
