@@ -46,9 +46,12 @@ typedef struct sf_reg_settings {
 	uint32_t nonrigid_dim; /* reg_nonrigid_dim: longest side of the field grid; 0 = none */
 	int serial;            /* reg_order=serial (1) or direct (0) */
 	int eager;             /* reg_eager=1: start at mount */
+	int micro;             /* reg_micro=1: refine the field at a finer level, in tiles */
+	uint32_t micro_dim;    /* reg_micro_dim: longest side of that level */
 } sf_reg_settings;
 
-/* enabled 1, channel "", metric auto, dim 1024, nonrigid_dim 2000, direct, lazy. */
+/* enabled 1, channel "", metric auto, dim 1024, nonrigid_dim 2000, direct,
+ * lazy, micro off at 4096. */
 void sf_reg_settings_default(sf_reg_settings *s);
 
 /* Apply one reg_* option (key without "reg_" is not accepted); origin

@@ -59,6 +59,8 @@ static const option_def option_table[] = {
     {"reg_nonrigid_dim", OPT_REG, "reg_nonrigid_dim=N  non-rigid grid side (2000; 0: none)"},
     {"reg_order", OPT_REG, "reg_order=O      direct|serial (default direct)"},
     {"reg_eager", OPT_REG, "reg_eager=0|1    register at mount, not on first use"},
+    {"reg_micro", OPT_REG, "reg_micro=0|1    refine the field at reg_micro_dim, in tiles (0)"},
+    {"reg_micro_dim", OPT_REG, "reg_micro_dim=N  longest side of the micro level (4096)"},
     {"dxy", OPT_DECONV,
      "dxy=UM           deconvolution: voxel size in x/y, micrometres (required)"},
     {"dz", OPT_DECONV, "dz=UM            deconvolution: plane spacing, micrometres (required)"},

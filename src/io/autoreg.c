@@ -27,6 +27,7 @@
 #include "autoreg_thumb.h"
 #include "scopefs/log.h"
 #include "scopefs/register.h"
+#include "scopefs/register_micro.h"
 #include "scopefs/transform_export.h"
 
 #define PHASES 3
@@ -45,11 +46,23 @@
 #define GUARD_MIN_JACOBIAN 0.1 /* of x -> x + D(x): below it the field (nearly) folds */
 #define GUARD_MAX_DISP     0.1 /* largest field displacement, of the thumbnail diagonal */
 
-enum slide_stage { ST_IDLE, ST_QUEUED, ST_THUMB, ST_AFFINE, ST_NONRIGID, ST_DONE, ST_FAILED };
+enum slide_stage {
+	ST_IDLE,
+	ST_QUEUED,
+	ST_THUMB,
+	ST_AFFINE,
+	ST_NONRIGID,
+	ST_MICRO,
+	ST_DONE,
+	ST_FAILED
+};
 
-static const char *const stage_text[] = {"waiting for registered/ to be used", "queued",
-                                         "reading its thumbnail", "affine registration",
-                                         "non-rigid registration"};
+static const char *const stage_text[] = {"waiting for registered/ to be used",
+                                         "queued",
+                                         "reading its thumbnail",
+                                         "affine registration",
+                                         "non-rigid registration",
+                                         "micro-registration"};
 
 typedef struct slide_job {
 	int in_job;      /* registered by this job (else a target only) */
@@ -80,6 +93,12 @@ struct sf_autoreg {
 	slide_job *jobs;       /* d->slide_count */
 	autoreg_thumb *thumbs; /* d->slide_count; made in phase 0 */
 
+	/* reg_micro: the reference at the micro level, made by the first slide
+	 * that needs it (micro_tried) and kept until the job ends. */
+	pthread_mutex_t micro_lock; /* guards the two fields below */
+	int micro_tried;
+	autoreg_thumb micro_ref;
+
 	pthread_mutex_t lock; /* guards everything below and every jobs[] field after create */
 	pthread_cond_t changed;
 	int started, stopping;
@@ -98,6 +117,7 @@ void sf_reg_settings_default(sf_reg_settings *s)
 	s->metric = -1;
 	s->dim = 1024;
 	s->nonrigid_dim = 2000;
+	s->micro_dim = 4096;
 }
 
 static int parse_dim(const char *value, int zero_ok, uint32_t *out)
@@ -161,6 +181,13 @@ int sf_reg_settings_apply(sf_reg_settings *s, const char *key, const char *value
 		want = "0 or 1";
 		if ((rc = pick(value, "0", "1", &v)) == SF_OK)
 			s->eager = v;
+	} else if (!strcmp(key, "reg_micro")) {
+		want = "0 or 1";
+		if ((rc = pick(value, "0", "1", &v)) == SF_OK)
+			s->micro = v;
+	} else if (!strcmp(key, "reg_micro_dim")) {
+		want = "a side length from 64 to 8192";
+		rc = parse_dim(value, 0, &s->micro_dim);
 	} else
 		return sf_fail(e, SF_EINVAL, "%sunknown option '%s'", origin, key);
 	if (rc != SF_OK)
@@ -208,6 +235,8 @@ static sf_key slide_key(const sf_autoreg *a, uint32_t i)
 	k = sf_key_mix_str(k, s->channel);
 	k = sf_key_mix_u64(k, (uint64_t)(s->metric + 1));
 	k = sf_key_mix_u64(k, ((uint64_t)s->dim << 32) | s->nonrigid_dim);
+	if (s->micro) /* only then: results cached without it stay valid */
+		k = sf_key_mix_u64(k, 0x4d4943524full << 24 | s->micro_dim);
 	return sf_key_mix_u64(k, (uint64_t)s->serial);
 }
 
@@ -612,6 +641,84 @@ static const char *chain_matrix(sf_autoreg *a, uint32_t i, double m0[9], char *w
 	return NULL;
 }
 
+/* S(f) per axis: x -> (x + 0.5) f - 0.5, the pixel-centre rule between a
+ * grid and one f times finer (transform.h). */
+static void finer_matrix(const double f[2], int inverse, double out[9])
+{
+	double fx = inverse ? 1 / f[0] : f[0], fy = inverse ? 1 / f[1] : f[1];
+	double m[9] = {fx, 0, (fx - 1) / 2, 0, fy, (fy - 1) / 2, 0, 0, 1};
+
+	memcpy(out, m, sizeof m);
+}
+
+/* The reference at the micro level, made once (micro_lock). */
+static const autoreg_thumb *micro_reference(sf_autoreg *a, sf_err *e)
+{
+	const autoreg_thumb *t = NULL;
+
+	pthread_mutex_lock(&a->micro_lock);
+	if (!a->micro_tried) {
+		a->micro_tried = 1;
+		if (autoreg_thumb_make(a->d->slides[a->ref], a->s.channel, a->s.micro_dim,
+		                       &a->micro_ref, e) != SF_OK)
+			autoreg_thumb_free(&a->micro_ref);
+	}
+	if (a->micro_ref.im.px)
+		t = &a->micro_ref;
+	else if (!e->msg[0])
+		sf_fail(e, SF_EIO, "%s: no micro-level image", a->d->slides[a->ref]->path);
+	pthread_mutex_unlock(&a->micro_lock);
+	return t;
+}
+
+/* reg_micro: refine coarse field f (on the thumbnails, map m) at the micro
+ * level, tile by tile (register_micro.h), and build t from the result.
+ * SF_OK with t built; otherwise t is untouched and e says why (the caller
+ * keeps the coarse field: the micro pass only refines). */
+static int fit_micro(sf_autoreg *a, uint32_t i, const double m[9], const sf_reg_field *f,
+                     sf_transform *t, sf_err *e)
+{
+	const autoreg_thumb *ref = &a->thumbs[a->ref], *mov = &a->thumbs[i], *mref;
+	autoreg_thumb mm = {0};
+	sf_reg_micro_opts mo;
+	sf_reg_field fm = {0};
+	sf_transform tm;
+	double fr[2], fv[2], sr_inv[9], sv[9], mmic[9];
+	int hema = a->jobs[i].use_hema, rc;
+
+	set_stage(a, i, ST_MICRO);
+	if (!(mref = micro_reference(a, e)))
+		return SF_EIO;
+	rc = autoreg_thumb_make(a->d->slides[i], a->s.channel, a->s.micro_dim, &mm, e);
+	if (rc != SF_OK)
+		return rc;
+	for (int k = 0; k < 2; k++)
+		fr[k] = ref->ds[k] / mref->ds[k], fv[k] = mov->ds[k] / mm.ds[k];
+	finer_matrix(fr, 1, sr_inv);
+	finer_matrix(fv, 0, sv);
+	sf_mat3_mul(m, sr_inv, mmic);
+	sf_mat3_mul(sv, mmic, mmic);
+	sf_reg_micro_opts_default(&mo);
+	mo.demons.threads = inner_threads(a, 2);
+	rc = sf_reg_micro(hema && mref->hema.px ? &mref->hema : &mref->im, mref->mask,
+	                  hema && mm.hema.px ? &mm.hema : &mm.im, mmic, f, sqrt(fr[0] * fr[1]), &mo,
+	                  &fm, e);
+	if (rc == SF_OK && (fm.jac_min < GUARD_MIN_JACOBIAN ||
+	                    fm.disp_max > GUARD_MAX_DISP * hypot(mref->im.w, mref->im.h)))
+		rc = sf_fail(e, SF_ERANGE, "the micro field folds or moves too far (Jacobian %.3f)",
+		             fm.jac_min);
+	if (rc == SF_OK &&
+	    (rc = sf_reg_to_transform_field(mmic, &fm, mref->ds, mm.ds, &tm, e)) == SF_OK) {
+		sf_transform_release(t);
+		*t = tm;
+		a->jobs[i].jac_min = fm.jac_min;
+		a->jobs[i].disp_max = fm.disp_max * mref->ds[0];
+	}
+	sf_reg_field_free(&fm);
+	autoreg_thumb_free(&mm);
+	return rc;
+}
+
 /* The non-rigid step and the transform for thumbnail map m (reference
  * thumbnail px -> slide i thumbnail px).  NULL on success, else why. */
 static const char *fit_field(sf_autoreg *a, uint32_t i, const double m[9], sf_transform *t,
@@ -646,8 +753,15 @@ static const char *fit_field(sf_autoreg *a, uint32_t i, const double m[9], sf_tr
 		         "rejected: the non-rigid field moves tissue %.0f thumbnail px "
 		         "(over %.0f%% of the diagonal)",
 		         f.disp_max, 100 * GUARD_MAX_DISP);
-	else if (rc == SF_OK &&
-	         (rc = sf_reg_to_transform_field(m, &f, ref->ds, mov->ds, t, &e)) == SF_OK) {
+	else if (rc == SF_OK && a->s.micro && fit_micro(a, i, m, &f, t, &e) == SF_OK) {
+		a->jobs[i].has_field = 1;
+		sf_reg_field_free(&f);
+		return NULL;
+	} else if (rc == SF_OK &&
+	           (rc = sf_reg_to_transform_field(m, &f, ref->ds, mov->ds, t, &e)) == SF_OK) {
+		if (a->s.micro)
+			sf_log(SF_LOG_WARN, "%s: micro-registration skipped, the field is kept: %s",
+			       a->d->slides[i]->path, e.msg);
 		a->jobs[i].jac_min = f.jac_min;
 		a->jobs[i].disp_max = f.disp_max * ref->ds[0];
 		a->jobs[i].has_field = 1;
@@ -736,10 +850,15 @@ static void *job_thread(void *arg)
 		while (a->done[ph] < a->count[ph] && !a->stopping)
 			pthread_cond_wait(&a->changed, &a->lock);
 	}
-	/* Every phase is done: nothing reads the thumbnails any more. */
-	if (a->done[PHASES - 1] == a->count[PHASES - 1])
+	/* Every phase is done: nothing reads the thumbnails any more.
+	 * (micro_lock is only ever taken inside lock, never the other way.) */
+	if (a->done[PHASES - 1] == a->count[PHASES - 1]) {
 		for (uint32_t i = 0; i < a->d->slide_count; i++)
 			autoreg_thumb_free(&a->thumbs[i]);
+		pthread_mutex_lock(&a->micro_lock);
+		autoreg_thumb_free(&a->micro_ref);
+		pthread_mutex_unlock(&a->micro_lock);
+	}
 	pthread_mutex_unlock(&a->lock);
 	return NULL;
 }
@@ -844,6 +963,7 @@ int sf_autoreg_create(const sf_dataset *d, uint32_t reference, const uint8_t *to
 	a->d = d, a->ref = reference, a->s = *s, a->cache = cache;
 	a->threads = threads ? threads : 1;
 	pthread_mutex_init(&a->lock, NULL);
+	pthread_mutex_init(&a->micro_lock, NULL);
 	pthread_cond_init(&a->changed, NULL);
 	for (uint32_t i = 0; i < n; i++) {
 		slide_job *j = &a->jobs[i];
@@ -890,6 +1010,8 @@ void sf_autoreg_destroy(sf_autoreg *a)
 	}
 	for (int ph = 0; ph < PHASES; ph++)
 		free(a->queue[ph]);
+	autoreg_thumb_free(&a->micro_ref);
+	pthread_mutex_destroy(&a->micro_lock);
 	pthread_mutex_destroy(&a->lock);
 	pthread_cond_destroy(&a->changed);
 	free(a->tids);
