@@ -101,30 +101,33 @@ static inline float sample_clamp(const float *p, long w, long h, double x, doubl
 
 /* d[x] = sum over t of k[t] rows[t][x] (t = 0 .. 2 r), x < n, for a
  * symmetric kernel (k[t] = k[2 r - t], as blur() makes it): the mirrored
- * taps are added first and multiplied once.  Eight lanes at a time through
- * GCC/Clang vector types, the accumulators in registers: one read of each
- * row and one write of d. */
-static void taps_sum(float *restrict d, const float *const *rows, const float *k, int r, long n)
+ * taps are added first and multiplied once.  Sixteen lanes at a time
+ * through GCC/Clang vector types, the accumulators in registers: one read
+ * of each row and one write of d.  Built twice, for AVX2 and for the
+ * baseline, picked at load time: the same operations in the same order (no
+ * fused multiply-add), so the same result on either. */
+__attribute__((target_clones("avx2", "default"))) static void
+taps_sum(float *restrict d, const float *const *rows, const float *k, int r, long n)
 {
-	typedef float v4f __attribute__((vector_size(16)));
+	typedef float v8f __attribute__((vector_size(32)));
 	long x = 0;
-	for (; x + 8 <= n; x += 8) {
-		v4f kc = {k[r], k[r], k[r], k[r]}, a0, a1, b0, b1;
+	for (; x + 16 <= n; x += 16) {
+		v8f kc = {k[r], k[r], k[r], k[r], k[r], k[r], k[r], k[r]}, a0, a1, b0, b1;
 		memcpy(&b0, rows[r] + x, sizeof b0);
-		memcpy(&b1, rows[r] + x + 4, sizeof b1);
+		memcpy(&b1, rows[r] + x + 8, sizeof b1);
 		a0 = kc * b0;
 		a1 = kc * b1;
 		for (int t = 0; t < r; t++) {
-			v4f kv = {k[t], k[t], k[t], k[t]}, c0, c1;
+			v8f kv = {k[t], k[t], k[t], k[t], k[t], k[t], k[t], k[t]}, c0, c1;
 			memcpy(&b0, rows[t] + x, sizeof b0);
-			memcpy(&b1, rows[t] + x + 4, sizeof b1);
+			memcpy(&b1, rows[t] + x + 8, sizeof b1);
 			memcpy(&c0, rows[2 * r - t] + x, sizeof c0);
-			memcpy(&c1, rows[2 * r - t] + x + 4, sizeof c1);
+			memcpy(&c1, rows[2 * r - t] + x + 8, sizeof c1);
 			a0 += kv * (b0 + c0);
 			a1 += kv * (b1 + c1);
 		}
 		memcpy(d + x, &a0, sizeof a0);
-		memcpy(d + x + 4, &a1, sizeof a1);
+		memcpy(d + x + 8, &a1, sizeof a1);
 	}
 	for (; x < n; x++) {
 		float acc = k[r] * rows[r][x];
@@ -253,21 +256,6 @@ static inline float diff_y(const float *p, long x, long y, long w, long h)
 	return y1 > y0 ? (p[y1 * w + x] - p[y0 * w + x]) / (float)(y1 - y0) : 0.0f;
 }
 
-/* floor_g2 from the reference's gradient over the used pixels. */
-static void set_floor(nr_level *L, double grad_floor)
-{
-	double sum = 0, cnt = 0;
-	for (long y = 0; y < L->h; y++)
-		for (long x = 0; x < L->w; x++) {
-			float wt = L->wt[y * L->w + x];
-			float gx = diff_x(L->ref + y * L->w, x, L->w),
-			      gy = diff_y(L->ref, x, y, L->w, L->h);
-			sum += wt * (gx * gx + gy * gy);
-			cnt += wt;
-		}
-	L->floor_g2 = cnt > 0 ? (float)(grad_floor * sum / cnt) : 0.0f;
-}
-
 /* Rows [*y0, *y1) of row block b of level L. */
 static void block_rows(const nr_level *L, long b, long *y0, long *y1)
 {
@@ -275,30 +263,66 @@ static void block_rows(const nr_level *L, long b, long *y0, long *y1)
 	*y1 = *y0 + REG_BLOCK_ROWS < L->h ? *y0 + REG_BLOCK_ROWS : L->h;
 }
 
-/* scratch := Nmov(x + u), on row block b. */
+/* set_floor() on row block b: its sums into part[2 b], part[2 b + 1]. */
+static void floor_block(void *ctx, long b)
+{
+	nr_level *L = ctx;
+	long y0, y1;
+	double sum = 0, cnt = 0;
+	block_rows(L, b, &y0, &y1);
+	for (long y = y0; y < y1; y++)
+		for (long x = 0; x < L->w; x++) {
+			float wt = L->wt[y * L->w + x];
+			float gx = diff_x(L->ref + y * L->w, x, L->w),
+			      gy = diff_y(L->ref, x, y, L->w, L->h);
+			sum += wt * (gx * gx + gy * gy);
+			cnt += wt;
+		}
+	L->part[2 * b] = sum;
+	L->part[2 * b + 1] = cnt;
+}
+
+/* floor_g2 from the reference's gradient over the used pixels (the
+ * blocks' sums added in block order, as in forces()). */
+static void set_floor(nr_level *L, double grad_floor)
+{
+	long nb = reg_row_blocks(L->h);
+	reg_pool_run(L->pool, nb, floor_block, L);
+	double sum = 0, cnt = 0;
+	for (long b = 0; b < nb; b++) {
+		sum += L->part[2 * b];
+		cnt += L->part[2 * b + 1];
+	}
+	L->floor_g2 = cnt > 0 ? (float)(grad_floor * sum / cnt) : 0.0f;
+}
+
+/* scratch := Nmov(x + u), on row block b.  Single precision: at the
+ * thumbnail's size (under 2^12 px) a float coordinate is exact to 2^-12 px. */
 static void warp_block(void *ctx, long b)
 {
 	nr_level *L = ctx;
 	long y0, y1;
 	block_rows(L, b, &y0, &y1);
 	long w = L->w, h = L->h;
-	double xmax = (double)(w - 1), ymax = (double)(h - 1);
-	for (long y = y0; y < y1; y++)
+	float xmax = (float)(w - 1), ymax = (float)(h - 1);
+	for (long y = y0; y < y1; y++) {
+		const float *ux = L->ux + y * w, *uy = L->uy + y * w;
+		float *out = L->scratch + y * w;
 		for (long x = 0; x < w; x++) {
-			long i = y * w + x;
-			double px = (double)x + L->ux[i], py = (double)y + L->uy[i];
+			float px = (float)x + ux[x], py = (float)y + uy[x];
 			/* Inside the last pixel centres the clamps of sample_clamp do
-			 * nothing: the same value, fewer tests. */
+			 * nothing: fewer tests. */
 			if (px >= 0 && py >= 0 && px < xmax && py < ymax) {
-				long ix = (long)px, iy = (long)py;
-				float ax = (float)(px - (double)ix), ay = (float)(py - (double)iy);
-				const float *r0 = L->mov + iy * w + ix, *r1 = r0 + w;
+				int ix = (int)px, iy = (int)py;
+				float ax = px - (float)ix, ay = py - (float)iy;
+				const float *r0 = L->mov + (long)iy * w + ix, *r1 = r0 + w;
 				float top = r0[0] + ax * (r0[1] - r0[0]),
 				      bot = r1[0] + ax * (r1[1] - r1[0]);
-				L->scratch[i] = top + ay * (bot - top);
+				out[x] = top + ay * (bot - top);
 			} else
-				L->scratch[i] = sample_clamp(L->mov, w, h, px, py);
+				out[x] = sample_clamp(L->mov, w, h, px, py);
 		}
+	}
 }
 
 static void warp_moving(nr_level *L)
@@ -378,23 +402,25 @@ static inline void sample_clamp2(const float *a, const float *b, long w, long h,
 	*vb = top + ay * (bot - top);
 }
 
-/* Step 4 on one row block: (dx, dy) := du + u(x + du). */
+/* Step 4 on one row block: (dx, dy) := du + u(x + du), in single
+ * precision as warp_block. */
 static void compose_block(void *ctx, long b)
 {
 	nr_level *L = ctx;
 	long y0, y1;
 	block_rows(L, b, &y0, &y1);
 	long w = L->w, h = L->h;
-	double xmax = (double)(w - 1), ymax = (double)(h - 1);
-	for (long y = y0; y < y1; y++)
+	float xmax = (float)(w - 1), ymax = (float)(h - 1);
+	const float *a = L->ux, *c = L->uy;
+	for (long y = y0; y < y1; y++) {
+		float *dx = L->dx + y * w, *dy = L->dy + y * w;
 		for (long x = 0; x < w; x++) {
-			long i = y * w + x;
-			double px = (double)x + L->dx[i], py = (double)y + L->dy[i];
+			float px = (float)x + dx[x], py = (float)y + dy[x];
 			float vx, vy;
 			if (px >= 0 && py >= 0 && px < xmax && py < ymax) { /* as in warp_block */
-				long ix = (long)px, iy = (long)py, k = iy * w + ix;
-				float ax = (float)(px - (double)ix), ay = (float)(py - (double)iy);
-				const float *a = L->ux, *c = L->uy;
+				int ix = (int)px, iy = (int)py;
+				long k = (long)iy * w + ix;
+				float ax = px - (float)ix, ay = py - (float)iy;
 				float top = a[k] + ax * (a[k + 1] - a[k]);
 				float bot = a[k + w] + ax * (a[k + w + 1] - a[k + w]);
 				vx = top + ay * (bot - top);
@@ -402,10 +428,11 @@ static void compose_block(void *ctx, long b)
 				bot = c[k + w] + ax * (c[k + w + 1] - c[k + w]);
 				vy = top + ay * (bot - top);
 			} else
-				sample_clamp2(L->ux, L->uy, w, h, px, py, &vx, &vy);
-			L->dx[i] += vx;
-			L->dy[i] += vy;
+				sample_clamp2(a, c, w, h, px, py, &vx, &vy);
+			dx[x] += vx;
+			dy[x] += vy;
 		}
+	}
 }
 
 /* Step 4 over the level, then swap so u holds the result. */
@@ -474,14 +501,30 @@ static int level_alloc(nr_level *L, long w, long h, sf_err *e)
 }
 
 /* L's field from the coarser level C's: u_L(x) = 2 u_C((x + 0.5) / 2 - 0.5). */
-static void upsample_field(const nr_level *C, nr_level *L)
+typedef struct upsample_job {
+	const nr_level *C;
+	nr_level *L;
+} upsample_job;
+
+static void upsample_block(void *ctx, long b)
 {
-	for (long y = 0; y < L->h; y++)
+	const upsample_job *j = ctx;
+	const nr_level *C = j->C;
+	nr_level *L = j->L;
+	long y0, y1;
+	block_rows(L, b, &y0, &y1);
+	for (long y = y0; y < y1; y++)
 		for (long x = 0; x < L->w; x++) {
 			double cx = (x + 0.5) / 2 - 0.5, cy = (y + 0.5) / 2 - 0.5;
 			L->ux[y * L->w + x] = 2 * sample_clamp(C->ux, C->w, C->h, cx, cy);
 			L->uy[y * L->w + x] = 2 * sample_clamp(C->uy, C->w, C->h, cx, cy);
 		}
+}
+
+static void upsample_field(const nr_level *C, nr_level *L)
+{
+	upsample_job j = {C, L};
+	reg_pool_run(L->pool, reg_row_blocks(L->h), upsample_block, &j);
 }
 
 /* The weighted mean squared mismatch with the field (use_field) or without. */
@@ -553,23 +596,42 @@ static int check_args(const sf_reg_image *ref, const sf_reg_image *mov, const do
 
 /* movA(x) = mov(m x) on the reference grid, and the force weight: 1 where
  * the mask (if any) is set and m x lies between mov's edge pixel centres. */
-static int resample_moving(const sf_reg_image *ref, const uint8_t *mask, const sf_reg_image *mov,
-                           const double m[9], sf_reg_image *mova, sf_reg_image *wt, sf_err *e)
+typedef struct resample_job {
+	const sf_reg_image *mov;
+	const uint8_t *mask;
+	const double *m;
+	sf_reg_image *mova, *wt;
+} resample_job;
+
+static void resample_block(void *ctx, long b)
+{
+	const resample_job *j = ctx;
+	const double *m = j->m;
+	uint32_t w = j->mova->w, h = j->mova->h;
+	uint32_t y0 = (uint32_t)b * REG_BLOCK_ROWS;
+	uint32_t y1 = h - y0 > REG_BLOCK_ROWS ? y0 + REG_BLOCK_ROWS : h;
+	double mw = j->mov->w - 1.0, mh = j->mov->h - 1.0;
+	for (uint32_t y = y0; y < y1; y++)
+		for (uint32_t x = 0; x < w; x++) {
+			size_t i = (size_t)y * w + x;
+			double sx = m[0] * x + m[1] * y + m[2], sy = m[3] * x + m[4] * y + m[5];
+			j->mova->px[i] = reg_sample_zero(j->mov, sx, sy);
+			int inside = sx >= 0 && sy >= 0 && sx <= mw && sy <= mh;
+			j->wt->px[i] = inside && (!j->mask || j->mask[i]) ? 1.0f : 0.0f;
+		}
+}
+
+static int resample_moving(reg_pool *pool, const sf_reg_image *ref, const uint8_t *mask,
+                           const sf_reg_image *mov, const double m[9], sf_reg_image *mova,
+                           sf_reg_image *wt, sf_err *e)
 {
 	int rc = sf_reg_image_alloc(mova, ref->w, ref->h, e);
 	if (!rc)
 		rc = sf_reg_image_alloc(wt, ref->w, ref->h, e);
 	if (rc)
 		return rc;
-	double mw = mov->w - 1.0, mh = mov->h - 1.0;
-	for (uint32_t y = 0; y < ref->h; y++)
-		for (uint32_t x = 0; x < ref->w; x++) {
-			size_t i = (size_t)y * ref->w + x;
-			double sx = m[0] * x + m[1] * y + m[2], sy = m[3] * x + m[4] * y + m[5];
-			mova->px[i] = reg_sample_zero(mov, sx, sy);
-			int inside = sx >= 0 && sy >= 0 && sx <= mw && sy <= mh;
-			wt->px[i] = inside && (!mask || mask[i]) ? 1.0f : 0.0f;
-		}
+	resample_job j = {mov, mask, m, mova, wt};
+	reg_pool_run(pool, reg_row_blocks(ref->h), resample_block, &j);
 	return SF_OK;
 }
 
@@ -622,9 +684,34 @@ void sf_reg_field_stats(sf_reg_field *f)
 	f->disp_max = dmax;
 }
 
+/* f's nodes from the field of level lf, on row blocks of nodes. */
+typedef struct field_job {
+	const nr_level *L;
+	unsigned lf;
+	sf_reg_field *f;
+} field_job;
+
+static void field_block(void *ctx, long b)
+{
+	const field_job *j = ctx;
+	const nr_level *L = j->L;
+	sf_reg_field *f = j->f;
+	double scale = (double)(1u << j->lf);
+	uint32_t j0 = (uint32_t)b * REG_BLOCK_ROWS;
+	uint32_t j1 = f->h - j0 > REG_BLOCK_ROWS ? j0 + REG_BLOCK_ROWS : f->h;
+	for (uint32_t jy = j0; jy < j1; jy++)
+		for (uint32_t i = 0; i < f->w; i++) {
+			double x = (i + 0.5) * f->step - 0.5, y = (jy + 0.5) * f->step - 0.5;
+			double lx = (x + 0.5) / scale - 0.5, ly = (y + 0.5) / scale - 0.5;
+			float *d = f->d + 2 * ((size_t)jy * f->w + i);
+			d[0] = (float)(scale * sample_clamp(L->ux, L->w, L->h, lx, ly));
+			d[1] = (float)(scale * sample_clamp(L->uy, L->w, L->h, lx, ly));
+		}
+}
+
 /* f's nodes from the field of level lf (zero when L is NULL). */
-static int field_out(const nr_level *L, unsigned lf, const sf_reg_image *ref, uint32_t step,
-                     sf_reg_field *f, sf_err *e)
+static int field_out(reg_pool *pool, const nr_level *L, unsigned lf, const sf_reg_image *ref,
+                     uint32_t step, sf_reg_field *f, sf_err *e)
 {
 	f->step = step;
 	f->w = (uint32_t)(((uint64_t)ref->w + step - 1) / step);
@@ -635,15 +722,9 @@ static int field_out(const nr_level *L, unsigned lf, const sf_reg_image *ref, ui
 		return sf_fail(e, SF_ENOMEM, "register: non-rigid field of %ux%u nodes", ref->w,
 		               ref->h);
 	}
-	double scale = (double)(1u << lf);
-	for (uint32_t j = 0; j < f->h && L; j++)
-		for (uint32_t i = 0; i < f->w; i++) {
-			double x = (i + 0.5) * step - 0.5, y = (j + 0.5) * step - 0.5;
-			double lx = (x + 0.5) / scale - 0.5, ly = (y + 0.5) / scale - 0.5;
-			float *d = f->d + 2 * ((size_t)j * f->w + i);
-			d[0] = (float)(scale * sample_clamp(L->ux, L->w, L->h, lx, ly));
-			d[1] = (float)(scale * sample_clamp(L->uy, L->w, L->h, lx, ly));
-		}
+	field_job j = {L, lf, f};
+	if (L)
+		reg_pool_run(pool, reg_row_blocks(f->h), field_block, &j);
 	sf_reg_field_stats(f);
 	return SF_OK;
 }
@@ -705,7 +786,7 @@ int sf_reg_nonrigid(const sf_reg_image *ref, const uint8_t *mask, const sf_reg_i
 	reg_pool *pool = NULL;
 	rc = reg_pool_start(&pool, o->threads, e);
 	if (!rc)
-		rc = resample_moving(ref, mask, mov, m, &mova, &wt, e);
+		rc = resample_moving(pool, ref, mask, mov, m, &mova, &wt, e);
 	if (!rc)
 		rc = reg_pyramid_build(ref, o->min_dim, &pr, e);
 	if (!rc)
@@ -721,7 +802,7 @@ int sf_reg_nonrigid(const sf_reg_image *ref, const uint8_t *mask, const sf_reg_i
 		/* Never worse than no deformation at all (e.g. nothing to match). */
 		double with = mismatch(&fine, 1, o->max_step),
 		       without = mismatch(&fine, 0, o->max_step);
-		rc = field_out(with < without ? &fine : NULL, lf, ref, o->step, f, e);
+		rc = field_out(pool, with < without ? &fine : NULL, lf, ref, o->step, f, e);
 	}
 	level_free(&fine);
 	reg_pool_stop(pool);

@@ -149,23 +149,52 @@ int sf_reg_od_grey(const uint8_t *rgb, size_t stride, uint32_t w, uint32_t h, ui
 	return SF_OK;
 }
 
-/* One 1D pass of the blur along rows (dir 0) or columns (dir 1). */
-static void gauss_pass(const float *src, float *dst, uint32_t w, uint32_t h, const float *k, int r,
-                       int dir)
+/* One output of the blur along a line of n samples, taps -r .. r in that
+ * order, the edge samples repeated. */
+static float gauss_clamped(const float *s, long n, long i, const float *k, int r)
 {
-	long n = dir ? h : w, lines = dir ? w : h;
-	size_t step = dir ? w : 1, lstep = dir ? 1 : w;
-	for (long l = 0; l < lines; l++) {
-		const float *s = src + l * lstep;
-		float *d = dst + l * lstep;
-		for (long i = 0; i < n; i++) {
+	float acc = 0;
+	for (int t = -r; t <= r; t++)
+		acc += k[t + r] * s[i + t < 0 ? 0 : i + t >= n ? n - 1 : i + t];
+	return acc;
+}
+
+/* The blur along rows; inside [lo, hi) no tap needs the clamps. */
+static void gauss_rows(const float *src, float *dst, uint32_t w, uint32_t h, const float *k, int r)
+{
+	long n = w, lo = r < n ? r : n, hi = n - r > lo ? n - r : lo;
+	for (uint32_t y = 0; y < h; y++) {
+		const float *s = src + (size_t)y * w;
+		float *d = dst + (size_t)y * w;
+		for (long i = 0; i < lo; i++)
+			d[i] = gauss_clamped(s, n, i, k, r);
+		for (long i = hi; i < n; i++)
+			d[i] = gauss_clamped(s, n, i, k, r);
+		for (long i = lo; i < hi; i++) {
 			float acc = 0;
-			for (int t = -r; t <= r; t++) {
-				long j = i + t;
-				j = j < 0 ? 0 : j >= n ? n - 1 : j;
-				acc += k[t + r] * s[j * step];
-			}
-			d[i * step] = acc;
+			for (int t = -r; t <= r; t++)
+				acc += k[t + r] * s[i + t];
+			d[i] = acc;
+		}
+	}
+}
+
+/* The blur along columns, one output row at a time so the inner loop runs
+ * along x over whole rows (vectorises); each pixel adds its taps in the
+ * same order as gauss_rows. */
+static void gauss_cols(const float *src, float *dst, uint32_t w, uint32_t h, const float *k, int r)
+{
+	for (long y = 0; y < (long)h; y++) {
+		float *restrict d = dst + (size_t)y * w;
+		for (uint32_t x = 0; x < w; x++)
+			d[x] = 0;
+		for (int t = -r; t <= r; t++) {
+			long j = y + t;
+			j = j < 0 ? 0 : j >= (long)h ? (long)h - 1 : j;
+			const float *restrict s = src + (size_t)j * w;
+			float kt = k[t + r];
+			for (uint32_t x = 0; x < w; x++)
+				d[x] += kt * s[x];
 		}
 	}
 }
@@ -189,8 +218,8 @@ int sf_reg_gauss(sf_reg_image *im, double sigma, sf_err *e)
 		sum += k[t + r] = (float)exp(-0.5 * t * t / (sigma * sigma));
 	for (int t = 0; t <= 2 * r; t++)
 		k[t] = (float)(k[t] / sum);
-	gauss_pass(im->px, tmp, im->w, im->h, k, r, 0);
-	gauss_pass(tmp, im->px, im->w, im->h, k, r, 1);
+	gauss_rows(im->px, tmp, im->w, im->h, k, r);
+	gauss_cols(tmp, im->px, im->w, im->h, k, r);
 	free(k);
 	free(tmp);
 	return SF_OK;

@@ -225,8 +225,9 @@ static sf_key mix_slide(sf_key k, const sf_slide_info *s)
 static sf_key slide_key(const sf_autoreg *a, uint32_t i)
 {
 	/* v2: the affine fit stops at reg_dim / 2 when the field follows, and
-	 * the refinement extrapolates (docs/registration.md, "Speed-up"). */
-	sf_key k = sf_key_of("scopefs autoreg v2", 18);
+	 * the refinement extrapolates (docs/registration.md, "Speed-up").
+	 * v3: the demons warp and compose in single precision. */
+	sf_key k = sf_key_of("scopefs autoreg v3", 18);
 	const sf_reg_settings *s = &a->s;
 
 	k = mix_slide(k, a->d->slides[a->ref]);

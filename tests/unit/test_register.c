@@ -76,6 +76,58 @@ static void test_normalise(void)
 	CHECK(sf_reg_image_alloc(&im, 0, 5, &e) == SF_EINVAL, "empty image rejected");
 }
 
+/* sf_reg_gauss against the 2D sum written out in doubles: taps to
+ * ceil(3 sigma), weights exp(-t^2 / (2 sigma^2)) normalised, the edge
+ * pixels repeated.  Sizes include a side narrower than the kernel. */
+static double gauss_ref(const float *px, long w, long h, long x, long y, double sigma)
+{
+	int r = (int)ceil(3 * sigma);
+	double ksum = 0, acc = 0;
+	for (int t = -r; t <= r; t++)
+		ksum += exp(-0.5 * t * t / (sigma * sigma));
+	for (int v = -r; v <= r; v++)
+		for (int u = -r; u <= r; u++) {
+			long xx = x + u < 0 ? 0 : x + u >= w ? w - 1 : x + u;
+			long yy = y + v < 0 ? 0 : y + v >= h ? h - 1 : y + v;
+			double kk = exp(-0.5 * (u * u + v * v) / (sigma * sigma)) / (ksum * ksum);
+			acc += kk * px[yy * w + xx];
+		}
+	return acc;
+}
+
+static void test_gauss(void)
+{
+	static const long sizes[][2] = {{37, 23}, {5, 40}, {64, 3}};
+	static const double sigmas[] = {0.7, 2.0, 4.0};
+	sf_err e = {0};
+	for (size_t c = 0; c < 3; c++) {
+		long w = sizes[c][0], h = sizes[c][1];
+		sf_reg_image im = {0};
+		CHECK(sf_reg_image_alloc(&im, (uint32_t)w, (uint32_t)h, &e) == SF_OK, "alloc");
+		if (!im.px)
+			continue;
+		for (long i = 0; i < w * h; i++)
+			im.px[i] = (float)((i * 7919) % 101) / 100.0f;
+		float *orig = malloc((size_t)(w * h) * sizeof *orig);
+		CHECK(orig != NULL, "alloc copy");
+		if (orig) {
+			memcpy(orig, im.px, (size_t)(w * h) * sizeof *orig);
+			CHECK(sf_reg_gauss(&im, sigmas[c], &e) == SF_OK, "gauss: %s", e.msg);
+			double worst = 0;
+			for (long y = 0; y < h; y++)
+				for (long x = 0; x < w; x++) {
+					double d = fabs(im.px[y * w + x] -
+					                gauss_ref(orig, w, h, x, y, sigmas[c]));
+					worst = d > worst ? d : worst;
+				}
+			CHECK(worst < 1e-5, "gauss %ldx%ld sigma %g: off by %g", w, h, sigmas[c],
+			      worst);
+		}
+		free(orig);
+		sf_reg_image_free(&im);
+	}
+}
+
 static void test_od(void)
 {
 	sf_err e = {0};
@@ -325,6 +377,7 @@ int main(int argc, char **argv)
 		return drive(argc, argv);
 	test_normalise();
 	test_od();
+	test_gauss();
 	test_mask();
 	test_to_transform();
 	test_register_exact();
