@@ -327,7 +327,8 @@ static double now_s(void)
 	return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
-/* S(f): thumbnail px -> level-0 px, x -> (x + 0.5) f - 0.5 (per axis); and its inverse. */
+/* S(f): a grid's px -> px of a grid f times finer (thumbnail -> level 0,
+ * thumbnail -> micro level), x -> (x + 0.5) f - 0.5 per axis; and its inverse. */
 static void ds_matrix(const double ds[2], int inverse, double out[9])
 {
 	double fx = inverse ? 1.0 / ds[0] : ds[0], fy = inverse ? 1.0 / ds[1] : ds[1];
@@ -642,16 +643,6 @@ static const char *chain_matrix(sf_autoreg *a, uint32_t i, double m0[9], char *w
 	return NULL;
 }
 
-/* S(f) per axis: x -> (x + 0.5) f - 0.5, the pixel-centre rule between a
- * grid and one f times finer (transform.h). */
-static void finer_matrix(const double f[2], int inverse, double out[9])
-{
-	double fx = inverse ? 1 / f[0] : f[0], fy = inverse ? 1 / f[1] : f[1];
-	double m[9] = {fx, 0, (fx - 1) / 2, 0, fy, (fy - 1) / 2, 0, 0, 1};
-
-	memcpy(out, m, sizeof m);
-}
-
 /* The reference at the micro level, made once (micro_lock). */
 static const autoreg_thumb *micro_reference(sf_autoreg *a, sf_err *e)
 {
@@ -695,8 +686,8 @@ static int fit_micro(sf_autoreg *a, uint32_t i, const double m[9], const sf_reg_
 		return rc;
 	for (int k = 0; k < 2; k++)
 		fr[k] = ref->ds[k] / mref->ds[k], fv[k] = mov->ds[k] / mm.ds[k];
-	finer_matrix(fr, 1, sr_inv);
-	finer_matrix(fv, 0, sv);
+	ds_matrix(fr, 1, sr_inv); /* S(f) between a grid and one f times finer */
+	ds_matrix(fv, 0, sv);
 	sf_mat3_mul(m, sr_inv, mmic);
 	sf_mat3_mul(sv, mmic, mmic);
 	sf_reg_micro_opts_default(&mo);

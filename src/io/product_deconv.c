@@ -714,6 +714,12 @@ static int device_fits(const sf_product *p, const blocks *b, int device, sf_err 
 }
 #endif
 
+/* The engine's worker count (1 before it starts). */
+static unsigned engine_threads(const blocks *b)
+{
+	return b->engine && *b->engine ? sf_engine_threads(*b->engine) : 1;
+}
+
 /* Workers that deconvolve on one device at once.  One block's host-side
  * steps (reading the window from the planes, pre-filter, taper, cache
  * write) take longer than its iterations on the device, so a few workers
@@ -728,7 +734,7 @@ static void try_gpu_context(sf_product *p, blocks *b, blocks_worker *w)
 #ifdef SF_HAVE_CUDA
 	if (b->s.gpu != SF_DECONV_GPU_OFF) {
 		sf_dims3 dims = {b->g.in[0], b->g.in[1], b->g.in[2]};
-		unsigned threads = b->engine && *b->engine ? sf_engine_threads(*b->engine) : 1;
+		unsigned threads = engine_threads(b);
 		sf_fft_config cfg = {.nthreads = 1, .measure = 0, .device = 0};
 		int devices = sf_fft_cuda_device_count();
 
@@ -776,7 +782,7 @@ static int cpu_block(sf_product *p, blocks *b, blocks_worker *w, sf_deconv_stats
 	pthread_mutex_lock(&b->cpu_lock);
 	if (!b->cpu_ctx) {
 		sf_dims3 dims = {b->g.in[0], b->g.in[1], b->g.in[2]};
-		unsigned threads = b->engine && *b->engine ? sf_engine_threads(*b->engine) : 1;
+		unsigned threads = engine_threads(b);
 		sf_fft_config cfg = {.nthreads = 1, .measure = 0, .device = 0};
 
 		if (threads > 1) /* the FFTW engine runs at most 64 */

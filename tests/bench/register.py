@@ -79,8 +79,7 @@ ELASTIX_LEVEL = 0
 REG_TIMEOUT_S = 300
 IHC_METRIC = ""  # --ihc-metric: reg_metric for the H&E -> IHC pairs ("" = scopefs's default)
 
-AFFINE_PARAMS = """\
-// affine stage: Mattes MI, 4 resolutions
+ELASTIX_COMMON = """\
 (FixedInternalImagePixelType "float")
 (MovingInternalImagePixelType "float")
 (FixedImageDimension 2)
@@ -93,6 +92,11 @@ AFFINE_PARAMS = """\
 (FixedImagePyramid "FixedSmoothingImagePyramid")
 (MovingImagePyramid "MovingSmoothingImagePyramid")
 (Optimizer "AdaptiveStochasticGradientDescent")
+"""
+
+AFFINE_PARAMS = """\
+// affine stage: Mattes MI, 4 resolutions
+""" + ELASTIX_COMMON + """\
 (Transform "AffineTransform")
 (Metric "AdvancedMattesMutualInformation")
 (NumberOfHistogramBins 32)
@@ -115,18 +119,7 @@ AFFINE_PARAMS = """\
 
 BSPLINE_PARAMS = """\
 // B-spline stage: Mattes MI, 3 resolutions, final grid 128 level-0 px
-(FixedInternalImagePixelType "float")
-(MovingInternalImagePixelType "float")
-(FixedImageDimension 2)
-(MovingImageDimension 2)
-(UseDirectionCosines "true")
-(Registration "MultiResolutionRegistration")
-(Interpolator "BSplineInterpolator")
-(ResampleInterpolator "FinalBSplineInterpolator")
-(Resampler "DefaultResampler")
-(FixedImagePyramid "FixedSmoothingImagePyramid")
-(MovingImagePyramid "MovingSmoothingImagePyramid")
-(Optimizer "AdaptiveStochasticGradientDescent")
+""" + ELASTIX_COMMON + """\
 (Transform "BSplineTransform")
 (Metric "AdvancedMattesMutualInformation")
 (NumberOfHistogramBins 32)

@@ -83,4 +83,23 @@ static inline double ms_between(const struct timespec *a, const struct timespec 
 	return (b->tv_sec - a->tv_sec) * 1e3 + (b->tv_nsec - a->tv_nsec) / 1e6;
 }
 
+/* The drivers' fit: the similarity search (its result in *init), then the
+ * refinement (*r); *ms_init and *ms_all are milliseconds from the start. */
+static inline int fit_timed(const sf_reg_image *ref, const uint8_t *mask, const sf_reg_image *mov,
+                            const sf_reg_opts *o, sf_reg_result *init, sf_reg_result *r,
+                            double *ms_init, double *ms_all, sf_err *e)
+{
+	struct timespec t0, t1, t2;
+	clock_gettime(CLOCK_MONOTONIC, &t0);
+	int rc = sf_reg_init_similarity(ref, mov, o, r, e);
+	clock_gettime(CLOCK_MONOTONIC, &t1);
+	*init = *r;
+	if (!rc)
+		rc = sf_reg_refine(ref, mask, mov, o, r, e);
+	clock_gettime(CLOCK_MONOTONIC, &t2);
+	*ms_init = ms_between(&t0, &t1);
+	*ms_all = ms_between(&t0, &t2);
+	return rc;
+}
+
 #endif

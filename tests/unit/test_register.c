@@ -331,25 +331,15 @@ static int drive(int argc, char **argv)
 		rc = mask ? sf_reg_tissue_mask(&ref, 2.0, mask, NULL, &e)
 		          : sf_fail(&e, SF_ENOMEM, "mask");
 	}
-	struct timespec t0, t1, t2;
 	sf_reg_result r = {0}, init = {0};
-	clock_gettime(CLOCK_MONOTONIC, &t0);
+	double ms_init = 0, ms_all = 0;
 	if (!rc)
-		rc = sf_reg_init_similarity(&ref, &mov, &o, &r, &e);
-	clock_gettime(CLOCK_MONOTONIC, &t1);
-	init = r;
-	if (!rc)
-		rc = sf_reg_refine(&ref, mask, &mov, &o, &r, &e);
-	clock_gettime(CLOCK_MONOTONIC, &t2);
+		rc = fit_timed(&ref, mask, &mov, &o, &init, &r, &ms_init, &ms_all, &e);
 	if (!rc) {
 		FILE *f = fopen(argv[9], "w");
 		if (!f)
 			rc = sf_fail(&e, SF_EIO, "%s: cannot write", argv[9]);
 		else {
-			double ms_init =
-			    (t1.tv_sec - t0.tv_sec) * 1e3 + (t1.tv_nsec - t0.tv_nsec) / 1e6;
-			double ms_all =
-			    (t2.tv_sec - t0.tv_sec) * 1e3 + (t2.tv_nsec - t0.tv_nsec) / 1e6;
 			fprintf(f, "{\"m\": [");
 			for (int i = 0; i < 9; i++)
 				fprintf(f, "%.17g%s", r.m[i], i < 8 ? ", " : "");
