@@ -60,6 +60,7 @@ typedef struct sf_engine_stats {
 	uint64_t errors;                 /* failed computations */
 	uint64_t ram_bytes;              /* bytes of units held in RAM now */
 	uint64_t prefetched;             /* prefetch requests accepted */
+	uint64_t cache_write_ns;         /* worker time in disk cache writes (compress + write) */
 } sf_engine_stats;
 
 int sf_engine_create(const sf_engine_config *cfg, sf_engine **out, sf_err *e);

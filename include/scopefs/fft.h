@@ -98,6 +98,37 @@ typedef struct sf_fft_ops {
 	 * x = |(1 - lambda) x c + lambda reg|, or |x c| when reg is NULL. */
 	int (*rl_step)(sf_fft_plan *p, void *x, const void *y, void *spec, const void *tf,
 	               const void *reg, float lambda, float eps, sf_err *e);
+
+	/* Optional block handling in engine memory (NULL where an engine lacks
+	 * it: deconv.c then pads, filters and tapers on the host and moves whole
+	 * padded buffers).  A GPU engine has them so that only the block itself
+	 * crosses the bus, once each way.  "Compact" buffers hold a block of
+	 * blk[0] x blk[1] x blk[2] floats (x y z, x fastest) at their start;
+	 * padded ones have the plan's shape, the block at offset off[3] (x y z). */
+	/* Copy count floats between the host and the start of an engine buffer. */
+	int (*upload_n)(sf_fft_plan *p, void *dst, const float *src, size_t count, sf_err *e);
+	int (*download_n)(sf_fft_plan *p, float *dst, const void *src, size_t count, sf_err *e);
+	/* Padded dst = compact src at off; elsewhere 0, or with replicate the
+	 * nearest block voxel. */
+	int (*pad)(sf_fft_plan *p, void *dst, const void *src, const size_t blk[3],
+	           const size_t off[3], int replicate, sf_err *e);
+	/* Compact dst = the block of padded src at off. */
+	int (*crop)(sf_fft_plan *p, void *dst, const void *src, const size_t blk[3],
+	            const size_t off[3], sf_err *e);
+	/* Compact dst = taps (2 radius + 1 of them, host memory) correlated
+	 * with compact src along axis (0 x, 1 y, 2 z), replicate edges; the
+	 * same sum as filter1d.h's. */
+	int (*filter_axis)(sf_fft_plan *p, void *dst, const void *src, const size_t blk[3],
+	                   int axis, const float *taps, int radius, sf_err *e);
+	/* The first count floats of v: v = max(v - dark, 0). */
+	int (*subtract)(sf_fft_plan *p, void *v, size_t count, float dark, sf_err *e);
+	/* Compact v = w v + (1 - w) blurred[off + .], blurred padded, w =
+	 * ramp_z ramp_y ramp_x, each d / width for the distance d < width to
+	 * the nearer face, else 1 (deconv.c's taper; width[3] x y z). */
+	int (*taper)(sf_fft_plan *p, void *v, const void *blurred, const size_t blk[3],
+	             const size_t off[3], const size_t width[3], sf_err *e);
+	/* The first count floats of v = value. */
+	int (*fill)(sf_fft_plan *p, void *v, size_t count, float value, sf_err *e);
 } sf_fft_ops;
 
 /* The FFTW engine (always present). */

@@ -10,4 +10,12 @@
  * NaNs are not allowed. */
 float sf_select_kth(float *v, size_t n, size_t k);
 
+/* The m smallest values of v[0..n) in ascending order (largest = 0), or the
+ * m largest in descending order (largest = 1), into out[0..m), 1 <= m <= n;
+ * v is not changed.  One pass with a heap of m: for order statistics near
+ * an end (extreme percentiles) much faster than sf_select_kth, with the
+ * same values (out[j] is the j-th smallest, or largest, of v).  NaNs are not
+ * allowed. */
+void sf_select_tail(const float *v, size_t n, size_t m, int largest, float *out);
+
 #endif

@@ -146,21 +146,30 @@ size_t sf_deconv_smooth7(size_t n)
 
 /* --- host-side helpers ------------------------------------------------- */
 
-/* The LsDeconv pre-filter: per axis with sigma > 0, a normalised Gaussian of
- * gaussian_filter_size taps.  Works in place on ctx->blk. */
+/* The LsDeconv pre-filter's taps for axis a: a normalised Gaussian of
+ * gaussian_filter_size taps; returns the radius, or -1 when the axis is off. */
+static int prefilter_taps(const sf_deconv_params *p, int a, float w[1025])
+{
+	double s = p->gaussian_sigma[a];
+	if (!(s > 0))
+		return -1;
+	int radius = (p->gaussian_filter_size[a] - 1) / 2;
+	double sum = 0;
+	for (int k = -radius; k <= radius; k++)
+		sum += exp(-(double)k * k / (2 * s * s));
+	for (int k = -radius; k <= radius; k++)
+		w[k + radius] = (float)(exp(-(double)k * k / (2 * s * s)) / sum);
+	return radius;
+}
+
+/* The pre-filter on the host, in place on ctx->blk. */
 static void prefilter(sf_deconv_ctx *ctx)
 {
 	float w[1025];
 	for (int a = 0; a < 3; a++) {
-		double s = ctx->p.gaussian_sigma[a];
-		if (!(s > 0))
+		int radius = prefilter_taps(&ctx->p, a, w);
+		if (radius < 0)
 			continue;
-		int radius = (ctx->p.gaussian_filter_size[a] - 1) / 2;
-		double sum = 0;
-		for (int k = -radius; k <= radius; k++)
-			sum += exp(-(double)k * k / (2 * s * s));
-		for (int k = -radius; k <= radius; k++)
-			w[k + radius] = (float)(exp(-(double)k * k / (2 * s * s)) / sum);
 		filter1d_axis_mt(ctx->blk, ctx->blk_tmp, ctx->n.nx, ctx->n.ny, ctx->n.nz, a, w,
 		                 radius, ctx->ext, ctx->nthreads);
 		float *swap = ctx->blk;
@@ -206,6 +215,14 @@ static void place_block(sf_deconv_ctx *ctx, const float *blk, int replicate)
 static int fused(const sf_deconv_ctx *ctx)
 {
 	return ctx->ops->make_transfer && ctx->ops->convolve && ctx->ops->rl_step;
+}
+
+/* Whether the engine has fft.h's optional block ops. */
+static int engine_blocks(const sf_deconv_ctx *ctx)
+{
+	const sf_fft_ops *o = ctx->ops;
+	return o->upload_n && o->download_n && o->pad && o->crop && o->filter_axis && o->subtract &&
+	       o->taper && o->fill;
 }
 
 /* x = H * x on engine buffer x (through ctx->spec). */
@@ -441,12 +458,16 @@ static int alloc_buffers(sf_deconv_ctx *ctx, sf_err *e)
 	size_t nfft = ctx->fft.nx * ctx->fft.ny * ctx->fft.nz;
 	size_t nblk = ctx->n.nx * ctx->n.ny * ctx->n.nz;
 	ctx->pad = malloc(nfft * sizeof(float));
-	ctx->blk = malloc(nblk * sizeof(float));
-	ctx->blk_tmp = malloc(nblk * sizeof(float));
-	/* radius <= 512 (size <= 1025) */
-	ctx->ext = malloc((size_t)ctx->nthreads * (ctx->n.nx + 2 * 512) * sizeof(float));
-	if (!ctx->pad || !ctx->blk || !ctx->blk_tmp || !ctx->ext)
+	if (!ctx->pad)
 		return sf_fail(e, SF_ENOMEM, "deconv: host buffers for %zu voxels", nfft);
+	if (!engine_blocks(ctx)) { /* the host prepares blocks */
+		ctx->blk = malloc(nblk * sizeof(float));
+		ctx->blk_tmp = malloc(nblk * sizeof(float));
+		/* radius <= 512 (size <= 1025) */
+		ctx->ext = malloc((size_t)ctx->nthreads * (ctx->n.nx + 2 * 512) * sizeof(float));
+		if (!ctx->blk || !ctx->blk_tmp || !ctx->ext)
+			return sf_fail(e, SF_ENOMEM, "deconv: host buffers for %zu voxels", nblk);
+	}
 	void **real[] = {&ctx->y, &ctx->x, &ctx->t, &ctx->r, &ctx->prev, &ctx->g, &ctx->g_old};
 	size_t nreal = ctx->p.accelerate ? 7 : 4; /* the last 3 only to accelerate */
 	for (size_t i = 0; i < nreal; i++) {
@@ -498,6 +519,10 @@ int sf_deconv_ctx_create(const sf_deconv_params *p, const sf_psf *psf, sf_dims3 
 		rc = alloc_buffers(ctx, e);
 	if (!rc)
 		rc = make_otf(ctx, psf, e);
+	if (!rc && engine_blocks(ctx)) { /* pad was only for the OTF */
+		free(ctx->pad);
+		ctx->pad = NULL;
+	}
 	if (rc) {
 		sf_deconv_ctx_destroy(ctx);
 		return rc;
@@ -612,12 +637,10 @@ static int rl_iterate(sf_deconv_ctx *ctx, sf_deconv_stats *st, sf_err *e)
 	return rc;
 }
 
-int sf_deconv_block(sf_deconv_ctx *ctx, const float *in, float *out, sf_deconv_stats *stats,
-                    sf_err *e)
+/* Steps 1-3 on the host; the padded y and x0 uploaded. */
+static int prepare_on_host(sf_deconv_ctx *ctx, const float *in, sf_err *e)
 {
-	sf_deconv_stats st = {0, 0.0};
-	sf_dims3 n = ctx->n, N = ctx->fft, o = ctx->off;
-	size_t nblk = n.nx * n.ny * n.nz;
+	size_t nblk = ctx->n.nx * ctx->n.ny * ctx->n.nz;
 	memcpy(ctx->blk, in, nblk * sizeof(float));
 	prefilter(ctx);
 	if (ctx->p.dark > 0)
@@ -626,7 +649,6 @@ int sf_deconv_block(sf_deconv_ctx *ctx, const float *in, float *out, sf_deconv_s
 	int rc = ctx->p.taper ? taper(ctx, e) : SF_OK;
 	if (rc)
 		return rc;
-
 	place_block(ctx, ctx->blk, 0);
 	rc = ctx->ops->upload(ctx->plan, ctx->y, ctx->pad, e);
 	if (!rc && ctx->p.init_value > 0) {
@@ -634,12 +656,14 @@ int sf_deconv_block(sf_deconv_ctx *ctx, const float *in, float *out, sf_deconv_s
 			ctx->blk[k] = (float)ctx->p.init_value;
 		place_block(ctx, ctx->blk, 0);
 	}
-	if (!rc)
-		rc = ctx->ops->upload(ctx->plan, ctx->x, ctx->pad, e);
-	if (!rc)
-		rc = rl_iterate(ctx, &st, e);
-	if (!rc)
-		rc = ctx->ops->download(ctx->plan, ctx->pad, ctx->x, e);
+	return rc ? rc : ctx->ops->upload(ctx->plan, ctx->x, ctx->pad, e);
+}
+
+/* Step 5 on the host. */
+static int finish_on_host(sf_deconv_ctx *ctx, float *out, sf_err *e)
+{
+	sf_dims3 n = ctx->n, N = ctx->fft, o = ctx->off;
+	int rc = ctx->ops->download(ctx->plan, ctx->pad, ctx->x, e);
 	if (rc)
 		return rc;
 	for (size_t z = 0; z < n.nz; z++)
@@ -647,9 +671,71 @@ int sf_deconv_block(sf_deconv_ctx *ctx, const float *in, float *out, sf_deconv_s
 			memcpy(out + (z * n.ny + y) * n.nx,
 			       ctx->pad + ((z + o.nz) * N.ny + y + o.ny) * N.nx + o.nx,
 			       n.nx * sizeof(float));
-	if (stats)
-		*stats = st;
 	return SF_OK;
+}
+
+/* Steps 1-3 in engine memory, the same operations as prepare_on_host: the
+ * block is uploaded compact into r, filtered between r and t, tapered
+ * against its replicate-padded blur in y, then padded into y and x. */
+static int prepare_on_engine(sf_deconv_ctx *ctx, const float *in, sf_err *e)
+{
+	const sf_fft_ops *ops = ctx->ops;
+	size_t blk[3] = {ctx->n.nx, ctx->n.ny, ctx->n.nz},
+	       off[3] = {ctx->off.nx, ctx->off.ny, ctx->off.nz};
+	size_t nblk = blk[0] * blk[1] * blk[2];
+	void *cur = ctx->r, *other = ctx->t;
+	float w[1025];
+	int rc = ops->upload_n(ctx->plan, cur, in, nblk, e);
+	for (int a = 0; a < 3 && !rc; a++) {
+		int radius = prefilter_taps(&ctx->p, a, w);
+		if (radius < 0)
+			continue;
+		rc = ops->filter_axis(ctx->plan, other, cur, blk, a, w, radius, e);
+		void *swap = cur;
+		cur = other;
+		other = swap;
+	}
+	if (!rc && ctx->p.dark > 0)
+		rc = ops->subtract(ctx->plan, cur, nblk, (float)ctx->p.dark, e);
+	if (!rc && ctx->p.taper) {
+		size_t width[3] = {taper_width(ctx->psf_n.nx, blk[0]),
+		                   taper_width(ctx->psf_n.ny, blk[1]),
+		                   taper_width(ctx->psf_n.nz, blk[2])};
+		rc = ops->pad(ctx->plan, ctx->y, cur, blk, off, 1, e);
+		if (!rc)
+			rc = engine_blur(ctx, ctx->y, 0, e);
+		if (!rc)
+			rc = ops->taper(ctx->plan, cur, ctx->y, blk, off, width, e);
+	}
+	if (!rc)
+		rc = ops->pad(ctx->plan, ctx->y, cur, blk, off, 0, e);
+	if (!rc && ctx->p.init_value > 0)
+		rc = ops->fill(ctx->plan, cur, nblk, (float)ctx->p.init_value, e);
+	return rc ? rc : ops->pad(ctx->plan, ctx->x, cur, blk, off, 0, e);
+}
+
+/* Step 5 in engine memory: crop x into t, download the block alone. */
+static int finish_on_engine(sf_deconv_ctx *ctx, float *out, sf_err *e)
+{
+	size_t blk[3] = {ctx->n.nx, ctx->n.ny, ctx->n.nz},
+	       off[3] = {ctx->off.nx, ctx->off.ny, ctx->off.nz};
+	int rc = ctx->ops->crop(ctx->plan, ctx->t, ctx->x, blk, off, e);
+	return rc ? rc : ctx->ops->download_n(ctx->plan, out, ctx->t, blk[0] * blk[1] * blk[2], e);
+}
+
+int sf_deconv_block(sf_deconv_ctx *ctx, const float *in, float *out, sf_deconv_stats *stats,
+                    sf_err *e)
+{
+	sf_deconv_stats st = {0, 0.0};
+	int on_engine = engine_blocks(ctx);
+	int rc = on_engine ? prepare_on_engine(ctx, in, e) : prepare_on_host(ctx, in, e);
+	if (!rc)
+		rc = rl_iterate(ctx, &st, e);
+	if (!rc)
+		rc = on_engine ? finish_on_engine(ctx, out, e) : finish_on_host(ctx, out, e);
+	if (!rc && stats)
+		*stats = st;
+	return rc;
 }
 
 int sf_deconv_block_once(const sf_deconv_params *p, const sf_psf *psf, sf_dims3 dims,

@@ -19,9 +19,11 @@ extern "C" {
 #include <cufft.h>
 #include <math.h>
 #include <stdlib.h>
+#include <string.h>
 
-#define MAX_TAPS   1025
-#define MAX_BLOCKS 1024 /* reduction grids: enough blocks to fill the GPU */
+#define MAX_TAPS    1025
+#define MAX_BLOCKS  1024       /* reduction grids: enough blocks to fill the GPU */
+#define STAGE_BYTES (8u << 20) /* one pinned staging buffer; a plan has two */
 
 struct sf_fft_plan {
 	size_t nz, ny, nx;    /* real shape */
@@ -33,6 +35,12 @@ struct sf_fft_plan {
 	float *taps;         /* device, MAX_TAPS Gaussian weights */
 	double *acc;         /* device, one double for norm2 */
 	double *part;        /* device, 2 * MAX_BLOCKS per-block sums of ba_step */
+	/* Host-device copies go through two pinned buffers in turn: while the
+	 * DMA engine moves one chunk, the host copies the next into the other
+	 * (pageable copies would be staged by the driver one chunk at a time). */
+	void *stage[2];          /* pinned host, STAGE_BYTES each */
+	cudaEvent_t stage_ev[2]; /* the last copy from or to stage[i] is done */
+	int have_ev[2];
 };
 
 static int cuda_fail(sf_err *e, cudaError_t err, const char *what)
@@ -183,6 +191,82 @@ __global__ void k_ba_step(const float *x, float *g, const float *g_old, size_t n
 		part[2 * blockIdx.x] = gg[0], part[2 * blockIdx.x + 1] = oo[0];
 }
 
+/* --- block kernels: one CUDA block per row, its threads along x --------- */
+
+struct shape3 {
+	unsigned long long x, y, z;
+};
+
+static shape3 shape_of(const size_t v[3])
+{
+	shape3 s = {v[0], v[1], v[2]};
+	return s;
+}
+
+__device__ static size_t clamp_to(long long i, unsigned long long n)
+{
+	return i < 0 ? 0 : i >= (long long)n ? (size_t)n - 1 : (size_t)i;
+}
+
+/* Row blockIdx.x (z * N.y + y) of padded dst from compact src at off. */
+__global__ void k_pad(float *dst, const float *src, shape3 N, shape3 b, shape3 off, int replicate)
+{
+	size_t row = blockIdx.x, y = row % N.y, z = row / N.y;
+	long long by = (long long)y - (long long)off.y, bz = (long long)z - (long long)off.z;
+	int inside_row = by >= 0 && by < (long long)b.y && bz >= 0 && bz < (long long)b.z;
+	const float *s = src + (clamp_to(bz, b.z) * b.y + clamp_to(by, b.y)) * b.x;
+	float *d = dst + row * N.x;
+	for (size_t x = threadIdx.x; x < N.x; x += blockDim.x) {
+		long long bx = (long long)x - (long long)off.x;
+		int inside = inside_row && bx >= 0 && bx < (long long)b.x;
+		d[x] = inside || replicate ? s[clamp_to(bx, b.x)] : 0.0f;
+	}
+}
+
+/* Row blockIdx.x of compact dst from padded src at off. */
+__global__ void k_crop(float *dst, const float *src, shape3 N, shape3 b, shape3 off)
+{
+	size_t row = blockIdx.x, y = row % b.y, z = row / b.y;
+	const float *s = src + ((z + off.z) * N.y + y + off.y) * N.x + off.x;
+	for (size_t x = threadIdx.x; x < b.x; x += blockDim.x)
+		dst[row * b.x + x] = s[x];
+}
+
+__device__ static float ramp_at(size_t i, size_t n, size_t r)
+{
+	if (r == 0)
+		return 1.0f;
+	size_t d = i < n - 1 - i ? i : n - 1 - i;
+	return d >= r ? 1.0f : (float)d / (float)r;
+}
+
+/* deconv.c's taper blend, row blockIdx.x of compact v. */
+__global__ void k_taper(float *v, const float *blurred, shape3 N, shape3 b, shape3 off, shape3 w)
+{
+	size_t row = blockIdx.x, y = row % b.y, z = row / b.y;
+	float wzy = ramp_at(z, b.z, w.z) * ramp_at(y, b.y, w.y);
+	const float *blur = blurred + ((z + off.z) * N.y + y + off.y) * N.x + off.x;
+	float *r = v + row * b.x;
+	for (size_t x = threadIdx.x; x < b.x; x += blockDim.x) {
+		float wx = wzy * ramp_at(x, b.x, w.x);
+		r[x] = wx * r[x] + (1.0f - wx) * blur[x];
+	}
+}
+
+__global__ void k_subtract(float *v, size_t n, float dark)
+{
+	for (size_t k = blockIdx.x * (size_t)blockDim.x + threadIdx.x; k < n;
+	     k += (size_t)gridDim.x * blockDim.x)
+		v[k] = fmaxf(v[k] - dark, 0.0f);
+}
+
+__global__ void k_fill(float *v, size_t n, float value)
+{
+	for (size_t k = blockIdx.x * (size_t)blockDim.x + threadIdx.x; k < n;
+	     k += (size_t)gridDim.x * blockDim.x)
+		v[k] = value;
+}
+
 /* --- ops ----------------------------------------------------------------- */
 
 static void cufft_plan_destroy(sf_fft_plan *p)
@@ -197,6 +281,11 @@ static void cufft_plan_destroy(sf_fft_plan *p)
 	cudaFree(p->taps);
 	cudaFree(p->acc);
 	cudaFree(p->part);
+	for (int i = 0; i < 2; i++) {
+		cudaFreeHost(p->stage[i]);
+		if (p->have_ev[i])
+			cudaEventDestroy(p->stage_ev[i]);
+	}
 	if (p->stream)
 		cudaStreamDestroy(p->stream);
 	free(p);
@@ -226,6 +315,12 @@ static int cufft_plan_create(const sf_fft_config *cfg, size_t nz, size_t ny, siz
 		err = cudaMalloc((void **)&p->acc, sizeof(double));
 	if (err == cudaSuccess)
 		err = cudaMalloc((void **)&p->part, 2 * MAX_BLOCKS * sizeof(double));
+	for (int i = 0; i < 2 && err == cudaSuccess; i++) {
+		err = cudaHostAlloc(&p->stage[i], STAGE_BYTES, cudaHostAllocDefault);
+		if (err == cudaSuccess)
+			err = cudaEventCreateWithFlags(&p->stage_ev[i], cudaEventDisableTiming);
+		p->have_ev[i] = err == cudaSuccess;
+	}
 	if (err != cudaSuccess)
 		rc = cuda_fail(e, err, "plan setup");
 	cufftResult r = CUFFT_SUCCESS;
@@ -271,23 +366,77 @@ static void cufft_buf_free(sf_fft_plan *p, void *buf)
 	cudaFree(buf);
 }
 
+/* Host to device through the staging buffers: chunk k waits for the copy
+ * that last used its buffer, is copied in by the host, then queued. */
+static int staged_upload(sf_fft_plan *p, void *dst, const float *src, size_t bytes, sf_err *e)
+{
+	/* A block starts with an upload, and a context may move between
+	 * threads: make its device this thread's for the whole block. */
+	cudaError_t err = cudaSetDevice(p->device);
+	for (size_t at = 0, k = 0; at < bytes && err == cudaSuccess; at += STAGE_BYTES, k ^= 1) {
+		size_t n = bytes - at < STAGE_BYTES ? bytes - at : STAGE_BYTES;
+		err = cudaEventSynchronize(p->stage_ev[k]);
+		if (err != cudaSuccess)
+			break;
+		memcpy(p->stage[k], (const char *)src + at, n);
+		err = cudaMemcpyAsync((char *)dst + at, p->stage[k], n, cudaMemcpyHostToDevice,
+		                      p->stream);
+		if (err == cudaSuccess)
+			err = cudaEventRecord(p->stage_ev[k], p->stream);
+	}
+	/* The caller may reuse src as soon as we return: it was copied. */
+	return err == cudaSuccess ? SF_OK : cuda_fail(e, err, "upload");
+}
+
+/* Device to host: chunk k + 1 is queued before the host copies chunk k out. */
+static int staged_download(sf_fft_plan *p, float *dst, const void *src, size_t bytes, sf_err *e)
+{
+	cudaError_t err = cudaSuccess;
+	size_t chunks = (bytes + STAGE_BYTES - 1) / STAGE_BYTES;
+	for (size_t k = 0; k <= chunks && err == cudaSuccess; k++) {
+		if (k < chunks) {
+			size_t at = k * STAGE_BYTES,
+			       n = bytes - at < STAGE_BYTES ? bytes - at : STAGE_BYTES;
+			err = cudaMemcpyAsync(p->stage[k & 1], (const char *)src + at, n,
+			                      cudaMemcpyDeviceToHost, p->stream);
+			if (err == cudaSuccess)
+				err = cudaEventRecord(p->stage_ev[k & 1], p->stream);
+		}
+		if (k > 0 && err == cudaSuccess) {
+			size_t at = (k - 1) * STAGE_BYTES,
+			       n = bytes - at < STAGE_BYTES ? bytes - at : STAGE_BYTES;
+			err = cudaEventSynchronize(p->stage_ev[(k - 1) & 1]);
+			if (err == cudaSuccess)
+				memcpy((char *)dst + at, p->stage[(k - 1) & 1], n);
+		}
+	}
+	return err == cudaSuccess ? SF_OK : cuda_fail(e, err, "download");
+}
+
 static int cufft_upload(sf_fft_plan *p, void *dst, const float *src, sf_err *e)
 {
-	cudaError_t err =
-	    cudaMemcpyAsync(dst, src, p->nreal * sizeof(float), cudaMemcpyHostToDevice, p->stream);
-	/* The host array may be reused as soon as we return. */
-	if (err == cudaSuccess)
-		err = cudaStreamSynchronize(p->stream);
-	return err == cudaSuccess ? SF_OK : cuda_fail(e, err, "upload");
+	return staged_upload(p, dst, src, p->nreal * sizeof(float), e);
 }
 
 static int cufft_download(sf_fft_plan *p, float *dst, const void *src, sf_err *e)
 {
-	cudaError_t err =
-	    cudaMemcpyAsync(dst, src, p->nreal * sizeof(float), cudaMemcpyDeviceToHost, p->stream);
-	if (err == cudaSuccess)
-		err = cudaStreamSynchronize(p->stream);
-	return err == cudaSuccess ? SF_OK : cuda_fail(e, err, "download");
+	return staged_download(p, dst, src, p->nreal * sizeof(float), e);
+}
+
+static int cufft_upload_n(sf_fft_plan *p, void *dst, const float *src, size_t count, sf_err *e)
+{
+	if (count > p->nreal)
+		return sf_fail(e, SF_ERANGE, "cufft: upload of %zu floats into %zu", count,
+		               p->nreal);
+	return staged_upload(p, dst, src, count * sizeof(float), e);
+}
+
+static int cufft_download_n(sf_fft_plan *p, float *dst, const void *src, size_t count, sf_err *e)
+{
+	if (count > p->nreal)
+		return sf_fail(e, SF_ERANGE, "cufft: download of %zu floats from %zu", count,
+		               p->nreal);
+	return staged_download(p, dst, src, count * sizeof(float), e);
 }
 
 static int cufft_forward(sf_fft_plan *p, const void *real_in, void *cplx_out, sf_err *e)
@@ -411,6 +560,78 @@ static int cufft_ba_step(sf_fft_plan *p, const void *x, void *g, const void *g_o
 	return SF_OK;
 }
 
+static int rows_fit(size_t rows, sf_err *e)
+{
+	return rows <= 0x7fffffffu ? SF_OK : sf_fail(e, SF_ERANGE, "cufft: %zu rows", rows);
+}
+
+static int cufft_pad(sf_fft_plan *p, void *dst, const void *src, const size_t blk[3],
+                     const size_t off[3], int replicate, sf_err *e)
+{
+	size_t Nv[3] = {p->nx, p->ny, p->nz};
+	if (blk[0] + off[0] > p->nx || blk[1] + off[1] > p->ny || blk[2] + off[2] > p->nz)
+		return sf_fail(e, SF_ERANGE, "cufft: pad of a block outside the plan");
+	k_pad<<<(unsigned)(p->ny * p->nz), 256, 0, p->stream>>>((float *)dst, (const float *)src,
+	                                                        shape_of(Nv), shape_of(blk),
+	                                                        shape_of(off), replicate);
+	return launched(e, "pad");
+}
+
+static int cufft_crop(sf_fft_plan *p, void *dst, const void *src, const size_t blk[3],
+                      const size_t off[3], sf_err *e)
+{
+	size_t Nv[3] = {p->nx, p->ny, p->nz};
+	int rc = rows_fit(blk[1] * blk[2], e);
+	if (rc || !blk[1] || !blk[2])
+		return rc;
+	k_crop<<<(unsigned)(blk[1] * blk[2]), 256, 0, p->stream>>>(
+	    (float *)dst, (const float *)src, shape_of(Nv), shape_of(blk), shape_of(off));
+	return launched(e, "crop");
+}
+
+static int cufft_taper(sf_fft_plan *p, void *v, const void *blurred, const size_t blk[3],
+                       const size_t off[3], const size_t width[3], sf_err *e)
+{
+	size_t Nv[3] = {p->nx, p->ny, p->nz};
+	int rc = rows_fit(blk[1] * blk[2], e);
+	if (rc || !blk[1] || !blk[2])
+		return rc;
+	k_taper<<<(unsigned)(blk[1] * blk[2]), 256, 0, p->stream>>>(
+	    (float *)v, (const float *)blurred, shape_of(Nv), shape_of(blk), shape_of(off),
+	    shape_of(width));
+	return launched(e, "taper");
+}
+
+static int cufft_filter_axis(sf_fft_plan *p, void *dst, const void *src, const size_t blk[3],
+                             int axis, const float *taps, int radius, sf_err *e)
+{
+	size_t n = blk[0] * blk[1] * blk[2];
+	size_t len = blk[axis], stride = axis == 0 ? 1 : axis == 1 ? blk[0] : blk[0] * blk[1];
+	if (radius < 0 || 2 * radius + 1 > MAX_TAPS || axis < 0 || axis > 2 || n > p->nreal)
+		return sf_fail(e, SF_EINVAL, "filter_axis: axis %d radius %d", axis, radius);
+	cudaError_t err = cudaMemcpyAsync(p->taps, taps, (2 * radius + 1) * sizeof(float),
+	                                  cudaMemcpyHostToDevice, p->stream);
+	if (err == cudaSuccess) /* taps may live on the caller's stack */
+		err = cudaStreamSynchronize(p->stream);
+	if (err != cudaSuccess)
+		return cuda_fail(e, err, "filter taps");
+	k_gauss_axis<<<grid_for(n), 256, 0, p->stream>>>((const float *)src, (float *)dst, p->taps,
+	                                                 radius, n, len, stride);
+	return launched(e, "filter_axis");
+}
+
+static int cufft_subtract(sf_fft_plan *p, void *v, size_t count, float dark, sf_err *e)
+{
+	k_subtract<<<grid_for(count), 256, 0, p->stream>>>((float *)v, count, dark);
+	return launched(e, "subtract");
+}
+
+static int cufft_fill(sf_fft_plan *p, void *v, size_t count, float value, sf_err *e)
+{
+	k_fill<<<grid_for(count), 256, 0, p->stream>>>((float *)v, count, value);
+	return launched(e, "fill");
+}
+
 static const sf_fft_ops cufft_ops = {
     "cufft",
     cufft_plan_create,
@@ -432,6 +653,14 @@ static const sf_fft_ops cufft_ops = {
     NULL,
     NULL,
     NULL, /* no fused forms: deconv.c composes them */
+    cufft_upload_n,
+    cufft_download_n,
+    cufft_pad,
+    cufft_crop,
+    cufft_filter_axis,
+    cufft_subtract,
+    cufft_taper,
+    cufft_fill,
 };
 
 extern "C" const sf_fft_ops *sf_fft_cufft_ops(void)

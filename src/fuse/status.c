@@ -94,12 +94,13 @@ static void json_counters(json *j, const sf_mount *m)
 	         "  \"tiles_served\": %llu,\n  \"tiles_computed\": %llu,\n"
 	         "  \"ram_hits\": %llu,\n  \"ram_misses\": %llu,\n  \"disk_hits\": %llu,\n"
 	         "  \"disk_misses\": %llu,\n  \"in_flight\": %llu,\n  \"errors\": %llu,\n"
-	         "  \"ram_bytes\": %llu,\n  \"prefetched\": %llu,\n",
+	         "  \"ram_bytes\": %llu,\n  \"prefetched\": %llu,\n  \"cache_write_s\": %.3f,\n",
 	         (unsigned long long)es.served, (unsigned long long)es.computed,
 	         (unsigned long long)es.ram_hits, (unsigned long long)es.ram_misses,
 	         (unsigned long long)es.disk_hits, (unsigned long long)es.disk_misses,
 	         (unsigned long long)es.in_flight, (unsigned long long)es.errors,
-	         (unsigned long long)es.ram_bytes, (unsigned long long)es.prefetched);
+	         (unsigned long long)es.ram_bytes, (unsigned long long)es.prefetched,
+	         (double)es.cache_write_ns * 1e-9);
 	json_add(j,
 	         "  \"cache_bytes\": %llu,\n  \"cache_entries\": %llu,\n"
 	         "  \"cache_corrupt\": %llu,\n  \"cache_evicted\": %llu,\n"

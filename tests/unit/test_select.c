@@ -1,4 +1,5 @@
-/* test_select.c — quickselect against qsort on random, sorted and tied data. */
+/* test_select.c — quickselect and the tail selection against qsort on random,
+ * sorted and tied data. */
 #include <stdlib.h>
 #include <string.h>
 
@@ -35,6 +36,19 @@ int main(void)
 				ordered = 0;
 		CHECK(got == sorted[k] && ordered, "round %d: n %zu k %zu: %g vs %g", round, n, k,
 		      got, sorted[k]);
+
+		/* the tails: the m smallest ascending, the m largest descending */
+		static float tail[1000], before[1000];
+		size_t m = 1 + (size_t)round * 31 % n;
+		memcpy(before, v, n * sizeof *v);
+		sf_select_tail(v, n, m, 0, tail);
+		int same = !memcmp(before, v, n * sizeof *v);
+		for (size_t j = 0; j < m; j++)
+			same &= tail[j] == sorted[j];
+		sf_select_tail(v, n, m, 1, tail);
+		for (size_t j = 0; j < m; j++)
+			same &= tail[j] == sorted[n - 1 - j];
+		CHECK(same, "round %d: n %zu: tails of %zu differ from qsort's", round, n, m);
 	}
 	return CHECK_DONE("test_select");
 }
