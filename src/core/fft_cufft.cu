@@ -569,8 +569,12 @@ static int cufft_pad(sf_fft_plan *p, void *dst, const void *src, const size_t bl
                      const size_t off[3], int replicate, sf_err *e)
 {
 	size_t Nv[3] = {p->nx, p->ny, p->nz};
-	if (blk[0] + off[0] > p->nx || blk[1] + off[1] > p->ny || blk[2] + off[2] > p->nz)
+	if (blk[0] + off[0] > p->nx || blk[1] + off[1] > p->ny || blk[2] + off[2] > p->nz ||
+	    !blk[0] || !blk[1] || !blk[2])
 		return sf_fail(e, SF_ERANGE, "cufft: pad of a block outside the plan");
+	int rc = rows_fit(p->ny * p->nz, e);
+	if (rc)
+		return rc;
 	k_pad<<<(unsigned)(p->ny * p->nz), 256, 0, p->stream>>>((float *)dst, (const float *)src,
 	                                                        shape_of(Nv), shape_of(blk),
 	                                                        shape_of(off), replicate);
