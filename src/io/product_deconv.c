@@ -1316,6 +1316,9 @@ typedef struct planes {
 	struct scale_sample *samples; /* sample_count entries (scale=auto) */
 	uint64_t sample_count;
 	int samples_prefetched; /* the sample blocks were handed to the engine (scale_lock) */
+	/* One bit per plane, set when a strip of it is computed (atomic or):
+	 * a reader going through z has read plane z - 1 before plane z. */
+	atomic_uint_fast64_t *plane_seen;
 } planes;
 
 static int read_scale_file(planes *pl)
@@ -1546,20 +1549,36 @@ static void prefetch_units(const planes *pl, uint64_t first, uint64_t end)
 		sf_engine_prefetch(*pl->engine, pl->blocks_product, u);
 }
 
+/* Mark plane z read; whether plane z - 1 was read before (a reader going
+ * through z: cp, a z scroll in Fiji). */
+static int plane_in_sequence(const planes *pl, uint32_t z)
+{
+	atomic_fetch_or_explicit(&pl->plane_seen[z / 64], (uint_fast64_t)1 << (z % 64),
+	                         memory_order_relaxed);
+	return z > 0 &&
+	       (atomic_load_explicit(&pl->plane_seen[(z - 1) / 64], memory_order_relaxed) >>
+	            ((z - 1) % 64) &
+	        1);
+}
+
 /* Before a strip of plane z reads block rows [by0, by1]: every block of
- * those rows and of the next row, so all workers and GPU contexts make
+ * those rows and of the next row of the slab, so all workers and GPU contexts make
  * them side by side (the strip's own worker would make them one after
- * another); and in the second half of a slab of blocks the same rows of
- * the next slab, so a reader going through z (cp, a z scroll in Fiji)
- * keeps the devices busy instead of waiting at every slab. */
+ * another).  When the reader goes through z and plane z lies in the second
+ * half of its slab of blocks, also the same rows of the next slab, so
+ * the devices keep busy instead of waiting at every slab; a single plane
+ * viewed alone never pays for its neighbours' slab. */
 static void prefetch_block_rows(const planes *pl, uint32_t z, uint32_t by0, uint32_t by1)
 {
 	const grid *g = &pl->b->g;
 	uint32_t bz = z / g->core[2];
 	uint64_t row = g->count[0], slab = (uint64_t)g->count[1] * row;
+	int in_sequence = plane_in_sequence(pl, z);
 
-	prefetch_units(pl, bz * slab + by0 * row, bz * slab + (by1 + 2) * row);
-	if (z - bz * g->core[2] >= g->core[2] / 2 && bz + 1 < g->count[2])
+	uint32_t next_row = by1 + 1 < g->count[1] ? by1 + 1 : by1; /* within the slab */
+
+	prefetch_units(pl, bz * slab + by0 * row, bz * slab + (next_row + 1) * row);
+	if (in_sequence && z - bz * g->core[2] >= g->core[2] / 2 && bz + 1 < g->count[2])
 		prefetch_units(pl, (bz + 1) * slab + by0 * row, (bz + 1) * slab + (by1 + 1) * row);
 }
 
@@ -1627,6 +1646,7 @@ static void planes_destroy(sf_product *p)
 	pthread_cond_destroy(&pl->scale_done);
 	pthread_mutex_destroy(&pl->scale_lock);
 	free(pl->samples);
+	free(pl->plane_seen);
 	free(pl->scale_path);
 	free(pl);
 	free(p);
@@ -1701,7 +1721,8 @@ int sf_product_deconv_create(const sf_stack *st, const sf_deconv_settings *s,
 	sf_key_hex(p->key, hex);
 	snprintf(path, sizeof path, "%s/deconv-scale-%s.txt", cache_dir ? cache_dir : ".", hex);
 	pl->samples = calloc(pl->sample_count, sizeof *pl->samples);
-	if (!(pl->scale_path = strdup(path)) || !pl->samples) {
+	pl->plane_seen = calloc(st->planes / 64 + 1, sizeof *pl->plane_seen);
+	if (!(pl->scale_path = strdup(path)) || !pl->samples || !pl->plane_seen) {
 		planes_destroy(p);
 		bp->ops->destroy(bp);
 		return sf_fail(e, SF_ENOMEM, "stack %s: out of memory", st->name);

@@ -392,3 +392,31 @@ def test_destripe_sigma_removes_z_stripes(scopefs):
     sig_off = np.sum(got_off[beads] - np.median(got_off))
     print('bead signal %.0f -> %.0f' % (sig_off, sig_on))
     assert 0.5 * sig_off < sig_on < 2.0 * sig_off
+
+
+def wait_idle(m, timeout=20):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        st = m.status()
+        if st['in_flight'] == 0:
+            return st
+        time.sleep(0.05)
+    raise AssertionError('units still in flight after %d s' % timeout)
+
+
+def test_next_slab_prefetched_only_for_a_z_reader(scopefs):
+    """Reading one plane computes only its own slab of blocks (4 of them here);
+    reading planes z - 1 then z in a slab's second half, as cp or a z scroll
+    does, also starts the next slab's blocks of those rows (all 8)."""
+    vol = gen.beads(32, 32, 32, seed=3)
+    names = write_stack(scopefs.raw / 'beads', vol)
+    m = scopefs.mount(opts=dict(OPTICS, deconv_block='16', scale='1', threads='2'))
+    folder = m.path('deconvolved', 'beads')
+    with tifffile.TiffFile(os.path.join(folder, names[12])) as tf:
+        strips = len(tf.pages[0].dataoffsets)
+    read_all(os.path.join(folder, names[12]))  # z = 12: second half of slab 0
+    st = wait_idle(m)
+    assert st['tiles_computed'] == 4 + strips
+    read_all(os.path.join(folder, names[13]))  # 12 then 13: a z reader
+    st = wait_idle(m)
+    assert st['tiles_computed'] == 8 + 2 * strips
