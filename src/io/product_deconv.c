@@ -35,7 +35,9 @@
  *  5. Memory: CPU blocks share one FFTW context per stack (cpu_lock), run
  *     one at a time with every engine thread inside its FFT passes, so the
  *     host holds one block working set beside mem, whatever the worker
- *     count (a GPU worker adds its context's host buffers). */
+ *     count; input windows are lent per block, at most 2 (CPU only) or
+ *     2 + 3 per GPU context (window_borrow); a GPU context adds its small
+ *     host buffers (staging, taps). */
 #include "scopefs/product_deconv.h"
 #include "scopefs/destripe.h"
 #include "scopefs/select.h"
@@ -672,6 +674,7 @@ static void phase_log(const char *name, const phase_clock *c)
  * free memory. */
 #define GPU_CONTEXTS_PER_DEVICE 4
 #define GPU_SLOTS_MAX           64
+#define WINDOWS_MAX             (3 * GPU_SLOTS_MAX + 2)
 
 typedef struct gpu_slot {
 	sf_deconv_ctx *ctx; /* made by the first borrower; NULL before */
@@ -695,6 +698,15 @@ typedef struct blocks {
 	gpu_slot gpu[GPU_SLOTS_MAX];
 	int gpu_slots;       /* slots in use; -1 until the devices were counted */
 	const char *why_cpu; /* why blocks go to the CPU when no slot is usable */
+	/* Input windows, lent to a worker for one block (window_borrow): at
+	 * most window_limit exist, so the host holds that many windows however
+	 * many workers there are (2 without a GPU: one read while another is
+	 * deconvolved). */
+	pthread_mutex_t window_lock; /* guards window[], window_busy[], window_limit */
+	pthread_cond_t window_freed;
+	float *window[WINDOWS_MAX];
+	int window_busy[WINDOWS_MAX];
+	int window_limit; /* 0 until the first borrow */
 	/* The one FFTW context of the stack.  CPU blocks run one at a time on it,
 	 * each with every engine thread inside the FFT passes (as LsDeconv runs
 	 * one block at a time), so the host holds one block working set however
@@ -711,7 +723,7 @@ typedef struct x_run {
 } x_run;
 
 typedef struct blocks_worker {
-	float *in;        /* the input window, in[0]*in[1]*in[2] */
+	float *in;        /* the input window, in[0]*in[1]*in[2]: lent for one block */
 	uint8_t *rect;    /* one plane's source rect, source type */
 	size_t rect_cap;  /* bytes of rect */
 	uint32_t *map[3]; /* window index -> volume index per axis */
@@ -730,11 +742,10 @@ static int blocks_worker_start(sf_product *p, void **state, sf_err *e)
 	if (!w)
 		return sf_fail(e, SF_ENOMEM, "%s: out of memory", p->name);
 	*state = w;
-	w->in = malloc(n * sizeof(float));
 	for (int a = 0; a < 3; a++)
 		w->map[a] = malloc(b->g.in[a] * sizeof(uint32_t));
 	w->runs = malloc(b->g.in[0] * sizeof *w->runs);
-	if (!w->in || !w->map[0] || !w->map[1] || !w->map[2] || !w->runs)
+	if (!w->map[0] || !w->map[1] || !w->map[2] || !w->runs)
 		return sf_fail(e, SF_ENOMEM, "%s: out of memory for a %zu-voxel block", p->name, n);
 	return SF_OK;
 }
@@ -747,7 +758,6 @@ static void blocks_worker_stop(sf_product *p, void *state)
 	if (!w)
 		return;
 	sf_slide_reader_close(w->reader);
-	free(w->in);
 	free(w->rect);
 	free(w->runs);
 	for (int a = 0; a < 3; a++)
@@ -1081,10 +1091,65 @@ static int run_block(sf_product *p, blocks *b, blocks_worker *w, sf_err *e)
 	return rc;
 }
 
-static int blocks_compute(sf_product *p, void *state, uint64_t unit, uint8_t *out, sf_err *e)
+/* Windows a stack may hold: 2 for the CPU, 3 per GPU context (one read,
+ * one on the device, one cropped and cached, per context). */
+static int window_count(blocks *b)
 {
-	blocks *b = p->impl;
-	blocks_worker *w = state;
+	int slots;
+
+	pthread_mutex_lock(&b->gpu_lock);
+	if (b->gpu_slots < 0)
+		gpu_slots_init(b);
+	slots = b->gpu_slots;
+	pthread_mutex_unlock(&b->gpu_lock);
+	return 2 + 3 * slots;
+}
+
+/* An input window for one block, waiting while window_limit are lent.  A
+ * worker holds one window at most, and waits for nothing while it holds
+ * it but a GPU context (whose holders never wait for a window). */
+static int window_borrow(const sf_product *p, blocks *b, float **out, sf_err *e)
+{
+	size_t n = (size_t)b->g.in[0] * b->g.in[1] * b->g.in[2];
+	int limit = window_count(b);
+	int i;
+
+	pthread_mutex_lock(&b->window_lock);
+	if (!b->window_limit)
+		b->window_limit = limit < WINDOWS_MAX ? limit : WINDOWS_MAX;
+	for (;;) {
+		for (i = 0; i < b->window_limit && b->window_busy[i]; i++)
+			;
+		if (i < b->window_limit)
+			break;
+		pthread_cond_wait(&b->window_freed, &b->window_lock);
+	}
+	b->window_busy[i] = 1;
+	if (!b->window[i] && !(b->window[i] = malloc(n * sizeof(float)))) {
+		b->window_busy[i] = 0;
+		pthread_mutex_unlock(&b->window_lock);
+		return sf_fail(e, SF_ENOMEM, "%s: out of memory for a %zu-voxel window", p->name,
+		               n);
+	}
+	*out = b->window[i];
+	pthread_mutex_unlock(&b->window_lock);
+	return SF_OK;
+}
+
+static void window_return(blocks *b, float *window)
+{
+	pthread_mutex_lock(&b->window_lock);
+	for (int i = 0; i < b->window_limit; i++)
+		if (b->window[i] == window)
+			b->window_busy[i] = 0;
+	pthread_cond_signal(&b->window_freed);
+	pthread_mutex_unlock(&b->window_lock);
+}
+
+/* Block `unit` into out, in the window w->in. */
+static int compute_in_window(sf_product *p, blocks *b, blocks_worker *w, uint64_t unit,
+                             uint8_t *out, sf_err *e)
+{
 	const grid *g = &b->g;
 	uint32_t pos[3], c[3], off[3];
 	int64_t start[3];
@@ -1129,6 +1194,20 @@ static int blocks_compute(sf_product *p, void *state, uint64_t unit, uint8_t *ou
 	return SF_OK;
 }
 
+static int blocks_compute(sf_product *p, void *state, uint64_t unit, uint8_t *out, sf_err *e)
+{
+	blocks *b = p->impl;
+	blocks_worker *w = state;
+	int rc = window_borrow(p, b, &w->in, e);
+
+	if (rc != SF_OK)
+		return rc;
+	rc = compute_in_window(p, b, w, unit, out, e);
+	window_return(b, w->in);
+	w->in = NULL;
+	return rc;
+}
+
 static void blocks_destroy(sf_product *p)
 {
 	blocks *b = p->impl;
@@ -1139,6 +1218,10 @@ static void blocks_destroy(sf_product *p)
 		sf_deconv_ctx_destroy(b->gpu[i].ctx);
 	pthread_cond_destroy(&b->gpu_freed);
 	pthread_mutex_destroy(&b->gpu_lock);
+	for (int i = 0; i < WINDOWS_MAX; i++)
+		free(b->window[i]);
+	pthread_cond_destroy(&b->window_freed);
+	pthread_mutex_destroy(&b->window_lock);
 	pthread_mutex_destroy(&b->cpu_lock);
 	sf_psf_free(&b->psf);
 	free(b);
@@ -1236,6 +1319,8 @@ static int blocks_create(const sf_stack *st, const sf_deconv_settings *s, uint64
 	pthread_mutex_init(&b->cpu_lock, NULL);
 	pthread_mutex_init(&b->gpu_lock, NULL);
 	pthread_cond_init(&b->gpu_freed, NULL);
+	pthread_mutex_init(&b->window_lock, NULL);
+	pthread_cond_init(&b->window_freed, NULL);
 	b->gpu_slots = -1;
 	p->ops = &blocks_ops;
 	p->key = blocks_key(st, s, &b->g);
