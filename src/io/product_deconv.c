@@ -36,7 +36,7 @@
  *     one at a time with every engine thread inside its FFT passes, so the
  *     host holds one block working set beside mem, whatever the worker
  *     count; input windows are lent per block, at most 2 (CPU only) or
- *     2 + 3 per GPU context (window_borrow); a GPU context adds its small
+ *     2 + 4 per GPU context (window_borrow); a GPU context adds its small
  *     host buffers (staging, taps). */
 #include "scopefs/product_deconv.h"
 #include "scopefs/destripe.h"
@@ -674,7 +674,7 @@ static void phase_log(const char *name, const phase_clock *c)
  * free memory. */
 #define GPU_CONTEXTS_PER_DEVICE 4
 #define GPU_SLOTS_MAX           64
-#define WINDOWS_MAX             (3 * GPU_SLOTS_MAX + 2)
+#define WINDOWS_MAX             (4 * GPU_SLOTS_MAX + 2)
 
 typedef struct gpu_slot {
 	sf_deconv_ctx *ctx; /* made by the first borrower; NULL before */
@@ -1091,8 +1091,9 @@ static int run_block(sf_product *p, blocks *b, blocks_worker *w, sf_err *e)
 	return rc;
 }
 
-/* Windows a stack may hold: 2 for the CPU, 3 per GPU context (one read,
- * one on the device, one cropped and cached, per context). */
+/* Windows a stack may hold: 2 for the CPU, 4 per GPU context (being read,
+ * on the device, cropped, and one spare: 18 for one device, more than the
+ * 16 workers of the H200 runs, which had a window each). */
 static int window_count(blocks *b)
 {
 	int slots;
@@ -1102,7 +1103,7 @@ static int window_count(blocks *b)
 		gpu_slots_init(b);
 	slots = b->gpu_slots;
 	pthread_mutex_unlock(&b->gpu_lock);
-	return 2 + 3 * slots;
+	return 2 + 4 * slots;
 }
 
 /* An input window for one block, waiting while window_limit are lent.  A
