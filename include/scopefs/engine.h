@@ -65,10 +65,16 @@ typedef struct sf_engine_stats {
 
 int sf_engine_create(const sf_engine_config *cfg, sf_engine **out, sf_err *e);
 /* Stops the workers (pending prefetches are dropped; a unit being computed is
- * finished first), runs worker_stop for every state made (on the calling
- * thread, after the workers are joined), frees the RAM cache.  No read may be
- * in progress.  Products are not destroyed. */
+ * asked to end early, sf_engine_stop_products, and awaited), runs worker_stop for every state made
+ * (on the calling thread, after the workers are joined), frees the RAM cache.  No read may be in
+ * progress.  Products are not destroyed. */
 void sf_engine_destroy(sf_engine *g);
+
+/* Ask every product's computations in progress to end early (product.h's
+ * stop), as sf_engine_destroy does before it waits for the workers.  For a
+ * shutdown signal: it only calls the stop functions, which only store to
+ * lock-free atomics, so it is async-signal-safe. */
+void sf_engine_stop_products(sf_engine *g);
 
 /* Register p (sets p->slot).  Thread-safe; p must outlive the engine. */
 int sf_engine_add_product(sf_engine *g, sf_product *p, sf_err *e);

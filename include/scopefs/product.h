@@ -26,6 +26,10 @@ typedef struct sf_product_ops {
 	int (*compute)(sf_product *p, void *state, uint64_t unit, uint8_t *out, sf_err *e);
 	size_t (*unit_bytes)(const sf_product *p, uint64_t unit);
 	void (*destroy)(sf_product *p); /* frees p and what it owns */
+	/* Optional: the engine is stopping (unmount); computations in progress
+	 * should end early and may fail (SF_EINTR).  Called once, from the
+	 * thread that destroys the engine, before it waits for the workers. */
+	void (*stop)(sf_product *p);
 } sf_product_ops;
 
 struct sf_product {

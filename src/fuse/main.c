@@ -4,6 +4,7 @@
  * (nothing mounted), 1 when the dataset, cache or mount fails. */
 #define FUSE_USE_VERSION 312
 #include <malloc.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -30,6 +31,46 @@ static int fuse_argv(const sf_options *o, const char *argv0, struct fuse_args *a
 	    fuse_opt_add_arg(args, opts) || (o->debug && fuse_opt_add_arg(args, "-d")))
 		return SF_ENOMEM;
 	return SF_OK;
+}
+
+/* The shutdown signals libfuse handles (it exits the session loop).  That
+ * loop first waits for the requests in progress, and a read may be waiting
+ * for a deconvolution block that takes minutes on the CPU: so a signal also
+ * asks the engine's products to end their computations.  Set once in main
+ * before the handlers are installed and cleared after they are removed;
+ * read only by the handler (the one global here, for the handler's sake). */
+static const int shutdown_signals[] = {SIGHUP, SIGINT, SIGTERM};
+static sf_engine *volatile shutdown_engine;
+static struct sigaction fuse_actions[3]; /* libfuse's, chained to */
+
+static void on_shutdown_signal(int sig)
+{
+	if (shutdown_engine)
+		sf_engine_stop_products(shutdown_engine);
+	for (int i = 0; i < 3; i++)
+		if (shutdown_signals[i] == sig && fuse_actions[i].sa_handler != SIG_DFL &&
+		    fuse_actions[i].sa_handler != SIG_IGN)
+			fuse_actions[i].sa_handler(sig);
+}
+
+/* Put on_shutdown_signal in front of libfuse's handlers (install = 1), or
+ * put libfuse's back (install = 0). */
+static void chain_shutdown_signals(sf_engine *engine, int install)
+{
+	for (int i = 0; i < 3; i++) {
+		if (install) {
+			struct sigaction sa;
+
+			memset(&sa, 0, sizeof sa);
+			sa.sa_handler = on_shutdown_signal;
+			sigemptyset(&sa.sa_mask);
+			shutdown_engine = engine;
+			sigaction(shutdown_signals[i], &sa, &fuse_actions[i]);
+		} else
+			sigaction(shutdown_signals[i], &fuse_actions[i], NULL);
+	}
+	if (!install)
+		shutdown_engine = NULL;
 }
 
 static int serve(struct fuse_session *se, const sf_options *o)
@@ -111,7 +152,9 @@ int main(int argc, char **argv)
 	sf_log(SF_LOG_INFO, "mounted %s on %s (%u slides, %u stacks, %u problems; cache %s)",
 	       o.raw_dir, o.mountpoint, m->dataset->slide_count, m->dataset->stack_count,
 	       m->dataset->problem_count, o.cache_dir);
+	chain_shutdown_signals(m->engine, 1);
 	status = serve(se, &o) == 0 ? 0 : 1;
+	chain_shutdown_signals(NULL, 0);
 out_unmount:
 	fuse_session_unmount(se);
 out_signals:

@@ -518,6 +518,9 @@ static void engine_free(sf_engine *g, unsigned running)
 	g->stop = true;
 	pthread_cond_broadcast(&g->work_ready);
 	pthread_mutex_unlock(&g->lock);
+	/* A unit being computed would otherwise run to its end (a CPU block
+	 * of deconvolution: minutes): ask the products to cut it short. */
+	sf_engine_stop_products(g);
 	for (unsigned i = 0; i < running; i++)
 		pthread_join(g->workers[i].thread, NULL);
 
@@ -603,6 +606,15 @@ int sf_engine_create(const sf_engine_config *cfg, sf_engine **out, sf_err *e)
 	}
 	*out = g;
 	return SF_OK;
+}
+
+/* No lock: the product list is fixed once workers run (sf_engine_add_product
+ * is called only at mount), and this may run in a signal handler. */
+void sf_engine_stop_products(sf_engine *g)
+{
+	for (unsigned s = 0; s < g->product_count; s++)
+		if (g->products[s]->ops->stop)
+			g->products[s]->ops->stop(g->products[s]);
 }
 
 void sf_engine_destroy(sf_engine *g)

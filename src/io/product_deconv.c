@@ -690,6 +690,7 @@ typedef struct blocks {
 	grid g;
 	sf_engine *const *engine; /* the mount's engine pointer (its thread count) */
 	atomic_int told_cpu;      /* the "computing on the CPU" line was logged */
+	atomic_int stopping;      /* the engine is stopping: contexts end their blocks */
 	/* The GPU contexts of the stack, lent to whichever worker has a block
 	 * to compute (gpu_borrow), so every worker's blocks go to a device while
 	 * one works; blocks go to the CPU only when no context is usable. */
@@ -875,6 +876,7 @@ static int gpu_slot_make(sf_product *p, blocks *b, gpu_slot *slot)
 	    sf_deconv_ctx_create(&b->s.params, &b->psf, dims, sf_fft_cufft_ops(), &cfg, &slot->ctx,
 	                         &ge) == SF_OK) {
 		sf_log(SF_LOG_INFO, "%s: a CUDA context on device %d", p->name, slot->device);
+		sf_deconv_ctx_set_stop(slot->ctx, &b->stopping);
 		return SF_OK;
 	}
 	sf_log(SF_LOG_WARN, "%s: CUDA device %d: no context, its blocks go elsewhere: %s", p->name,
@@ -959,6 +961,8 @@ static int cpu_block(sf_product *p, blocks *b, blocks_worker *w, sf_deconv_stats
 			       p->name, cfg.nthreads, b->why_cpu ? b->why_cpu : "gpu=off");
 		rc = sf_deconv_ctx_create(&b->s.params, &b->psf, dims, sf_fft_fftw_ops(), &cfg,
 		                          &b->cpu_ctx, e);
+		if (rc == SF_OK)
+			sf_deconv_ctx_set_stop(b->cpu_ctx, &b->stopping);
 	}
 	if (rc == SF_OK)
 		rc = sf_deconv_block(b->cpu_ctx, w->in, w->in, st, e);
@@ -1229,12 +1233,20 @@ static void blocks_destroy(sf_product *p)
 	free(p);
 }
 
+static void blocks_stop(sf_product *p)
+{
+	blocks *b = p->impl;
+
+	atomic_store(&b->stopping, 1);
+}
+
 static const sf_product_ops blocks_ops = {
     .worker_start = blocks_worker_start,
     .worker_stop = blocks_worker_stop,
     .compute = blocks_compute,
     .unit_bytes = blocks_unit_bytes,
     .destroy = blocks_destroy,
+    .stop = blocks_stop,
 };
 
 static sf_key mix_double(sf_key k, double v)

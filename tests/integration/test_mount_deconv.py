@@ -420,3 +420,26 @@ def test_next_slab_prefetched_only_for_a_z_reader(scopefs):
     read_all(os.path.join(folder, names[13]))  # 12 then 13: a z reader
     st = wait_idle(m)
     assert st['tiles_computed'] == 8 + 2 * strips
+
+
+def test_sigterm_cuts_a_long_block_short(scopefs):
+    """A signal to stop does not wait for a deconvolution block in progress
+    (here one that needs minutes: 20000 iterations on the CPU): the daemon
+    exits within seconds, and the reader gets an error, not a hang."""
+    import signal
+    import subprocess
+    vol = gen.beads(40, 48, 48, seed=4)
+    names = write_stack(scopefs.raw / 'beads', vol)
+    m = scopefs.mount(opts=dict(OPTICS, numit='20000', deconv_block='64', scale='1',
+                                threads='2', gpu='off'))
+    reader = subprocess.Popen(['cat', m.path('deconvolved', 'beads', names[0])],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(2)  # the block starts (and would run for minutes)
+    t0 = time.time()
+    m.proc.send_signal(signal.SIGTERM)
+    m.proc.wait(30)
+    waited = time.time() - t0
+    reader.wait(30)
+    assert reader.returncode != 0
+    assert waited < 15, 'the daemon took %.1f s to exit' % waited
+    assert 'deconv: stopped at iteration' in m.log_text()
