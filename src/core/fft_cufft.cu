@@ -203,6 +203,12 @@ static shape3 shape_of(const size_t v[3])
 	return s;
 }
 
+static shape3 plan_shape(const sf_fft_plan *p)
+{
+	shape3 s = {p->nx, p->ny, p->nz};
+	return s;
+}
+
 __device__ static size_t clamp_to(long long i, unsigned long long n)
 {
 	return i < 0 ? 0 : i >= (long long)n ? (size_t)n - 1 : (size_t)i;
@@ -368,13 +374,19 @@ static void cufft_buf_free(sf_fft_plan *p, void *buf)
 
 /* Host to device through the staging buffers: chunk k waits for the copy
  * that last used its buffer, is copied in by the host, then queued. */
+/* Bytes of the staging chunk starting at `at` of a copy of `bytes`. */
+static size_t chunk_at(size_t bytes, size_t at)
+{
+	return bytes - at < STAGE_BYTES ? bytes - at : STAGE_BYTES;
+}
+
 static int staged_upload(sf_fft_plan *p, void *dst, const float *src, size_t bytes, sf_err *e)
 {
 	/* A block starts with an upload, and a context may move between
 	 * threads: make its device this thread's for the whole block. */
 	cudaError_t err = cudaSetDevice(p->device);
 	for (size_t at = 0, k = 0; at < bytes && err == cudaSuccess; at += STAGE_BYTES, k ^= 1) {
-		size_t n = bytes - at < STAGE_BYTES ? bytes - at : STAGE_BYTES;
+		size_t n = chunk_at(bytes, at);
 		err = cudaEventSynchronize(p->stage_ev[k]);
 		if (err != cudaSuccess)
 			break;
@@ -395,16 +407,14 @@ static int staged_download(sf_fft_plan *p, float *dst, const void *src, size_t b
 	size_t chunks = (bytes + STAGE_BYTES - 1) / STAGE_BYTES;
 	for (size_t k = 0; k <= chunks && err == cudaSuccess; k++) {
 		if (k < chunks) {
-			size_t at = k * STAGE_BYTES,
-			       n = bytes - at < STAGE_BYTES ? bytes - at : STAGE_BYTES;
+			size_t at = k * STAGE_BYTES, n = chunk_at(bytes, at);
 			err = cudaMemcpyAsync(p->stage[k & 1], (const char *)src + at, n,
 			                      cudaMemcpyDeviceToHost, p->stream);
 			if (err == cudaSuccess)
 				err = cudaEventRecord(p->stage_ev[k & 1], p->stream);
 		}
 		if (k > 0 && err == cudaSuccess) {
-			size_t at = (k - 1) * STAGE_BYTES,
-			       n = bytes - at < STAGE_BYTES ? bytes - at : STAGE_BYTES;
+			size_t at = (k - 1) * STAGE_BYTES, n = chunk_at(bytes, at);
 			err = cudaEventSynchronize(p->stage_ev[(k - 1) & 1]);
 			if (err == cudaSuccess)
 				memcpy((char *)dst + at, p->stage[(k - 1) & 1], n);
@@ -568,7 +578,6 @@ static int rows_fit(size_t rows, sf_err *e)
 static int cufft_pad(sf_fft_plan *p, void *dst, const void *src, const size_t blk[3],
                      const size_t off[3], int replicate, sf_err *e)
 {
-	size_t Nv[3] = {p->nx, p->ny, p->nz};
 	if (blk[0] + off[0] > p->nx || blk[1] + off[1] > p->ny || blk[2] + off[2] > p->nz ||
 	    !blk[0] || !blk[1] || !blk[2])
 		return sf_fail(e, SF_ERANGE, "cufft: pad of a block outside the plan");
@@ -576,7 +585,7 @@ static int cufft_pad(sf_fft_plan *p, void *dst, const void *src, const size_t bl
 	if (rc)
 		return rc;
 	k_pad<<<(unsigned)(p->ny * p->nz), 256, 0, p->stream>>>((float *)dst, (const float *)src,
-	                                                        shape_of(Nv), shape_of(blk),
+	                                                        plan_shape(p), shape_of(blk),
 	                                                        shape_of(off), replicate);
 	return launched(e, "pad");
 }
@@ -584,24 +593,22 @@ static int cufft_pad(sf_fft_plan *p, void *dst, const void *src, const size_t bl
 static int cufft_crop(sf_fft_plan *p, void *dst, const void *src, const size_t blk[3],
                       const size_t off[3], sf_err *e)
 {
-	size_t Nv[3] = {p->nx, p->ny, p->nz};
 	int rc = rows_fit(blk[1] * blk[2], e);
 	if (rc || !blk[1] || !blk[2])
 		return rc;
 	k_crop<<<(unsigned)(blk[1] * blk[2]), 256, 0, p->stream>>>(
-	    (float *)dst, (const float *)src, shape_of(Nv), shape_of(blk), shape_of(off));
+	    (float *)dst, (const float *)src, plan_shape(p), shape_of(blk), shape_of(off));
 	return launched(e, "crop");
 }
 
 static int cufft_taper(sf_fft_plan *p, void *v, const void *blurred, const size_t blk[3],
                        const size_t off[3], const size_t width[3], sf_err *e)
 {
-	size_t Nv[3] = {p->nx, p->ny, p->nz};
 	int rc = rows_fit(blk[1] * blk[2], e);
 	if (rc || !blk[1] || !blk[2])
 		return rc;
 	k_taper<<<(unsigned)(blk[1] * blk[2]), 256, 0, p->stream>>>(
-	    (float *)v, (const float *)blurred, shape_of(Nv), shape_of(blk), shape_of(off),
+	    (float *)v, (const float *)blurred, plan_shape(p), shape_of(blk), shape_of(off),
 	    shape_of(width));
 	return launched(e, "taper");
 }

@@ -700,14 +700,13 @@ typedef struct blocks {
 	int gpu_slots;       /* slots in use; -1 until the devices were counted */
 	const char *why_cpu; /* why blocks go to the CPU when no slot is usable */
 	/* Input windows, lent to a worker for one block (window_borrow): at
-	 * most window_limit exist, so the host holds that many windows however
+	 * most window_count() exist, so the host holds that many windows however
 	 * many workers there are (2 without a GPU: one read while another is
 	 * deconvolved). */
-	pthread_mutex_t window_lock; /* guards window[], window_busy[], window_limit */
+	pthread_mutex_t window_lock; /* guards window[], window_busy[] */
 	pthread_cond_t window_freed;
 	float *window[WINDOWS_MAX];
 	int window_busy[WINDOWS_MAX];
-	int window_limit; /* 0 until the first borrow */
 	/* The one FFTW context of the stack.  CPU blocks run one at a time on it,
 	 * each with every engine thread inside the FFT passes (as LsDeconv runs
 	 * one block at a time), so the host holds one block working set however
@@ -1110,22 +1109,19 @@ static int window_count(blocks *b)
 	return 2 + 4 * slots;
 }
 
-/* An input window for one block, waiting while window_limit are lent.  A
- * worker holds one window at most, and waits for nothing while it holds
+/* An input window for one block, waiting while window_count() are lent.
+ * A worker holds one window at most, and waits for nothing while it holds
  * it but a GPU context (whose holders never wait for a window). */
 static int window_borrow(const sf_product *p, blocks *b, float **out, sf_err *e)
 {
 	size_t n = (size_t)b->g.in[0] * b->g.in[1] * b->g.in[2];
-	int limit = window_count(b);
-	int i;
+	int limit = window_count(b), i;
 
 	pthread_mutex_lock(&b->window_lock);
-	if (!b->window_limit)
-		b->window_limit = limit < WINDOWS_MAX ? limit : WINDOWS_MAX;
 	for (;;) {
-		for (i = 0; i < b->window_limit && b->window_busy[i]; i++)
+		for (i = 0; i < limit && b->window_busy[i]; i++)
 			;
-		if (i < b->window_limit)
+		if (i < limit)
 			break;
 		pthread_cond_wait(&b->window_freed, &b->window_lock);
 	}
@@ -1144,7 +1140,7 @@ static int window_borrow(const sf_product *p, blocks *b, float **out, sf_err *e)
 static void window_return(blocks *b, float *window)
 {
 	pthread_mutex_lock(&b->window_lock);
-	for (int i = 0; i < b->window_limit; i++)
+	for (int i = 0; i < WINDOWS_MAX; i++)
 		if (b->window[i] == window)
 			b->window_busy[i] = 0;
 	pthread_cond_signal(&b->window_freed);
