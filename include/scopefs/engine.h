@@ -76,7 +76,8 @@ void sf_engine_destroy(sf_engine *g);
  * lock-free atomics, so it is async-signal-safe. */
 void sf_engine_stop_products(sf_engine *g);
 
-/* Register p (sets p->slot).  Thread-safe; p must outlive the engine. */
+/* Register p (sets p->slot) and call its warm op.  Thread-safe; p must
+ * outlive the engine. */
 int sf_engine_add_product(sf_engine *g, sf_product *p, sf_err *e);
 
 /* Copy bytes [off, off+len) of unit `unit` of p into dst, computing the unit

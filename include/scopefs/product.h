@@ -30,6 +30,11 @@ typedef struct sf_product_ops {
 	 * should end early and may fail (SF_EINTR).  Called once, from the
 	 * thread that destroys the engine, before it waits for the workers. */
 	void (*stop)(sf_product *p);
+	/* Optional: the product joined a running engine (after the daemon
+	 * forked).  Returns at once; slow one-off preparation that the first
+	 * read would otherwise wait for (a GPU's runtime start-up) goes on a
+	 * thread the product joins in destroy.  Never computes a unit. */
+	void (*warm)(sf_product *p);
 } sf_product_ops;
 
 struct sf_product {

@@ -641,6 +641,8 @@ int sf_engine_add_product(sf_engine *g, sf_product *p, sf_err *e)
 		g->products[g->product_count++] = p;
 	}
 	pthread_mutex_unlock(&g->lock);
+	if (rc == SF_OK && p->ops->warm)
+		p->ops->warm(p);
 	return rc;
 }
 

@@ -31,7 +31,8 @@
  *     is dropped (log line) and its block read again for another context or
  *     the CPU.  Without a device (or CUDA in the build) everything runs on
  *     FFTW, logged once per stack.  A context is made only when the block
- *     fits in the device's free memory.
+ *     fits in the device's free memory.  The first context is made when the
+ *     engine starts (blocks_warm, on its own thread), not by the first read.
  *  5. Memory: CPU blocks share one FFTW context per stack (cpu_lock), run
  *     one at a time with every engine thread inside its FFT passes, so the
  *     host holds one block working set beside mem, whatever the worker
@@ -714,6 +715,8 @@ typedef struct blocks {
 	pthread_mutex_t cpu_lock; /* guards cpu_ctx and its use */
 	sf_deconv_ctx *cpu_ctx;   /* made on first use; cpu_lock */
 	phase_clock clock;        /* worker time by phase (atomics) */
+	pthread_t warm_thread;    /* blocks_warm's, joined in blocks_destroy */
+	int warm_running;         /* warm_thread was started and not joined */
 } blocks;
 
 /* Window columns [at, at + len) read source columns [src, src + len) of the
@@ -1209,10 +1212,42 @@ static int blocks_compute(sf_product *p, void *state, uint64_t unit, uint8_t *ou
 	return rc;
 }
 
+#ifdef SF_HAVE_CUDA
+/* The CUDA runtime start-up (about 0.9 s on the H200) and the first
+ * context, made here rather than by the first block's worker, so a copy
+ * or a viewer's first plane does not wait for them.  No unit is computed. */
+static void *gpu_warm_main(void *arg)
+{
+	sf_product *p = arg;
+	blocks *b = p->impl;
+	gpu_slot *slot = gpu_borrow(p, b);
+
+	if (slot)
+		gpu_return(b, slot, 0);
+	return NULL;
+}
+#endif
+
+/* With gpu=auto or a device, start the device off the read path (a CUDA
+ * build only: elsewhere blocks go to the CPU and there is nothing to warm). */
+static void blocks_warm(sf_product *p)
+{
+#ifdef SF_HAVE_CUDA
+	blocks *b = p->impl;
+
+	if (b->s.gpu != SF_DECONV_GPU_OFF && !b->warm_running)
+		b->warm_running = pthread_create(&b->warm_thread, NULL, gpu_warm_main, p) == 0;
+#else
+	(void)p;
+#endif
+}
+
 static void blocks_destroy(sf_product *p)
 {
 	blocks *b = p->impl;
 
+	if (b->warm_running)
+		pthread_join(b->warm_thread, NULL);
 	phase_log(p->name, &b->clock);
 	sf_deconv_ctx_destroy(b->cpu_ctx);
 	for (int i = 0; i < b->gpu_slots; i++)
@@ -1243,6 +1278,7 @@ static const sf_product_ops blocks_ops = {
     .unit_bytes = blocks_unit_bytes,
     .destroy = blocks_destroy,
     .stop = blocks_stop,
+    .warm = blocks_warm,
 };
 
 static sf_key mix_double(sf_key k, double v)

@@ -38,6 +38,7 @@ struct test_product {
 	uint64_t hold_misses;            /* ram_misses the held compute waits for */
 	sf_engine *engine;               /* for the hold */
 	atomic_uint starts, stops, bad_state;
+	atomic_uint warms;          /* warm op calls */
 	atomic_int start_fail_left; /* worker_start calls still to fail */
 	atomic_uint live_computes, max_live_computes;
 	pthread_t main_thread;
@@ -130,12 +131,20 @@ static void tp_destroy(sf_product *p)
 	(void)p;
 }
 
+static void tp_warm(sf_product *p)
+{
+	struct test_product *t = p->impl;
+
+	atomic_fetch_add(&t->warms, 1);
+}
+
 static const sf_product_ops tp_ops = {
     .worker_start = tp_worker_start,
     .worker_stop = tp_worker_stop,
     .compute = tp_compute,
     .unit_bytes = tp_unit_bytes,
     .destroy = tp_destroy,
+    .warm = tp_warm,
 };
 
 static struct test_product *tp_new(const char *name, uint64_t units, size_t unit_size,
@@ -385,6 +394,11 @@ static void test_add_products(void)
 	rc = sf_engine_add_product(g, &c->base, &e);
 	CHECK(rc != SF_OK && strstr(e.msg, "c.tif"), "third product accepted: rc %d '%s'", rc,
 	      e.msg);
+	/* warm: once per product the engine took, never for the one it refused */
+	CHECK(atomic_load(&a->warms) == 1 && atomic_load(&b->warms) == 1 &&
+	          atomic_load(&c->warms) == 0,
+	      "warm calls a %u b %u c %u", atomic_load(&a->warms), atomic_load(&b->warms),
+	      atomic_load(&c->warms));
 	/* the same unit index of two products is two entries: each is computed */
 	CHECK(read_and_verify(g, a, 1, 0, 64, &e) && read_and_verify(g, b, 1, 0, 64, &e),
 	      "reads of a and b");
