@@ -94,6 +94,17 @@ void sf_engine_prefetch(sf_engine *g, sf_product *p, uint64_t unit);
 
 void sf_engine_stats_get(sf_engine *g, sf_engine_stats *out);
 
+/* The latest failures (computations, disk cache writes), newest first: a
+ * daemon's stderr is /dev/null, so .scopefs/status shows them.  The same
+ * message again bumps count and time instead of taking another entry. */
+#define SF_ENGINE_RECENT_ERRORS 8
+typedef struct sf_engine_error {
+	int64_t time_s; /* wall clock (time()) of the last occurrence */
+	uint64_t count; /* occurrences in a row */
+	char msg[sizeof(((sf_err *)0)->msg)];
+} sf_engine_error;
+unsigned sf_engine_recent_errors(sf_engine *g, sf_engine_error *out, unsigned cap);
+
 /* Number of workers actually running. */
 unsigned sf_engine_threads(const sf_engine *g);
 

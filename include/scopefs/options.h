@@ -24,6 +24,7 @@ typedef struct sf_options {
 	char *reference;     /* reference=, file name or stem; NULL: first slide by name */
 	char *preset;        /* preset= as given */
 	char *transforms;    /* transforms=DIR: transform files of moving slides, or NULL */
+	char *log_path;      /* log=FILE: log lines appended there (absolute), or NULL: stderr */
 	int interp;          /* interp=: an sf_interp (warp.h), default bilinear */
 	double background;   /* background=: value outside a warped slide */
 	int gpu;             /* gpu=: -1 auto, -2 off, else a device index */

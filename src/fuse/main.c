@@ -3,6 +3,8 @@
  * Exit status: 0 after a clean unmount, 2 for a usage or option error
  * (nothing mounted), 1 when the dataset, cache or mount fails. */
 #define FUSE_USE_VERSION 312
+#include <errno.h>
+#include <fcntl.h>
 #include <malloc.h>
 #include <signal.h>
 #include <stdio.h>
@@ -89,6 +91,26 @@ static int serve(struct fuse_session *se, const sf_options *o)
 	return rc;
 }
 
+/* log=FILE, opened before daemonizing so a bad path is reported to the
+ * user; -1 (and a message) when it cannot be opened for appending. */
+static int open_log(const char *path)
+{
+	int fd = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+
+	if (fd < 0)
+		fprintf(stderr, "scopefs: option 'log': cannot open '%s' for appending: %s\n", path,
+		        strerror(errno));
+	return fd;
+}
+
+/* Log lines go to stderr (log.c); a daemon's stderr is /dev/null, so with
+ * log=FILE it becomes the file: read errors then name their files there. */
+static void log_to_file(int fd)
+{
+	if (fd >= 0 && dup2(fd, STDERR_FILENO) < 0)
+		sf_log(SF_LOG_WARN, "option 'log': %s", strerror(errno));
+}
+
 int main(int argc, char **argv)
 {
 	sf_options o = {0};
@@ -96,7 +118,7 @@ int main(int argc, char **argv)
 	sf_mount *m = NULL;
 	struct fuse_args args = FUSE_ARGS_INIT(0, NULL);
 	struct fuse_session *se = NULL;
-	int status = 1;
+	int status = 1, log_fd = -1;
 
 	if (sf_options_parse(argc, argv, &o, &e) != SF_OK) {
 		fprintf(stderr, "scopefs: %s\n", e.msg);
@@ -131,6 +153,8 @@ int main(int argc, char **argv)
 		status = e.code == SF_EINVAL ? 2 : 1;
 		goto out_options;
 	}
+	if (o.log_path && (log_fd = open_log(o.log_path)) < 0)
+		goto out_mount;
 	if (fuse_argv(&o, argv[0], &args) != SF_OK)
 		goto out_mount;
 	se = fuse_session_new(&args, &sf_fuse_ops, sizeof sf_fuse_ops, m);
@@ -145,6 +169,7 @@ int main(int argc, char **argv)
 	/* Threads do not survive fork: start the engine after daemonizing. */
 	if (fuse_daemonize(o.foreground) != 0)
 		goto out_unmount;
+	log_to_file(log_fd);
 	if (sf_mount_start(m, &e) != SF_OK) {
 		sf_log(SF_LOG_ERROR, "%s", e.msg);
 		goto out_unmount;
@@ -165,6 +190,8 @@ out_args:
 	fuse_opt_free_args(&args);
 out_mount:
 	sf_mount_free(m);
+	if (log_fd >= 0)
+		close(log_fd);
 out_options:
 	sf_options_free(&o);
 	return status;

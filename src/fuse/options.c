@@ -49,6 +49,7 @@ static const option_def option_table[] = {
     {"reference", OPT_STRING, "reference=NAME   reference slide, file name or stem"},
     {"preset", OPT_STRING, "preset=NAME      read options from mountopts/NAME"},
     {"transforms", OPT_STRING, "transforms=DIR   transform files of the moving slides"},
+    {"log", OPT_STRING, "log=FILE         append log lines to FILE (daemonized: else lost)"},
     {"interp", OPT_STRING, "interp=NAME      warp interpolation: bilinear, bicubic, nearest"},
     {"background", OPT_STRING, "background=V     value outside a warped slide (default 0)"},
     {"gpu", OPT_STRING, "gpu=auto|off|N   GPU for warps and deconvolution (default auto)"},
@@ -314,6 +315,8 @@ static int apply_option(parse_state *ps, const char *item, int from_cli, const c
 			return set_string(&o->reference, value, e, d->key);
 		if (!strcmp(d->key, "transforms"))
 			return set_string(&o->transforms, value, e, d->key);
+		if (!strcmp(d->key, "log"))
+			return set_string(&o->log_path, value, e, d->key);
 		if (!strcmp(d->key, "interp"))
 			return parse_interp(value, o, origin, e);
 		if (!strcmp(d->key, "background"))
@@ -443,10 +446,36 @@ static int absolute_future_path(const char *path, char *out, size_t cap)
 	return (size_t)snprintf(out, cap, "%s/%s", resolved, path) < cap ? SF_OK : SF_ERANGE;
 }
 
+/* path (absolute by now) is RAW_DIR raw or below it. */
+static int inside_raw(const char *path, const char *raw)
+{
+	size_t n = strlen(raw);
+
+	return !strncmp(path, raw, n) && (path[n] == '/' || path[n] == '\0');
+}
+
+/* log=FILE made absolute (the daemon changes to /) and kept out of RAW_DIR. */
+static int check_log_path(sf_options *o, const char *raw, sf_err *e)
+{
+	char log[PATH_MAX];
+
+	if (!o->log_path)
+		return SF_OK;
+	if (absolute_future_path(o->log_path, log, sizeof log) != SF_OK)
+		return sf_fail(e, SF_EINVAL, "option 'log': cannot resolve '%s'", o->log_path);
+	if (inside_raw(log, raw))
+		return sf_fail(
+		    e, SF_EINVAL,
+		    "option 'log': '%s' is inside RAW_DIR '%s'; the raw dataset is never "
+		    "written to",
+		    o->log_path, raw);
+	return set_string(&o->log_path, log, e, "log");
+}
+
 static int check_paths(sf_options *o, sf_err *e)
 {
 	char raw[PATH_MAX], cache[PATH_MAX];
-	size_t n;
+	int rc;
 
 	if (!realpath(o->raw_dir, raw))
 		return sf_fail(e, SF_EINVAL, "RAW_DIR '%s': %s", o->raw_dir, strerror(errno));
@@ -454,12 +483,14 @@ static int check_paths(sf_options *o, sf_err *e)
 		return sf_fail(e, SF_ENOMEM, "out of memory");
 	if (absolute_future_path(o->cache_dir, cache, sizeof cache) != SF_OK)
 		return sf_fail(e, SF_EINVAL, "option 'cache': cannot resolve '%s'", o->cache_dir);
-	n = strlen(raw);
-	if (!strncmp(cache, raw, n) && (cache[n] == '/' || cache[n] == '\0'))
+	if (inside_raw(cache, raw))
 		return sf_fail(e, SF_EINVAL,
 		               "option 'cache': '%s' is inside RAW_DIR '%s'; the raw dataset is "
 		               "never written to",
 		               o->cache_dir, raw);
+	rc = check_log_path(o, raw, e);
+	if (rc != SF_OK)
+		return rc;
 	if (set_string(&o->raw_dir, raw, e, "RAW_DIR") != SF_OK)
 		return SF_ENOMEM;
 	return set_string(&o->cache_dir, cache, e, "cache");
@@ -523,6 +554,7 @@ void sf_options_free(sf_options *o)
 	free(o->raw_dir);
 	free(o->mountpoint);
 	free(o->cache_dir);
+	free(o->log_path);
 	free(o->reference);
 	free(o->preset);
 	free(o->transforms);

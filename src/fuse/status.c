@@ -67,6 +67,30 @@ static void json_string(json *j, const char *s)
 	json_add(j, "\"");
 }
 
+/* "recent_errors": the engine's latest failures, newest first (a daemon's
+ * log lines are lost without log=FILE). */
+static void json_recent_errors(json *j, const sf_mount *m)
+{
+	sf_engine_error r[SF_ENGINE_RECENT_ERRORS];
+	unsigned n = m->engine ? sf_engine_recent_errors(m->engine, r, SF_ENGINE_RECENT_ERRORS) : 0;
+
+	json_add(j, "  \"recent_errors\": [");
+	for (unsigned i = 0; i < n; i++) {
+		time_t t = (time_t)r[i].time_s;
+		struct tm tm;
+		char when[32];
+
+		gmtime_r(&t, &tm);
+		strftime(when, sizeof when, "%Y-%m-%dT%H:%M:%SZ", &tm);
+		json_add(j,
+		         "%s\n    {\"time\": \"%s\", \"count\": %llu, \"message\": ", i ? "," : "",
+		         when, (unsigned long long)r[i].count);
+		json_string(j, r[i].msg);
+		json_add(j, "}");
+	}
+	json_add(j, "%s],\n", n ? "\n  " : "");
+}
+
 static void json_counters(json *j, const sf_mount *m)
 {
 	sf_engine_stats es = {0};
@@ -108,6 +132,7 @@ static void json_counters(json *j, const sf_mount *m)
 	         (unsigned long long)cs.bytes, (unsigned long long)cs.entries,
 	         (unsigned long long)cs.corrupt, (unsigned long long)cs.evicted,
 	         (unsigned long long)cs.written);
+	json_recent_errors(j, m);
 }
 
 static void json_dataset(json *j, const sf_mount *m)

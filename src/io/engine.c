@@ -55,6 +55,7 @@
 #include <inttypes.h>
 #include <pthread.h>
 #include <stdbool.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -125,6 +126,12 @@ struct sf_engine {
 	unsigned prefetch_running; /* workers computing a unit claimed from the prefetch queue */
 	uint64_t ram_units;        /* COMPUTING + READY entries */
 	sf_engine_stats stats;
+	struct recent_error {
+		sf_engine_error err;
+		uint64_t seq; /* recent_seq at its last occurrence */
+	} recent[SF_ENGINE_RECENT_ERRORS];
+	unsigned recent_count; /* entries of recent[] in use */
+	uint64_t recent_seq;
 };
 
 /* ---- lists ------------------------------------------------------------- */
@@ -400,6 +407,37 @@ static void settle_unit(sf_engine *g, struct unit_entry *u, int rc, sf_err *err,
 	pthread_cond_broadcast(&g->unit_done);
 }
 
+/* With g->lock: remember "product: msg" among the recent errors (without
+ * the unit, so one cause over many units stays one entry).  A message
+ * already there is bumped; else it takes the least recently seen entry. */
+static void note_error(sf_engine *g, const sf_product *p, const char *why)
+{
+	char msg[sizeof g->recent[0].err.msg];
+	size_t n = strlen(p->name);
+	struct recent_error *r = NULL;
+
+	if (!strncmp(why, p->name, n) && why[n] == ':')
+		snprintf(msg, sizeof msg, "%s", why);
+	else
+		snprintf(msg, sizeof msg, "%s: %s", p->name, why);
+	for (unsigned i = 0; i < g->recent_count && !r; i++)
+		if (!strcmp(g->recent[i].err.msg, msg))
+			r = &g->recent[i];
+	if (!r) {
+		if (g->recent_count < SF_ENGINE_RECENT_ERRORS)
+			r = &g->recent[g->recent_count++];
+		else
+			for (unsigned i = 0; i < SF_ENGINE_RECENT_ERRORS; i++)
+				if (!r || g->recent[i].seq < r->seq)
+					r = &g->recent[i];
+		snprintf(r->err.msg, sizeof r->err.msg, "%s", msg);
+		r->err.count = 0;
+	}
+	r->err.count++;
+	r->err.time_s = (int64_t)time(NULL);
+	r->seq = ++g->recent_seq;
+}
+
 /* Make one claimed unit, without the lock except around bookkeeping. */
 static void work_on(struct worker *w, struct unit_entry *u, bool is_prefetch)
 {
@@ -425,6 +463,8 @@ static void work_on(struct worker *w, struct unit_entry *u, bool is_prefetch)
 	}
 
 	pthread_mutex_lock(&g->lock);
+	if (rc != SF_OK)
+		note_error(g, p, err.msg);
 	settle_unit(g, u, rc, &err, buf, from_disk, &dead_buf);
 	if (is_prefetch) {
 		/* The unit is made: its disk write below need not hold a prefetch
@@ -442,12 +482,16 @@ static void work_on(struct worker *w, struct unit_entry *u, bool is_prefetch)
 		struct timespec t0, t1;
 
 		clock_gettime(CLOCK_MONOTONIC, &t0);
-		if (sf_cache_put(g->cache, unit_key(p, u->unit), buf, u->bytes, p->elem_bytes,
-		                 &ce) != SF_OK)
+		int put =
+		    sf_cache_put(g->cache, unit_key(p, u->unit), buf, u->bytes, p->elem_bytes, &ce);
+
+		if (put != SF_OK)
 			sf_log(SF_LOG_WARN, "%s: unit %" PRIu64 ": disk cache write failed: %s",
 			       p->name, u->unit, ce.msg);
 		clock_gettime(CLOCK_MONOTONIC, &t1);
 		pthread_mutex_lock(&g->lock);
+		if (put != SF_OK)
+			note_error(g, p, ce.msg);
 		g->stats.cache_write_ns +=
 		    (uint64_t)((t1.tv_sec - t0.tv_sec) * 1000000000LL + (t1.tv_nsec - t0.tv_nsec));
 		pthread_mutex_unlock(&g->lock);
@@ -801,4 +845,23 @@ void sf_engine_stats_get(sf_engine *g, sf_engine_stats *out)
 	pthread_mutex_lock(&g->lock);
 	*out = g->stats;
 	pthread_mutex_unlock(&g->lock);
+}
+
+unsigned sf_engine_recent_errors(sf_engine *g, sf_engine_error *out, unsigned cap)
+{
+	uint64_t below = UINT64_MAX; /* the seq of the last entry output */
+	unsigned n = 0;
+
+	pthread_mutex_lock(&g->lock);
+	while (n < cap && n < g->recent_count) {
+		const struct recent_error *next = NULL;
+
+		for (unsigned i = 0; i < g->recent_count; i++)
+			if (g->recent[i].seq < below && (!next || g->recent[i].seq > next->seq))
+				next = &g->recent[i];
+		out[n++] = next->err;
+		below = next->seq;
+	}
+	pthread_mutex_unlock(&g->lock);
+	return n;
 }

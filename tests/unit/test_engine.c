@@ -578,6 +578,43 @@ static void test_failure(void)
 	free(t);
 }
 
+/* The recent errors: newest first, one entry per message (a repeat bumps
+ * its count and makes it the newest), the least recently seen evicted. */
+static void test_recent_errors(void)
+{
+	struct test_product *t = tp_new("recent.tif", 12, 100, 0);
+	sf_engine *g = engine_new(1, 1u << 20, NULL);
+	sf_engine_error r[SF_ENGINE_RECENT_ERRORS + 2];
+	uint8_t buf[100];
+	sf_err e = {0};
+	char want[64];
+	unsigned n, in_order = 0;
+
+	add_product(g, t);
+	CHECK(sf_engine_recent_errors(g, r, 4) == 0, "errors before any failure");
+	for (uint64_t u = 0; u < 10; u++) {
+		atomic_store(&t->fail_left[u], 1);
+		CHECK(sf_engine_read(g, &t->base, u, 0, 10, buf, &e) == SF_EIO, "unit %" PRIu64, u);
+	}
+	n = sf_engine_recent_errors(g, r, SF_ENGINE_RECENT_ERRORS + 2);
+	for (unsigned i = 0; i < n; i++) {
+		snprintf(want, sizeof want, "recent.tif: unit %u: injected failure", 9 - i);
+		in_order += !strcmp(r[i].msg, want) && r[i].count == 1 && r[i].time_s > 0;
+	}
+	CHECK(n == SF_ENGINE_RECENT_ERRORS && in_order == n,
+	      "%u entries, %u as expected (units 9 down to 2); first '%s'", n, in_order,
+	      n ? r[0].msg : "");
+	atomic_store(&t->fail_left[3], 1);
+	CHECK(sf_engine_read(g, &t->base, 3, 0, 10, buf, &e) == SF_EIO, "unit 3 again");
+	n = sf_engine_recent_errors(g, r, 2);
+	CHECK(n == 2 && strstr(r[0].msg, "unit 3:") && r[0].count == 2 &&
+	          strstr(r[1].msg, "unit 9:"),
+	      "a repeat is bumped to the front: %u, '%s' x%" PRIu64, n, n ? r[0].msg : "",
+	      n ? r[0].count : 0);
+	sf_engine_destroy(g);
+	free(t);
+}
+
 /* A failing worker_start fails the read with its message and is tried again
  * by the next compute on that worker. */
 static void test_worker_start_failure(void)
@@ -785,6 +822,8 @@ int main(void)
 	test_memory_bound();
 	test_tiny_memory();
 	test_failure();
+	fprintf(stderr, "test_engine: 11 'injected failure' warnings are expected below\n");
+	test_recent_errors();
 	test_worker_start_failure();
 	test_prefetch();
 	test_prefetch_does_not_starve_reads();
