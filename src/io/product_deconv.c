@@ -31,8 +31,9 @@
  *     is dropped (log line) and its block read again for another context or
  *     the CPU.  Without a device (or CUDA in the build) everything runs on
  *     FFTW, logged once per stack.  A context is made only when the block
- *     fits in the device's free memory.  The first context is made when the
- *     engine starts (blocks_warm, on its own thread), not by the first read.
+ *     fits in the device's free memory.  The CUDA runtime and the devices'
+ *     primary contexts start when the engine starts (blocks_warm, on a
+ *     thread of the stack's own), not at the first block.
  *  5. Memory: CPU blocks share one FFTW context per stack (cpu_lock), run
  *     one at a time with every engine thread inside its FFT passes, so the
  *     host holds one block working set beside mem, whatever the worker
@@ -1213,17 +1214,37 @@ static int blocks_compute(sf_product *p, void *state, uint64_t unit, uint8_t *ou
 }
 
 #ifdef SF_HAVE_CUDA
-/* The CUDA runtime start-up (about 0.9 s on the H200) and the first
- * context, made here rather than by the first block's worker, so a copy
- * or a viewer's first plane does not wait for them.  No unit is computed. */
+/* The CUDA runtime start-up and each used device's primary context (about
+ * 0.9 s on the H200 at the first block before), made here rather than by
+ * the first block's worker, so a copy or a viewer's first plane does not
+ * wait for them.  Shared by every stack of the process (the runtime starts
+ * once); no cuFFT context is made and no block is computed, so a stack
+ * nobody reads holds no device memory of its own. */
 static void *gpu_warm_main(void *arg)
 {
-	sf_product *p = arg;
-	blocks *b = p->impl;
-	gpu_slot *slot = gpu_borrow(p, b);
+	blocks *b = arg;
+	int devices[GPU_SLOTS_MAX], count = 0;
 
-	if (slot)
-		gpu_return(b, slot, 0);
+	pthread_mutex_lock(&b->gpu_lock);
+	if (b->gpu_slots < 0)
+		gpu_slots_init(b);
+	for (int i = 0; i < b->gpu_slots; i++) {
+		int seen = 0;
+
+		for (int k = 0; k < count; k++)
+			seen |= devices[k] == b->gpu[i].device;
+		if (!seen)
+			devices[count++] = b->gpu[i].device;
+	}
+	pthread_mutex_unlock(&b->gpu_lock);
+	for (int i = 0; i < count; i++) {
+		size_t free_bytes, total_bytes;
+		sf_err e = {0};
+
+		if (sf_fft_cuda_mem_info(devices[i], &free_bytes, &total_bytes, &e) != SF_OK)
+			sf_log(SF_LOG_DEBUG, "deconvolution: CUDA device %d: %s", devices[i],
+			       e.msg);
+	}
 	return NULL;
 }
 #endif
@@ -1236,7 +1257,7 @@ static void blocks_warm(sf_product *p)
 	blocks *b = p->impl;
 
 	if (b->s.gpu != SF_DECONV_GPU_OFF && !b->warm_running)
-		b->warm_running = pthread_create(&b->warm_thread, NULL, gpu_warm_main, p) == 0;
+		b->warm_running = pthread_create(&b->warm_thread, NULL, gpu_warm_main, b) == 0;
 #else
 	(void)p;
 #endif
