@@ -48,11 +48,17 @@
 
 #include "scopefs/log.h"
 
-#define MAX_PAGES     (1u << 20)   /* more main-chain pages than this: refuse */
-#define MAX_ALLOC     (1ll << 30)  /* libtiff's cap on one allocation (corrupt headers) */
-#define LRU_SLOTS     16           /* decoded tiles or strips kept per reader */
-#define LRU_BUDGET    (48u << 20)  /* bytes of decoded data kept per reader */
-#define SPAN_READ_MAX (1u << 20)   /* uncompressed rows read in one pread up to this size */
+#define MAX_PAGES     (1u << 20)  /* more main-chain pages than this: refuse */
+#define MAX_ALLOC     (1ll << 30) /* libtiff's cap on one allocation (corrupt headers) */
+#define LRU_SLOTS     16          /* decoded tiles or strips kept per reader */
+#define LRU_BUDGET    (48u << 20) /* bytes of decoded data kept per reader */
+#define SPAN_READ_MAX (1u << 20)  /* uncompressed rows read in one pread up to this size */
+/* ... or up to SPAN_READ_CAP when each row skips at most SPAN_SKIP_MAX bytes:
+ * one pread of a 306-row span of 4 KiB rows (a deconvolution window of a
+ * 2048-wide uint16 plane) took 65 us against 147 us for 306 row preads of
+ * 612 bytes; at 8 KiB rows the two were even, at 16 KiB the rows won 2:1. */
+#define SPAN_SKIP_MAX 4096u
+#define SPAN_READ_CAP (16u << 20)
 #define MAX_UNIT      (256u << 20) /* largest compressed tile or strip we decode whole */
 #define SHARE_SLOTS   256          /* decoded units kept per slide for all its readers */
 #define SHARE_BUDGET  (64u << 20)  /* bytes of them, all slides together */
@@ -1563,7 +1569,8 @@ static int copy_raw(sf_slide_reader *r, const region *rg, const unit_part *u, sf
 			swab_row(g, d, span / g->sample_bytes);
 		return rc;
 	}
-	if (span <= SPAN_READ_MAX || span <= 4 * (size_t)rows * row_bytes) {
+	if (span <= SPAN_READ_MAX || span <= 4 * (size_t)rows * row_bytes ||
+	    (stride - row_bytes <= SPAN_SKIP_MAX && span <= SPAN_READ_CAP)) {
 		/* One read of the rows, then copy the columns out. */
 		if (span > r->span_cap) {
 			uint8_t *ns = realloc(r->span, span);

@@ -500,7 +500,21 @@ static void test_flat(void)
 		sf_slide_reader_close(r);
 		sf_slide_info_free(s);
 	}
-	/* One big strip, narrow reads: per-row reads of a wide unit. */
+	/* One big strip, narrow reads.  2048 columns: the rows skip at most 4 KiB,
+	 * so one pread of the span (slide.c's SPAN_SKIP_MAX); 8192 columns: one
+	 * pread per row.  Both against the pattern. */
+	const char *pwider = tmp_path("wider.tif");
+	ifd_spec swider = {
+	    .w = 8192, .h = 100, .dt = SF_U16, .spp = 1, .id = 10, .compression = COMPRESSION_NONE};
+	CHECK(write_tiff(pwider, "w", &swider, 1), "write %s", pwider);
+	s = probe_ok(pwider, "wider");
+	if (s) {
+		sf_slide_reader *r = reader_ok(s, "wider");
+		if (r)
+			check_region(r, &swider, 0, 0, 4000, 2, 50, 95, 0, "wider");
+		sf_slide_reader_close(r);
+		sf_slide_info_free(s);
+	}
 	const char *pwide = tmp_path("wide.tif");
 	ifd_spec swide = {
 	    .w = 2048, .h = 300, .dt = SF_U16, .spp = 1, .id = 9, .compression = COMPRESSION_NONE};
