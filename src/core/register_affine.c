@@ -28,6 +28,7 @@
 #include <string.h>
 
 #include "register_math.h"
+#include "scopefs/select.h"
 
 #define MAXP          8     /* 6 geometric + gain + bias */
 #define STEP_TOL      0.005 /* stop when no reference corner moves more (level px) */
@@ -85,57 +86,94 @@ typedef struct pass_job {
 	float *resid;    /* per reference pixel, -1 where unused; may be NULL */
 } pass_job;
 
-static void pass_block(void *ctx, long b)
+/* The normal equations' sums of one used pixel: g += w j r, h += w j j^T
+ * (upper triangle).  np is a constant at each call (6 or 8). */
+static inline __attribute__((always_inline)) void
+accumulate(int np, const double *j, double w, double r, double h[MAXP][MAXP], double *g)
 {
-	const pass_job *jb = ctx;
+	for (int a = 0; a < np; a++) {
+		double wj = w * j[a];
+		g[a] += wj * r;
+		for (int c = a; c < np; c++)
+			h[a][c] += wj * j[c];
+	}
+}
+
+/* Rows [y0, y1) of a pass at map m (pass_job), the sums into s.  np: the
+ * parameters (a constant where it is called).  The sums live in locals
+ * (no aliasing with the images) and are added in pixel order, as before. */
+static inline __attribute__((always_inline)) void
+pass_rows(const pass_job *jb, const double *m, int np, uint32_t y0, uint32_t y1, pass_sums *s)
+{
 	const reg_fit_level *lv = jb->lv;
 	const fit_params *fp = jb->fp;
-	const double *m = jb->m;
-	pass_sums *s = &jb->part[b];
-	int np = fp->g.ng + 2;
-	memset(s, 0, sizeof *s);
-	double g = fp->p[fp->g.ng], o = fp->p[fp->g.ng + 1], cost = 0;
-	double xmax = lv->mov.w - 1.0, ymax = lv->mov.h - 1.0, s2 = jb->sigma * jb->sigma;
-	const sf_reg_image *ref = &lv->ref;
-	uint32_t y0 = (uint32_t)b * REG_BLOCK_ROWS;
-	uint32_t y1 = y0 + REG_BLOCK_ROWS < ref->h ? y0 + REG_BLOCK_ROWS : ref->h;
+	const reg_geom geom = fp->g;
+	double h[MAXP][MAXP] = {{0}}, gs[MAXP] = {0};
+	double g = fp->p[geom.ng], o = fp->p[geom.ng + 1], cost = 0, sigma = jb->sigma;
+	double xmax = lv->mov.w - 1.0, ymax = lv->mov.h - 1.0, s2 = sigma * sigma;
+	const float *ref = lv->ref.px, *mp = lv->mov.px, *gxp = lv->gx.px, *gyp = lv->gy.px;
+	const uint8_t *mask = lv->mask;
+	float *resid = jb->resid;
+	long rw = lv->ref.w, w = lv->mov.w, hh = lv->mov.h;
+	size_t n = 0;
 	for (uint32_t y = y0; y < y1; y++) {
-		for (uint32_t x = 0; x < ref->w; x++) {
-			size_t i = (size_t)y * ref->w + x;
-			if (jb->resid)
-				jb->resid[i] = -1;
-			if (lv->mask && !lv->mask[i])
+		for (uint32_t x = 0; x < (uint32_t)rw; x++) {
+			size_t i = (size_t)y * rw + x;
+			if (resid)
+				resid[i] = -1;
+			if (mask && !mask[i])
 				continue;
 			double sx = m[0] * x + m[1] * y + m[2], sy = m[3] * x + m[4] * y + m[5];
 			if (sx < 0 || sy < 0 || sx > xmax || sy > ymax)
 				continue;
 			double mv, dx, dy;
-			sample3(lv, sx, sy, &mv, &dx, &dy);
+			/* sample3's arithmetic; inside the last pixel centres (the
+			 * common case) without its edge tests.  sx, sy >= 0 here, so
+			 * the truncation is the floor. */
+			long ix = (long)sx, iy = (long)sy;
+			if (ix + 1 < w && iy + 1 < hh) {
+				float ax = (float)(sx - (double)ix), ay = (float)(sy - (double)iy);
+				long k = iy * w + ix;
+				mv = reg_bilerp(mp, k, w, ax, ay);
+				dx = reg_bilerp(gxp, k, w, ax, ay);
+				dy = reg_bilerp(gyp, k, w, ax, ay);
+			} else
+				sample3(lv, sx, sy, &mv, &dx, &dy);
 			dx *= g;
 			dy *= g;
-			double r = ref->px[i] - (g * mv + o), w = 1;
-			if (jb->resid)
-				jb->resid[i] = (float)fabs(r);
-			if (jb->sigma > 0) {
+			double r = ref[i] - (g * mv + o), wgt = 1;
+			if (resid)
+				resid[i] = (float)fabs(r);
+			if (sigma > 0) {
 				double d = s2 + r * r;
-				w = s2 * s2 / (d * d);
+				wgt = s2 * s2 / (d * d);
 				cost += r * r / d;
 			} else
 				cost += r * r;
 			double j[MAXP];
-			reg_geom_jacobian(&fp->g, x, y, dx, dy, j);
-			j[fp->g.ng] = mv;
-			j[fp->g.ng + 1] = 1;
-			for (int a = 0; a < np; a++) {
-				double wj = w * j[a];
-				s->g[a] += wj * r;
-				for (int c = a; c < np; c++)
-					s->h[a][c] += wj * j[c];
-			}
-			s->n++;
+			reg_geom_jacobian(&geom, x, y, dx, dy, j);
+			j[geom.ng] = mv;
+			j[geom.ng + 1] = 1;
+			accumulate(np, j, wgt, r, h, gs);
+			n++;
 		}
 	}
+	memcpy(s->h, h, sizeof h);
+	memcpy(s->g, gs, sizeof gs);
 	s->cost = cost; /* the block's sum; fit_pass makes the mean */
+	s->n = n;
+}
+
+static void pass_block(void *ctx, long b)
+{
+	const pass_job *jb = ctx;
+	uint32_t y0 = (uint32_t)b * REG_BLOCK_ROWS, h = jb->lv->ref.h;
+	uint32_t y1 = y0 + REG_BLOCK_ROWS < h ? y0 + REG_BLOCK_ROWS : h;
+	pass_sums *s = &jb->part[b];
+	if (jb->fp->g.ng == 6)
+		pass_rows(jb, jb->m, 8, y0, y1, s);
+	else
+		pass_rows(jb, jb->m, 6, y0, y1, s);
 }
 
 /* One pass: residuals, robust weights (sigma > 0) and the normal equations,
@@ -276,12 +314,6 @@ static int extrapolate(const reg_fit_level *lv, const fit_params *before, fit_pa
 	return 1;
 }
 
-static int cmp_float(const void *a, const void *b)
-{
-	float x = *(const float *)a, y = *(const float *)b;
-	return (x > y) - (x < y);
-}
-
 /* Least-squares gain and bias of ref against mov(m x) over the used pixels. */
 static void fit_gain_bias(const reg_fit_level *lv, fit_params *fp)
 {
@@ -327,8 +359,8 @@ static int fit_level_run(const reg_fit_level *lv, fit_params *fp, int max_iter, 
 	fit_pass(lv, fp, 0, pool, part, &cur, resid);
 	double sigma = 0;
 	if (cur.n > 16) {
-		qsort(resid, cur.n, sizeof *resid, cmp_float);
-		sigma = GM_SCALE_MADS * 1.4826 * resid[cur.n / 2];
+		/* The median by selection: the value a full sort puts there. */
+		sigma = GM_SCALE_MADS * 1.4826 * sf_select_kth(resid, cur.n, cur.n / 2);
 	}
 	free(resid);
 	if (!(sigma > 1e-6) || cur.n < 16) {

@@ -189,22 +189,3 @@ void reg_geom_from_map(const reg_geom *g, const double m[9], double *p)
 		p[3] = m[3], p[4] = m[4], p[5] = b2;
 	}
 }
-
-void reg_geom_jacobian(const reg_geom *g, double x, double y, double dx, double dy, double *j)
-{
-	double u1 = x - g->cx, u2 = y - g->cy;
-	if (g->ng == 4) {
-		u1 *= g->f0;
-		j[0] = dx * u1 + dy * u2;
-		j[1] = -dx * u2 + dy * u1;
-		j[2] = dx;
-		j[3] = dy;
-	} else {
-		j[0] = dx * u1;
-		j[1] = dx * u2;
-		j[2] = dx;
-		j[3] = dy * u1;
-		j[4] = dy * u2;
-		j[5] = dy;
-	}
-}

@@ -13,6 +13,16 @@
 
 /* Bilinear sample of im at (x, y); pixels outside the image count as 0, so
  * the value fades to 0 over the half pixel beyond the edge centres. */
+/* Bilinear value of plane p at pixel k (its right and lower neighbours
+ * inside) with weights ax, ay: the one float evaluation order the fast
+ * interior paths share, so they match their edge-testing fallbacks. */
+static inline float reg_bilerp(const float *p, long k, long w, float ax, float ay)
+{
+	float top = p[k] + ax * (p[k + 1] - p[k]);
+	float bot = p[k + w] + ax * (p[k + w + 1] - p[k + w]);
+	return top + ay * (bot - top);
+}
+
 static inline float reg_sample_zero(const sf_reg_image *im, double x, double y)
 {
 	double fx = floor(x), fy = floor(y);
@@ -103,7 +113,26 @@ typedef struct reg_geom {
  * gradient (dx, dy), into j[0 .. ng). */
 void reg_geom_to_map(const reg_geom *g, const double *p, double m[9]);
 void reg_geom_from_map(const reg_geom *g, const double m[9], double *p);
-void reg_geom_jacobian(const reg_geom *g, double x, double y, double dx, double dy, double *j);
+/* Inline: the fits call it once per pixel and pass. */
+static inline void reg_geom_jacobian(const reg_geom *g, double x, double y, double dx, double dy,
+                                     double *j)
+{
+	double u1 = x - g->cx, u2 = y - g->cy;
+	if (g->ng == 4) {
+		u1 *= g->f0;
+		j[0] = dx * u1 + dy * u2;
+		j[1] = -dx * u2 + dy * u1;
+		j[2] = dx;
+		j[3] = dy;
+	} else {
+		j[0] = dx * u1;
+		j[1] = dx * u2;
+		j[2] = dx;
+		j[3] = dy * u1;
+		j[4] = dy * u2;
+		j[5] = dy;
+	}
+}
 
 /* What a refinement (NCC or MI) works on: both pyramids and the levels it
  * runs, from lc (coarsest: the reference's longest side at most min_dim)

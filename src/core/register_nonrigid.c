@@ -27,9 +27,17 @@
  * coarse to fine over box-halved pyramids, the field doubled and resampled
  * between levels, until the mean squared mismatch stops falling.
  *
+ * Only the pixels with weight > 0 (the tissue, about a quarter of a
+ * slide's thumbnail) have a force, so each level lists them as runs per
+ * row: the warp is made only where forces() reads it, the fluid blur skips
+ * rows and columns the update cannot reach, and the composition does not
+ * resample where the update is zero.  None of this changes a bit of the
+ * result: the skipped sums would all be exactly 0 or give u itself.
+ *
  * Memory at the finest level of n pixels: 7 n floats (two normalised
- * images, the field, the update, one scratch), plus movA and the weights at
- * the thumbnail size with their pyramids. */
+ * images, the field, the update, one scratch) and the runs (at most 2 n
+ * floats' worth, for a checkerboard mask; a few KB for tissue), plus movA
+ * and the weights at the thumbnail size with their pyramids. */
 #include "scopefs/register.h"
 
 #include <math.h>
@@ -55,6 +63,14 @@ typedef struct nr_level {
 	float floor_g2;   /* added to |J|^2: grad_floor * mean |grad Nref|^2 */
 	double *part;     /* per row block: the mismatch sums of forces() */
 	reg_pool *pool;   /* borrowed: NULL on small levels (serial) */
+	/* Runs [x0, x1) of pixels, row by row (row y's runs are run[row[y]]
+	 * .. run[row[y + 1]], two int32 each): `used` where wt > 0 (the only
+	 * pixels with a force), `need` those and their 4-neighbours (the
+	 * only pixels whose warped value forces() reads).  About a quarter
+	 * of a slide's thumbnail is tissue, so the warp skips most of it. */
+	int32_t *used, *need;
+	long *used_row, *need_row;
+	long *fluid_ext; /* blur_extents() of the used runs for sigma_fluid */
 } nr_level;
 
 void sf_reg_nonrigid_opts_default(sf_reg_nonrigid_opts *o)
@@ -137,40 +153,108 @@ taps_sum(float *restrict d, const float *const *rows, const float *k, int r, lon
 	}
 }
 
-static void blur_rows(const float *src, float *dst, long w, long y0, long y1, const float *k, int r)
+/* The radius of blur()'s kernel for sigma. */
+static int blur_radius(double sigma)
+{
+	int r = (int)ceil(3 * sigma);
+	return r > MAX_RADIUS ? MAX_RADIUS : r;
+}
+
+/* The horizontal pass at pixel x of row s, the taps clamped to the row. */
+static inline float blur_edge_px(const float *s, long w, long x, const float *k, int r)
+{
+	float acc = 0;
+	for (int t = -r; t <= r; t++)
+		acc += k[t + r] * s[clampl(x + t, 0, w - 1)];
+	return acc;
+}
+
+/* The horizontal pass of row s into d at x in [x0, x1): the edge pixels
+ * (x < r or x >= w - r) one by one, the rest through taps_sum. */
+static void blur_row_span(const float *s, float *d, long w, long x0, long x1, const float *k, int r)
 {
 	const float *rows[2 * MAX_RADIUS + 1];
-	for (long y = y0; y < y1; y++) {
-		const float *restrict s = src + y * w;
-		float *restrict d = dst + y * w;
-		long lo = r < w ? r : w, hi = w - r > lo ? w - r : lo; /* interior [lo, hi) */
-		for (long x = 0; x < lo; x++) {
-			float acc = 0;
-			for (int t = -r; t <= r; t++)
-				acc += k[t + r] * s[clampl(x + t, 0, w - 1)];
-			d[x] = acc;
-		}
-		for (long x = hi; x < w; x++) {
-			float acc = 0;
-			for (int t = -r; t <= r; t++)
-				acc += k[t + r] * s[clampl(x + t, 0, w - 1)];
-			d[x] = acc;
-		}
+	long lo = r < w ? r : w, hi = w - r > lo ? w - r : lo; /* interior [lo, hi) */
+	for (long x = x0; x < x1 && x < lo; x++)
+		d[x] = blur_edge_px(s, w, x, k, r);
+	for (long x = x0 > hi ? x0 : hi; x < x1; x++)
+		d[x] = blur_edge_px(s, w, x, k, r);
+	long a = x0 > lo ? x0 : lo, b = x1 < hi ? x1 : hi;
+	if (a < b) {
 		for (int t = -r; t <= r; t++)
-			rows[t + r] = s + lo + t;
-		taps_sum(d + lo, rows, k, r, hi - lo);
+			rows[t + r] = s + a + t;
+		taps_sum(d + a, rows, k, r, b - a);
+	}
+}
+
+/* The extents of a blur of radius r of an image that is zero outside the
+ * runs (run, row) (nr_level's form), 4 longs per row: [0, 1) the columns
+ * where the horizontal pass can be nonzero, [2, 3) those of the vertical
+ * pass (the union over the rows it reads); empty where lo >= hi. */
+static void blur_extents(const int32_t *run, const long *row, long w, long h, int r, long *ext)
+{
+	for (long y = 0; y < h; y++) {
+		long lo = 0, hi = 0;
+		if (row[y + 1] > row[y]) {
+			lo = run[2 * row[y]] - r;
+			hi = run[2 * (row[y + 1] - 1) + 1] + r;
+			lo = lo > 0 ? lo : 0;
+			hi = hi < w ? hi : w;
+		}
+		ext[4 * y] = lo;
+		ext[4 * y + 1] = hi;
+	}
+	for (long y = 0; y < h; y++) {
+		long lo = w, hi = 0;
+		for (int t = -r; t <= r; t++) {
+			const long *e = ext + 4 * clampl(y + t, 0, h - 1);
+			if (e[0] < e[1]) {
+				lo = e[0] < lo ? e[0] : lo;
+				hi = e[1] > hi ? e[1] : hi;
+			}
+		}
+		ext[4 * y + 2] = lo < hi ? lo : 0;
+		ext[4 * y + 3] = lo < hi ? hi : 0;
+	}
+}
+
+/* Zero row d outside [x0, x1). */
+static void zero_outside(float *d, long w, long x0, long x1)
+{
+	if (x0 >= x1) {
+		memset(d, 0, (size_t)w * sizeof *d);
+		return;
+	}
+	memset(d, 0, (size_t)x0 * sizeof *d);
+	memset(d + x1, 0, (size_t)(w - x1) * sizeof *d);
+}
+
+static void blur_rows(const float *src, float *dst, long w, long y0, long y1, const float *k, int r,
+                      const long *ext)
+{
+	for (long y = y0; y < y1; y++) {
+		long x0 = ext ? ext[4 * y] : 0, x1 = ext ? ext[4 * y + 1] : w;
+		if (ext)
+			zero_outside(dst + y * w, w, x0, x1);
+		if (x0 < x1)
+			blur_row_span(src + y * w, dst + y * w, w, x0, x1, k, r);
 	}
 }
 
 /* Row by row, so the inner loop runs along x over whole rows (vectorises). */
 static void blur_cols(const float *src, float *dst, long w, long h, long y0, long y1,
-                      const float *k, int r)
+                      const float *k, int r, const long *ext)
 {
 	const float *rows[2 * MAX_RADIUS + 1];
 	for (long y = y0; y < y1; y++) {
+		long x0 = ext ? ext[4 * y + 2] : 0, x1 = ext ? ext[4 * y + 3] : w;
+		if (ext)
+			zero_outside(dst + y * w, w, x0, x1);
+		if (x0 >= x1)
+			continue;
 		for (int t = -r; t <= r; t++)
-			rows[t + r] = src + clampl(y + t, 0, h - 1) * w;
-		taps_sum(dst + y * w, rows, k, r, w);
+			rows[t + r] = src + clampl(y + t, 0, h - 1) * w + x0;
+		taps_sum(dst + y * w + x0, rows, k, r, x1 - x0);
 	}
 }
 
@@ -180,7 +264,8 @@ typedef struct blur_job {
 	float *dst;
 	long w, h;
 	const float *k;
-	int r, cols; /* cols: the vertical pass */
+	int r, cols;     /* cols: the vertical pass */
+	const long *ext; /* blur_extents(), or NULL */
 } blur_job;
 
 static void blur_block(void *ctx, long b)
@@ -188,43 +273,72 @@ static void blur_block(void *ctx, long b)
 	const blur_job *j = ctx;
 	long y0 = b * REG_BLOCK_ROWS, y1 = y0 + REG_BLOCK_ROWS < j->h ? y0 + REG_BLOCK_ROWS : j->h;
 	if (j->cols)
-		blur_cols(j->src, j->dst, j->w, j->h, y0, y1, j->k, j->r);
+		blur_cols(j->src, j->dst, j->w, j->h, y0, y1, j->k, j->r, j->ext);
 	else
-		blur_rows(j->src, j->dst, j->w, y0, y1, j->k, j->r);
+		blur_rows(j->src, j->dst, j->w, y0, y1, j->k, j->r, j->ext);
 }
 
 /* In-place Gaussian blur of p (edges replicated, taps to 3 sigma) through
  * tmp (w * h floats), rows split over the pool (may be NULL).  sigma <= 0
  * does nothing; sigma <= MAX_SIGMA.  Every output pixel is computed the
- * same way whatever the split. */
-static void blur(reg_pool *pool, float *p, float *tmp, long w, long h, double sigma)
+ * same way whatever the split.  ext (may be NULL): where p is zero, as
+ * blur_extents() made it for this sigma; pixels that can only get zeros
+ * are set to 0 without the sums (which would give exactly 0). */
+static void blur_ext(reg_pool *pool, float *p, float *tmp, long w, long h, double sigma,
+                     const long *ext)
 {
 	if (!(sigma > 0))
 		return;
 	float k[2 * MAX_RADIUS + 1];
-	int r = (int)ceil(3 * sigma);
-	r = r > MAX_RADIUS ? MAX_RADIUS : r;
+	int r = blur_radius(sigma);
 	double sum = 0;
 	for (int t = -r; t <= r; t++)
 		sum += k[t + r] = (float)exp(-0.5 * t * t / (sigma * sigma));
 	for (int t = 0; t <= 2 * r; t++)
 		k[t] = (float)(k[t] / sum);
-	blur_job rows = {p, tmp, w, h, k, r, 0}, cols = {tmp, p, w, h, k, r, 1};
+	blur_job rows = {p, tmp, w, h, k, r, 0, ext}, cols = {tmp, p, w, h, k, r, 1, ext};
 	reg_pool_run(pool, reg_row_blocks(h), blur_block, &rows);
 	reg_pool_run(pool, reg_row_blocks(h), blur_block, &cols);
 }
 
-/* out := N(in) (see the top of the file), using a and tmp as scratch. */
+static void blur(reg_pool *pool, float *p, float *tmp, long w, long h, double sigma)
+{
+	blur_ext(pool, p, tmp, w, h, sigma, NULL);
+}
+
+/* The per-pixel steps of normalise_local() on row blocks. */
+typedef struct norm_job {
+	const float *in;
+	float *out, *a;
+	long w, h;
+	double eps2;
+	int step; /* 0: out := in - a, a := out^2; 1: out := out / sqrt(a + eps2) */
+} norm_job;
+
+static void norm_block(void *ctx, long b)
+{
+	const norm_job *j = ctx;
+	long y0 = b * REG_BLOCK_ROWS, y1 = y0 + REG_BLOCK_ROWS < j->h ? y0 + REG_BLOCK_ROWS : j->h;
+	for (long i = y0 * j->w; i < y1 * j->w; i++) {
+		if (j->step == 0) {
+			j->out[i] = j->in[i] - j->a[i];
+			j->a[i] = j->out[i] * j->out[i];
+		} else
+			j->out[i] = (float)(j->out[i] / sqrt(j->a[i] + j->eps2));
+	}
+}
+
+/* out := N(in) (see the top of the file), using a and tmp as scratch.
+ * The per-pixel steps run over the pool; eps^2's sums stay serial, in
+ * pixel order. */
 static void normalise_local(reg_pool *pool, const float *in, const float *wt, long w, long h,
                             double sigma, float *out, float *a, float *tmp)
 {
 	size_t n = (size_t)w * h;
+	norm_job j = {in, out, a, w, h, 0, 0};
 	memcpy(a, in, n * sizeof *a);
 	blur(pool, a, tmp, w, h, sigma);
-	for (size_t i = 0; i < n; i++) {
-		out[i] = in[i] - a[i];
-		a[i] = out[i] * out[i];
-	}
+	reg_pool_run(pool, reg_row_blocks(h), norm_block, &j);
 	blur(pool, a, tmp, w, h, sigma);
 	double sum = 0, cnt = 0;
 	for (size_t i = 0; i < n; i++) {
@@ -236,12 +350,29 @@ static void normalise_local(reg_pool *pool, const float *in, const float *wt, lo
 			sum += a[i];
 		cnt = (double)n;
 	}
-	double eps2 = EPS_FRAC * sum / cnt + 1e-12;
-	for (size_t i = 0; i < n; i++)
-		out[i] = (float)(out[i] / sqrt(a[i] + eps2));
+	j.eps2 = EPS_FRAC * sum / cnt + 1e-12;
+	j.step = 1;
+	reg_pool_run(pool, reg_row_blocks(h), norm_block, &j);
 }
 
 /* --- one level --------------------------------------------------------------- */
+
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+/* Vectors go by pointer between these helpers: passing them by value
+ * would depend on the target's ABI (-Wpsabi). */
+static inline __attribute__((always_inline)) void v8_load(v8f *v, const float *p)
+{
+	memcpy(v, p, sizeof *v);
+}
+
+/* *out := lanes of a where m is set (all bits), else of b. */
+static inline __attribute__((always_inline)) void v8_select(v8f *out, const v8i *m, const v8f *a,
+                                                            const v8f *b)
+{
+	*out = (v8f)(((v8i)*a & *m) | ((v8i)*b & ~*m));
+}
 
 /* Central difference of plane p along x at (x, y) (one-sided at the edges). */
 static inline float diff_x(const float *row, long x, long w)
@@ -261,6 +392,56 @@ static void block_rows(const nr_level *L, long b, long *y0, long *y1)
 {
 	*y0 = b * REG_BLOCK_ROWS;
 	*y1 = *y0 + REG_BLOCK_ROWS < L->h ? *y0 + REG_BLOCK_ROWS : L->h;
+}
+
+/* Whether pixel (x, y) is set in mask wt (dilate 0) or has a set
+ * 4-neighbour or is set itself (dilate 1). */
+static inline int run_pixel(const float *wt, long w, long h, long x, long y, int dilate)
+{
+	const float *r = wt + y * w;
+	if (r[x] > 0 || !dilate)
+		return r[x] > 0;
+	return (x > 0 && r[x - 1] > 0) || (x + 1 < w && r[x + 1] > 0) || (y > 0 && r[x - w] > 0) ||
+	       (y + 1 < h && r[x + w] > 0);
+}
+
+/* The runs of L->wt (dilate 0) or of its 4-neighbour dilation (dilate 1)
+ * into *runs / *rows (see nr_level); counted first, then filled. */
+static int make_runs(const nr_level *L, int dilate, int32_t **runs, long **rows, sf_err *e)
+{
+	long w = L->w, h = L->h, n = 0;
+	for (int fill = 0; fill < 2; fill++) {
+		n = 0;
+		for (long y = 0; y < h; y++) {
+			if (fill)
+				(*rows)[y] = n;
+			for (long x = 0; x < w;) {
+				if (!run_pixel(L->wt, w, h, x, y, dilate)) {
+					x++;
+					continue;
+				}
+				long x0 = x;
+				while (x < w && run_pixel(L->wt, w, h, x, y, dilate))
+					x++;
+				if (fill) {
+					(*runs)[2 * n] = (int32_t)x0;
+					(*runs)[2 * n + 1] = (int32_t)x;
+				}
+				n++;
+			}
+		}
+		if (fill)
+			(*rows)[h] = n;
+		else {
+			*runs = malloc((2 * (size_t)n + 1) * sizeof **runs);
+			*rows = malloc(((size_t)h + 1) * sizeof **rows);
+			if (!*runs || !*rows)
+				return sf_fail(e, SF_ENOMEM,
+				               "register: non-rigid level %ldx%ld: out of memory",
+				               w, h);
+		}
+	}
+	return SF_OK;
 }
 
 /* set_floor() on row block b: its sums into part[2 b], part[2 b + 1]. */
@@ -296,8 +477,10 @@ static void set_floor(nr_level *L, double grad_floor)
 	L->floor_g2 = cnt > 0 ? (float)(grad_floor * sum / cnt) : 0.0f;
 }
 
-/* scratch := Nmov(x + u), on row block b.  Single precision: at the
- * thumbnail's size (under 2^12 px) a float coordinate is exact to 2^-12 px. */
+/* scratch := Nmov(x + u) on row block b, where forces() reads it (the
+ * `need` runs; elsewhere scratch keeps what it held).  Single precision:
+ * at the thumbnail's size (under 2^12 px) a float coordinate is exact to
+ * 2^-12 px. */
 static void warp_block(void *ctx, long b)
 {
 	nr_level *L = ctx;
@@ -308,20 +491,21 @@ static void warp_block(void *ctx, long b)
 	for (long y = y0; y < y1; y++) {
 		const float *ux = L->ux + y * w, *uy = L->uy + y * w;
 		float *out = L->scratch + y * w;
-		for (long x = 0; x < w; x++) {
-			float px = (float)x + ux[x], py = (float)y + uy[x];
-			/* Inside the last pixel centres the clamps of sample_clamp do
-			 * nothing: fewer tests. */
-			if (px >= 0 && py >= 0 && px < xmax && py < ymax) {
-				int ix = (int)px, iy = (int)py;
-				float ax = px - (float)ix, ay = py - (float)iy;
-				const float *r0 = L->mov + (long)iy * w + ix, *r1 = r0 + w;
-				float top = r0[0] + ax * (r0[1] - r0[0]),
-				      bot = r1[0] + ax * (r1[1] - r1[0]);
-				out[x] = top + ay * (bot - top);
-			} else
-				out[x] = sample_clamp(L->mov, w, h, px, py);
-		}
+		for (long r = L->need_row[y]; r < L->need_row[y + 1]; r++)
+			for (long x = L->need[2 * r]; x < L->need[2 * r + 1]; x++) {
+				float px = (float)x + ux[x], py = (float)y + uy[x];
+				/* Inside the last pixel centres the clamps of sample_clamp do
+				 * nothing: fewer tests. */
+				if (px >= 0 && py >= 0 && px < xmax && py < ymax) {
+					int ix = (int)px, iy = (int)py;
+					float ax = px - (float)ix, ay = py - (float)iy;
+					const float *r0 = L->mov + (long)iy * w + ix, *r1 = r0 + w;
+					float top = r0[0] + ax * (r0[1] - r0[0]),
+					      bot = r1[0] + ax * (r1[1] - r1[0]);
+					out[x] = top + ay * (bot - top);
+				} else
+					out[x] = sample_clamp(L->mov, w, h, px, py);
+			}
 	}
 }
 
@@ -337,34 +521,95 @@ typedef struct force_job {
 	float inv_sx2;
 } force_job;
 
+/* forces() at pixel (x, y), a used one (wt > 0): the update into dx, dy
+ * (left at 0 where the denominator vanishes), the mismatch sums into *e,
+ * *wsum. */
+static inline __attribute__((always_inline)) void force_px(const nr_level *L, float inv_sx2, long x,
+                                                           long y, double *e, double *wsum)
+{
+	long w = L->w, h = L->h, i = y * w + x;
+	float wt = L->wt[i];
+	float d = L->scratch[i] - L->ref[i];
+	float jx = 0.5f * (diff_x(L->ref + y * w, x, w) + diff_x(L->scratch + y * w, x, w));
+	float jy = 0.5f * (diff_y(L->ref, x, y, w, h) + diff_y(L->scratch, x, y, w, h));
+	float den = jx * jx + jy * jy + d * d * inv_sx2 + L->floor_g2;
+	*e += (double)wt * d * d;
+	*wsum += wt;
+	if (den < 1e-9f)
+		return;
+	L->dx[i] = -wt * d * jx / den;
+	L->dy[i] = -wt * d * jy / den;
+}
+
+/* force_px on the 8 used pixels x .. x + 7 of row y at once, away from
+ * the edges (1 <= y < h - 1, 1 <= x, x + 9 <= w: the central differences
+ * of diff_x and diff_y): the same operations on each lane, the sums added
+ * lane by lane in pixel order, so the same result. */
+static inline __attribute__((always_inline)) void
+force_chunk(const nr_level *L, float inv_sx2, long x, long y, double *e, double *wsum)
+{
+	long w = L->w, i = y * w + x;
+	const float *rf = L->ref + i, *sc = L->scratch + i;
+	v8f wt, r0, s0, rl, rr, sl, sr, ru, rd, su, sd, fx, fy, zero = {0};
+	v8_load(&wt, L->wt + i);
+	v8_load(&r0, rf);
+	v8_load(&s0, sc);
+	v8_load(&rl, rf - 1);
+	v8_load(&rr, rf + 1);
+	v8_load(&sl, sc - 1);
+	v8_load(&sr, sc + 1);
+	v8_load(&ru, rf - w);
+	v8_load(&rd, rf + w);
+	v8_load(&su, sc - w);
+	v8_load(&sd, sc + w);
+	v8f d = s0 - r0;
+	v8f jx = 0.5f * ((rr - rl) / 2.0f + (sr - sl) / 2.0f);
+	v8f jy = 0.5f * ((rd - ru) / 2.0f + (sd - su) / 2.0f);
+	v8f den = jx * jx + jy * jy + d * d * inv_sx2 + L->floor_g2;
+	v8i keep = ~(den < 1e-9f);
+	fx = -wt * d * jx / den;
+	fy = -wt * d * jy / den;
+	v8_select(&fx, &keep, &fx, &zero);
+	v8_select(&fy, &keep, &fy, &zero);
+	memcpy(L->dx + i, &fx, sizeof fx);
+	memcpy(L->dy + i, &fy, sizeof fy);
+	float dl[8], wl[8];
+	memcpy(dl, &d, sizeof dl);
+	memcpy(wl, &wt, sizeof wl);
+	for (int l = 0; l < 8; l++) {
+		*e += (double)wl[l] * dl[l] * dl[l];
+		*wsum += wl[l];
+	}
+}
+
+/* forces() on the used runs of row y, 8 pixels at a time where
+ * force_chunk can.  Built for AVX2 and the baseline, as taps_sum. */
+__attribute__((target_clones("avx2", "default"))) static void
+force_row(const nr_level *L, float inv_sx2, long y, double *e, double *wsum)
+{
+	int inner = y >= 1 && y + 1 < L->h;
+	for (long r = L->used_row[y]; r < L->used_row[y + 1]; r++) {
+		long x = L->used[2 * r], x1 = L->used[2 * r + 1];
+		if (x == 0)
+			force_px(L, inv_sx2, x++, y, e, wsum);
+		for (; inner && x + 8 <= x1 && x + 9 <= L->w; x += 8)
+			force_chunk(L, inv_sx2, x, y, e, wsum);
+		for (; x < x1; x++)
+			force_px(L, inv_sx2, x, y, e, wsum);
+	}
+}
+
 static void force_block(void *ctx, long b)
 {
 	const force_job *j = ctx;
 	nr_level *L = j->L;
-	long w = L->w, h = L->h, y0, y1;
-	float inv_sx2 = j->inv_sx2;
+	long w = L->w, y0, y1;
 	double e = 0, wsum = 0;
 	block_rows(L, b, &y0, &y1);
+	memset(L->dx + y0 * w, 0, (size_t)(y1 - y0) * w * sizeof *L->dx);
+	memset(L->dy + y0 * w, 0, (size_t)(y1 - y0) * w * sizeof *L->dy);
 	for (long y = y0; y < y1; y++)
-		for (long x = 0; x < w; x++) {
-			long i = y * w + x;
-			float wt = L->wt[i];
-			L->dx[i] = L->dy[i] = 0;
-			if (!(wt > 0))
-				continue;
-			float d = L->scratch[i] - L->ref[i];
-			float jx = 0.5f * (diff_x(L->ref + y * w, x, w) +
-			                   diff_x(L->scratch + y * w, x, w));
-			float jy =
-			    0.5f * (diff_y(L->ref, x, y, w, h) + diff_y(L->scratch, x, y, w, h));
-			float den = jx * jx + jy * jy + d * d * inv_sx2 + L->floor_g2;
-			e += (double)wt * d * d;
-			wsum += wt;
-			if (den < 1e-9f)
-				continue;
-			L->dx[i] = -wt * d * jx / den;
-			L->dy[i] = -wt * d * jy / den;
-		}
+		force_row(L, j->inv_sx2, y, &e, &wsum);
 	L->part[2 * b] = e;
 	L->part[2 * b + 1] = wsum;
 }
@@ -402,37 +647,120 @@ static inline void sample_clamp2(const float *a, const float *b, long w, long h,
 	*vb = top + ay * (bot - top);
 }
 
-/* Step 4 on one row block: (dx, dy) := du + u(x + du), in single
- * precision as warp_block. */
+/* Step 4 at pixel x of row y (dx, dy: that row's update, turned into the
+ * composed field), in single precision as warp_block. */
+static inline __attribute__((always_inline)) void
+compose_px(const float *a, const float *c, long w, long h, long y, long x, float *dx, float *dy)
+{
+	float xmax = (float)(w - 1), ymax = (float)(h - 1);
+	/* No update (off the tissue, beyond the fluid blur's reach): u is
+	 * sampled at the pixel itself, which gives u there. */
+	if (dx[x] == 0 && dy[x] == 0) {
+		dx[x] += a[y * w + x];
+		dy[x] += c[y * w + x];
+		return;
+	}
+	float px = (float)x + dx[x], py = (float)y + dy[x];
+	float vx, vy;
+	if (px >= 0 && py >= 0 && px < xmax && py < ymax) { /* as in warp_block */
+		int ix = (int)px, iy = (int)py;
+		long k = (long)iy * w + ix;
+		float ax = px - (float)ix, ay = py - (float)iy;
+		vx = reg_bilerp(a, k, w, ax, ay);
+		vy = reg_bilerp(c, k, w, ax, ay);
+	} else
+		sample_clamp2(a, c, w, h, px, py, &vx, &vy);
+	dx[x] += vx;
+	dy[x] += vy;
+}
+
+/* Bilinear samples of plane p at the 8 points (x + lane + dx, y + dy) of
+ * compose_chunk, from rows y - 1 .. y + 1 and columns x - 1 .. x + 8:
+ * lx / ly set where the point's cell starts one column / row up. */
+static inline __attribute__((always_inline)) void sample_near(const float *p, long w, long y,
+                                                              long x, const v8i *lx, const v8i *ly,
+                                                              const v8f *ax, const v8f *ay,
+                                                              v8f *out)
+{
+	v8f row[3], lm, l0, lp, v0, v1, top, bot;
+	for (int r = 0; r < 3; r++) {
+		const float *q = p + (y - 1 + r) * w + x;
+		v8_load(&lm, q - 1);
+		v8_load(&l0, q);
+		v8_load(&lp, q + 1);
+		v8_select(&v0, lx, &lm, &l0);
+		v8_select(&v1, lx, &l0, &lp);
+		row[r] = v0 + *ax * (v1 - v0); /* compose_px's `top` of that row */
+	}
+	v8_select(&top, ly, &row[0], &row[1]);
+	v8_select(&bot, ly, &row[1], &row[2]);
+	*out = top + *ay * (bot - top);
+}
+
+/* compose_px on the 8 pixels x .. x + 7 of row y (1 <= y < h - 1,
+ * 1 <= x, x + 9 <= w) at once, when every point lies in a cell touching
+ * its pixel (the update moves by under a pixel: |du| <= max_step <= 0.5
+ * almost everywhere) and inside the last pixel centres.  The same
+ * operations as compose_px on each lane, so the same result.  Returns 0
+ * (nothing written) when a lane does not qualify. */
+static inline __attribute__((always_inline)) int
+compose_chunk(const float *a, const float *c, long w, long h, long y, long x, float *dx, float *dy)
+{
+	/* Built from a constant and broadcasts (lane by lane stores would
+	 * stall the vector load that follows them). */
+	const v8f lane = {0, 1, 2, 3, 4, 5, 6, 7};
+	v8f ddx, ddy, vx, vy, zero = {0};
+	v8f xf = lane + (float)x, yf = zero + (float)y;
+	v8f xmax = zero + (float)(w - 1), ymax = zero + (float)(h - 1);
+	v8_load(&ddx, dx + x);
+	v8_load(&ddy, dy + x);
+	v8f px = xf + ddx, py = yf + ddy;
+	v8i ix = __builtin_convertvector(px, v8i), iy = __builtin_convertvector(py, v8i);
+	v8f ixf = __builtin_convertvector(ix, v8f), iyf = __builtin_convertvector(iy, v8f);
+	v8i ok = (px >= 0) & (py >= 0) & (px < xmax) & (py < ymax) & (ixf >= xf - 1) & (ixf <= xf) &
+	         (iyf >= yf - 1) & (iyf <= yf);
+	int all = -1;
+	for (int l = 0; l < 8; l++)
+		all &= ok[l];
+	if (!all)
+		return 0;
+	v8i lx = ixf < xf, ly = iyf < yf;
+	v8f ax = px - ixf, ay = py - iyf;
+	sample_near(a, w, y, x, &lx, &ly, &ax, &ay, &vx);
+	sample_near(c, w, y, x, &lx, &ly, &ax, &ay, &vy);
+	ddx += vx;
+	ddy += vy;
+	memcpy(dx + x, &ddx, sizeof ddx);
+	memcpy(dy + x, &ddy, sizeof ddy);
+	return 1;
+}
+
+/* Step 4 on row y, 8 pixels at a time where compose_chunk can, else one
+ * by one.  Built for AVX2 and the baseline, as taps_sum (no fused
+ * multiply-add either way, so the same result). */
+__attribute__((target_clones("avx2", "default"))) static void
+compose_row(const float *a, const float *c, long w, long h, long y, float *dx, float *dy)
+{
+	long x = 0;
+	if (y >= 1 && y + 1 < h) {
+		compose_px(a, c, w, h, y, 0, dx, dy);
+		for (x = 1; x + 9 <= w; x += 8)
+			if (!compose_chunk(a, c, w, h, y, x, dx, dy))
+				for (long k = x; k < x + 8; k++)
+					compose_px(a, c, w, h, y, k, dx, dy);
+	}
+	for (; x < w; x++)
+		compose_px(a, c, w, h, y, x, dx, dy);
+}
+
+/* Step 4 on one row block: (dx, dy) := du + u(x + du). */
 static void compose_block(void *ctx, long b)
 {
 	nr_level *L = ctx;
 	long y0, y1;
 	block_rows(L, b, &y0, &y1);
-	long w = L->w, h = L->h;
-	float xmax = (float)(w - 1), ymax = (float)(h - 1);
-	const float *a = L->ux, *c = L->uy;
-	for (long y = y0; y < y1; y++) {
-		float *dx = L->dx + y * w, *dy = L->dy + y * w;
-		for (long x = 0; x < w; x++) {
-			float px = (float)x + dx[x], py = (float)y + dy[x];
-			float vx, vy;
-			if (px >= 0 && py >= 0 && px < xmax && py < ymax) { /* as in warp_block */
-				int ix = (int)px, iy = (int)py;
-				long k = (long)iy * w + ix;
-				float ax = px - (float)ix, ay = py - (float)iy;
-				float top = a[k] + ax * (a[k + 1] - a[k]);
-				float bot = a[k + w] + ax * (a[k + w + 1] - a[k + w]);
-				vx = top + ay * (bot - top);
-				top = c[k] + ax * (c[k + 1] - c[k]);
-				bot = c[k + w] + ax * (c[k + w + 1] - c[k + w]);
-				vy = top + ay * (bot - top);
-			} else
-				sample_clamp2(a, c, w, h, px, py, &vx, &vy);
-			dx[x] += vx;
-			dy[x] += vy;
-		}
-	}
+	for (long y = y0; y < y1; y++)
+		compose_row(L->ux, L->uy, L->w, L->h, y, L->dx + y * L->w, L->dy + y * L->w);
 }
 
 /* Step 4 over the level, then swap so u holds the result. */
@@ -457,8 +785,10 @@ static void run_level(nr_level *L, const sf_reg_nonrigid_opts *o, int iters)
 		if (k >= STALL_WIN && hist[k % STALL_WIN] - e < STALL_TOL * hist[k % STALL_WIN])
 			break; /* fell by less than STALL_TOL over STALL_WIN iterations */
 		hist[k % STALL_WIN] = e;
-		blur(L->pool, L->dx, L->scratch, L->w, L->h, o->sigma_fluid);
-		blur(L->pool, L->dy, L->scratch, L->w, L->h, o->sigma_fluid);
+		/* The update is zero off the used pixels: the fluid blur skips
+		 * what can only stay zero. */
+		blur_ext(L->pool, L->dx, L->scratch, L->w, L->h, o->sigma_fluid, L->fluid_ext);
+		blur_ext(L->pool, L->dy, L->scratch, L->w, L->h, o->sigma_fluid, L->fluid_ext);
 		compose(L);
 		blur(L->pool, L->ux, L->scratch, L->w, L->h, o->sigma_diff);
 		blur(L->pool, L->uy, L->scratch, L->w, L->h, o->sigma_diff);
@@ -477,6 +807,11 @@ static void level_free(nr_level *L)
 	free(L->dy);
 	free(L->scratch);
 	free(L->part);
+	free(L->used);
+	free(L->need);
+	free(L->used_row);
+	free(L->need_row);
+	free(L->fluid_ext);
 	memset(L, 0, sizeof *L);
 }
 
@@ -516,8 +851,10 @@ static void upsample_block(void *ctx, long b)
 	for (long y = y0; y < y1; y++)
 		for (long x = 0; x < L->w; x++) {
 			double cx = (x + 0.5) / 2 - 0.5, cy = (y + 0.5) / 2 - 0.5;
-			L->ux[y * L->w + x] = 2 * sample_clamp(C->ux, C->w, C->h, cx, cy);
-			L->uy[y * L->w + x] = 2 * sample_clamp(C->uy, C->w, C->h, cx, cy);
+			float vx, vy;
+			sample_clamp2(C->ux, C->uy, C->w, C->h, cx, cy, &vx, &vy);
+			L->ux[y * L->w + x] = 2 * vx;
+			L->uy[y * L->w + x] = 2 * vy;
 		}
 }
 
@@ -703,9 +1040,10 @@ static void field_block(void *ctx, long b)
 		for (uint32_t i = 0; i < f->w; i++) {
 			double x = (i + 0.5) * f->step - 0.5, y = (jy + 0.5) * f->step - 0.5;
 			double lx = (x + 0.5) / scale - 0.5, ly = (y + 0.5) / scale - 0.5;
-			float *d = f->d + 2 * ((size_t)jy * f->w + i);
-			d[0] = (float)(scale * sample_clamp(L->ux, L->w, L->h, lx, ly));
-			d[1] = (float)(scale * sample_clamp(L->uy, L->w, L->h, lx, ly));
+			float *d = f->d + 2 * ((size_t)jy * f->w + i), vx, vy;
+			sample_clamp2(L->ux, L->uy, L->w, L->h, lx, ly, &vx, &vy);
+			d[0] = (float)(scale * vx);
+			d[1] = (float)(scale * vy);
 		}
 }
 
@@ -742,6 +1080,21 @@ static unsigned finest_level(const reg_pyramid *p, uint32_t max_dim)
 	return p->n - 1;
 }
 
+/* L's runs (from L->wt) and the fluid blur's extents. */
+static int level_runs(nr_level *L, const sf_reg_nonrigid_opts *o, sf_err *e)
+{
+	int rc = make_runs(L, 0, &L->used, &L->used_row, e);
+	if (!rc)
+		rc = make_runs(L, 1, &L->need, &L->need_row, e);
+	if (!rc && !(L->fluid_ext = malloc(4 * (size_t)L->h * sizeof *L->fluid_ext)))
+		rc = sf_fail(e, SF_ENOMEM, "register: non-rigid level %ldx%ld: out of memory", L->w,
+		             L->h);
+	if (!rc)
+		blur_extents(L->used, L->used_row, L->w, L->h, blur_radius(o->sigma_fluid),
+		             L->fluid_ext);
+	return rc;
+}
+
 /* Demons from the coarsest level to lf; cur ends holding level lf. */
 static int solve(const reg_pyramid *pr, const reg_pyramid *pm, const reg_pyramid *pw, unsigned lf,
                  const sf_reg_nonrigid_opts *o, reg_pool *pool, nr_level *cur, sf_err *e)
@@ -756,6 +1109,12 @@ static int solve(const reg_pyramid *pr, const reg_pyramid *pm, const reg_pyramid
 		}
 		cur->wt = pw->lv[l].px;
 		cur->pool = (uint64_t)cur->w * cur->h >= REG_PARALLEL_MIN_PX ? pool : NULL;
+		rc = level_runs(cur, o, e);
+		if (rc) {
+			level_free(cur);
+			level_free(&prev);
+			return rc;
+		}
 		normalise_local(cur->pool, r->px, cur->wt, cur->w, cur->h, o->sigma_norm, cur->ref,
 		                cur->dx, cur->scratch);
 		normalise_local(cur->pool, pm->lv[l].px, cur->wt, cur->w, cur->h, o->sigma_norm,

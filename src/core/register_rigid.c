@@ -97,19 +97,27 @@ static void fft2_forward(fft2 *f, fftwf_complex *spec)
 	fftwf_execute_dft_r2c(f->fwd, f->re, spec);
 }
 
-/* f->re := the normalised cross-power correlation of a against b: its peak
- * sits at d where a(p) = b(p - d) (circularly). */
-static void fft2_phase_correlate(fft2 *f, const fftwf_complex *a, const fftwf_complex *b)
+/* out := the normalised cross-power correlation of a against b, through c
+ * (f's shapes and plans; other buffers than f's are fine, FFTW's new-array
+ * execution): its peak sits at d where a(p) = b(p - d) (circularly). */
+static void fft2_phase_correlate_into(const fft2 *f, const fftwf_complex *a, const fftwf_complex *b,
+                                      fftwf_complex *c, float *out)
 {
 	size_t n = fft2_ncplx(f);
 	for (size_t i = 0; i < n; i++) {
 		float re = a[i][0] * b[i][0] + a[i][1] * b[i][1];
 		float im = a[i][1] * b[i][0] - a[i][0] * b[i][1];
 		float mag = sqrtf(re * re + im * im) + 1e-20f;
-		f->c[i][0] = re / mag;
-		f->c[i][1] = im / mag;
+		c[i][0] = re / mag;
+		c[i][1] = im / mag;
 	}
-	fftwf_execute_dft_c2r(f->inv, f->c, f->re);
+	fftwf_execute_dft_c2r(f->inv, c, out);
+}
+
+/* f->re := the correlation of a against b (fft2_phase_correlate_into). */
+static void fft2_phase_correlate(fft2 *f, const fftwf_complex *a, const fftwf_complex *b)
+{
+	fft2_phase_correlate_into(f, a, b, f->c, f->re);
 }
 
 /* The smallest 2^a 3^b 5^c >= n. */
@@ -257,6 +265,21 @@ static int find_peaks(const float *c, int rows, int cols, double col_limit, int 
 	return found;
 }
 
+/* The buffers of one translation (fm_translation): the canvas, its
+ * spectrum and the cross-power spectrum, shaped as fm_search's img. */
+typedef struct tr_scratch {
+	float *re;
+	fftwf_complex *spec, *c;
+} tr_scratch;
+
+static void tr_scratch_free(tr_scratch *t)
+{
+	fftwf_free(t->re);
+	fftwf_free(t->spec);
+	fftwf_free(t->c);
+	memset(t, 0, sizeof *t);
+}
+
 /* Search state for one (reference, moving) pair of work images. */
 typedef struct fm_search {
 	const sf_reg_image *ref;
@@ -269,6 +292,8 @@ typedef struct fm_search {
 	fftwf_complex *ref_spec, *ref_lp_spec, *spec, *lp_spec;
 	float *mag; /* log magnitude of the half spectrum */
 	double rho_step;
+	reg_pool *pool;   /* borrowed; NULL: one thread */
+	tr_scratch extra; /* a second thread's translation buffers (re NULL: none) */
 } fm_search;
 
 static void fm_free(fm_search *s)
@@ -280,6 +305,7 @@ static void fm_free(fm_search *s)
 	fftwf_free(s->spec);
 	fftwf_free(s->lp_spec);
 	free(s->mag);
+	tr_scratch_free(&s->extra);
 }
 
 /* The log-polar spectrum of im (on the canvas at its centre) into lp_out. */
@@ -291,11 +317,12 @@ static void fm_lp_spectrum(fm_search *s, const sf_reg_image *im, fftwf_complex *
 	fft2_forward(&s->lpf, lp_out);
 }
 
-static int fm_init(fm_search *s, const sf_reg_image *ref, int n, sf_err *e)
+static int fm_init(fm_search *s, const sf_reg_image *ref, int n, reg_pool *pool, sf_err *e)
 {
 	memset(s, 0, sizeof *s);
 	s->ref = ref;
 	s->n = n;
+	s->pool = pool;
 	s->rox = (n - (int)ref->w) / 2;
 	s->roy = (n - (int)ref->h) / 2;
 	int rc = fft2_make(&s->img, n, n, e);
@@ -318,20 +345,29 @@ static int fm_init(fm_search *s, const sf_reg_image *ref, int n, sf_err *e)
 	fm_lp_spectrum(s, ref, s->ref_lp_spec);
 	put_canvas(ref, n, s->rox, s->roy, s->img.re);
 	fft2_forward(&s->img, s->ref_spec);
+	if (reg_pool_threads(pool) > 1) { /* without them, one thread does all */
+		tr_scratch *t = &s->extra;
+		t->re = fftwf_malloc((size_t)n * n * sizeof *t->re);
+		t->spec = fftwf_malloc(nc * sizeof *t->spec);
+		t->c = fftwf_malloc(nc * sizeof *t->c);
+		if (!t->re || !t->spec || !t->c)
+			tr_scratch_free(t);
+	}
 	return SF_OK;
 }
 
 /* The translation completing linear part a (2x2) for mov: warp mov by a
  * about the centres into the canvas, phase-correlate with the reference.
  * Fills m (3x3). */
-static void fm_translation(fm_search *s, const sf_reg_image *mov, const double a[4], double m[9])
+static void fm_translation(const fm_search *s, const tr_scratch *t, const sf_reg_image *mov,
+                           const double a[4], double m[9])
 {
 	int n = s->n;
 	double crx = (s->ref->w - 1) / 2.0, cry = (s->ref->h - 1) / 2.0;
 	double cmx = (mov->w - 1) / 2.0, cmy = (mov->h - 1) / 2.0;
 	for (int py = 0; py < n; py++) {
 		double ux = -s->rox - crx, uy = py - s->roy - cry;
-		float *row = s->img.re + (size_t)py * n;
+		float *row = t->re + (size_t)py * n;
 		for (int px = 0; px < n; px++, ux += 1) {
 			double x = a[0] * ux + a[1] * uy + cmx, y = a[2] * ux + a[3] * uy + cmy;
 			float v = reg_sample_zero(mov, x, y);
@@ -341,10 +377,10 @@ static void fm_translation(fm_search *s, const sf_reg_image *mov, const double a
 			row[px] = v;
 		}
 	}
-	fft2_forward(&s->img, s->spec);
-	fft2_phase_correlate(&s->img, s->ref_spec, s->spec);
+	fftwf_execute_dft_r2c(s->img.fwd, t->re, t->spec);
+	fft2_phase_correlate_into(&s->img, s->ref_spec, t->spec, t->c, t->re);
 	peak p;
-	find_peaks(s->img.re, n, n, n, 1, 1, &p);
+	find_peaks(t->re, n, n, n, 1, 1, &p);
 	/* ref_canvas(p) = warped(p + delta) with delta = -peak. */
 	double dx = -p.dc - crx, dy = -p.dr - cry;
 	m[0] = a[0];
@@ -428,9 +464,42 @@ static double candidate_mi(const fm_search *s, const double m[9])
 	return mi * (overlap < MIN_OVERLAP ? overlap / MIN_OVERLAP : 1);
 }
 
+/* The candidate maps of one search (fm_search_one), made in parallel:
+ * try i is peak i / 2 with 180 degrees added when i is odd. */
+typedef struct tr_job {
+	const fm_search *s;
+	const sf_reg_image *mov;
+	uint32_t mirror_w;
+	const double (*a)[4]; /* the linear part of each try */
+	double (*m)[9];       /* its map, into the unmirrored moving image */
+	double *fit;          /* its NCC (metric MI: its MI) */
+	int tries, blocks;
+} tr_job;
+
+/* Block b makes tries b, b + blocks, ... with its own buffers (block 0:
+ * the search's own).  A try's map and fit depend only on the try, so the
+ * outcome is the same on any number of threads. */
+static void tr_block(void *ctx, long b)
+{
+	const tr_job *j = ctx;
+	const fm_search *s = j->s;
+	tr_scratch own = {s->img.re, s->spec, s->img.c};
+	const tr_scratch *t = b ? &s->extra : &own;
+	/* mirror(y) = (w - 1 - y_x, y_y) */
+	double f[9] = {-1, 0, j->mirror_w - 1.0, 0, 1, 0, 0, 0, 1};
+	for (int i = (int)b; i < j->tries; i += j->blocks) {
+		double *m = j->m[i];
+		fm_translation(s, t, j->mov, j->a[i], m);
+		double fit = s->mi_ref ? 0 : reg_ncc(s->ref, NULL, j->mov, m, 0, NULL);
+		if (j->mirror_w)
+			sf_mat3_mul(f, m, m);
+		j->fit[i] = s->mi_ref ? candidate_mi(s, m) : fit;
+	}
+}
+
 /* Search mov (the moving work image, or its mirror when mirror_w > 0: then
  * maps are turned back into the unmirrored image, whose width is mirror_w)
- * and add the candidates to l. */
+ * and add the candidates to l, in the order of the peaks. */
 static void fm_search_one(fm_search *s, const sf_reg_image *mov, const sf_reg_opts *o,
                           uint32_t mirror_w, cand_list *l)
 {
@@ -440,23 +509,20 @@ static void fm_search_one(fm_search *s, const sf_reg_image *mov, const sf_reg_op
 	int want = o->candidates < MAX_CANDIDATES ? o->candidates : MAX_CANDIDATES;
 	double rho_limit = log(o->max_scale) / s->rho_step + 0.5;
 	int np = find_peaks(s->lpf.re, LP_ANGLES, LP_RADII, rho_limit, 4, want, pk);
-	/* mirror(y) = (w - 1 - y_x, y_y) */
-	double f[9] = {-1, 0, mirror_w - 1.0, 0, 1, 0, 0, 0, 1};
+	double a[2 * MAX_CANDIDATES][4], m[2 * MAX_CANDIDATES][9], fit[2 * MAX_CANDIDATES];
 	for (int i = 0; i < np; i++) {
 		/* lp_ref(phi, rho) = lp_mov(phi - dphi, rho - drho): theta = -dphi. */
 		double theta = -pk[i].dr * M_PI / LP_ANGLES, scale = exp(pk[i].dc * s->rho_step);
 		for (int flip = 0; flip < 2; flip++) {
 			double th = theta + flip * M_PI, c = scale * cos(th), sn = scale * sin(th);
-			double a[4] = {c, -sn, sn, c}, m[9];
-			fm_translation(s, mov, a, m);
-			double fit = s->mi_ref ? 0 : reg_ncc(s->ref, NULL, mov, m, 0, NULL);
-			if (mirror_w)
-				sf_mat3_mul(f, m, m);
-			if (s->mi_ref)
-				fit = candidate_mi(s, m);
-			cand_add(l, m, fit, s->ref);
+			double *ai = a[2 * i + flip];
+			ai[0] = c, ai[1] = -sn, ai[2] = sn, ai[3] = c;
 		}
 	}
+	tr_job j = {s, mov, mirror_w, a, m, fit, 2 * np, s->extra.re ? 2 : 1};
+	reg_pool_run(s->pool, j.blocks, tr_block, &j);
+	for (int i = 0; i < 2 * np; i++)
+		cand_add(l, m[i], fit[i], s->ref);
 }
 
 void sf_reg_opts_default(sf_reg_opts *o)
@@ -494,10 +560,10 @@ static int check_opts(const sf_reg_opts *o, sf_err *e)
  * rank_mov (NULL: by NCC of the searched images). */
 static int search_pair(const sf_reg_image *rref, const sf_reg_image *rmov, int n,
                        const sf_reg_image *rank_ref, const sf_reg_image *rank_mov,
-                       const sf_reg_opts *o, cand_list *l, sf_err *e)
+                       const sf_reg_opts *o, reg_pool *pool, cand_list *l, sf_err *e)
 {
 	fm_search s;
-	int rc = fm_init(&s, rref, n, e);
+	int rc = fm_init(&s, rref, n, pool, e);
 	if (rc)
 		return rc;
 	s.mi_ref = rank_ref;
@@ -524,16 +590,16 @@ static int search_pair(const sf_reg_image *rref, const sf_reg_image *rmov, int n
  * search on gradient magnitudes was tried: over 56 test pairs it failed as
  * often as refining 10 candidates instead of 8 did, at a fifth more time.) */
 static int search_mi(const sf_reg_image *rw, const sf_reg_image *mw, int n, const sf_reg_opts *o,
-                     cand_list *l, sf_err *e)
+                     reg_pool *pool, cand_list *l, sf_err *e)
 {
 	sf_reg_image neg;
-	int rc = search_pair(rw, mw, n, rw, mw, o, l, e);
+	int rc = search_pair(rw, mw, n, rw, mw, o, pool, l, e);
 	if (!rc)
 		rc = sf_reg_image_alloc(&neg, mw->w, mw->h, e);
 	if (!rc) {
 		for (size_t i = 0; i < (size_t)mw->w * mw->h; i++)
 			neg.px[i] = -mw->px[i];
-		rc = search_pair(rw, &neg, n, rw, mw, o, l, e);
+		rc = search_pair(rw, &neg, n, rw, mw, o, pool, l, e);
 		sf_reg_image_free(&neg);
 	}
 	return rc;
@@ -630,8 +696,9 @@ static int init_on(const reg_pyramid *rp, const reg_pyramid *mp, unsigned l, con
 	longest = mw->h > longest ? mw->h : longest;
 	int n = nice_size(2 * (int)longest);
 	cand_list cands = {0};
-	int rc = o->metric == SF_REG_METRIC_MI ? search_mi(rw, mw, n, o, &cands, e)
-	                                       : search_pair(rw, mw, n, NULL, NULL, o, &cands, e);
+	int rc = o->metric == SF_REG_METRIC_MI
+	             ? search_mi(rw, mw, n, o, pool, &cands, e)
+	             : search_pair(rw, mw, n, NULL, NULL, o, pool, &cands, e);
 	if (!rc)
 		rc = settle(rp, mp, lv, &cands, o, pool, r, e);
 	return rc;
