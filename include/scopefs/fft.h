@@ -27,6 +27,14 @@ extern "C" {
 
 typedef struct sf_fft_plan sf_fft_plan; /* engine-specific; opaque */
 
+/* Voxels lo[a] <= i < hi[a] on each axis a (x y z) of a plan's real shape. */
+typedef struct sf_fft_box {
+	size_t lo[3], hi[3];
+} sf_fft_box;
+
+/* rl_step flags. */
+enum { SF_FFT_KEEP_SPECTRUM = 1, SF_FFT_SPECTRUM_READY = 2 };
+
 typedef struct sf_fft_config {
 	int nthreads; /* FFTW: threads per transform (>= 1); ignored by cuFFT */
 	int measure;  /* FFTW: plan with FFTW_MEASURE (slow first plan, faster runs) */
@@ -95,9 +103,17 @@ typedef struct sf_fft_ops {
 	 * spec is a complex scratch buffer. */
 	int (*convolve)(sf_fft_plan *p, void *x, void *spec, const void *tf, int conj, sf_err *e);
 	/* One Richardson-Lucy update: c = H^T(y / max(Hx, eps)), then
-	 * x = |(1 - lambda) x c + lambda reg|, or |x c| when reg is NULL. */
+	 * x = |(1 - lambda) x c + lambda reg|, or |x c| when reg is NULL.
+	 * x_box: x and reg are 0 outside it; y_box: y is 0 outside it (NULL:
+	 * anywhere).  The engine may skip work on those zeros (the FFTW
+	 * engine skips planes and rows outside the boxes), taking c as finite
+	 * there: x stays 0 outside x_box.  flags (SF_FFT_*, 0 for none):
+	 * KEEP_SPECTRUM leaves in spec what the next step needs of the new x,
+	 * and SPECTRUM_READY then tells that next step so (its x and x_box
+	 * unchanged in between); an engine may ignore both. */
 	int (*rl_step)(sf_fft_plan *p, void *x, const void *y, void *spec, const void *tf,
-	               const void *reg, float lambda, float eps, sf_err *e);
+	               const void *reg, float lambda, float eps, const sf_fft_box *x_box,
+	               const sf_fft_box *y_box, unsigned flags, sf_err *e);
 
 	/* Optional block handling in engine memory (NULL where an engine lacks
 	 * it: deconv.c then pads, filters and tapers on the host and moves whole

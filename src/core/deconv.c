@@ -23,7 +23,8 @@
  * Invariants: the OTF is the FFT of the PSF centred at index 0 and scaled by
  * 1/(Nx Ny Nz), so forward, cmul and the unnormalised inverse (or convolve)
  * give exactly one convolution; outside the block y is 0, hence the ratio is
- * 0 there and x stays 0 there unless a regularisation step spreads it. */
+ * 0 there and x stays 0 there unless a regularisation step spreads it;
+ * x_box bounds where it may have spread (rl_step skips work outside it). */
 #include "scopefs/deconv.h"
 
 #include "filter1d.h"
@@ -50,6 +51,9 @@ struct sf_deconv_ctx {
 	float *blk, *blk_tmp;   /* host, block-shaped */
 	float *ext;             /* host, per thread one x row plus the pre-filter's widest edges */
 	int nthreads;           /* host threads of the pre-filter (cfg->nthreads, >= 1) */
+	sf_fft_box y_box;       /* the block inside the padded shape: y is 0 outside */
+	sf_fft_box x_box;       /* where x may be nonzero: y_box grown by regularisation */
+	int spec_ready;         /* spec holds what rl_step needs of x (SF_FFT_KEEP_SPECTRUM) */
 	const atomic_int *stop; /* optional interrupt flag; not owned */
 };
 
@@ -514,6 +518,9 @@ int sf_deconv_ctx_create(const sf_deconv_params *p, const sf_psf *psf, sf_dims3 
 	ctx->fft = sf_deconv_fft_dims(dims, ctx->psf_n, p->fft_shape);
 	ctx->off = (sf_dims3){(ctx->fft.nx - dims.nx) / 2, (ctx->fft.ny - dims.ny) / 2,
 	                      (ctx->fft.nz - dims.nz) / 2};
+	ctx->y_box =
+	    (sf_fft_box){{ctx->off.nx, ctx->off.ny, ctx->off.nz},
+	                 {ctx->off.nx + dims.nx, ctx->off.ny + dims.ny, ctx->off.nz + dims.nz}};
 	rc = ops->plan_create(cfg, ctx->fft.nz, ctx->fft.ny, ctx->fft.nx, &ctx->plan, e);
 	if (!rc)
 		rc = alloc_buffers(ctx, e);
@@ -577,6 +584,30 @@ static float ba_alpha(const double dots[2], int steps, int reg)
 	return (float)(a > 1.0 ? 1.0 : a > 0.0 ? a : 0.0);
 }
 
+/* x_box grown by r voxels on every side, within the padded shape: where x
+ * may be nonzero after a filter of radius r (the Gaussian's 2, R26's 1;
+ * replicate edges at the shape's faces spread nothing beyond it). */
+static void grow_box(sf_deconv_ctx *ctx, size_t r)
+{
+	size_t N[3] = {ctx->fft.nx, ctx->fft.ny, ctx->fft.nz};
+	for (int a = 0; a < 3; a++) {
+		ctx->x_box.lo[a] = ctx->x_box.lo[a] > r ? ctx->x_box.lo[a] - r : 0;
+		ctx->x_box.hi[a] = ctx->x_box.hi[a] + r < N[a] ? ctx->x_box.hi[a] + r : N[a];
+	}
+}
+
+/* rl_step's flags at iteration i: keep the spectrum for the next step when
+ * nothing will change x between the two (no regularisation next, no
+ * extrapolation), and use it when the last step kept it. */
+static unsigned step_flags(const sf_deconv_ctx *ctx, int i, int reg)
+{
+	const sf_deconv_params *p = &ctx->p;
+	unsigned flags = ctx->spec_ready && !reg && !p->accelerate ? SF_FFT_SPECTRUM_READY : 0;
+	if (!p->accelerate && i < p->numit && !is_regularization_time(p, i + 1))
+		flags |= SF_FFT_KEEP_SPECTRUM;
+	return flags;
+}
+
 /* One iteration's regularisation, prediction and RL update on ctx->x. */
 static int rl_one(sf_deconv_ctx *ctx, int i, const double dots[2], int steps, sf_err *e)
 {
@@ -585,17 +616,24 @@ static int rl_one(sf_deconv_ctx *ctx, int i, const double dots[2], int steps, sf
 	int reg = is_regularization_time(p, i);
 	int damp = reg && p->lambda_damping > 0;
 	int rc = SF_OK;
-	if (reg)
+	if (reg) {
 		rc = ops->gauss(ctx->plan, ctx->x, ctx->t, 0.5f, 2, e);
-	if (!rc && damp)
+		grow_box(ctx, 2);
+	}
+	if (!rc && damp) {
 		rc = ops->r26(ctx->plan, ctx->x, ctx->r, e);
+		grow_box(ctx, 1); /* R's support, and so the updated x's */
+	}
 	if (!rc && p->accelerate)
 		rc = ops->ba_predict(ctx->plan, ctx->x, ctx->prev, ctx->g,
 		                     ba_alpha(dots, steps, reg), e);
-	if (!rc && fused(ctx))
+	if (!rc && fused(ctx)) {
+		unsigned flags = step_flags(ctx, i, reg);
 		rc = ops->rl_step(ctx->plan, ctx->x, ctx->y, ctx->spec, ctx->otf,
-		                  damp ? ctx->r : NULL, (float)p->lambda_damping, p->eps, e);
-	else if (!rc)
+		                  damp ? ctx->r : NULL, (float)p->lambda_damping, p->eps,
+		                  &ctx->x_box, &ctx->y_box, flags, e);
+		ctx->spec_ready = !rc && (flags & SF_FFT_KEEP_SPECTRUM);
+	} else if (!rc)
 		rc = rl_correct(ctx, damp, e);
 	return rc;
 }
@@ -606,6 +644,8 @@ static int rl_iterate(sf_deconv_ctx *ctx, sf_deconv_stats *st, sf_err *e)
 	const sf_deconv_params *p = &ctx->p;
 	double prev = 0, dots[2] = {0.0, 0.0};
 	int rc = SF_OK, steps = 0; /* RL steps g recorded for the acceleration */
+	ctx->x_box = ctx->y_box;   /* x0 is y, or a constant, in the block only */
+	ctx->spec_ready = 0;
 	if (p->stop_criterion > 0)
 		rc = ops->norm2(ctx->plan, ctx->x, &prev, e);
 	for (int i = 1; !rc && i <= p->numit; i++) {

@@ -29,10 +29,15 @@
  *      stored in that gathered order.
  * rl_step also does the ratio between the inverse and forward x passes, and
  * the update after the last one, while the rows are in cache: one RL
- * iteration is 5 passes over the spectrum.  Every pass is a loop over fixed
- * items (planes, column chunks) that do not depend on the thread count;
- * threads take ranges of items, so the bytes are the same whatever
- * cfg->nthreads is. */
+ * iteration is 5 passes over the spectrum, 4 when the update pass also does
+ * the next step's forward x and y (SF_FFT_KEEP_SPECTRUM).  With supports
+ * (x_box, y_box) the x and y passes skip the planes and rows where the
+ * input is zero or the output unwanted, and the z pass reads and writes
+ * only those planes (on a padded grid that is ~20 % of the work).  A
+ * point-symmetric kernel has a real transfer function: only its real parts
+ * are kept and multiplied.  Every pass is a loop over fixed items (planes,
+ * column chunks) that do not depend on the thread count; threads take
+ * ranges of items, so the bytes are the same whatever cfg->nthreads is. */
 #include "scopefs/fft.h"
 
 #include "filter1d.h"
@@ -41,6 +46,10 @@
 #include <math.h>
 #ifdef __SSE2__
 #include <emmintrin.h>
+#endif
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define HAVE_AVX_TWIDDLES 1 /* r2c_pairs_avx, c2r_pairs_avx: chosen at run time */
 #endif
 #include <pthread.h>
 #include <stdio.h>
@@ -55,13 +64,16 @@ struct cached_plans {
 	size_t nz, ny, nx;
 	int nthreads, measure;
 	fftwf_plan fwd, inv; /* whole 3D r2c / c2r (forward, inverse ops; odd nx) */
-	/* Fused path, when nx is even; [0] for a full chunk, [1] for the
-	 * remainder (NULL when there is none).  All FFTW_ESTIMATE, one thread. */
+	/* Fused path, when nx is even; y and z: [0] for a full chunk, [1] for
+	 * the remainder (NULL when there is none); x: [n] for n rows (runs of
+	 * rows start anywhere: deconv.c's supports).  All FFTW_ESTIMATE, one
+	 * thread. */
 	int fused;
-	fftwf_plan xf[2], xb[2]; /* nx/2-point c2c over ROW_CHUNK rows */
+	fftwf_plan xf[ROW_CHUNK + 1], xb[ROW_CHUNK + 1]; /* nx/2-point c2c over n rows */
 	fftwf_plan yf[2], yb[2]; /* ny-point c2c over COL_CHUNK gathered columns, A to B */
 	fftwf_plan zf[2], zb[2]; /* nz-point c2c, zf A to B, zb B to A */
 	fftwf_complex *twiddle;  /* exp(-2 pi i k / nx), k = 0 .. nx/2 */
+	int avx;                 /* the CPU has AVX: the twiddle steps take 4 pairs at once */
 	size_t pitch;            /* complex values per spectrum row: nx/2+1, made even */
 	struct cached_plans *next;
 };
@@ -84,11 +96,17 @@ struct sf_fft_plan {
 
 static void destroy_plan_set(struct cached_plans *c)
 {
-	fftwf_plan all[] = {c->fwd,   c->inv,   c->xf[0], c->xf[1], c->xb[0], c->xb[1], c->yf[0],
-	                    c->yf[1], c->yb[0], c->yb[1], c->zf[0], c->zf[1], c->zb[0], c->zb[1]};
+	fftwf_plan all[] = {c->fwd,   c->inv,   c->yf[0], c->yf[1], c->yb[0],
+	                    c->yb[1], c->zf[0], c->zf[1], c->zb[0], c->zb[1]};
 	for (size_t i = 0; i < sizeof all / sizeof all[0]; i++)
 		if (all[i])
 			fftwf_destroy_plan(all[i]);
+	for (size_t n = 0; n <= ROW_CHUNK; n++) {
+		if (c->xf[n])
+			fftwf_destroy_plan(c->xf[n]);
+		if (c->xb[n])
+			fftwf_destroy_plan(c->xb[n]);
+	}
 	fftwf_free(c->twiddle);
 	free(c);
 }
@@ -117,19 +135,16 @@ static size_t gather_len(size_t ny, size_t nz)
 static int fused_plans(struct cached_plans *c, fftwf_complex *r, fftwf_complex *z)
 {
 	size_t M = c->nx / 2, h = M + 1, pitch = h + h % 2;
-	size_t rem[3] = {c->ny % ROW_CHUNK, c->ny * pitch % COL_CHUNK, h % COL_CHUNK};
+	size_t rem[2] = {c->ny * pitch % COL_CHUNK, h % COL_CHUNK};
 	/* FFTW runs a plan on new arrays only at the SIMD alignment it was
-	 * planned for.  Row chunks start at row z*ny + r0, r0 a multiple of
-	 * ROW_CHUNK: they are aligned as the (aligned) buffer starts when a
-	 * chunk's and a plane's rows are, which the even spectrum pitch and
-	 * deconv.c's sizes (nx a multiple of 4) make so.  Otherwise the x plans
-	 * take any alignment (slower codelets).  The y and z plans run between
-	 * a thread's two gather buffers A and B, which start aligned (out of
-	 * place: ESTIMATE then copies nothing, 5-35 % faster). */
-	int aligned = !fftwf_alignment_of((float *)r + ROW_CHUNK * c->nx) &&
-	              !fftwf_alignment_of((float *)r + c->ny * c->nx) &&
-	              !fftwf_alignment_of((float *)(z + ROW_CHUNK * pitch)) &&
-	              !fftwf_alignment_of((float *)(z + c->ny * pitch));
+	 * planned for.  Runs of rows start at any row: they are aligned as the
+	 * (aligned) buffer starts when every row is, which the even spectrum
+	 * pitch and deconv.c's sizes (nx a multiple of 4) make so.  Otherwise
+	 * the x plans take any alignment (slower codelets).  The y and z plans
+	 * run between a thread's two gather buffers A and B, which start
+	 * aligned (out of place: ESTIMATE then copies nothing, 5-35 % faster). */
+	int aligned =
+	    !fftwf_alignment_of((float *)r + c->nx) && !fftwf_alignment_of((float *)(z + pitch));
 	unsigned any = aligned ? 0 : FFTW_UNALIGNED;
 	unsigned keep = FFTW_ESTIMATE | FFTW_PRESERVE_INPUT | any;
 	unsigned spend = FFTW_ESTIMATE | FFTW_DESTROY_INPUT;
@@ -137,13 +152,14 @@ static int fused_plans(struct cached_plans *c, fftwf_complex *r, fftwf_complex *
 	int ok = 1;
 
 	fftwf_plan_with_nthreads(1);
+	for (size_t n = 1; n <= ROW_CHUNK && n <= c->ny; n++) {
+		ok &= plan_batch(M, n, r, M, z, pitch, FFTW_FORWARD, keep, &c->xf[n]);
+		ok &= plan_batch(M, n, z, pitch, r, M, FFTW_BACKWARD, spend | any, &c->xb[n]);
+	}
 	for (int i = 0; i < 2; i++) {
-		size_t xr = i ? rem[0] : (c->ny >= ROW_CHUNK ? ROW_CHUNK : 0);
-		ok &= plan_batch(M, xr, r, M, z, pitch, FFTW_FORWARD, keep, &c->xf[i]);
-		ok &= plan_batch(M, xr, z, pitch, r, M, FFTW_BACKWARD, spend | any, &c->xb[i]);
 		/* The y pass runs per plane over h columns, the z pass over ny*h. */
-		size_t yc = i ? rem[2] : (h >= COL_CHUNK ? COL_CHUNK : 0);
-		size_t zc = i ? rem[1] : (c->ny * pitch >= COL_CHUNK ? COL_CHUNK : 0);
+		size_t yc = i ? rem[1] : (h >= COL_CHUNK ? COL_CHUNK : 0);
+		size_t zc = i ? rem[0] : (c->ny * pitch >= COL_CHUNK ? COL_CHUNK : 0);
 		ok &= plan_batch(c->ny, yc, z, c->ny, b, c->ny, FFTW_FORWARD, spend, &c->yf[i]);
 		ok &= plan_batch(c->ny, yc, z, c->ny, b, c->ny, FFTW_BACKWARD, spend, &c->yb[i]);
 		ok &= plan_batch(c->nz, zc, z, c->nz, b, c->nz, FFTW_FORWARD, spend, &c->zf[i]);
@@ -158,6 +174,9 @@ static int fused_plans(struct cached_plans *c, fftwf_complex *r, fftwf_complex *
 		c->twiddle[k][1] = (float)sin(a);
 	}
 	c->pitch = pitch;
+#ifdef HAVE_AVX_TWIDDLES
+	c->avx = __builtin_cpu_supports("avx");
+#endif
 	c->fused = 1;
 	return 1;
 }
@@ -239,6 +258,7 @@ static int fftw_plan_create(const sf_fft_config *cfg, size_t nz, size_t ny, size
 			free(p);
 			return sf_fail(e, SF_ENOMEM, "fftw: scratch for %d threads", cfg->nthreads);
 		}
+		memset(p->scratch, 0, (size_t)p->nthreads * p->scratch_len * sizeof *p->scratch);
 	}
 	*out = p;
 	return SF_OK;
@@ -260,13 +280,18 @@ static size_t spectrum_len(const sf_fft_plan *p)
 	return p->plans->fused ? p->nz * p->ny * p->plans->pitch : p->ncplx;
 }
 
+/* A complex buffer has one more value after the spectrum: a transfer
+ * function's kind there (make_transfer). */
 static int fftw_buf_alloc(sf_fft_plan *p, int is_complex, void **out, sf_err *e)
 {
 	size_t bytes =
-	    is_complex ? spectrum_len(p) * sizeof(fftwf_complex) : p->nreal * sizeof(float);
+	    is_complex ? (spectrum_len(p) + 1) * sizeof(fftwf_complex) : p->nreal * sizeof(float);
 	*out = fftwf_malloc(bytes);
 	if (!*out)
 		return sf_fail(e, SF_ENOMEM, "fftw: %zu-byte buffer", bytes);
+	/* Touch every page now, while the context is made, rather than in the
+	 * first block's passes (page faults were 8 % of a first block). */
+	memset(*out, 0, bytes);
 	return SF_OK;
 }
 
@@ -338,6 +363,22 @@ static void cmul_run(cpx *restrict a, const cpx *restrict b, size_t n, float s)
 		float ar = a[k].re, ai = a[k].im, br = b[k].re, bi = s * b[k].im;
 		a[k] = (cpx){ar * br - ai * bi, ar * bi + ai * br};
 	}
+}
+
+/* a[k] *= h[k] (real), both parts: the product with a real transfer
+ * function.  SSE2 or not, one float multiply per part, so the same bits. */
+static void rmul_run(cpx *restrict a, const float *restrict h, size_t n)
+{
+	size_t k = 0;
+#ifdef __SSE2__
+	for (; k + 2 <= n; k += 2) {
+		__m128 hv = _mm_castpd_ps(_mm_load_sd((const double *)(const void *)(h + k)));
+		hv = _mm_unpacklo_ps(hv, hv); /* h0 h0 h1 h1 */
+		_mm_storeu_ps(&a[k].re, _mm_mul_ps(_mm_loadu_ps(&a[k].re), hv));
+	}
+#endif
+	for (; k < n; k++)
+		a[k] = (cpx){a[k].re * h[k], a[k].im * h[k]};
 }
 
 /* t[k] = obs[k] / max(t[k], eps); a plain compare (not fmaxf) vectorises,
@@ -512,6 +553,14 @@ static int fftw_ba_step(sf_fft_plan *p, const void *x, void *g, const void *g_ol
 
 /* --- fused path -------------------------------------------------------- */
 
+/* Planes [z0, z1) and rows [y0, y1) of each: where a real array of the
+ * fused path may be nonzero (a forward input), or is wanted (an inverse
+ * output).  Planes and rows outside are never transformed: the spectrum
+ * planes that an input support leaves out are taken as zero and not read. */
+typedef struct span {
+	size_t y0, y1, z0, z1;
+} span;
+
 /* The arguments of one fused pass; items are planes (x and y passes) or
  * column chunks (z pass). */
 typedef struct pass_job pass_job;
@@ -519,14 +568,17 @@ typedef void (*pass_item_fn)(const pass_job *job, size_t item, fftwf_complex *sc
 struct pass_job {
 	const sf_fft_plan *p;
 	pass_item_fn item;
-	size_t items;
+	size_t first, items;  /* items first .. first + items - 1 */
+	span in, out;         /* forward input support, inverse output wanted */
 	fftwf_complex *spec;  /* the half spectrum being transformed */
 	const float *real_in; /* forward input */
 	float *real_out;      /* inverse output, or the RL estimate */
 	const cpx *tf;        /* transfer function, gathered order */
+	const float *tf_real; /* or its real parts alone, when it is real (else NULL) */
 	int conj;             /* multiply by conj(tf) */
 	const float *obs;     /* RL: observed y */
 	const float *reg;     /* RL: regulariser or NULL */
+	int keep;             /* RL: the update pass also does the next forward x and y */
 	float eps, lambda;    /* RL */
 };
 
@@ -557,7 +609,8 @@ static void pass_run(const pass_job *job)
 
 	t = t < 1 ? 1 : t > 64 ? 64 : t;
 	for (size_t i = 0; i < t; i++)
-		r[i] = (pass_range){job, job->items * i / t, job->items * (i + 1) / t,
+		r[i] = (pass_range){job, job->first + job->items * i / t,
+		                    job->first + job->items * (i + 1) / t,
 		                    p->scratch + i * p->scratch_len};
 	for (size_t i = 1; i < t; i++)
 		started[i] = pthread_create(&tid[i], NULL, pass_run_range, &r[i]) == 0;
@@ -570,15 +623,88 @@ static void pass_run(const pass_job *job)
 	}
 }
 
+#ifdef HAVE_AVX_TWIDDLES
+/* The 4 complex values at v in reverse order. */
+__attribute__((target("avx"))) static inline __m256 reverse4(__m256 v)
+{
+	v = _mm256_permute2f128_ps(v, v, 1);
+	return _mm256_shuffle_ps(v, v, _MM_SHUFFLE(1, 0, 3, 2));
+}
+
+/* d times the twiddles w, lane pair by lane pair: re*wr + sign*(swapped)*wi,
+ * where sign (alt or conj) picks r2c's or c2r's direction. */
+__attribute__((target("avx"))) static inline __m256 twiddle_avx(__m256 d, __m256 w, __m256 sign)
+{
+	__m256 wr = _mm256_shuffle_ps(w, w, _MM_SHUFFLE(2, 2, 0, 0));
+	__m256 wi = _mm256_shuffle_ps(w, w, _MM_SHUFFLE(3, 3, 1, 1));
+	__m256 dswap = _mm256_shuffle_ps(d, d, _MM_SHUFFLE(2, 3, 0, 1));
+
+	return _mm256_add_ps(_mm256_mul_ps(d, wr), _mm256_mul_ps(_mm256_mul_ps(dswap, wi), sign));
+}
+
+/* r2c_finish's pairs k = 1, 5, 9, ... four at a time while they do not
+ * meet their partners M-k; returns the first k left.  Lane by lane the
+ * same operations as the SSE2 and scalar loops, so the same bits. */
+__attribute__((target("avx"))) static size_t r2c_pairs_avx(cpx *s, size_t M,
+                                                           const fftwf_complex *tw)
+{
+	const __m256 half = _mm256_set1_ps(0.5f), conj = _mm256_set_ps(-1, 1, -1, 1, -1, 1, -1, 1);
+	const __m256 alt = _mm256_set_ps(1, -1, 1, -1, 1, -1, 1, -1);
+	size_t k = 1;
+	for (; 2 * k + 6 < M; k += 4) {
+		__m256 a = _mm256_loadu_ps(&s[k].re), b = _mm256_loadu_ps(&s[M - k - 3].re);
+		__m256 w = _mm256_loadu_ps(tw[k]);
+		b = _mm256_mul_ps(reverse4(b), conj); /* conj Z[M-k] */
+		__m256 e = _mm256_mul_ps(half, _mm256_add_ps(a, b));
+		__m256 d = _mm256_mul_ps(half, _mm256_sub_ps(a, b));
+		__m256 pw = twiddle_avx(d, w, alt);
+		__m256 pswap = _mm256_shuffle_ps(pw, pw, _MM_SHUFFLE(2, 3, 0, 1));
+		__m256 xk = _mm256_add_ps(e, _mm256_mul_ps(pswap, conj));
+		__m256 xj = _mm256_sub_ps(_mm256_mul_ps(e, conj), pswap);
+		_mm256_storeu_ps(&s[k].re, xk);
+		_mm256_storeu_ps(&s[M - k - 3].re, reverse4(xj));
+	}
+	return k;
+}
+
+/* c2r_start's pairs, four at a time, as r2c_pairs_avx. */
+__attribute__((target("avx"))) static size_t c2r_pairs_avx(cpx *s, size_t M,
+                                                           const fftwf_complex *tw)
+{
+	const __m256 conj = _mm256_set_ps(-1, 1, -1, 1, -1, 1, -1, 1);
+	const __m256 alt = _mm256_set_ps(1, -1, 1, -1, 1, -1, 1, -1);
+	size_t k = 1;
+	for (; 2 * k + 6 < M; k += 4) {
+		__m256 x = _mm256_loadu_ps(&s[k].re), y = _mm256_loadu_ps(&s[M - k - 3].re);
+		__m256 w = _mm256_loadu_ps(tw[k]);
+		y = _mm256_mul_ps(reverse4(y), conj); /* conj X[M-k] */
+		__m256 sum = _mm256_add_ps(x, y), d = _mm256_sub_ps(x, y);
+		__m256 q = twiddle_avx(d, w, conj);
+		__m256 qswap = _mm256_shuffle_ps(q, q, _MM_SHUFFLE(2, 3, 0, 1));
+		__m256 zk = _mm256_add_ps(sum, _mm256_mul_ps(qswap, alt));
+		__m256 zj = _mm256_add_ps(_mm256_mul_ps(sum, conj), qswap);
+		_mm256_storeu_ps(&s[k].re, zk);
+		_mm256_storeu_ps(&s[M - k - 3].re, reverse4(zj));
+	}
+	return k;
+}
+#endif
+
 /* Half spectrum of a real row from the nx/2-point FFT Z of its (even, odd)
  * pairs, in place (row holds nx/2+1 values):
  * X[k] = (Z[k] + conj Z[M-k]) / 2 - i W^k (Z[k] - conj Z[M-k]) / 2. */
-static void r2c_finish(cpx *s, size_t M, const fftwf_complex *tw)
+static void r2c_finish(cpx *s, size_t M, const fftwf_complex *tw, int avx)
 {
 	float z0r = s[0].re, z0i = s[0].im;
 	size_t k = 1;
 	s[0] = (cpx){z0r + z0i, 0.0f};
 	s[M] = (cpx){z0r - z0i, 0.0f};
+#ifdef HAVE_AVX_TWIDDLES
+	if (avx)
+		k = r2c_pairs_avx(s, M, tw);
+#else
+	(void)avx;
+#endif
 #ifdef __SSE2__
 	/* k and k+1 with their partners M-k and M-k-1, while those differ; the
 	 * same operations as the loop below, lane by lane. */
@@ -617,11 +743,17 @@ static void r2c_finish(cpx *s, size_t M, const fftwf_complex *tw)
 /* The inverse of r2c_finish, times 2 (so the backward nx/2-point FFT gives
  * nx times the pairs, as an unnormalised c2r does).  The imaginary parts of
  * X[0] and X[M] are ignored, as FFTW's c2r ignores them. */
-static void c2r_start(cpx *s, size_t M, const fftwf_complex *tw)
+static void c2r_start(cpx *s, size_t M, const fftwf_complex *tw, int avx)
 {
 	float a = s[0].re, b = s[M].re;
 	size_t k = 1;
 	s[0] = (cpx){a + b, a - b};
+#ifdef HAVE_AVX_TWIDDLES
+	if (avx)
+		k = c2r_pairs_avx(s, M, tw);
+#else
+	(void)avx;
+#endif
 #ifdef __SSE2__
 	const __m128 conj = _mm_set_ps(-1, 1, -1, 1), alt = _mm_set_ps(1, -1, 1, -1);
 	for (; 2 * k + 2 < M; k += 2) {
@@ -652,169 +784,206 @@ static void c2r_start(cpx *s, size_t M, const fftwf_complex *tw)
 	}
 }
 
-/* Rows [r0, r0 + n) of plane z (n = ROW_CHUNK, or the plane's last rows). */
-static int row_plan(const sf_fft_plan *p, size_t r0, size_t *n)
-{
-	*n = p->ny - r0 < ROW_CHUNK ? p->ny - r0 : ROW_CHUNK;
-	return *n == ROW_CHUNK ? 0 : 1;
-}
-
-/* Forward x pass of n rows: real rows `in` (nx floats apart) to half
- * spectra `out` (nx/2+1 apart). */
-static void rows_forward(const sf_fft_plan *p, int which, const float *in, size_t n,
-                         fftwf_complex *out)
+/* Forward x pass of n rows (1 to ROW_CHUNK): real rows `in` (nx floats
+ * apart) to half spectra `out` (pitch apart). */
+static void rows_forward(const sf_fft_plan *p, const float *in, size_t n, fftwf_complex *out)
 {
 	const struct cached_plans *c = p->plans;
 	size_t M = p->nx / 2;
-	fftwf_execute_dft(c->xf[which], (fftwf_complex *)(void *)in, out);
+	fftwf_execute_dft(c->xf[n], (fftwf_complex *)(void *)in, out);
 	for (size_t r = 0; r < n; r++) {
-		r2c_finish((cpx *)(void *)(out + r * c->pitch), M, c->twiddle);
+		r2c_finish((cpx *)(void *)(out + r * c->pitch), M, c->twiddle, c->avx);
 		if (c->pitch > M + 1) /* the pad column, so z passes see no garbage */
 			out[r * c->pitch + M + 1][0] = out[r * c->pitch + M + 1][1] = 0.0f;
 	}
 }
 
 /* Inverse x pass of n half spectra `in` (destroyed) into real rows `out`. */
-static void rows_inverse(const sf_fft_plan *p, int which, fftwf_complex *in, size_t n, float *out)
+static void rows_inverse(const sf_fft_plan *p, fftwf_complex *in, size_t n, float *out)
 {
 	const struct cached_plans *c = p->plans;
 	size_t M = p->nx / 2;
 	for (size_t r = 0; r < n; r++)
-		c2r_start((cpx *)(void *)(in + r * c->pitch), M, c->twiddle);
-	fftwf_execute_dft(c->xb[which], in, (fftwf_complex *)(void *)out);
+		c2r_start((cpx *)(void *)(in + r * c->pitch), M, c->twiddle, c->avx);
+	fftwf_execute_dft(c->xb[n], in, (fftwf_complex *)(void *)out);
 }
 
-/* Copy m columns of n values, stride apart, into buf[j * n + k], and back.
+/* Rows in a run of rows from r0 to end: ROW_CHUNK, or what is left. */
+static size_t row_run(size_t r0, size_t end)
+{
+	return end - r0 < ROW_CHUNK ? end - r0 : ROW_CHUNK;
+}
+
+/* Copy m columns of rows [k0, k1) of n rows, stride apart, into
+ * buf[j * n + k], zeros for the other k; and back (rows [k0, k1) only).
  * With SSE2 (every x86-64), 2 x 2 blocks of complex values move as two
  * 16-byte loads and stores: 7-28 % faster than one value at a time. */
-static void gather(cpx *restrict buf, const cpx *restrict src, size_t n, size_t stride, size_t m)
+static void gather(cpx *restrict buf, const cpx *restrict src, size_t n, size_t stride, size_t m,
+                   size_t k0, size_t k1)
 {
 	size_t j = 0;
+	if (k0 || k1 < n)
+		for (size_t jj = 0; jj < m; jj++) {
+			memset(buf + jj * n, 0, k0 * sizeof *buf);
+			memset(buf + jj * n + k1, 0, (n - k1) * sizeof *buf);
+		}
 #ifdef __SSE2__
 	for (; j + 2 <= m; j += 2) {
-		size_t k = 0;
-		for (; k + 2 <= n; k += 2) {
+		size_t k = k0;
+		for (; k + 2 <= k1; k += 2) {
 			__m128 a = _mm_loadu_ps(&src[k * stride + j].re);
 			__m128 b = _mm_loadu_ps(&src[(k + 1) * stride + j].re);
 			_mm_storeu_ps(&buf[j * n + k].re, _mm_movelh_ps(a, b));
 			_mm_storeu_ps(&buf[(j + 1) * n + k].re, _mm_movehl_ps(b, a));
 		}
-		for (; k < n; k++) {
+		for (; k < k1; k++) {
 			buf[j * n + k] = src[k * stride + j];
 			buf[(j + 1) * n + k] = src[k * stride + j + 1];
 		}
 	}
 #endif
 	for (; j < m; j++)
-		for (size_t k = 0; k < n; k++)
+		for (size_t k = k0; k < k1; k++)
 			buf[j * n + k] = src[k * stride + j];
 }
 
-static void scatter(cpx *restrict dst, const cpx *restrict buf, size_t n, size_t stride, size_t m)
+static void scatter(cpx *restrict dst, const cpx *restrict buf, size_t n, size_t stride, size_t m,
+                    size_t k0, size_t k1)
 {
 	size_t j = 0;
 #ifdef __SSE2__
 	for (; j + 2 <= m; j += 2) {
-		size_t k = 0;
-		for (; k + 2 <= n; k += 2) {
+		size_t k = k0;
+		for (; k + 2 <= k1; k += 2) {
 			__m128 a = _mm_loadu_ps(&buf[j * n + k].re);
 			__m128 b = _mm_loadu_ps(&buf[(j + 1) * n + k].re);
 			_mm_storeu_ps(&dst[k * stride + j].re, _mm_movelh_ps(a, b));
 			_mm_storeu_ps(&dst[(k + 1) * stride + j].re, _mm_movehl_ps(b, a));
 		}
-		for (; k < n; k++) {
+		for (; k < k1; k++) {
 			dst[k * stride + j] = buf[j * n + k];
 			dst[k * stride + j + 1] = buf[(j + 1) * n + k];
 		}
 	}
 #endif
 	for (; j < m; j++)
-		for (size_t k = 0; k < n; k++)
+		for (size_t k = k0; k < k1; k++)
 			dst[k * stride + j] = buf[j * n + k];
 }
 
-/* The y transform of one plane of the spectrum, COL_CHUNK columns at a time. */
+/* Read bytes [0, n) of a in order, one float per cache line, so that they
+ * come into cache as one sequential stream, which the hardware prefetchers
+ * follow (the column gathers read a plane across its rows, which they do
+ * not: a plane the z pass left in memory came in much slower that way;
+ * 3-5 % of a whole block, more than __builtin_prefetch gave).  The sum
+ * goes to a volatile local only so that the reads are kept. */
+static void touch(const void *a, size_t n)
+{
+	const float *f = a;
+	float acc[4] = {0, 0, 0, 0};
+	size_t b = 0, len = n / sizeof *f;
+	for (; b + 64 <= len; b += 64)
+		acc[0] += f[b], acc[1] += f[b + 16], acc[2] += f[b + 32], acc[3] += f[b + 48];
+	for (; b < len; b += 16)
+		acc[0] += f[b];
+	volatile float sink = acc[0] + acc[1] + acc[2] + acc[3];
+	(void)sink;
+}
+
+/* The y transform of one plane of the spectrum, COL_CHUNK columns at a
+ * time: input rows [in0, in1) (the others taken as zero), output rows
+ * [out0, out1) written back.  A backward transform is a pass's first look
+ * at the plane: it is read in first. */
 static void plane_y(const sf_fft_plan *p, fftwf_complex *plane, fftwf_complex *scratch,
-                    int backward)
+                    int backward, size_t in0, size_t in1, size_t out0, size_t out1)
 {
 	const struct cached_plans *c = p->plans;
 	size_t h = p->nx / 2 + 1;
 	cpx *buf = (cpx *)(void *)scratch;
 	fftwf_complex *second = scratch + gather_len(p->ny, p->nz);
+	if (backward)
+		touch(plane + in0 * c->pitch, (in1 - in0) * c->pitch * sizeof *plane);
 	for (size_t c0 = 0; c0 < h; c0 += COL_CHUNK) {
 		size_t m = h - c0 < COL_CHUNK ? h - c0 : COL_CHUNK;
 		int which = m == COL_CHUNK ? 0 : 1;
 		cpx *col = (cpx *)(void *)(plane + c0);
-		gather(buf, col, p->ny, c->pitch, m);
+		gather(buf, col, p->ny, c->pitch, m, in0, in1);
 		fftwf_execute_dft(backward ? c->yb[which] : c->yf[which], scratch, second);
-		scatter(col, (cpx *)(void *)second, p->ny, c->pitch, m);
+		scatter(col, (cpx *)(void *)second, p->ny, c->pitch, m, out0, out1);
 	}
 }
 
-/* Plane z forward: x pass of its rows, then its y transform (in cache). */
+/* Plane z forward: x pass of its input rows, then its y transform (in
+ * cache). */
 static void item_xy_forward(const pass_job *job, size_t z, fftwf_complex *scratch)
 {
 	const sf_fft_plan *p = job->p;
-	size_t h = p->plans->pitch, n;
+	size_t h = p->plans->pitch, n, y0 = job->in.y0, y1 = job->in.y1;
 	fftwf_complex *plane = job->spec + z * p->ny * h;
-	for (size_t r0 = 0; r0 < p->ny; r0 += ROW_CHUNK) {
-		int which = row_plan(p, r0, &n);
-		rows_forward(p, which, job->real_in + (z * p->ny + r0) * p->nx, n, plane + r0 * h);
+	for (size_t r0 = y0; r0 < y1; r0 += n) {
+		n = row_run(r0, y1);
+		rows_forward(p, job->real_in + (z * p->ny + r0) * p->nx, n, plane + r0 * h);
 	}
-	plane_y(p, plane, scratch, 0);
+	plane_y(p, plane, scratch, 0, y0, y1, 0, p->ny);
 }
 
-/* Plane z inverse into job->real_out. */
+/* Plane z inverse into the wanted rows of job->real_out. */
 static void item_xy_inverse(const pass_job *job, size_t z, fftwf_complex *scratch)
 {
 	const sf_fft_plan *p = job->p;
-	size_t h = p->plans->pitch, n;
+	size_t h = p->plans->pitch, n, y0 = job->out.y0, y1 = job->out.y1;
 	fftwf_complex *plane = job->spec + z * p->ny * h;
-	plane_y(p, plane, scratch, 1);
-	for (size_t r0 = 0; r0 < p->ny; r0 += ROW_CHUNK) {
-		int which = row_plan(p, r0, &n);
-		rows_inverse(p, which, plane + r0 * h, n, job->real_out + (z * p->ny + r0) * p->nx);
+	plane_y(p, plane, scratch, 1, 0, p->ny, y0, y1);
+	for (size_t r0 = y0; r0 < y1; r0 += n) {
+		n = row_run(r0, y1);
+		rows_inverse(p, plane + r0 * h, n, job->real_out + (z * p->ny + r0) * p->nx);
 	}
 }
 
 /* Plane z of Hx: inverse, t = y / max(Hx, eps), forward again, all while
- * the plane is in cache (rows through scratch). */
+ * the plane is in cache (rows through scratch).  Only the rows where y may
+ * be nonzero (job->out): the ratio is 0 elsewhere. */
 static void item_xy_ratio(const pass_job *job, size_t z, fftwf_complex *scratch)
 {
 	const sf_fft_plan *p = job->p;
-	size_t h = p->plans->pitch, n;
+	size_t h = p->plans->pitch, n, y0 = job->out.y0, y1 = job->out.y1;
 	fftwf_complex *plane = job->spec + z * p->ny * h;
 	float *t = (float *)(void *)scratch;
-	plane_y(p, plane, scratch, 1);
-	for (size_t r0 = 0; r0 < p->ny; r0 += ROW_CHUNK) {
-		int which = row_plan(p, r0, &n);
-		rows_inverse(p, which, plane + r0 * h, n, t);
+	plane_y(p, plane, scratch, 1, 0, p->ny, y0, y1);
+	for (size_t r0 = y0; r0 < y1; r0 += n) {
+		n = row_run(r0, y1);
+		rows_inverse(p, plane + r0 * h, n, t);
 		ratio_run(t, job->obs + (z * p->ny + r0) * p->nx, n * p->nx, job->eps);
-		rows_forward(p, which, t, n, plane + r0 * h);
+		rows_forward(p, t, n, plane + r0 * h);
 	}
-	plane_y(p, plane, scratch, 0);
+	plane_y(p, plane, scratch, 0, y0, y1, 0, p->ny);
 }
 
 /* Plane z of the correction c: inverse into scratch rows, then the RL
- * update of the estimate's rows. */
+ * update of the estimate's rows that may be nonzero (job->out). */
 static void item_xy_update(const pass_job *job, size_t z, fftwf_complex *scratch)
 {
 	const sf_fft_plan *p = job->p;
-	size_t h = p->plans->pitch, n;
+	size_t h = p->plans->pitch, n, y0 = job->out.y0, y1 = job->out.y1;
 	fftwf_complex *plane = job->spec + z * p->ny * h;
 	float *corr = (float *)(void *)scratch;
-	plane_y(p, plane, scratch, 1);
-	for (size_t r0 = 0; r0 < p->ny; r0 += ROW_CHUNK) {
-		int which = row_plan(p, r0, &n);
+	plane_y(p, plane, scratch, 1, 0, p->ny, y0, y1);
+	for (size_t r0 = y0; r0 < y1; r0 += n) {
+		n = row_run(r0, y1);
 		size_t at = (z * p->ny + r0) * p->nx;
-		rows_inverse(p, which, plane + r0 * h, n, corr);
+		rows_inverse(p, plane + r0 * h, n, corr);
 		update_run(job->real_out + at, corr, job->reg ? job->reg + at : NULL, n * p->nx,
 		           job->lambda);
+		if (job->keep) /* the next step's forward x pass, while the rows are in cache */
+			rows_forward(p, job->real_out + at, n, plane + r0 * h);
 	}
+	if (job->keep)
+		plane_y(p, plane, scratch, 0, y0, y1, 0, p->ny);
 }
 
-/* z pass item: columns from item * COL_CHUNK of the ny*h columns: forward,
- * transfer multiply, inverse, in scratch. */
+/* z pass item: columns from item * COL_CHUNK of the ny*h columns: forward
+ * (input planes job->in, the others zero), transfer multiply, inverse
+ * (planes job->out written back), in scratch. */
 static void item_z_convolve(const pass_job *job, size_t item, fftwf_complex *scratch)
 {
 	const sf_fft_plan *p = job->p;
@@ -824,11 +993,15 @@ static void item_z_convolve(const pass_job *job, size_t item, fftwf_complex *scr
 	int which = m == COL_CHUNK ? 0 : 1;
 	cpx *col = (cpx *)(void *)(job->spec + c0), *buf = (cpx *)(void *)scratch;
 	fftwf_complex *second = scratch + gather_len(p->ny, nz);
-	gather(buf, col, nz, cols, m);
+	gather(buf, col, nz, cols, m, job->in.z0, job->in.z1);
 	fftwf_execute_dft(c->zf[which], scratch, second);
-	cmul_run((cpx *)(void *)second, job->tf + c0 * nz, m * nz, job->conj ? -1.0f : 1.0f);
+	if (job->tf_real) /* conj does nothing to a real H */
+		rmul_run((cpx *)(void *)second, job->tf_real + c0 * nz, m * nz);
+	else
+		cmul_run((cpx *)(void *)second, job->tf + c0 * nz, m * nz,
+		         job->conj ? -1.0f : 1.0f);
 	fftwf_execute_dft(c->zb[which], second, scratch);
-	scatter(col, buf, nz, cols, m);
+	scatter(col, buf, nz, cols, m, job->out.z0, job->out.z1);
 }
 
 /* z pass item of make_transfer: forward only, stored in gathered order. */
@@ -839,21 +1012,61 @@ static void item_z_transfer(const pass_job *job, size_t item, fftwf_complex *scr
 	size_t m = cols - c0 < COL_CHUNK ? cols - c0 : COL_CHUNK;
 	cpx *col = (cpx *)(void *)(job->spec + c0);
 	fftwf_complex *second = scratch + gather_len(p->ny, nz);
-	gather((cpx *)(void *)scratch, col, nz, cols, m);
+	gather((cpx *)(void *)scratch, col, nz, cols, m, 0, nz);
 	fftwf_execute_dft(p->plans->zf[m == COL_CHUNK ? 0 : 1], scratch, second);
 	memcpy((cpx *)(void *)job->real_out + c0 * nz, second, m * nz * sizeof(cpx));
 }
 
-/* Run job once per step, over planes or (z steps) column chunks. */
+/* Run job once per step, over column chunks (z steps) or the planes that
+ * the step transforms: forward input planes for item_xy_forward, wanted
+ * output planes for the others. */
 static void run_passes(pass_job job, const pass_item_fn *steps, size_t nsteps)
 {
 	size_t cols = job.p->ny * job.p->plans->pitch;
 	for (size_t i = 0; i < nsteps; i++) {
 		int z_step = steps[i] == item_z_convolve || steps[i] == item_z_transfer;
+		const span *planes = steps[i] == item_xy_forward ? &job.in : &job.out;
 		job.item = steps[i];
-		job.items = z_step ? (cols + COL_CHUNK - 1) / COL_CHUNK : job.p->nz;
+		job.first = z_step ? 0 : planes->z0;
+		job.items = z_step ? (cols + COL_CHUNK - 1) / COL_CHUNK : planes->z1 - planes->z0;
 		pass_run(&job);
 	}
+}
+
+/* The whole shape as a span. */
+static span span_all(const sf_fft_plan *p)
+{
+	return (span){0, p->ny, 0, p->nz};
+}
+
+/* A caller's box as a span: its y and z extent clipped to the shape (an
+ * empty box gives an empty span); NULL is the whole shape. */
+static span span_of(const sf_fft_plan *p, const sf_fft_box *b)
+{
+	if (!b)
+		return span_all(p);
+	span s = {b->lo[1], b->hi[1] < p->ny ? b->hi[1] : p->ny, b->lo[2],
+	          b->hi[2] < p->nz ? b->hi[2] : p->nz};
+	if (s.y0 >= s.y1 || s.z0 >= s.z1 || b->lo[0] >= b->hi[0] || b->lo[0] >= p->nx)
+		s = (span){0, 0, 0, 0};
+	return s;
+}
+
+/* Whether k[-i] = k[i] for every voxel i (indices mod the shape), exactly. */
+static int point_symmetric(const sf_fft_plan *p, const float *k)
+{
+	size_t nx = p->nx, ny = p->ny, nz = p->nz;
+	for (size_t z = 0; z < nz; z++)
+		for (size_t y = 0; y < ny; y++) {
+			const float *row = k + (z * ny + y) * nx;
+			const float *mirror = k + (((nz - z) % nz) * ny + (ny - y) % ny) * nx;
+			if (row[0] != mirror[0])
+				return 0;
+			for (size_t x = 1; x < nx; x++)
+				if (row[x] != mirror[nx - x])
+					return 0;
+		}
+	return 1;
 }
 
 static int fftw_make_transfer(sf_fft_plan *p, const void *kernel, void *tf, sf_err *e)
@@ -866,10 +1079,28 @@ static int fftw_make_transfer(sf_fft_plan *p, const void *kernel, void *tf, sf_e
 	if (!spec)
 		return sf_fail(e, SF_ENOMEM, "fftw: transfer function scratch");
 	pass_job job = {.p = p, .spec = spec, .real_in = kernel, .real_out = tf};
+	job.in = job.out = span_all(p);
 	static const pass_item_fn steps[] = {item_xy_forward, item_z_transfer};
 	run_passes(job, steps, 2);
 	fftwf_free(spec);
+	/* The spectrum of a point-symmetric kernel is real; its imaginary
+	 * parts here are rounding.  Keep the real parts alone (in place, front
+	 * to back): the z passes then read half the bytes and multiply by a
+	 * real.  The kind goes after the spectrum (tf_kind). */
+	size_t len = spectrum_len(p);
+	cpx *v = tf;
+	int real = point_symmetric(p, kernel);
+	for (size_t k = 0; real && k < len; k++)
+		((float *)tf)[k] = v[k].re;
+	v[len] = (cpx){real ? 1.0f : 0.0f, 0.0f};
 	return SF_OK;
+}
+
+/* The real parts of a transfer function made by make_transfer when they
+ * are all it kept, else NULL. */
+static const float *tf_real_of(const sf_fft_plan *p, const void *tf)
+{
+	return ((const cpx *)tf)[spectrum_len(p)].re == 1.0f ? tf : NULL;
 }
 
 static int fftw_convolve(sf_fft_plan *p, void *x, void *spec, const void *tf, int conj, sf_err *e)
@@ -881,6 +1112,8 @@ static int fftw_convolve(sf_fft_plan *p, void *x, void *spec, const void *tf, in
 		return rc ? rc : fftw_inverse(p, spec, x, e);
 	}
 	pass_job job = {.p = p, .spec = spec, .real_in = x, .real_out = x, .tf = tf, .conj = conj};
+	job.tf_real = tf_real_of(p, tf);
+	job.in = job.out = span_all(p);
 	static const pass_item_fn steps[] = {item_xy_forward, item_z_convolve, item_xy_inverse};
 	run_passes(job, steps, 3);
 	return SF_OK;
@@ -900,8 +1133,12 @@ static int rl_step_composed(sf_fft_plan *p, void *x, const void *y, void *spec, 
 	return rc ? rc : fftw_rl_update(p, x, p->hx, reg, lambda, e);
 }
 
+/* Hx transforms x's support only and is wanted where y may be nonzero;
+ * H^T of the ratio the other way round.  Rows and planes outside x's
+ * support keep their zeros. */
 static int fftw_rl_step(sf_fft_plan *p, void *x, const void *y, void *spec, const void *tf,
-                        const void *reg, float lambda, float eps, sf_err *e)
+                        const void *reg, float lambda, float eps, const sf_fft_box *x_box,
+                        const sf_fft_box *y_box, unsigned flags, sf_err *e)
 {
 	if (!p->plans->fused)
 		return rl_step_composed(p, x, y, spec, tf, reg, lambda, eps, e);
@@ -910,14 +1147,19 @@ static int fftw_rl_step(sf_fft_plan *p, void *x, const void *y, void *spec, cons
 	                .real_in = x,
 	                .real_out = x,
 	                .tf = tf,
+	                .tf_real = tf_real_of(p, tf),
 	                .obs = y,
 	                .reg = reg,
 	                .eps = eps,
-	                .lambda = lambda};
+	                .lambda = lambda,
+	                .keep = (flags & SF_FFT_KEEP_SPECTRUM) != 0};
+	span xs = span_of(p, x_box), ys = span_of(p, y_box);
 	static const pass_item_fn hx[] = {item_xy_forward, item_z_convolve, item_xy_ratio};
 	static const pass_item_fn back[] = {item_z_convolve, item_xy_update};
-	run_passes(job, hx, 3);
-	job.conj = 1;
+	int ready = (flags & SF_FFT_SPECTRUM_READY) != 0; /* hx[0] done by the last step */
+	job.in = xs, job.out = ys;
+	run_passes(job, hx + ready, 3 - (size_t)ready);
+	job.in = ys, job.out = xs, job.conj = 1;
 	run_passes(job, back, 2);
 	return SF_OK;
 }

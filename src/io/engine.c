@@ -849,19 +849,25 @@ void sf_engine_stats_get(sf_engine *g, sf_engine_stats *out)
 
 unsigned sf_engine_recent_errors(sf_engine *g, sf_engine_error *out, unsigned cap)
 {
-	uint64_t below = UINT64_MAX; /* the seq of the last entry output */
-	unsigned n = 0;
+	struct recent_error sorted[SF_ENGINE_RECENT_ERRORS];
+	unsigned n;
 
 	pthread_mutex_lock(&g->lock);
-	while (n < cap && n < g->recent_count) {
-		const struct recent_error *next = NULL;
-
-		for (unsigned i = 0; i < g->recent_count; i++)
-			if (g->recent[i].seq < below && (!next || g->recent[i].seq > next->seq))
-				next = &g->recent[i];
-		out[n++] = next->err;
-		below = next->seq;
-	}
+	n = g->recent_count;
+	memcpy(sorted, g->recent, n * sizeof *sorted);
 	pthread_mutex_unlock(&g->lock);
+	/* newest (largest seq) first: insertion sort of at most 8 */
+	for (unsigned i = 1; i < n; i++) {
+		struct recent_error r = sorted[i];
+		unsigned j = i;
+
+		for (; j > 0 && sorted[j - 1].seq < r.seq; j--)
+			sorted[j] = sorted[j - 1];
+		sorted[j] = r;
+	}
+	if (n > cap)
+		n = cap;
+	for (unsigned i = 0; i < n; i++)
+		out[i] = sorted[i].err;
 	return n;
 }

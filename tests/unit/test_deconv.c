@@ -8,7 +8,8 @@
  * checked; the FFTW engine's fused forms (convolve, rl_step) are compared
  * with FFTW's own 3D r2c/c2r plans and must give the same bytes for 1, 2
  * and 3 threads, and so must a whole block (pre-filter, regularisation,
- * Biggs-Andrews acceleration);
+ * Biggs-Andrews acceleration); rl_step's shortcuts (supports, a kept
+ * spectrum, a real transfer function) must change nothing beyond rounding;
  * with CUDA built in and a device present, the same block on cuFFT and FFTW
  * must agree to relative L2 < 1e-4 (skipped with a message otherwise).
  *
@@ -234,6 +235,18 @@ out:
 	free(y), free(out);
 }
 
+/* N values in 50..550, skewed low (a product of two uniforms), from seed. */
+static float *skewed_volume(size_t N, unsigned long long seed)
+{
+	float *v = malloc(N * sizeof *v);
+
+	if (!v)
+		abort();
+	for (size_t i = 0; i < N; i++)
+		v[i] = (float)(50 + 500 * uniform(&seed) * uniform(&seed));
+	return v;
+}
+
 /* The whole block (pre-filter, taper, Gaussian and R26 regularisation,
  * acceleration) gives the same bytes on 1, 2 and 3 threads: the product
  * layer shares one context whose thread count is the engine's. */
@@ -242,13 +255,10 @@ static void test_threads_same_bytes(void)
 	sf_psf psf = reference_psf();
 	sf_dims3 n = {30, 22, 41};
 	size_t N = n.nx * n.ny * n.nz;
-	float *y = malloc(N * sizeof *y), *one = malloc(N * sizeof *one);
+	float *y = skewed_volume(N, 17), *one = malloc(N * sizeof *one);
 	float *out = malloc(N * sizeof *out);
-	if (!y || !one || !out)
+	if (!one || !out)
 		abort();
-	unsigned long long s = 17;
-	for (size_t i = 0; i < N; i++)
-		y[i] = (float)(50 + 500 * uniform(&s) * uniform(&s));
 	sf_deconv_params p;
 	sf_deconv_params_default(&p);
 	p.dxy = 400, p.dz = 1200, p.lambda_ex = 561, p.lambda_em = 600;
@@ -380,6 +390,28 @@ static double rel_l2(const float *a, const float *b, size_t n)
  * and the fused bytes the same for 1, 2 and 3 threads.  Shapes cover rows
  * and columns that fill no chunk, odd ny, nx = 2 mod 4 (unaligned x plans)
  * and odd nx (no fused path: the composed steps). */
+/* The kernel's spectrum (otf, for the 3D reference) and its transfer
+ * function (tf, for the engine's fused steps), from kernel k. */
+static void make_kernels(const sf_fft_ops *ops, sf_fft_plan *p, void *ker, const float *k,
+                         void *otf, void *tf, sf_err *e)
+{
+	ops->upload(p, ker, k, e);
+	ops->forward(p, ker, otf, e);
+	ops->make_transfer(p, ker, tf, e);
+}
+
+/* Reference convolution on FFTW's 3D plans: tb = x convolved with otf
+ * (conj: its adjoint), through spec. */
+static void reference_convolve(const sf_fft_ops *ops, sf_fft_plan *p, void *tb, const float *x,
+                               void *spec, const void *otf, int conj, sf_err *e)
+{
+	if (x)
+		ops->upload(p, tb, x, e);
+	ops->forward(p, tb, spec, e);
+	ops->cmul(p, spec, otf, conj, e);
+	ops->inverse(p, spec, tb, e);
+}
+
 static void test_fused_engine(void)
 {
 	size_t shapes[][3] = {{40, 36, 30}, {22, 21, 17}, {64, 50, 9}, {30, 33, 12}, {27, 20, 10}};
@@ -415,13 +447,8 @@ static void test_fused_engine(void)
 		if (rc)
 			goto next;
 		/* Reference: 3D plans, cmul, ratio, update (conj transfer = H^T). */
-		ops->upload(plan[0], ker, k, &e);
-		ops->forward(plan[0], ker, otf, &e);
-		ops->make_transfer(plan[0], ker, tf, &e);
-		ops->upload(plan[0], tb, x, &e);
-		ops->forward(plan[0], tb, spec, &e);
-		ops->cmul(plan[0], spec, otf, 0, &e);
-		ops->inverse(plan[0], spec, tb, &e);
+		make_kernels(ops, plan[0], ker, k, otf, tf, &e);
+		reference_convolve(ops, plan[0], tb, x, spec, otf, 0, &e);
 		ops->download(plan[0], want, tb, &e);
 		ops->upload(plan[0], xb[0], x, &e);
 		ops->convolve(plan[0], xb[0], spec, tf, 0, &e);
@@ -431,20 +458,16 @@ static void test_fused_engine(void)
 
 		ops->upload(plan[0], yb, y, &e);
 		ops->upload(plan[0], rb, reg, &e);
-		ops->upload(plan[0], tb, x, &e);
-		ops->forward(plan[0], tb, spec, &e);
-		ops->cmul(plan[0], spec, otf, 0, &e);
-		ops->inverse(plan[0], spec, tb, &e);
+		reference_convolve(ops, plan[0], tb, x, spec, otf, 0, &e);
 		ops->rl_ratio(plan[0], tb, yb, 1e-3f, &e);
-		ops->forward(plan[0], tb, spec, &e);
-		ops->cmul(plan[0], spec, otf, 1, &e);
-		ops->inverse(plan[0], spec, tb, &e);
+		reference_convolve(ops, plan[0], tb, NULL, spec, otf, 1, &e);
 		ops->upload(plan[0], xb[0], x, &e);
 		ops->rl_update(plan[0], xb[0], tb, rb, 0.25f, &e);
 		ops->download(plan[0], want, xb[0], &e);
 		for (int t = 0; t < 3; t++) {
 			ops->upload(plan[t], xb[t], x, &e);
-			rc = ops->rl_step(plan[t], xb[t], yb, spec, tf, rb, 0.25f, 1e-3f, &e);
+			rc = ops->rl_step(plan[t], xb[t], yb, spec, tf, rb, 0.25f, 1e-3f, NULL,
+			                  NULL, 0, &e);
 			CHECK(rc == SF_OK, "shape %zu: rl_step: %s", si, e.msg);
 		}
 		ops->download(plan[0], got, xb[0], &e);
@@ -468,6 +491,179 @@ static void test_fused_engine(void)
 				ops->plan_destroy(plan[t]);
 		free(k), free(x), free(y), free(reg), free(want), free(got), free(got2);
 	}
+}
+
+/* Zero v (nx x ny x nz) outside box b. */
+static void zero_outside(float *v, size_t nx, size_t ny, size_t nz, const sf_fft_box *b)
+{
+	for (size_t z = 0; z < nz; z++)
+		for (size_t y = 0; y < ny; y++)
+			for (size_t x = 0; x < nx; x++)
+				if (x < b->lo[0] || x >= b->hi[0] || y < b->lo[1] ||
+				    y >= b->hi[1] || z < b->lo[2] || z >= b->hi[2])
+					v[(z * ny + y) * nx + x] = 0.0f;
+}
+
+/* k[i] = k[-i] (indices mod the shape): a point-symmetric kernel. */
+static void symmetrize(float *k, size_t nx, size_t ny, size_t nz)
+{
+	for (size_t z = 0; z < nz; z++)
+		for (size_t y = 0; y < ny; y++)
+			for (size_t x = 0; x < nx; x++) {
+				size_t i = (z * ny + y) * nx + x;
+				size_t j =
+				    (((nz - z) % nz) * ny + (ny - y) % ny) * nx + (nx - x) % nx;
+				if (j < i)
+					k[i] = k[j];
+			}
+}
+
+/* The fused rl_step's shortcuts against its plain form (the composed
+ * r2c/cmul/c2r steps for the symmetric kernel): supports (x_box, y_box)
+ * skip only zeros, x stays 0 outside x_box, the bytes do not depend on the
+ * thread count; KEEP_SPECTRUM + SPECTRUM_READY give the same bytes as two
+ * plain steps; a point-symmetric kernel (real transfer function) matches
+ * the complex multiply. */
+static void test_fused_shortcuts(void)
+{
+	/* x = 2 mod 4 in the last: unaligned x plans, runs of rows from odd rows */
+	size_t shapes[][3] = {{40, 36, 30}, {28, 33, 17}, {30, 21, 14}};
+	sf_fft_box xbox[] = {
+	    {{3, 4, 5}, {31, 29, 22}}, {{0, 2, 1}, {28, 31, 9}}, {{1, 3, 2}, {29, 20, 13}}};
+	sf_fft_box ybox[] = {
+	    {{6, 8, 7}, {28, 26, 20}}, {{2, 0, 3}, {26, 33, 11}}, {{4, 5, 3}, {25, 17, 12}}};
+	const sf_fft_ops *ops = sf_fft_fftw_ops();
+	for (size_t si = 0; si < 3; si++) {
+		size_t nx = shapes[si][0], ny = shapes[si][1], nz = shapes[si][2], N = nx * ny * nz;
+		sf_fft_plan *plan[2] = {NULL, NULL};
+		void *ker = NULL, *yb = NULL, *tb = NULL, *rb = NULL, *xb = NULL, *tf = NULL,
+		     *otf = NULL, *spec = NULL;
+		float *k = random_buffer(N, 0, 1, 51 + si), *x = random_buffer(N, 0.5f, 2, 53 + si);
+		float *y = random_buffer(N, 0.5f, 2, 57 + si),
+		      *reg = random_buffer(N, 0, 1, 59 + si);
+		float *want = malloc(N * sizeof *want), *got = malloc(N * sizeof *got);
+		float *got2 = malloc(N * sizeof *got2);
+		sf_err e = {0};
+		int rc = SF_OK;
+		if (!want || !got || !got2)
+			abort();
+		symmetrize(k, nx, ny, nz);
+		zero_outside(x, nx, ny, nz, &xbox[si]);
+		zero_outside(reg, nx, ny, nz, &xbox[si]);
+		zero_outside(y, nx, ny, nz, &ybox[si]);
+		for (int t = 0; t < 2 && !rc; t++)
+			rc = ops->plan_create(&(sf_fft_config){.nthreads = t + 1}, nz, ny, nx,
+			                      &plan[t], &e);
+		void **bufs[] = {&ker, &yb, &tb, &rb, &xb};
+		for (size_t b = 0; b < sizeof bufs / sizeof bufs[0] && !rc; b++)
+			rc = ops->buf_alloc(plan[0], 0, bufs[b], &e);
+		void **cbufs[] = {&tf, &otf, &spec};
+		for (size_t b = 0; b < 3 && !rc; b++)
+			rc = ops->buf_alloc(plan[0], 1, cbufs[b], &e);
+		CHECK(rc == SF_OK, "shape %zu: buffers: %s", si, e.msg);
+		if (rc)
+			goto next;
+		make_kernels(ops, plan[0], ker, k, otf, tf, &e);
+		ops->upload(plan[0], yb, y, &e);
+		ops->upload(plan[0], rb, reg, &e);
+		/* Reference: 3D plans, complex multiply, ratio, update. */
+		reference_convolve(ops, plan[0], tb, x, spec, otf, 0, &e);
+		ops->rl_ratio(plan[0], tb, yb, 1e-3f, &e);
+		reference_convolve(ops, plan[0], tb, NULL, spec, otf, 1, &e);
+		ops->upload(plan[0], xb, x, &e);
+		ops->rl_update(plan[0], xb, tb, rb, 0.25f, &e);
+		ops->download(plan[0], want, xb, &e);
+		/* Fused, whole shape, then with the supports on 1 and 2 threads. */
+		ops->upload(plan[0], xb, x, &e);
+		rc = ops->rl_step(plan[0], xb, yb, spec, tf, rb, 0.25f, 1e-3f, NULL, NULL, 0, &e);
+		CHECK(rc == SF_OK, "shape %zu: rl_step: %s", si, e.msg);
+		ops->download(plan[0], got, xb, &e);
+		double err = rel_l2(got, want, N);
+		CHECK(err < 2e-6, "shape %zu: real transfer function vs cmul: rel L2 %.2e", si,
+		      err);
+		for (int t = 0; t < 2; t++) {
+			ops->upload(plan[t], xb, x, &e);
+			ops->rl_step(plan[t], xb, yb, spec, tf, rb, 0.25f, 1e-3f, &xbox[si],
+			             &ybox[si], 0, &e);
+			ops->download(plan[t], t ? got2 : got, xb, &e);
+		}
+		err = rel_l2(got, want, N);
+		CHECK(err < 2e-6, "shape %zu: rl_step with supports: rel L2 %.2e", si, err);
+		CHECK(!memcmp(got, got2, N * sizeof *got), "shape %zu: supports: 2 threads differ",
+		      si);
+		memcpy(got2, got, N * sizeof *got);
+		zero_outside(got2, nx, ny, nz, &xbox[si]);
+		CHECK(!memcmp(got, got2, N * sizeof *got), "shape %zu: x nonzero outside x_box",
+		      si);
+		/* Two steps: plain, then with the spectrum kept and reused. */
+		for (int way = 0; way < 2; way++) {
+			ops->upload(plan[0], xb, x, &e);
+			for (int step = 0; step < 2; step++) {
+				unsigned flags = !way   ? 0
+				                 : step ? SF_FFT_SPECTRUM_READY
+				                        : SF_FFT_KEEP_SPECTRUM;
+				ops->rl_step(plan[0], xb, yb, spec, tf, NULL, 0, 1e-3f, &xbox[si],
+				             &ybox[si], flags, &e);
+			}
+			ops->download(plan[0], way ? got2 : got, xb, &e);
+		}
+		CHECK(!memcmp(got, got2, N * sizeof *got), "shape %zu: kept spectrum differs", si);
+	next:
+		for (size_t b = 0; b < sizeof bufs / sizeof bufs[0]; b++)
+			if (*bufs[b])
+				ops->buf_free(plan[0], *bufs[b]);
+		for (size_t b = 0; b < 3; b++)
+			if (*cbufs[b])
+				ops->buf_free(plan[0], *cbufs[b]);
+		for (int t = 0; t < 2; t++)
+			if (plan[t])
+				ops->plan_destroy(plan[t]);
+		free(k), free(x), free(y), free(reg), free(want), free(got), free(got2);
+	}
+}
+
+/* The FFTW engine with rl_step's shortcuts off: every step over the whole
+ * grid (no supports) and no kept spectrum. */
+static int rl_step_plain(sf_fft_plan *p, void *x, const void *y, void *spec, const void *tf,
+                         const void *reg, float lambda, float eps, const sf_fft_box *x_box,
+                         const sf_fft_box *y_box, unsigned flags, sf_err *e)
+{
+	(void)x_box, (void)y_box, (void)flags;
+	return sf_fft_fftw_ops()->rl_step(p, x, y, spec, tf, reg, lambda, eps, NULL, NULL, 0, e);
+}
+
+/* deconv.c's supports (x_box grown by each regularisation) and kept
+ * spectra change no byte of a whole block: Gaussian every 2nd iteration,
+ * R26 damping, plain and accelerated. */
+static void test_block_shortcuts(void)
+{
+	sf_psf psf = reference_psf();
+	sf_dims3 n = {34, 28, 30};
+	size_t N = n.nx * n.ny * n.nz;
+	float *y = skewed_volume(N, 19), *want = malloc(N * sizeof *want);
+	float *got = malloc(N * sizeof *got);
+	if (!want || !got)
+		abort();
+	sf_fft_ops plain = *sf_fft_fftw_ops();
+	plain.rl_step = rl_step_plain;
+	for (int accel = 0; accel <= 1; accel++) {
+		sf_deconv_params p;
+		sf_deconv_params_default(&p);
+		p.dxy = 400, p.dz = 1200, p.lambda_ex = 561, p.lambda_em = 600;
+		p.numit = 8, p.regularize_interval = 2, p.lambda_damping = 0.2,
+		p.accelerate = accel;
+		sf_fft_config cfg = {.nthreads = 2};
+		sf_err e = {0};
+		int rc = sf_deconv_block_once(&p, &psf, n, y, want, &plain, &cfg, &e);
+		if (!rc)
+			rc = sf_deconv_block_once(&p, &psf, n, y, got, sf_fft_fftw_ops(), &cfg, &e);
+		CHECK(rc == SF_OK, "accelerate=%d: %s", accel, e.msg);
+		CHECK(!memcmp(want, got, N * sizeof *got),
+		      "accelerate=%d: supports change the block (rel L2 %.2e)", accel,
+		      rel_l2(got, want, N));
+	}
+	sf_psf_free(&psf);
+	free(y), free(want), free(got);
 }
 
 #ifdef SF_HAVE_CUDA
@@ -664,6 +860,8 @@ int main(int argc, char **argv)
 	test_smooth7();
 	test_fft_dims();
 	test_fused_engine();
+	test_fused_shortcuts();
+	test_block_shortcuts();
 	test_validation();
 	test_matches_direct_rl();
 	test_delta_psf_is_identity();
