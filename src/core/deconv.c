@@ -395,9 +395,13 @@ sf_dims3 sf_deconv_fft_dims(sf_dims3 n, sf_dims3 psf, const size_t given[3])
 {
 	/* Per padded voxel and iteration: 4 transforms of 3 passes, each pass
 	 * half a complex point per voxel (x: nx/2-point transforms), plus the
-	 * memory passes and element-wise work, 6.5-7.5 ns per voxel (fitted
-	 * alongside the table; the upper end, as more voxels also cost cache,
-	 * makes the model pick the measured best of 288/320 x 280/320 x 80). */
+	 * memory passes and element-wise work, 6.5 ns per voxel (fitted
+	 * alongside the table).  It was 7.5 before the engine skipped the zero
+	 * planes and rows of the padding (2026-11-26); 6.5 makes the model pick
+	 * the measured best of 288/320 x 280/320 x 80 again: 288 x 320 x 80,
+	 * 0.277-0.296 s against 0.297-0.309 s for 288 x 280 x 80 (10 iterations,
+	 * 2 threads, alternating runs).  Typical mount blocks (90-306 voxels a
+	 * side with the reference PSF) pick the same sizes with 6.5 as with 7.5. */
 	static const size_t zero[3] = {0, 0, 0};
 	size_t cand[3][FFT_CANDIDATES], count[3];
 	sf_dims3 best = {0, 0, 0};
@@ -414,7 +418,7 @@ sf_dims3 sf_deconv_fft_dims(sf_dims3 n, sf_dims3 psf, const size_t given[3])
 				unsigned cx = x % 2 ? 2 * fft_point_cost(x) : fft_point_cost(x / 2);
 				double c =
 				    (double)x * y * z *
-				    (2.0 * (cx + fft_point_cost(y) + fft_point_cost(z)) + 750);
+				    (2.0 * (cx + fft_point_cost(y) + fft_point_cost(z)) + 650);
 				if (!best.nx || c < best_cost)
 					best = (sf_dims3){x, y, z}, best_cost = c;
 			}
