@@ -150,6 +150,13 @@ typedef struct sf_fft_ops {
 /* The FFTW engine (always present). */
 const sf_fft_ops *sf_fft_fftw_ops(void);
 
+/* Whether the real buffers of ops are plain host floats in the plan's
+ * shape that the caller may read and write in place: true for an ops
+ * table whose upload is the FFTW engine's (its buffers are fftwf_malloc'd
+ * host memory), false for cuFFT.  deconv.c then pads into and crops out of
+ * them without the copies of upload and download. */
+int sf_fft_host_buffers(const sf_fft_ops *ops);
+
 /* FFTW wisdom: import merges the file at path into the process's wisdom,
  * export writes it (atomically: temp file + rename).  A missing file on
  * import is SF_ENOTFOUND. */

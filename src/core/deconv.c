@@ -16,6 +16,8 @@
  *   5. the block is cropped back out.
  * Steps 1-3 and 5 run on the host; step 2's blur and all of step 4 run through
  * the engine's ops table, so a GPU engine keeps every iteration on the device.
+ * When the engine's buffers are host memory (FFTW) steps 3 and 5 write and
+ * read them in place, a range of planes per thread.
  * When the engine has the fused forms (make_transfer, convolve, rl_step) they
  * are used, and the OTF is in the engine's own layout; otherwise forward,
  * cmul and inverse.
@@ -31,6 +33,7 @@
 
 #include <float.h>
 #include <math.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -50,10 +53,10 @@ struct sf_deconv_ctx {
 	float *pad;             /* host, fft-shaped */
 	float *blk, *blk_tmp;   /* host, block-shaped */
 	float *ext;             /* host, per thread one x row plus the pre-filter's widest edges */
-	int nthreads;           /* host threads of the pre-filter (cfg->nthreads, >= 1) */
-	sf_fft_box y_box;       /* the block inside the padded shape: y is 0 outside */
-	sf_fft_box x_box;       /* where x may be nonzero: y_box grown by regularisation */
-	int spec_ready;         /* spec holds what rl_step needs of x (SF_FFT_KEEP_SPECTRUM) */
+	int nthreads;     /* host threads of the pre-filter and copies (cfg->nthreads, >= 1) */
+	sf_fft_box y_box; /* the block inside the padded shape: y is 0 outside */
+	sf_fft_box x_box; /* where x may be nonzero: y_box grown by regularisation */
+	int spec_ready;   /* spec holds what rl_step needs of x (SF_FFT_KEEP_SPECTRUM) */
 	const atomic_int *stop; /* optional interrupt flag; not owned */
 };
 
@@ -187,28 +190,18 @@ static size_t clamp_index(long i, size_t n)
 	return i < 0 ? 0 : i >= (long)n ? n - 1 : (size_t)i;
 }
 
-/* Fill ctx->pad with the block at ctx->off; outside it either zeros or, with
- * replicate, the nearest block voxel. */
-static void place_block(sf_deconv_ctx *ctx, const float *blk, int replicate)
+/* Fill ctx->pad with the block at ctx->off and, outside it, the nearest
+ * block voxel (replicate edges; pad_plane does the zero padding). */
+static void replicate_block(sf_deconv_ctx *ctx, const float *blk)
 {
 	sf_dims3 N = ctx->fft, n = ctx->n, o = ctx->off;
-	if (!replicate)
-		memset(ctx->pad, 0, N.nx * N.ny * N.nz * sizeof(float));
 	for (size_t z = 0; z < N.nz; z++) {
 		long bz = (long)z - (long)o.nz;
-		if (!replicate && (bz < 0 || bz >= (long)n.nz))
-			continue;
 		for (size_t y = 0; y < N.ny; y++) {
 			long by = (long)y - (long)o.ny;
-			if (!replicate && (by < 0 || by >= (long)n.ny))
-				continue;
 			const float *src =
 			    blk + (clamp_index(bz, n.nz) * n.ny + clamp_index(by, n.ny)) * n.nx;
 			float *dst = ctx->pad + (z * N.ny + y) * N.nx;
-			if (!replicate) {
-				memcpy(dst + o.nx, src, n.nx * sizeof(float));
-				continue;
-			}
 			for (size_t x = 0; x < N.nx; x++)
 				dst[x] = src[clamp_index((long)x - (long)o.nx, n.nx)];
 		}
@@ -263,7 +256,7 @@ static size_t taper_width(size_t psf_n, size_t n)
 static int taper(sf_deconv_ctx *ctx, sf_err *e)
 {
 	sf_dims3 n = ctx->n, N = ctx->fft, o = ctx->off;
-	place_block(ctx, ctx->blk, 1);
+	replicate_block(ctx, ctx->blk);
 	int rc = ctx->ops->upload(ctx->plan, ctx->t, ctx->pad, e);
 	if (!rc)
 		rc = engine_blur(ctx, ctx->t, 0, e);
@@ -681,41 +674,139 @@ static int rl_iterate(sf_deconv_ctx *ctx, sf_deconv_stats *st, sf_err *e)
 	return rc;
 }
 
-/* Steps 1-3 on the host; the padded y and x0 uploaded. */
+/* The host's block copies, a range of planes per thread (they would
+ * otherwise run on one core while the engine's passes use all of them).
+ * Each plane's bytes do not depend on the split. */
+typedef void (*plane_fn)(const sf_deconv_ctx *ctx, const float *src, float *dst, size_t z);
+
+typedef struct plane_range {
+	const sf_deconv_ctx *ctx;
+	plane_fn fn;
+	const float *src;
+	float *dst;
+	size_t first, end;
+} plane_range;
+
+static void *plane_range_run(void *arg)
+{
+	const plane_range *r = arg;
+	for (size_t z = r->first; z < r->end; z++)
+		r->fn(r->ctx, r->src, r->dst, z);
+	return NULL;
+}
+
+/* fn for planes [0, nz) on ctx->nthreads threads.  Ranges 1.. go to new
+ * threads while they start; whatever does not start runs here. */
+static void for_planes(const sf_deconv_ctx *ctx, plane_fn fn, const float *src, float *dst,
+                       size_t nz)
+{
+	size_t t = (size_t)ctx->nthreads < nz ? (size_t)ctx->nthreads : nz, spawned = 0;
+	plane_range r[64] = {{0}};
+	pthread_t tid[64];
+	t = t < 1 ? 1 : t;
+	for (size_t i = 0; i < t; i++)
+		r[i] = (plane_range){ctx, fn, src, dst, nz * i / t, nz * (i + 1) / t};
+	while (spawned + 1 < t &&
+	       !pthread_create(&tid[spawned], NULL, plane_range_run, &r[spawned + 1]))
+		spawned++;
+	for (size_t i = spawned + 1; i < t; i++)
+		plane_range_run(&r[i]);
+	plane_range_run(&r[0]);
+	for (size_t i = 0; i < spawned; i++)
+		pthread_join(tid[i], NULL);
+}
+
+/* Plane z of the padded shape: the block's plane at ctx->off, or
+ * init_value there when blk is NULL (x0); zeros around it.  Each float is
+ * written once. */
+static void pad_plane(const sf_deconv_ctx *ctx, const float *blk, float *pad, size_t z)
+{
+	sf_dims3 N = ctx->fft, n = ctx->n, o = ctx->off;
+	float *plane = pad + z * N.ny * N.nx, v = (float)ctx->p.init_value;
+	if (z < o.nz || z >= o.nz + n.nz) {
+		memset(plane, 0, N.ny * N.nx * sizeof(float));
+		return;
+	}
+	const float *src = blk ? blk + (z - o.nz) * n.ny * n.nx : NULL;
+	memset(plane, 0, o.ny * N.nx * sizeof(float));
+	for (size_t y = 0; y < n.ny; y++) {
+		float *row = plane + (o.ny + y) * N.nx;
+		memset(row, 0, o.nx * sizeof(float));
+		if (src)
+			memcpy(row + o.nx, src + y * n.nx, n.nx * sizeof(float));
+		else
+			for (size_t x = 0; x < n.nx; x++)
+				row[o.nx + x] = v;
+		memset(row + o.nx + n.nx, 0, (N.nx - o.nx - n.nx) * sizeof(float));
+	}
+	memset(plane + (o.ny + n.ny) * N.nx, 0, (N.ny - o.ny - n.ny) * N.nx * sizeof(float));
+}
+
+/* Block plane z cropped out of the padded buffer. */
+static void crop_plane(const sf_deconv_ctx *ctx, const float *pad, float *out, size_t z)
+{
+	sf_dims3 N = ctx->fft, n = ctx->n, o = ctx->off;
+	for (size_t y = 0; y < n.ny; y++)
+		memcpy(out + (z * n.ny + y) * n.nx,
+		       pad + ((z + o.nz) * N.ny + y + o.ny) * N.nx + o.nx, n.nx * sizeof(float));
+}
+
+/* Whether step 1 or 2 changes the block (else it is padded straight from
+ * the caller's buffer). */
+static int host_changes_block(const sf_deconv_ctx *ctx)
+{
+	float w[1025];
+	int filtered = 0;
+	for (int a = 0; a < 3; a++)
+		filtered |= prefilter_taps(&ctx->p, a, w) >= 0;
+	return filtered || ctx->p.dark > 0 || ctx->p.taper;
+}
+
+/* Engine buffer buf as host floats, when the engine's memory is the
+ * host's (FFTW), else NULL. */
+static float *host_view(const sf_deconv_ctx *ctx, void *buf)
+{
+	return sf_fft_host_buffers(ctx->ops) ? buf : NULL;
+}
+
+/* Engine buffer buf = blk (or x0 when blk is NULL) zero-padded: written in
+ * place when the engine lends its buffers to the host, else through
+ * ctx->pad and upload. */
+static int pad_into(sf_deconv_ctx *ctx, void *buf, const float *blk, sf_err *e)
+{
+	float *host = host_view(ctx, buf);
+	for_planes(ctx, pad_plane, blk, host ? host : ctx->pad, ctx->fft.nz);
+	return host ? SF_OK : ctx->ops->upload(ctx->plan, buf, ctx->pad, e);
+}
+
+/* Steps 1-3 on the host; the padded y and x0 into the engine. */
 static int prepare_on_host(sf_deconv_ctx *ctx, const float *in, sf_err *e)
 {
 	size_t nblk = ctx->n.nx * ctx->n.ny * ctx->n.nz;
-	memcpy(ctx->blk, in, nblk * sizeof(float));
-	prefilter(ctx);
-	if (ctx->p.dark > 0)
-		for (size_t k = 0; k < nblk; k++)
-			ctx->blk[k] = fmaxf(ctx->blk[k] - (float)ctx->p.dark, 0.0f);
-	int rc = ctx->p.taper ? taper(ctx, e) : SF_OK;
-	if (rc)
-		return rc;
-	place_block(ctx, ctx->blk, 0);
-	rc = ctx->ops->upload(ctx->plan, ctx->y, ctx->pad, e);
-	if (!rc && ctx->p.init_value > 0) {
-		for (size_t k = 0; k < nblk; k++)
-			ctx->blk[k] = (float)ctx->p.init_value;
-		place_block(ctx, ctx->blk, 0);
+	const float *blk = in;
+	if (host_changes_block(ctx)) {
+		memcpy(ctx->blk, in, nblk * sizeof(float));
+		prefilter(ctx);
+		if (ctx->p.dark > 0)
+			for (size_t k = 0; k < nblk; k++)
+				ctx->blk[k] = fmaxf(ctx->blk[k] - (float)ctx->p.dark, 0.0f);
+		int rc = ctx->p.taper ? taper(ctx, e) : SF_OK;
+		if (rc)
+			return rc;
+		blk = ctx->blk;
 	}
-	return rc ? rc : ctx->ops->upload(ctx->plan, ctx->x, ctx->pad, e);
+	int rc = pad_into(ctx, ctx->y, blk, e);
+	return rc ? rc : pad_into(ctx, ctx->x, ctx->p.init_value > 0 ? NULL : blk, e);
 }
 
 /* Step 5 on the host. */
 static int finish_on_host(sf_deconv_ctx *ctx, float *out, sf_err *e)
 {
-	sf_dims3 n = ctx->n, N = ctx->fft, o = ctx->off;
-	int rc = ctx->ops->download(ctx->plan, ctx->pad, ctx->x, e);
-	if (rc)
-		return rc;
-	for (size_t z = 0; z < n.nz; z++)
-		for (size_t y = 0; y < n.ny; y++)
-			memcpy(out + (z * n.ny + y) * n.nx,
-			       ctx->pad + ((z + o.nz) * N.ny + y + o.ny) * N.nx + o.nx,
-			       n.nx * sizeof(float));
-	return SF_OK;
+	const float *x = host_view(ctx, ctx->x);
+	int rc = x ? SF_OK : ctx->ops->download(ctx->plan, ctx->pad, ctx->x, e);
+	if (!rc)
+		for_planes(ctx, crop_plane, x ? x : ctx->pad, out, ctx->n.nz);
+	return rc;
 }
 
 /* Steps 1-3 in engine memory, the same operations as prepare_on_host: the

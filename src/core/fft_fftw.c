@@ -35,7 +35,8 @@
  * input is zero or the output unwanted, and the z pass reads and writes
  * only those planes (on a padded grid that is ~20 % of the work).  A
  * point-symmetric kernel has a real transfer function: only its real parts
- * are kept and multiplied.  Every pass is a loop over fixed items (planes,
+ * are kept and multiplied, and of a kernel also even in z only half of each
+ * z column.  Every pass is a loop over fixed items (planes,
  * column chunks) that do not depend on the thread count; threads take
  * ranges of items, so the bytes are the same whatever cfg->nthreads is. */
 #include "scopefs/fft.h"
@@ -301,17 +302,19 @@ static void fftw_buf_free(sf_fft_plan *p, void *buf)
 	fftwf_free(buf);
 }
 
+static void threaded_copy(sf_fft_plan *p, float *dst, const float *src);
+
 static int fftw_upload(sf_fft_plan *p, void *dst, const float *src, sf_err *e)
 {
 	(void)e;
-	memcpy(dst, src, p->nreal * sizeof(float));
+	threaded_copy(p, dst, src);
 	return SF_OK;
 }
 
 static int fftw_download(sf_fft_plan *p, float *dst, const void *src, sf_err *e)
 {
 	(void)e;
-	memcpy(dst, src, p->nreal * sizeof(float));
+	threaded_copy(p, dst, src);
 	return SF_OK;
 }
 
@@ -372,13 +375,28 @@ static void rmul_run(cpx *restrict a, const float *restrict h, size_t n)
 	size_t k = 0;
 #ifdef __SSE2__
 	for (; k + 2 <= n; k += 2) {
-		__m128 hv = _mm_castpd_ps(_mm_load_sd((const double *)(const void *)(h + k)));
+		__m128 hv =
+		    _mm_castsi128_ps(_mm_loadl_epi64((const __m128i *)(const void *)(h + k)));
 		hv = _mm_unpacklo_ps(hv, hv); /* h0 h0 h1 h1 */
 		_mm_storeu_ps(&a[k].re, _mm_mul_ps(_mm_loadu_ps(&a[k].re), hv));
 	}
 #endif
 	for (; k < n; k++)
 		a[k] = (cpx){a[k].re * h[k], a[k].im * h[k]};
+}
+
+/* rmul_run over m gathered columns of nz values, h holding only the first
+ * nz/2 + 1 of each column (a z-even transfer function: H[nz - k] = H[k]). */
+static void rmul_half_run(cpx *restrict a, const float *restrict h, size_t m, size_t nz)
+{
+	size_t hz = nz / 2 + 1;
+	for (size_t j = 0; j < m; j++) {
+		cpx *col = a + j * nz;
+		const float *hc = h + j * hz;
+		rmul_run(col, hc, hz);
+		for (size_t k = hz; k < nz; k++)
+			col[k] = (cpx){col[k].re * hc[nz - k], col[k].im * hc[nz - k]};
+	}
 }
 
 /* t[k] = obs[k] / max(t[k], eps); a plain compare (not fmaxf) vectorises,
@@ -575,6 +593,7 @@ struct pass_job {
 	float *real_out;      /* inverse output, or the RL estimate */
 	const cpx *tf;        /* transfer function, gathered order */
 	const float *tf_real; /* or its real parts alone, when it is real (else NULL) */
+	int tf_half;          /* tf_real holds only kz = 0 .. nz/2 of each column */
 	int conj;             /* multiply by conj(tf) */
 	const float *obs;     /* RL: observed y */
 	const float *reg;     /* RL: regulariser or NULL */
@@ -621,6 +640,27 @@ static void pass_run(const pass_job *job)
 		else
 			pass_run_range(&r[i]);
 	}
+}
+
+/* Copy plane z of job->real_in to job->real_out. */
+static void item_copy(const pass_job *job, size_t z, fftwf_complex *scratch)
+{
+	size_t plane = job->p->ny * job->p->nx;
+	(void)scratch;
+	memcpy(job->real_out + z * plane, job->real_in + z * plane, plane * sizeof(float));
+}
+
+/* A whole real buffer copied, planes split over the threads of the fused
+ * passes (upload/download: one core alone copies at about half the speed).
+ * Without the fused path (no per-thread scratch) one memcpy. */
+static void threaded_copy(sf_fft_plan *p, float *dst, const float *src)
+{
+	if (!p->plans->fused || p->nthreads < 2) {
+		memcpy(dst, src, p->nreal * sizeof(float));
+		return;
+	}
+	pass_job job = {.p = p, .item = item_copy, .items = p->nz, .real_in = src, .real_out = dst};
+	pass_run(&job);
 }
 
 #ifdef HAVE_AVX_TWIDDLES
@@ -995,7 +1035,9 @@ static void item_z_convolve(const pass_job *job, size_t item, fftwf_complex *scr
 	fftwf_complex *second = scratch + gather_len(p->ny, nz);
 	gather(buf, col, nz, cols, m, job->in.z0, job->in.z1);
 	fftwf_execute_dft(c->zf[which], scratch, second);
-	if (job->tf_real) /* conj does nothing to a real H */
+	if (job->tf_half)
+		rmul_half_run((cpx *)(void *)second, job->tf_real + c0 * (nz / 2 + 1), m, nz);
+	else if (job->tf_real) /* conj does nothing to a real H */
 		rmul_run((cpx *)(void *)second, job->tf_real + c0 * nz, m * nz);
 	else
 		cmul_run((cpx *)(void *)second, job->tf + c0 * nz, m * nz,
@@ -1052,6 +1094,16 @@ static span span_of(const sf_fft_plan *p, const sf_fft_box *b)
 	return s;
 }
 
+/* Whether k[x, y, -z] = k[x, y, z] for every voxel (z mod nz), exactly. */
+static int z_even(const sf_fft_plan *p, const float *k)
+{
+	size_t plane = p->ny * p->nx;
+	for (size_t z = 1; z < p->nz; z++)
+		if (memcmp(k + z * plane, k + (p->nz - z) * plane, plane * sizeof *k))
+			return 0;
+	return 1;
+}
+
 /* Whether k[-i] = k[i] for every voxel i (indices mod the shape), exactly. */
 static int point_symmetric(const sf_fft_plan *p, const float *k)
 {
@@ -1086,21 +1138,30 @@ static int fftw_make_transfer(sf_fft_plan *p, const void *kernel, void *tf, sf_e
 	/* The spectrum of a point-symmetric kernel is real; its imaginary
 	 * parts here are rounding.  Keep the real parts alone (in place, front
 	 * to back): the z passes then read half the bytes and multiply by a
-	 * real.  The kind goes after the spectrum (tf_kind). */
-	size_t len = spectrum_len(p);
+	 * real.  When the kernel is also even in z, so is H (up to rounding):
+	 * each gathered column keeps only kz = 0 .. nz/2, and the z passes
+	 * read a quarter of the complex bytes.  The kind goes after the
+	 * spectrum: 0 complex, 1 real, 2 real and z-even (tf_real_of). */
+	size_t len = spectrum_len(p), nz = p->nz, hz = nz / 2 + 1;
 	cpx *v = tf;
-	int real = point_symmetric(p, kernel);
+	float *h = tf;
+	int real = point_symmetric(p, kernel), half = real && z_even(p, kernel);
 	for (size_t k = 0; real && k < len; k++)
-		((float *)tf)[k] = v[k].re;
-	v[len] = (cpx){real ? 1.0f : 0.0f, 0.0f};
+		h[k] = v[k].re;
+	for (size_t col = 0; half && col < len / nz; col++) /* front to back, in place */
+		memmove(h + col * hz, h + col * nz, hz * sizeof *h);
+	v[len] = (cpx){half ? 2.0f : real ? 1.0f : 0.0f, 0.0f};
 	return SF_OK;
 }
 
 /* The real parts of a transfer function made by make_transfer when they
- * are all it kept, else NULL. */
-static const float *tf_real_of(const sf_fft_plan *p, const void *tf)
+ * are all it kept, else NULL; *half tells whether only kz <= nz/2 of each
+ * column are there. */
+static const float *tf_real_of(const sf_fft_plan *p, const void *tf, int *half)
 {
-	return ((const cpx *)tf)[spectrum_len(p)].re == 1.0f ? tf : NULL;
+	float kind = ((const cpx *)tf)[spectrum_len(p)].re;
+	*half = kind == 2.0f;
+	return kind >= 1.0f ? tf : NULL;
 }
 
 static int fftw_convolve(sf_fft_plan *p, void *x, void *spec, const void *tf, int conj, sf_err *e)
@@ -1112,7 +1173,7 @@ static int fftw_convolve(sf_fft_plan *p, void *x, void *spec, const void *tf, in
 		return rc ? rc : fftw_inverse(p, spec, x, e);
 	}
 	pass_job job = {.p = p, .spec = spec, .real_in = x, .real_out = x, .tf = tf, .conj = conj};
-	job.tf_real = tf_real_of(p, tf);
+	job.tf_real = tf_real_of(p, tf, &job.tf_half);
 	job.in = job.out = span_all(p);
 	static const pass_item_fn steps[] = {item_xy_forward, item_z_convolve, item_xy_inverse};
 	run_passes(job, steps, 3);
@@ -1147,12 +1208,12 @@ static int fftw_rl_step(sf_fft_plan *p, void *x, const void *y, void *spec, cons
 	                .real_in = x,
 	                .real_out = x,
 	                .tf = tf,
-	                .tf_real = tf_real_of(p, tf),
 	                .obs = y,
 	                .reg = reg,
 	                .eps = eps,
 	                .lambda = lambda,
 	                .keep = (flags & SF_FFT_KEEP_SPECTRUM) != 0};
+	job.tf_real = tf_real_of(p, tf, &job.tf_half);
 	span xs = span_of(p, x_box), ys = span_of(p, y_box);
 	static const pass_item_fn hx[] = {item_xy_forward, item_z_convolve, item_xy_ratio};
 	static const pass_item_fn back[] = {item_z_convolve, item_xy_update};
@@ -1186,6 +1247,11 @@ static const sf_fft_ops fftw_ops = {
     .convolve = fftw_convolve,
     .rl_step = fftw_rl_step,
 };
+
+int sf_fft_host_buffers(const sf_fft_ops *ops)
+{
+	return ops && ops->upload == fftw_upload;
+}
 
 const sf_fft_ops *sf_fft_fftw_ops(void)
 {

@@ -1331,9 +1331,10 @@ static sf_key blocks_key(const sf_stack *st, const sf_deconv_settings *s, const 
 	                         p->init_value,
 	                         (double)p->eps};
 	/* v2: padded sizes from the FFT cost model, fused FFTW passes; v3: the
-	 * FFTW engine keeps only the real part of a symmetric PSF's spectrum
-	 * (blocks differ from v2's by ~3e-7 relative: not mixed in one cache) */
-	sf_key k = sf_key_of("scopefs deconv blocks v3", 24);
+	 * FFTW engine keeps only the real part of a symmetric PSF's spectrum;
+	 * v4: and only half of it along z for a z-even PSF (each step moves
+	 * blocks by ~3e-7 relative: caches of different steps are not mixed) */
+	sf_key k = sf_key_of("scopefs deconv blocks v4", 24);
 	k = mix_double(k, s->destripe_sigma);
 	uint32_t files = st->multipage ? 1 : st->planes;
 

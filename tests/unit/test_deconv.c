@@ -518,13 +518,28 @@ static void symmetrize(float *k, size_t nx, size_t ny, size_t nz)
 			}
 }
 
+/* k even along each axis on its own (k[x, y, z] = k[-x, y, z] = k[x, -y, z]
+ * = k[x, y, -z], indices mod the shape), as a PSF mirrored from an octant is. */
+static void mirror_octant(float *k, size_t nx, size_t ny, size_t nz)
+{
+	for (size_t z = 0; z < nz; z++)
+		for (size_t y = 0; y < ny; y++)
+			for (size_t x = 0; x < nx; x++) {
+				size_t fz = z < nz - z ? z : nz - z, fy = y < ny - y ? y : ny - y;
+				size_t fx = x < nx - x ? x : nx - x;
+				k[(z * ny + y) * nx + x] = k[(fz * ny + fy) * nx + fx];
+			}
+}
+
 /* The fused rl_step's shortcuts against its plain form (the composed
  * r2c/cmul/c2r steps for the symmetric kernel): supports (x_box, y_box)
  * skip only zeros, x stays 0 outside x_box, the bytes do not depend on the
  * thread count; KEEP_SPECTRUM + SPECTRUM_READY give the same bytes as two
  * plain steps; a point-symmetric kernel (real transfer function) matches
- * the complex multiply. */
-static void test_fused_shortcuts(void)
+ * the complex multiply.  With z_even the kernel is even along each axis, as
+ * a PSF mirrored from an octant is, and the engine keeps only half of each
+ * z column of the transfer function. */
+static void test_fused_shortcuts(int z_even)
 {
 	/* x = 2 mod 4 in the last: unaligned x plans, runs of rows from odd rows */
 	size_t shapes[][3] = {{40, 36, 30}, {28, 33, 17}, {30, 21, 14}};
@@ -548,6 +563,8 @@ static void test_fused_shortcuts(void)
 		if (!want || !got || !got2)
 			abort();
 		symmetrize(k, nx, ny, nz);
+		if (z_even)
+			mirror_octant(k, nx, ny, nz);
 		zero_outside(x, nx, ny, nz, &xbox[si]);
 		zero_outside(reg, nx, ny, nz, &xbox[si]);
 		zero_outside(y, nx, ny, nz, &ybox[si]);
@@ -560,7 +577,7 @@ static void test_fused_shortcuts(void)
 		void **cbufs[] = {&tf, &otf, &spec};
 		for (size_t b = 0; b < 3 && !rc; b++)
 			rc = ops->buf_alloc(plan[0], 1, cbufs[b], &e);
-		CHECK(rc == SF_OK, "shape %zu: buffers: %s", si, e.msg);
+		CHECK(rc == SF_OK, "shape %zu%s: buffers: %s", si, z_even ? " z-even" : "", e.msg);
 		if (rc)
 			goto next;
 		make_kernels(ops, plan[0], ker, k, otf, tf, &e);
@@ -576,11 +593,11 @@ static void test_fused_shortcuts(void)
 		/* Fused, whole shape, then with the supports on 1 and 2 threads. */
 		ops->upload(plan[0], xb, x, &e);
 		rc = ops->rl_step(plan[0], xb, yb, spec, tf, rb, 0.25f, 1e-3f, NULL, NULL, 0, &e);
-		CHECK(rc == SF_OK, "shape %zu: rl_step: %s", si, e.msg);
+		CHECK(rc == SF_OK, "shape %zu%s: rl_step: %s", si, z_even ? " z-even" : "", e.msg);
 		ops->download(plan[0], got, xb, &e);
 		double err = rel_l2(got, want, N);
-		CHECK(err < 2e-6, "shape %zu: real transfer function vs cmul: rel L2 %.2e", si,
-		      err);
+		CHECK(err < 2e-6, "shape %zu%s: real transfer function vs cmul: rel L2 %.2e", si,
+		      z_even ? " z-even" : "", err);
 		for (int t = 0; t < 2; t++) {
 			ops->upload(plan[t], xb, x, &e);
 			ops->rl_step(plan[t], xb, yb, spec, tf, rb, 0.25f, 1e-3f, &xbox[si],
@@ -588,13 +605,14 @@ static void test_fused_shortcuts(void)
 			ops->download(plan[t], t ? got2 : got, xb, &e);
 		}
 		err = rel_l2(got, want, N);
-		CHECK(err < 2e-6, "shape %zu: rl_step with supports: rel L2 %.2e", si, err);
-		CHECK(!memcmp(got, got2, N * sizeof *got), "shape %zu: supports: 2 threads differ",
-		      si);
+		CHECK(err < 2e-6, "shape %zu%s: rl_step with supports: rel L2 %.2e", si,
+		      z_even ? " z-even" : "", err);
+		CHECK(!memcmp(got, got2, N * sizeof *got),
+		      "shape %zu%s: supports: 2 threads differ", si, z_even ? " z-even" : "");
 		memcpy(got2, got, N * sizeof *got);
 		zero_outside(got2, nx, ny, nz, &xbox[si]);
-		CHECK(!memcmp(got, got2, N * sizeof *got), "shape %zu: x nonzero outside x_box",
-		      si);
+		CHECK(!memcmp(got, got2, N * sizeof *got), "shape %zu%s: x nonzero outside x_box",
+		      si, z_even ? " z-even" : "");
 		/* Two steps: plain, then with the spectrum kept and reused. */
 		for (int way = 0; way < 2; way++) {
 			ops->upload(plan[0], xb, x, &e);
@@ -607,7 +625,8 @@ static void test_fused_shortcuts(void)
 			}
 			ops->download(plan[0], way ? got2 : got, xb, &e);
 		}
-		CHECK(!memcmp(got, got2, N * sizeof *got), "shape %zu: kept spectrum differs", si);
+		CHECK(!memcmp(got, got2, N * sizeof *got), "shape %zu%s: kept spectrum differs", si,
+		      z_even ? " z-even" : "");
 	next:
 		for (size_t b = 0; b < sizeof bufs / sizeof bufs[0]; b++)
 			if (*bufs[b])
@@ -860,7 +879,8 @@ int main(int argc, char **argv)
 	test_smooth7();
 	test_fft_dims();
 	test_fused_engine();
-	test_fused_shortcuts();
+	test_fused_shortcuts(0);
+	test_fused_shortcuts(1);
 	test_block_shortcuts();
 	test_validation();
 	test_matches_direct_rl();
