@@ -33,7 +33,6 @@
 
 #include <float.h>
 #include <math.h>
-#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -679,41 +678,27 @@ static int rl_iterate(sf_deconv_ctx *ctx, sf_deconv_stats *st, sf_err *e)
  * Each plane's bytes do not depend on the split. */
 typedef void (*plane_fn)(const sf_deconv_ctx *ctx, const float *src, float *dst, size_t z);
 
-typedef struct plane_range {
+typedef struct plane_job {
 	const sf_deconv_ctx *ctx;
 	plane_fn fn;
 	const float *src;
 	float *dst;
-	size_t first, end;
-} plane_range;
+} plane_job;
 
-static void *plane_range_run(void *arg)
+static void plane_part(void *arg, size_t part, size_t first, size_t end)
 {
-	const plane_range *r = arg;
-	for (size_t z = r->first; z < r->end; z++)
-		r->fn(r->ctx, r->src, r->dst, z);
-	return NULL;
+	const plane_job *job = arg;
+	(void)part;
+	for (size_t z = first; z < end; z++)
+		job->fn(job->ctx, job->src, job->dst, z);
 }
 
-/* fn for planes [0, nz) on ctx->nthreads threads.  Ranges 1.. go to new
- * threads while they start; whatever does not start runs here. */
+/* fn for planes [0, nz) on ctx->nthreads threads (ranges.h). */
 static void for_planes(const sf_deconv_ctx *ctx, plane_fn fn, const float *src, float *dst,
                        size_t nz)
 {
-	size_t t = (size_t)ctx->nthreads < nz ? (size_t)ctx->nthreads : nz, spawned = 0;
-	plane_range r[64] = {{0}};
-	pthread_t tid[64];
-	t = t < 1 ? 1 : t;
-	for (size_t i = 0; i < t; i++)
-		r[i] = (plane_range){ctx, fn, src, dst, nz * i / t, nz * (i + 1) / t};
-	while (spawned + 1 < t &&
-	       !pthread_create(&tid[spawned], NULL, plane_range_run, &r[spawned + 1]))
-		spawned++;
-	for (size_t i = spawned + 1; i < t; i++)
-		plane_range_run(&r[i]);
-	plane_range_run(&r[0]);
-	for (size_t i = 0; i < spawned; i++)
-		pthread_join(tid[i], NULL);
+	plane_job job = {ctx, fn, src, dst};
+	ranges_run(nz, ctx->nthreads, plane_part, &job);
 }
 
 /* Plane z of the padded shape: the block's plane at ctx->off, or

@@ -601,45 +601,21 @@ struct pass_job {
 	float eps, lambda;    /* RL */
 };
 
-typedef struct pass_range {
-	const pass_job *job;
-	size_t first, end;
-	fftwf_complex *scratch;
-} pass_range;
-
-static void *pass_run_range(void *arg)
+/* Items [first, end) of the job (counted from job->first), with part's
+ * scratch. */
+static void pass_part(void *arg, size_t part, size_t first, size_t end)
 {
-	const pass_range *r = arg;
-	for (size_t i = r->first; i < r->end; i++)
-		r->job->item(r->job, i, r->scratch);
-	return NULL;
+	const pass_job *job = arg;
+	fftwf_complex *scratch = job->p->scratch + part * job->p->scratch_len;
+	for (size_t i = first; i < end; i++)
+		job->item(job, job->first + i, scratch);
 }
 
-/* Run every item of job, the threads taking contiguous ranges.  Items do
- * not depend on the split, so neither do the bytes.  A thread that cannot
- * start has its range run here. */
+/* Run every item of job, the threads taking contiguous ranges (ranges.h).
+ * Items do not depend on the split, so neither do the bytes. */
 static void pass_run(const pass_job *job)
 {
-	const sf_fft_plan *p = job->p;
-	size_t t = (size_t)p->nthreads < job->items ? (size_t)p->nthreads : job->items;
-	pass_range r[64] = {{0}};
-	pthread_t tid[64];
-	int started[64] = {0};
-
-	t = t < 1 ? 1 : t > 64 ? 64 : t;
-	for (size_t i = 0; i < t; i++)
-		r[i] = (pass_range){job, job->first + job->items * i / t,
-		                    job->first + job->items * (i + 1) / t,
-		                    p->scratch + i * p->scratch_len};
-	for (size_t i = 1; i < t; i++)
-		started[i] = pthread_create(&tid[i], NULL, pass_run_range, &r[i]) == 0;
-	pass_run_range(&r[0]);
-	for (size_t i = 1; i < t; i++) {
-		if (started[i])
-			pthread_join(tid[i], NULL);
-		else
-			pass_run_range(&r[i]);
-	}
+	ranges_run(job->items, job->p->nthreads, pass_part, (void *)job);
 }
 
 /* Copy plane z of job->real_in to job->real_out. */

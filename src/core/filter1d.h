@@ -13,8 +13,9 @@
 #ifndef SCOPEFS_CORE_FILTER1D_H
 #define SCOPEFS_CORE_FILTER1D_H
 
-#include <pthread.h>
 #include <stddef.h>
+
+#include "ranges.h"
 
 /* d[x] += wk * s[x] for x < n; to a multiple of 8 first, which gcc -O2's
  * "very cheap" vectoriser needs.  Not inlined: inlined, gcc drops the
@@ -72,27 +73,29 @@ static inline void filter1d_axis(const float *restrict src, float *restrict dst,
 	}
 }
 
-/* One thread's share of filter1d_axis_mt: planes [first, end) along x or
- * y, rows [first, end) of every plane along z. */
-typedef struct filter1d_range {
+/* The arguments of filter1d_axis_mt's parts. */
+typedef struct filter1d_job {
 	const float *src;
 	float *dst;
-	size_t nx, ny, nz, first, end;
+	size_t nx, ny, nz;
 	int axis, radius;
 	const float *w;
-	float *ext; /* nx + 2 radius floats of this thread */
-} filter1d_range;
+	float *ext; /* nx + 2 radius floats per part */
+} filter1d_job;
 
-static inline void *filter1d_run_range(void *arg)
+/* Part `part` of filter1d_axis_mt: planes [first, end) along x or y, rows
+ * [first, end) of every plane along z. */
+static inline void filter1d_part(void *arg, size_t part, size_t first, size_t end)
 {
-	const filter1d_range *r = arg;
+	const filter1d_job *r = arg;
 	size_t plane = r->nx * r->ny, taps = 2 * (size_t)r->radius + 1;
+	float *ext = r->ext + part * (r->nx + 2 * (size_t)r->radius);
 	if (r->axis < 2) {
-		filter1d_axis(r->src + r->first * plane, r->dst + r->first * plane, r->nx, r->ny,
-		              r->end - r->first, r->axis, r->w, r->radius, r->ext);
-		return NULL;
+		filter1d_axis(r->src + first * plane, r->dst + first * plane, r->nx, r->ny,
+		              end - first, r->axis, r->w, r->radius, ext);
+		return;
 	}
-	size_t run = (r->end - r->first) * r->nx, off = r->first * r->nx;
+	size_t run = (end - first) * r->nx, off = first * r->nx;
 	for (size_t i = 0; i < r->nz; i++) {
 		float *d = r->dst + i * plane + off;
 		for (size_t x = 0; x < run; x++)
@@ -102,46 +105,18 @@ static inline void *filter1d_run_range(void *arg)
 			filter1d_axpy(d, r->src + j * plane + off, run, r->w[k]);
 		}
 	}
-	return NULL;
 }
 
-/* filter1d_axis on up to `threads` threads (at most 64): along x and y each
- * takes a range of planes, along z a range of rows of every plane.  Every
- * output voxel gets the same sum in the same order as filter1d_axis, so the
- * bytes do not depend on the thread count.  ext holds threads * (nx + 2
- * radius) floats.  A thread that cannot start has its share run here. */
+/* filter1d_axis on up to `threads` threads (at most 64, ranges.h): along x
+ * and y each takes a range of planes, along z a range of rows of every
+ * plane.  Every output voxel gets the same sum in the same order as
+ * filter1d_axis, so the bytes do not depend on the thread count.  ext holds
+ * threads * (nx + 2 radius) floats. */
 static inline void filter1d_axis_mt(const float *src, float *dst, size_t nx, size_t ny, size_t nz,
                                     int axis, const float *w, int radius, float *ext, int threads)
 {
-	filter1d_range r[64] = {{0}};
-	pthread_t tid[64];
-	int started[64] = {0};
-	size_t items = axis < 2 ? nz : ny;
-	size_t t = threads < 1 ? 1 : threads > 64 ? 64 : (size_t)threads;
-	if (!items)
-		return;
-	t = t < items ? t : items;
-	for (size_t i = 0; i < t; i++)
-		r[i] = (filter1d_range){.src = src,
-		                        .dst = dst,
-		                        .nx = nx,
-		                        .ny = ny,
-		                        .nz = nz,
-		                        .first = items * i / t,
-		                        .end = items * (i + 1) / t,
-		                        .axis = axis,
-		                        .radius = radius,
-		                        .w = w,
-		                        .ext = ext + i * (nx + 2 * (size_t)radius)};
-	for (size_t i = 1; i < t; i++)
-		started[i] = pthread_create(&tid[i], NULL, filter1d_run_range, &r[i]) == 0;
-	filter1d_run_range(&r[0]);
-	for (size_t i = 1; i < t; i++) {
-		if (started[i])
-			pthread_join(tid[i], NULL);
-		else
-			filter1d_run_range(&r[i]);
-	}
+	filter1d_job job = {src, dst, nx, ny, nz, axis, radius, w, ext};
+	ranges_run(axis < 2 ? nz : ny, threads, filter1d_part, &job);
 }
 
 #endif

@@ -470,6 +470,26 @@ static void test_pages_pyramid(void)
 	sf_slide_info_free(s);
 }
 
+/* An uncompressed one-strip file of spec, its rects (x, y, w, h) read
+ * against the pattern. */
+static void check_one_strip(const char *name, const ifd_spec *spec, const int64_t (*rects)[4],
+                            size_t n)
+{
+	char file[64];
+	snprintf(file, sizeof file, "%s.tif", name);
+	const char *path = tmp_path(file);
+	CHECK(write_tiff(path, "w", spec, 1), "write %s", path);
+	sf_slide_info *s = probe_ok(path, name);
+	if (!s)
+		return;
+	sf_slide_reader *r = reader_ok(s, name);
+	for (size_t i = 0; r && i < n; i++)
+		check_region(r, spec, 0, 0, rects[i][0], rects[i][1], (uint32_t)rects[i][2],
+		             (uint32_t)rects[i][3], 0, name);
+	sf_slide_reader_close(r);
+	sf_slide_info_free(s);
+}
+
 /* Flat files: uint16 strips (big-endian, uncompressed, odd rows per strip),
  * LZW strips, and a 2-page float32 tiled file whose pages are channels. */
 static void test_flat(void)
@@ -503,32 +523,14 @@ static void test_flat(void)
 	/* One big strip, narrow reads.  2048 columns: the rows skip at most 4 KiB,
 	 * so one pread of the span (slide.c's SPAN_SKIP_MAX); 8192 columns: one
 	 * pread per row.  Both against the pattern. */
-	const char *pwider = tmp_path("wider.tif");
+	static const int64_t wider_rects[][4] = {{4000, 2, 50, 95}};
+	static const int64_t wide_rects[][4] = {{1000, 3, 5, 290}, {2040, 280, 64, 64}};
 	ifd_spec swider = {
 	    .w = 8192, .h = 100, .dt = SF_U16, .spp = 1, .id = 10, .compression = COMPRESSION_NONE};
-	CHECK(write_tiff(pwider, "w", &swider, 1), "write %s", pwider);
-	s = probe_ok(pwider, "wider");
-	if (s) {
-		sf_slide_reader *r = reader_ok(s, "wider");
-		if (r)
-			check_region(r, &swider, 0, 0, 4000, 2, 50, 95, 0, "wider");
-		sf_slide_reader_close(r);
-		sf_slide_info_free(s);
-	}
-	const char *pwide = tmp_path("wide.tif");
 	ifd_spec swide = {
 	    .w = 2048, .h = 300, .dt = SF_U16, .spp = 1, .id = 9, .compression = COMPRESSION_NONE};
-	CHECK(write_tiff(pwide, "w", &swide, 1), "write %s", pwide);
-	s = probe_ok(pwide, "wide");
-	if (s) {
-		sf_slide_reader *r = reader_ok(s, "wide");
-		if (r) {
-			check_region(r, &swide, 0, 0, 1000, 3, 5, 290, 0, "wide");
-			check_region(r, &swide, 0, 0, 2040, 280, 64, 64, 0, "wide");
-		}
-		sf_slide_reader_close(r);
-		sf_slide_info_free(s);
-	}
+	check_one_strip("wider", &swider, wider_rects, 1);
+	check_one_strip("wide", &swide, wide_rects, 2);
 	const char *plzw = tmp_path("lzw.tiff");
 	ifd_spec slzw = {.w = 257,
 	                 .h = 129,
