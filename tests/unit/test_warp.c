@@ -267,6 +267,84 @@ static void test_four_lanes(void)
 	}
 }
 
+/* Pixels of (x, y) .. (x + w - 1, y) warped one at a time: 1-pixel tiles
+ * take the per-pixel path, never the AVX2 one, which needs 4 in a row. */
+static int warp_singly(const sf_map *m, const sf_warp_src *s, const sf_warp_fmt *f, int64_t x,
+                       int64_t y, int64_t w, uint8_t *out)
+{
+	size_t px = sf_dtype_bytes(f->dtype) * f->samples;
+	sf_err e;
+	for (int64_t i = 0; i < w; i++)
+		if (sf_warp_tile(m, s, f, (sf_wrect){x + i, y, 1, 1}, out + (size_t)i * px, px,
+		                 &e) != SF_OK)
+			return -1;
+	return 0;
+}
+
+/* The 4-sample bilinear path in groups of four pixels (AVX2 where the CPU
+ * has it, with the AVX2 affine coordinates) gives the per-pixel path's
+ * bytes.  Maps chosen so tiles hold pixels outside the buffer, on its last
+ * row and column, on exactly integer coordinates, in (-1, 0), and NaN or
+ * infinite ones (a projective map whose w crosses 0). */
+static void test_groups_equal_pixels(void)
+{
+	sf_dtype types[] = {SF_U8, SF_U16, SF_F32};
+	const int64_t sw = 37, sh = 29;
+	const sf_wrect o = {-6, -4, 55, 41}; /* 55 = 13 groups of 4 and 3 */
+	double fixed[][9] = {
+	    {1, 0, 3, 0, 1, -2, 0, 0, 1},             /* integer shift */
+	    {1, 0, 0.5, 0, 1, 0.25, 0, 0, 1},         /* halves, quarters */
+	    {1, 0, -0.25, 0, 1, -0.75, 0, 0, 1},      /* into (-1, 0) */
+	    {0, -1, 30, 1, 0, 0, 0, 0, 1},            /* 90 degrees, integers */
+	    {2, 0, 1, 0, 2, 1, 0, 0, 1},              /* even integers */
+	    {1, 0, 0, 0, 1, 0, 0.05, 0, -1},          /* w = 0 at x = 20 */
+	    {0.999999, 0, 1e-7, 0, 1, 1e-9, 0, 0, 1}, /* near integers */
+	};
+	int nfixed = (int)(sizeof fixed / sizeof fixed[0]);
+	for (int ti = 0; ti < 3; ti++) {
+		sf_dtype dt = types[ti];
+		size_t px = sf_dtype_bytes(dt) * 4;
+		uint8_t *img = make_image(sw, sh, 4, dt);
+		uint8_t *wide = malloc((size_t)(o.w * o.h) * px), *one = malloc((size_t)o.w * px);
+		int bad = 0, maps = 0;
+		for (int k = 0; k < nfixed + 12 && img && wide && one; k++) {
+			sf_transform t;
+			sf_err e;
+			if (k < nfixed)
+				affine(&t, fixed[k]);
+			else
+				random_transform(&t, k % 3 == 0); /* some with a field */
+			/* odd maps: the buffer is a window at (1237, 913) of the
+			 * level, as the engine passes its source rects, and the map
+			 * moves with it (coordinates then round differently) */
+			int64_t wx = k % 2 ? 1237 : 0, wy = k % 2 ? 913 : 0;
+			double to_window[9] = {1, 0, (double)wx, 0, 1, (double)wy, 0, 0, 1};
+			sf_transform_then_matrix(&t, to_window, &e);
+			sf_warp_src s = {img, (size_t)sw * px, {wx, wy, sw, sh}};
+			sf_warp_fmt f = {dt, 4, SF_INTERP_BILINEAR, 7};
+			int rc = sf_warp_tile(&t.map, &s, &f, o, wide, (size_t)o.w * px, &e);
+			CHECK(rc == SF_OK, "warp: %s", e.msg);
+			int64_t y = 0;
+			for (; y < o.h && rc == SF_OK; y++) {
+				if (warp_singly(&t.map, &s, &f, o.x, o.y + y, o.w, one) != 0)
+					break;
+				for (int64_t x = 0; x < o.w; x++)
+					bad += memcmp(one + x * px,
+					              wide + ((size_t)(y * o.w + x)) * px, px) != 0;
+			}
+			maps += rc == SF_OK && y == o.h;
+			sf_transform_release(&t);
+		}
+		CHECK(
+		    maps == nfixed + 12 && bad == 0,
+		    "dtype %d: groups of 4 differ from single pixels in %d pixels (%d of %d maps)",
+		    dt, bad, maps, nfixed + 12);
+		free(img);
+		free(wide);
+		free(one);
+	}
+}
+
 static void test_bad_arguments(void)
 {
 	sf_err e;
@@ -569,6 +647,7 @@ int main(int argc, char **argv)
 	test_rounding_and_clamping();
 	test_four_lanes();
 	test_four_lane_edges();
+	test_groups_equal_pixels();
 	test_bad_arguments();
 	test_source_rect();
 	test_choose_source();
