@@ -2,7 +2,8 @@
 #
 #   make            build build/scopefs (CUDA parts when nvcc is found; CUDA=0 to skip)
 #   make test       install missing Debian packages, build, run every test
-#   make demo       build, make the demo dataset, mount it on demo/mnt
+#   make demo       install missing Debian packages, build, make the demo
+#                   dataset, mount it on demo/mnt
 #   make undemo     unmount the demo
 #   make bench      run the benchmarks (big data; minutes)
 #

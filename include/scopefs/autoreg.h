@@ -55,7 +55,7 @@ typedef struct sf_reg_settings {
 void sf_reg_settings_default(sf_reg_settings *s);
 
 /* Apply one reg_* option (key without "reg_" is not accepted); origin
- * prefixes messages ("" or "preset FILE:LINE: ").  SF_EINVAL names the key. */
+ * prefixes messages ("" or "FILE:LINE: " of a preset).  SF_EINVAL names the key. */
 int sf_reg_settings_apply(sf_reg_settings *s, const char *key, const char *value,
                           const char *origin, sf_err *e);
 

@@ -100,7 +100,7 @@ void sf_engine_stats_get(sf_engine *g, sf_engine_stats *out);
 #define SF_ENGINE_RECENT_ERRORS 8
 typedef struct sf_engine_error {
 	int64_t time_s; /* wall clock (time()) of the last occurrence */
-	uint64_t count; /* occurrences in a row */
+	uint64_t count; /* occurrences since the first, in a row or not */
 	char msg[sizeof(((sf_err *)0)->msg)];
 } sf_engine_error;
 unsigned sf_engine_recent_errors(sf_engine *g, sf_engine_error *out, unsigned cap);

@@ -55,7 +55,7 @@ static const option_def option_table[] = {
     {"gpu", OPT_STRING, "gpu=auto|off|N   GPU for warps and deconvolution (default auto)"},
     {"reg", OPT_REG, "reg=auto|off     register slides that have no transform file (auto)"},
     {"reg_channel", OPT_REG, "reg_channel=C    registration channel, name or index (DAPI)"},
-    {"reg_metric", OPT_REG, "reg_metric=M     auto|ncc|mi (auto: mi across stains)"},
+    {"reg_metric", OPT_REG, "reg_metric=M     auto|ncc|mi (auto: mi brightfield vs fluorescence)"},
     {"reg_dim", OPT_REG, "reg_dim=N        longest side of the affine fit (default 1024)"},
     {"reg_nonrigid_dim", OPT_REG, "reg_nonrigid_dim=N  non-rigid grid side (2000; 0: none)"},
     {"reg_order", OPT_REG, "reg_order=O      direct|serial (default direct)"},
@@ -399,10 +399,47 @@ static int apply_preset(parse_state *ps, sf_err *e)
 			             path, lineno);
 			break;
 		}
+		if (strchr(s, ',')) {
+			rc = sf_fail(e, SF_EINVAL,
+			             "%s:%u: one option per line (a comma would hand the rest "
+			             "to FUSE unchecked)",
+			             path, lineno);
+			break;
+		}
 		snprintf(origin, sizeof origin, "%s:%u: ", path, lineno);
 		rc = apply_option(ps, s, 0, origin, e);
 	}
 	fclose(f);
+	return rc;
+}
+
+/* The preset's deconvolution items go before the command line's in
+ * o->deconv, so the command line also wins where one key overrides another
+ * (dark and denoise_strength, dtype and convert_to_8bit): a stack applies
+ * the list in order. */
+static int apply_preset_before_cli(parse_state *ps, sf_err *e)
+{
+	sf_options *o = ps->o;
+	char *cli = o->deconv;
+	int rc;
+
+	o->deconv = NULL;
+	rc = apply_preset(ps, e);
+	if (rc == SF_OK && cli && o->deconv) {
+		size_t n = strlen(o->deconv), m = strlen(cli);
+		char *joined = realloc(o->deconv, n + m + 2);
+		if (!joined) {
+			rc = sf_fail(e, SF_ENOMEM, "option 'preset': out of memory");
+		} else {
+			joined[n] = ',';
+			memcpy(joined + n + 1, cli, m + 1);
+			o->deconv = joined;
+		}
+	} else if (rc == SF_OK && cli) {
+		o->deconv = cli;
+		cli = NULL;
+	}
+	free(cli);
 	return rc;
 }
 
@@ -540,7 +577,7 @@ int sf_options_parse(int argc, char **argv, sf_options *o, sf_err *e)
 		return SF_OK;
 	if (positional != 2)
 		return sf_fail(e, SF_EINVAL, "usage: scopefs [options] RAW_DIR MOUNTPOINT");
-	if (o->preset && (rc = apply_preset(&ps, e)) != SF_OK)
+	if (o->preset && (rc = apply_preset_before_cli(&ps, e)) != SF_OK)
 		return rc;
 	if ((rc = check_deconv_opts(o, e)) != SF_OK)
 		return rc;
@@ -568,7 +605,9 @@ void sf_options_usage(const char *argv0)
 	       "Serves RAW_DIR read-only at MOUNTPOINT with virtual processed images:\n"
 	       "  raw/          the raw dataset, unchanged\n"
 	       "  registered/   whole-slide images as pyramidal OME-TIFF (computed on read)\n"
-	       "  deconvolved/  z-stack planes (computed on read)\n"
+	       "  qc/           registration overlays, one PNG per moving slide\n"
+	       "  transforms/   transforms scopefs computed itself (ours and elastix's)\n"
+	       "  deconvolved/  light-sheet planes after 3D deconvolution (computed on read)\n"
 	       "  .scopefs/status  JSON counters\n\n"
 	       "general options:\n"
 	       "  -f               stay in the foreground\n"

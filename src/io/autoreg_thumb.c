@@ -25,9 +25,9 @@ int autoreg_is_brightfield(const sf_slide_info *s)
 	return s->samples >= 3 && s->dtype == SF_U8;
 }
 
-/* The planar channel to register: reg_channel by name (any case), then as
- * an index; the default is the first DAPI/Hoechst channel, else 0. */
-static int pick_channel(const sf_slide_info *s, const char *want, uint32_t *out, sf_err *e)
+/* The containing-name match last, so "DAPI" finds "DAPI R2" of a cyclic
+ * round as the default does, while a whole name or an index is exact. */
+int autoreg_pick_channel(const sf_slide_info *s, const char *want, uint32_t *out, sf_err *e)
 {
 	char *end;
 	unsigned long idx;
@@ -46,6 +46,11 @@ static int pick_channel(const sf_slide_info *s, const char *want, uint32_t *out,
 		*out = (uint32_t)idx;
 		return SF_OK;
 	}
+	for (uint32_t c = 0; c < s->channels; c++)
+		if (s->channel_names[c] && strcasestr(s->channel_names[c], want)) {
+			*out = c;
+			return SF_OK;
+		}
 	return sf_fail(e, SF_EINVAL, "%s: option 'reg_channel': no channel '%s' (it has %u)",
 	               s->path, want, s->channels);
 }
@@ -110,7 +115,7 @@ int autoreg_thumb_make(const sf_slide_info *s, const char *channel, uint32_t dim
 		return sf_fail(e, SF_EUNSUPPORTED,
 		               "%s: %u samples per pixel of this type cannot be registered",
 		               s->path, s->samples);
-	if (!t->brightfield && (rc = pick_channel(s, channel, &t->channel, e)) != SF_OK)
+	if (!t->brightfield && (rc = autoreg_pick_channel(s, channel, &t->channel, e)) != SF_OK)
 		return rc;
 	side = lv->width > lv->height ? lv->width : lv->height;
 	k = (side + dim - 1) / dim;

@@ -716,7 +716,7 @@ int sf_cache_get(sf_cache *c, sf_key k, uint8_t *dst, size_t n, sf_err *e)
 
 	entry_rel(k, rel);
 	if (sf_block_bound(n) == 0)
-		return sf_fail(e, SF_EINVAL, "%s/%s: %zu bytes are too many for one cache entry",
+		return sf_fail(e, SF_ERANGE, "%s/%s: %zu bytes are too many for one cache entry",
 		               c->dir, rel, n);
 	fd = openat(c->dirfd, rel, O_RDONLY | O_CLOEXEC);
 	if (fd < 0) {

@@ -56,6 +56,7 @@
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
+#include <xxhash.h>
 
 #include "scopefs/log.h"
 #include "scopefs/slide.h"
@@ -1470,24 +1471,38 @@ typedef struct planes {
 	struct scale_sample *samples; /* sample_count entries (scale=auto) */
 	uint64_t sample_count;
 	int samples_prefetched; /* the sample blocks were handed to the engine (scale_lock) */
+	int scale_file_read;    /* the record was looked at once (scale_lock) */
 	/* One bit per plane, set when a strip of it is computed (atomic or):
 	 * a reader going through z has read plane z - 1 before plane z. */
 	atomic_uint_fast64_t *plane_seen;
 } planes;
 
+/* XXH64 of the record's two values, so a damaged record is never trusted:
+ * a changed digit would rescale every plane of the stack, silently. */
+static unsigned long long scale_check(double lo, double hi)
+{
+	double v[2] = {lo, hi};
+	return (unsigned long long)XXH64(v, sizeof v, 0);
+}
+
 static int read_scale_file(planes *pl)
 {
 	FILE *f = fopen(pl->scale_path, "r");
 	double lo, hi;
+	unsigned long long check;
 	int ok;
 
 	if (!f)
 		return 0;
-	ok = fscanf(f, "dmin %la dmax %la", &lo, &hi) == 2 && isfinite(lo) && isfinite(hi);
+	ok = fscanf(f, "dmin %la dmax %la xxh64 %llx", &lo, &hi, &check) == 3 && isfinite(lo) &&
+	     isfinite(hi) && lo <= hi && check == scale_check(lo, hi);
 	fclose(f);
 	if (ok) {
 		pl->dmin = lo;
 		pl->dmax = hi;
+	} else {
+		sf_log(SF_LOG_WARN, "%s: not a valid scale record; sampling the blocks again",
+		       pl->scale_path);
 	}
 	return ok;
 }
@@ -1506,8 +1521,10 @@ static void write_scale_file(const planes *pl, uint64_t sampled, uint64_t total)
 		return;
 	}
 	fprintf(f,
-	        "dmin %a dmax %a\n# dmin %.9g dmax %.9g from %" PRIu64 " of %" PRIu64 " blocks\n",
-	        pl->dmin, pl->dmax, pl->dmin, pl->dmax, sampled, total);
+	        "dmin %a dmax %a xxh64 %016llx\n# dmin %.9g dmax %.9g from %" PRIu64 " of %" PRIu64
+	        " blocks\n",
+	        pl->dmin, pl->dmax, scale_check(pl->dmin, pl->dmax), pl->dmin, pl->dmax, sampled,
+	        total);
 	if (fclose(f) != 0 || rename(tmp, pl->scale_path) != 0) {
 		sf_log(SF_LOG_WARN, "%s: cannot record the scale: %s", pl->scale_path,
 		       strerror(errno));
@@ -1579,8 +1596,10 @@ static int ensure_scale(planes *pl, uint64_t start, sf_err *e)
 	int rc = SF_OK;
 
 	pthread_mutex_lock(&pl->scale_lock);
-	if (!pl->have_scale && read_scale_file(pl))
-		pl->have_scale = 1;
+	if (!pl->have_scale && !pl->scale_file_read) {
+		pl->scale_file_read = 1;
+		pl->have_scale = read_scale_file(pl);
+	}
 	if (!pl->have_scale && !pl->samples_prefetched) {
 		/* Every sample block to the engine at once, so idle workers (and
 		 * every GPU context) compute them side by side, not only the few

@@ -38,21 +38,12 @@ struct sf_qc {
 	int ready;
 };
 
-static int contains_nocase(const char *hay, const char *needle)
-{
-	size_t n = strlen(needle);
-	for (; *hay; hay++)
-		if (!strncasecmp(hay, needle, n))
-			return 1;
-	return 0;
-}
-
 uint32_t sf_qc_channel(const sf_slide_info *s)
 {
 	for (uint32_t c = 0; c < s->channels; c++)
 		if (s->channel_names && s->channel_names[c] &&
-		    (contains_nocase(s->channel_names[c], "dapi") ||
-		     contains_nocase(s->channel_names[c], "hoechst")))
+		    (strcasestr(s->channel_names[c], "dapi") ||
+		     strcasestr(s->channel_names[c], "hoechst")))
 			return c;
 	return 0;
 }

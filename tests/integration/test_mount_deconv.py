@@ -274,6 +274,35 @@ def test_auto_scale_formula_and_sample(scopefs):
     assert dmax <= highs.max() and dmin >= lows.min()
 
 
+def test_damaged_scale_record_not_trusted(scopefs):
+    """The auto scale's record in the cache folder carries a check: a record
+    whose numbers changed is sampled again (same bytes as the first mount),
+    not used; an intact one is used as it is."""
+    vol = gen.beads(24, 40, 52, seed=4)
+    names = write_stack(scopefs.raw / 'beads', vol)
+    opts = dict(OPTICS, deconv_block='16', threads='2')
+    n = len(names)
+    a = scopefs.mount(opts=opts)
+    first = read_bytes(a.path('deconvolved', 'beads'), names, range(n))
+    a.unmount()
+    record = next(a.cache.glob('deconv-scale-*.txt'))
+    dmin, dmax = scale_record(a.cache)
+    lines = record.read_text().split('\n')
+    words = lines[0].split()
+    words[3] = float.hex(dmax * 2)  # same layout, same check field, other number
+    for label, text, want in (('intact', record.read_text(), (dmin, dmax)),
+                              ('damaged', '\n'.join([' '.join(words)] + lines[1:]),
+                               (dmin, dmax))):
+        cache = scopefs.tmp / ('scale-%s' % label)
+        cache.mkdir()
+        (cache / record.name).write_text(text)
+        m = scopefs.mount(opts=opts, cache=cache)
+        got = read_bytes(m.path('deconvolved', 'beads'), names, range(n))
+        m.unmount()
+        assert got == first, label
+        assert scale_record(cache) == want, label
+
+
 def test_same_bytes_any_order_threads_cache(scopefs):
     vol = gen.beads(24, 40, 52, seed=9)
     names = write_stack(scopefs.raw / 'beads', vol)

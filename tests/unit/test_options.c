@@ -6,6 +6,7 @@
 
 #include "check.h"
 #include "scopefs/options.h"
+#include "scopefs/product_deconv.h"
 #include "scopefs/register.h"
 
 static int parse(sf_options *o, sf_err *e, int argc, const char **argv)
@@ -72,36 +73,65 @@ static void test_cli(const char *raw, const char *cache)
 	sf_options_free(&o);
 }
 
+/* Write `text` (unless NULL) as the preset at path, then parse
+ * `-o <cli_before>preset=path,cache=...`. */
+static int parse_with_preset(sf_options *o, sf_err *e, const char *raw, const char *dir,
+                             const char *path, const char *text, const char *cli_before)
+{
+	char opt[1400];
+	FILE *f = text ? fopen(path, "w") : NULL;
+
+	if (f) {
+		fputs(text, f);
+		fclose(f);
+	}
+	snprintf(opt, sizeof opt, "%spreset=%s,cache=%s/c", cli_before, path, dir);
+	const char *argv[] = {"scopefs", "-o", opt, raw, "/mnt"};
+	return parse(o, e, 5, argv);
+}
+
 static void test_preset(const char *raw, const char *dir)
 {
-	char path[512], opt[1400];
+	char path[512], missing[600];
 	sf_options o;
 	sf_err e;
-	FILE *f;
 
 	snprintf(path, sizeof path, "%s/preset", dir);
-	f = fopen(path, "w");
-	fprintf(f, "# comment\n\nmem=1G\n threads=7 \ncache_size=3G\n");
-	fclose(f);
-	snprintf(opt, sizeof opt, "preset=%s,mem=32M,cache=%s/c", path, dir);
-	const char *argv[] = {"scopefs", "-o", opt, raw, "/mnt"};
-	CHECK(parse(&o, &e, 5, argv) == SF_OK, "preset read: %s", e.msg);
+	CHECK(parse_with_preset(&o, &e, raw, dir, path,
+	                        "# comment\n\nmem=1G\n threads=7 \ncache_size=3G\n",
+	                        "mem=32M,") == SF_OK,
+	      "preset read: %s", e.msg);
 	CHECK(o.mem == 32ull << 20, "command line wins over preset");
 	CHECK(o.threads == 7 && o.cache_size == 3ull << 30, "preset values applied");
 	sf_options_free(&o);
 
-	f = fopen(path, "w");
-	fprintf(f, "mem=1G\nwhat=2\n");
-	fclose(f);
-	snprintf(opt, sizeof opt, "preset=%s,cache=%s/c", path, dir);
-	const char *bad[] = {"scopefs", "-o", opt, raw, "/mnt"};
-	CHECK(parse(&o, &e, 5, bad) == SF_EINVAL && strstr(e.msg, ":2:") && strstr(e.msg, "what"),
+	CHECK(parse_with_preset(&o, &e, raw, dir, path, "mem=1G\nwhat=2\n", "") == SF_EINVAL &&
+	          strstr(e.msg, ":2:") && strstr(e.msg, "what"),
 	      "preset error names file, line and key: %s", e.msg);
 	sf_options_free(&o);
 
-	snprintf(opt, sizeof opt, "preset=%s/none,cache=%s/c", dir, dir);
-	const char *none[] = {"scopefs", "-o", opt, raw, "/mnt"};
-	CHECK(parse(&o, &e, 5, none) == SF_EINVAL && strstr(e.msg, "preset"),
+	/* One key overriding another: the command line's dark and 8-bit
+	 * output win over the preset's denoise_strength and dtype, whichever
+	 * order the stack applies them in. */
+	CHECK(parse_with_preset(&o, &e, raw, dir, path, "denoise_strength=1\ndtype=same\nnumit=9\n",
+	                        "dark=5,convert_to_8bit=1,") == SF_OK,
+	      "deconv preset read: %s", e.msg);
+	sf_deconv_settings ds;
+	sf_deconv_settings_default(&ds);
+	CHECK(sf_deconv_settings_apply_list(&ds, o.deconv, "", &e) == SF_OK, "list: %s", e.msg);
+	CHECK(ds.params.dark == 5 && !ds.have_denoise && ds.dtype == SF_U8 && ds.params.numit == 9,
+	      "command line wins over a preset key it overrides (list '%s')", o.deconv);
+	sf_options_free(&o);
+
+	CHECK(parse_with_preset(&o, &e, raw, dir, path, "fsname=x,allow_other\n", "") ==
+	              SF_EINVAL &&
+	          strstr(e.msg, ":1:"),
+	      "a preset line with a comma refused: %s", e.msg);
+	sf_options_free(&o);
+
+	snprintf(missing, sizeof missing, "%s/none", dir);
+	CHECK(parse_with_preset(&o, &e, raw, dir, missing, NULL, "") == SF_EINVAL &&
+	          strstr(e.msg, "preset"),
 	      "missing preset refused: %s", e.msg);
 	sf_options_free(&o);
 }
