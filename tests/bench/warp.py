@@ -72,6 +72,7 @@ VWARP_C = r"""
  * field's band 2) for alpha and premultiply by it. */
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <vips/vips.h>
 
 static void die(void)
@@ -89,6 +90,10 @@ int main(int argc, char **argv)
 
 	if (VIPS_INIT(argv[0]))
 		die();
+	if (argc == 2 && !strcmp(argv[1], "--version")) {
+		printf("vips-%s\n", vips_version_string());
+		return 0;
+	}
 	if (argc != 12 && argc != 14) {
 		fprintf(stderr, "usage: vwarp IN OUT CHANNELS W H m0..m5 [FIELD STEP]\n");
 		return 2;
@@ -135,9 +140,15 @@ int main(int argc, char **argv)
 """
 
 
-def build_vwarp():
+def build_vwarp(exe=None):
+    """Compile vwarp against the installed libvips (to exe, default in WORK);
+    $SCOPEFS_VWARP names a prebuilt one instead (tools/gpu-check carries one
+    to a machine without libvips' headers)."""
+    if exe is None and os.environ.get("SCOPEFS_VWARP"):
+        return os.environ["SCOPEFS_VWARP"]
+    os.makedirs(WORK, exist_ok=True)
     src = os.path.join(WORK, "vwarp.c")
-    exe = os.path.join(WORK, "vwarp")
+    exe = exe or os.path.join(WORK, "vwarp")
     with open(src, "w") as f:
         f.write(VWARP_C)
     flags = subprocess.run(["pkg-config", "--cflags", "--libs", "vips"], check=True,
@@ -227,10 +238,15 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def time_bin():
+    """GNU time: /usr/bin/time, or one on PATH (tools/gpu-check carries it)."""
+    return "/usr/bin/time" if os.path.exists("/usr/bin/time") else shutil.which("time")
+
+
 def timed_cpu(cmd):
     """Run cmd under /usr/bin/time -v: (wall s, user + sys s, peak RSS kB)."""
     t0 = time.perf_counter()
-    r = subprocess.run(["/usr/bin/time", "-v"] + cmd, capture_output=True, text=True)
+    r = subprocess.run([time_bin(), "-v"] + cmd, capture_output=True, text=True)
     dt = time.perf_counter() - t0
     if r.returncode != 0:
         raise RuntimeError(f"{cmd}: {r.stderr[-500:]}")
@@ -404,7 +420,7 @@ def section():
         f" warped {ANGLE_DEG:g} degrees about the centre + shift {SHIFT}; the field case adds"
         f" a smooth displacement (nodes every {FIELD_STEP} px, up to {FIELD_AMP:g} px)."
         f" Virtual file {size / 2**30:.2f} GiB; daemon `mem=128M`, default threads; libvips"
-        f" {subprocess.run(['vips', '--version'], capture_output=True, text=True).stdout.strip()}"
+        f" {subprocess.run([vwarp, '--version'], capture_output=True, text=True).stdout.strip()}"
         f" with its default threads. Load average {load0[0]:.1f} before and {load1[0]:.1f}"
         f" after (other jobs share this machine's CPUs: times are indicative). Source "
         + ("made by an earlier run." if existed else "made by this run.")
@@ -430,7 +446,10 @@ def section():
 
 
 def main():
-    if not shutil.which("/usr/bin/time"):
+    if len(sys.argv) == 3 and sys.argv[1] == "--vwarp-to":
+        build_vwarp(sys.argv[2])
+        return 0
+    if not time_bin():
         subprocess.run(["apt-get", "install", "-y", "-qq", "time"], check=True)
     core.publish(section())
     return 0
