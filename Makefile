@@ -6,6 +6,8 @@
 #                   dataset, mount it on demo/mnt
 #   make undemo     unmount the demo
 #   make bench      run the benchmarks (big data; minutes)
+#   make fuzz       build the libFuzzer harnesses (tests/fuzz/) with clang into
+#                   $(BUILD)/fuzz/; not part of all or test
 #
 # Layers (see docs/architecture.md): src/core (compute, no I/O),
 # src/util (errors, logs, keys), src/io (datasets, TIFF layout, cache,
@@ -47,7 +49,7 @@ UNIT_SRCS := $(wildcard tests/unit/test_*.c)
 UNIT_BINS := $(UNIT_SRCS:tests/unit/%.c=$(BUILD)/tests/%)
 
 .SECONDARY:
-.PHONY: all deps test unit asan integration demo undemo bench format lint clean
+.PHONY: all deps test unit asan integration demo undemo bench format lint clean fuzz fuzz-bins
 all: $(BUILD)/scopefs
 
 $(BUILD)/%.o: %.c
@@ -105,6 +107,27 @@ bench: deps all
 	$(PYTHON) tests/bench/deconv_gpu.py
 	$(PYTHON) tests/bench/register.py
 	$(PYTHON) tests/bench/register_mem.py
+
+# libFuzzer harnesses for the parsers of untrusted input (tests/fuzz/, how to
+# run them: docs/architecture.md), under ASan/UBSan.  A separate build: the
+# library is compiled again with clang's fuzzer instrumentation.
+FUZZ_CC   ?= clang
+FUZZ_BINS := $(patsubst tests/fuzz/%.c,$(BUILD)/%,$(wildcard tests/fuzz/fuzz_*.c))
+
+fuzz:
+	@if command -v $(FUZZ_CC) >/dev/null; then \
+		$(MAKE) BUILD=$(BUILD)/fuzz CC=$(FUZZ_CC) CUDA=0 \
+			CFLAGS="-O1 -g -fno-omit-frame-pointer" \
+			SAN="-fsanitize=fuzzer-no-link,address,undefined -fno-sanitize-recover=all" \
+			fuzz-bins; \
+	else \
+		echo "make fuzz: $(FUZZ_CC) not found; the fuzz harnesses need clang" >&2; \
+	fi
+
+fuzz-bins: $(FUZZ_BINS)
+
+$(BUILD)/fuzz_%: $(BUILD)/tests/fuzz/fuzz_%.o $(BUILD)/libscopefs_io.a $(BUILD)/libscopefs_core.a
+	$(CC) $(LDFLAGS) -fsanitize=fuzzer $^ $(LDLIBS) -o $@
 
 format:
 	clang-format -i $(wildcard src/*/*.c src/*/*.cu include/scopefs/*.h tests/unit/*.c tools/*.c)

@@ -13,6 +13,8 @@
 #include "scopefs/autoreg.h"
 #include "scopefs/err.h"
 
+#define SF_READAHEAD_AUTO 0xffffffffu /* readahead= not given */
+
 typedef struct sf_options {
 	char *raw_dir;       /* absolute, resolved RAW_DIR */
 	char *mountpoint;    /* as given */
@@ -20,7 +22,8 @@ typedef struct sf_options {
 	uint64_t cache_size; /* cache_size=, bytes; 0: unbounded */
 	uint64_t mem;        /* mem=, bytes of decoded tiles in RAM */
 	unsigned threads;    /* threads=, workers; 0: one per CPU */
-	unsigned readahead;  /* readahead=, units scheduled ahead of a sequential reader */
+	unsigned readahead;  /* readahead=, units scheduled ahead of a sequential reader;
+	                      * 0: none; SF_READAHEAD_AUTO until main makes it 2 x threads */
 	char *reference;     /* reference=, file name or stem; NULL: first slide by name */
 	char *preset;        /* preset= as given */
 	char *transforms;    /* transforms=DIR: transform files of moving slides, or NULL */

@@ -149,7 +149,10 @@ typedef struct sf_tf_units {
  * highest-numbered TransformParameters.N.txt).
  * units may be NULL (all unknown).  A malformed file fails with SF_EFORMAT
  * and a message "FILE:LINE: what is wrong"; a valid file we cannot represent
- * fails with SF_EUNSUPPORTED. */
+ * fails with SF_EUNSUPPORTED; a map whose composed coefficients pass 1e15 in
+ * magnitude (each value finite, their product not) fails with SF_EFORMAT.
+ * The file, a field TIFF it names, and a MetaImage's data file must be
+ * regular files (a FIFO would block). */
 int sf_transform_load(const char *path, const sf_tf_units *units, sf_transform *t, sf_err *e);
 int sf_transform_load_json(const char *path, sf_transform *t, sf_err *e);
 int sf_transform_load_elastix(const char *path, const sf_tf_units *units, sf_transform *t,

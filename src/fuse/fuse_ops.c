@@ -180,6 +180,20 @@ static void op_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
 	free(buf);
 }
 
+/* What op_open made for the handle: closed or freed. */
+static void release_handle(const sf_node *n, struct fuse_file_info *fi)
+{
+	if (n && n->kind == SF_NODE_RAW)
+		close((int)fi->fh);
+	else if (n && n->kind == SF_NODE_VFILE)
+		free((vfile_handle *)(uintptr_t)fi->fh);
+	else if (n && (n->kind == SF_NODE_STATUS || n->kind == SF_NODE_TRANSFORM)) {
+		status_handle *h = (status_handle *)(uintptr_t)fi->fh;
+		free(h->text);
+		free(h);
+	}
+}
+
 static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 {
 	sf_mount *m = mount_of(req);
@@ -256,7 +270,9 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 	}
 	case SF_NODE_DIR: fuse_reply_err(req, EISDIR); return;
 	}
-	fuse_reply_open(req, fi);
+	/* An interrupted open is never released by the kernel: undo it here. */
+	if (fuse_reply_open(req, fi) == -ENOENT)
+		release_handle(n, fi);
 }
 
 static void read_raw(fuse_req_t req, size_t size, off_t off, struct fuse_file_info *fi)
@@ -351,17 +367,7 @@ static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
 
 static void op_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 {
-	const sf_node *n = sf_mount_node(mount_of(req), ino);
-
-	if (n && n->kind == SF_NODE_RAW)
-		close((int)fi->fh);
-	else if (n && n->kind == SF_NODE_VFILE)
-		free((vfile_handle *)(uintptr_t)fi->fh);
-	else if (n && (n->kind == SF_NODE_STATUS || n->kind == SF_NODE_TRANSFORM)) {
-		status_handle *h = (status_handle *)(uintptr_t)fi->fh;
-		free(h->text);
-		free(h);
-	}
+	release_handle(sf_mount_node(mount_of(req), ino), fi);
 	fuse_reply_err(req, 0);
 }
 

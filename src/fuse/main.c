@@ -146,7 +146,7 @@ int main(int argc, char **argv)
 		long n = sysconf(_SC_NPROCESSORS_ONLN);
 		o.threads = n > 0 ? (unsigned)n : 1;
 	}
-	if (!o.readahead)
+	if (o.readahead == SF_READAHEAD_AUTO)
 		o.readahead = 2 * o.threads;
 	if (sf_mount_build(&o, &m, &e) != SF_OK) {
 		fprintf(stderr, "scopefs: %s\n", e.msg);

@@ -8,6 +8,7 @@
 #include <ctype.h>
 #include <errno.h>
 #include <limits.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -45,7 +46,8 @@ static const option_def option_table[] = {
     {"cache_size", OPT_SIZE, "cache_size=SIZE  disk cache bound, e.g. 50G (default 20G)"},
     {"mem", OPT_SIZE, "mem=SIZE         RAM bound for decoded tiles (default 128M)"},
     {"threads", OPT_COUNT, "threads=N        worker threads (default: one per CPU)"},
-    {"readahead", OPT_COUNT, "readahead=N      tiles scheduled ahead of a sequential reader"},
+    {"readahead", OPT_COUNT,
+     "readahead=N      tiles scheduled ahead of a sequential reader (0: none)"},
     {"reference", OPT_STRING, "reference=NAME   reference slide, file name or stem"},
     {"preset", OPT_STRING, "preset=NAME      read options from mountopts/NAME"},
     {"transforms", OPT_STRING, "transforms=DIR   transform files of the moving slides"},
@@ -177,7 +179,7 @@ static int parse_background(const char *value, sf_options *o, const char *origin
 {
 	char *end;
 	double v = strtod(value, &end);
-	if (*end || v != v)
+	if (*end || !isfinite(v))
 		return sf_fail(e, SF_EINVAL, "%soption 'background': '%s' is not a number", origin,
 		               value);
 	o->background = v;
@@ -372,6 +374,18 @@ static int preset_path(const char *name, char *path, size_t cap)
 	return SF_OK;
 }
 
+/* fgets filled line (cap bytes) without reaching the end of a line or of f. */
+static int line_too_long(FILE *f, const char *line, size_t cap)
+{
+	size_t len = strlen(line);
+	int c;
+
+	if (len < cap - 1 || line[len - 1] == '\n' || (c = getc(f)) == EOF)
+		return 0;
+	ungetc(c, f);
+	return 1;
+}
+
 static int apply_preset(parse_state *ps, sf_err *e)
 {
 	char path[PATH_MAX + 64], line[1024], origin[PATH_MAX + 96];
@@ -387,6 +401,12 @@ static int apply_preset(parse_state *ps, sf_err *e)
 	while (rc == SF_OK && fgets(line, sizeof line, f)) {
 		char *s = line, *end;
 		lineno++;
+		if (line_too_long(f, line, sizeof line)) {
+			/* the rest of the line would be read as a line of its own */
+			rc = sf_fail(e, SF_EINVAL, "%s:%u: line longer than %zu characters", path,
+			             lineno, sizeof line - 2);
+			break;
+		}
 		while (isspace((unsigned char)*s))
 			s++;
 		end = s + strlen(s);
@@ -540,6 +560,7 @@ int sf_options_parse(int argc, char **argv, sf_options *o, sf_err *e)
 
 	o->mem = 128ull << 20;
 	o->cache_size = 20ull << 30;
+	o->readahead = SF_READAHEAD_AUTO;
 	o->interp = SF_INTERP_BILINEAR;
 	o->gpu = -1;
 	sf_reg_settings_default(&o->reg);

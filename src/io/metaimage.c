@@ -3,8 +3,9 @@
  * The header is "Key = values" lines; only the keys a 2D vector image needs
  * are read, and an unknown key is ignored as ITK does.  ElementDataFile is
  * the last header line: LOCAL means the data follows it in the same file,
- * otherwise it names a file beside the header.  The data is read whole
- * (a field is at most 2^20 nodes a side, checked before allocating). */
+ * otherwise it names a regular file beside the header.  The data is read
+ * whole; before allocating, a field is at most 2^20 nodes a side and its
+ * data file must hold the bytes DimSize says. */
 #include "scopefs/metaimage.h"
 
 #include <ctype.h>
@@ -15,6 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/stat.h>
 
 #define HEADER_MAX_LINES 256
 #define MAX_SIDE         (1u << 20)
@@ -151,10 +153,12 @@ static int check_header(const char *path, const mha_header *h, sf_err *e)
 }
 
 /* Open the data of h: the header file itself past its header (LOCAL), or
- * the named file beside the header. */
+ * the named file beside the header, which must be a regular file (a FIFO
+ * or a device named there would block or never end). */
 static FILE *open_data(const char *path, FILE *hf, const mha_header *h, char *where, size_t n)
 {
 	const char *slash = strrchr(path, '/');
+	struct stat st;
 
 	if (!strcmp(h->data_file, "LOCAL")) {
 		snprintf(where, n, "%s", path);
@@ -164,7 +168,29 @@ static FILE *open_data(const char *path, FILE *hf, const mha_header *h, char *wh
 		snprintf(where, n, "%s", h->data_file);
 	else
 		snprintf(where, n, "%.*s/%s", (int)(slash - path), path, h->data_file);
+	if (stat(where, &st) != 0 || !S_ISREG(st.st_mode))
+		return NULL;
 	return fopen(where, "rb");
+}
+
+/* Whether the data file df (from offset on) holds the bytes h's DimSize
+ * needs; checked before allocating, so a header claiming 2^20 x 2^20
+ * nodes beside a small file is refused rather than allocated. */
+static int check_data_size(FILE *df, long offset, const char *where, const mha_header *h, sf_err *e)
+{
+	struct stat st;
+	size_t value = strcmp(h->type, "MET_DOUBLE") ? sizeof(float) : sizeof(double);
+	double need = h->dimsize[0] * h->dimsize[1] * 2 * (double)value;
+
+	if (fstat(fileno(df), &st) != 0)
+		return sf_fail(e, SF_EIO, "%s: %s", where, strerror(errno));
+	if ((double)st.st_size - (double)offset < need)
+		return sf_fail(e, SF_EFORMAT,
+		               "%s: field data is short (DimSize %g %g needs %.0f bytes, the file "
+		               "has %lld)",
+		               where, h->dimsize[0], h->dimsize[1], need,
+		               (long long)st.st_size - offset);
+	return SF_OK;
 }
 
 /* Read w * h * 2 values of type h->type from f into g->v. */
@@ -204,8 +230,10 @@ int sf_metaimage_read_field(const char *path, sf_field_grid **grid, double gmap[
 	if (rc == SF_OK)
 		rc = check_header(path, &h, e);
 	if (rc == SF_OK && !(df = open_data(path, hf, &h, where, sizeof where)))
-		rc = sf_fail(e, SF_EIO, "%s:%d: cannot open the data file %s", path, h.line_of_data,
-		             h.data_file);
+		rc = sf_fail(e, SF_EIO, "%s:%d: cannot open the data file %s (not a readable file)",
+		             path, h.line_of_data, h.data_file);
+	if (rc == SF_OK)
+		rc = check_data_size(df, df == hf ? h.data_offset : 0, where, &h, e);
 	if (rc == SF_OK && !(g = sf_field_grid_create(SF_FIELD_LINEAR, (uint32_t)h.dimsize[0],
 	                                              (uint32_t)h.dimsize[1], e)))
 		rc = e->code;

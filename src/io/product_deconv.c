@@ -144,7 +144,9 @@ static int parse_long(const char *text, long *out)
 	return !*text || *end || errno ? SF_EINVAL : SF_OK;
 }
 
-/* "a:b:c" (or one value for all three axes) into v[3]; ints when as_int. */
+/* "a:b:c" (or one value for all three axes) into v[3]; ints when as_int,
+ * each 0 to 1000000 like any count (a larger one would not fit the int it
+ * is stored in). */
 static int parse_triple(const char *text, double v[3], int as_int)
 {
 	char buf[128], *save = NULL, *tok;
@@ -159,7 +161,7 @@ static int parse_triple(const char *text, double v[3], int as_int)
 		if (n == 3)
 			return SF_EINVAL;
 		if (as_int) {
-			if (parse_long(tok, &l) != SF_OK)
+			if (parse_long(tok, &l) != SF_OK || l < 0 || l > 1000000)
 				return SF_EINVAL;
 			v[n++] = (double)l;
 		} else if (parse_double(tok, &v[n++]) != SF_OK)
@@ -324,9 +326,10 @@ int sf_deconv_settings_apply(sf_deconv_settings *s, const char *key, const char 
 	case K_TRIPLE_I:
 		if (parse_triple(value, t, d->kind == K_TRIPLE_I) != SF_OK)
 			return sf_fail(e, SF_EINVAL,
-			               "%soption '%s': '%s' is not one or three numbers x:y:z (':' "
+			               "%soption '%s': '%s' is not one or three %s x:y:z (':' "
 			               "separates them, since ',' separates -o options)",
-			               origin, key, value);
+			               origin, key, value,
+			               d->kind == K_TRIPLE_I ? "counts (0 to 1000000)" : "numbers");
 		for (int a = 0; a < 3; a++) {
 			if (d->kind == K_TRIPLE_D)
 				s->params.gaussian_sigma[a] = t[a];
@@ -461,8 +464,15 @@ static int apply_file(sf_deconv_settings *s, const char *path, sf_err *e)
 		                       : sf_fail(e, SF_EIO, "%s: %s", path, strerror(errno));
 	while (rc == SF_OK && fgets(line, sizeof line, f)) {
 		char *p = line, *end;
+		size_t len = strlen(line);
 
 		lineno++;
+		if (len == sizeof line - 1 && line[len - 1] != '\n' && getc(f) != EOF) {
+			/* the rest of the line would be read as a line of its own */
+			rc = sf_fail(e, SF_EINVAL, "%s:%u: line longer than %zu characters", path,
+			             lineno, sizeof line - 2);
+			break;
+		}
 		while (isspace((unsigned char)*p))
 			p++;
 		end = p + strlen(p);

@@ -12,8 +12,10 @@
  *   FLAT          one level; the leading pages of page 0's size and type are
  *                 the channels (or z-planes).
  * Invariants the reader relies on:
- *  - every IFD a level names has level 0's sample type, samples per pixel and
- *    photometric class, and every channel of a level has that level's size;
+ *  - every IFD a level names (each channel's, not only the first's) has
+ *    level 0's sample type, samples per pixel and photometric class, a codec
+ *    this libtiff has and compressed units of at most MAX_UNIT, and every
+ *    channel of a level has that level's size;
  *  - levels shrink: each is no larger than the one before in both axes;
  *  - every tile or strip of every IFD used lies inside the file, so a
  *    truncated file is refused at probe time rather than in the middle of a
@@ -416,6 +418,17 @@ static int check_unit_size(const char *path, const char *where, const page_desc 
 	               MAX_UNIT >> 20);
 }
 
+/* The IFD p decodes to a type we serve, with a codec this libtiff has, in
+ * units a reader can hold.  Every IFD a level names is checked, not only
+ * channel 0's: the reader takes each IFD's own tiling and codec. */
+static int check_decodable(const char *path, const char *where, const page_desc *p, sf_err *e)
+{
+	sf_dtype dt;
+	uint32_t spp;
+	int rc = pixel_type(path, where, p, &dt, &spp, e);
+	return rc ? rc : check_unit_size(path, where, p, e);
+}
+
 /* Same decoded layout: a reader may switch between a and b freely. */
 static int same_type(const page_desc *a, const page_desc *b)
 {
@@ -658,7 +671,8 @@ static double attr_length_um(const xml_tag *t, const char *size_attr, const char
 	if (end == buf || !isfinite(v) || v <= 0)
 		return 0;
 	double scale = xml_attr(t, unit_attr, unit, sizeof unit) ? um_per_unit(unit) : 1.0;
-	return v * scale;
+	double um = v * scale;
+	return isfinite(um) ? um : 0; /* "1e305" metres: unknown, not infinite */
 }
 
 static int ome_add_name(ome_meta *m, const char *name)
@@ -870,6 +884,10 @@ static int levels_from_subifds(probe *pr, sf_err *e)
 				sf_log(SF_LOG_WARN,
 				       "%s: %s does not fit the pyramid; %u levels used", pr->path,
 				       where, l);
+			else if ((rc = check_decodable(pr->path, where, &d, e)) != SF_OK) {
+				free(offs);
+				return rc;
+			}
 		}
 		if (!fits) {
 			free(offs);
@@ -1325,16 +1343,18 @@ int sf_slide_probe(const char *path, sf_slide_info **out, sf_err *e)
 	if (!rc)
 		rc = choose_layout(&pr, s, desc, e);
 	/* Every level must decode to level 0's layout (checked per page above
-	 * for type; here for the codec of each level's IFDs), in units a reader
-	 * can hold. */
+	 * for type; here for the codec of each IFD of each level), in units a
+	 * reader can hold.  A SubIFD level's channels were checked as they were
+	 * read (levels_from_subifds); a main-chain level's are pages. */
 	for (uint32_t l = 0; !rc && l < pr.level_count; l++) {
-		char where[32];
-		sf_dtype dt;
-		uint32_t spp;
-		snprintf(where, sizeof where, "level %u", l);
-		rc = pixel_type(path, where, &pr.levels[l].desc, &dt, &spp, e);
-		if (!rc)
-			rc = check_unit_size(path, where, &pr.levels[l].desc, e);
+		uint32_t n = s->levels[l].subifd >= 0 ? 1 : s->channels;
+		for (uint32_t c = 0; !rc && c < n; c++) {
+			char where[48];
+			snprintf(where, sizeof where, "level %u channel %u", l, c);
+			rc = check_decodable(
+			    path, where,
+			    c == 0 ? &pr.levels[l].desc : &pr.pages[s->levels[l].dir[c]], e);
+		}
 	}
 out:
 	probe_free(&pr);

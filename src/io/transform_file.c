@@ -142,6 +142,44 @@ static int prefix_error(sf_err *e, int rc, const char *path, int line)
 	return sf_fail(e, rc, "%s: %s", path, m);
 }
 
+/* The largest magnitude a map coefficient may have.  Real maps stay far
+ * below it (a scale of 1e15 between two pixel grids means nothing), and
+ * below it evaluating a map cannot overflow: level-0 coordinates under 2^40,
+ * field values under FLT_MAX, a few products of such coefficients. */
+#define MAX_COEFFICIENT 1e15
+
+static int coefficient_ok(double v)
+{
+	return fabs(v) <= MAX_COEFFICIENT; /* false for NaN and inf as well */
+}
+
+/* rc, or, when a load that succeeded made a map with a coefficient out of
+ * range (each value of a file can be finite while their composition
+ * overflows: a 1e-300 spacing and a 1e10 origin), SF_EFORMAT with t
+ * released: such a map would warp to a silently wrong image. */
+static int check_loaded(const char *path, sf_transform *t, int rc, sf_err *e)
+{
+	const sf_map *m = &t->map;
+	int ok = 1;
+	if (rc != SF_OK)
+		return rc;
+	for (int i = 0; i < 9; i++)
+		ok &= coefficient_ok(m->m[i]);
+	for (unsigned k = 0; k < m->nfields; k++) {
+		for (int i = 0; i < 6; i++)
+			ok &= coefficient_ok(m->field[k].g[i]);
+		for (int i = 0; i < 4; i++)
+			ok &= coefficient_ok(m->field[k].vm[i]);
+	}
+	if (ok)
+		return SF_OK;
+	sf_transform_release(t);
+	return sf_fail(e, SF_EFORMAT,
+	               "%s: the transform's values overflow (a coefficient beyond %g once "
+	               "composed: check sizes, spacings and origins)",
+	               path, MAX_COEFFICIENT);
+}
+
 /* Affine [A | t] about centre c: x -> A (x - c) + c + t, as a 3x3 matrix. */
 static void centred_affine(const double a[4], const double t[2], const double c[2], double m[9])
 {
@@ -313,6 +351,11 @@ static int json_string(jparser *p, char **out)
 				                    : tolower((unsigned char)h) - 'a' + 10);
 			}
 			i += 4;
+			if (cp ==
+			    0) { /* would cut the string short: "a.tif\u0000x" read as a.tif */
+				free(o);
+				return json_err(p, "\\u0000 (NUL) in a string");
+			}
 			put_utf8(o, &k, cp);
 			break;
 		}
@@ -527,6 +570,8 @@ static int tiff_warning(TIFF *tif, void *user, const char *module, const char *f
 static int read_field_tiff(const char *path, sf_field_grid **out, sf_err *e)
 {
 	char tiffmsg[200] = "";
+	if (!file_exists(path)) /* absent, or a FIFO or device that open could block on */
+		return sf_fail(e, SF_ENOTFOUND, "%s: no such regular file", path);
 	TIFFOpenOptions *opts = TIFFOpenOptionsAlloc();
 	if (!opts)
 		return sf_fail(e, SF_ENOMEM, "%s: out of memory", path);
@@ -714,7 +759,7 @@ int sf_transform_load_json(const char *path, sf_transform *t, sf_err *e)
 	json_free(&root);
 	if (rc != SF_OK)
 		sf_transform_release(t);
-	return rc;
+	return check_loaded(path, t, rc, e);
 }
 
 /* --- elastix TransformParameters ------------------------------------------ */
@@ -1222,7 +1267,7 @@ int sf_transform_load_elastix(const char *path, const sf_tf_units *units, sf_tra
 	ex_free(&top);
 	if (rc != SF_OK)
 		sf_transform_release(t);
-	return rc;
+	return check_loaded(path, t, rc, e);
 }
 
 /* --- wsireg: elastix maps in a JSON file --------------------------------- */
@@ -1385,7 +1430,7 @@ static int load_json_any(const char *path, const sf_tf_units *units, sf_transfor
 	json_free(&root);
 	if (rc != SF_OK)
 		sf_transform_release(t);
-	return rc;
+	return check_loaded(path, t, rc, e);
 }
 
 /* --- ITK transform files -------------------------------------------------- */
@@ -1672,7 +1717,7 @@ int sf_transform_load_itk(const char *path, const sf_tf_units *units, sf_transfo
 	}
 	if (rc != SF_OK)
 		sf_transform_release(t);
-	return rc;
+	return check_loaded(path, t, rc, e);
 }
 
 /* --- dispatch ------------------------------------------------------------- */
@@ -1686,6 +1731,8 @@ int sf_transform_load(const char *path, const sf_tf_units *units, sf_transform *
 		               strerror(errno));
 	if (S_ISDIR(st.st_mode))
 		return sf_transform_load_elastix(path, units, t, e);
+	if (!S_ISREG(st.st_mode)) /* a FIFO or a device: opening it could block forever */
+		return sf_fail(e, SF_EFORMAT, "%s: not a regular file or a folder", path);
 	FILE *f = fopen(path, "rb");
 	if (!f)
 		return sf_fail(e, SF_EIO, "%s: %s", path, strerror(errno));

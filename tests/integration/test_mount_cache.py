@@ -66,6 +66,22 @@ def test_cache_persists_across_remount(scopefs, tmp_path):
     assert st['errors'] == 0
 
 
+def test_readahead_zero_schedules_nothing(scopefs, tmp_path):
+    """A sequential read schedules the next tiles by default; readahead=0
+    turns that off, and the bytes are the same."""
+    expect = make_source(scopefs.raw)
+    got = {}
+    for label, opts in (('default', {}), ('off', {'readahead': '0'})):
+        m = scopefs.mount(cache=tmp_path / ('cache-' + label), opts=opts)
+        got[label] = read_all(m.path('registered', NAME))
+        got[label + ' status'] = m.status()
+        m.unmount()
+    assert_pixels(got['off'], expect, tmp_path)
+    assert got['off'] == got['default']
+    assert got['default status']['prefetched'] > 0, got['default status']
+    assert got['off status']['prefetched'] == 0, got['off status']
+
+
 def test_corrupted_entries_are_recomputed(scopefs, tmp_path):
     expect = make_source(scopefs.raw)
     cache = tmp_path / 'cache'

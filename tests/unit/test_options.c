@@ -39,6 +39,7 @@ static void test_cli(const char *raw, const char *cache)
 	const char *ok[] = {"scopefs", "-f", "-o", opt, raw, "/mnt"};
 	CHECK(parse(&o, &e, 6, ok) == SF_OK, "valid command line: %s", e.msg);
 	CHECK(o.mem == 64ull << 20 && o.threads == 3 && o.foreground, "values applied");
+	CHECK(o.readahead == SF_READAHEAD_AUTO, "readahead unset until main picks it");
 	CHECK(o.reference && !strcmp(o.reference, "b"), "reference kept");
 	sf_options_free(&o);
 
@@ -66,6 +67,11 @@ static void test_cli(const char *raw, const char *cache)
 	const char *flag_value[] = {"scopefs", "-o", "allow_other=3", raw, "/mnt"};
 	CHECK(parse(&o, &e, 5, flag_value) == SF_EINVAL && strstr(e.msg, "allow_other"),
 	      "flag with value refused: %s", e.msg);
+	sf_options_free(&o);
+
+	snprintf(opt, sizeof opt, "cache=%s,readahead=0", cache);
+	const char *no_ahead[] = {"scopefs", "-o", opt, raw, "/mnt"};
+	CHECK(parse(&o, &e, 5, no_ahead) == SF_OK && o.readahead == 0, "readahead=0 is none");
 	sf_options_free(&o);
 
 	const char *help[] = {"scopefs", "--help"};
@@ -127,6 +133,22 @@ static void test_preset(const char *raw, const char *dir)
 	              SF_EINVAL &&
 	          strstr(e.msg, ":1:"),
 	      "a preset line with a comma refused: %s", e.msg);
+	sf_options_free(&o);
+
+	/* found in the fuzzing pass (tests/fuzz/fuzz_options.c): the part of a line past
+	 * the line buffer was read as a line of its own, so a long comment
+	 * ending in "readahead=7" set readahead */
+	char longline[1100];
+	memset(longline, 'x', sizeof longline);
+	longline[0] = '#';
+	snprintf(longline + 1023, sizeof longline - 1023, "readahead=7\n");
+	CHECK(parse_with_preset(&o, &e, raw, dir, path, longline, "") == SF_EINVAL &&
+	          strstr(e.msg, ":1: line longer than") && o.readahead != 7,
+	      "a preset line too long refused: %s", e.msg);
+	sf_options_free(&o);
+	CHECK(parse_with_preset(&o, &e, raw, dir, path, "background=1e999\n", "") == SF_EINVAL &&
+	          strstr(e.msg, "background"),
+	      "an infinite background refused: %s", e.msg);
 	sf_options_free(&o);
 
 	snprintf(missing, sizeof missing, "%s/none", dir);

@@ -78,6 +78,15 @@ static void test_errors_name_the_option(void)
 	CHECK(sf_deconv_settings_check(&s, "", &e) == SF_EINVAL &&
 	          strstr(e.msg, "gaussian_filter_size"),
 	      "even filter size refused: %s", e.msg);
+	/* found in the fuzzing pass (tests/fuzz/fuzz_deconv_conf.c): a size beyond int
+	 * was converted to int (undefined behaviour) and accepted */
+	CHECK(sf_deconv_settings_apply(&s, "gaussian_filter_size", "99999999999", "", &e) ==
+	              SF_EINVAL &&
+	          strstr(e.msg, "gaussian_filter_size"),
+	      "filter size beyond int refused: %s", e.msg);
+	CHECK(sf_deconv_settings_apply(&s, "gaussian_filter_size", "7:-3:5", "", &e) == SF_EINVAL &&
+	          strstr(e.msg, "'7:-3:5'"),
+	      "negative filter size refused: %s", e.msg);
 }
 
 /* decwrap.py's switches.  The expected dark is LsDeconv's dark() for
@@ -117,6 +126,35 @@ static void test_lsdeconv_switches(void)
 	CHECK(sf_deconv_settings_apply(&s, "convert_to_16bit", "1", "", &e) == SF_OK &&
 	          s.dtype == SF_U16,
 	      "convert_to_16bit=1 is dtype uint16");
+}
+
+/* A per-stack file (RAW_DIR/<stack>.scopefs.conf) with a line longer than
+ * the reader's buffer is refused: its tail used to be read as a line of
+ * its own, so a long comment ending in "dxy=7" set dxy (found in the
+ * fuzzing pass, tests/fuzz/fuzz_deconv_conf.c). */
+static void test_conf_long_line(void)
+{
+	char dir[] = "/tmp/sf_deconv_conf_XXXXXX", path[64], text[1100];
+	sf_stack st = {.name = "s", .multipage = 1, .dtype = SF_U16};
+	sf_deconv_settings s;
+	sf_err e = {0};
+
+	if (!mkdtemp(dir)) {
+		CHECK(0, "mkdtemp");
+		return;
+	}
+	snprintf(path, sizeof path, "%s/s.scopefs.conf", dir);
+	memset(text, 'x', sizeof text);
+	text[0] = '#';
+	snprintf(text + 1023, sizeof text - 1023, "dxy=7\n");
+	FILE *f = fopen(path, "w");
+	CHECK(f && fputs(text, f) >= 0 && fclose(f) == 0, "write %s", path);
+	int rc = sf_deconv_settings_for_stack(
+	    dir, &st, "dxy=0.4,dz=1.2,lambda_ex=561,lambda_em=600", SF_DECONV_GPU_OFF, &s, &e);
+	CHECK(rc == SF_EINVAL && strstr(e.msg, "s.scopefs.conf:1: line longer than"),
+	      "a conf line too long refused: rc %d, '%s' (dxy %g)", rc, e.msg, s.params.dxy);
+	unlink(path);
+	rmdir(dir);
 }
 
 static void test_infer_wavelengths(void)
@@ -238,6 +276,7 @@ int main(void)
 	test_errors_name_the_option();
 	test_lsdeconv_switches();
 	test_infer_wavelengths();
+	test_conf_long_line();
 	test_nested_reads(1);
 	test_nested_reads(2);
 	test_nested_reads(4);

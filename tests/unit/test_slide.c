@@ -329,6 +329,28 @@ static const char *ome_xml =
     "<ome:Image ID=\"Image:1\"><ome:Pixels SizeX=\"5\"><ome:Channel Name=\"label\"/>"
     "</ome:Pixels></ome:Image></ome:OME>";
 
+/* An OME PhysicalSize that overflows once converted to micrometres is
+ * unknown (0), not infinite (found in the fuzzing pass,
+ * tests/fuzz/fuzz_slide_desc.c: 1e305 m became an infinite pixel size). */
+static void test_ome_pixel_size_overflow(void)
+{
+	const char *path = tmp_path("huge_px.ome.tif");
+	ifd_spec spec = {.w = 64,
+	                 .h = 48,
+	                 .dt = SF_U8,
+	                 .spp = 1,
+	                 .desc = "<OME><Image><Pixels SizeX=\"64\" SizeY=\"48\" SizeC=\"1\" "
+	                         "PhysicalSizeX=\"1e305\" PhysicalSizeXUnit=\"m\" "
+	                         "PhysicalSizeY=\"1e305\" PhysicalSizeYUnit=\"m\"/></Image></OME>"};
+	CHECK(write_tiff(path, "w", &spec, 1), "write %s", path);
+	sf_slide_info *s = probe_ok(path, "huge pixel size");
+	if (!s)
+		return;
+	CHECK(s->is_ome && s->pixel_size_x == 0 && s->pixel_size_y == 0,
+	      "huge pixel size: %g x %g um (want 0: unknown)", s->pixel_size_x, s->pixel_size_y);
+	sf_slide_info_free(s);
+}
+
 /* OME-TIFF: 3 uint16 channels of 1000x700, tiles 256, deflate, 2 SubIFD levels each. */
 static void test_ome_subifds(void)
 {
@@ -736,6 +758,68 @@ static void write_bytes(const char *path, const void *data, size_t n)
 	}
 }
 
+/* Set the TileLength of the n-th main-chain IFD (0-based) of a little-endian
+ * classic TIFF to rows (as a LONG).  0 on success. */
+static int patch_tile_length(const char *path, int n, uint32_t rows)
+{
+	FILE *f = fopen(path, "r+b");
+	uint8_t b[12];
+	uint32_t ifd = 0;
+	int rc = -1;
+	if (!f)
+		return -1;
+	if (fseek(f, 4, SEEK_SET) || fread(&ifd, 4, 1, f) != 1)
+		goto out;
+	for (int i = 0; i < n; i++) { /* next IFD offset: after the entries */
+		uint16_t count = 0;
+		if (fseek(f, ifd, SEEK_SET) || fread(&count, 2, 1, f) != 1 ||
+		    fseek(f, ifd + 2 + 12 * (long)count, SEEK_SET) || fread(&ifd, 4, 1, f) != 1)
+			goto out;
+	}
+	uint16_t count = 0;
+	if (fseek(f, ifd, SEEK_SET) || fread(&count, 2, 1, f) != 1)
+		goto out;
+	for (uint16_t i = 0; i < count; i++) {
+		long at = ifd + 2 + 12 * (long)i;
+		if (fseek(f, at, SEEK_SET) || fread(b, 12, 1, f) != 1)
+			goto out;
+		if (b[0] != (TIFFTAG_TILELENGTH & 0xff) || b[1] != TIFFTAG_TILELENGTH >> 8)
+			continue;
+		uint16_t type = TIFF_LONG;
+		uint32_t one = 1;
+		memcpy(b + 2, &type, 2);
+		memcpy(b + 4, &one, 4);
+		memcpy(b + 8, &rows, 4);
+		rc = fseek(f, at, SEEK_SET) || fwrite(b, 12, 1, f) != 1 ? -1 : 0;
+		break;
+	}
+out:
+	return fclose(f) || rc ? -1 : 0;
+}
+
+/* Every channel's IFD is checked at probe time, not only channel 0's: a
+ * second page of the same size whose compressed tiles are 16 x 2^28 pixels
+ * (4 GiB) was accepted and its first read asked for a 4 GiB buffer (found
+ * in the fuzzing pass, tests/fuzz/fuzz_slide.c; the fuzzer's file had
+ * 16 x 4261412880 tiles and an unknown codec in page 1). */
+static void test_channel_ifds_checked(void)
+{
+	const char *path = tmp_path("huge_tile_ch1.tif");
+	ifd_spec specs[2];
+	for (int c = 0; c < 2; c++)
+		specs[c] = (ifd_spec){.w = 32,
+		                      .h = 32,
+		                      .dt = SF_U8,
+		                      .spp = 1,
+		                      .tile = 16,
+		                      .compression = COMPRESSION_ADOBE_DEFLATE,
+		                      .id = c};
+	CHECK(write_tiff(path, "w", specs, 2), "write %s", path);
+	CHECK(patch_tile_length(path, 1, 1u << 28) == 0, "patch %s", path);
+	check_probe_fails(path, SF_EUNSUPPORTED, "level 0 channel 1: compressed tile of 4096 MiB",
+	                  "huge tile in channel 1");
+}
+
 static void test_bad_files(void)
 {
 	write_bytes(tmp_path("empty.tif"), "", 0);
@@ -933,12 +1017,14 @@ int main(int argc, char **argv)
 		return 1;
 	}
 	test_ome_subifds();
+	test_ome_pixel_size_overflow();
 	test_pages_pyramid();
 	test_flat();
 	test_plain_subifds();
 	test_svs();
 	test_unsupported();
 	test_bad_files();
+	test_channel_ifds_checked();
 	nftw(tmpdir, remove_entry, 8, FTW_DEPTH | FTW_PHYS);
 	printf("test_slide: %d passed, %d failed\n", passed, failed);
 	return failed ? 1 : 0;

@@ -16,6 +16,7 @@
 #include <unistd.h>
 
 #include "check.h"
+#include "scopefs/metaimage.h"
 #include "scopefs/transform.h"
 #include "scopefs/warp.h"
 
@@ -350,6 +351,14 @@ static void test_json(void)
 	     "bad.json:2:", SF_EFORMAT},
 	    {"{\"scopefs_transform\": 1, \"matrix\": [[1e999, 0, 0], [0, 1, 0]]}",
 	     "bad.json:1:", SF_EFORMAT},
+	    /* found in the fuzzing pass: a NUL cut the file name short */
+	    {"{\"scopefs_transform\": 1, \"matrix\": [[1, 0, 0], [0, 1, 0]],\n"
+	     " \"field\": {\"file\": \"field0.tif\\u0000.x\"}}",
+	     "bad.json:2: \\u0000 (NUL) in a string", SF_EFORMAT},
+	    /* found in the fuzzing pass: -offset / scale overflows to -inf */
+	    {"{\"scopefs_transform\": 1, \"matrix\": [[1, 0, 0], [0, 1, 0]],\n"
+	     " \"field\": {\"file\": \"field0.tif\", \"scale\": 1e-300, \"offset\": [1e300, 0]}}",
+	     "bad.json: the transform's values overflow", SF_EFORMAT},
 	};
 	for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
 		p = fixture("bad.json", bad[i].text);
@@ -620,6 +629,69 @@ static void test_wsireg(void)
 	nmade++;
 }
 
+/* MetaImage fields (metaimage.h), the data of elastix's
+ * DeformationFieldTransform: values and grid map of a small field; a header
+ * whose DimSize claims more nodes than its data file holds is refused
+ * before allocating (found in the fuzzing pass, tests/fuzz/fuzz_metaimage.c: 2^20 x
+ * 2^20 nodes asked for an 8 TiB allocation). */
+static void test_metaimage(void)
+{
+	sf_err e;
+	sf_field_grid *g = NULL;
+	double gmap[6];
+	const float raw[12] = {0, 0, 1, 0, 2, 0, 0, 2, 1, 2, 2, 2};
+	char *rawp = made[nmade++];
+	snprintf(rawp, sizeof made[0], "%s/d.raw", dir);
+	FILE *f = fopen(rawp, "wb");
+	CHECK(f && fwrite(raw, sizeof raw, 1, f) == 1 && fclose(f) == 0, "write %s", rawp);
+	const char *p = fixture("d.mhd", "NDims = 2\nDimSize = 3 2\nElementNumberOfChannels = 2\n"
+	                                 "ElementType = MET_FLOAT\nElementSpacing = 4 5\n"
+	                                 "Offset = 10 20\nElementDataFile = d.raw\n");
+	CHECK(sf_metaimage_read_field(p, &g, gmap, &e) == SF_OK, "mhd: %s", e.msg);
+	if (g) {
+		CHECK(g->w == 3 && g->h == 2 && g->v[2] == 1 && g->v[11] == 2, "mhd values");
+		CHECK(near(gmap[0], 0.25, 1e-15) && near(gmap[2], -2.5, 1e-12) &&
+		          near(gmap[4], 0.2, 1e-15) && near(gmap[5], -4, 1e-12),
+		      "mhd grid map");
+		sf_field_grid_free(g);
+	}
+	p = fixture("d.mhd", "NDims = 2\nDimSize = 1048576 1048576\n"
+	                     "ElementNumberOfChannels = 2\nElementType = MET_FLOAT\n"
+	                     "ElementDataFile = d.raw\n");
+	nmade--;
+	memset(&e, 0, sizeof e);
+	int rc = sf_metaimage_read_field(p, &g, gmap, &e);
+	CHECK(rc == SF_EFORMAT && !g && strstr(e.msg, "d.raw: field data is short"),
+	      "DimSize beyond the data: rc %d, '%s'", rc, e.msg);
+}
+
+/* A FIFO where a transform file, a field TIFF or a MetaImage data file is
+ * expected is refused at once: opening it used to block forever (found in
+ * the fuzzing pass, tests/fuzz/, reviewing what the formats may name). */
+static void test_special_files(void)
+{
+	sf_err e;
+	sf_transform t;
+	sf_field_grid *g = NULL;
+	double gmap[6];
+	char *fifo = made[nmade++];
+	snprintf(fifo, sizeof made[0], "%s/fifo.json", dir);
+	CHECK(mkfifo(fifo, 0600) == 0, "mkfifo %s", fifo);
+	int rc = sf_transform_load(fifo, NULL, &t, &e);
+	CHECK(rc == SF_EFORMAT && strstr(e.msg, "fifo.json: not a regular file"),
+	      "a FIFO as the transform file: rc %d, '%s'", rc, e.msg);
+	const char *p = fixture("ff.json", "{\"scopefs_transform\": 1, \"matrix\": [[1, 0, 0], "
+	                                   "[0, 1, 0]],\n \"field\": {\"file\": \"fifo.json\"}}");
+	rc = sf_transform_load(p, NULL, &t, &e);
+	CHECK(rc == SF_ENOTFOUND && strstr(e.msg, "fifo.json: no such regular file"),
+	      "a FIFO as the field TIFF: rc %d, '%s'", rc, e.msg);
+	p = fixture("ff.mhd", "NDims = 2\nDimSize = 3 2\nElementNumberOfChannels = 2\n"
+	                      "ElementType = MET_FLOAT\nElementDataFile = fifo.json\n");
+	rc = sf_metaimage_read_field(p, &g, gmap, &e);
+	CHECK(rc == SF_EIO && !g && strstr(e.msg, "ff.mhd:5: cannot open the data file fifo.json"),
+	      "a FIFO as the MetaImage data: rc %d, '%s'", rc, e.msg);
+}
+
 static void test_itk(void)
 {
 	sf_err e;
@@ -693,6 +765,11 @@ static void test_itk(void)
 	    {"#Insight Transform File V1.0\nTransform: TranslationTransform_double_2_2\n"
 	     "Parameters: 1 2\nWhat: 3\n",
 	     "bad.tfm:4:"},
+	    /* found in the fuzzing pass (tests/fuzz/): finite values whose grid map
+	     * overflows (origin / spacing = inf) were loaded */
+	    {"#Insight Transform File V1.0\nTransform: DisplacementFieldTransform_double_2_2\n"
+	     "Parameters: 0 0\nFixedParameters: 1 1 1e300 0 1e-300 1 1 0 0 1\n",
+	     "bad.tfm: the transform's values overflow"},
 	};
 	for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
 		p = fixture("bad.tfm", bad[i].text);
@@ -722,6 +799,8 @@ int main(void)
 	test_json();
 	test_elastix();
 	test_itk();
+	test_metaimage();
+	test_special_files();
 	test_wsireg();
 	for (int i = nmade - 1; i >= 0; i--)
 		unlink(made[i]);
