@@ -130,7 +130,7 @@ $(BUILD)/fuzz_%: $(BUILD)/tests/fuzz/fuzz_%.o $(BUILD)/libscopefs_io.a $(BUILD)/
 	$(CC) $(LDFLAGS) -fsanitize=fuzzer $^ $(LDLIBS) -o $@
 
 format:
-	clang-format -i $(wildcard src/*/*.c src/*/*.cu include/scopefs/*.h tests/unit/*.c tools/*.c)
+	clang-format -i $(wildcard src/*/*.c src/*/*.cu include/scopefs/*.h tests/unit/*.c tests/fuzz/*.[ch] tools/*.c)
 
 lint:
 	cppcheck --quiet --error-exitcode=1 --enable=warning,performance,portability \
