@@ -49,7 +49,7 @@ UNIT_SRCS := $(wildcard tests/unit/test_*.c)
 UNIT_BINS := $(UNIT_SRCS:tests/unit/%.c=$(BUILD)/tests/%)
 
 .SECONDARY:
-.PHONY: all deps test unit asan integration demo undemo bench format lint clean fuzz fuzz-bins
+.PHONY: all deps test unit asan integration integration-asan demo undemo bench format lint clean fuzz fuzz-bins
 all: $(BUILD)/scopefs
 
 $(BUILD)/%.o: %.c
@@ -86,12 +86,28 @@ asan:
 integration: all $(BUILD)/tests/test_tiff_layout
 	SCOPEFS_LAYOUT_TOOL=$(BUILD)/tests/test_tiff_layout $(PYTHON) -m pytest -q tests/integration
 
+# The integration tests again against a daemon (and layout tool) built with
+# ASan/UBSan: a memory error or leak in any of them fails the run, with the
+# reports printed.  SCOPEFS_SANITIZED skips the RSS bounds (shadow memory).
+SAN_LOGS := $(CURDIR)/build-asan/san-logs
+integration-asan:
+	$(MAKE) BUILD=build-asan CUDA=0 CFLAGS="-O1 -g -fno-omit-frame-pointer" \
+		SAN="-fsanitize=address,undefined -fno-sanitize-recover=all" \
+		build-asan/scopefs build-asan/tests/test_tiff_layout
+	rm -rf $(SAN_LOGS) && mkdir -p $(SAN_LOGS)
+	ASAN_OPTIONS=log_path=$(SAN_LOGS)/asan UBSAN_OPTIONS=log_path=$(SAN_LOGS)/ubsan:print_stacktrace=1 \
+		SCOPEFS_SANITIZED=1 SCOPEFS_BIN=$(CURDIR)/build-asan/scopefs \
+		SCOPEFS_LAYOUT_TOOL=build-asan/tests/test_tiff_layout $(PYTHON) -m pytest -q tests/integration
+	@if ls $(SAN_LOGS)/* >/dev/null 2>&1; then cat $(SAN_LOGS)/*; \
+		echo "integration-asan: sanitizer reports above" >&2; exit 1; fi
+
 # The README's test command: everything, from a clean clone.
 test: deps
 	$(MAKE) all
 	$(MAKE) unit
 	$(MAKE) asan
 	$(MAKE) integration
+	$(MAKE) integration-asan
 
 demo: deps all
 	@tools/demo start

@@ -13,6 +13,7 @@
 #ifndef SCOPEFS_MOUNT_H
 #define SCOPEFS_MOUNT_H
 
+#include <pthread.h>
 #include <stdint.h>
 #include <sys/stat.h>
 
@@ -72,6 +73,11 @@ typedef struct sf_mount {
 	struct sf_autoreg *autoreg;  /* scopefs's own registration, NULL if no slide needs it */
 	char *transforms_dir;        /* absolute path of transforms/ in the mount (elastix files) */
 	struct timespec mounted_at;
+	/* fuse_ops.c's handles of open files, linked so that the ones still
+	 * open when the session ends (a reader was attached: no release comes)
+	 * are freed then; handles_lock guards the list while FUSE runs */
+	pthread_mutex_t handles_lock;
+	struct sf_open_handle *open_handles;
 } sf_mount;
 
 /* Scan RAW_DIR, open the cache, build every layout, product and node. */

@@ -19,6 +19,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -30,14 +31,23 @@
 
 #define TIMEOUT_FOREVER 86400.0
 
+/* The head of every handle op_open allocates: its place in the mount's
+ * list of open handles (sf_mount.open_handles), and which kind it is. */
+typedef struct sf_open_handle {
+	struct sf_open_handle *prev, *next;
+	int kind; /* SF_NODE_VFILE, or _STATUS / _TRANSFORM (a status_handle) */
+} sf_open_handle;
+
 /* An open virtual file: where the last read ended, to spot sequential readers. */
 typedef struct vfile_handle {
+	sf_open_handle link;
 	const sf_node *node;
 	uint64_t next_off; /* updated with relaxed atomics: a hint, not state */
 } vfile_handle;
 
 /* An open file's own snapshot of bytes: .scopefs/status, a transforms/ file. */
 typedef struct status_handle {
+	sf_open_handle link;
 	char *text;
 	size_t len;
 } status_handle;
@@ -180,17 +190,56 @@ static void op_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
 	free(buf);
 }
 
-/* What op_open made for the handle: closed or freed. */
-static void release_handle(const sf_node *n, struct fuse_file_info *fi)
+static void handle_track(sf_mount *m, sf_open_handle *h, int kind)
+{
+	h->kind = kind;
+	h->prev = NULL;
+	pthread_mutex_lock(&m->handles_lock);
+	h->next = m->open_handles;
+	if (h->next)
+		h->next->prev = h;
+	m->open_handles = h;
+	pthread_mutex_unlock(&m->handles_lock);
+}
+
+static void handle_free(sf_open_handle *h)
+{
+	if (h->kind != SF_NODE_VFILE)
+		free(((status_handle *)h)->text);
+	free(h);
+}
+
+/* What op_open made for the handle: closed, or untracked and freed. */
+static void release_handle(sf_mount *m, const sf_node *n, struct fuse_file_info *fi)
 {
 	if (n && n->kind == SF_NODE_RAW)
 		close((int)fi->fh);
-	else if (n && n->kind == SF_NODE_VFILE)
-		free((vfile_handle *)(uintptr_t)fi->fh);
-	else if (n && (n->kind == SF_NODE_STATUS || n->kind == SF_NODE_TRANSFORM)) {
-		status_handle *h = (status_handle *)(uintptr_t)fi->fh;
-		free(h->text);
-		free(h);
+	else if (n && (n->kind == SF_NODE_VFILE || n->kind == SF_NODE_STATUS ||
+	               n->kind == SF_NODE_TRANSFORM)) {
+		sf_open_handle *h = (sf_open_handle *)(uintptr_t)fi->fh;
+		pthread_mutex_lock(&m->handles_lock);
+		if (h->prev)
+			h->prev->next = h->next;
+		else
+			m->open_handles = h->next;
+		if (h->next)
+			h->next->prev = h->prev;
+		pthread_mutex_unlock(&m->handles_lock);
+		handle_free(h);
+	}
+}
+
+/* The session ended and no handler runs any more.  Handles
+ * still open (the daemon stopped while a reader held a file) get no
+ * release: free them here. */
+static void op_destroy(void *userdata)
+{
+	sf_mount *m = userdata;
+
+	while (m->open_handles) {
+		sf_open_handle *h = m->open_handles;
+		m->open_handles = h->next;
+		handle_free(h);
 	}
 }
 
@@ -225,6 +274,7 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 			return;
 		}
 		h->node = n;
+		handle_track(m, &h->link, SF_NODE_VFILE);
 		fi->fh = (uint64_t)(uintptr_t)h;
 		fi->keep_cache = 1;
 		break;
@@ -236,6 +286,7 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 			fuse_reply_err(req, ENOMEM);
 			return;
 		}
+		handle_track(m, &h->link, SF_NODE_STATUS);
 		fi->fh = (uint64_t)(uintptr_t)h;
 		fi->direct_io = 1;
 		break;
@@ -253,6 +304,7 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 			fuse_reply_err(req, sf_errno(rc));
 			return;
 		}
+		handle_track(m, &h->link, SF_NODE_TRANSFORM);
 		fi->fh = (uint64_t)(uintptr_t)h;
 		fi->keep_cache = 1;
 		break;
@@ -272,7 +324,7 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 	}
 	/* An interrupted open is never released by the kernel: undo it here. */
 	if (fuse_reply_open(req, fi) == -ENOENT)
-		release_handle(n, fi);
+		release_handle(m, n, fi);
 }
 
 static void read_raw(fuse_req_t req, size_t size, off_t off, struct fuse_file_info *fi)
@@ -367,7 +419,9 @@ static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
 
 static void op_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 {
-	release_handle(sf_mount_node(mount_of(req), ino), fi);
+	sf_mount *m = mount_of(req);
+
+	release_handle(m, sf_mount_node(m, ino), fi);
 	fuse_reply_err(req, 0);
 }
 
@@ -410,5 +464,6 @@ const struct fuse_lowlevel_ops sf_fuse_ops = {
     .open = op_open,
     .read = op_read,
     .release = op_release,
+    .destroy = op_destroy,
     .statfs = op_statfs,
 };

@@ -681,6 +681,10 @@ int sf_mount_build(const sf_options *o, sf_mount **out, sf_err *e)
 
 	if (!m)
 		return sf_fail(e, SF_ENOMEM, "out of memory");
+	if (pthread_mutex_init(&m->handles_lock, NULL) != 0) {
+		free(m);
+		return sf_fail(e, SF_ENOMEM, "cannot make a mutex");
+	}
 	m->opts = o;
 	clock_gettime(CLOCK_REALTIME, &m->mounted_at);
 	rc = sf_dataset_scan(o->raw_dir, &m->dataset, e);
@@ -783,6 +787,7 @@ void sf_mount_free(sf_mount *m)
 	}
 	free(m->slide_state);
 	sf_dataset_free(m->dataset);
+	pthread_mutex_destroy(&m->handles_lock);
 	free(m);
 }
 
