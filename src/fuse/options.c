@@ -4,6 +4,7 @@
  * and the help text all walk it.  A key given on the command line is marked
  * set, and a preset only fills keys that are not. */
 #include "scopefs/options.h"
+#include "scopefs/conf.h"
 
 #include <ctype.h>
 #include <errno.h>
@@ -374,46 +375,20 @@ static int preset_path(const char *name, char *path, size_t cap)
 	return SF_OK;
 }
 
-/* fgets filled line (cap bytes) without reaching the end of a line or of f. */
-static int line_too_long(FILE *f, const char *line, size_t cap)
-{
-	size_t len = strlen(line);
-	int c;
-
-	if (len < cap - 1 || line[len - 1] == '\n' || (c = getc(f)) == EOF)
-		return 0;
-	ungetc(c, f);
-	return 1;
-}
-
 static int apply_preset(parse_state *ps, sf_err *e)
 {
 	char path[PATH_MAX + 64], line[1024], origin[PATH_MAX + 96];
 	unsigned lineno = 0;
 	FILE *f;
-	int rc = SF_OK;
+	char *s;
+	int rc;
 
 	preset_path(ps->o->preset, path, sizeof path);
 	f = fopen(path, "r");
 	if (!f)
 		return sf_fail(e, SF_EINVAL, "option 'preset': cannot read preset '%s' (%s): %s",
 		               ps->o->preset, path, strerror(errno));
-	while (rc == SF_OK && fgets(line, sizeof line, f)) {
-		char *s = line, *end;
-		lineno++;
-		if (line_too_long(f, line, sizeof line)) {
-			/* the rest of the line would be read as a line of its own */
-			rc = sf_fail(e, SF_EINVAL, "%s:%u: line longer than %zu characters", path,
-			             lineno, sizeof line - 2);
-			break;
-		}
-		while (isspace((unsigned char)*s))
-			s++;
-		end = s + strlen(s);
-		while (end > s && isspace((unsigned char)end[-1]))
-			*--end = '\0';
-		if (!*s || *s == '#')
-			continue;
+	while ((rc = sf_conf_next(f, path, line, sizeof line, &lineno, &s, e)) == SF_OK) {
 		if (!strncmp(s, "preset=", 7)) {
 			rc = sf_fail(e, SF_EINVAL, "%s:%u: a preset cannot name another preset",
 			             path, lineno);
@@ -427,10 +402,11 @@ static int apply_preset(parse_state *ps, sf_err *e)
 			break;
 		}
 		snprintf(origin, sizeof origin, "%s:%u: ", path, lineno);
-		rc = apply_option(ps, s, 0, origin, e);
+		if ((rc = apply_option(ps, s, 0, origin, e)) != SF_OK)
+			break;
 	}
 	fclose(f);
-	return rc;
+	return rc == SF_ENOTFOUND ? SF_OK : rc;
 }
 
 /* The preset's deconvolution items go before the command line's in

@@ -41,6 +41,7 @@
  *     2 + 4 per GPU context (window_borrow); a GPU context adds its small
  *     host buffers (staging, taps). */
 #include "scopefs/product_deconv.h"
+#include "scopefs/conf.h"
 #include "scopefs/destripe.h"
 #include "scopefs/select.h"
 
@@ -454,35 +455,21 @@ void sf_deconv_settings_infer_wavelengths(sf_deconv_settings *s, const char *nam
 /* key=value lines of a per-stack file (# comments); SF_ENOTFOUND if absent. */
 static int apply_file(sf_deconv_settings *s, const char *path, sf_err *e)
 {
-	char line[1024], origin[PATH_MAX + 32];
+	char line[1024], origin[PATH_MAX + 32], *p;
 	unsigned lineno = 0;
 	FILE *f = fopen(path, "r");
-	int rc = SF_OK;
+	int rc;
 
 	if (!f)
 		return errno == ENOENT ? SF_ENOTFOUND
 		                       : sf_fail(e, SF_EIO, "%s: %s", path, strerror(errno));
-	while (rc == SF_OK && fgets(line, sizeof line, f)) {
-		char *p = line, *end;
-		size_t len = strlen(line);
-
-		lineno++;
-		if (len == sizeof line - 1 && line[len - 1] != '\n' && getc(f) != EOF) {
-			/* the rest of the line would be read as a line of its own */
-			rc = sf_fail(e, SF_EINVAL, "%s:%u: line longer than %zu characters", path,
-			             lineno, sizeof line - 2);
-			break;
-		}
-		while (isspace((unsigned char)*p))
-			p++;
-		end = p + strlen(p);
-		while (end > p && isspace((unsigned char)end[-1]))
-			*--end = '\0';
-		if (!*p || *p == '#')
-			continue;
+	while ((rc = sf_conf_next(f, path, line, sizeof line, &lineno, &p, e)) == SF_OK) {
 		snprintf(origin, sizeof origin, "%s:%u: ", path, lineno);
-		rc = apply_items(s, p, "\n", origin, e);
+		if ((rc = apply_items(s, p, "\n", origin, e)) != SF_OK)
+			break;
 	}
+	if (rc == SF_ENOTFOUND)
+		rc = SF_OK;
 	fclose(f);
 	if (rc == SF_OK) {
 		snprintf(origin, sizeof origin, "%s: ", path);

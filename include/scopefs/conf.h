@@ -1,0 +1,21 @@
+/* conf.h — line files of options (presets, scopefs.conf): their next item.
+ *
+ * One item per line; blank lines and lines starting with '#' (after leading
+ * space) are skipped, and space is trimmed at both ends.  A line that does
+ * not fit the caller's buffer is an error, never two lines: its tail would
+ * otherwise be read as a line of its own (a long comment ending in "dxy=7"
+ * would set dxy). */
+#ifndef SCOPEFS_CONF_H
+#define SCOPEFS_CONF_H
+
+#include <stdio.h>
+
+#include "scopefs/err.h"
+
+/* The next item of f into line (cap bytes), *item pointing into it;
+ * *lineno counts the lines read.  SF_OK, SF_ENOTFOUND at the end of f, or
+ * SF_EINVAL "PATH:LINE: line longer than N characters". */
+int sf_conf_next(FILE *f, const char *path, char *line, size_t cap, unsigned *lineno, char **item,
+                 sf_err *e);
+
+#endif

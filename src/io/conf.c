@@ -1,0 +1,40 @@
+/* conf.c — the next item of a line file of options (conf.h). */
+#include "scopefs/conf.h"
+
+#include <ctype.h>
+#include <string.h>
+
+/* fgets filled line (cap bytes) without reaching the end of a line or of f. */
+static int line_too_long(FILE *f, const char *line, size_t cap)
+{
+	size_t len = strlen(line);
+	int c;
+
+	if (len < cap - 1 || line[len - 1] == '\n' || (c = getc(f)) == EOF)
+		return 0;
+	ungetc(c, f);
+	return 1;
+}
+
+int sf_conf_next(FILE *f, const char *path, char *line, size_t cap, unsigned *lineno, char **item,
+                 sf_err *e)
+{
+	while (fgets(line, (int)cap, f)) {
+		char *s = line, *end;
+
+		++*lineno;
+		if (line_too_long(f, line, cap))
+			return sf_fail(e, SF_EINVAL, "%s:%u: line longer than %zu characters", path,
+			               *lineno, cap - 2);
+		while (isspace((unsigned char)*s))
+			s++;
+		end = s + strlen(s);
+		while (end > s && isspace((unsigned char)end[-1]))
+			*--end = '\0';
+		if (*s && *s != '#') {
+			*item = s;
+			return SF_OK;
+		}
+	}
+	return SF_ENOTFOUND;
+}
