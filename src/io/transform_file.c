@@ -297,11 +297,58 @@ static void put_utf8(char *o, size_t *k, unsigned c)
 	} else if (c < 0x800) {
 		o[(*k)++] = (char)(0xC0 | (c >> 6));
 		o[(*k)++] = (char)(0x80 | (c & 0x3F));
-	} else {
+	} else if (c < 0x10000) {
 		o[(*k)++] = (char)(0xE0 | (c >> 12));
 		o[(*k)++] = (char)(0x80 | ((c >> 6) & 0x3F));
 		o[(*k)++] = (char)(0x80 | (c & 0x3F));
+	} else {
+		o[(*k)++] = (char)(0xF0 | (c >> 18));
+		o[(*k)++] = (char)(0x80 | ((c >> 12) & 0x3F));
+		o[(*k)++] = (char)(0x80 | ((c >> 6) & 0x3F));
+		o[(*k)++] = (char)(0x80 | (c & 0x3F));
 	}
+}
+
+/* The four hex digits after "\u" at q[i] (i on the 'u'), or -1. */
+static long json_hex4(const char *q, size_t i, size_t len)
+{
+	long cp = 0;
+	for (size_t d = 1; d <= 4; d++) {
+		char h = i + d < len ? q[i + d] : 0;
+		if (!isxdigit((unsigned char)h))
+			return -1;
+		cp = cp * 16 +
+		     (isdigit((unsigned char)h) ? h - '0' : tolower((unsigned char)h) - 'a' + 10);
+	}
+	return cp;
+}
+
+/* The code point of the \u escape whose 'u' is at q[*i]; *i moves to its
+ * last digit.  A UTF-16 surrogate pair (\uD83D\uDE00) is one code point, as
+ * JSON writers such as Python's json.dumps emit them; a lone half is not a
+ * character, so it is refused rather than written out as invalid UTF-8. */
+static int json_escape_u(jparser *p, const char *q, size_t *i, size_t len, unsigned *out)
+{
+	long hi = json_hex4(q, *i, len);
+	if (hi < 0)
+		return json_err(p, "bad \\u escape");
+	*i += 4;
+	if (hi == 0) /* would cut the string short: "a.tif\u0000x" read as a.tif */
+		return json_err(p, "\\u0000 (NUL) in a string");
+	if (hi >= 0xDC00 && hi <= 0xDFFF)
+		return json_err(p, "\\u escape: a low surrogate without its high half");
+	if (hi >= 0xD800 && hi <= 0xDBFF) {
+		long lo = *i + 2 < len && q[*i + 1] == '\\' && q[*i + 2] == 'u'
+		              ? json_hex4(q, *i + 2, len)
+		              : -1;
+		if (lo < 0xDC00 || lo > 0xDFFF)
+			return json_err(p, "\\u escape: a high surrogate without its low half");
+		*i += 6;
+		*out = 0x10000u + (((unsigned)hi - 0xD800u) << 10) + ((unsigned)lo - 0xDC00u);
+		return SF_OK;
+	}
+	*out = (unsigned)hi;
+	return SF_OK;
 }
 
 /* A string at p->s (on the opening quote) into *out. */
@@ -339,22 +386,10 @@ static int json_string(jparser *p, char **out)
 		case 't': o[k++] = '\t'; break;
 		case 'u': {
 			unsigned cp = 0;
-			for (int d = 1; d <= 4; d++) {
-				char h = i + d < len ? q[i + d] : 0;
-				if (!isxdigit((unsigned char)h)) {
-					free(o);
-					return json_err(p, "bad \\u escape");
-				}
-				cp = cp * 16 +
-				     (unsigned)(isdigit((unsigned char)h)
-				                    ? h - '0'
-				                    : tolower((unsigned char)h) - 'a' + 10);
-			}
-			i += 4;
-			if (cp ==
-			    0) { /* would cut the string short: "a.tif\u0000x" read as a.tif */
+			int rc = json_escape_u(p, q, &i, len, &cp);
+			if (rc != SF_OK) {
 				free(o);
-				return json_err(p, "\\u0000 (NUL) in a string");
+				return rc;
 			}
 			put_utf8(o, &k, cp);
 			break;
@@ -415,6 +450,18 @@ static int json_container(jparser *p, jval *v, int depth)
 			if (*p->s != ':') {
 				free(key);
 				return json_err(p, "expected ':' after a key");
+			}
+			/* Readers differ on which of two equal keys wins (the
+			 * first here, the last in Python), so a file with both
+			 * is ambiguous: refuse it rather than pick one. */
+			for (size_t k = 0; k < v->n; k++) {
+				if (strcmp(v->keys[k], key) == 0) {
+					rc = sf_fail(p->e, SF_EFORMAT,
+					             "%s:%d: key \"%s\" given twice", p->path,
+					             p->line, key);
+					free(key);
+					return rc;
+				}
 			}
 			p->s++;
 		}

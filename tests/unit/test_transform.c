@@ -355,6 +355,21 @@ static void test_json(void)
 	    {"{\"scopefs_transform\": 1, \"matrix\": [[1, 0, 0], [0, 1, 0]],\n"
 	     " \"field\": {\"file\": \"field0.tif\\u0000.x\"}}",
 	     "bad.json:2: \\u0000 (NUL) in a string", SF_EFORMAT},
+	    /* two values for one key: which one wins depends on the reader */
+	    {"{\"scopefs_transform\": 1, \"matrix\": [[1, 0, 0], [0, 1, 0]],\n"
+	     " \"matrix\": [[2, 0, 0], [0, 2, 0]]}",
+	     "bad.json:2: key \"matrix\" given twice", SF_EFORMAT},
+	    /* a surrogate pair is one character (U+1F600, UTF-8 F0 9F 98 80) */
+	    {"{\"scopefs_transform\": 1, \"matrix\": [[1, 0, 0], [0, 1, 0]],\n"
+	     " \"field\": {\"file\": \"f\\uD83D\\uDE00.tif\"}}",
+	     "f\xF0\x9F\x98\x80.tif", SF_ENOTFOUND},
+	    /* half a pair is no character: refused, not written as invalid UTF-8 */
+	    {"{\"scopefs_transform\": 1, \"matrix\": [[1, 0, 0], [0, 1, 0]],\n"
+	     " \"field\": {\"file\": \"f\\uD83D.tif\"}}",
+	     "bad.json:2: \\u escape: a high surrogate without its low half", SF_EFORMAT},
+	    {"{\"scopefs_transform\": 1, \"matrix\": [[1, 0, 0], [0, 1, 0]],\n"
+	     " \"field\": {\"file\": \"f\\uDE00.tif\"}}",
+	     "bad.json:2: \\u escape: a low surrogate without its high half", SF_EFORMAT},
 	    /* found in the fuzzing pass: -offset / scale overflows to -inf */
 	    {"{\"scopefs_transform\": 1, \"matrix\": [[1, 0, 0], [0, 1, 0]],\n"
 	     " \"field\": {\"file\": \"field0.tif\", \"scale\": 1e-300, \"offset\": [1e300, 0]}}",
