@@ -1,8 +1,9 @@
 /* options.h — the mount options: one table, one struct, checked once.
  *
- * Options come from -o on the command line and from a preset file
+ * Options come from -o on the command line and from preset files
  * (preset=NAME reads mountopts/NAME, or the file NAME when it holds a '/'),
- * whose `key=value` lines are the same options; the command line wins.
+ * whose `key=value` lines are the same options; the command line wins, and
+ * of two presets that give one key, the one named later.
  * Every option is validated here: an unknown key or a malformed value is a
  * one-line error naming it (main exits with status 2, nothing mounted). */
 #ifndef SCOPEFS_OPTIONS_H
@@ -25,7 +26,7 @@ typedef struct sf_options {
 	unsigned readahead;  /* readahead=, units scheduled ahead of a sequential reader;
 	                      * 0: none; SF_READAHEAD_AUTO until main makes it 2 x threads */
 	char *reference;     /* reference=, file name or stem; NULL: first slide by name */
-	char *preset;        /* preset= as given */
+	char *preset;        /* preset= values as given, in order, one a line */
 	char *transforms;    /* transforms=DIR: transform files of moving slides, or NULL */
 	char *log_path;      /* log=FILE: log lines appended there (absolute), or NULL: stderr */
 	int interp;          /* interp=: an sf_interp (warp.h), default bilinear */

@@ -1,8 +1,9 @@
 /* options.c — command line and preset parsing into one sf_options.
  *
  * One table (option_table) lists every key; the parser, the preset reader
- * and the help text all walk it.  A key given on the command line is marked
- * set, and a preset only fills keys that are not. */
+ * and the help text all walk it.  A key is marked with the source that gave
+ * it (the command line, or one of the presets), and a preset only fills keys
+ * that the command line and later presets left. */
 #include "scopefs/options.h"
 #include "scopefs/conf.h"
 
@@ -105,10 +106,17 @@ static const option_def option_table[] = {
 };
 #define OPTION_COUNT (sizeof option_table / sizeof option_table[0])
 
+enum { SOURCE_CLI = 1, SOURCE_PRESET = 2 };
+
 typedef struct parse_state {
 	sf_options *o;
-	int set[OPTION_COUNT]; /* given on the command line */
-	char fuse_opts[1024];  /* accumulated libfuse mount options */
+	/* Which source gave each key: 0 none, SOURCE_CLI, or SOURCE_PRESET + k
+	 * for the k-th preset.  Sources are applied from the strongest (the
+	 * command line, then the last preset) to the weakest, and a key that a
+	 * stronger source gave is skipped; a source may repeat its own key. */
+	int set[OPTION_COUNT];
+	int source;           /* the source being applied */
+	char fuse_opts[1024]; /* accumulated libfuse mount options */
 } parse_state;
 
 int sf_parse_size(const char *text, uint64_t *out)
@@ -257,9 +265,24 @@ static int check_deconv_opts(const sf_options *o, sf_err *e)
 	return rc == SF_OK ? sf_deconv_settings_check(&s, "", e) : rc;
 }
 
-/* Apply "key" or "key=value" (from -o or a preset line `origin`). */
-static int apply_option(parse_state *ps, const char *item, int from_cli, const char *origin,
-                        sf_err *e)
+/* preset= may be given more than once: the names are kept in order, one a
+ * line (a name cannot hold a newline: it came from a -o list or argv). */
+static int add_preset_name(sf_options *o, const char *name, sf_err *e)
+{
+	size_t n = o->preset ? strlen(o->preset) : 0, m = strlen(name);
+	char *joined = realloc(o->preset, n + m + 2);
+	if (!joined)
+		return sf_fail(e, SF_ENOMEM, "option preset: out of memory");
+	if (n)
+		joined[n++] = '\n';
+	memcpy(joined + n, name, m + 1);
+	o->preset = joined;
+	return SF_OK;
+}
+
+/* Apply "key" or "key=value" (from -o or a preset line `origin`) for the
+ * source ps->source. */
+static int apply_option(parse_state *ps, const char *item, const char *origin, sf_err *e)
 {
 	const char *eq = strchr(item, '=');
 	size_t klen = eq ? (size_t)(eq - item) : strlen(item);
@@ -273,10 +296,9 @@ static int apply_option(parse_state *ps, const char *item, int from_cli, const c
 			break;
 	if (i == OPTION_COUNT)
 		return sf_fail(e, SF_EINVAL, "%sunknown option '%.*s'", origin, (int)klen, item);
-	if (!from_cli && ps->set[i])
-		return SF_OK; /* the command line wins */
-	if (from_cli)
-		ps->set[i] = 1;
+	if (ps->set[i] && ps->set[i] != ps->source)
+		return SF_OK; /* a stronger source gave it */
+	ps->set[i] = ps->source;
 	const option_def *d = &option_table[i];
 	if ((d->kind == OPT_FUSE_FLAG) != (value == NULL))
 		return sf_fail(e, SF_EINVAL, "%soption '%s' %s", origin, d->key,
@@ -326,7 +348,7 @@ static int apply_option(parse_state *ps, const char *item, int from_cli, const c
 			return parse_background(value, o, origin, e);
 		if (!strcmp(d->key, "gpu"))
 			return parse_gpu(value, o, origin, e);
-		return set_string(&o->preset, value, e, d->key);
+		return add_preset_name(o, value, e);
 	}
 	return SF_OK;
 }
@@ -341,7 +363,7 @@ static int apply_option_list(parse_state *ps, const char *list, sf_err *e)
 		return sf_fail(e, SF_ENOMEM, "out of memory");
 	for (char *item = strtok_r(copy, ",", &save); item && rc == SF_OK;
 	     item = strtok_r(NULL, ",", &save))
-		rc = apply_option(ps, item, 1, "", e);
+		rc = apply_option(ps, item, "", e);
 	free(copy);
 	return rc;
 }
@@ -375,7 +397,7 @@ static int preset_path(const char *name, char *path, size_t cap)
 	return SF_OK;
 }
 
-static int apply_preset(parse_state *ps, sf_err *e)
+static int apply_preset(parse_state *ps, const char *name, sf_err *e)
 {
 	char path[PATH_MAX + 64], line[1024], origin[PATH_MAX + 96];
 	unsigned lineno = 0;
@@ -383,11 +405,11 @@ static int apply_preset(parse_state *ps, sf_err *e)
 	char *s;
 	int rc;
 
-	preset_path(ps->o->preset, path, sizeof path);
+	preset_path(name, path, sizeof path);
 	f = fopen(path, "r");
 	if (!f)
 		return sf_fail(e, SF_EINVAL, "option 'preset': cannot read preset '%s' (%s): %s",
-		               ps->o->preset, path, strerror(errno));
+		               name, path, strerror(errno));
 	while ((rc = sf_conf_next(f, path, line, sizeof line, &lineno, &s, e)) == SF_OK) {
 		if (!strncmp(s, "preset=", 7)) {
 			rc = sf_fail(e, SF_EINVAL, "%s:%u: a preset cannot name another preset",
@@ -402,7 +424,7 @@ static int apply_preset(parse_state *ps, sf_err *e)
 			break;
 		}
 		snprintf(origin, sizeof origin, "%s:%u: ", path, lineno);
-		if ((rc = apply_option(ps, s, 0, origin, e)) != SF_OK)
+		if ((rc = apply_option(ps, s, origin, e)) != SF_OK)
 			break;
 	}
 	fclose(f);
@@ -413,14 +435,14 @@ static int apply_preset(parse_state *ps, sf_err *e)
  * o->deconv, so the command line also wins where one key overrides another
  * (dark and denoise_strength, dtype and convert_to_8bit): a stack applies
  * the list in order. */
-static int apply_preset_before_cli(parse_state *ps, sf_err *e)
+static int apply_preset_before_cli(parse_state *ps, const char *name, sf_err *e)
 {
 	sf_options *o = ps->o;
 	char *cli = o->deconv;
 	int rc;
 
 	o->deconv = NULL;
-	rc = apply_preset(ps, e);
+	rc = apply_preset(ps, name, e);
 	if (rc == SF_OK && cli && o->deconv) {
 		size_t n = strlen(o->deconv), m = strlen(cli);
 		char *joined = realloc(o->deconv, n + m + 2);
@@ -436,6 +458,32 @@ static int apply_preset_before_cli(parse_state *ps, sf_err *e)
 		cli = NULL;
 	}
 	free(cli);
+	return rc;
+}
+
+/* Every preset, the last given first: each one only fills keys that the
+ * command line and later presets left, and puts its deconvolution items
+ * before theirs, so o->deconv ends up in command-line order of sources
+ * (first preset, ..., last preset, command line) and the later one wins. */
+static int apply_presets(parse_state *ps, sf_err *e)
+{
+	char *names = strdup(ps->o->preset);
+	if (!names)
+		return sf_fail(e, SF_ENOMEM, "option preset: out of memory");
+	int count = 1, rc = SF_OK;
+	for (const char *c = names; *c; c++)
+		count += *c == '\n';
+	for (int k = count - 1; k >= 0 && rc == SF_OK; k--) {
+		char *name = names;
+		for (int j = 0; j < k; j++)
+			name = strchr(name, '\n') + 1;
+		char *end = strchr(name, '\n');
+		if (end)
+			*end = '\0';
+		ps->source = SOURCE_PRESET + k;
+		rc = apply_preset_before_cli(ps, name, e);
+	}
+	free(names);
 	return rc;
 }
 
@@ -531,7 +579,7 @@ static int check_paths(sf_options *o, sf_err *e)
 
 int sf_options_parse(int argc, char **argv, sf_options *o, sf_err *e)
 {
-	parse_state ps = {.o = o};
+	parse_state ps = {.o = o, .source = SOURCE_CLI};
 	int positional = 0, rc;
 
 	o->mem = 128ull << 20;
@@ -574,7 +622,7 @@ int sf_options_parse(int argc, char **argv, sf_options *o, sf_err *e)
 		return SF_OK;
 	if (positional != 2)
 		return sf_fail(e, SF_EINVAL, "usage: scopefs [options] RAW_DIR MOUNTPOINT");
-	if (o->preset && (rc = apply_preset_before_cli(&ps, e)) != SF_OK)
+	if (o->preset && (rc = apply_presets(&ps, e)) != SF_OK)
 		return rc;
 	if ((rc = check_deconv_opts(o, e)) != SF_OK)
 		return rc;

@@ -1,4 +1,5 @@
 /* test_options.c — option parsing: sizes, presets, errors that name the option. */
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -149,6 +150,30 @@ static void test_preset(const char *raw, const char *dir)
 	CHECK(parse_with_preset(&o, &e, raw, dir, path, "background=1e999\n", "") == SF_EINVAL &&
 	          strstr(e.msg, "background"),
 	      "an infinite background refused: %s", e.msg);
+	sf_options_free(&o);
+
+	/* Two presets: both apply; where both give a key the later one wins,
+	 * and the command line beats both (the first was dropped before). */
+	char first[512], cli[1100];
+	snprintf(first, sizeof first, "%s/first", dir);
+	FILE *f = fopen(first, "w");
+	CHECK(f != NULL, "write %s", first);
+	if (f) {
+		fputs("dxy=0.4\ndz=1.2\nthreads=3\nmem=1G\ndenoise_strength=1\n", f);
+		fclose(f);
+	}
+	snprintf(cli, sizeof cli, "preset=%s,threads=5,", first);
+	CHECK(parse_with_preset(&o, &e, raw, dir, path, "mem=256M\ndark=7\nreadahead=9\n", cli) ==
+	          SF_OK,
+	      "two presets: %s", e.msg);
+	sf_deconv_settings_default(&ds);
+	CHECK(sf_deconv_settings_apply_list(&ds, o.deconv, "", &e) == SF_OK, "list: %s", e.msg);
+	CHECK(o.mem == 256ull << 20 && o.readahead == 9 && o.threads == 5,
+	      "the later preset wins, the command line beats both (mem %llu, threads %u)",
+	      (unsigned long long)o.mem, o.threads);
+	CHECK(ds.have_dxy && fabs(ds.params.dxy - 400) < 1e-9 && fabs(ds.params.dz - 1200) < 1e-9 &&
+	          ds.params.dark == 7 && !ds.have_denoise,
+	      "the first preset's optics kept, the later one's dark wins (list '%s')", o.deconv);
 	sf_options_free(&o);
 
 	snprintf(missing, sizeof missing, "%s/none", dir);
