@@ -338,6 +338,16 @@ static void read_raw(fuse_req_t req, size_t size, off_t off, struct fuse_file_in
 	fuse_reply_data(req, &buf, FUSE_BUF_SPLICE_MOVE);
 }
 
+/* The errno a failed read of an open virtual file gives.  Its inputs may
+ * have gone (a raw plane moved away: SF_ENOTFOUND) or be bad, but the file
+ * the reader opened is there: ENOENT or EINVAL from read(2) would send them
+ * looking for the wrong fault, so everything but memory and interrupts is
+ * EIO, with the cause in the log and in .scopefs/status. */
+static int read_errno(int rc)
+{
+	return rc == SF_ENOMEM || rc == SF_EINTR ? sf_errno(rc) : EIO;
+}
+
 static void read_vfile(fuse_req_t req, size_t size, off_t off, struct fuse_file_info *fi)
 {
 	sf_mount *m = mount_of(req);
@@ -361,7 +371,7 @@ static void read_vfile(fuse_req_t req, size_t size, off_t off, struct fuse_file_
 	rc = sf_vfile_read(m->engine, v, (uint64_t)off, size, buf, &got, &e);
 	if (rc != SF_OK) {
 		sf_log(SF_LOG_ERROR, "read %s at %lld: %s", h->node->name, (long long)off, e.msg);
-		fuse_reply_err(req, sf_errno(rc));
+		fuse_reply_err(req, read_errno(rc));
 	} else
 		fuse_reply_buf(req, (const char *)buf, got);
 	free(buf);
