@@ -69,9 +69,12 @@ typedef struct sf_mount {
 	sf_vfile **vfiles;
 	uint32_t vfile_count, vfile_cap;
 	sf_slide_entry *slide_state; /* dataset->slide_count entries */
-	int reference;               /* index of the reference slide, -1 if none */
-	struct sf_autoreg *autoreg;  /* scopefs's own registration, NULL if no slide needs it */
-	char *transforms_dir;        /* absolute path of transforms/ in the mount (elastix files) */
+	/* dataset->stack_count entries: "served", or "not served: why" (owned);
+	 * NULL when the dataset has no stacks. */
+	char **stack_state;
+	int reference;              /* index of the reference slide, -1 if none */
+	struct sf_autoreg *autoreg; /* scopefs's own registration, NULL if no slide needs it */
+	char *transforms_dir;       /* absolute path of transforms/ in the mount (elastix files) */
 	struct timespec mounted_at;
 	/* fuse_ops.c's handles of open files, linked so that the ones still
 	 * open when the session ends (a reader was attached: no release comes)

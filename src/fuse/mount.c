@@ -635,15 +635,23 @@ static int build_deconvolved(sf_mount *m, uint32_t root, sf_err *e)
 
 	if (!m->dataset->stack_count)
 		return SF_OK;
+	m->stack_state = calloc(m->dataset->stack_count, sizeof *m->stack_state);
+	if (!m->stack_state)
+		return sf_fail(e, SF_ENOMEM, "out of memory");
 	rc = node_add(m, root, "deconvolved", SF_NODE_DIR, &dir, e);
 	for (uint32_t i = 0; i < m->dataset->stack_count && rc == SF_OK; i++) {
 		const sf_stack *st = m->dataset->stacks[i];
+		char state[sizeof e->msg + 16];
 
 		rc = add_stack(m, dir, st, e);
+		snprintf(state, sizeof state, "served");
 		if (rc != SF_OK && rc != SF_ENOMEM) {
 			sf_log(SF_LOG_WARN, "deconvolved: stack %s left out: %s", st->name, e->msg);
+			snprintf(state, sizeof state, "not served: %s", e->msg);
 			rc = stack_problem(m->dataset, st, e->msg, e);
 		}
+		if (rc == SF_OK && !(m->stack_state[i] = strdup(state)))
+			rc = sf_fail(e, SF_ENOMEM, "out of memory");
 	}
 	return rc;
 }
@@ -786,6 +794,9 @@ void sf_mount_free(sf_mount *m)
 		sf_transform_release(&m->slide_state[i].transform);
 	}
 	free(m->slide_state);
+	for (uint32_t i = 0; m->stack_state && i < m->dataset->stack_count; i++)
+		free(m->stack_state[i]);
+	free(m->stack_state);
 	sf_dataset_free(m->dataset);
 	pthread_mutex_destroy(&m->handles_lock);
 	free(m);

@@ -11,6 +11,7 @@
 
 #include "scopefs/autoreg.h"
 #include "scopefs/mount.h"
+#include "scopefs/utf8.h"
 
 typedef struct json {
 	char *buf;
@@ -52,17 +53,24 @@ static void json_add(json *j, const char *fmt, ...)
 	j->len += (size_t)n;
 }
 
+/* File names are bytes: one that is not UTF-8 (a Latin-1 name copied from
+ * an old share) would make the whole status unreadable to a JSON parser, so
+ * each byte of a malformed sequence becomes U+FFFD. */
 static void json_string(json *j, const char *s)
 {
 	json_add(j, "\"");
-	for (; s && *s; s++) {
+	while (s && *s) {
 		unsigned char c = (unsigned char)*s;
+		size_t n = sf_utf8_length(s);
 		if (c == '"' || c == '\\')
 			json_add(j, "\\%c", c);
 		else if (c < 0x20)
 			json_add(j, "\\u%04x", c);
+		else if (!n)
+			json_add(j, "\\ufffd");
 		else
-			json_add(j, "%c", c);
+			json_add(j, "%.*s", (int)n, s);
+		s += n ? n : 1;
 	}
 	json_add(j, "\"");
 }
@@ -167,8 +175,10 @@ static void json_dataset(json *j, const sf_mount *m)
 	for (uint32_t i = 0; i < d->stack_count; i++) {
 		json_add(j, "%s\n    {\"name\": ", i ? "," : "");
 		json_string(j, d->stacks[i]->name);
-		json_add(j, ", \"planes\": %u, \"width\": %u, \"height\": %u}",
+		json_add(j, ", \"planes\": %u, \"width\": %u, \"height\": %u, \"state\": ",
 		         d->stacks[i]->planes, d->stacks[i]->width, d->stacks[i]->height);
+		json_string(j, m->stack_state && m->stack_state[i] ? m->stack_state[i] : "");
+		json_add(j, "}");
 	}
 	json_add(j, "%s],\n  \"problems\": [", d->stack_count ? "\n  " : "");
 	for (uint32_t i = 0; i < d->problem_count; i++) {

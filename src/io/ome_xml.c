@@ -9,6 +9,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "scopefs/utf8.h"
+
 /* A growable string; `failed` latches the first allocation failure. */
 typedef struct text {
 	char *buf;
@@ -51,9 +53,13 @@ static void text_add(text *t, const char *fmt, ...)
 	t->len += (size_t)n;
 }
 
+/* Names come from file names and TIFF tags, which are bytes: a Latin-1
+ * name would make the document (declared UTF-8) unreadable to an XML
+ * parser, so each byte of a malformed sequence becomes U+FFFD. */
 static void text_add_escaped(text *t, const char *s)
 {
-	for (; *s; s++) {
+	while (*s) {
+		size_t n = sf_utf8_length(s);
 		switch (*s) {
 		case '&': text_add(t, "&amp;"); break;
 		case '<': text_add(t, "&lt;"); break;
@@ -63,9 +69,12 @@ static void text_add_escaped(text *t, const char *s)
 			/* Control characters are not allowed in XML 1.0 attributes. */
 			if ((unsigned char)*s < 0x20)
 				text_add(t, " ");
+			else if (!n)
+				text_add(t, SF_UTF8_REPLACEMENT);
 			else
-				text_add(t, "%c", *s);
+				text_add(t, "%.*s", (int)n, s);
 		}
+		s += n ? n : 1;
 	}
 }
 

@@ -1,0 +1,22 @@
+/* utf8.c — the one check of UTF-8 well-formedness (utf8.h). */
+#include "scopefs/utf8.h"
+
+size_t sf_utf8_length(const char *text)
+{
+	const unsigned char *s = (const unsigned char *)text;
+	size_t n = s[0] < 0x80                    ? 1
+	           : s[0] >= 0xC2 && s[0] <= 0xDF ? 2
+	           : s[0] >= 0xE0 && s[0] <= 0xEF ? 3
+	           : s[0] >= 0xF0 && s[0] <= 0xF4 ? 4
+	                                          : 0;
+	/* The second byte's range excludes overlong forms (E0, F0), UTF-16
+	 * surrogates (ED) and code points past U+10FFFF (F4). */
+	unsigned lo = s[0] == 0xE0 ? 0xA0 : s[0] == 0xF0 ? 0x90 : 0x80;
+	unsigned hi = s[0] == 0xED ? 0x9F : s[0] == 0xF4 ? 0x8F : 0xBF;
+	for (size_t i = 1; i < n; i++) {
+		unsigned min = i == 1 ? lo : 0x80, max = i == 1 ? hi : 0xBF;
+		if (s[i] < min || s[i] > max) /* a NUL ends the check here */
+			return 0;
+	}
+	return n;
+}
