@@ -80,6 +80,27 @@ void sf_mat3_mul(const double a[9], const double b[9], double out[9])
 	memcpy(out, r, sizeof r);
 }
 
+/* Whether det is far enough from 0 for a's own scale.  The test is
+ * relative, so a matrix of pixel sizes (1e-4) still inverts.  An affine
+ * map is invertible when its 2x2 linear part is, whatever its translation:
+ * counting the translation in the scale refused a 180-degree turn of a
+ * 60,000-pixel slide (translation 59,999) as singular.  A projective one is
+ * measured against the product of its row lengths, the largest |det| can
+ * be for those rows (Hadamard's inequality). */
+static int matrix_invertible(const double a[9], double det)
+{
+	if (a[6] == 0 && a[7] == 0) {
+		double lin = fmax(fmax(fabs(a[0]), fabs(a[1])), fmax(fabs(a[3]), fabs(a[4])));
+		double det2 = a[0] * a[4] - a[1] * a[3];
+		return a[8] != 0 && fabs(det2) > 1e-14 * lin * lin;
+	}
+	double rows = 1;
+	for (int r = 0; r < 3; r++)
+		rows *= sqrt(a[3 * r] * a[3 * r] + a[3 * r + 1] * a[3 * r + 1] +
+		             a[3 * r + 2] * a[3 * r + 2]);
+	return fabs(det) > 1e-14 * rows;
+}
+
 int sf_mat3_inverse(const double a[9], double out[9])
 {
 	double c[9] = {
@@ -88,11 +109,7 @@ int sf_mat3_inverse(const double a[9], double out[9])
 	    a[3] * a[7] - a[4] * a[6], a[1] * a[6] - a[0] * a[7], a[0] * a[4] - a[1] * a[3],
 	};
 	double det = a[0] * c[0] + a[1] * c[3] + a[2] * c[6];
-	double scale = 0;
-	for (int i = 0; i < 9; i++)
-		scale = fmax(scale, fabs(a[i]));
-	/* relative test: a matrix of pixel sizes (1e-4) must still invert */
-	if (!isfinite(det) || fabs(det) <= 1e-14 * scale * scale * scale)
+	if (!isfinite(det) || !matrix_invertible(a, det))
 		return SF_EINVAL;
 	for (int i = 0; i < 9; i++)
 		out[i] = c[i] / det;

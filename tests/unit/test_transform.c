@@ -81,6 +81,21 @@ static void test_matrices(void)
 	/* tiny but regular (physical pixel sizes of 1e-4) still inverts */
 	double tiny[9] = {1e-4, 0, 0, 0, 1e-4, 0, 0, 0, 1};
 	CHECK(sf_mat3_inverse(tiny, inv) == SF_OK && near(inv[0], 1e4, 1e-6), "tiny inverts");
+	/* a 180-degree turn of a 60000 x 20000 slide: det 1, translation large */
+	double turn[9] = {-1, 0, 59999, 0, -1, 19999, 0, 0, 1};
+	CHECK(sf_mat3_inverse(turn, inv) == SF_OK && near(inv[2], 59999, 1e-9) &&
+	          near(inv[5], 19999, 1e-9),
+	      "a large translation does not make a matrix singular");
+	double far_sing[9] = {1, 2, 1e6, 2, 4, 3e5, 0, 0, 1};
+	CHECK(sf_mat3_inverse(far_sing, inv) == SF_EINVAL, "singular with a translation refused");
+	/* projective: invertible with a large translation, singular rows refused */
+	double proj[9] = {1, 0, 5e4, 0, 1, -3e4, 1e-6, 2e-6, 1};
+	CHECK(sf_mat3_inverse(proj, inv) == SF_OK, "projective with a large translation inverts");
+	sf_mat3_mul(proj, inv, r);
+	for (int i = 0; i < 9; i++)
+		CHECK(near(r[i], i % 4 == 0, 1e-9), "proj * proj^-1 entry %d = %g", i, r[i]);
+	double proj_sing[9] = {1, 2, 3, 2, 4, 6, 1e-6, 0, 1};
+	CHECK(sf_mat3_inverse(proj_sing, inv) == SF_EINVAL, "projective singular refused");
 }
 
 static void test_composition(void)
