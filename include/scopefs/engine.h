@@ -104,6 +104,9 @@ typedef struct sf_engine_error {
 	char msg[sizeof(((sf_err *)0)->msg)];
 } sf_engine_error;
 unsigned sf_engine_recent_errors(sf_engine *g, sf_engine_error *out, unsigned cap);
+/* Add "source: msg" to them, for a failure outside the engine (a raw file
+ * that changed under the mount). */
+void sf_engine_note_error(sf_engine *g, const char *source, const char *msg);
 
 /* Number of workers actually running. */
 unsigned sf_engine_threads(const sf_engine *g);

@@ -19,9 +19,12 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <pthread.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "scopefs/log.h"
@@ -243,6 +246,31 @@ static void op_destroy(void *userdata)
 	}
 }
 
+/* 0 when the raw file open on fd is still the one the mount scanned, else
+ * EIO, logged and in the status.  The mount serves the size it scanned
+ * (getattr, cached by the kernel), so a file replaced or rewritten since
+ * would be served as the new bytes cut at the old size: a silently broken
+ * copy.  registered/ refuses a changed slide the same way. */
+static int raw_changed(sf_mount *m, const sf_node *n, int fd)
+{
+	struct stat now;
+	char msg[PATH_MAX + 160];
+
+	if (fstat(fd, &now) != 0)
+		snprintf(msg, sizeof msg, "%s: cannot stat: %s", n->raw_path, strerror(errno));
+	else if (now.st_size != n->st.st_size || now.st_mtim.tv_sec != n->st.st_mtim.tv_sec ||
+	         now.st_mtim.tv_nsec != n->st.st_mtim.tv_nsec)
+		snprintf(msg, sizeof msg,
+		         "%s changed since it was scanned (%lld bytes then, %lld now): "
+		         "remount to serve the new file",
+		         n->raw_path, (long long)n->st.st_size, (long long)now.st_size);
+	else
+		return 0;
+	sf_log(SF_LOG_ERROR, "raw/%s: %s", n->name, msg);
+	sf_engine_note_error(m->engine, "raw", msg);
+	return EIO;
+}
+
 static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 {
 	sf_mount *m = mount_of(req);
@@ -261,6 +289,12 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 		int fd = open(n->raw_path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
 		if (fd < 0) {
 			fuse_reply_err(req, errno);
+			return;
+		}
+		int err = raw_changed(m, n, fd);
+		if (err) {
+			close(fd);
+			fuse_reply_err(req, err);
 			return;
 		}
 		fi->fh = (uint64_t)fd;
@@ -402,9 +436,14 @@ static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
 		fuse_reply_err(req, ENOENT);
 		return;
 	}
-	if (n->kind == SF_NODE_RAW)
-		read_raw(req, size, off, fi);
-	else if (n->kind == SF_NODE_VFILE)
+	if (n->kind == SF_NODE_RAW) {
+		/* rewritten in place while open: the same check as at open */
+		int err = raw_changed(mount_of(req), n, (int)fi->fh);
+		if (err)
+			fuse_reply_err(req, err);
+		else
+			read_raw(req, size, off, fi);
+	} else if (n->kind == SF_NODE_VFILE)
 		read_vfile(req, size, off, fi);
 	else if (n->kind == SF_NODE_QC)
 		read_qc(req, n, size, off);

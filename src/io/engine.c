@@ -410,16 +410,16 @@ static void settle_unit(sf_engine *g, struct unit_entry *u, int rc, sf_err *err,
 /* With g->lock: remember "product: msg" among the recent errors (without
  * the unit, so one cause over many units stays one entry).  A message
  * already there is bumped; else it takes the least recently seen entry. */
-static void note_error(sf_engine *g, const sf_product *p, const char *why)
+static void note_error(sf_engine *g, const char *source, const char *why)
 {
 	char msg[sizeof g->recent[0].err.msg];
-	size_t n = strlen(p->name);
+	size_t n = strlen(source);
 	struct recent_error *r = NULL;
 
-	if (!strncmp(why, p->name, n) && why[n] == ':')
+	if (!strncmp(why, source, n) && why[n] == ':')
 		snprintf(msg, sizeof msg, "%s", why);
 	else
-		snprintf(msg, sizeof msg, "%s: %s", p->name, why);
+		snprintf(msg, sizeof msg, "%s: %s", source, why);
 	for (unsigned i = 0; i < g->recent_count && !r; i++)
 		if (!strcmp(g->recent[i].err.msg, msg))
 			r = &g->recent[i];
@@ -436,6 +436,13 @@ static void note_error(sf_engine *g, const sf_product *p, const char *why)
 	r->err.count++;
 	r->err.time_s = (int64_t)time(NULL);
 	r->seq = ++g->recent_seq;
+}
+
+void sf_engine_note_error(sf_engine *g, const char *source, const char *msg)
+{
+	pthread_mutex_lock(&g->lock);
+	note_error(g, source, msg);
+	pthread_mutex_unlock(&g->lock);
 }
 
 /* Make one claimed unit, without the lock except around bookkeeping. */
@@ -464,7 +471,7 @@ static void work_on(struct worker *w, struct unit_entry *u, bool is_prefetch)
 
 	pthread_mutex_lock(&g->lock);
 	if (rc != SF_OK)
-		note_error(g, p, err.msg);
+		note_error(g, p->name, err.msg);
 	settle_unit(g, u, rc, &err, buf, from_disk, &dead_buf);
 	if (is_prefetch) {
 		/* The unit is made: its disk write below need not hold a prefetch
@@ -491,7 +498,7 @@ static void work_on(struct worker *w, struct unit_entry *u, bool is_prefetch)
 		clock_gettime(CLOCK_MONOTONIC, &t1);
 		pthread_mutex_lock(&g->lock);
 		if (put != SF_OK)
-			note_error(g, p, ce.msg);
+			note_error(g, p->name, ce.msg);
 		g->stats.cache_write_ns +=
 		    (uint64_t)((t1.tv_sec - t0.tv_sec) * 1000000000LL + (t1.tv_nsec - t0.tv_nsec));
 		pthread_mutex_unlock(&g->lock);

@@ -131,3 +131,32 @@ def test_raw_file_moved_away_reads_eio(tmp_path):
         subprocess.run(['fusermount3', '-u', str(mnt)], check=False)
         proc.wait(timeout=30)
     assert not is_mounted(mnt)
+
+
+def test_raw_file_changed_under_the_mount_is_not_served_cut(tmp_path):
+    """raw/ serves the size the mount scanned: a raw file rewritten since
+    must fail with EIO (and say why in the status), never come back as the
+    new file's bytes cut at the old size."""
+    raw, mnt, cache = tmp_path / 'raw', tmp_path / 'mnt', tmp_path / 'cache'
+    raw.mkdir()
+    mnt.mkdir()
+    slide = raw / 'ref.ome.tif'
+    write_ome(slide, pyramid(tissue(600, 700, channels=1, seed=1)[..., None], 1), tile=256)
+    proc = subprocess.Popen([str(SCOPEFS), '-f', '-o', f'cache={cache}', str(raw), str(mnt)],
+                            stderr=subprocess.DEVNULL)
+    try:
+        wait_mounted(mnt)
+        before = (mnt / 'raw' / 'ref.ome.tif').read_bytes()
+        assert before == slide.read_bytes()
+        write_ome(slide, pyramid(tissue(650, 700, channels=1, seed=9)[..., None], 1), tile=256,
+                  compression='zlib')
+        with pytest.raises(OSError) as info:
+            (mnt / 'raw' / 'ref.ome.tif').read_bytes()
+        assert info.value.errno == errno.EIO, info.value
+        recent = json.loads((mnt / '.scopefs' / 'status').read_text())['recent_errors']
+        assert recent and str(slide) in recent[0]['message'] and \
+            'changed since it was scanned' in recent[0]['message'], recent
+    finally:
+        subprocess.run(['fusermount3', '-u', str(mnt)], check=False)
+        proc.wait(timeout=30)
+    assert not is_mounted(mnt)
