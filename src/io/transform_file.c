@@ -40,7 +40,16 @@
 
 /* --- small helpers -------------------------------------------------------- */
 
-/* The whole file as a NUL-terminated string (the caller frees *out). */
+/* 3 when text starts with a UTF-8 byte order mark, else 0.  Windows
+ * editors (Notepad, PowerShell 5's Out-File) write one; it is not part of
+ * any format here, so every reader skips it. */
+static size_t utf8_bom(const char *text)
+{
+	return strncmp(text, "\xEF\xBB\xBF", 3) ? 0 : 3;
+}
+
+/* The whole file as a NUL-terminated string, without a leading BOM (the
+ * caller frees *out). */
 static int read_text(const char *path, char **out, sf_err *e)
 {
 	FILE *f = fopen(path, "rb");
@@ -79,6 +88,8 @@ static int read_text(const char *path, char **out, sf_err *e)
 		free(buf);
 		return sf_fail(e, SF_EFORMAT, "%s: binary file (NUL byte), not a transform", path);
 	}
+	size_t bom = utf8_bom(buf);
+	memmove(buf, buf + bom, n - bom + 1);
 	*out = buf;
 	return SF_OK;
 }
@@ -116,8 +127,12 @@ static int resolve_near(const char *from, const char *name, char *out, size_t ca
 		if ((size_t)snprintf(out, cap, "%s/%s", dir, name) < cap && file_exists(out))
 			return 1;
 	}
-	const char *base = strrchr(name, '/');
-	base = base ? base + 1 : name;
+	/* The base name after the last '/' or '\\': elastix run on Windows
+	 * writes C:\\...\\TransformParameters.0.txt into the chain. */
+	const char *base = name;
+	for (const char *c = name; *c; c++)
+		if (*c == '/' || *c == '\\')
+			base = c + 1;
 	return (size_t)snprintf(out, cap, "%s/%s", dir, base) < cap && file_exists(out);
 }
 
@@ -1787,7 +1802,7 @@ int sf_transform_load(const char *path, const sf_tf_units *units, sf_transform *
 	size_t n = fread(head, 1, sizeof head - 1, f);
 	fclose(f);
 	head[n] = '\0';
-	const char *s = head;
+	const char *s = head + utf8_bom(head);
 	while (isspace((unsigned char)*s))
 		s++;
 	if (*s == '{')

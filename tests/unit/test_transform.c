@@ -815,6 +815,44 @@ static void test_itk(void)
 	      "missing file: %s", e.msg);
 }
 
+/* Files written on Windows: a byte order mark before any format, and an
+ * elastix chain naming its initial transform by a Windows path. */
+static void test_windows_files(void)
+{
+	sf_err e;
+	sf_transform t;
+	double x = 30, y = -12;
+	double ax = 1.1 * (x - 10) + 0.2 * (y - 10) + 10 + 3;
+	double ay = -0.1 * (x - 10) + 0.9 * (y - 10) + 10 + 4;
+	const char *files[][2] = {
+	    {"bom.json", "\xEF\xBB\xBF{\"scopefs_transform\": 1,\n"
+	                 " \"matrix\": [[1.1, 0.2, 0], [-0.1, 0.9, 6], [0, 0, 1]]}\n"},
+	    {"bom.tfm", "\xEF\xBB\xBF#Insight Transform File V1.0\n#Transform 0\n"
+	                "Transform: AffineTransform_double_2_2\n"
+	                "Parameters: 1.1 0.2 -0.1 0.9 3 4\nFixedParameters: 10 10\n"},
+	    {"bom.txt", "\xEF\xBB\xBF(Transform \"AffineTransform\")\n(NumberOfParameters 6)\n"
+	                "(TransformParameters 1.1 0.2 -0.1 0.9 3 4)\n"
+	                "(CenterOfRotationPoint 10 10)\n"},
+	};
+	for (size_t i = 0; i < sizeof files / sizeof files[0]; i++) {
+		const char *p = fixture(files[i][0], files[i][1]);
+		CHECK(sf_transform_load(p, NULL, &t, &e) == SF_OK, "%s with a BOM: %s", files[i][0],
+		      e.msg);
+		CHECK_MAP(&t.map, x, y, ax, ay, 1e-9, "a BOM changes nothing");
+		sf_transform_release(&t);
+	}
+	fixture("w0.txt", "(Transform \"AffineTransform\")\n(NumberOfParameters 6)\n"
+	                  "(TransformParameters 1.1 0.2 -0.1 0.9 3 4)\n"
+	                  "(CenterOfRotationPoint 10 10)\n");
+	const char *w1 = fixture("w1.txt", "(Transform \"TranslationTransform\")\n"
+	                                   "(NumberOfParameters 2)\n(TransformParameters 5 -7)\n"
+	                                   "(InitialTransformParametersFileName "
+	                                   "\"C:\\Users\\me\\elastix_out\\w0.txt\")\n");
+	CHECK(sf_transform_load(w1, NULL, &t, &e) == SF_OK, "windows path in a chain: %s", e.msg);
+	CHECK_MAP(&t.map, x, y, ax + 5, ay - 7, 1e-9, "chain through a windows path");
+	sf_transform_release(&t);
+}
+
 int main(void)
 {
 	snprintf(dir, sizeof dir, "/tmp/sf_transform_XXXXXX");
@@ -832,6 +870,7 @@ int main(void)
 	test_metaimage();
 	test_special_files();
 	test_wsireg();
+	test_windows_files();
 	for (int i = nmade - 1; i >= 0; i--)
 		unlink(made[i]);
 	char sub[128];
