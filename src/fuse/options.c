@@ -14,6 +14,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "scopefs/log.h"
@@ -553,6 +554,26 @@ static int check_log_path(sf_options *o, const char *raw, sf_err *e)
 	return set_string(&o->log_path, log, e, "log");
 }
 
+/* transforms= must name a folder.  A typo would otherwise mount without a
+ * word, and with reg=auto scopefs would register every slide itself instead
+ * of using the user's transforms.  Kept absolute: the daemon leaves the
+ * working folder when it detaches, and files are looked up after that. */
+static int check_transforms_dir(sf_options *o, sf_err *e)
+{
+	char dir[PATH_MAX];
+	struct stat st;
+
+	if (!o->transforms)
+		return SF_OK;
+	if (!realpath(o->transforms, dir) || stat(dir, &st) != 0)
+		return sf_fail(e, SF_EINVAL, "option 'transforms': '%s': %s", o->transforms,
+		               strerror(errno));
+	if (!S_ISDIR(st.st_mode))
+		return sf_fail(e, SF_EINVAL, "option 'transforms': '%s' is not a folder",
+		               o->transforms);
+	return set_string(&o->transforms, dir, e, "transforms");
+}
+
 static int check_paths(sf_options *o, sf_err *e)
 {
 	char raw[PATH_MAX], cache[PATH_MAX];
@@ -570,6 +591,8 @@ static int check_paths(sf_options *o, sf_err *e)
 		               "never written to",
 		               o->cache_dir, raw);
 	rc = check_log_path(o, raw, e);
+	if (rc == SF_OK)
+		rc = check_transforms_dir(o, e);
 	if (rc != SF_OK)
 		return rc;
 	if (set_string(&o->raw_dir, raw, e, "RAW_DIR") != SF_OK)

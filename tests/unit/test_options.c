@@ -44,6 +44,33 @@ static void test_cli(const char *raw, const char *cache)
 	CHECK(o.reference && !strcmp(o.reference, "b"), "reference kept");
 	sf_options_free(&o);
 
+	/* transforms= must be a folder (a typo mounted silently and let reg=auto
+	 * register every slide instead), and is kept absolute */
+	snprintf(opt, sizeof opt, "cache=%s,transforms=%s/no-such-dir", cache, raw);
+	const char *tf_missing[] = {"scopefs", "-o", opt, raw, "/mnt"};
+	CHECK(parse(&o, &e, 5, tf_missing) == SF_EINVAL && strstr(e.msg, "'transforms'") &&
+	          strstr(e.msg, "no-such-dir"),
+	      "missing transforms folder refused: %s", e.msg);
+	sf_options_free(&o);
+	char cwd[512], rel[600];
+	snprintf(rel, sizeof rel, "%s/x.txt", raw);
+	FILE *f = fopen(rel, "w");
+	if (f)
+		fclose(f);
+	snprintf(opt, sizeof opt, "cache=%s,transforms=%s", cache, rel);
+	const char *tf_file[] = {"scopefs", "-o", opt, raw, "/mnt"};
+	CHECK(parse(&o, &e, 5, tf_file) == SF_EINVAL && strstr(e.msg, "not a folder"),
+	      "a file as transforms refused: %s", e.msg);
+	sf_options_free(&o);
+	unlink(rel);
+	CHECK(getcwd(cwd, sizeof cwd) != NULL && chdir(raw) == 0, "chdir");
+	snprintf(opt, sizeof opt, "cache=%s,transforms=.", cache);
+	const char *tf_rel[] = {"scopefs", "-o", opt, raw, "/mnt"};
+	CHECK(parse(&o, &e, 5, tf_rel) == SF_OK && o.transforms && o.transforms[0] == '/',
+	      "transforms kept absolute: %s", o.transforms ? o.transforms : e.msg);
+	sf_options_free(&o);
+	CHECK(chdir(cwd) == 0, "chdir back");
+
 	const char *unknown[] = {"scopefs", "-o", "bogus=1", raw, "/mnt"};
 	CHECK(parse(&o, &e, 5, unknown) == SF_EINVAL && strstr(e.msg, "bogus"),
 	      "unknown option named: %s", e.msg);
