@@ -4,10 +4,12 @@
  * cannot be used is left out with a reason (a problem) and the scan goes on;
  * the detection rules are in docs/dataset.md:
  *  - a folder (RAW_DIR itself or a direct subfolder) whose TIFF files are all
- *    single-page, untiled, of one size and type, two or more of them, is a
- *    stack of planes (sorted by name);
+ *    single-page (plain or OME), untiled, of one size and type, two or more
+ *    of them, is a stack of planes (sorted by name);
  *  - a multi-page TIFF whose pages are one size and type, untiled, with no
- *    reduced levels (or OME-XML with SizeZ > 1 and SizeC == 1) is a stack;
+ *    reduced levels (or OME-XML with SizeZ > 1 and SizeC == 1) is a stack,
+ *    unless it is a time series (OME SizeT or ImageJ frames > 1) or a page
+ *    breaks its run of planes: then it is a problem, neither stack nor slide;
  *  - any other TIFF-family file (.tif .tiff .ome.tif .ome.tiff .svs .btf .tf8)
  *    directly in RAW_DIR is a whole-slide image, sorted by name. */
 #ifndef SCOPEFS_DATASET_H

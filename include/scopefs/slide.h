@@ -5,7 +5,9 @@
  * main-chain pages (libvips/OpenSlide layout), an Aperio SVS, or a flat
  * (single-level) TIFF, tiled or in strips.  The same type also describes the
  * planes of a z-stack (a flat TIFF of one page, or a multi-page TIFF whose
- * pages are z-planes and are then reported as channels).
+ * pages are z-planes and are then reported as channels).  The probe also
+ * notes a page that breaks such a run of pages (odd_page), so a z-stack
+ * is not cut short without a word.
  *
  * Probing reads the header only.  Reading uses libtiff, one sf_slide_reader
  * per worker thread (libtiff handles are not shared between threads), and
@@ -57,9 +59,18 @@ typedef struct sf_slide_info {
 	 * lock, so a const sf_slide_info may still be shared between threads.
 	 * NULL: none. */
 	struct sf_tile_share *share;
-	/* SizeC and SizeZ as the file's own metadata states them (OME-XML Pixels, or an ImageJ
-	 * description's channels= / slices=); 0 when the file does not say. */
-	uint32_t stated_c, stated_z;
+	/* SizeC, SizeZ and SizeT as the file's own metadata states them (OME-XML Pixels, or an
+	 * ImageJ description's channels= / slices= / frames=); 0 when the file does not say. */
+	uint32_t stated_c, stated_z, stated_t;
+	/* A main-chain page that breaks the run of channel pages (FLAT and OME layouts; 0:
+	 * none): the first page after the channels that is neither marked reduced
+	 * (NewSubfileType bit 0) nor a thumbnail (at most half of page 0 in both axes),
+	 * when more pages of page 0's size and type follow it or there are two or more
+	 * channels; for OME-XML, the page where the run ends short of SizeC*SizeZ*SizeT.
+	 * odd_page_text says how it differs, e.g. "page 6 is 30x30 uint16, page 0 is
+	 * 32x32 uint16".  The pages after it are not channels. */
+	uint32_t odd_page;
+	char odd_page_text[128];
 } sf_slide_info;
 
 /* Read the header of path and describe it.  Fails with SF_EFORMAT and a

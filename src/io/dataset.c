@@ -4,9 +4,11 @@
  *   - names starting with '.' are ignored, and so is every file without a
  *     TIFF-family extension (sf_file_stem's list);
  *   - a folder (RAW_DIR or a direct subfolder) whose TIFF files are all
- *     plane-like (one page, one level, untiled, one sample) and of one size
+ *     plane-like (one page, one level, untiled, one sample; plain or OME) and of one size
  *     and type, two or more of them, is a stack of planes;
- *   - a TIFF directly in RAW_DIR that is a multi-page stack file is a stack;
+ *   - a TIFF directly in RAW_DIR that is a multi-page stack file is a stack,
+ *     unless it is a time series or a page breaks its run of planes (then
+ *     it is a problem);
  *   - any other TIFF directly in RAW_DIR is a whole-slide image.
  * Invariants:
  *  - nothing is ever written, and no symbolic link is followed to a target
@@ -252,10 +254,12 @@ typedef struct probed {
 	sf_err err;
 } probed;
 
+/* One page, one level, untiled, one sample: a plain TIFF or a one-page
+ * OME-TIFF (Micro-Manager and others write a folder of those). */
 static int plane_like(const sf_slide_info *s)
 {
-	return s->kind == SF_SLIDE_FLAT && s->channels == 1 && s->level_count == 1 && !s->tiled &&
-	       s->samples == 1;
+	return (s->kind == SF_SLIDE_FLAT || s->kind == SF_SLIDE_OME) && s->channels == 1 &&
+	       s->level_count == 1 && !s->tiled && s->samples == 1;
 }
 
 static int same_plane_shape(const sf_slide_info *a, const sf_slide_info *b)
@@ -263,14 +267,40 @@ static int same_plane_shape(const sf_slide_info *a, const sf_slide_info *b)
 	return a->width == b->width && a->height == b->height && a->dtype == b->dtype;
 }
 
-/* A multi-page file whose pages are z-planes (docs/dataset.md, rule 3). */
-static int is_stack_file(const sf_slide_info *s)
+/* A file whose pages would be z-planes (docs/dataset.md, rule 2): one
+ * sample, and OME-XML with SizeZ > 1 and SizeC <= 1, or no OME-XML, FLAT,
+ * untiled and not stating channels; with two or more planes, or a page that
+ * breaks their run (then it is a stack that cannot be served). */
+static int stack_candidate(const sf_slide_info *s)
 {
-	if (s->samples != 1 || s->channels < 2)
+	if (s->samples != 1 || (s->channels < 2 && !s->odd_page))
 		return 0;
 	if (s->is_ome)
 		return s->stated_z > 1 && s->stated_c <= 1;
 	return s->kind == SF_SLIDE_FLAT && s->level_count == 1 && !s->tiled && s->stated_c <= 1;
+}
+
+/* Why a stack candidate cannot be served as one z-stack; NULL if it can.
+ * name is the file name; writes into buf. */
+static const char *stack_file_fault(const sf_slide_info *s, const char *name, char *buf, size_t cap)
+{
+	if (s->stated_t > 1) {
+		/* Its pages hold several z-stacks; taken as one, the time points
+		 * would be deconvolved into each other. */
+		snprintf(buf, cap,
+		         "%s is a time series (%s=%u): deconvolved/ takes one z-stack per file; "
+		         "split the time points into files or folders",
+		         name, s->is_ome ? "SizeT" : "frames", s->stated_t);
+		return buf;
+	}
+	if (s->odd_page) {
+		snprintf(buf, cap,
+		         "%s: %s; the pages of a stack file must all have one size and type "
+		         "(only reduced-resolution pages and thumbnails may follow them)",
+		         name, s->odd_page_text);
+		return buf;
+	}
+	return NULL;
 }
 
 static const char *shape_text(const sf_slide_info *s, char *buf, size_t cap)
@@ -279,7 +309,7 @@ static const char *shape_text(const sf_slide_info *s, char *buf, size_t cap)
 	return buf;
 }
 
-/* Why a good file cannot be a plane of a stack folder. */
+/* Why a good file cannot be a plane of a stack folder (not plane_like). */
 static const char *not_plane_reason(const sf_slide_info *s)
 {
 	if (s->tiled)
@@ -288,7 +318,11 @@ static const char *not_plane_reason(const sf_slide_info *s)
 		return "has 3 samples per pixel (RGB)";
 	if (s->level_count > 1)
 		return "is a pyramid";
-	return "has several pages";
+	if (s->channels > 1)
+		return "has several pages";
+	if (s->kind == SF_SLIDE_SVS)
+		return "is an Aperio SVS slide";
+	return "is not a plain 2D image";
 }
 
 /* The index of a plane whose shape most planes share (Boyer-Moore vote),
@@ -510,6 +544,26 @@ static int root_is_plane_folder(const probed *files, uint32_t n)
 	return good >= 2;
 }
 
+/* A stack candidate directly in RAW_DIR: a stack, or a problem saying why
+ * not.  Takes *info when it becomes a stack. */
+static int add_stack_file(sf_dataset *d, const dir_entry *it, sf_slide_info **info)
+{
+	char why[400];
+	const char *fault = stack_file_fault(*info, it->name, why, sizeof why);
+	if (fault)
+		return add_problem(d, it->path, "%s", fault);
+	char *stem = sf_file_stem(it->name);
+	if (!stem)
+		return SF_ENOMEM;
+	int rc;
+	if (stack_name_taken(d, stem))
+		rc = add_problem(d, it->path, "stack name '%s' is already used", stem);
+	else
+		rc = add_file_stack(d, stem, info);
+	free(stem);
+	return rc;
+}
+
 /* bad_links: image-named links the listing left out (already problems);
  * a plane folder with such a hole is not served. */
 static int scan_root_files(sf_dataset *d, probed *files, uint32_t n, uint32_t bad_links)
@@ -528,16 +582,8 @@ static int scan_root_files(sf_dataset *d, probed *files, uint32_t n, uint32_t ba
 		int rc;
 		if (!files[i].info) {
 			rc = add_problem(d, it->path, "%s", files[i].err.msg);
-		} else if (is_stack_file(files[i].info)) {
-			char *stem = sf_file_stem(it->name);
-			if (!stem)
-				return SF_ENOMEM;
-			if (stack_name_taken(d, stem))
-				rc = add_problem(d, it->path, "stack name '%s' is already used",
-				                 stem);
-			else
-				rc = add_file_stack(d, stem, &files[i].info);
-			free(stem);
+		} else if (stack_candidate(files[i].info)) {
+			rc = add_stack_file(d, it, &files[i].info);
 		} else {
 			rc = add_slide(d, it, &files[i].info);
 		}

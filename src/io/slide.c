@@ -829,6 +829,60 @@ static uint32_t leading_channels(const probe *pr, uint32_t limit)
 	return n;
 }
 
+/* "30x30 uint16" for page p; several samples as "3x uint8". */
+static void page_shape_text(const page_desc *p, char *buf, size_t cap)
+{
+	const char *kind = p->sample_format == SAMPLEFORMAT_INT      ? "int"
+	                   : p->sample_format == SAMPLEFORMAT_IEEEFP ? "float"
+	                                                             : "uint";
+	if (p->spp == 1)
+		snprintf(buf, cap, "%ux%u %s%u", p->width, p->height, kind, p->bps);
+	else
+		snprintf(buf, cap, "%ux%u %ux %s%u", p->width, p->height, p->spp, kind, p->bps);
+}
+
+/* Page p may follow the planes without being one of them: a page marked
+ * reduced-resolution, or a thumbnail (at most half of page 0 in both axes). */
+static int is_extra_page(const page_desc *p0, const page_desc *p)
+{
+	return (p->subfile_type & FILETYPE_REDUCEDIMAGE) ||
+	       ((uint64_t)p->width * 2 <= p0->width && (uint64_t)p->height * 2 <= p0->height);
+}
+
+/* FLAT layout: the first page after the channels that breaks the run of
+ * planes, or 0.  With one channel, an odd page counts only when pages of
+ * page 0's shape follow it (a plane followed by a label is a plain image). */
+static uint32_t flat_odd_page(const probe *pr)
+{
+	const page_desc *p0 = &pr->pages[0];
+	for (uint32_t i = pr->channels; i < pr->page_count; i++) {
+		if (is_extra_page(p0, &pr->pages[i]))
+			continue;
+		if (pr->channels >= 2)
+			return i;
+		for (uint32_t j = i + 1; j < pr->page_count; j++)
+			if (same_shape(p0, &pr->pages[j]) && !is_extra_page(p0, &pr->pages[j]))
+				return i;
+		return 0;
+	}
+	return 0;
+}
+
+static void note_odd_page(sf_slide_info *s, const probe *pr, uint32_t i)
+{
+	char odd[48], first[48]; /* at most "4294967295x4294967295 65535x float65535" */
+	s->odd_page = i;
+	page_shape_text(&pr->pages[i], odd, sizeof odd);
+	page_shape_text(&pr->pages[0], first, sizeof first);
+	if (strcmp(odd, first) == 0) /* same size and sample type, other layout */
+		snprintf(s->odd_page_text, sizeof s->odd_page_text,
+		         "page %u is stored unlike page 0 (%s, other photometric or planar layout)",
+		         i, odd);
+	else
+		snprintf(s->odd_page_text, sizeof s->odd_page_text, "page %u is %s, page 0 is %s",
+		         i, odd, first);
+}
+
 /* Level 0 made of main pages 0..channels-1. */
 static int level0_from_pages(probe *pr)
 {
@@ -1264,9 +1318,11 @@ static int choose_layout(probe *pr, sf_slide_info *s, const char *desc, sf_err *
 	if (has_ome) {
 		s->stated_c = ome.size_c;
 		s->stated_z = ome.size_z;
+		s->stated_t = ome.size_t_;
 	} else if (desc && strncmp(desc, "ImageJ=", 7) == 0) {
 		s->stated_c = imagej_value(desc, "channels");
 		s->stated_z = imagej_value(desc, "slices");
+		s->stated_t = imagej_value(desc, "frames");
 	}
 	int is_svs = !has_ome && desc && strncmp(desc, "Aperio", 6) == 0;
 	if (is_svs) {
@@ -1280,6 +1336,8 @@ static int choose_layout(probe *pr, sf_slide_info *s, const char *desc, sf_err *
 		                      ? (uint64_t)ome.size_c * ome.size_z * ome.size_t_
 		                      : 0;
 		pr->channels = leading_channels(pr, planes > UINT32_MAX ? 0 : (uint32_t)planes);
+		if (planes && pr->channels < planes && pr->channels < pr->page_count)
+			note_odd_page(s, pr, pr->channels);
 		s->kind = SF_SLIDE_OME;
 		rc = level0_from_pages(pr);
 		if (rc)
@@ -1289,10 +1347,15 @@ static int choose_layout(probe *pr, sf_slide_info *s, const char *desc, sf_err *
 			goto out;
 	} else {
 		pr->channels = leading_channels(pr, 0);
+		/* Pages that come back to page 0's shape after an odd one are a
+		 * broken run of planes, not a pyramid (levels never grow back). */
+		uint32_t odd = flat_odd_page(pr);
 		rc = level0_from_pages(pr);
-		if (!rc && pr->channels == 1)
+		if (!rc && pr->channels == 1 && !odd)
 			rc = levels_from_pages(pr, 0);
 		s->kind = pr->level_count > 1 ? SF_SLIDE_PAGES : SF_SLIDE_FLAT;
+		if (odd)
+			note_odd_page(s, pr, odd);
 	}
 	if (rc)
 		goto out_nomem;

@@ -1,6 +1,7 @@
 /* test_dataset.c — sf_dataset_scan on folders built here with libtiff:
  * slides, plane folders, multi-page stacks, bad files, ignored files, the
- * root-is-a-plane-folder case and mismatched planes; and sf_file_stem. */
+ * root-is-a-plane-folder case and mismatched planes; time series and stack
+ * files with an odd page; one-page OME planes; and sf_file_stem. */
 #include <dirent.h>
 #include <fcntl.h>
 #include <ftw.h>
@@ -24,6 +25,8 @@ static char *path_of(const char *fmt, const char *a, const char *b)
 	static int next;
 	char *p = buf[next++ % 8];
 	char rel[256];
+	/* fmt uses up to two %s; the unused arguments are ignored. */
+	/* cppcheck-suppress wrongPrintfScanfArgNum */
 	snprintf(rel, sizeof rel, fmt, a, b);
 	snprintf(p, 512, "%s/%s", base, rel);
 	return p;
@@ -90,6 +93,23 @@ static void write_file(const char *path, const page *p, int pages)
 			ok = write_page(tif, &sub, FILETYPE_REDUCEDIMAGE);
 		}
 	}
+	if (tif)
+		TIFFClose(tif);
+	CHECK(ok, "write %s", path);
+}
+
+/* n pages of p, except page odd_at (if < n), which is *odd written with
+ * NewSubfileType odd_subfile; p->desc goes on page 0 only. */
+static void write_run(const char *path, const page *p, int n, int odd_at, const page *odd,
+                      uint32_t odd_subfile)
+{
+	TIFF *tif = TIFFOpen(path, "w");
+	int ok = tif != NULL;
+	page rest = *p;
+	rest.desc = NULL;
+	for (int i = 0; ok && i < n; i++)
+		ok = i == odd_at ? write_page(tif, odd, odd_subfile)
+		                 : write_page(tif, i == 0 ? p : &rest, 0);
 	if (tif)
 		TIFFClose(tif);
 	CHECK(ok, "write %s", path);
@@ -351,6 +371,137 @@ static void test_root_is_plane_folder(void)
 	sf_dataset_free(d);
 }
 
+/* Files that look like z-stacks but are not one: time series (OME SizeT,
+ * ImageJ frames) and files whose run of planes is broken by an odd page are
+ * problems naming the file and the reason; trailing thumbnails and reduced
+ * pages are fine; a folder of one-page OME-TIFFs is a plane folder. */
+static void test_stack_inputs(void)
+{
+	reset_base();
+	page small = {.w = 32, .h = 32, .bps = 16};
+	page ij_tz = small;
+	ij_tz.desc = "ImageJ=1.11a\nimages=10\nslices=5\nframes=2\nhyperstack=true\n";
+	write_file(path_of("ij_tz.tif", 0, 0), &ij_tz, 10);
+	page ome_tz = small;
+	ome_tz.desc = "<OME><Image><Pixels SizeX=\"32\" SizeY=\"32\" SizeC=\"1\" SizeZ=\"5\" "
+	              "SizeT=\"2\" Type=\"uint16\"/></Image></OME>";
+	write_file(path_of("ome_tz.ome.tif", 0, 0), &ome_tz, 10);
+	page ome_cz = small;
+	ome_cz.desc = "<OME><Image><Pixels SizeX=\"32\" SizeY=\"32\" SizeC=\"2\" SizeZ=\"3\" "
+	              "SizeT=\"1\" Type=\"uint16\"/></Image></OME>";
+	write_file(path_of("ome_cz.ome.tif", 0, 0), &ome_cz, 6); /* channels: a slide */
+	page odd_size = {.w = 30, .h = 30, .bps = 16};
+	page odd_type = {.w = 32, .h = 32, .bps = 8};
+	page thumb = {.w = 8, .h = 8, .bps = 8};
+	page reduced = {.w = 24, .h = 20, .bps = 16};
+	page label = {.w = 40, .h = 40, .bps = 8};
+	write_run(path_of("mid_size.tif", 0, 0), &small, 10, 6, &odd_size, 0);
+	write_run(path_of("mid_type.tif", 0, 0), &small, 8, 4, &odd_type, 0);
+	write_run(path_of("second.tif", 0, 0), &small, 5, 1, &odd_size, 0);
+	write_run(path_of("last.tif", 0, 0), &small, 6, 5, &odd_size, 0);
+	write_run(path_of("thumb.tif", 0, 0), &small, 9, 8, &thumb, 0);
+	write_run(path_of("reduced.tif", 0, 0), &small, 7, 6, &reduced, FILETYPE_REDUCEDIMAGE);
+	write_run(path_of("labelled.tif", 0, 0), &small, 2, 1, &label, 0);
+	page ome_z = small;
+	ome_z.desc = "<OME><Image><Pixels SizeX=\"32\" SizeY=\"32\" SizeC=\"1\" SizeZ=\"5\" "
+	             "SizeT=\"1\" Type=\"uint16\"/></Image></OME>";
+	write_run(path_of("ome_odd.ome.tif", 0, 0), &ome_z, 5, 3, &odd_type, 0);
+	make_dir(path_of("omeplanes", 0, 0));
+	page ome_plane = small;
+	ome_plane.desc = "<OME><Image><Pixels SizeX=\"32\" SizeY=\"32\" SizeC=\"1\" SizeZ=\"1\" "
+	                 "SizeT=\"1\" Type=\"uint16\"/></Image></OME>";
+	for (int i = 2; i >= 0; i--) {
+		char name[32];
+		snprintf(name, sizeof name, "img_%04d.ome.tif", i);
+		write_file(path_of("omeplanes/%s", name, 0), &ome_plane, 1);
+	}
+	make_dir(path_of("twopage", 0, 0));
+	write_file(path_of("twopage/z1.tif", 0, 0), &small, 1);
+	write_file(path_of("twopage/z2.tif", 0, 0), &small, 2);
+	make_dir(path_of("svsplanes", 0, 0));
+	page svs = small;
+	svs.desc = "Aperio Image Library v12\n32x32 |MPP = 0.5";
+	write_file(path_of("svsplanes/z1.tif", 0, 0), &small, 1);
+	write_file(path_of("svsplanes/z2.svs", 0, 0), &svs, 1);
+
+	sf_slide_info *s = NULL;
+	sf_err e = {0};
+	CHECK(sf_slide_probe(path_of("ij_tz.tif", 0, 0), &s, &e) == SF_OK && s->stated_t == 2 &&
+	          s->stated_z == 5 && s->odd_page == 0,
+	      "probe ij_tz: %s", e.msg);
+	sf_slide_info_free(s);
+	CHECK(sf_slide_probe(path_of("ome_tz.ome.tif", 0, 0), &s, &e) == SF_OK &&
+	          s->stated_t == 2 && s->stated_z == 5 && s->channels == 10,
+	      "probe ome_tz: %s", e.msg);
+	sf_slide_info_free(s);
+	CHECK(sf_slide_probe(path_of("mid_size.tif", 0, 0), &s, &e) == SF_OK && s->channels == 6 &&
+	          s->odd_page == 6 &&
+	          strcmp(s->odd_page_text, "page 6 is 30x30 uint16, page 0 is 32x32 uint16") == 0,
+	      "probe mid_size: %s / %s", e.msg, s ? s->odd_page_text : "");
+	sf_slide_info_free(s);
+	CHECK(sf_slide_probe(path_of("thumb.tif", 0, 0), &s, &e) == SF_OK && s->channels == 8 &&
+	          s->odd_page == 0,
+	      "probe thumb: %s odd %u", e.msg, s ? s->odd_page : 0);
+	sf_slide_info_free(s);
+
+	sf_dataset *d = NULL;
+	int rc = sf_dataset_scan(base, &d, &e);
+	CHECK(rc == SF_OK, "stack inputs: scan: %s", e.msg);
+	if (rc)
+		return;
+	const sf_problem *pr;
+	CHECK((pr = find_problem(d, "/ij_tz.tif")) && strstr(pr->reason, "ij_tz.tif") &&
+	          strstr(pr->reason, "time series (frames=2)"),
+	      "ImageJ frames=2: %s", pr ? pr->reason : "(none)");
+	CHECK((pr = find_problem(d, "/ome_tz.ome.tif")) && strstr(pr->reason, "ome_tz.ome.tif") &&
+	          strstr(pr->reason, "time series (SizeT=2)"),
+	      "OME SizeT=2: %s", pr ? pr->reason : "(none)");
+	CHECK((pr = find_problem(d, "/mid_size.tif")) && strstr(pr->reason, "mid_size.tif") &&
+	          strstr(pr->reason, "page 6 is 30x30 uint16, page 0 is 32x32 uint16"),
+	      "odd size page: %s", pr ? pr->reason : "(none)");
+	CHECK((pr = find_problem(d, "/mid_type.tif")) &&
+	          strstr(pr->reason, "page 4 is 32x32 uint8, page 0 is 32x32 uint16"),
+	      "odd type page: %s", pr ? pr->reason : "(none)");
+	CHECK((pr = find_problem(d, "/second.tif")) && strstr(pr->reason, "page 1 is 30x30"),
+	      "odd page 1: %s", pr ? pr->reason : "(none)");
+	CHECK((pr = find_problem(d, "/last.tif")) && strstr(pr->reason, "page 5 is 30x30"),
+	      "odd last page: %s", pr ? pr->reason : "(none)");
+	CHECK((pr = find_problem(d, "/ome_odd.ome.tif")) &&
+	          strstr(pr->reason, "page 3 is 32x32 uint8"),
+	      "OME odd page: %s", pr ? pr->reason : "(none)");
+	const char *gone[] = {"ij_tz",  "ome_tz", "mid_size", "mid_type",
+	                      "second", "last",   "ome_odd"};
+	for (size_t i = 0; i < sizeof gone / sizeof gone[0]; i++) {
+		CHECK(!find_stack(d, gone[i]), "%s must not be a stack", gone[i]);
+		for (uint32_t k = 0; k < d->slide_count; k++)
+			CHECK(strcmp(d->slide_stems[k], gone[i]) != 0, "%s must not be a slide",
+			      gone[i]);
+	}
+	const sf_stack *st = find_stack(d, "thumb");
+	CHECK(st && st->planes == 8, "trailing thumbnail: %u planes, want 8", st ? st->planes : 0);
+	st = find_stack(d, "reduced");
+	CHECK(st && st->planes == 6, "trailing reduced page: %u planes, want 6",
+	      st ? st->planes : 0);
+	CHECK(!find_stack(d, "ome_cz") && !find_problem(d, "/ome_cz.ome.tif"),
+	      "OME SizeC=2 SizeZ=3: a slide");
+	CHECK(!find_stack(d, "labelled") && !find_problem(d, "/labelled.tif"),
+	      "one plane and a label page: a slide");
+	st = find_stack(d, "omeplanes");
+	CHECK(st && st->planes == 3 && !st->multipage && st->width == 32 && st->dtype == SF_U16,
+	      "one-page OME planes: a plane folder");
+	if (st && st->planes == 3)
+		CHECK(strcmp(st->plane_names[0], "img_0000.ome.tif") == 0 &&
+		          strcmp(st->plane_names[2], "img_0002.ome.tif") == 0,
+		      "OME plane names %s %s", st->plane_names[0], st->plane_names[2]);
+	CHECK((pr = find_problem(d, "/twopage")) && strstr(pr->reason, "z2.tif has several pages"),
+	      "two-page plane: %s", pr ? pr->reason : "(none)");
+	CHECK((pr = find_problem(d, "/svsplanes")) && strstr(pr->reason, "z2.svs") &&
+	          !strstr(pr->reason, "several pages"),
+	      "SVS plane: %s", pr ? pr->reason : "(none)");
+	CHECK(d->problem_count == 9, "stack inputs: %u problems, want 9", d->problem_count);
+	sf_dataset_free(d);
+}
+
 static void test_edges(void)
 {
 	reset_base();
@@ -397,6 +548,7 @@ int main(void)
 	test_stems();
 	test_mixed_root();
 	test_root_is_plane_folder();
+	test_stack_inputs();
 	test_edges();
 	nftw(base, remove_entry, 8, FTW_DEPTH | FTW_PHYS);
 	printf("test_dataset: %d passed, %d failed\n", passed, failed);
