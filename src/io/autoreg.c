@@ -250,7 +250,9 @@ typedef struct cached_result {
 	uint32_t fw, fh, has_field, mirrored;
 } cached_result;
 
-#define CACHE_MAGIC 0x3147455241534653ull /* "SFSAREG1" */
+/* "SFSAREG2": scale is the level-0 scale since 2026-11-26 (version 1 held
+ * the thumbnails' scale, which the status then quoted). */
+#define CACHE_MAGIC 0x3247455241534653ull
 
 static int cache_store(sf_autoreg *a, slide_job *j, sf_err *e)
 {
@@ -316,6 +318,15 @@ static int cache_load(sf_autoreg *a, slide_job *j, sf_err *e)
 	j->has_field = (int)c.has_field;
 	j->cached = 1;
 	return SF_OK;
+}
+
+/* The scale of a level-0 matrix (moving pixels per reference pixel), as the
+ * guard's messages quote it.  The fit's own scale is between thumbnails,
+ * whose pixels differ from level 0's whenever the two slides are shrunk by
+ * different factors, so the status quoted 0.65 for a 1.30 fit. */
+static double level0_scale(const double m0[9])
+{
+	return sqrt(fabs(m0[0] * m0[4] - m0[1] * m0[3]));
 }
 
 /* --- the phases ------------------------------------------------------------- */
@@ -576,6 +587,7 @@ static void phase_affine(sf_autoreg *a, uint32_t i)
 		return;
 	}
 	memcpy(j->affine0, t.map.m, sizeof j->affine0);
+	j->r.scale = level0_scale(j->affine0); /* the status quotes this one */
 	sf_transform_release(&t);
 	j->t_affine = now_s() - t0;
 	j->seconds = j->t_affine;
@@ -633,9 +645,21 @@ static const char *chain_matrix(sf_autoreg *a, uint32_t i, double m0[9], char *w
 {
 	memcpy(m0, a->jobs[i].affine0, 9 * sizeof *m0);
 	for (uint32_t j = a->jobs[i].target; j != a->ref; j = a->jobs[j].target) {
-		if (!a->jobs[j].affine_ok) {
-			snprintf(why, n, "rejected: the registration of its neighbour %s failed",
-			         a->d->slide_stems[j]);
+		char link_why[400];
+		double link_m0[9];
+		/* A link whose own fit the guard rejects (a blank or damaged
+		 * section) fails its followers too: say so, rather than report
+		 * their fit against it (0 % overlap) as if it were theirs. */
+		const char *bad = !a->jobs[j].affine_ok ? "it failed" : NULL;
+		if (!bad && (chain_matrix(a, j, link_m0, link_why, sizeof link_why) ||
+		             guard_affine(a, j, &a->jobs[j].r, a->jobs[j].metric, link_m0, link_why,
+		                          sizeof link_why)))
+			bad = link_why;
+		if (bad) {
+			snprintf(why, n,
+			         "rejected: registered in serial order through its neighbour %s, "
+			         "which was not registered (%s)",
+			         a->d->slide_stems[j], bad);
 			return why;
 		}
 		sf_mat3_mul(m0, a->jobs[j].affine0, m0);

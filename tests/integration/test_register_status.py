@@ -1,0 +1,75 @@
+"""What the status says of slides scopefs registers itself.
+
+- reg_order=serial chains each section to its neighbour.  A blank section
+  in the middle is rejected; the section after it, registered through it,
+  must say that its neighbour is the cause (it registers fine directly),
+  not report its own fit against the blank (0 % overlap) as the reason.
+- The scale quoted for a served slide is its level-0 scale, the one its
+  transform file holds, not the scale between the registration thumbnails
+  (which are shrunk by different factors when the slides differ in size)."""
+import json
+import re
+import time
+
+import numpy as np
+import scipy.ndimage as ndi
+
+import gen
+
+
+def rotated(image, deg, shift):
+    """The moving section: image sampled at R(x) + shift (about the centre)."""
+    t = np.deg2rad(deg)
+    rot = np.array([[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]])
+    centre = np.array(image.shape) / 2.0
+    offset = centre - rot @ centre + np.asarray(shift)
+    return ndi.affine_transform(image.astype(np.float64), rot, offset=offset, order=1)
+
+
+def wait_registered(m, timeout=90):
+    end = time.time() + timeout
+    while time.time() < end:
+        states = {s['name']: s['state'] for s in m.status()['slides']}
+        if not any(v.startswith('registering') for v in states.values()):
+            return states
+        time.sleep(0.2)
+    raise AssertionError(states)
+
+
+def test_serial_chain_names_a_rejected_neighbour(scopefs):
+    ref = gen.tissue(600, 700, channels=1, seed=1)[0]
+    s2 = rotated(ref, 6, (12, -8))
+    s3 = rotated(s2, 6, (10, -6))
+    for name, image in (('s1', ref), ('s2', s2), ('s3', s3)):
+        gen.write_ome(scopefs.raw / f'{name}.ome.tif',
+                      gen.pyramid(gen.norm(image.astype(np.uint16)), 2), ['DAPI'])
+    gen.write_ome(scopefs.raw / 's2b.ome.tif',  # blank: sorts between s2 and s3
+                  [gen.norm(np.zeros((600, 700), np.uint16))], ['DAPI'])
+    direct = wait_registered(scopefs.mount(opts={'reference': 's1', 'reg_eager': '1'}))
+    assert direct['s3'].startswith('served'), direct
+    serial = wait_registered(scopefs.mount(opts={'reference': 's1', 'reg_eager': '1',
+                                                 'reg_order': 'serial'}))
+    assert serial['s2'].startswith('served'), serial
+    assert serial['s2b'].startswith('not served: rejected'), serial
+    assert serial['s3'].startswith('not served') and 'neighbour s2b' in serial['s3'], serial
+
+
+def test_served_state_quotes_the_level0_scale(scopefs):
+    ref = gen.tissue(900, 1000, channels=1, seed=4)[0]
+    finer = ndi.zoom(ref.astype(np.float64), 1.3, order=1)  # 1.3x finer pixels
+    gen.write_ome(scopefs.raw / 'ref.ome.tif', gen.pyramid(gen.norm(ref.astype(np.uint16)), 3),
+                  ['DAPI'], pixel_size=0.5)
+    gen.write_ome(scopefs.raw / 'fine.ome.tif',
+                  gen.pyramid(gen.norm(finer.astype(np.uint16)), 4), ['DAPI'],
+                  pixel_size=0.5 / 1.3)
+    # thumbnails of at most 500 px come from different levels: the
+    # reference's level 1 (500 px), the finer slide's level 2 (325 px)
+    m = scopefs.mount(opts={'reference': 'ref', 'reg_eager': '1', 'reg_dim': '500',
+                            'reg_nonrigid_dim': '500'})
+    state = wait_registered(m)['fine']
+    assert state.startswith('served'), state
+    matrix = np.array(json.loads((m.mnt / 'transforms' / 'fine.json').read_text())['matrix'])
+    level0 = np.sqrt(abs(np.linalg.det(matrix[:2, :2])))
+    assert abs(level0 - 1.3) < 0.02, matrix
+    shown = float(re.search(r'scale ([0-9.]+)', state).group(1))
+    assert abs(shown - level0) < 0.005, (state, level0)
