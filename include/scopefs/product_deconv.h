@@ -8,7 +8,9 @@
  *    voxels: real neighbour data inside the volume, a symmetric mirror
  *    (numpy "symmetric") outside it.  Every block's input has the same shape
  *    (edge blocks take a wider halo on their inner side), so a worker keeps
- *    one deconvolution context.
+ *    one deconvolution context.  A NaN or infinite float32 source voxel
+ *    fails every block whose input holds it (SF_EFORMAT naming the plane
+ *    file, the pixel and the value), never a silently blank block.
  *  - "deconv planes": unit = plane * strips + strip of the plane files'
  *    strip TIFF layout; it reads the strip's rows out of the covering blocks
  *    (nested engine reads) and scales them to the output type.

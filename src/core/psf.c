@@ -165,10 +165,23 @@ int sf_psf_fwhm(const sf_psf_optics *o, double *fwhm_xy, double *fwhm_z, sf_err 
 	return SF_OK;
 }
 
-static size_t odd_grid_size(double fwhm, double step)
+/* Largest samples per axis a PSF may have; more means a spacing far below
+ * the resolution (a unit mix-up), not a PSF anyone can deconvolve with. */
+#define PSF_MAX_SAMPLES 4097
+
+/* ceil(2 fwhm / step) made odd, as a double: a tiny step (dxy=1e-300) gives
+ * a count far beyond size_t, so it is bounded (PSF_MAX_SAMPLES) before any
+ * cast; 0 when it exceeds the bound. */
+static size_t odd_grid_size(double fwhm, double step, double *want)
 {
-	size_t n = (size_t)ceil(2.0 * fwhm / step);
-	return n % 2 ? n : n + 1;
+	double n = ceil(2.0 * fwhm / step);
+
+	if (fmod(n, 2.0) == 0.0)
+		n += 1.0;
+	*want = n;
+	if (!(n <= PSF_MAX_SAMPLES))
+		return 0;
+	return (size_t)n;
 }
 
 void sf_psf_free(sf_psf *p)
@@ -187,12 +200,17 @@ int sf_psf_make(const sf_psf_optics *o, sf_psf *out, sf_err *e)
 	if (rc)
 		return rc;
 	double dxy = sf_psf_dxy_corr(o);
-	size_t nxy = odd_grid_size(fxy, dxy), nz = odd_grid_size(fz, o->dz);
-	if (nxy > 4097 || nz > 4097)
+	double want_xy, want_z;
+	size_t nxy = odd_grid_size(fxy, dxy, &want_xy), nz = odd_grid_size(fz, o->dz, &want_z);
+	/* Printed in micrometres: the unit of the dxy and dz options users type
+	 * (the struct holds nm). */
+	if (!nxy || !nz)
 		return sf_fail(e, SF_EINVAL,
-		               "psf: %zu x %zu x %zu samples: dxy=%g or dz=%g is far below the "
-		               "resolution",
-		               nxy, nxy, nz, o->dxy, o->dz);
+		               "psf: %.6g x %.6g x %.6g samples (at most %d per axis): dxy=%g um "
+		               "or dz=%g um is far below the resolution (FWHM %.3g um lateral, "
+		               "%.3g um axial)",
+		               want_xy, want_xy, want_z, PSF_MAX_SAMPLES, o->dxy / 1000.0,
+		               o->dz / 1000.0, fxy / 1000.0, fz / 1000.0);
 	float *v = malloc(nxy * nxy * nz * sizeof *v);
 	if (!v)
 		return sf_fail(e, SF_ENOMEM, "psf: %zu x %zu x %zu values", nxy, nxy, nz);

@@ -147,26 +147,35 @@ static int parse_long(const char *text, long *out)
 
 /* "a:b:c" (or one value for all three axes) into v[3]; ints when as_int,
  * each 0 to 1000000 like any count (a larger one would not fit the int it
- * is stored in). */
+ * is stored in).  Every field must hold a number: an empty one (":2.5",
+ * "1::2", "1:2:3:") is an error, not skipped, so a typo never silently
+ * becomes one value for all three axes. */
 static int parse_triple(const char *text, double v[3], int as_int)
 {
-	char buf[128], *save = NULL, *tok;
+	char buf[128];
+	char *field = buf;
 	int n = 0;
 
 	if (strlen(text) >= sizeof buf)
 		return SF_EINVAL;
 	strcpy(buf, text);
-	for (tok = strtok_r(buf, ":", &save); tok; tok = strtok_r(NULL, ":", &save)) {
+	for (;;) {
+		char *colon = strchr(field, ':');
 		long l;
 
+		if (colon)
+			*colon = '\0';
 		if (n == 3)
 			return SF_EINVAL;
 		if (as_int) {
-			if (parse_long(tok, &l) != SF_OK || l < 0 || l > 1000000)
+			if (parse_long(field, &l) != SF_OK || l < 0 || l > 1000000)
 				return SF_EINVAL;
 			v[n++] = (double)l;
-		} else if (parse_double(tok, &v[n++]) != SF_OK)
+		} else if (parse_double(field, &v[n++]) != SF_OK)
 			return SF_EINVAL;
+		if (!colon)
+			break;
+		field = colon + 1;
 	}
 	if (n == 1)
 		v[1] = v[2] = v[0];
@@ -378,22 +387,26 @@ void sf_deconv_settings_resolve(sf_deconv_settings *s)
 {
 	sf_deconv_params *p = &s->params;
 	double centre = 1.0;
+	int filtered = 0;
 
 	if (!s->have_denoise)
 		return;
+	/* The centre of a unit impulse through the separable pre-filter: the
+	 * product of each filtered axis's centre tap.  An axis with sigma 0 is
+	 * not filtered (sf_deconv_block skips it), so it contributes 1. */
 	for (int a = 0; a < 3; a++) {
 		double sigma = p->gaussian_sigma[a], sum = 0.0;
 		int radius = (p->gaussian_filter_size[a] - 1) / 2;
 
-		if (!(sigma > 0)) {
-			centre = 0.0; /* no pre-filter: LsDeconv subtracts nothing */
-			break;
-		}
+		if (!(sigma > 0))
+			continue;
+		filtered = 1;
 		for (int k = -radius; k <= radius; k++)
 			sum += exp(-(double)k * k / (2.0 * sigma * sigma));
 		centre /= sum;
 	}
-	p->dark = s->denoise_strength * centre;
+	/* No pre-filter at all: LsDeconv subtracts nothing. */
+	p->dark = filtered ? s->denoise_strength * centre : 0.0;
 }
 
 int sf_deconv_settings_check(const sf_deconv_settings *s, const char *origin, sf_err *e)
@@ -983,9 +996,38 @@ static int plane_reader(const blocks *b, blocks_worker *w, uint32_t file, sf_err
 	return sf_slide_reader_open(b->stack->plane_info[file], &w->reader, e);
 }
 
+/* Whether any of the n float32 samples at src is NaN or infinite (exponent
+ * bits all ones).  Fixed chunks of 8 let the compiler vectorise the test at
+ * -O2: 0.2 ns a sample on this VM's EPYC, after a 0.07 ns copy, against
+ * 0.56 for one loop that copies and tests (0.4-0.6 for the uint16
+ * conversion). */
+static int any_non_finite(const uint8_t *src, size_t n)
+{
+	const uint32_t exponent = 0x7f800000u;
+	uint32_t bad = 0;
+	size_t i = 0;
+
+	for (; i + 8 <= n; i += 8) {
+		uint32_t bits[8];
+
+		memcpy(bits, src + i * sizeof bits[0], sizeof bits);
+		for (int k = 0; k < 8; k++)
+			bad |= (uint32_t)((bits[k] & exponent) == exponent);
+	}
+	for (; i < n; i++) {
+		uint32_t bits;
+
+		memcpy(&bits, src + i * sizeof bits, sizeof bits);
+		bad |= (uint32_t)((bits & exponent) == exponent);
+	}
+	return bad != 0;
+}
+
 /* Source samples [0, n) of type t at src, as float, into dst: one loop per
- * type over consecutive samples, no switch or index map per sample. */
-static void convert_run(const uint8_t *src, sf_dtype t, size_t n, float *dst)
+ * type over consecutive samples, no switch or index map per sample.  Returns
+ * the index of the first NaN or infinite float32 sample, n when all are
+ * finite (integer samples always are, and are not tested). */
+static size_t convert_run(const uint8_t *src, sf_dtype t, size_t n, float *dst)
 {
 	if (t == SF_U8)
 		for (size_t i = 0; i < n; i++)
@@ -995,8 +1037,14 @@ static void convert_run(const uint8_t *src, sf_dtype t, size_t n, float *dst)
 
 		for (size_t i = 0; i < n; i++)
 			dst[i] = s16[i];
-	} else
+	} else {
 		memcpy(dst, src, n * sizeof(float));
+		if (any_non_finite(src, n))
+			for (size_t i = 0; i < n; i++)
+				if (!isfinite(dst[i]))
+					return i;
+	}
+	return n;
 }
 
 /* w->map[0] as runs of consecutive source columns, relative to lo. */
@@ -1015,6 +1063,24 @@ static void make_runs(blocks_worker *w, uint32_t n, uint32_t lo)
 			r->len++;
 		i += r->len;
 	}
+}
+
+/* A NaN or infinite sample in a float32 plane: deconvolution would spread
+ * it over every block whose window holds it (NaN, or 0 once converted to
+ * integers), so the block fails with the plane and the pixel named. */
+static int non_finite_error(const sf_stack *st, uint32_t z, uint32_t x, uint32_t y, float v,
+                            sf_err *e)
+{
+	const char *what = isnan(v) ? "NaN" : v > 0 ? "inf" : "-inf";
+
+	if (st->multipage)
+		return sf_fail(e, SF_EFORMAT,
+		               "%s: page %u, pixel (x %u, y %u) is %s; deconvolution needs finite "
+		               "values",
+		               st->plane_info[0]->path, z + 1, x, y, what);
+	return sf_fail(e, SF_EFORMAT,
+	               "%s: pixel (x %u, y %u) is %s; deconvolution needs finite values",
+	               st->plane_info[z]->path, x, y, what);
 }
 
 /* Fill w->in with the block's input window from the planes: per plane, the
@@ -1065,9 +1131,12 @@ static int read_window(const blocks *b, blocks_worker *w, const int64_t start[3]
 
 			for (uint32_t r = 0; r < w->run_count; r++) {
 				const x_run *x = &w->runs[r];
+				size_t at = convert_run(row + (size_t)x->src * sb, st->dtype,
+				                        x->len, out + x->at);
 
-				convert_run(row + (size_t)x->src * sb, st->dtype, x->len,
-				            out + x->at);
+				if (at < x->len)
+					return non_finite_error(st, z, w->map[0][x->at + at],
+					                        w->map[1][j], out[x->at + at], e);
 			}
 		}
 	}
@@ -1844,6 +1913,44 @@ static sf_key planes_key(const sf_product *bp, const planes *pl)
 	return sf_key_mix_u64(k, s->scale > 0 ? 0 : s->scale_sample);
 }
 
+/* Voxels all the blocks' input windows hold: the work a grid costs. */
+static double grid_window_voxels(const grid *g)
+{
+	return (double)g->count[0] * g->count[1] * g->count[2] * g->in[0] * g->in[1] * g->in[2];
+}
+
+/* Small cores come from a small mem (the default 128M gives 64^3 for the
+ * default PSF and filter): say which mem gives the largest cores, but only
+ * when those cores need fewer window voxels than now (a stack that is one
+ * block already, or whose mem already allows them, gets no advice). */
+static void warn_small_cores(const char *name, const sf_stack *st, const sf_deconv_settings *s,
+                             const blocks *b, double windows)
+{
+	grid best;
+	uint32_t in[3];
+	uint64_t need, unit;
+	const char *suffix;
+
+	grid_make(&best, st, s, &b->psf, UINT64_MAX);
+	if (!(grid_window_voxels(&best) < grid_window_voxels(&b->g)))
+		return;
+	/* The mem grid_make needs to pick BLOCK_EDGE_MAX: twice its working set. */
+	for (int a = 0; a < 3; a++)
+		in[a] = (BLOCK_EDGE_MAX < best.dim[a] ? BLOCK_EDGE_MAX : best.dim[a]) +
+		        2 * best.halo[a];
+	need = 2 * working_set(in, &b->psf, s->params.accelerate);
+	unit = need >= (1ull << 30) ? 1ull << 30 : 1ull << 20;
+	suffix = unit == 1ull << 30 ? "G" : "M";
+	sf_log(SF_LOG_WARN,
+	       "%s: the halo makes every block %.1fx its voxels; mem=%llu%s (cores %ux%ux%u, "
+	       "%.2fx) or deconv_block=N computes %.1fx fewer voxels",
+	       name, windows, (unsigned long long)((need + unit - 1) / unit), suffix, best.core[0],
+	       best.core[1], best.core[2],
+	       (double)best.in[0] * best.in[1] * best.in[2] /
+	           ((double)best.core[0] * best.core[1] * best.core[2]),
+	       grid_window_voxels(&b->g) / grid_window_voxels(&best));
+}
+
 int sf_product_deconv_create(const sf_stack *st, const sf_deconv_settings *s,
                              const sf_layout *plane_layout, sf_engine *const *engine,
                              const char *cache_dir, uint64_t mem_bytes, sf_product **blocks_out,
@@ -1909,14 +2016,8 @@ int sf_product_deconv_create(const sf_stack *st, const sf_deconv_settings *s,
 		       p->name, g->count[0], g->count[1], g->count[2], g->core[0], g->core[1],
 		       g->core[2], g->halo[0], g->halo[1], g->halo[2], pl->b->psf.nx, pl->b->psf.ny,
 		       pl->b->psf.nz, windows);
-		/* Small cores come from a small mem (the default 128M gives 64^3
-		 * for the default PSF and filter): say how to do better. */
 		if (windows > 2.0 && !s->block)
-			sf_log(SF_LOG_WARN,
-			       "%s: the halo makes every block %.1fx its voxels; a larger mem "
-			       "(e.g. mem=8G: 256^3 cores, 1.45x) or deconv_block=N computes far "
-			       "less",
-			       p->name, windows);
+			warn_small_cores(p->name, st, s, pl->b, windows);
 	}
 	*blocks_out = bp;
 	*planes_out = p;

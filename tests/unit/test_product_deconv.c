@@ -128,6 +128,64 @@ static void test_lsdeconv_switches(void)
 	      "convert_to_16bit=1 is dtype uint16");
 }
 
+/* denoise_strength with a pre-filter on some axes only: an axis with sigma 0
+ * is not filtered and contributes no factor, so dark = N x the product of
+ * the filtered axes' centre taps (docs/deconvolution.md 7.3).  It used to
+ * give dark 0 as soon as one sigma was 0.  Oracle: the centre tap of a
+ * normalised 13-tap Gaussian of sigma 0.5, 1 / sum_k exp(-k^2 / 0.5) =
+ * 0.78657 (numpy), squared for x and y. */
+static void test_denoise_partial_prefilter(void)
+{
+	const double centre_xy = 0.7865707070419481; /* numpy, see above */
+	sf_deconv_settings s;
+	sf_err e = {0};
+
+	sf_deconv_settings_default(&s);
+	CHECK(sf_deconv_settings_apply_list(&s, "gaussian_sigma=0.5:0.5:0,denoise_strength=3000",
+	                                    "", &e) == SF_OK,
+	      "parses: %s", e.msg);
+	sf_deconv_settings_resolve(&s);
+	CHECK(fabs(s.params.dark - 3000 * centre_xy * centre_xy) < 1e-9,
+	      "sigma 0.5:0.5:0, N 3000 -> dark %.10f, want %.10f", s.params.dark,
+	      3000 * centre_xy * centre_xy);
+	CHECK(sf_deconv_settings_apply_list(
+	          &s, "gaussian_sigma=0:0:0.5,gaussian_filter_size=1:1:13", "", &e) == SF_OK,
+	      "z only parses: %s", e.msg);
+	sf_deconv_settings_resolve(&s);
+	CHECK(fabs(s.params.dark - 3000 * centre_xy) < 1e-9, "sigma 0:0:0.5 -> dark %.10f",
+	      s.params.dark);
+}
+
+/* gaussian_sigma and gaussian_filter_size take one value or exactly three,
+ * every field a number: empty fields used to be skipped (strtok), so ":2.5"
+ * was 2.5 on all axes and "0.5:0.5:2.5:" was accepted. */
+static void test_triples_malformed(void)
+{
+	static const char *bad[] = {
+	    ":2.5", "0.5:0.5:2.5:", ":0.5:0.5:2.5", "0.5::2.5", "0.5:0.5:2.5:1", ":", "::",
+	    "",     "0.5:0.5",      "1:2:3:::"};
+	sf_deconv_settings s;
+	sf_err e = {0};
+
+	sf_deconv_settings_default(&s);
+	for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+		CHECK(sf_deconv_settings_apply(&s, "gaussian_sigma", bad[i], "", &e) == SF_EINVAL &&
+		          strstr(e.msg, "'gaussian_sigma'"),
+		      "gaussian_sigma='%s' refused: %s", bad[i], e.msg);
+		CHECK(sf_deconv_settings_apply(&s, "gaussian_filter_size", bad[i], "", &e) ==
+		              SF_EINVAL &&
+		          strstr(e.msg, "'gaussian_filter_size'"),
+		      "gaussian_filter_size='%s' refused: %s", bad[i], e.msg);
+	}
+	CHECK(sf_deconv_settings_apply(&s, "gaussian_sigma", "1.5", "", &e) == SF_OK &&
+	          s.params.gaussian_sigma[0] == 1.5 && s.params.gaussian_sigma[2] == 1.5,
+	      "one value sets all three: %s", e.msg);
+	CHECK(sf_deconv_settings_apply(&s, "gaussian_filter_size", "7:9:11", "", &e) == SF_OK &&
+	          s.params.gaussian_filter_size[0] == 7 && s.params.gaussian_filter_size[1] == 9 &&
+	          s.params.gaussian_filter_size[2] == 11,
+	      "x:y:z sizes: %s", e.msg);
+}
+
 /* A per-stack file (RAW_DIR/<stack>.scopefs.conf) with a line longer than
  * the reader's buffer is refused: its tail used to be read as a line of
  * its own, so a long comment ending in "dxy=7" set dxy (found in the
@@ -275,6 +333,8 @@ int main(void)
 	test_defaults_and_apply();
 	test_errors_name_the_option();
 	test_lsdeconv_switches();
+	test_denoise_partial_prefilter();
+	test_triples_malformed();
 	test_infer_wavelengths();
 	test_conf_long_line();
 	test_nested_reads(1);

@@ -115,9 +115,41 @@ static void test_validation(void)
 	}
 }
 
+/* A spacing far below the resolution is refused, and the message gives the
+ * spacings in micrometres (the dxy and dz options' unit; the struct holds
+ * nm): dxy 0.4 nm is "dxy=0.0004 um", not "dxy=0.4".  dxy 1e-297 nm used to
+ * overflow the size_t cast of ceil(2 FWHM / step) (undefined behaviour) and
+ * give a 1 x 1 x 19 PSF. */
+static void test_spacing_far_below_resolution(void)
+{
+	struct {
+		const char *what, *want;
+		double dxy, dz;
+	} cases[] = {
+	    {"dxy 0.4 nm", "dxy=0.0004 um", 0.4, 1200},
+	    {"dz 1 nm", "dz=0.001 um", 400, 1},
+	    {"dxy 1e-297 nm (count beyond size_t)", "dxy=1e-300 um", 1e-297, 1200},
+	    {"dz subnormal (count infinite)", "far below the resolution", 400, 1e-320},
+	};
+	for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+		sf_psf_optics o = reference_optics();
+		sf_err e = {0};
+		sf_psf p;
+		int rc;
+
+		o.dxy = cases[i].dxy;
+		o.dz = cases[i].dz;
+		rc = sf_psf_make(&o, &p, &e);
+		CHECK(rc == SF_EINVAL && strstr(e.msg, cases[i].want) && !p.v, "%s: rc=%d msg '%s'",
+		      cases[i].what, rc, e.msg);
+		if (rc == SF_OK)
+			sf_psf_free(&p);
+	}
+}
+
 static int write_psf(char **argv)
 {
-	sf_psf_optics o;
+	sf_psf_optics o = {0}; /* every field is set from argv below */
 	double *f[] = {&o.dxy,       &o.dz,        &o.na,   &o.rf,
 	               &o.lambda_ex, &o.lambda_em, &o.fcyl, &o.slitwidth};
 	for (int i = 0; i < 8; i++)
@@ -147,6 +179,7 @@ int main(int argc, char **argv)
 	test_closed_forms();
 	test_reference_grid();
 	test_validation();
+	test_spacing_far_below_resolution();
 	printf("test_psf: %d passed, %d failed\n", passed, failed);
 	return failed != 0;
 }
