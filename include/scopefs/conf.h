@@ -1,7 +1,8 @@
 /* conf.h — line files of options (presets, scopefs.conf): their next item.
  *
  * One item per line; blank lines and lines starting with '#' (after leading
- * space) are skipped, and space is trimmed at both ends.  A line that does
+ * space) are skipped, and space is trimmed at both ends and around the
+ * first '=' ("reg = off" is "reg=off").  A line that does
  * not fit the caller's buffer is an error, never two lines: its tail would
  * otherwise be read as a line of its own (a long comment ending in "dxy=7"
  * would set dxy). */

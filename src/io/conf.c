@@ -16,6 +16,22 @@ static int line_too_long(FILE *f, const char *line, size_t cap)
 	return 1;
 }
 
+/* "key = value" to "key=value": space around the first '=' is layout, as
+ * in most config files, not part of the key or the value. */
+static void squeeze_equals(char *s)
+{
+	char *eq = strchr(s, '='), *key_end, *value;
+
+	if (!eq)
+		return;
+	for (key_end = eq; key_end > s && isspace((unsigned char)key_end[-1]); key_end--)
+		;
+	for (value = eq + 1; isspace((unsigned char)*value); value++)
+		;
+	*key_end = '=';
+	memmove(key_end + 1, value, strlen(value) + 1);
+}
+
 int sf_conf_next(FILE *f, const char *path, char *line, size_t cap, unsigned *lineno, char **item,
                  sf_err *e)
 {
@@ -32,6 +48,7 @@ int sf_conf_next(FILE *f, const char *path, char *line, size_t cap, unsigned *li
 		while (end > s && isspace((unsigned char)end[-1]))
 			*--end = '\0';
 		if (*s && *s != '#') {
+			squeeze_equals(s);
 			*item = s;
 			return SF_OK;
 		}

@@ -132,7 +132,7 @@ static void test_preset(const char *raw, const char *dir)
 
 	snprintf(path, sizeof path, "%s/preset", dir);
 	CHECK(parse_with_preset(&o, &e, raw, dir, path,
-	                        "# comment\n\nmem=1G\n threads=7 \ncache_size=3G\n",
+	                        "# comment\n\nmem=1G\n threads = 7 \ncache_size =3G\n",
 	                        "mem=32M,") == SF_OK,
 	      "preset read: %s", e.msg);
 	CHECK(o.mem == 32ull << 20, "command line wins over preset");
