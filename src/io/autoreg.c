@@ -399,7 +399,8 @@ static void phase_thumb(sf_autoreg *a, uint32_t i)
 
 	if (a->jobs[i].in_job)
 		set_stage(a, i, ST_THUMB);
-	if (autoreg_thumb_make(a->d->slides[i], a->s.channel, dim, &a->thumbs[i], &e) != SF_OK)
+	if (autoreg_thumb_make(a->d->slides[i], a->d->slides[a->ref], a->s.channel, dim,
+	                       &a->thumbs[i], &e) != SF_OK)
 		fail_slide(a, i, e.msg);
 	else
 		sf_log(SF_LOG_INFO, "registration thumbnail of %s: %ux%u in %.2f s",
@@ -675,7 +676,7 @@ static const autoreg_thumb *micro_reference(sf_autoreg *a, sf_err *e)
 	pthread_mutex_lock(&a->micro_lock);
 	if (!a->micro_tried) {
 		a->micro_tried = 1;
-		if (autoreg_thumb_make(a->d->slides[a->ref], a->s.channel, a->s.micro_dim,
+		if (autoreg_thumb_make(a->d->slides[a->ref], NULL, a->s.channel, a->s.micro_dim,
 		                       &a->micro_ref, e) != SF_OK)
 			autoreg_thumb_free(&a->micro_ref);
 	}
@@ -705,7 +706,8 @@ static int fit_micro(sf_autoreg *a, uint32_t i, const double m[9], const sf_reg_
 	set_stage(a, i, ST_MICRO);
 	if (!(mref = micro_reference(a, e)))
 		return SF_EIO;
-	rc = autoreg_thumb_make(a->d->slides[i], a->s.channel, a->s.micro_dim, &mm, e);
+	rc = autoreg_thumb_make(a->d->slides[i], a->d->slides[a->ref], a->s.channel, a->s.micro_dim,
+	                        &mm, e);
 	if (rc != SF_OK)
 		return rc;
 	for (int k = 0; k < 2; k++)

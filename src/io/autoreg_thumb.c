@@ -8,6 +8,7 @@
 #include "autoreg_thumb.h"
 
 #include <ctype.h>
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
@@ -100,10 +101,65 @@ static int read_reduced(const sf_slide_info *s, uint32_t level, uint32_t c, uint
 	return rc;
 }
 
-int autoreg_thumb_make(const sf_slide_info *s, const char *channel, uint32_t dim, autoreg_thumb *t,
-                       sf_err *e)
+/* Which level of a slide, reduced by which integer factor, makes its thumbnail. */
+typedef struct thumb_plan {
+	uint32_t level, k;
+} thumb_plan;
+
+static uint32_t level_side(const sf_slide_info *s, uint32_t level)
 {
-	uint32_t level = pick_level(s, dim), k, tw, th, side;
+	const sf_slide_level *lv = &s->levels[level];
+	return lv->width > lv->height ? lv->width : lv->height;
+}
+
+/* The thumbnail of longest side at most dim, from the smallest level at least that large. */
+static thumb_plan plan_for_dim(const sf_slide_info *s, uint32_t dim)
+{
+	thumb_plan p = {pick_level(s, dim), 1};
+	p.k = (level_side(s, p.level) + dim - 1) / dim;
+	p.k = p.k ? p.k : 1;
+	return p;
+}
+
+/* Micrometres per thumbnail pixel along x (0 when the pixel size is unknown). */
+static double plan_pixel_um(const sf_slide_info *s, thumb_plan p)
+{
+	return s->pixel_size_x * s->width / s->levels[p.level].width * p.k;
+}
+
+/* The plan whose pixels come closest to target_um, its longest side at most
+ * MATCH_MAX_SIDE times dim.  Each slide's own plan shrinks by an integer
+ * factor of a pyramid level, so two scans of one tissue at pixel sizes 1.2x
+ * apart got thumbnails 1.7x apart in scale (1700 against 1020 px), beyond
+ * what the similarity search tries (1.6x), and the pair was rejected. */
+#define MATCH_MAX_SIDE 1.5
+static thumb_plan plan_like(const sf_slide_info *s, uint32_t dim, double target_um)
+{
+	thumb_plan best = plan_for_dim(s, dim);
+	double best_err = fabs(log(plan_pixel_um(s, best) / target_um));
+
+	for (uint32_t l = 0; l < s->level_count; l++)
+		for (uint32_t k = 1; k <= 64; k++) {
+			thumb_plan p = {l, k};
+			double side = ceil((double)level_side(s, l) / k);
+			double err = fabs(log(plan_pixel_um(s, p) / target_um));
+			if (side > MATCH_MAX_SIDE * dim)
+				continue;
+			if (side < 16)
+				break;
+			if (err < best_err - 1e-9) /* ties keep the slide's own plan */
+				best = p, best_err = err;
+		}
+	return best;
+}
+
+int autoreg_thumb_make(const sf_slide_info *s, const sf_slide_info *like, const char *channel,
+                       uint32_t dim, autoreg_thumb *t, sf_err *e)
+{
+	thumb_plan plan = plan_for_dim(s, dim);
+	if (like && like != s && like->pixel_size_x > 0 && s->pixel_size_x > 0)
+		plan = plan_like(s, dim, plan_pixel_um(like, plan_for_dim(like, dim)));
+	uint32_t level = plan.level, k = plan.k, tw, th;
 	const sf_slide_level *lv = &s->levels[level];
 	size_t px = sf_dtype_bytes(s->dtype) * s->samples;
 	uint8_t *raw;
@@ -117,9 +173,6 @@ int autoreg_thumb_make(const sf_slide_info *s, const char *channel, uint32_t dim
 		               s->path, s->samples);
 	if (!t->brightfield && (rc = autoreg_pick_channel(s, channel, &t->channel, e)) != SF_OK)
 		return rc;
-	side = lv->width > lv->height ? lv->width : lv->height;
-	k = (side + dim - 1) / dim;
-	k = k ? k : 1;
 	tw = (lv->width + k - 1) / k;
 	th = (lv->height + k - 1) / k;
 	t->ds[0] = (double)s->width / lv->width * k;

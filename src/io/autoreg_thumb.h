@@ -30,9 +30,13 @@ typedef struct autoreg_thumb {
 	uint32_t channel;
 } autoreg_thumb;
 
-/* channel: reg_channel as given ("" for the default). */
-int autoreg_thumb_make(const sf_slide_info *s, const char *channel, uint32_t dim, autoreg_thumb *t,
-                       sf_err *e);
+/* channel: reg_channel as given ("" for the default).  like: the slide s
+ * is registered to, or NULL.  When both pixel sizes are known, s's
+ * thumbnail is then made at the physical pixel size closest to like's
+ * thumbnail at dim (its longest side up to 1.5 dim), so the pair's
+ * thumbnails differ in scale by no more than their integer steps allow. */
+int autoreg_thumb_make(const sf_slide_info *s, const sf_slide_info *like, const char *channel,
+                       uint32_t dim, autoreg_thumb *t, sf_err *e);
 void autoreg_thumb_free(autoreg_thumb *t);
 
 /* The planar channel reg_channel `want` names: a whole channel name (any
