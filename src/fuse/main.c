@@ -1,7 +1,9 @@
 /* main.c — scopefs: parse options, build the tree, mount, serve, clean up.
  *
- * Exit status: 0 after a clean unmount, 2 for a usage or option error
- * (nothing mounted), 1 when the dataset, cache or mount fails. */
+ * Exit status: 0 after a clean unmount or a shutdown signal (SIGTERM,
+ * SIGINT, SIGHUP: a scheduler ending the job is not a failure), 2 for a
+ * usage or option error (nothing mounted), 1 when the dataset, cache or
+ * mount fails. */
 #define FUSE_USE_VERSION 312
 #include <errno.h>
 #include <fcntl.h>
@@ -91,6 +93,16 @@ static int serve(struct fuse_session *se, const sf_options *o)
 	return rc;
 }
 
+/* The exit status for what the session loop returned: libfuse's signal
+ * handler leaves the signal's number there. */
+static int serve_status(int rc)
+{
+	for (int i = 0; i < 3; i++)
+		if (rc == shutdown_signals[i])
+			return 0;
+	return rc == 0 ? 0 : 1;
+}
+
 /* log=FILE, opened before daemonizing so a bad path is reported to the
  * user; -1 (and a message) when it cannot be opened for appending. */
 static int open_log(const char *path)
@@ -178,7 +190,7 @@ int main(int argc, char **argv)
 	       o.raw_dir, o.mountpoint, m->dataset->slide_count, m->dataset->stack_count,
 	       m->dataset->problem_count, o.cache_dir);
 	chain_shutdown_signals(m->engine, 1);
-	status = serve(se, &o) == 0 ? 0 : 1;
+	status = serve_status(serve(se, &o));
 	chain_shutdown_signals(NULL, 0);
 out_unmount:
 	fuse_session_unmount(se);

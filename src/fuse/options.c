@@ -15,6 +15,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <linux/magic.h>
+#include <sys/vfs.h>
 #include <unistd.h>
 
 #include "scopefs/log.h"
@@ -574,6 +576,49 @@ static int check_transforms_dir(sf_options *o, sf_err *e)
 	return set_string(&o->transforms, dir, e, "transforms");
 }
 
+/* Whether folder path is the root of a FUSE mount (another scopefs, most
+ * likely): a FUSE file system whose device differs from its parent's. */
+static int is_fuse_mount_root(const char *path, const struct stat *st)
+{
+	char parent[PATH_MAX + 4];
+	struct statfs fs;
+	struct stat up;
+
+	snprintf(parent, sizeof parent, "%s/..", path);
+	return statfs(path, &fs) == 0 && fs.f_type == FUSE_SUPER_MAGIC &&
+	       (stat(parent, &up) != 0 || up.st_dev != st->st_dev || !strcmp(path, "/"));
+}
+
+/* MOUNTPOINT: an existing folder, neither in RAW_DIR nor holding it (the
+ * mount would hide the raw files the daemon reads), not a FUSE mount
+ * already (a second daemon would stack on the first and hide it), and kept
+ * absolute: libfuse unmounts by this path after the daemon has moved to /,
+ * where a relative one names another folder, so a signal left a dead mount. */
+static int check_mountpoint(sf_options *o, const char *raw, sf_err *e)
+{
+	char mnt[PATH_MAX];
+	struct stat st;
+
+	if (!realpath(o->mountpoint, mnt) || stat(mnt, &st) != 0)
+		return sf_fail(
+		    e, SF_EINVAL, "MOUNTPOINT '%s': %s%s", o->mountpoint, strerror(errno),
+		    errno == ENOTCONN ? " (a mount whose daemon died: fusermount3 -u it)" : "");
+	if (!S_ISDIR(st.st_mode))
+		return sf_fail(e, SF_EINVAL, "MOUNTPOINT '%s' is not a folder", o->mountpoint);
+	if (inside_raw(mnt, raw) || inside_raw(raw, mnt))
+		return sf_fail(e, SF_EINVAL,
+		               "MOUNTPOINT '%s' and RAW_DIR '%s' overlap: the mount would hide the "
+		               "raw files it serves",
+		               o->mountpoint, raw);
+	if (is_fuse_mount_root(mnt, &st))
+		return sf_fail(
+		    e, SF_EINVAL,
+		    "MOUNTPOINT '%s' is already a FUSE mount (a scopefs still running?): "
+		    "unmount it first (fusermount3 -u)",
+		    o->mountpoint);
+	return set_string(&o->mountpoint, mnt, e, "MOUNTPOINT");
+}
+
 static int check_paths(sf_options *o, sf_err *e)
 {
 	char raw[PATH_MAX], cache[PATH_MAX];
@@ -593,6 +638,8 @@ static int check_paths(sf_options *o, sf_err *e)
 	rc = check_log_path(o, raw, e);
 	if (rc == SF_OK)
 		rc = check_transforms_dir(o, e);
+	if (rc == SF_OK)
+		rc = check_mountpoint(o, raw, e);
 	if (rc != SF_OK)
 		return rc;
 	if (set_string(&o->raw_dir, raw, e, "RAW_DIR") != SF_OK)

@@ -1,4 +1,5 @@
 /* test_options.c — option parsing: sizes, presets, errors that name the option. */
+#include <errno.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -68,6 +69,43 @@ static void test_cli(const char *raw, const char *cache)
 	const char *tf_rel[] = {"scopefs", "-o", opt, raw, "/mnt"};
 	CHECK(parse(&o, &e, 5, tf_rel) == SF_OK && o.transforms && o.transforms[0] == '/',
 	      "transforms kept absolute: %s", o.transforms ? o.transforms : e.msg);
+	sf_options_free(&o);
+	CHECK(chdir(cwd) == 0, "chdir back");
+
+	/* MOUNTPOINT: a folder, apart from RAW_DIR, kept absolute (libfuse
+	 * unmounts by it after the daemon moved to /) */
+	snprintf(rel, sizeof rel, "%s/file", raw);
+	f = fopen(rel, "w");
+	if (f)
+		fclose(f);
+	snprintf(opt, sizeof opt, "cache=%s", cache);
+	const char *mnt_file[] = {"scopefs", "-o", opt, raw, rel};
+	CHECK(parse(&o, &e, 5, mnt_file) == SF_EINVAL && strstr(e.msg, "not a folder"),
+	      "a file as MOUNTPOINT refused: %s", e.msg);
+	sf_options_free(&o);
+	unlink(rel);
+	const char *mnt_raw[] = {"scopefs", "-o", opt, raw, raw};
+	CHECK(parse(&o, &e, 5, mnt_raw) == SF_EINVAL && strstr(e.msg, "overlap"),
+	      "RAW_DIR as MOUNTPOINT refused: %s", e.msg);
+	sf_options_free(&o);
+	char parent[600];
+	snprintf(parent, sizeof parent, "%s/..", raw);
+	const char *mnt_above[] = {"scopefs", "-o", opt, raw, parent};
+	CHECK(parse(&o, &e, 5, mnt_above) == SF_EINVAL && strstr(e.msg, "overlap"),
+	      "a MOUNTPOINT holding RAW_DIR refused: %s", e.msg);
+	sf_options_free(&o);
+	CHECK(chdir(raw) == 0, "chdir");
+	const char *mnt_rel[] = {"scopefs", "-o", opt, raw, ".."};
+	CHECK(parse(&o, &e, 5, mnt_rel) == SF_EINVAL, "relative parent still overlaps");
+	sf_options_free(&o);
+	CHECK(chdir(cwd) == 0, "chdir back");
+	char sub[600];
+	snprintf(sub, sizeof sub, "%s/../cache", raw);
+	CHECK(mkdir(sub, 0755) == 0 || errno == EEXIST, "mkdir");
+	CHECK(chdir(sub) == 0, "chdir");
+	const char *mnt_rel2[] = {"scopefs", "-o", opt, raw, "."};
+	CHECK(parse(&o, &e, 5, mnt_rel2) == SF_OK && o.mountpoint && o.mountpoint[0] == '/',
+	      "MOUNTPOINT kept absolute: %s", o.mountpoint ? o.mountpoint : e.msg);
 	sf_options_free(&o);
 	CHECK(chdir(cwd) == 0, "chdir back");
 
