@@ -15,4 +15,9 @@
  * when s starts a malformed sequence.  Reads no byte past a NUL. */
 size_t sf_utf8_length(const char *s);
 
+/* Code point cp as UTF-8 into out (room for 4 bytes, no NUL added); the
+ * number of bytes, or 0 when cp is no character (0, a UTF-16 surrogate,
+ * past U+10FFFF), which the caller refuses or replaces. */
+size_t sf_utf8_encode(unsigned long cp, char *out);
+
 #endif

@@ -53,6 +53,12 @@ static void text_add(text *t, const char *fmt, ...)
 	t->len += (size_t)n;
 }
 
+/* U+FFFE and U+FFFF: well-formed UTF-8, but not characters XML 1.0 allows. */
+static int xml_noncharacter(const char *s, size_t n)
+{
+	return n == 3 && !memcmp(s, "\xEF\xBF", 2) && ((unsigned char)s[2] & 0xFE) == 0xBE;
+}
+
 /* Names come from file names and TIFF tags, which are bytes: a Latin-1
  * name would make the document (declared UTF-8) unreadable to an XML
  * parser, so each byte of a malformed sequence becomes U+FFFD. */
@@ -69,7 +75,7 @@ static void text_add_escaped(text *t, const char *s)
 			/* Control characters are not allowed in XML 1.0 attributes. */
 			if ((unsigned char)*s < 0x20)
 				text_add(t, " ");
-			else if (!n)
+			else if (!n || xml_noncharacter(s, n))
 				text_add(t, SF_UTF8_REPLACEMENT);
 			else
 				text_add(t, "%.*s", (int)n, s);

@@ -49,6 +49,7 @@
 #include <tiffio.h>
 
 #include "scopefs/log.h"
+#include "scopefs/utf8.h"
 
 #define MAX_PAGES     (1u << 20)  /* more main-chain pages than this: refuse */
 #define MAX_ALLOC     (1ll << 30) /* libtiff's cap on one allocation (corrupt headers) */
@@ -565,17 +566,15 @@ static void xml_unescape(const char *v, size_t len, char *out, size_t cap)
 		if (semi && len - i > 2 && v[i + 1] == '#') {
 			int hex = v[i + 2] == 'x' || v[i + 2] == 'X';
 			unsigned long cp = strtoul(v + i + (hex ? 3 : 2), NULL, hex ? 16 : 10);
-			/* UTF-8 encode the code point (a channel name may hold "µ"). */
-			if (cp > 0 && cp < 0x80) {
-				out[o++] = (char)cp;
-			} else if (cp >= 0x80 && cp < 0x800) {
-				out[o++] = (char)(0xC0 | (cp >> 6));
-				out[o++] = (char)(0x80 | (cp & 0x3F));
-			} else if (cp >= 0x800 && cp < 0x10000) {
-				out[o++] = (char)(0xE0 | (cp >> 12));
-				out[o++] = (char)(0x80 | ((cp >> 6) & 0x3F));
-				out[o++] = (char)(0x80 | (cp & 0x3F));
+			/* UTF-8 encode the code point (a channel name may hold "µ",
+			 * or "&#128512;" past U+FFFF); one that is no character
+			 * becomes U+FFFD rather than vanish. */
+			size_t n = sf_utf8_encode(cp, out + o);
+			if (!n) {
+				memcpy(out + o, SF_UTF8_REPLACEMENT, 3);
+				n = 3;
 			}
+			o += n;
 			i = (size_t)(semi - v) + 1;
 			continue;
 		}

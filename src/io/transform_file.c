@@ -19,6 +19,7 @@
  * ("a.txt:12: ..."); the reader never exits on bad input, frees everything it
  * made on every path, and reads at most MAX_FILE_BYTES of a file. */
 #include "scopefs/transform.h"
+#include "scopefs/utf8.h"
 
 #include <ctype.h>
 #include <dirent.h>
@@ -305,25 +306,6 @@ static int json_err(jparser *p, const char *what)
 	return sf_fail(p->e, SF_EFORMAT, "%s:%d: %s", p->path, p->line, what);
 }
 
-static void put_utf8(char *o, size_t *k, unsigned c)
-{
-	if (c < 0x80) {
-		o[(*k)++] = (char)c;
-	} else if (c < 0x800) {
-		o[(*k)++] = (char)(0xC0 | (c >> 6));
-		o[(*k)++] = (char)(0x80 | (c & 0x3F));
-	} else if (c < 0x10000) {
-		o[(*k)++] = (char)(0xE0 | (c >> 12));
-		o[(*k)++] = (char)(0x80 | ((c >> 6) & 0x3F));
-		o[(*k)++] = (char)(0x80 | (c & 0x3F));
-	} else {
-		o[(*k)++] = (char)(0xF0 | (c >> 18));
-		o[(*k)++] = (char)(0x80 | ((c >> 12) & 0x3F));
-		o[(*k)++] = (char)(0x80 | ((c >> 6) & 0x3F));
-		o[(*k)++] = (char)(0x80 | (c & 0x3F));
-	}
-}
-
 /* The four hex digits after "\u" at q[i] (i on the 'u'), or -1. */
 static long json_hex4(const char *q, size_t i, size_t len)
 {
@@ -406,7 +388,7 @@ static int json_string(jparser *p, char **out)
 				free(o);
 				return rc;
 			}
-			put_utf8(o, &k, cp);
+			k += sf_utf8_encode(cp, o + k); /* a character: json_escape_u checked */
 			break;
 		}
 		default: free(o); return json_err(p, "bad escape in string");

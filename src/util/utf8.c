@@ -1,4 +1,4 @@
-/* utf8.c — the one check of UTF-8 well-formedness (utf8.h). */
+/* utf8.c — the one check of UTF-8 well-formedness, and the one encoder (utf8.h). */
 #include "scopefs/utf8.h"
 
 size_t sf_utf8_length(const char *text)
@@ -19,4 +19,30 @@ size_t sf_utf8_length(const char *text)
 			return 0;
 	}
 	return n;
+}
+
+size_t sf_utf8_encode(unsigned long cp, char *out)
+{
+	if (cp == 0 || (cp >= 0xD800 && cp <= 0xDFFF) || cp > 0x10FFFF)
+		return 0;
+	if (cp < 0x80) {
+		out[0] = (char)cp;
+		return 1;
+	}
+	if (cp < 0x800) {
+		out[0] = (char)(0xC0 | (cp >> 6));
+		out[1] = (char)(0x80 | (cp & 0x3F));
+		return 2;
+	}
+	if (cp < 0x10000) {
+		out[0] = (char)(0xE0 | (cp >> 12));
+		out[1] = (char)(0x80 | ((cp >> 6) & 0x3F));
+		out[2] = (char)(0x80 | (cp & 0x3F));
+		return 3;
+	}
+	out[0] = (char)(0xF0 | (cp >> 18));
+	out[1] = (char)(0x80 | ((cp >> 12) & 0x3F));
+	out[2] = (char)(0x80 | ((cp >> 6) & 0x3F));
+	out[3] = (char)(0x80 | (cp & 0x3F));
+	return 4;
 }

@@ -70,3 +70,40 @@ def test_latin1_slide_name_gives_valid_ome_xml_and_status(scopefs):
     image = doc.getElementsByTagName('Image')[0]
     assert image.getAttribute('Name') == 'caf\ufffd', image.getAttribute('Name')
     assert tif.pages[0].shape == (300, 400)
+
+
+OME_NS = '{http://www.openmicroscopy.org/Schemas/OME/2016-06}'
+
+
+def test_ome_xml_characters_beyond_the_basic_plane(scopefs):
+    """XML allows character references up to U+10FFFF (a channel named
+    'A &#128512; B' kept its emoji only below U+FFFF), and forbids U+FFFF
+    itself (valid UTF-8, so a file name holding it went into the OME-XML
+    as is, and expat refused the whole document)."""
+    import xml.etree.ElementTree as ET
+
+    xml = ('<?xml version="1.0" encoding="UTF-8"?><OME xmlns="http://www.openmicroscopy.org/'
+           'Schemas/OME/2016-06"><Image ID="Image:0"><Pixels ID="Pixels:0" '
+           'DimensionOrder="XYCZT" Type="uint16" SizeX="64" SizeY="64" SizeC="1" SizeZ="1" '
+           'SizeT="1"><Channel ID="Channel:0:0" SamplesPerPixel="1" Name="A &#128512; B"/>'
+           '<TiffData IFD="0" PlaneCount="1"/></Pixels></Image></OME>')
+    tifffile.imwrite(scopefs.raw / 'c.ome.tif', np.zeros((64, 64), np.uint16), metadata=None,
+                     description=xml)
+    m = scopefs.mount()
+    with tifffile.TiffFile(m.mnt / 'registered' / 'c.ome.tif') as t:
+        names = [c.get('Name') for c in ET.fromstring(t.pages[0].description.encode())
+                 .iter(OME_NS + 'Channel')]
+    assert names == ['A \U0001F600 B'], names
+    # a second dataset: a slide alone, named with U+FFFF
+    raw2 = scopefs.tmp / 'raw2'
+    raw2.mkdir()
+    with open(os.path.join(os.fsencode(str(raw2)), b'slide\xef\xbf\xbf.ome.tif'), 'wb') as f:
+        data = io.BytesIO()
+        tifffile.imwrite(data, np.zeros((64, 64), np.uint16), metadata=None)
+        f.write(data.getvalue())
+    m = scopefs.mount(raw=raw2)
+    served = os.path.join(os.fsencode(str(m.mnt / 'registered')), b'slide\xef\xbf\xbf.ome.tif')
+    with open(served, 'rb') as f:
+        with tifffile.TiffFile(io.BytesIO(f.read())) as t:
+            root = ET.fromstring(t.pages[0].description.encode('utf-8'))
+    assert root.find(OME_NS + 'Image').get('Name') == 'slide\ufffd'

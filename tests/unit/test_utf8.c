@@ -42,8 +42,40 @@ static void test_utf8(void)
 	}
 }
 
+/* The encoder against byte sequences written out by hand (RFC 3629 table),
+ * and every one it makes read back by sf_utf8_length at its own length. */
+static void test_encode(void)
+{
+	struct {
+		unsigned long cp;
+		const char *want;
+	} cases[] = {
+	    {0x41, "A"},
+	    {0xE9, "\xC3\xA9"},
+	    {0x7FF, "\xDF\xBF"},
+	    {0x800, "\xE0\xA0\x80"},
+	    {0x20AC, "\xE2\x82\xAC"},
+	    {0xFFFD, "\xEF\xBF\xBD"},
+	    {0x1F600, "\xF0\x9F\x98\x80"},
+	    {0x10FFFF, "\xF4\x8F\xBF\xBF"},
+	};
+	for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+		char out[5] = {0};
+		size_t n = sf_utf8_encode(cases[i].cp, out);
+		CHECK(n == strlen(cases[i].want) && !memcmp(out, cases[i].want, n) &&
+		          sf_utf8_length(out) == n,
+		      "U+%lX: %zu bytes", cases[i].cp, n);
+	}
+	unsigned long none[] = {0, 0xD800, 0xDFFF, 0x110000, 0xFFFFFFFFul};
+	for (size_t i = 0; i < sizeof none / sizeof none[0]; i++) {
+		char out[5];
+		CHECK(sf_utf8_encode(none[i], out) == 0, "U+%lX is no character", none[i]);
+	}
+}
+
 int main(void)
 {
 	test_utf8();
+	test_encode();
 	return CHECK_DONE("test_utf8");
 }
