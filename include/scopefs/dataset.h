@@ -10,6 +10,10 @@
  *    reduced levels (or OME-XML with SizeZ > 1 and SizeC == 1) is a stack,
  *    unless it is a time series (OME SizeT or ImageJ frames > 1) or a page
  *    breaks its run of planes: then it is a problem, neither stack nor slide;
+ *  - an OME-TIFF with SizeC > 1 and SizeZ > 1 (one sample per pixel) is one
+ *    stack per channel, <stem>_c<C>, its planes picked from the pages by the
+ *    DimensionOrder; a time series, an odd page, fewer pages than
+ *    SizeC*SizeZ or an unknown DimensionOrder make it a problem instead;
  *  - any other TIFF-family file (.tif .tiff .ome.tif .ome.tiff .svs .btf .tf8)
  *    directly in RAW_DIR is a whole-slide image, sorted by name. */
 #ifndef SCOPEFS_DATASET_H
@@ -26,6 +30,10 @@ typedef struct sf_stack {
 	char **plane_names;         /* file names served under deconvolved/<name>/ */
 	sf_slide_info **plane_info; /* one per plane file; all NULL but [0] for a multi-page file */
 	int multipage;              /* planes are the pages ("channels") of plane_info[0] */
+	/* Multi-page: plane z is page page_first + z * page_step of plane_info[0]; 0 and 1
+	 * unless the stack is one channel of a multichannel OME z-stack (then each
+	 * channel's stack holds its own probe of the file in plane_info[0]). */
+	uint32_t page_first, page_step;
 	uint32_t width, height;
 	sf_dtype dtype;
 } sf_stack;

@@ -62,6 +62,9 @@ typedef struct sf_slide_info {
 	/* SizeC, SizeZ and SizeT as the file's own metadata states them (OME-XML Pixels, or an
 	 * ImageJ description's channels= / slices= / frames=); 0 when the file does not say. */
 	uint32_t stated_c, stated_z, stated_t;
+	/* OME-XML Pixels DimensionOrder ("XYZCT": z varies fastest after the plane, then
+	 * c, then t; the order of the pages); "" when absent or not OME. */
+	char dimension_order[16];
 	/* A main-chain page that breaks the run of channel pages (FLAT and OME layouts; 0:
 	 * none): the first page after the channels that is neither marked reduced
 	 * (NewSubfileType bit 0) nor a thumbnail (at most half of page 0 in both axes),

@@ -9,6 +9,8 @@
  *   - a TIFF directly in RAW_DIR that is a multi-page stack file is a stack,
  *     unless it is a time series or a page breaks its run of planes (then
  *     it is a problem);
+ *   - an OME z-stack of several channels directly in RAW_DIR is one stack
+ *     per channel, <stem>_c<C>, or a problem on the same terms;
  *   - any other TIFF directly in RAW_DIR is a whole-slide image.
  * Invariants:
  *  - nothing is ever written, and no symbolic link is followed to a target
@@ -303,6 +305,62 @@ static const char *stack_file_fault(const sf_slide_info *s, const char *name, ch
 	return NULL;
 }
 
+/* An OME z-stack of several channels (docs/dataset.md, section 3): each
+ * channel becomes a stack of its own, or the file a problem. */
+static int multichannel_candidate(const sf_slide_info *s)
+{
+	return s->is_ome && s->samples == 1 && s->stated_c > 1 && s->stated_z > 1;
+}
+
+/* Where channel c's planes lie among s's pages: page first + z * step.  With
+ * SizeT <= 1 only the order of Z and C in the DimensionOrder matters: Z first
+ * (XYZCT, XYZTC, XYTZC), a channel's planes are consecutive; C first (XYCZT,
+ * XYCTZ, XYTCZ), they are SizeC pages apart.  0 if the order is not one of
+ * OME's six. */
+static int channel_pages(const sf_slide_info *s, uint32_t c, uint32_t *first, uint32_t *step)
+{
+	const char *o = s->dimension_order;
+	const char *z = strchr(o, 'Z'), *ch = strchr(o, 'C');
+	if (strlen(o) != 5 || strncmp(o, "XY", 2) != 0 || !z || !ch || !strchr(o, 'T'))
+		return 0;
+	if (z < ch) {
+		*first = c * s->stated_z;
+		*step = 1;
+	} else {
+		*first = c;
+		*step = s->stated_c;
+	}
+	return 1;
+}
+
+/* Why a multichannel candidate cannot be split into its channels' stacks;
+ * NULL if it can.  name is the file name; writes into buf. */
+static const char *multichannel_fault(const sf_slide_info *s, const char *name, char *buf,
+                                      size_t cap)
+{
+	const char *fault = stack_file_fault(s, name, buf, cap);
+	uint64_t want = (uint64_t)s->stated_c * s->stated_z;
+	uint32_t first, step;
+	if (fault)
+		return fault;
+	if (!channel_pages(s, 0, &first, &step)) {
+		snprintf(buf, cap,
+		         "%s: OME DimensionOrder '%s' is not one of XYZCT, XYZTC, XYTZC, XYCZT, "
+		         "XYCTZ, XYTCZ, so its channels' pages cannot be told apart",
+		         name, s->dimension_order);
+		return buf;
+	}
+	if (s->channels != want) {
+		snprintf(buf, cap,
+		         "%s has %u pages of %ux%u %s, but SizeC=%u x SizeZ=%u needs %llu; "
+		         "the channels cannot be told apart",
+		         name, s->channels, s->width, s->height, sf_dtype_ome_name(s->dtype),
+		         s->stated_c, s->stated_z, (unsigned long long)want);
+		return buf;
+	}
+	return NULL;
+}
+
 static const char *shape_text(const sf_slide_info *s, char *buf, size_t cap)
 {
 	snprintf(buf, cap, "%ux%u %s", s->width, s->height, sf_dtype_ome_name(s->dtype));
@@ -431,23 +489,25 @@ static int add_plane_stack(sf_dataset *d, const char *name, probed *files, uint3
 	return SF_OK;
 }
 
-/* A stack from a multi-page file; takes *info.  Planes are served as
- * img_000001.tif, img_000002.tif, ... (LsDeconvolve's naming). */
-static int add_file_stack(sf_dataset *d, const char *stem, sf_slide_info **info)
+/* A multi-page stack of planes pages of s's file, served as img_000001.tif,
+ * img_000002.tif, ... (LsDeconvolve's naming); plane z is page z until the
+ * caller says otherwise.  plane_info[0] is left for push_file_stack. */
+static sf_stack *file_stack_new(const char *name, uint32_t planes, const sf_slide_info *s)
 {
-	sf_slide_info *s = *info;
 	sf_stack *st = calloc(1, sizeof *st);
 	if (!st)
-		return SF_ENOMEM;
-	st->name = strdup(stem);
-	st->plane_names = calloc(s->channels, sizeof *st->plane_names);
-	st->plane_info = calloc(s->channels, sizeof *st->plane_info);
+		return NULL;
+	st->name = strdup(name);
+	st->plane_names = calloc(planes, sizeof *st->plane_names);
+	st->plane_info = calloc(planes, sizeof *st->plane_info);
 	if (!st->name || !st->plane_names || !st->plane_info) {
 		stack_free(st);
-		return SF_ENOMEM;
+		return NULL;
 	}
-	st->planes = s->channels;
+	st->planes = planes;
 	st->multipage = 1;
+	st->page_first = 0;
+	st->page_step = 1;
 	st->width = s->width;
 	st->height = s->height;
 	st->dtype = s->dtype;
@@ -455,18 +515,31 @@ static int add_file_stack(sf_dataset *d, const char *stem, sf_slide_info **info)
 		if (asprintf(&st->plane_names[i], "img_%06u.tif", i + 1) < 0) {
 			st->plane_names[i] = NULL;
 			stack_free(st);
-			return SF_ENOMEM;
+			return NULL;
 		}
 	}
-	st->plane_info[0] = s;
-	*info = NULL;
+	return st;
+}
+
+/* Add st with *info as its file; takes *info.  On failure st is freed and
+ * *info stays the caller's. */
+static int push_file_stack(sf_dataset *d, sf_stack *st, sf_slide_info **info)
+{
+	st->plane_info[0] = *info;
 	if (push_stack(d, st)) {
-		st->plane_info[0] = NULL; /* still the caller's on failure */
-		*info = s;
+		st->plane_info[0] = NULL;
 		stack_free(st);
 		return SF_ENOMEM;
 	}
+	*info = NULL;
 	return SF_OK;
+}
+
+/* A stack from a multi-page file, one plane per page; takes *info. */
+static int add_file_stack(sf_dataset *d, const char *stem, sf_slide_info **info)
+{
+	sf_stack *st = file_stack_new(stem, (*info)->channels, *info);
+	return st ? push_file_stack(d, st, info) : SF_ENOMEM;
 }
 
 static int add_slide(sf_dataset *d, const dir_entry *it, sf_slide_info **info)
@@ -564,6 +637,90 @@ static int add_stack_file(sf_dataset *d, const dir_entry *it, sf_slide_info **in
 	return rc;
 }
 
+/* The file of s probed again for channels 1.. (each channel's stack owns a
+ * probe of its own); 0 and a reason in why if it fails or the file changed
+ * since s was probed. */
+static int probe_again(const sf_slide_info *s, sf_slide_info **out, char *why, size_t cap)
+{
+	sf_err e = {0};
+	*out = NULL;
+	if (sf_slide_probe(s->path, out, &e) != SF_OK) {
+		snprintf(why, cap, "probed again for its channels: %s", e.msg);
+		return 0;
+	}
+	const sf_slide_info *t = *out;
+	if (t->file_size != s->file_size || t->mtime_ns != s->mtime_ns ||
+	    t->channels != s->channels || !same_plane_shape(s, t) || t->stated_c != s->stated_c ||
+	    t->stated_z != s->stated_z || strcmp(t->dimension_order, s->dimension_order) != 0) {
+		snprintf(why, cap, "changed while it was scanned");
+		sf_slide_info_free(*out);
+		*out = NULL;
+		return 0;
+	}
+	return 1;
+}
+
+/* The stacks <stem>_c0, <stem>_c1, ... of a multichannel file; takes *info
+ * and probes[1..] (probes[0] is unused). */
+static int push_channel_stacks(sf_dataset *d, char **names, sf_slide_info **info,
+                               sf_slide_info **probes)
+{
+	const sf_slide_info *s = *info;
+	uint32_t nc = s->stated_c, nz = s->stated_z;
+	for (uint32_t c = 0; c < nc; c++) {
+		sf_stack *st = file_stack_new(names[c], nz, s);
+		if (!st)
+			return SF_ENOMEM;
+		channel_pages(s, c, &st->page_first, &st->page_step);
+		if (push_file_stack(d, st, c == 0 ? info : &probes[c]))
+			return SF_ENOMEM;
+	}
+	return SF_OK;
+}
+
+/* A multichannel OME z-stack directly in RAW_DIR: one stack per channel, or
+ * a problem saying why not.  Takes *info when it becomes stacks. */
+static int add_channel_stacks(sf_dataset *d, const dir_entry *it, sf_slide_info **info)
+{
+	char why[600]; /* room for a probe's sf_err message */
+	const char *fault = multichannel_fault(*info, it->name, why, sizeof why);
+	if (fault)
+		return add_problem(d, it->path, "%s", fault);
+	uint32_t nc = (*info)->stated_c;
+	char *stem = sf_file_stem(it->name);
+	char **names = calloc(nc, sizeof *names);
+	sf_slide_info **probes = calloc(nc, sizeof *probes);
+	int rc = stem && names && probes ? SF_OK : SF_ENOMEM;
+	const char *taken = NULL;
+	for (uint32_t c = 0; rc == SF_OK && c < nc; c++) {
+		if (asprintf(&names[c], "%s_c%u", stem, c) < 0) {
+			names[c] = NULL;
+			rc = SF_ENOMEM;
+		} else if (!taken && stack_name_taken(d, names[c])) {
+			taken = names[c];
+		}
+	}
+	int usable = rc == SF_OK && !taken;
+	for (uint32_t c = 1; usable && c < nc; c++)
+		usable = probe_again(*info, &probes[c], why, sizeof why);
+	if (rc == SF_OK && taken)
+		rc = add_problem(d, it->path, "stack name '%s' is already used", taken);
+	else if (rc == SF_OK && !usable)
+		rc = add_problem(d, it->path, "%s", why);
+	else if (rc == SF_OK)
+		rc = push_channel_stacks(d, names, info, probes);
+	for (uint32_t c = 0; c < nc; c++) {
+		if (names)
+			free(names[c]);
+		if (probes)
+			sf_slide_info_free(probes[c]);
+	}
+	free(names);
+	free(probes);
+	free(stem);
+	return rc;
+}
+
 /* bad_links: image-named links the listing left out (already problems);
  * a plane folder with such a hole is not served. */
 static int scan_root_files(sf_dataset *d, probed *files, uint32_t n, uint32_t bad_links)
@@ -582,6 +739,8 @@ static int scan_root_files(sf_dataset *d, probed *files, uint32_t n, uint32_t ba
 		int rc;
 		if (!files[i].info) {
 			rc = add_problem(d, it->path, "%s", files[i].err.msg);
+		} else if (multichannel_candidate(files[i].info)) {
+			rc = add_channel_stacks(d, it, &files[i].info);
 		} else if (stack_candidate(files[i].info)) {
 			rc = add_stack_file(d, it, &files[i].info);
 		} else {

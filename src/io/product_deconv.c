@@ -1077,7 +1077,8 @@ static int non_finite_error(const sf_stack *st, uint32_t z, uint32_t x, uint32_t
 		return sf_fail(e, SF_EFORMAT,
 		               "%s: page %u, pixel (x %u, y %u) is %s; deconvolution needs finite "
 		               "values",
-		               st->plane_info[0]->path, z + 1, x, y, what);
+		               st->plane_info[0]->path, st->page_first + z * st->page_step + 1, x,
+		               y, what);
 	return sf_fail(e, SF_EFORMAT,
 	               "%s: pixel (x %u, y %u) is %s; deconvolution needs finite values",
 	               st->plane_info[z]->path, x, y, what);
@@ -1119,10 +1120,11 @@ static int read_window(const blocks *b, blocks_worker *w, const int64_t start[3]
 		uint32_t z = w->map[2][k];
 		float *dst = w->in + (size_t)k * g->in[1] * g->in[0];
 		int rc = plane_reader(b, w, st->multipage ? 0 : z, e);
+		uint32_t page = st->multipage ? st->page_first + z * st->page_step : 0;
 
 		if (rc == SF_OK)
-			rc = sf_slide_read_region(w->reader, 0, st->multipage ? z : 0, lo[0], lo[1],
-			                          (uint32_t)rw, (uint32_t)rh, w->rect, e);
+			rc = sf_slide_read_region(w->reader, 0, page, lo[0], lo[1], (uint32_t)rw,
+			                          (uint32_t)rh, w->rect, e);
 		if (rc != SF_OK)
 			return rc;
 		for (uint32_t j = 0; j < g->in[1]; j++) {
@@ -1411,6 +1413,14 @@ static sf_key blocks_key(const sf_stack *st, const sf_deconv_settings *s, const 
 		k = sf_key_mix_str(k, st->plane_info[z]->path);
 		k = sf_key_mix_u64(k, st->plane_info[z]->file_size);
 		k = sf_key_mix_u64(k, (uint64_t)st->plane_info[z]->mtime_ns);
+	}
+	/* Only for a channel of a multichannel file (fewer planes than pages, or
+	 * not pages 0..planes-1): the keys of every other stack stay as they were. */
+	if (st->multipage && (st->planes != st->plane_info[0]->channels || st->page_first != 0 ||
+	                      st->page_step != 1)) {
+		k = sf_key_mix_str(k, "pages");
+		k = sf_key_mix_u64(k, st->page_first);
+		k = sf_key_mix_u64(k, st->page_step);
 	}
 	for (size_t i = 0; i < sizeof optics / sizeof optics[0]; i++)
 		k = mix_double(k, optics[i]);

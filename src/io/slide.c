@@ -625,6 +625,7 @@ typedef struct ome_meta {
 	char **names;                                     /* Channel Name of the first Pixels */
 	uint32_t name_count;
 	int has_pixels;
+	char dimension_order[16]; /* DimensionOrder, e.g. "XYZCT"; "" when absent */
 } ome_meta;
 
 static void ome_meta_free(ome_meta *m)
@@ -702,6 +703,9 @@ static int ome_parse(const char *xml, ome_meta *m)
 			m->size_c = attr_u32(&t, "SizeC");
 			m->size_z = attr_u32(&t, "SizeZ");
 			m->size_t_ = attr_u32(&t, "SizeT");
+			if (!xml_attr(&t, "DimensionOrder", m->dimension_order,
+			              sizeof m->dimension_order))
+				m->dimension_order[0] = '\0';
 			m->phys_x = attr_length_um(&t, "PhysicalSizeX", "PhysicalSizeXUnit");
 			m->phys_y = attr_length_um(&t, "PhysicalSizeY", "PhysicalSizeYUnit");
 			if (t.self_closing)
@@ -1318,6 +1322,7 @@ static int choose_layout(probe *pr, sf_slide_info *s, const char *desc, sf_err *
 		s->stated_c = ome.size_c;
 		s->stated_z = ome.size_z;
 		s->stated_t = ome.size_t_;
+		snprintf(s->dimension_order, sizeof s->dimension_order, "%s", ome.dimension_order);
 	} else if (desc && strncmp(desc, "ImageJ=", 7) == 0) {
 		s->stated_c = imagej_value(desc, "channels");
 		s->stated_z = imagej_value(desc, "slices");

@@ -1,7 +1,8 @@
 /* test_dataset.c — sf_dataset_scan on folders built here with libtiff:
  * slides, plane folders, multi-page stacks, bad files, ignored files, the
  * root-is-a-plane-folder case and mismatched planes; time series and stack
- * files with an odd page; one-page OME planes; and sf_file_stem. */
+ * files with an odd page; one-page OME planes; multichannel OME z-stacks
+ * split into one stack per channel; and sf_file_stem. */
 #include <dirent.h>
 #include <fcntl.h>
 #include <ftw.h>
@@ -272,10 +273,13 @@ static void test_mixed_root(void)
 
 	CHECK(d->stack_count == 3, "mixed: %u stacks, want 3", d->stack_count);
 	const sf_stack *oz = find_stack(d, "omez");
-	CHECK(oz && oz->multipage && oz->planes == 4 && oz->width == 96, "mixed: OME z-stack");
+	CHECK(oz && oz->multipage && oz->planes == 4 && oz->width == 96 && oz->page_first == 0 &&
+	          oz->page_step == 1,
+	      "mixed: OME z-stack");
 	const sf_stack *z = find_stack(d, "zstack");
 	CHECK(z && z->multipage && z->planes == 5 && z->width == 64 && z->height == 48 &&
-	          z->dtype == SF_U16 && z->plane_info[0] && !z->plane_info[1],
+	          z->dtype == SF_U16 && z->plane_info[0] && !z->plane_info[1] &&
+	          z->page_first == 0 && z->page_step == 1,
 	      "mixed: zstack stack");
 	if (z)
 		CHECK(strcmp(z->plane_names[0], "img_000001.tif") == 0 &&
@@ -389,7 +393,8 @@ static void test_stack_inputs(void)
 	page ome_cz = small;
 	ome_cz.desc = "<OME><Image><Pixels SizeX=\"32\" SizeY=\"32\" SizeC=\"2\" SizeZ=\"3\" "
 	              "SizeT=\"1\" Type=\"uint16\"/></Image></OME>";
-	write_file(path_of("ome_cz.ome.tif", 0, 0), &ome_cz, 6); /* channels: a slide */
+	/* channels, but no DimensionOrder: which page is which is unknown */
+	write_file(path_of("ome_cz.ome.tif", 0, 0), &ome_cz, 6);
 	page odd_size = {.w = 30, .h = 30, .bps = 16};
 	page odd_type = {.w = 32, .h = 32, .bps = 8};
 	page thumb = {.w = 8, .h = 8, .bps = 8};
@@ -470,7 +475,7 @@ static void test_stack_inputs(void)
 	          strstr(pr->reason, "page 3 is 32x32 uint8"),
 	      "OME odd page: %s", pr ? pr->reason : "(none)");
 	const char *gone[] = {"ij_tz",  "ome_tz", "mid_size", "mid_type",
-	                      "second", "last",   "ome_odd"};
+	                      "second", "last",   "ome_odd",  "ome_cz"};
 	for (size_t i = 0; i < sizeof gone / sizeof gone[0]; i++) {
 		CHECK(!find_stack(d, gone[i]), "%s must not be a stack", gone[i]);
 		for (uint32_t k = 0; k < d->slide_count; k++)
@@ -482,8 +487,9 @@ static void test_stack_inputs(void)
 	st = find_stack(d, "reduced");
 	CHECK(st && st->planes == 6, "trailing reduced page: %u planes, want 6",
 	      st ? st->planes : 0);
-	CHECK(!find_stack(d, "ome_cz") && !find_problem(d, "/ome_cz.ome.tif"),
-	      "OME SizeC=2 SizeZ=3: a slide");
+	CHECK(!find_stack(d, "ome_cz_c0") && (pr = find_problem(d, "/ome_cz.ome.tif")) &&
+	          strstr(pr->reason, "DimensionOrder ''"),
+	      "OME SizeC=2 SizeZ=3 without DimensionOrder: %s", pr ? pr->reason : "(none)");
 	CHECK(!find_stack(d, "labelled") && !find_problem(d, "/labelled.tif"),
 	      "one plane and a label page: a slide");
 	st = find_stack(d, "omeplanes");
@@ -498,7 +504,143 @@ static void test_stack_inputs(void)
 	CHECK((pr = find_problem(d, "/svsplanes")) && strstr(pr->reason, "z2.svs") &&
 	          !strstr(pr->reason, "several pages"),
 	      "SVS plane: %s", pr ? pr->reason : "(none)");
-	CHECK(d->problem_count == 9, "stack inputs: %u problems, want 9", d->problem_count);
+	CHECK(d->problem_count == 10, "stack inputs: %u problems, want 10", d->problem_count);
+	sf_dataset_free(d);
+}
+
+/* An OME z-stack of nc channels, nz planes and nt time points whose pages
+ * follow order (e.g. "XYZCT"; "" writes no DimensionOrder), cut to its first
+ * pages pages.  Every pixel of channel c's plane z is 100 * c + z + 1, so a
+ * page read back tells which plane it is. */
+static void write_ome_cz(const char *path, uint32_t nc, uint32_t nz, uint32_t nt, const char *order,
+                         uint32_t pages)
+{
+	char desc[512];
+	char dim[40] = "";
+	if (order[0])
+		snprintf(dim, sizeof dim, "DimensionOrder=\"%s\" ", order);
+	snprintf(desc, sizeof desc,
+	         "<OME><Image><Pixels %sSizeX=\"32\" SizeY=\"32\" SizeC=\"%u\" SizeZ=\"%u\" "
+	         "SizeT=\"%u\" Type=\"uint16\"/></Image></OME>",
+	         dim, nc, nz, nt);
+	const char *zc = strchr(order, 'Z'), *cc = strchr(order, 'C');
+	int z_first = !order[0] || zc < cc; /* z varies faster than c */
+	uint16_t px[32 * 32];
+	TIFF *tif = TIFFOpen(path, "w");
+	int ok = tif != NULL;
+	uint32_t written = 0, inner = z_first ? nz : nc, outer = z_first ? nc : nz;
+	for (uint32_t t = 0; t < nt; t++)
+		for (uint32_t o = 0; o < outer; o++)
+			for (uint32_t i = 0; ok && i < inner && written < pages; i++, written++) {
+				uint32_t c = z_first ? o : i, z = z_first ? i : o;
+				for (size_t k = 0; k < 32 * 32; k++)
+					px[k] = (uint16_t)(100 * c + z + 1);
+				TIFFSetField(tif, TIFFTAG_IMAGEWIDTH, 32);
+				TIFFSetField(tif, TIFFTAG_IMAGELENGTH, 32);
+				TIFFSetField(tif, TIFFTAG_BITSPERSAMPLE, 16);
+				TIFFSetField(tif, TIFFTAG_SAMPLESPERPIXEL, 1);
+				TIFFSetField(tif, TIFFTAG_PHOTOMETRIC, PHOTOMETRIC_MINISBLACK);
+				TIFFSetField(tif, TIFFTAG_ROWSPERSTRIP, 32);
+				if (written == 0)
+					TIFFSetField(tif, TIFFTAG_IMAGEDESCRIPTION, desc);
+				ok = TIFFWriteEncodedStrip(tif, 0, px, sizeof px) >= 0 &&
+				     TIFFWriteDirectory(tif);
+			}
+	if (tif)
+		TIFFClose(tif);
+	CHECK(ok && written == pages, "write %s", path);
+}
+
+/* Channel c of stack st (a channel stack of a write_ome_cz file): each plane
+ * reads back as the plane the file's writer put there. */
+static void check_channel_planes(const sf_stack *st, uint32_t c, const char *what)
+{
+	sf_slide_reader *r = NULL;
+	sf_err e = {0};
+	int rc = sf_slide_reader_open(st->plane_info[0], &r, &e);
+	CHECK(rc == SF_OK, "%s: open: %s", what, e.msg);
+	for (uint32_t z = 0; rc == SF_OK && z < st->planes; z++) {
+		uint16_t v = 0;
+		rc = sf_slide_read_region(r, 0, st->page_first + z * st->page_step, 7, 9, 1, 1, &v,
+		                          &e);
+		CHECK(rc == SF_OK && v == 100 * c + z + 1, "%s: plane %u reads %u, want %u (%s)",
+		      what, z, v, 100 * c + z + 1, e.msg);
+	}
+	sf_slide_reader_close(r);
+}
+
+/* Multichannel OME z-stacks: one stack per channel, <stem>_c<C>, its planes
+ * the pages the DimensionOrder says; a short or ambiguous file is a problem. */
+static void test_channel_stacks(void)
+{
+	reset_base();
+	write_ome_cz(path_of("zc.ome.tif", 0, 0), 2, 3, 1, "XYZCT", 6);
+	write_ome_cz(path_of("cz.ome.tif", 0, 0), 3, 4, 1, "XYCZT", 12);
+	write_ome_cz(path_of("tcz.ome.tif", 0, 0), 2, 3, 1, "XYTCZ", 6);
+	write_ome_cz(path_of("ztc.ome.tif", 0, 0), 2, 3, 1, "XYZTC", 6);
+	write_ome_cz(path_of("short.ome.tif", 0, 0), 2, 6, 1, "XYZCT", 11);
+	write_ome_cz(path_of("bad_order.ome.tif", 0, 0), 2, 3, 1, "XYZZT", 6);
+	write_ome_cz(path_of("czt.ome.tif", 0, 0), 2, 3, 2, "XYZCT", 12);
+	write_ome_cz(path_of("single.ome.tif", 0, 0), 1, 5, 1, "XYZCT", 5);
+	write_ome_cz(path_of("zc.ome.tiff", 0, 0), 2, 3, 1, "XYZCT", 6); /* zc_c0 again */
+
+	sf_dataset *d = NULL;
+	sf_err e = {0};
+	int rc = sf_dataset_scan(base, &d, &e);
+	CHECK(rc == SF_OK, "channel stacks: scan: %s", e.msg);
+	if (rc)
+		return;
+	static const struct {
+		const char *stem;
+		uint32_t channels, planes, step; /* step: 1 when z varies fastest, else SizeC */
+	} want[] = {{"zc", 2, 3, 1}, {"cz", 3, 4, 3}, {"tcz", 2, 3, 2}, {"ztc", 2, 3, 1}};
+	for (size_t i = 0; i < sizeof want / sizeof want[0]; i++) {
+		for (uint32_t c = 0; c < want[i].channels; c++) {
+			char name[32];
+			snprintf(name, sizeof name, "%s_c%u", want[i].stem, c);
+			const sf_stack *st = find_stack(d, name);
+			uint32_t first = want[i].step == 1 ? c * want[i].planes : c;
+			CHECK(st && st->multipage && st->planes == want[i].planes &&
+			          st->page_first == first && st->page_step == want[i].step &&
+			          st->width == 32 && st->dtype == SF_U16 && st->plane_info[0],
+			      "%s: a stack of %u planes, pages %u + %u z", name, want[i].planes,
+			      first, want[i].step);
+			if (!st || st->planes != want[i].planes)
+				continue;
+			CHECK(strcmp(st->plane_names[0], "img_000001.tif") == 0 &&
+			          strcmp(st->plane_names[st->planes - 1], "img_000003.tif") >= 0,
+			      "%s: plane names %s", name, st->plane_names[0]);
+			check_channel_planes(st, c, name);
+		}
+		char extra[32];
+		snprintf(extra, sizeof extra, "%s_c%u", want[i].stem, want[i].channels);
+		CHECK(!find_stack(d, extra) && !find_stack(d, want[i].stem), "%s: no other stacks",
+		      want[i].stem);
+	}
+	const sf_stack *one = find_stack(d, "single");
+	CHECK(one && one->planes == 5 && one->page_first == 0 && one->page_step == 1 &&
+	          !find_stack(d, "single_c0"),
+	      "SizeC=1: one stack as before");
+	CHECK(d->slide_count == 0, "channel stacks: %u slides, want none (first %s)",
+	      d->slide_count, d->slide_count ? d->slide_stems[0] : "");
+	CHECK(d->stack_count == 2 + 3 + 2 + 2 + 1, "channel stacks: %u stacks, want 10",
+	      d->stack_count);
+	const sf_problem *pr;
+	CHECK((pr = find_problem(d, "/short.ome.tif")) && strstr(pr->reason, "short.ome.tif") &&
+	          strstr(pr->reason, "11 pages") && strstr(pr->reason, "needs 12"),
+	      "a missing page: %s", pr ? pr->reason : "(none)");
+	CHECK((pr = find_problem(d, "/bad_order.ome.tif")) &&
+	          strstr(pr->reason, "DimensionOrder 'XYZZT'"),
+	      "bad DimensionOrder: %s", pr ? pr->reason : "(none)");
+	CHECK((pr = find_problem(d, "/czt.ome.tif")) && strstr(pr->reason, "time series (SizeT=2)"),
+	      "channels and time points: %s", pr ? pr->reason : "(none)");
+	CHECK(!find_stack(d, "short_c0") && !find_stack(d, "bad_order_c0") &&
+	          !find_stack(d, "czt_c0"),
+	      "problems are not stacks");
+	CHECK((pr = find_problem(d, "/zc.ome.tiff")) &&
+	          strstr(pr->reason, "stack name 'zc_c0' is already used"),
+	      "channel stack names clash: %s", pr ? pr->reason : "(none)");
+	CHECK(d->problem_count == 4, "channel stacks: %u problems, want 4", d->problem_count);
 	sf_dataset_free(d);
 }
 
@@ -549,6 +691,7 @@ int main(void)
 	test_mixed_root();
 	test_root_is_plane_folder();
 	test_stack_inputs();
+	test_channel_stacks();
 	test_edges();
 	nftw(base, remove_entry, 8, FTW_DEPTH | FTW_PHYS);
 	printf("test_dataset: %d passed, %d failed\n", passed, failed);
