@@ -40,7 +40,10 @@ def read_planes(folder, names):
 
 @pytest.mark.parametrize('value,word,dtype', [(np.nan, 'NaN', 'float32'),
                                               (np.inf, 'inf', 'uint16'),
-                                              (-np.inf, '-inf', 'float32')])
+                                              (-np.inf, '-inf', 'float32'),
+                                              # finite, but a block's float32 sums overflow
+                                              (3e38, '3e+38', 'float32'),
+                                              (-2e30, '-2e+30', 'float32')])
 def test_non_finite_float_voxel_is_an_error(scopefs, value, word, dtype):
     """One NaN/inf voxel in a float32 plane used to turn every block whose
     window holds it into NaN (float32 output) or 0 (uint16), silently.  Now
@@ -62,6 +65,23 @@ def test_non_finite_float_voxel_is_an_error(scopefs, value, word, dtype):
                                                                        re.escape(word)))
     assert any(want.search(s) for s in msgs), msgs
     assert want.search(m.log_text())
+
+
+def test_large_finite_values_below_the_bound_deconvolve(scopefs):
+    """Values up to the bound (here 1e28 at most) are no error, and
+    Richardson-Lucy is scale-equivariant (x0 = y, the ratio y / Hx does not
+    change with the scale): the output is the unscaled stack's times 1e25."""
+    v = gen.beads(16, 32, 32, np.float32, seed=3) + 1
+    write_stack(scopefs.raw / 'a', v)
+    write_stack(scopefs.raw / 'b', v * np.float32(1e25))
+    m = scopefs.mount(opts=dict(OPTICS, numit='2', threads='1', deconv_block='16',
+                                dtype='float32'))
+    names = sorted(os.listdir(m.path('deconvolved', 'a')))
+    for n in names:
+        small = tifffile.imread(m.path('deconvolved', 'a', n)).astype(np.float64)
+        big = tifffile.imread(m.path('deconvolved', 'b', n)).astype(np.float64)
+        assert np.isfinite(big).all(), n
+        assert np.abs(big / 1e25 - small).max() <= 1e-4 * np.abs(small).max(), n
 
 
 def test_non_finite_voxel_in_a_multipage_file_names_the_page(scopefs):
