@@ -37,7 +37,8 @@ def driver(tmp_path_factory):
     tiff = subprocess.run(["pkg-config", "--cflags", "--libs", "libtiff-4"], check=True,
                           capture_output=True, text=True).stdout.split()
     srcs = ["tests/unit/test_transform_export.c", "src/io/transform_export.c",
-            "src/io/transform_file.c", "src/io/metaimage.c", "src/core/transform.c", "src/util/err.c"]
+            "src/io/transform_file.c", "src/io/metaimage.c", "src/core/transform.c", "src/util/err.c",
+            "src/util/utf8.c"]
     subprocess.run(["cc", "-std=c11", "-D_GNU_SOURCE", "-O1", "-Iinclude", "-pthread", *srcs,
                     *tiff, "-lm", "-o", str(out)], cwd=ROOT, check=True)
     return str(out)

@@ -109,7 +109,7 @@ def lib(tmp_path_factory):
     so = d / "libwarpshim.so"
     srcs = ["src/core/warp.c", "src/core/transform.c", "src/io/transform_file.c",
             "src/io/metaimage.c"]
-    srcs += ["src/util/err.c", "src/util/log.c", "src/util/pixel.c"]
+    srcs += ["src/util/err.c", "src/util/log.c", "src/util/pixel.c", "src/util/utf8.c"]
     tiff = subprocess.run(["pkg-config", "--cflags", "--libs", "libtiff-4"],
                           capture_output=True, text=True, check=True).stdout.split()
     cmd = ["cc", "-std=c11", "-D_GNU_SOURCE", "-O2", "-fPIC", "-shared", "-Wall", "-Wextra",
