@@ -599,8 +599,11 @@ static void probed_free(probed *files, uint32_t n)
 	free(files);
 }
 
-/* RAW_DIR is a plane folder: its good files are all plane-like and of one
- * shape, at least two of them. */
+/* RAW_DIR is a plane folder: its good files are all plain (not OME)
+ * plane-like TIFFs of one shape, at least two of them.  One-page OME files
+ * are planes in a subfolder only: directly in RAW_DIR they are more likely
+ * small slides (Fiji's Bio-Formats export writes them untiled), and their
+ * OME-XML says each is one image (SizeZ 1). */
 static int root_is_plane_folder(const probed *files, uint32_t n)
 {
 	const sf_slide_info *first = NULL;
@@ -609,7 +612,7 @@ static int root_is_plane_folder(const probed *files, uint32_t n)
 		const sf_slide_info *s = files[i].info;
 		if (!s)
 			continue;
-		if (!plane_like(s) || (first && !same_plane_shape(first, s)))
+		if (!plane_like(s) || s->is_ome || (first && !same_plane_shape(first, s)))
 			return 0;
 		first = first ? first : s;
 		good++;

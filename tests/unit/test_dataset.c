@@ -373,6 +373,26 @@ static void test_root_is_plane_folder(void)
 	      "root broken plane: %u problems: %s", d ? d->problem_count : 0,
 	      d && d->problem_count ? d->problems[0].reason : "");
 	sf_dataset_free(d);
+
+	/* One-page untiled OME files directly in RAW_DIR (as Fiji's Bio-Formats
+	 * export writes small images) stay slides: their OME-XML says each is
+	 * one image.  In a subfolder they are planes (test_stack_inputs). */
+	reset_base();
+	page ome_image = plane;
+	char desc[256];
+	snprintf(desc, sizeof desc,
+	         "<OME><Image><Pixels SizeX=\"%u\" SizeY=\"%u\" SizeC=\"1\" SizeZ=\"1\" "
+	         "SizeT=\"1\" Type=\"uint16\"/></Image></OME>",
+	         plane.w, plane.h);
+	ome_image.desc = desc;
+	write_file(path_of("a.ome.tif", 0, 0), &ome_image, 1);
+	write_file(path_of("b.ome.tif", 0, 0), &ome_image, 1);
+	d = NULL;
+	rc = sf_dataset_scan(base, &d, &e);
+	CHECK(rc == SF_OK && d && d->stack_count == 0 && d->slide_count == 2,
+	      "root one-page OME files: %u stacks %u slides", d ? d->stack_count : 0,
+	      d ? d->slide_count : 0);
+	sf_dataset_free(d);
 }
 
 /* Files that look like z-stacks but are not one: time series (OME SizeT,
