@@ -98,65 +98,44 @@ def test_log_unwritable_refused(tmp_path):
     assert not is_mounted(mnt)
 
 
-def test_raw_file_moved_away_reads_eio(tmp_path):
+def test_raw_file_moved_away_reads_eio(scopefs):
     """A raw file moved away under the mount: reading the virtual file that
     needs it fails with EIO, not ENOENT (the virtual file is there: `ls`
     lists it), and the status names the missing raw file.  Once the file is
     back, the same read works: failures are not cached."""
-    raw, mnt, cache = tmp_path / 'raw', tmp_path / 'mnt', tmp_path / 'cache'
-    raw.mkdir()
-    mnt.mkdir()
-    slide = raw / 'ref.ome.tif'
+    slide = scopefs.raw / 'ref.ome.tif'
     write_ome(slide, pyramid(tissue(600, 700, channels=2, seed=3)[..., None], 2), tile=256)
-    proc = subprocess.Popen([str(SCOPEFS), '-f', '-o', f'cache={cache}', str(raw), str(mnt)],
-                            stderr=subprocess.DEVNULL)
-    try:
-        wait_mounted(mnt)
-        away = tmp_path / 'away.ome.tif'
-        os.rename(slide, away)
-        virtual = mnt / 'registered' / 'ref.ome.tif'
-        assert virtual.exists()
-        with pytest.raises(OSError) as info:
-            with open(virtual, 'rb') as f:
-                f.seek(200_000)
-                f.read(1 << 20)
-        assert info.value.errno == errno.EIO, info.value
-        recent = json.loads((mnt / '.scopefs' / 'status').read_text())['recent_errors']
-        assert recent and str(slide) in recent[0]['message'], recent
-        os.rename(away, slide)
+    m = scopefs.mount()
+    away = scopefs.tmp / 'away.ome.tif'
+    os.rename(slide, away)
+    virtual = m.mnt / 'registered' / 'ref.ome.tif'
+    assert virtual.exists()
+    with pytest.raises(OSError) as info:
         with open(virtual, 'rb') as f:
             f.seek(200_000)
-            assert len(f.read(1 << 20)) == 1 << 20
-    finally:
-        subprocess.run(['fusermount3', '-u', str(mnt)], check=False)
-        proc.wait(timeout=30)
-    assert not is_mounted(mnt)
+            f.read(1 << 20)
+    assert info.value.errno == errno.EIO, info.value
+    recent = m.status()['recent_errors']
+    assert recent and str(slide) in recent[0]['message'], recent
+    os.rename(away, slide)
+    with open(virtual, 'rb') as f:
+        f.seek(200_000)
+        assert len(f.read(1 << 20)) == 1 << 20
 
 
-def test_raw_file_changed_under_the_mount_is_not_served_cut(tmp_path):
+def test_raw_file_changed_under_the_mount_is_not_served_cut(scopefs):
     """raw/ serves the size the mount scanned: a raw file rewritten since
     must fail with EIO (and say why in the status), never come back as the
     new file's bytes cut at the old size."""
-    raw, mnt, cache = tmp_path / 'raw', tmp_path / 'mnt', tmp_path / 'cache'
-    raw.mkdir()
-    mnt.mkdir()
-    slide = raw / 'ref.ome.tif'
+    slide = scopefs.raw / 'ref.ome.tif'
     write_ome(slide, pyramid(tissue(600, 700, channels=1, seed=1)[..., None], 1), tile=256)
-    proc = subprocess.Popen([str(SCOPEFS), '-f', '-o', f'cache={cache}', str(raw), str(mnt)],
-                            stderr=subprocess.DEVNULL)
-    try:
-        wait_mounted(mnt)
-        before = (mnt / 'raw' / 'ref.ome.tif').read_bytes()
-        assert before == slide.read_bytes()
-        write_ome(slide, pyramid(tissue(650, 700, channels=1, seed=9)[..., None], 1), tile=256,
-                  compression='zlib')
-        with pytest.raises(OSError) as info:
-            (mnt / 'raw' / 'ref.ome.tif').read_bytes()
-        assert info.value.errno == errno.EIO, info.value
-        recent = json.loads((mnt / '.scopefs' / 'status').read_text())['recent_errors']
-        assert recent and str(slide) in recent[0]['message'] and \
-            'changed since it was scanned' in recent[0]['message'], recent
-    finally:
-        subprocess.run(['fusermount3', '-u', str(mnt)], check=False)
-        proc.wait(timeout=30)
-    assert not is_mounted(mnt)
+    m = scopefs.mount()
+    assert (m.mnt / 'raw' / 'ref.ome.tif').read_bytes() == slide.read_bytes()
+    write_ome(slide, pyramid(tissue(650, 700, channels=1, seed=9)[..., None], 1), tile=256,
+              compression='zlib')
+    with pytest.raises(OSError) as info:
+        (m.mnt / 'raw' / 'ref.ome.tif').read_bytes()
+    assert info.value.errno == errno.EIO, info.value
+    recent = m.status()['recent_errors']
+    assert recent and str(slide) in recent[0]['message'] and \
+        'changed since it was scanned' in recent[0]['message'], recent
