@@ -30,7 +30,8 @@
 #include "scopefs/register_micro.h"
 #include "scopefs/transform_export.h"
 
-#define PHASES 3
+/* The phases every job thread goes through together (job_thread). */
+enum { PHASE_THUMB, PHASE_AFFINE, PHASE_RELINK, PHASE_FINISH, PHASES };
 
 /* The guard: a result outside these bounds is not served. */
 #define GUARD_MIN_OVERLAP 0.25 /* of the reference's tissue */
@@ -74,7 +75,8 @@ typedef struct slide_job {
 	int metric;        /* the metric that fit used (an NCC miss is retried with MI) */
 	int use_hema;      /* brightfield: fitted on the hematoxylin images (autoreg_thumb.h) */
 	int affine_ok;
-	sf_transform t; /* the result */
+	uint32_t skipped; /* serial: the rejected neighbour passed over (UINT32_MAX: none) */
+	sf_transform t;   /* the result */
 	double jac_min, disp_max;
 	double seconds;           /* affine + non-rigid, this slide's own work */
 	double t_affine, t_field; /* the two parts (not cached) */
@@ -549,7 +551,7 @@ static void phase_affine(sf_autoreg *a, uint32_t i)
 	 * run side by side, sharing the threads.  A rescue is run only where
 	 * it can change the outcome: never when the other image's NCC fit
 	 * matched, since an NCC fit beats an MI rescue (the rule below). */
-	unsigned threads = inner_threads(a, 1);
+	unsigned threads = inner_threads(a, PHASE_AFFINE);
 	/* The second pair of images: hematoxylin on every brightfield side.
 	 * Against fluorescence that is the brightfield slide's nuclei stain
 	 * against DAPI: IHC's total density, DAB included, matched DAPI in one
@@ -717,7 +719,7 @@ static int fit_micro(sf_autoreg *a, uint32_t i, const double m[9], const sf_reg_
 	sf_mat3_mul(m, sr_inv, mmic);
 	sf_mat3_mul(sv, mmic, mmic);
 	sf_reg_micro_opts_default(&mo);
-	mo.demons.threads = inner_threads(a, 2);
+	mo.demons.threads = inner_threads(a, PHASE_FINISH);
 	rc = sf_reg_micro(hema && mref->hema.px ? &mref->hema : &mref->im, mref->mask,
 	                  hema && mm.hema.px ? &mm.hema : &mm.im, mmic, f, sqrt(fr[0] * fr[1]), &mo,
 	                  &fm, e);
@@ -758,7 +760,7 @@ static const char *fit_field(sf_autoreg *a, uint32_t i, const double m[9], sf_tr
 	 * from 0.13 to 0.11 px, and 10 iterations there do what 30 did. */
 	no.max_dim = 0;
 	no.iter_fine = 10;
-	no.threads = inner_threads(a, 2);
+	no.threads = inner_threads(a, PHASE_FINISH);
 	set_stage(a, i, ST_NONRIGID);
 	rc = a->jobs[i].use_hema
 	         ? sf_reg_nonrigid(&ref->hema, ref->mask, &mov->hema, m, &no, &f, &e)
@@ -843,10 +845,68 @@ static void phase_finish(sf_autoreg *a, uint32_t i)
 		       e.msg);
 }
 
+/* Whether slide k cannot be a link of a chain: its own fit failed or the
+ * guard rejects it (a blank or damaged section). */
+static int link_rejected(sf_autoreg *a, uint32_t k)
+{
+	double m0[9];
+	char why[512];
+
+	return !a->jobs[k].affine_ok || chain_matrix(a, k, m0, why, sizeof why) ||
+	       guard_affine(a, k, &a->jobs[k].r, a->jobs[k].metric, m0, why, sizeof why);
+}
+
+/* Serial order: slide i, fitted this run, whose neighbour is rejected is
+ * fitted again to the next section towards the reference, as if the
+ * rejected one were not there. */
+static void relink_slide(sf_autoreg *a, uint32_t i, const uint8_t *fitted)
+{
+	slide_job *j = &a->jobs[i];
+	uint32_t skipped = UINT32_MAX;
+
+	if (!fitted[i] || !j->affine_ok)
+		return;
+	while (j->target != a->ref && link_rejected(a, j->target)) {
+		skipped = j->target;
+		j->target = a->jobs[skipped].target;
+	}
+	if (skipped == UINT32_MAX)
+		return;
+	j->skipped = skipped;
+	sf_log(SF_LOG_INFO,
+	       "registration of %s: its neighbour %s is rejected, so it is fitted to %s",
+	       a->d->slides[i]->path, a->d->slide_stems[skipped], a->d->slide_stems[j->target]);
+	phase_affine(a, i);
+}
+
+/* Between the affine fits and the rest (serial order only, one job): walk
+ * each chain from the reference outwards, so a slide is checked after the
+ * links nearer the reference are settled.  Every other job thread waits at
+ * the phase barrier meanwhile, so targets change with no reader. */
+static void phase_relink(sf_autoreg *a, uint32_t unused)
+{
+	uint32_t n = a->d->slide_count;
+	uint8_t *fitted = calloc(n, 1);
+
+	(void)unused;
+	if (!fitted) {
+		sf_log(SF_LOG_WARN,
+		       "registration: out of memory; rejected neighbours are not skipped");
+		return;
+	}
+	for (uint32_t q = 0; q < a->count[PHASE_AFFINE]; q++)
+		fitted[a->queue[PHASE_AFFINE][q]] = 1;
+	for (uint32_t i = a->ref + 1; i < n; i++)
+		relink_slide(a, i, fitted);
+	for (uint32_t i = a->ref; i-- > 0;)
+		relink_slide(a, i, fitted);
+	free(fitted);
+}
+
 /* --- threads ---------------------------------------------------------------- */
 
 typedef void (*phase_fn)(sf_autoreg *a, uint32_t i);
-static const phase_fn phase_run[PHASES] = {phase_thumb, phase_affine, phase_finish};
+static const phase_fn phase_run[PHASES] = {phase_thumb, phase_affine, phase_relink, phase_finish};
 
 /* Every job thread drains each phase's queue, then waits for the phase's
  * last slide before the next phase (phase 1 reads phase 0's thumbnails;
@@ -903,24 +963,26 @@ static int plan_phases(sf_autoreg *a, sf_err *e)
 			continue;
 		}
 		j->stage = ST_QUEUED;
-		a->queue[1][a->count[1]++] = i;
-		a->queue[2][a->count[2]++] = i;
+		a->queue[PHASE_AFFINE][a->count[PHASE_AFFINE]++] = i;
+		a->queue[PHASE_FINISH][a->count[PHASE_FINISH]++] = i;
 		thumb[i] = thumb[a->ref] = 1;
 		for (uint32_t k = j->target; k != a->ref; k = a->jobs[k].target)
 			thumb[k] = 1; /* serial: the chain is refitted with it */
 	}
 	for (uint32_t i = 0; i < n; i++)
 		if (thumb[i])
-			a->queue[0][a->count[0]++] = i;
+			a->queue[PHASE_THUMB][a->count[PHASE_THUMB]++] = i;
 	/* A chain member that is cached still needs its affine link refitted. */
 	for (uint32_t i = 0; i < n; i++)
 		if (thumb[i] && a->jobs[i].in_job && a->jobs[i].stage == ST_DONE) {
 			a->jobs[i].stage = ST_QUEUED;
 			a->jobs[i].cached = 0;
 			sf_transform_release(&a->jobs[i].t);
-			a->queue[1][a->count[1]++] = i;
-			a->queue[2][a->count[2]++] = i;
+			a->queue[PHASE_AFFINE][a->count[PHASE_AFFINE]++] = i;
+			a->queue[PHASE_FINISH][a->count[PHASE_FINISH]++] = i;
 		}
+	if (a->s.serial && a->count[PHASE_AFFINE]) /* one job walks every chain */
+		a->queue[PHASE_RELINK][a->count[PHASE_RELINK]++] = a->ref;
 	free(thumb);
 	return SF_OK;
 }
@@ -936,9 +998,9 @@ int sf_autoreg_start(sf_autoreg *a, sf_err *e)
 	}
 	a->started = 1;
 	if ((rc = plan_phases(a, e)) == SF_OK) {
-		unsigned want = a->count[0] ? a->threads : 0;
-		if (want > a->count[0])
-			want = a->count[0];
+		unsigned want = a->count[PHASE_THUMB] ? a->threads : 0;
+		if (want > a->count[PHASE_THUMB])
+			want = a->count[PHASE_THUMB];
 		if (want && !(a->tids = calloc(want, sizeof *a->tids)))
 			rc = sf_fail(e, SF_ENOMEM, "out of memory");
 		for (unsigned k = 0; rc == SF_OK && k < want; k++) {
@@ -988,6 +1050,7 @@ int sf_autoreg_create(const sf_dataset *d, uint32_t reference, const uint8_t *to
 		sf_transform_init(&j->t);
 		j->in_job = i != reference && to_register[i];
 		j->target = reference;
+		j->skipped = UINT32_MAX;
 	}
 	/* Serial order: each slide's neighbour towards the reference among the
 	 * slides of the job (slides with their own transform files are skipped). */
@@ -1087,13 +1150,15 @@ void sf_autoreg_describe(sf_autoreg *a, uint32_t i, char *buf, size_t n)
 			snprintf(field, sizeof field,
 			         ", non-rigid field up to %.1f px (min Jacobian %.2f)", j->disp_max,
 			         j->jac_min);
-		snprintf(
-		    buf, n,
-		    "served, registered by scopefs%s: %s, NCC %.3f%s over %.0f%% of the tissue, "
-		    "scale %.3f, rotation %.1f deg%s%s, %.2f s",
-		    j->cached ? " (from the cache)" : "", a->s.serial ? "serial" : "direct",
-		    j->r.ncc, mi, 100 * j->r.overlap, j->r.scale, j->r.angle_deg,
-		    j->r.mirrored ? ", mirrored" : "", field, j->seconds);
+		snprintf(buf, n,
+		         "served, registered by scopefs%s: %s%s%s, NCC %.3f%s over %.0f%% of the "
+		         "tissue, "
+		         "scale %.3f, rotation %.1f deg%s%s, %.2f s",
+		         j->cached ? " (from the cache)" : "", a->s.serial ? "serial" : "direct",
+		         j->skipped != UINT32_MAX ? " past the rejected section " : "",
+		         j->skipped != UINT32_MAX ? a->d->slide_stems[j->skipped] : "", j->r.ncc,
+		         mi, 100 * j->r.overlap, j->r.scale, j->r.angle_deg,
+		         j->r.mirrored ? ", mirrored" : "", field, j->seconds);
 	}
 	pthread_mutex_unlock(&a->lock);
 }
