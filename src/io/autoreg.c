@@ -873,6 +873,7 @@ static void relink_slide(sf_autoreg *a, uint32_t i, const uint8_t *fitted)
 	if (skipped == UINT32_MAX)
 		return;
 	j->skipped = skipped;
+	j->affine_ok = 0; /* until the new fit succeeds: phase_finish then passes it by */
 	sf_log(SF_LOG_INFO,
 	       "registration of %s: its neighbour %s is rejected, so it is fitted to %s",
 	       a->d->slides[i]->path, a->d->slide_stems[skipped], a->d->slide_stems[j->target]);
