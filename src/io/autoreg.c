@@ -644,20 +644,31 @@ static const char *guard_affine(const sf_autoreg *a, uint32_t i, const sf_reg_re
 /* The level-0 matrix from the reference to slide i: its own fit, then
  * (serial) each link of the chain towards the reference.  NULL when a link
  * failed, with the reason in why. */
+/* The level-0 matrix from the reference to slide k along its chain, links unchecked. */
+static void chain_product(const sf_autoreg *a, uint32_t k, double m0[9])
+{
+	memcpy(m0, a->jobs[k].affine0, 9 * sizeof *m0);
+	for (uint32_t j = a->jobs[k].target; j != a->ref; j = a->jobs[j].target)
+		sf_mat3_mul(m0, a->jobs[j].affine0, m0);
+}
+
 static const char *chain_matrix(sf_autoreg *a, uint32_t i, double m0[9], char *why, size_t n)
 {
-	memcpy(m0, a->jobs[i].affine0, 9 * sizeof *m0);
 	for (uint32_t j = a->jobs[i].target; j != a->ref; j = a->jobs[j].target) {
 		char link_why[400];
 		double link_m0[9];
 		/* A link whose own fit the guard rejects (a blank or damaged
 		 * section) fails its followers too: say so, rather than report
-		 * their fit against it (0 % overlap) as if it were theirs. */
+		 * their fit against it (0 % overlap) as if it were theirs.  Every
+		 * later link is one of i's too, so each is checked once here with
+		 * its own product, not through a chain of its own. */
 		const char *bad = !a->jobs[j].affine_ok ? "it failed" : NULL;
-		if (!bad && (chain_matrix(a, j, link_m0, link_why, sizeof link_why) ||
-		             guard_affine(a, j, &a->jobs[j].r, a->jobs[j].metric, link_m0, link_why,
-		                          sizeof link_why)))
-			bad = link_why;
+		if (!bad) {
+			chain_product(a, j, link_m0);
+			if (guard_affine(a, j, &a->jobs[j].r, a->jobs[j].metric, link_m0, link_why,
+			                 sizeof link_why))
+				bad = link_why;
+		}
 		if (bad) {
 			snprintf(why, n,
 			         "rejected: registered in serial order through its neighbour %s, "
@@ -665,8 +676,8 @@ static const char *chain_matrix(sf_autoreg *a, uint32_t i, double m0[9], char *w
 			         a->d->slide_stems[j], bad);
 			return why;
 		}
-		sf_mat3_mul(m0, a->jobs[j].affine0, m0);
 	}
+	chain_product(a, i, m0);
 	return NULL;
 }
 

@@ -1085,21 +1085,16 @@ static void make_runs(blocks_worker *w, uint32_t n, uint32_t lo)
 static int non_finite_error(const sf_stack *st, uint32_t z, uint32_t x, uint32_t y, float v,
                             sf_err *e)
 {
-	char huge[32];
+	char huge[32], page[32] = "";
 	const char *what = isnan(v) ? "NaN" : isinf(v) ? (v > 0 ? "inf" : "-inf") : huge;
 
 	snprintf(huge, sizeof huge, "%g", v);
-
 	if (st->multipage)
-		return sf_fail(e, SF_EFORMAT,
-		               "%s: page %u, pixel (x %u, y %u) is %s; deconvolution needs finite "
-		               "values under 1.3e30 (float32 sums of a block overflow beyond)",
-		               st->plane_info[0]->path, st->page_first + z * st->page_step + 1, x,
-		               y, what);
+		snprintf(page, sizeof page, " page %u,", st->page_first + z * st->page_step + 1);
 	return sf_fail(e, SF_EFORMAT,
-	               "%s: pixel (x %u, y %u) is %s; deconvolution needs finite values under "
+	               "%s:%s pixel (x %u, y %u) is %s; deconvolution needs finite values under "
 	               "1.3e30 (float32 sums of a block overflow beyond)",
-	               st->plane_info[z]->path, x, y, what);
+	               st->plane_info[st->multipage ? 0 : z]->path, page, x, y, what);
 }
 
 /* Fill w->in with the block's input window from the planes: per plane, the
