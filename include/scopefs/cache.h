@@ -13,6 +13,13 @@
  *    logged, counted and reported as a miss (SF_ENOTFOUND): never served.
  *  - Total bytes are bounded by max_bytes: least-recently-used entries
  *    (mtime, bumped on every hit) are evicted when a put passes the bound.
+ *    Entries unlink refuses (EPERM, EACCES) are logged once and no longer
+ *    count against the bound in this cache's lifetime.
+ *  - A put failing with ENOSPC/EDQUOT evicts least-recently-used entries to
+ *    make room and retries once; a put whose folder was removed (st_nlink 0)
+ *    opens DIR again by its path, as open does, and retries once.
+ *  - Entry and version files are opened O_NONBLOCK and must be regular
+ *    files: a FIFO or device there is refused, never waited on.
  *  - All functions are safe to call from many threads at once. */
 #ifndef SCOPEFS_CACHE_H
 #define SCOPEFS_CACHE_H
@@ -50,6 +57,12 @@ int sf_cache_get(sf_cache *c, sf_key k, uint8_t *dst, size_t n, sf_err *e);
 /* Store n bytes of src under k (elem_bytes: shuffle width, 1, 2 or 4). */
 int sf_cache_put(sf_cache *c, sf_key k, const uint8_t *src, size_t n, unsigned elem_bytes,
                  sf_err *e);
+
+/* After a failed put: nonzero when the failure was "file system full" even
+ * after making room.  Its message then names DIR and the errno (not the
+ * entry), so repeats are one message; the cache logs these itself, first
+ * and then at most once a minute, so the caller should record, not log, it. */
+int sf_cache_failure_logged(const sf_cache *c, const sf_err *e);
 
 void sf_cache_stats_get(sf_cache *c, sf_cache_stats *out);
 

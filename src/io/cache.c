@@ -19,11 +19,16 @@
  *     plus this mount's puts since, minus what it removed.  A put that
  *     replaces an entry still adds its full size, so the view errs high
  *     (triggering an early rescan) rather than low; other mounts' writes since
- *     the last scan are the one thing it cannot see.
+ *     the last scan are the one thing it cannot see.  Entries unlink refused
+ *     (c->stuck) stay in bytes but not in what the bound is applied to.
+ *  6. Nothing here blocks on a file that is not regular: entry and version
+ *     files are opened O_NONBLOCK and checked with fstat before reading.
  *
- * Locking: c->lock guards the counters and the evicting flag, and is never held
- * across I/O.  One thread at a time evicts (the evicting flag); the others
- * carry on writing and reading meanwhile.  sf_cache_close must not race any
+ * Locking: c->lock guards the counters, the evicting flag, the stuck list and
+ * the full-disk log state, and is never held across I/O.  One thread at a
+ * time evicts (the evicting flag); the others carry on writing and reading
+ * meanwhile.  c->reopen_lock serialises dir_reopen and is held across its
+ * I/O (it only runs after DIR was removed).  sf_cache_close must not race any
  * other call on the same cache. */
 #include "scopefs/cache.h"
 
@@ -58,6 +63,11 @@
 #define REL_MAX          128        /* "ab/<name>" relative paths; our names are shorter */
 #define SCRATCH_SLOTS    8          /* encode/decode buffers kept for reuse (see scratch_take) */
 #define SCRATCH_MAX      (5u << 20) /* larger buffers are freed, not kept */
+#define FULL_LOG_S       60         /* a full file system is logged at most once per this */
+#define ROOM_RETRY_S     10         /* after an eviction for room freed nothing, wait this long */
+#define ROOM_PCT         10         /* an eviction for room frees at least this share of DIR */
+#define STUCK_MAX        (1u << 20) /* unremovable entries remembered (40 bytes each) */
+#define FULL_MSG         ": disk cache full: "
 
 /* A buffer lent by the cache's scratch pool. */
 struct scratch {
@@ -66,18 +76,31 @@ struct scratch {
 };
 
 struct sf_cache {
-	char *dir;            /* the folder as given, for messages */
-	int dirfd;            /* the folder itself: immune to chdir and renames above it */
-	uint64_t max_bytes;   /* 0: unbounded */
-	uint64_t nonce;       /* random per open: temp names unique across hosts */
-	pthread_mutex_t lock; /* guards everything below */
-	uint64_t tmp_seq;     /* temp-name counter */
-	uint64_t put_total;   /* file bytes this mount has ever written */
-	uint64_t put_count;   /* entries this mount has ever written */
-	int evicting;         /* one evictor at a time */
-	sf_cache_stats st;    /* counters; bytes/entries are the view of invariant 5 */
+	char *dir;                   /* the folder as given, for messages */
+	int dirfd;                   /* the folder itself: immune to chdir and renames above it;
+	                              * a removed DIR made again is dup3()ed onto this number */
+	pthread_mutex_t reopen_lock; /* serialises dir_reopen (held across its I/O) and
+	                              * guards reopen_failed_at */
+	time_t reopen_failed_at;     /* last failed dir_reopen (monotonic s), 0: none */
+	uint64_t max_bytes;          /* 0: unbounded */
+	uint64_t nonce;              /* random per open: temp names unique across hosts */
+	pthread_mutex_t lock;        /* guards everything below */
+	uint64_t tmp_seq;            /* temp-name counter */
+	uint64_t put_total;          /* file bytes this mount has ever written */
+	uint64_t put_count;          /* entries this mount has ever written */
+	int evicting;                /* one evictor at a time */
+	sf_cache_stats st;           /* counters; bytes/entries are the view of invariant 5 */
 	struct scratch spare[SCRATCH_SLOTS]; /* idle buffers of the scratch pool */
 	unsigned nspare;
+	char (*stuck)[40]; /* sorted rels of entries unlink refused: never evicted again */
+	size_t nstuck, stuck_cap;
+	uint64_t stuck_bytes;  /* their size, as of the last scan plus later failures */
+	int stuck_logged;      /* the one "cannot remove" line was written */
+	int full_logged;       /* a full file system was logged at full_logged_at */
+	time_t full_logged_at; /* CLOCK_MONOTONIC seconds */
+	uint64_t full_since;   /* failed puts since that line */
+	time_t room_futile_at; /* last eviction for room that freed nothing (monotonic s) */
+	int room_futile;       /* that eviction freed nothing: skip make_room for ROOM_RETRY_S */
 };
 
 /* One entry seen by a scan, for eviction ordering. */
@@ -275,37 +298,97 @@ static void version_file_create(sf_cache *c)
 	unlinkat(c->dirfd, tmp, 0);
 }
 
-static int version_file_check(sf_cache *c, sf_err *e)
+/* The format number if text is exactly "scopefs cache format <n>\n" with n
+ * a plain decimal (no sign, leading zero, fraction or trailing bytes), else -1. */
+static long version_parse(const char *text, size_t len)
 {
-	char text[64];
-	unsigned version;
-	ssize_t got;
+	const char *prefix = "scopefs cache format ";
+	size_t plen = strlen(prefix), i = plen;
+	long v = 0;
+
+	if (len < plen + 2 || memcmp(text, prefix, plen) != 0 || text[len - 1] != '\n')
+		return -1;
+	if (text[i] == '0' && i + 2 != len)
+		return -1;
+	for (; i < len - 1; i++) {
+		if (text[i] < '0' || text[i] > '9' || i - plen >= 9)
+			return -1;
+		v = v * 10 + (text[i] - '0');
+	}
+	return v;
+}
+
+/* Read DIR/SCOPEFS_CACHE into text (at most cap - 1 bytes, NUL-ended).  O_NONBLOCK
+ * so that a FIFO there cannot hang the mount; only a regular file is read.
+ * The byte count, or -1 with errno set (EINVAL: not a regular file). */
+static ssize_t version_file_read(sf_cache *c, char *text, size_t cap)
+{
+	struct stat st;
+	size_t got = 0;
 	int fd;
 
-	fd = openat(c->dirfd, VERSION_FILE, O_RDONLY | O_CLOEXEC);
+	fd = openat(c->dirfd, VERSION_FILE, O_RDONLY | O_NONBLOCK | O_NOCTTY | O_CLOEXEC);
 	if (fd < 0 && errno == ENOENT) {
 		version_file_create(c);
-		fd = openat(c->dirfd, VERSION_FILE, O_RDONLY | O_CLOEXEC);
+		fd = openat(c->dirfd, VERSION_FILE, O_RDONLY | O_NONBLOCK | O_NOCTTY | O_CLOEXEC);
 	}
 	if (fd < 0)
-		return sf_fail(e, SF_EIO, "%s/" VERSION_FILE ": cannot open cache version file: %s",
-		               c->dir, strerror(errno));
-	got = read(fd, text, sizeof text - 1);
+		return -1;
+	if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+		close(fd);
+		errno = EINVAL;
+		return -1;
+	}
+	/* Read up to cap - 1 bytes: more than a valid file holds, to see junk. */
+	while (got < cap - 1) {
+		ssize_t n = read(fd, text + got, cap - 1 - got);
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0) {
+			int err = errno;
+			close(fd);
+			errno = err;
+			return -1;
+		}
+		if (n == 0)
+			break;
+		got += (size_t)n;
+	}
 	close(fd);
-	if (got < 0)
-		return sf_fail(e, SF_EIO, "%s/" VERSION_FILE ": %s", c->dir, strerror(errno));
 	text[got] = '\0';
-	if (sscanf(text, "scopefs cache format %u", &version) != 1)
+	return (ssize_t)got;
+}
+
+/* The version file must hold exactly the line this scopefs writes. */
+static int version_file_check(sf_cache *c, sf_err *e)
+{
+	char text[64], want[64];
+	ssize_t got;
+	long version;
+	int wlen;
+
+	got = version_file_read(c, text, sizeof text);
+	if (got < 0 && errno == EINVAL)
+		return sf_fail(e, SF_EFORMAT,
+		               "%s/" VERSION_FILE ": not a regular file; "
+		               "point the cache at another folder",
+		               c->dir);
+	if (got < 0)
+		return sf_fail(e, SF_EIO, "%s/" VERSION_FILE ": cannot read cache version file: %s",
+		               c->dir, strerror(errno));
+	wlen = snprintf(want, sizeof want, VERSION_FMT, FORMAT_VERSION);
+	if (got == wlen && memcmp(text, want, (size_t)wlen) == 0)
+		return SF_OK;
+	version = version_parse(text, (size_t)got);
+	if (version < 0 || version == FORMAT_VERSION)
 		return sf_fail(e, SF_EFORMAT,
 		               "%s/" VERSION_FILE ": not a scopefs cache version file; "
 		               "point the cache at another folder",
 		               c->dir);
-	if (version != FORMAT_VERSION)
-		return sf_fail(e, SF_EFORMAT,
-		               "%s: cache format %u, but this scopefs uses format %u; "
-		               "point the cache at another folder or empty this one",
-		               c->dir, version, FORMAT_VERSION);
-	return SF_OK;
+	return sf_fail(e, SF_EFORMAT,
+	               "%s: cache format %ld, but this scopefs uses format %u; "
+	               "point the cache at another folder or empty this one",
+	               c->dir, version, FORMAT_VERSION);
 }
 
 /* ---- scanning ---- */
@@ -418,70 +501,172 @@ static int by_mtime(const void *a, const void *b)
 	return timespec_cmp(&x->mtime, &y->mtime);
 }
 
-static uint64_t current_bytes(sf_cache *c)
+static int by_rel(const void *a, const void *b)
+{
+	return strcmp(a, b);
+}
+
+static time_t now_s(void)
+{
+	struct timespec t;
+
+	clock_gettime(CLOCK_MONOTONIC, &t);
+	return t.tv_sec;
+}
+
+/* With c->lock: whether unlink already refused rel in this mount. */
+static int stuck_has(const sf_cache *c, const char *rel)
+{
+	return c->nstuck && bsearch(rel, c->stuck, c->nstuck, sizeof *c->stuck, by_rel) != NULL;
+}
+
+/* With c->lock: remember rel as unremovable (kept sorted; past STUCK_MAX or
+ * out of memory it is simply tried again at a later eviction). */
+static void stuck_add(sf_cache *c, const char *rel)
+{
+	size_t at = 0;
+
+	if (stuck_has(c, rel) || c->nstuck >= STUCK_MAX)
+		return;
+	if (c->nstuck == c->stuck_cap) {
+		size_t cap = c->stuck_cap ? 2 * c->stuck_cap : 64;
+		char(*grown)[40] = realloc(c->stuck, cap * sizeof *grown);
+		if (!grown)
+			return;
+		c->stuck = grown;
+		c->stuck_cap = cap;
+	}
+	while (at < c->nstuck && strcmp(c->stuck[at], rel) < 0)
+		at++;
+	memmove(c->stuck + at + 1, c->stuck + at, (c->nstuck - at) * sizeof *c->stuck);
+	snprintf(c->stuck[at], sizeof c->stuck[at], "%s", rel);
+	c->nstuck++;
+}
+
+/* With c->lock: bytes the LRU can act on (the view minus unremovable entries). */
+static uint64_t evictable_locked(const sf_cache *c)
+{
+	return sub_floor0(c->st.bytes, c->stuck_bytes);
+}
+
+static uint64_t evictable_bytes(sf_cache *c)
 {
 	uint64_t b;
 
 	pthread_mutex_lock(&c->lock);
-	b = c->st.bytes;
+	b = evictable_locked(c);
 	pthread_mutex_unlock(&c->lock);
 	return b;
 }
 
-/* Remove one scanned entry unless it was used or replaced since the scan. */
-static void evict_one(sf_cache *c, const struct scanned_entry *se)
+/* Remove one scanned entry unless it was used or replaced since the scan.
+ * The errno when unlink refused it (it is then remembered as stuck), else 0. */
+static int evict_one(sf_cache *c, const struct scanned_entry *se)
 {
 	struct stat st;
-	int gone;
+	int gone, err = 0;
 
 	if (fstatat(c->dirfd, se->rel, &st, AT_SYMLINK_NOFOLLOW) == 0) {
 		if (timespec_cmp(&st.st_mtim, &se->mtime) != 0)
-			return; /* hit or rewritten after the scan: no longer the oldest */
-		gone = unlinkat(c->dirfd, se->rel, 0) == 0;
+			return 0; /* hit or rewritten after the scan: no longer the oldest */
+		gone = unlinkat(c->dirfd, se->rel, 0) == 0 || errno == ENOENT;
+		if (!gone)
+			err = errno; /* EPERM/EACCES: another user's file, immutable, ... */
 	} else {
 		gone = errno == ENOENT; /* another mount evicted it first */
 	}
-	if (!gone)
-		return;
 	pthread_mutex_lock(&c->lock);
-	c->st.bytes = sub_floor0(c->st.bytes, se->size);
-	c->st.entries = sub_floor0(c->st.entries, 1);
-	c->st.evicted++;
+	if (gone) {
+		c->st.bytes = sub_floor0(c->st.bytes, se->size);
+		c->st.entries = sub_floor0(c->st.entries, 1);
+		c->st.evicted++;
+	} else if (err) {
+		stuck_add(c, se->rel);
+		c->stuck_bytes += se->size;
+	}
+	pthread_mutex_unlock(&c->lock);
+	return err;
+}
+
+/* Drop the entries unlink refused before (their bytes become stuck_bytes)
+ * and reset the view from scan r (invariant 5). */
+static void scan_settle(sf_cache *c, struct scan_result *r, uint64_t total_at_start,
+                        uint64_t count_at_start)
+{
+	size_t kept = 0;
+
+	pthread_mutex_lock(&c->lock);
+	c->stuck_bytes = 0;
+	for (size_t i = 0; i < r->n; i++) {
+		if (stuck_has(c, r->list[i].rel))
+			c->stuck_bytes += r->list[i].size;
+		else
+			r->list[kept++] = r->list[i];
+	}
+	r->n = kept;
+	/* Puts during the scan may or may not be in it: count them again, so the
+	 * view errs high. */
+	c->st.bytes = r->bytes + (c->put_total - total_at_start);
+	c->st.entries = r->entries + (c->put_count - count_at_start);
 	pthread_mutex_unlock(&c->lock);
 }
 
 /* Rescan DIR (which also counts other mounts' entries), then unlink entries
- * from the least recently used until the total is under EVICT_TARGET_PCT of
- * the bound.  Called by at most one thread at a time, with no lock held. */
-static void evict(sf_cache *c)
+ * from the least recently used until the evictable bytes are at most the
+ * target: EVICT_TARGET_PCT of the bound, or (room > 0, after a write failed
+ * for lack of space) room bytes or ROOM_PCT of DIR fewer than the scan found,
+ * whichever is more.  Entries unlink refuses are logged once per mount and
+ * left out of later evictions.  The count evicted.  Called by at most one
+ * thread at a time, with no lock held. */
+static uint64_t evict(sf_cache *c, uint64_t room)
 {
-	uint64_t target = c->max_bytes / 100 * EVICT_TARGET_PCT;
-	uint64_t total_at_start, count_at_start;
+	uint64_t target, total_at_start, count_at_start, evicted0, freed, stuck_n = 0;
 	struct scan_result r;
+	int refused = 0, log_stuck;
 	sf_err e;
 
 	pthread_mutex_lock(&c->lock);
 	total_at_start = c->put_total;
 	count_at_start = c->put_count;
+	evicted0 = c->st.evicted;
 	pthread_mutex_unlock(&c->lock);
 	if (scan_dir(c, &r, 1, &e) != SF_OK) {
 		sf_log(SF_LOG_WARN, "cache: eviction skipped: %s", e.msg);
-		return;
+		return 0;
 	}
-	/* Puts during the scan may or may not be in it: count them again, so the
-	 * view errs high (invariant 5). */
-	pthread_mutex_lock(&c->lock);
-	c->st.bytes = r.bytes + (c->put_total - total_at_start);
-	c->st.entries = r.entries + (c->put_count - count_at_start);
-	pthread_mutex_unlock(&c->lock);
+	scan_settle(c, &r, total_at_start, count_at_start);
+	if (room) {
+		uint64_t have = evictable_bytes(c), want = have / 100 * ROOM_PCT;
+		target = sub_floor0(have, want > room ? want : room);
+	} else {
+		target = c->max_bytes / 100 * EVICT_TARGET_PCT;
+	}
 	if (r.n)
 		qsort(r.list, r.n, sizeof *r.list, by_mtime);
-	for (size_t i = 0; i < r.n && current_bytes(c) > target; i++)
-		evict_one(c, &r.list[i]);
+	for (size_t i = 0; i < r.n && evictable_bytes(c) > target; i++) {
+		int err = evict_one(c, &r.list[i]);
+		if (err) {
+			refused = refused ? refused : err;
+			stuck_n++;
+		}
+	}
 	free(r.list);
+	pthread_mutex_lock(&c->lock);
+	log_stuck = refused && !c->stuck_logged;
+	c->stuck_logged |= refused != 0;
+	freed = c->st.evicted - evicted0;
+	pthread_mutex_unlock(&c->lock);
+	if (log_stuck)
+		sf_log(SF_LOG_WARN,
+		       "cache: %s: cannot remove %llu cache entries: %s; they stay, and no longer "
+		       "count against the size bound in this mount (logged once)",
+		       c->dir, (unsigned long long)stuck_n, strerror(refused));
+	return freed;
 }
 
-/* After a put: evict if over the bound and nobody else is evicting. */
+/* After a put: evict if the evictable bytes passed the bound and nobody else
+ * is evicting.  Eviction ends at 90% of the bound, so this scans once per
+ * 10% of the bound written, also when some entries cannot be removed. */
 static void maybe_evict(sf_cache *c)
 {
 	int mine;
@@ -489,16 +674,42 @@ static void maybe_evict(sf_cache *c)
 	if (!c->max_bytes)
 		return;
 	pthread_mutex_lock(&c->lock);
-	mine = c->st.bytes > c->max_bytes && !c->evicting;
+	mine = evictable_locked(c) > c->max_bytes && !c->evicting;
 	if (mine)
 		c->evicting = 1;
 	pthread_mutex_unlock(&c->lock);
 	if (!mine)
 		return;
-	evict(c);
+	evict(c, 0);
 	pthread_mutex_lock(&c->lock);
 	c->evicting = 0;
 	pthread_mutex_unlock(&c->lock);
+}
+
+/* After a write failed with ENOSPC/EDQUOT: evict least recently used entries
+ * to free at least size bytes (and ROOM_PCT of DIR, so that a full disk costs
+ * one scan per 10% of the folder, like the bound).  1 if something was freed.
+ * If another thread is evicting, or an eviction for room freed nothing less
+ * than ROOM_RETRY_S ago (the disk is full of other files), 0 at once. */
+static int make_room(sf_cache *c, uint64_t size)
+{
+	uint64_t freed;
+	int mine;
+
+	pthread_mutex_lock(&c->lock);
+	mine = !c->evicting && !(c->room_futile && now_s() - c->room_futile_at < ROOM_RETRY_S);
+	if (mine)
+		c->evicting = 1;
+	pthread_mutex_unlock(&c->lock);
+	if (!mine)
+		return 0;
+	freed = evict(c, size ? size : 1);
+	pthread_mutex_lock(&c->lock);
+	c->evicting = 0;
+	c->room_futile = freed == 0;
+	c->room_futile_at = now_s();
+	pthread_mutex_unlock(&c->lock);
+	return freed != 0;
 }
 
 /* ---- open / close ---- */
@@ -567,10 +778,16 @@ int sf_cache_open(const char *dir, uint64_t max_bytes, sf_cache **out, sf_err *e
 		rc = sf_fail(e, SF_ENOMEM, "%s: cannot create the cache lock", dir);
 		goto err_close;
 	}
+	if (pthread_mutex_init(&c->reopen_lock, NULL) != 0) {
+		rc = sf_fail(e, SF_ENOMEM, "%s: cannot create the cache lock", dir);
+		goto err_lock;
+	}
 	maybe_evict(c); /* the bound may have shrunk since the last mount */
 	*out = c;
 	return SF_OK;
 
+err_lock:
+	pthread_mutex_destroy(&c->lock);
 err_close:
 	close(c->dirfd);
 err_free:
@@ -584,11 +801,68 @@ void sf_cache_close(sf_cache *c)
 	if (!c)
 		return;
 	pthread_mutex_destroy(&c->lock);
+	pthread_mutex_destroy(&c->reopen_lock);
 	for (unsigned i = 0; i < c->nspare; i++)
 		free(c->spare[i].p);
+	free(c->stuck);
 	close(c->dirfd);
 	free(c->dir);
 	free(c);
+}
+
+/* ---- a removed folder ---- */
+
+/* After a write in DIR failed with ENOENT: if the folder c->dirfd holds was
+ * removed (st_nlink 0: `rm -rf DIR`, a scratch purge), open DIR by its path
+ * again as sf_cache_open does (creating it and its version file), move it
+ * onto the same descriptor number with dup3 (so calls in flight in other
+ * threads see either folder, never a closed or reused descriptor), rescan it
+ * and log one line.  1 if the folder is usable (again), else 0 with e set. */
+static int dir_reopen(sf_cache *c, sf_err *e)
+{
+	struct scan_result r;
+	struct stat st;
+	int fd, rc;
+
+	pthread_mutex_lock(&c->reopen_lock);
+	if (fstat(c->dirfd, &st) == 0 && st.st_nlink > 0) {
+		pthread_mutex_unlock(&c->reopen_lock);
+		return 1; /* not removed, or another thread made it again already */
+	}
+	if (c->reopen_failed_at && now_s() - c->reopen_failed_at < ROOM_RETRY_S) {
+		pthread_mutex_unlock(&c->reopen_lock);
+		sf_fail(e, SF_EIO, "%s: the cache folder was removed during the mount", c->dir);
+		return 0; /* tried less than ROOM_RETRY_S ago: no log line per put */
+	}
+	rc = open_dir(c->dir, &fd, e);
+	if (rc == SF_OK) {
+		if (dup3(fd, c->dirfd, O_CLOEXEC) < 0)
+			rc = sf_fail(e, SF_EIO, "%s: cannot reopen cache folder: %s", c->dir,
+			             strerror(errno));
+		close(fd);
+	}
+	if (rc == SF_OK)
+		rc = version_file_check(c, e);
+	if (rc == SF_OK)
+		rc = scan_dir(c, &r, 0, e);
+	c->reopen_failed_at = rc == SF_OK ? 0 : now_s();
+	pthread_mutex_unlock(&c->reopen_lock);
+	if (rc != SF_OK) {
+		sf_log(SF_LOG_WARN, "cache: %s: the cache folder was removed during the mount: %s",
+		       c->dir, e->msg);
+		return 0;
+	}
+	pthread_mutex_lock(&c->lock);
+	c->st.bytes = r.bytes;
+	c->st.entries = r.entries;
+	c->nstuck = 0; /* another folder now */
+	c->stuck_bytes = 0;
+	pthread_mutex_unlock(&c->lock);
+	sf_log(SF_LOG_WARN,
+	       "cache: %s: the cache folder was removed during the mount; "
+	       "made it again (%llu entries there) and caching goes on in it",
+	       c->dir, (unsigned long long)r.entries);
+	return 1;
 }
 
 /* ---- scratch pool ---- */
@@ -718,7 +992,9 @@ int sf_cache_get(sf_cache *c, sf_key k, uint8_t *dst, size_t n, sf_err *e)
 	if (sf_block_bound(n) == 0)
 		return sf_fail(e, SF_ERANGE, "%s/%s: %zu bytes are too many for one cache entry",
 		               c->dir, rel, n);
-	fd = openat(c->dirfd, rel, O_RDONLY | O_CLOEXEC);
+	/* O_NONBLOCK: a FIFO or device at the name must not block; fstat below
+	 * then refuses anything but a regular file. */
+	fd = openat(c->dirfd, rel, O_RDONLY | O_NONBLOCK | O_NOCTTY | O_CLOEXEC);
 	if (fd < 0) {
 		int err = errno;
 		count_miss(c);
@@ -778,8 +1054,10 @@ out:
 /* ---- put ---- */
 
 /* Write buf into a private temp file next to the entry and rename it over
- * rel (replacing any entry there: same key, same bytes). */
-static int entry_publish(sf_cache *c, const char *rel, const uint8_t *buf, size_t size, sf_err *e)
+ * rel (replacing any entry there: same key, same bytes).  On failure *err_no
+ * is the errno that stopped it. */
+static int entry_publish(sf_cache *c, const char *rel, const uint8_t *buf, size_t size, int *err_no,
+                         sf_err *e)
 {
 	char tmp[REL_MAX], fanout[3] = {rel[0], rel[1], '\0'};
 	uint64_t seq;
@@ -792,13 +1070,17 @@ static int entry_publish(sf_cache *c, const char *rel, const uint8_t *buf, size_
 	         (long)getpid(), (unsigned long long)c->nonce, (unsigned long long)seq);
 	fd = openat(c->dirfd, tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
 	if (fd < 0 && errno == ENOENT) {
-		if (mkdirat(c->dirfd, fanout, 0755) != 0 && errno != EEXIST)
+		if (mkdirat(c->dirfd, fanout, 0755) != 0 && errno != EEXIST) {
+			*err_no = errno;
 			return sf_fail(e, SF_EIO, "%s/%s: cannot create cache folder: %s", c->dir,
 			               fanout, strerror(errno));
+		}
 		fd = openat(c->dirfd, tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
 	}
-	if (fd < 0)
+	if (fd < 0) {
+		*err_no = errno;
 		return sf_fail(e, SF_EIO, "%s/%s: cannot create: %s", c->dir, tmp, strerror(errno));
+	}
 	if (write_all(fd, buf, size) != 0) {
 		err = errno;
 		close(fd);
@@ -815,8 +1097,62 @@ static int entry_publish(sf_cache *c, const char *rel, const uint8_t *buf, size_
 	return SF_OK;
 fail:
 	unlinkat(c->dirfd, tmp, 0);
+	*err_no = err;
 	return sf_fail(e, SF_EIO, "%s/%s: cannot write cache entry: %s", c->dir, rel,
 	               strerror(err));
+}
+
+static int is_full(int err)
+{
+	return err == ENOSPC || err == EDQUOT;
+}
+
+/* A put failed for lack of space even after make_room.  The message names
+ * the folder and errno, not the entry, so that callers recording errors
+ * (the engine's recent_errors) see one repeated message; the log gets the
+ * first failure, then at most one line per FULL_LOG_S with the count since. */
+static int full_report(sf_cache *c, int err, sf_err *e)
+{
+	uint64_t since = 0;
+	time_t now = now_s();
+	int log;
+
+	pthread_mutex_lock(&c->lock);
+	c->full_since++;
+	log = !c->full_logged || now - c->full_logged_at >= FULL_LOG_S;
+	if (log) {
+		since = c->full_since;
+		c->full_since = 0;
+		c->full_logged = 1;
+		c->full_logged_at = now;
+	}
+	pthread_mutex_unlock(&c->lock);
+	if (log)
+		sf_log(SF_LOG_WARN,
+		       "cache: %s: no room for new entries (%s) even after evicting the least "
+		       "recently used ones: %llu write(s) failed since the last such line "
+		       "(logged at most once a minute)",
+		       c->dir, strerror(err), (unsigned long long)since);
+	return sf_fail(e, SF_EIO, "%s" FULL_MSG "%s", c->dir, strerror(err));
+}
+
+/* Write the entry; when DIR was removed meanwhile, make it again and retry
+ * once; when the file system is full, make room and retry once. */
+static int entry_store(sf_cache *c, const char *rel, const uint8_t *buf, size_t size, sf_err *e)
+{
+	int err = 0, rc;
+
+	rc = entry_publish(c, rel, buf, size, &err, e);
+	if (rc && err == ENOENT) {
+		if (!dir_reopen(c, e))
+			return SF_EIO;
+		rc = entry_publish(c, rel, buf, size, &err, e);
+	}
+	if (rc && is_full(err) && make_room(c, size))
+		rc = entry_publish(c, rel, buf, size, &err, e);
+	if (rc && is_full(err))
+		rc = full_report(c, err, e);
+	return rc;
 }
 
 int sf_cache_put(sf_cache *c, sf_key k, const uint8_t *src, size_t n, unsigned elem_bytes,
@@ -853,7 +1189,7 @@ int sf_cache_put(sf_cache *c, sf_key k, const uint8_t *src, size_t n, unsigned e
 	eh.enc_size = enc_n;
 	eh.raw_hash = XXH64(src, n, 0);
 	header_write(buf.p, &eh);
-	rc = entry_publish(c, rel, buf.p, size, e);
+	rc = entry_store(c, rel, buf.p, size, e);
 	if (rc)
 		goto out;
 	pthread_mutex_lock(&c->lock);
@@ -872,6 +1208,14 @@ out:
 	scratch_give(c, &buf);
 	scratch_give(c, &scratch);
 	return rc;
+}
+
+int sf_cache_failure_logged(const sf_cache *c, const sf_err *e)
+{
+	size_t n = strlen(c->dir);
+
+	return strncmp(e->msg, c->dir, n) == 0 &&
+	       strncmp(e->msg + n, FULL_MSG, strlen(FULL_MSG)) == 0;
 }
 
 void sf_cache_stats_get(sf_cache *c, sf_cache_stats *out)

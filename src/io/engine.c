@@ -492,7 +492,8 @@ static void work_on(struct worker *w, struct unit_entry *u, bool is_prefetch)
 		int put =
 		    sf_cache_put(g->cache, unit_key(p, u->unit), buf, u->bytes, p->elem_bytes, &ce);
 
-		if (put != SF_OK)
+		/* A full disk is logged by the cache itself, throttled. */
+		if (put != SF_OK && !sf_cache_failure_logged(g->cache, &ce))
 			sf_log(SF_LOG_WARN, "%s: unit %" PRIu64 ": disk cache write failed: %s",
 			       p->name, u->unit, ce.msg);
 		clock_gettime(CLOCK_MONOTONIC, &t1);

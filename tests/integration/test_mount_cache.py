@@ -22,6 +22,7 @@ NAME = 'slide.ome.tif'
 
 def make_source(raw, seed=41, h=1500, w=1800, channels=2):
     """Uncompressed 2-level source: rewriting it with another seed keeps its size."""
+    raw.mkdir(parents=True, exist_ok=True)
     a = gen.norm(gen.tissue(h, w, channels, seed=seed))
     gen.write_ome(raw / NAME, gen.pyramid(a, 2), ['A', 'B', 'C', 'D'][:channels], 0.5)
     return gen.expected_virtual_levels(gen.read_levels(raw / NAME))
