@@ -4,6 +4,8 @@
  * (preset=NAME reads mountopts/NAME, or the file NAME when it holds a '/'),
  * whose `key=value` lines are the same options; the command line wins, and
  * of two presets that give one key, the one named later.
+ * In a -o list, and in a preset line, a backslash makes the next character
+ * plain (libfuse's convention): "\," is a comma inside a value.
  * Every option is validated here: an unknown key or a malformed value is a
  * one-line error naming it (main exits with status 2, nothing mounted). */
 #ifndef SCOPEFS_OPTIONS_H
@@ -18,8 +20,9 @@
 
 typedef struct sf_options {
 	char *raw_dir;       /* absolute, resolved RAW_DIR */
-	char *mountpoint;    /* as given */
-	char *cache_dir;     /* cache=, default $XDG_CACHE_HOME/scopefs or ~/.cache/scopefs */
+	char *mountpoint;    /* absolute, resolved MOUNTPOINT */
+	char *cache_dir;     /* cache=, default $XDG_CACHE_HOME/scopefs or ~/.cache/scopefs;
+	                      * absolute, without "." or "..", outside RAW_DIR and MOUNTPOINT */
 	uint64_t cache_size; /* cache_size=, bytes; 0: unbounded */
 	uint64_t mem;        /* mem=, bytes of decoded tiles in RAM */
 	unsigned threads;    /* threads=, workers; 0: one per CPU */
@@ -28,7 +31,8 @@ typedef struct sf_options {
 	char *reference;     /* reference=, file name or stem; NULL: first slide by name */
 	char *preset;        /* preset= values as given, in order, one a line */
 	char *transforms;    /* transforms=DIR: transform files of moving slides, or NULL */
-	char *log_path;      /* log=FILE: log lines appended there (absolute), or NULL: stderr */
+	char *log_path;      /* log=FILE: log lines appended there (absolute, as cache_dir),
+	                      * or NULL: stderr */
 	int interp;          /* interp=: an sf_interp (warp.h), default bilinear */
 	double background;   /* background=: value outside a warped slide */
 	int gpu;             /* gpu=: -1 auto, -2 off, else a device index */

@@ -225,12 +225,24 @@ static int set_string(char **field, const char *value, sf_err *e, const char *ke
 	return SF_OK;
 }
 
+/* Append opt (unescaped) to the libfuse -o list, escaping its commas and
+ * backslashes again: libfuse splits that list on unescaped commas too. */
 static int add_fuse_opt(parse_state *ps, const char *opt, sf_err *e)
 {
-	size_t len = strlen(ps->fuse_opts);
-	if (len + strlen(opt) + 2 >= sizeof ps->fuse_opts)
+	size_t len = strlen(ps->fuse_opts), cap = sizeof ps->fuse_opts;
+
+	if (len && len + 1 < cap)
+		ps->fuse_opts[len++] = ',';
+	for (const char *c = opt; *c; c++) {
+		if (len + 3 >= cap)
+			return sf_fail(e, SF_EINVAL, "option %s: too many mount options", opt);
+		if (*c == ',' || *c == '\\')
+			ps->fuse_opts[len++] = '\\';
+		ps->fuse_opts[len++] = *c;
+	}
+	if (len + 1 >= cap)
 		return sf_fail(e, SF_EINVAL, "option %s: too many mount options", opt);
-	snprintf(ps->fuse_opts + len, sizeof ps->fuse_opts - len, "%s%s", len ? "," : "", opt);
+	ps->fuse_opts[len] = '\0';
 	return SF_OK;
 }
 
@@ -244,6 +256,10 @@ static int add_deconv_opt(sf_options *o, const char *key, const char *value, con
 	char *grown;
 	int rc;
 
+	/* o->deconv is itself a comma list: an escaped comma cannot live in it */
+	if (strchr(value, ','))
+		return sf_fail(e, SF_EINVAL, "%soption '%s': '%s' holds a comma", origin, key,
+		               value);
 	sf_deconv_settings_default(&scratch);
 	rc = sf_deconv_settings_apply(&scratch, key, value, origin, e);
 	if (rc != SF_OK)
@@ -356,17 +372,40 @@ static int apply_option(parse_state *ps, const char *item, const char *origin, s
 	return SF_OK;
 }
 
-/* Split a -o list on commas and apply each item. */
+/* Cut the item that starts at s at its first unescaped comma and unescape
+ * it in place.  A backslash makes the next character plain, as in libfuse's
+ * -o lists (fuse_opt.c): "\," is a comma inside a value, "\\" a
+ * backslash.  (libfuse's "\NNN" octal form is not read: it could make a
+ * newline, which preset names and log lines keep out.)  Returns where the
+ * next item starts, or NULL when this item ended the text. */
+static char *take_item(char *s)
+{
+	char *d = s, *next;
+
+	while (*s && *s != ',') {
+		if (*s == '\\' && s[1])
+			s++;
+		*d++ = *s++;
+	}
+	next = *s ? s + 1 : NULL;
+	*d = '\0';
+	return next;
+}
+
+/* Split a -o list on unescaped commas and apply each item (empty items,
+ * as in "a,,b", are skipped). */
 static int apply_option_list(parse_state *ps, const char *list, sf_err *e)
 {
-	char *copy = strdup(list), *save = NULL;
+	char *copy = strdup(list);
 	int rc = SF_OK;
 
 	if (!copy)
 		return sf_fail(e, SF_ENOMEM, "out of memory");
-	for (char *item = strtok_r(copy, ",", &save); item && rc == SF_OK;
-	     item = strtok_r(NULL, ",", &save))
-		rc = apply_option(ps, item, "", e);
+	for (char *item = copy, *next; item && rc == SF_OK; item = next) {
+		next = take_item(item);
+		if (*item)
+			rc = apply_option(ps, item, "", e);
+	}
 	free(copy);
 	return rc;
 }
@@ -419,10 +458,12 @@ static int apply_preset(parse_state *ps, const char *name, sf_err *e)
 			             path, lineno);
 			break;
 		}
-		if (strchr(s, ',')) {
+		/* One option a line, unescaped as in -o: a bare comma would hand
+		 * the rest of the line to FUSE unchecked (fsname=x,allow_other). */
+		if (take_item(s)) {
 			rc = sf_fail(e, SF_EINVAL,
-			             "%s:%u: one option per line (a comma would hand the rest "
-			             "to FUSE unchecked)",
+			             "%s:%u: one option per line (write a comma inside a value "
+			             "as \\,)",
 			             path, lineno);
 			break;
 		}
@@ -502,14 +543,15 @@ static char *default_cache_dir(void)
 	return strdup(buf);
 }
 
-/* The absolute form of a path that may not exist yet: the real path of its
- * longest existing ancestor plus the rest. */
-static int absolute_future_path(const char *path, char *out, size_t cap)
+/* The real path of path's longest existing ancestor, plus the rest of path
+ * as given (which may hold "." and ".."). */
+static int resolve_existing_prefix(const char *path, char *out, size_t cap)
 {
 	char probe[PATH_MAX], resolved[PATH_MAX];
 	char *cut;
 
-	snprintf(probe, sizeof probe, "%s", path);
+	if ((size_t)snprintf(probe, sizeof probe, "%s", path) >= sizeof probe)
+		return SF_ERANGE;
 	for (;;) {
 		if (realpath(probe, resolved))
 			return (size_t)snprintf(out, cap, "%s%s", resolved, path + strlen(probe)) <
@@ -530,37 +572,104 @@ static int absolute_future_path(const char *path, char *out, size_t cap)
 	return (size_t)snprintf(out, cap, "%s/%s", resolved, path) < cap ? SF_OK : SF_ERANGE;
 }
 
-/* path (absolute by now) is RAW_DIR raw or below it. */
-static int inside_raw(const char *path, const char *raw)
+/* Absolute path, in place, without empty, "." or ".." components: ".."
+ * drops the component before it ("/.." is "/").  Purely textual. */
+static void normalise_lexically(char *path)
 {
-	size_t n = strlen(raw);
+	char *src = path, *dst = path;
 
-	return !strncmp(path, raw, n) && (path[n] == '/' || path[n] == '\0');
+	while (*src) {
+		while (*src == '/')
+			src++;
+		size_t n = strcspn(src, "/");
+		int dot = n == 1 && src[0] == '.', dotdot = n == 2 && !strncmp(src, "..", 2);
+
+		if (dotdot) {
+			while (dst > path && *--dst != '/')
+				;
+		} else if (n && !dot) {
+			*dst++ = '/';
+			memmove(dst, src, n);
+			dst += n;
+		}
+		src += n;
+	}
+	if (dst == path)
+		*dst++ = '/';
+	*dst = '\0';
 }
 
-/* log=FILE made absolute (the daemon changes to /) and kept out of RAW_DIR. */
-static int check_log_path(sf_options *o, const char *raw, sf_err *e)
+/* The absolute form of a path that may not exist yet, as the kernel would
+ * resolve it once its folders are made.  The part after the longest
+ * existing ancestor is normalised as text (W/nothere/../raw is W/raw: the
+ * kernel resolves ".." of a folder made later the same way), then resolved
+ * again, since that text may lead back into existing folders or links.
+ * The second pass leaves no "..": the normalised text has none. */
+static int absolute_future_path(const char *path, char *out, size_t cap)
 {
-	char log[PATH_MAX];
+	char once[PATH_MAX];
+	int rc = resolve_existing_prefix(path, once, sizeof once);
 
-	if (!o->log_path)
+	if (rc != SF_OK)
+		return rc;
+	normalise_lexically(once);
+	if ((rc = resolve_existing_prefix(once, out, cap)) != SF_OK)
+		return rc;
+	normalise_lexically(out); /* drops a trailing '/' */
+	return SF_OK;
+}
+
+/* path (absolute by now) is dir or below it. */
+static int inside_dir(const char *path, const char *dir)
+{
+	size_t n = strlen(dir);
+
+	if (n == 1 && dir[0] == '/')
+		return 1;
+	return !strncmp(path, dir, n) && (path[n] == '/' || path[n] == '\0');
+}
+
+/* A path option `key` (given as `given`, absolute `abs`) is kept out of
+ * RAW_DIR (never written to) and out of MOUNTPOINT: the mount hides what
+ * is there, and once mounted the path leads into scopefs's own read-only
+ * tree, so the cache's scale records and the like fail half-way. */
+static int check_outside(const char *key, const char *given, const char *abs, const char *raw,
+                         const char *mnt, sf_err *e)
+{
+	int in_raw = inside_dir(abs, raw), in_mnt = inside_dir(abs, mnt);
+	const char *resolved = strcmp(given, abs) ? abs : NULL; /* shown when it differs */
+
+	if (!in_raw && !in_mnt)
 		return SF_OK;
-	if (absolute_future_path(o->log_path, log, sizeof log) != SF_OK)
-		return sf_fail(e, SF_EINVAL, "option 'log': cannot resolve '%s'", o->log_path);
-	if (inside_raw(log, raw))
-		return sf_fail(
-		    e, SF_EINVAL,
-		    "option 'log': '%s' is inside RAW_DIR '%s'; the raw dataset is never "
-		    "written to",
-		    o->log_path, raw);
-	return set_string(&o->log_path, log, e, "log");
+	return sf_fail(e, SF_EINVAL, "option '%s': '%s'%s%s%s is inside %s '%s'; %s", key, given,
+	               resolved ? " (" : "", resolved ? resolved : "", resolved ? ")" : "",
+	               in_raw ? "RAW_DIR" : "MOUNTPOINT", in_raw ? raw : mnt,
+	               in_raw ? "the raw dataset is never written to"
+	                      : "the mount would hide it and lead it into scopefs's own tree");
+}
+
+/* cache= (or the default) and log=FILE made absolute (the daemon changes
+ * to /), normalised, and kept out of RAW_DIR and MOUNTPOINT. */
+static int check_written_path(const char *key, char **field, const char *raw, const char *mnt,
+                              sf_err *e)
+{
+	char abs[PATH_MAX];
+	int rc;
+
+	if (!*field)
+		return SF_OK;
+	if (absolute_future_path(*field, abs, sizeof abs) != SF_OK)
+		return sf_fail(e, SF_EINVAL, "option '%s': cannot resolve '%s'", key, *field);
+	if ((rc = check_outside(key, *field, abs, raw, mnt, e)) != SF_OK)
+		return rc;
+	return set_string(field, abs, e, key);
 }
 
 /* transforms= must name a folder.  A typo would otherwise mount without a
  * word, and with reg=auto scopefs would register every slide itself instead
  * of using the user's transforms.  Kept absolute: the daemon leaves the
  * working folder when it detaches, and files are looked up after that. */
-static int check_transforms_dir(sf_options *o, sf_err *e)
+static int check_transforms_dir(sf_options *o, const char *mnt, sf_err *e)
 {
 	char dir[PATH_MAX];
 	struct stat st;
@@ -573,6 +682,11 @@ static int check_transforms_dir(sf_options *o, sf_err *e)
 	if (!S_ISDIR(st.st_mode))
 		return sf_fail(e, SF_EINVAL, "option 'transforms': '%s' is not a folder",
 		               o->transforms);
+	if (inside_dir(dir, mnt))
+		return sf_fail(e, SF_EINVAL,
+		               "option 'transforms': '%s' is inside MOUNTPOINT '%s'; the mount "
+		               "would hide it",
+		               o->transforms, mnt);
 	return set_string(&o->transforms, dir, e, "transforms");
 }
 
@@ -605,7 +719,7 @@ static int check_mountpoint(sf_options *o, const char *raw, sf_err *e)
 		    errno == ENOTCONN ? " (a mount whose daemon died: fusermount3 -u it)" : "");
 	if (!S_ISDIR(st.st_mode))
 		return sf_fail(e, SF_EINVAL, "MOUNTPOINT '%s' is not a folder", o->mountpoint);
-	if (inside_raw(mnt, raw) || inside_raw(raw, mnt))
+	if (inside_dir(mnt, raw) || inside_dir(raw, mnt))
 		return sf_fail(e, SF_EINVAL,
 		               "MOUNTPOINT '%s' and RAW_DIR '%s' overlap: the mount would hide the "
 		               "raw files it serves",
@@ -619,32 +733,27 @@ static int check_mountpoint(sf_options *o, const char *raw, sf_err *e)
 	return set_string(&o->mountpoint, mnt, e, "MOUNTPOINT");
 }
 
+/* MOUNTPOINT first: cache=, log= and transforms= are checked against its
+ * absolute form. */
 static int check_paths(sf_options *o, sf_err *e)
 {
-	char raw[PATH_MAX], cache[PATH_MAX];
+	char raw[PATH_MAX];
 	int rc;
 
 	if (!realpath(o->raw_dir, raw))
 		return sf_fail(e, SF_EINVAL, "RAW_DIR '%s': %s", o->raw_dir, strerror(errno));
 	if (!o->cache_dir && !(o->cache_dir = default_cache_dir()))
 		return sf_fail(e, SF_ENOMEM, "out of memory");
-	if (absolute_future_path(o->cache_dir, cache, sizeof cache) != SF_OK)
-		return sf_fail(e, SF_EINVAL, "option 'cache': cannot resolve '%s'", o->cache_dir);
-	if (inside_raw(cache, raw))
-		return sf_fail(e, SF_EINVAL,
-		               "option 'cache': '%s' is inside RAW_DIR '%s'; the raw dataset is "
-		               "never written to",
-		               o->cache_dir, raw);
-	rc = check_log_path(o, raw, e);
+	rc = check_mountpoint(o, raw, e);
 	if (rc == SF_OK)
-		rc = check_transforms_dir(o, e);
+		rc = check_written_path("cache", &o->cache_dir, raw, o->mountpoint, e);
 	if (rc == SF_OK)
-		rc = check_mountpoint(o, raw, e);
+		rc = check_written_path("log", &o->log_path, raw, o->mountpoint, e);
+	if (rc == SF_OK)
+		rc = check_transforms_dir(o, o->mountpoint, e);
 	if (rc != SF_OK)
 		return rc;
-	if (set_string(&o->raw_dir, raw, e, "RAW_DIR") != SF_OK)
-		return SF_ENOMEM;
-	return set_string(&o->cache_dir, cache, e, "cache");
+	return set_string(&o->raw_dir, raw, e, "RAW_DIR");
 }
 
 int sf_options_parse(int argc, char **argv, sf_options *o, sf_err *e)

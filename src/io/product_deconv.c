@@ -46,7 +46,9 @@
 #include "scopefs/select.h"
 
 #include <ctype.h>
+#include <dirent.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <inttypes.h>
 #include <limits.h>
 #include <math.h>
@@ -55,6 +57,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 #include <xxhash.h>
@@ -1553,6 +1556,7 @@ typedef struct planes {
 	sf_dtype out;
 	double gain; /* scale > 0 */
 	char *scale_path;
+	char scale_key[33];         /* planes key (hex) named by scale_path and its record */
 	pthread_mutex_t scale_lock; /* guards the fields below */
 	pthread_cond_t scale_done;  /* broadcast when a sample settles */
 	int have_scale;
@@ -1566,54 +1570,150 @@ typedef struct planes {
 	atomic_uint_fast64_t *plane_seen;
 } planes;
 
-/* XXH64 of the record's two values, so a damaged record is never trusted:
- * a changed digit would rescale every plane of the stack, silently. */
-static unsigned long long scale_check(double lo, double hi)
+/* The scale record, CACHE/deconv-scale-<key>.txt, one line:
+ *   dmin <hex float> dmax <hex float> key <32 hex> xxh64 <16 hex>
+ * then a comment line.  The check is the XXH64 (seed 0) of the two doubles'
+ * bytes followed by the key's 32 hex digits, so a damaged record is never
+ * trusted (a changed digit would rescale every plane of the stack,
+ * silently), nor one that belongs to another stack (a record copied or
+ * renamed to this stack's name): the key in the record must be the one in
+ * its name.  Records of the older form (no key) are sampled again. */
+#define SCALE_TMP_INFIX   ".txt.tmp."
+#define SCALE_STALE_TMP_S 300 /* a temp record this old belongs to a dead daemon */
+
+static unsigned long long scale_check(double lo, double hi, const char *key_hex)
 {
-	double v[2] = {lo, hi};
-	return (unsigned long long)XXH64(v, sizeof v, 0);
+	unsigned char buf[2 * sizeof(double) + 32];
+
+	memcpy(buf, &lo, sizeof lo);
+	memcpy(buf + sizeof lo, &hi, sizeof hi);
+	memcpy(buf + 2 * sizeof(double), key_hex, 32);
+	return (unsigned long long)XXH64(buf, sizeof buf, 0);
 }
 
-static int read_scale_file(planes *pl)
+/* The record's file, opened without blocking (a FIFO put at its name would
+ * hang every reader of deconvolved/), or NULL when it is not a regular file
+ * (*why says so) or cannot be opened (*why NULL: none there). */
+static FILE *open_scale_file(const char *path, const char **why)
 {
-	FILE *f = fopen(pl->scale_path, "r");
-	double lo, hi;
-	unsigned long long check;
-	int ok;
-
-	if (!f)
-		return 0;
-	ok = fscanf(f, "dmin %la dmax %la xxh64 %llx", &lo, &hi, &check) == 3 && isfinite(lo) &&
-	     isfinite(hi) && lo <= hi && check == scale_check(lo, hi);
-	fclose(f);
-	if (ok) {
-		pl->dmin = lo;
-		pl->dmax = hi;
-	} else {
-		sf_log(SF_LOG_WARN, "%s: not a valid scale record; sampling the blocks again",
-		       pl->scale_path);
-	}
-	return ok;
-}
-
-/* Record (dmin, dmax) for later mounts: temp file + rename. */
-static void write_scale_file(const planes *pl, uint64_t sampled, uint64_t total)
-{
-	char tmp[PATH_MAX + 32];
+	int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC | O_NOCTTY);
+	struct stat st;
 	FILE *f;
 
-	snprintf(tmp, sizeof tmp, "%s.tmp.%d", pl->scale_path, (int)getpid());
-	f = fopen(tmp, "w");
+	*why = NULL;
+	if (fd < 0) {
+		if (errno != ENOENT)
+			*why = strerror(errno);
+		return NULL;
+	}
+	if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+		*why = "not a regular file";
+		close(fd);
+		return NULL;
+	}
+	if (!(f = fdopen(fd, "r"))) {
+		*why = strerror(errno);
+		close(fd);
+	}
+	return f;
+}
+
+/* Read the record into pl->dmin/dmax; 0 (with one log line, unless there is
+ * none) when it is missing or not to be trusted. */
+static int read_scale_file(planes *pl)
+{
+	const char *why;
+	FILE *f = open_scale_file(pl->scale_path, &why);
+	double lo, hi;
+	unsigned long long check;
+	char key[33] = "";
+	int fields;
+
 	if (!f) {
+		if (why)
+			sf_log(SF_LOG_WARN,
+			       "%s: not a valid scale record (%s); sampling the blocks "
+			       "again",
+			       pl->scale_path, why);
+		return 0;
+	}
+	fields = fscanf(f, "dmin %la dmax %la key %32[0-9a-f] xxh64 %llx", &lo, &hi, key, &check);
+	fclose(f);
+	if (fields == 4 && strlen(key) == 32 && strcmp(key, pl->scale_key) != 0) {
+		sf_log(SF_LOG_WARN,
+		       "%s: scale record of another stack (key %s); sampling the blocks again",
+		       pl->scale_path, key);
+		return 0;
+	}
+	if (fields != 4 || strlen(key) != 32 || !isfinite(lo) || !isfinite(hi) || lo > hi ||
+	    check != scale_check(lo, hi, key)) {
+		sf_log(SF_LOG_WARN,
+		       "%s: not a valid scale record (damaged or of an older form); sampling the "
+		       "blocks again",
+		       pl->scale_path);
+		return 0;
+	}
+	pl->dmin = lo;
+	pl->dmax = hi;
+	return 1;
+}
+
+/* Remove deconv-scale-*.txt.tmp.* in dir older than SCALE_STALE_TMP_S: a
+ * daemon killed between writing and renaming left them, and no later one
+ * writes under that pid's name.  A younger one may be another live mount's. */
+static void remove_stale_scale_tmps(const char *dir)
+{
+	DIR *d = opendir(dir);
+	struct dirent *ent;
+	time_t now = time(NULL);
+
+	if (!d)
+		return;
+	while ((ent = readdir(d))) {
+		struct stat st;
+
+		if (strncmp(ent->d_name, "deconv-scale-", 13) ||
+		    !strstr(ent->d_name, SCALE_TMP_INFIX))
+			continue;
+		if (fstatat(dirfd(d), ent->d_name, &st, AT_SYMLINK_NOFOLLOW) == 0 &&
+		    !S_ISDIR(st.st_mode) && now - st.st_mtime > SCALE_STALE_TMP_S &&
+		    unlinkat(dirfd(d), ent->d_name, 0) == 0)
+			sf_log(SF_LOG_INFO, "%s/%s: removed a stale temporary scale record", dir,
+			       ent->d_name);
+	}
+	closedir(d);
+}
+
+/* Record (dmin, dmax) for later mounts: temp file + rename.  The temp name
+ * is made afresh (O_EXCL after unlink), so nothing found there, such as a
+ * FIFO, is opened. */
+static void write_scale_file(const planes *pl, uint64_t sampled, uint64_t total)
+{
+	char tmp[PATH_MAX + 32], dir[PATH_MAX];
+	const char *slash = strrchr(pl->scale_path, '/');
+	FILE *f = NULL;
+	int fd;
+
+	snprintf(dir, sizeof dir, "%.*s", slash ? (int)(slash - pl->scale_path) : 1,
+	         slash ? pl->scale_path : ".");
+	remove_stale_scale_tmps(dir);
+	snprintf(tmp, sizeof tmp, "%s" SCALE_TMP_INFIX "%d", pl->scale_path, (int)getpid());
+	unlink(tmp);
+	fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0644);
+	if (fd < 0 || !(f = fdopen(fd, "w"))) {
 		sf_log(SF_LOG_WARN, "%s: cannot record the scale: %s", pl->scale_path,
 		       strerror(errno));
+		if (fd >= 0) {
+			close(fd);
+			unlink(tmp);
+		}
 		return;
 	}
 	fprintf(f,
-	        "dmin %a dmax %a xxh64 %016llx\n# dmin %.9g dmax %.9g from %" PRIu64 " of %" PRIu64
-	        " blocks\n",
-	        pl->dmin, pl->dmax, scale_check(pl->dmin, pl->dmax), pl->dmin, pl->dmax, sampled,
-	        total);
+	        "dmin %a dmax %a key %s xxh64 %016llx\n# dmin %.9g dmax %.9g from %" PRIu64
+	        " of %" PRIu64 " blocks\n",
+	        pl->dmin, pl->dmax, pl->scale_key, scale_check(pl->dmin, pl->dmax, pl->scale_key),
+	        pl->dmin, pl->dmax, sampled, total);
 	if (fclose(f) != 0 || rename(tmp, pl->scale_path) != 0) {
 		sf_log(SF_LOG_WARN, "%s: cannot record the scale: %s", pl->scale_path,
 		       strerror(errno));
@@ -2019,6 +2119,7 @@ int sf_product_deconv_create(const sf_stack *st, const sf_deconv_settings *s,
 	p->impl = pl;
 	snprintf(p->name, sizeof p->name, "deconvolved:%s", st->name[0] ? st->name : "(root)");
 	sf_key_hex(p->key, hex);
+	memcpy(pl->scale_key, hex, sizeof pl->scale_key);
 	snprintf(path, sizeof path, "%s/deconv-scale-%s.txt", cache_dir ? cache_dir : ".", hex);
 	pl->samples = calloc(pl->sample_count, sizeof *pl->samples);
 	pl->plane_seen = calloc(st->planes / 64 + 1, sizeof *pl->plane_seen);

@@ -1,5 +1,6 @@
 /* test_options.c — option parsing: sizes, presets, errors that name the option. */
 #include <errno.h>
+#include <limits.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -100,7 +101,7 @@ static void test_cli(const char *raw, const char *cache)
 	sf_options_free(&o);
 	CHECK(chdir(cwd) == 0, "chdir back");
 	char sub[600];
-	snprintf(sub, sizeof sub, "%s/../cache", raw);
+	snprintf(sub, sizeof sub, "%s/../mnt", raw);
 	CHECK(mkdir(sub, 0755) == 0 || errno == EEXIST, "mkdir");
 	CHECK(chdir(sub) == 0, "chdir");
 	const char *mnt_rel2[] = {"scopefs", "-o", opt, raw, "."};
@@ -248,6 +249,148 @@ static void test_preset(const char *raw, const char *dir)
 	sf_options_free(&o);
 }
 
+/* Parse "-o <opts>" with RAW_DIR raw and MOUNTPOINT mnt. */
+static int parse_opts(sf_options *o, sf_err *e, const char *opts, const char *raw, const char *mnt)
+{
+	const char *argv[] = {"scopefs", "-o", opts, raw, mnt};
+	return parse(o, e, 5, argv);
+}
+
+/* cache= and log= inside RAW_DIR or MOUNTPOINT are refused however the path
+ * is spelled: ".." after a folder that does not exist yet, "." and "//",
+ * a link to RAW_DIR.  Accepted paths are kept normalised.  The oracle for
+ * "inside" is the path the kernel reaches, spelled out by hand here. */
+static void test_path_spellings(const char *dir, const char *raw)
+{
+	char real[PATH_MAX], mnt[600], opt[2 * PATH_MAX + 64], want[PATH_MAX + 32], link[600];
+	sf_options o;
+	sf_err e;
+
+	CHECK(realpath(dir, real) != NULL, "realpath %s", dir);
+	snprintf(mnt, sizeof mnt, "%s/mnt", dir);
+	CHECK(mkdir(mnt, 0755) == 0 || errno == EEXIST, "mkdir mnt");
+	snprintf(link, sizeof link, "%s/rawlink", dir);
+	CHECK(symlink(raw, link) == 0 || errno == EEXIST, "symlink");
+
+	static const char *const in_raw[] = {"cache=%s/nothere/../raw/cache",
+	                                     "cache=%s/a/b/../../raw",
+	                                     "cache=%s//raw/./x",
+	                                     "cache=%s/nothere/../rawlink/c",
+	                                     "log=%s/nothere/../raw/l.log",
+	                                     "log=%s/x/../raw/y/../l"};
+	for (size_t i = 0; i < sizeof in_raw / sizeof in_raw[0]; i++) {
+		snprintf(want, sizeof want, in_raw[i], dir);
+		snprintf(opt, sizeof opt, "cache=%s/c,%s", dir, want);
+		CHECK(parse_opts(&o, &e, opt, raw, mnt) == SF_EINVAL &&
+		          strstr(e.msg, "inside RAW_DIR") && strstr(e.msg, strchr(want, '=') + 1),
+		      "%s refused: %s", want, e.msg);
+		sf_options_free(&o);
+	}
+	static const char *const in_mnt[] = {"cache=%s/mnt", "cache=%s/mnt/cache",
+	                                     "cache=%s/nothere/../mnt/c", "log=%s/mnt/scopefs.log",
+	                                     "log=%s/mnt/./x/../l"};
+	for (size_t i = 0; i < sizeof in_mnt / sizeof in_mnt[0]; i++) {
+		snprintf(want, sizeof want, in_mnt[i], dir);
+		snprintf(opt, sizeof opt, "cache=%s/c,%s", dir, want);
+		CHECK(parse_opts(&o, &e, opt, raw, mnt) == SF_EINVAL &&
+		          strstr(e.msg, "inside MOUNTPOINT") &&
+		          strstr(e.msg, strchr(want, '=') + 1) && strstr(e.msg, "/mnt'"),
+		      "%s refused naming both paths: %s", want, e.msg);
+		sf_options_free(&o);
+	}
+	snprintf(opt, sizeof opt, "cache=%s/c,transforms=%s", dir, mnt);
+	CHECK(parse_opts(&o, &e, opt, raw, mnt) == SF_EINVAL && strstr(e.msg, "MOUNTPOINT"),
+	      "transforms inside MOUNTPOINT refused: %s", e.msg);
+	sf_options_free(&o);
+
+	/* accepted, and kept in the form the kernel resolves */
+	snprintf(opt, sizeof opt, "cache=%s//new/./a/../cache/,log=%s/mnt2/../logs//s.log", dir,
+	         dir);
+	CHECK(parse_opts(&o, &e, opt, raw, mnt) == SF_OK, "normalised paths accepted: %s", e.msg);
+	snprintf(want, sizeof want, "%s/new/cache", real);
+	CHECK(o.cache_dir && !strcmp(o.cache_dir, want), "cache kept as %s: %s", want,
+	      o.cache_dir ? o.cache_dir : "(null)");
+	snprintf(want, sizeof want, "%s/logs/s.log", real);
+	CHECK(o.log_path && !strcmp(o.log_path, want), "log kept as %s: %s", want,
+	      o.log_path ? o.log_path : "(null)");
+	sf_options_free(&o);
+	/* a sibling whose name starts with the mountpoint's is not inside it */
+	snprintf(opt, sizeof opt, "cache=%s/mnt2,log=%s/mntlog", dir, dir);
+	CHECK(parse_opts(&o, &e, opt, raw, mnt) == SF_OK, "mnt2 is not inside mnt: %s", e.msg);
+	sf_options_free(&o);
+	/* ".." above the root stays at the root */
+	snprintf(opt, sizeof opt, "cache=/../../%s/c2", real);
+	snprintf(want, sizeof want, "%s/c2", real);
+	CHECK(parse_opts(&o, &e, opt, raw, mnt) == SF_OK && !strcmp(o.cache_dir, want),
+	      "/.. is /: %s", o.cache_dir ? o.cache_dir : e.msg);
+	sf_options_free(&o);
+	unlink(link);
+}
+
+/* A comma inside a value is written "\," as in libfuse's -o lists
+ * (fuse_opt.c), "\\" is a backslash; bare commas still split. */
+static void test_escaped_commas(const char *dir, const char *raw)
+{
+	char opt[1200], mnt[600], path[600];
+	sf_options o;
+	sf_err e;
+
+	snprintf(mnt, sizeof mnt, "%s/mnt", dir);
+	snprintf(opt, sizeof opt, "cache=%s/c,reference=HE\\, case 1.svs,mem=64M", dir);
+	CHECK(parse_opts(&o, &e, opt, raw, mnt) == SF_OK, "escaped comma: %s", e.msg);
+	CHECK(o.reference && !strcmp(o.reference, "HE, case 1.svs") && o.mem == 64ull << 20,
+	      "reference 'HE, case 1.svs' and the next item: '%s'", o.reference);
+	sf_options_free(&o);
+
+	snprintf(opt, sizeof opt, "cache=%s/c,reference=a\\\\b\\\\,,fsname=x\\,y\\\\z", dir);
+	CHECK(parse_opts(&o, &e, opt, raw, mnt) == SF_OK, "escaped backslash: %s", e.msg);
+	CHECK(o.reference && !strcmp(o.reference, "a\\b\\"), "a\\\\b\\\\ is 'a\\b\\': '%s'",
+	      o.reference);
+	CHECK(o.fuse_mount_opts && !strcmp(o.fuse_mount_opts, "fsname=x\\,y\\\\z"),
+	      "handed to libfuse escaped again: '%s'", o.fuse_mount_opts);
+	sf_options_free(&o);
+
+	snprintf(opt, sizeof opt, "cache=%s/c,reference=HE, case 1.svs", dir);
+	CHECK(parse_opts(&o, &e, opt, raw, mnt) == SF_EINVAL && strstr(e.msg, "' case 1.svs'"),
+	      "a bare comma still splits: %s", e.msg);
+	sf_options_free(&o);
+
+	snprintf(opt, sizeof opt, "cache=%s/c\\,d,,threads=2,", dir);
+	CHECK(parse_opts(&o, &e, opt, raw, mnt) == SF_OK && o.threads == 2 &&
+	          !strcmp(o.cache_dir + strlen(o.cache_dir) - 4, "/c,d"),
+	      "escaped comma in a path, empty items skipped: %s",
+	      o.cache_dir ? o.cache_dir : e.msg);
+	sf_options_free(&o);
+
+	snprintf(opt, sizeof opt, "cache=%s/c,dxy=0\\,4", dir);
+	CHECK(parse_opts(&o, &e, opt, raw, mnt) == SF_EINVAL && strstr(e.msg, "dxy"),
+	      "a comma in a deconvolution value refused: %s", e.msg);
+	sf_options_free(&o);
+
+	/* a preset line: the same escape */
+	snprintf(path, sizeof path, "%s/comma-preset", dir);
+	FILE *f = fopen(path, "w");
+	CHECK(f != NULL, "write %s", path);
+	if (f) {
+		fputs("reference = HE\\, case 1.svs\n", f);
+		fclose(f);
+	}
+	snprintf(opt, sizeof opt, "cache=%s/c,preset=%s", dir, path);
+	CHECK(parse_opts(&o, &e, opt, raw, mnt) == SF_OK && o.reference &&
+	          !strcmp(o.reference, "HE, case 1.svs"),
+	      "escaped comma in a preset: '%s' %s", o.reference, e.msg);
+	sf_options_free(&o);
+	f = fopen(path, "w");
+	if (f) {
+		fputs("reference=HE, case 1.svs\n", f);
+		fclose(f);
+	}
+	CHECK(parse_opts(&o, &e, opt, raw, mnt) == SF_EINVAL && strstr(e.msg, ":1:") &&
+	          strstr(e.msg, "\\,"),
+	      "a bare comma in a preset refused, naming \\,: %s", e.msg);
+	sf_options_free(&o);
+}
+
 /* The reg_* keys: defaults, values, and a refusal naming the key. */
 static void test_registration(const char *raw, const char *cache)
 {
@@ -303,6 +446,8 @@ int main(void)
 	test_cli(raw, cache);
 	test_preset(raw, dir);
 	test_registration(raw, cache);
+	test_path_spellings(dir, raw);
+	test_escaped_commas(dir, raw);
 	char cmd[700];
 	snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
 	if (system(cmd) != 0)
