@@ -52,7 +52,11 @@ typedef struct sf_slide_info {
 	int is_ome;           /* the first IFD carries OME-XML */
 	uint32_t ome_size_z;  /* SizeZ from OME-XML (1 when absent) */
 	int tiled;            /* level 0 is tiled */
-	uint64_t file_size;   /* identity of the file, for cache keys */
+	/* TIFF Orientation of page 0 (1-8; 1 when absent).  Pixels are always
+	 * served in stored order, as tifffile and OpenSlide read them; the probe
+	 * logs a warning naming the file when this is not 1. */
+	uint16_t orientation;
+	uint64_t file_size; /* identity of the file, for cache keys */
 	int64_t mtime_ns;
 	/* Decoded tiles shared by all readers of this slide (one worker decodes a
 	 * source tile, the others copy from it in place); mutable behind its own

@@ -159,10 +159,14 @@ static void json_dataset(json *j, const sf_mount *m)
 		json_string(j, d->slide_stems[i]);
 		json_add(j, ", \"path\": ");
 		json_string(j, s->path);
+		/* orientation: the source's TIFF Orientation (1 when absent), which
+		 * scopefs does not apply (docs/dataset.md): a viewer that applies
+		 * it shows the source turned against registered/. */
 		json_add(j,
 		         ", \"width\": %u, \"height\": %u, \"channels\": %u, \"levels\": %u, "
-		         "\"state\": ",
-		         s->width, s->height, s->channels, s->level_count);
+		         "\"orientation\": %u, \"state\": ",
+		         s->width, s->height, s->channels, s->level_count,
+		         (unsigned)s->orientation);
 		if (sf_autoreg_has(m->autoreg, i)) {
 			char state[1024];
 			sf_autoreg_describe(m->autoreg, i, state, sizeof state);

@@ -6,11 +6,15 @@
  *   OME / SubIFD  channels are the leading main-chain pages of page 0's size
  *                 and type; level l > 0 of channel c is SubIFD l-1 of page c;
  *   SVS           level 0 is page 0, further levels are the later tiled pages
- *                 (the stripped thumbnail, label and macro pages are skipped);
+ *                 (stripped pages and labels and macros, also tiled ones, are
+ *                 skipped);
  *   PAGES         one channel; later main-chain pages of the same type that
- *                 keep shrinking are the levels (libvips / OpenSlide layout);
+ *                 keep shrinking are the levels (libvips / OpenSlide layout),
+ *                 up to the first that is not one (e.g. a label);
  *   FLAT          one level; the leading pages of page 0's size and type are
  *                 the channels (or z-planes).
+ * An SVS or PAGES level keeps level 0's aspect ratio and is no associated
+ * image (label, macro, thumbnail: see is_associated).
  * Invariants the reader relies on:
  *  - every IFD a level names (each channel's, not only the first's) has
  *    level 0's sample type, samples per pixel and photometric class, a codec
@@ -34,6 +38,7 @@
  * 4.5), never to stderr, and end up in our sf_err message. */
 #include "scopefs/slide.h"
 
+#include <ctype.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
@@ -43,6 +48,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -65,6 +71,7 @@
 #define MAX_UNIT      (256u << 20) /* largest compressed tile or strip we decode whole */
 #define SHARE_SLOTS   256          /* decoded units kept per slide for all its readers */
 #define SHARE_BUDGET  (64u << 20)  /* bytes of them, all slides together */
+#define ASPECT_SLACK  0.01         /* relative slack of a level's aspect ratio (keeps_aspect) */
 
 /* ---- libtiff diagnostics ------------------------------------------------ */
 
@@ -201,8 +208,36 @@ typedef struct page_desc {
 	uint16_t subifd_count;
 	uint64_t *subifds; /* subifd_count offsets, owned */
 	float xres, yres;
-	uint16_t res_unit;
+	uint16_t res_unit;    /* RESUNIT_INCH when absent (the TIFF default) */
+	int has_res_unit;     /* the ResolutionUnit tag is present */
+	uint16_t orientation; /* TIFF Orientation; 1 when absent */
+	int named_associated; /* its description calls it a label, macro or thumbnail */
 } page_desc;
+
+/* The word w (case ignored) occurs in the first two lines of desc, bounded
+ * by non-letters. */
+static int has_word_early(const char *desc, const char *w)
+{
+	size_t n = strlen(w);
+	int lines = 0;
+	for (const char *p = desc; *p && lines < 2; p++) {
+		if (*p == '\n')
+			lines++;
+		int starts = p == desc || !isalpha((unsigned char)p[-1]);
+		if (starts && strncasecmp(p, w, n) == 0 && !isalpha((unsigned char)p[n]))
+			return 1;
+	}
+	return 0;
+}
+
+/* A page whose description names it an associated image, not a level:
+ * Aperio writes "Aperio Image Library v10.0.51\r\nlabel 387x463" (OpenSlide
+ * names associated images by that first word), other writers "label". */
+static int names_associated(const char *desc)
+{
+	return has_word_early(desc, "label") || has_word_early(desc, "macro") ||
+	       has_word_early(desc, "thumbnail");
+}
 
 /* Describe the current directory.  Never fails on absent optional tags. */
 static int describe_page(TIFF *tif, const char *path, const char *where, page_desc *p, sf_err *e)
@@ -236,7 +271,14 @@ static int describe_page(TIFF *tif, const char *path, const char *where, page_de
 		p->xres = 0;
 	if (!TIFFGetField(tif, TIFFTAG_YRESOLUTION, &p->yres))
 		p->yres = 0;
-	TIFFGetFieldDefaulted(tif, TIFFTAG_RESOLUTIONUNIT, &p->res_unit);
+	p->has_res_unit = TIFFGetField(tif, TIFFTAG_RESOLUTIONUNIT, &p->res_unit);
+	if (!p->has_res_unit)
+		p->res_unit = RESUNIT_INCH;
+	if (!TIFFGetField(tif, TIFFTAG_ORIENTATION, &p->orientation) || p->orientation == 0)
+		p->orientation = ORIENTATION_TOPLEFT;
+	char *desc = NULL;
+	p->named_associated =
+	    TIFFGetField(tif, TIFFTAG_IMAGEDESCRIPTION, &desc) && desc && names_associated(desc);
 	uint16_t n = 0;
 	uint64_t *offs = NULL;
 	if (TIFFGetField(tif, TIFFTAG_SUBIFD, &n, &offs) && n > 0 && offs) {
@@ -749,6 +791,75 @@ static uint32_t imagej_value(const char *desc, const char *key)
 	return 0;
 }
 
+static int hex_value(char c)
+{
+	return c <= '9' ? c - '0' : (c | 0x20) - 'a' + 10;
+}
+
+/* The text of "key=value" on its own line of an ImageJ description into
+ * out (cap bytes), with ImageJ's escapes of non-ASCII characters decoded:
+ * ImageJ 1.52+ writes "unit=\\u00B5m" (java.util.Properties style), older
+ * versions "unit=um" or "unit=micron".  0 if absent. */
+static int imagej_text(const char *desc, const char *key, char *out, size_t cap)
+{
+	size_t k = strlen(key), o = 0;
+	for (const char *p = desc; p && *p; p = strchr(p, '\n'), p = p ? p + 1 : NULL) {
+		if (strncmp(p, key, k) != 0 || p[k] != '=')
+			continue;
+		for (const char *v = p + k + 1; *v && *v != '\n' && *v != '\r' && o + 5 < cap;) {
+			unsigned long cp = 0;
+			int digits = 0;
+			while (v[0] == '\\' && v[1] == 'u' && digits < 4 &&
+			       isxdigit((unsigned char)v[2 + digits]))
+				cp = cp * 16 + (unsigned long)hex_value(v[2 + digits++]);
+			if (digits == 4) {
+				o += sf_utf8_encode(cp, out + o); /* 0 bytes for no character */
+				v += 6;
+			} else
+				out[o++] = *v++;
+		}
+		out[o] = '\0';
+		return 1;
+	}
+	return 0;
+}
+
+/* Micrometres per unit for an ImageJ length unit (its Calibration names
+ * and OME's symbols); 0 for "pixel", "inch" or a unit we do not know. */
+static double imagej_um_per_unit(const char *u)
+{
+	static const struct {
+		const char *name;
+		double um;
+	} names[] = {
+	    {"micron", 1},       {"microns", 1},      {"micrometer", 1}, {"nanometer", 1e-3},
+	    {"millimeter", 1e3}, {"centimeter", 1e4}, {"meter", 1e6},
+	};
+	for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
+		if (strcmp(u, names[i].name) == 0)
+			return names[i].um;
+	return um_per_unit(u);
+}
+
+/* Micrometres per pixel from an ImageJ 1.x file: ImageJ stores the
+ * calibration as XResolution = pixels per unit with ResolutionUnit NONE
+ * (1), and the unit as "unit=" in its description ("yunit=" when the y
+ * unit differs).  Used only when ResolutionUnit is NONE or absent (ImageJ
+ * writes INCH or CENTIMETER for those units, which the tags then say).
+ * 0 when absent, "pixel", unknown, or outside 1e-4 - 1e4 um. */
+static double imagej_um(const char *desc, const char *unit_key, float res, const page_desc *p0)
+{
+	char unit[64];
+	if (strncmp(desc, "ImageJ=", 7) != 0 || (p0->has_res_unit && p0->res_unit != RESUNIT_NONE))
+		return 0;
+	if (strcmp(unit_key, "yunit") == 0 && !imagej_text(desc, "yunit", unit, sizeof unit))
+		unit_key = "unit";
+	if (!imagej_text(desc, unit_key, unit, sizeof unit) || !(res > 0) || !isfinite(res))
+		return 0;
+	double um = imagej_um_per_unit(unit) / res;
+	return um >= 1e-4 && um <= 1e4 ? um : 0;
+}
+
 /* "MPP = 0.4990" in an Aperio description; 0 if absent. */
 static double aperio_mpp(const char *desc)
 {
@@ -965,17 +1076,56 @@ static int levels_from_subifds(probe *pr, sf_err *e)
 	return SF_OK;
 }
 
-/* Reduced levels from later main-chain pages (one channel): pages of the
- * same type that keep shrinking; tiled_only skips stripped pages (SVS
- * thumbnail, label, macro).  Stops at the first page that does not fit. */
-static int levels_from_pages(probe *pr, int tiled_only)
+/* Page p keeps page 0's aspect ratio, so it can be a downsampled copy of it.
+ * A writer rounds each axis of a level down, up or to nearest, so the true
+ * w0/d lies within one pixel of w: the downsample d of the x axis is in
+ * (w0/(w+1), w0/(w-1)), and likewise for y.  The page fits when the two
+ * ranges meet, give or take ASPECT_SLACK for writers that round the
+ * downsample itself.  A 600x200 label after a 4096x3072 slide (6.8x against
+ * 15.4x) does not fit; an 11500x8228 level of a 46000x32914 slide does. */
+static int keeps_aspect(const page_desc *p0, const page_desc *p)
 {
+	double x_lo = p0->width / (p->width + 1.0), y_lo = p0->height / (p->height + 1.0);
+	double x_hi = p->width > 1 ? p0->width / (p->width - 1.0) : INFINITY;
+	double y_hi = p->height > 1 ? p0->height / (p->height - 1.0) : INFINITY;
+	return x_lo <= y_hi * (1 + ASPECT_SLACK) && y_lo <= x_hi * (1 + ASPECT_SLACK);
+}
+
+/* Page p (after page 0) is an associated image, never a level: its
+ * NewSubfileType has a bit besides "reduced" (transparency mask, page of a
+ * document, Aperio's macro 9), or its description names it (label, macro,
+ * thumbnail), or, in an SVS, it is marked reduced at all: Aperio leaves its
+ * pyramid levels at NewSubfileType 0 and marks the label 1 and the macro 9
+ * (tifffile's SVS reader ends the levels at the first reduced page too). */
+static int is_associated(const page_desc *p, int svs)
+{
+	if ((p->subfile_type & ~(uint32_t)FILETYPE_REDUCEDIMAGE) || p->named_associated)
+		return 1;
+	return svs && (p->subfile_type & FILETYPE_REDUCEDIMAGE);
+}
+
+/* Reduced levels from later main-chain pages (one channel): pages of the
+ * same type that keep shrinking and keep level 0's aspect ratio, and are
+ * not associated images.  svs: stripped pages and associated images are
+ * skipped (Aperio puts its stripped thumbnail between the levels); the
+ * first tiled page that does not fit ends the list.  Otherwise (PAGES) the
+ * first page that does not fit ends it, and once level 1 is marked reduced
+ * (NewSubfileType bit 0, as libvips and OpenSlide's generic TIFF mark
+ * levels) a later page not so marked is not a level. */
+static int levels_from_pages(probe *pr, int svs)
+{
+	const page_desc *p0 = &pr->pages[0];
 	for (uint32_t i = 1; i < pr->page_count; i++) {
 		const page_desc *p = &pr->pages[i];
-		if (tiled_only && !p->tiled)
+		if (svs && (!p->tiled || is_associated(p, 1)))
 			continue;
-		if (!same_type(&pr->pages[0], p) ||
-		    !shrinks(&pr->levels[pr->level_count - 1].desc, p))
+		int marked = (p->subfile_type & FILETYPE_REDUCEDIMAGE) != 0;
+		if (!svs && (is_associated(p, 0) ||
+		             (pr->level_count > 1 &&
+		              pr->levels[1].desc.subfile_type & FILETYPE_REDUCEDIMAGE && !marked)))
+			break;
+		if (!same_type(p0, p) || !shrinks(&pr->levels[pr->level_count - 1].desc, p) ||
+		    !keeps_aspect(p0, p))
 			break;
 		if (add_level(pr, p, -1))
 			return SF_ENOMEM;
@@ -1042,6 +1192,7 @@ struct sf_tile_share {
 	sf_slide_reuse_fn hint;     /* protected by lock; NULL: LRU */
 	void *hint_ctx;             /* protected by lock */
 	const void *hint_owner;     /* protected by lock */
+	int orientation_noted;      /* protected by lock: a reader logged the Orientation */
 };
 
 /* Every live share, and their decoded bytes together: process-wide state
@@ -1301,6 +1452,36 @@ static int read_description(TIFF *tif, char **out)
 	return SF_OK;
 }
 
+/* What Orientation o asks a viewer to do with the stored rows and columns. */
+static const char *orientation_text(uint16_t o)
+{
+	switch (o) {
+	case ORIENTATION_TOPRIGHT: return "mirror left-right";
+	case ORIENTATION_BOTRIGHT: return "rotate 180";
+	case ORIENTATION_BOTLEFT: return "mirror top-bottom";
+	case ORIENTATION_LEFTTOP: return "transpose";
+	case ORIENTATION_RIGHTTOP: return "rotate 90 clockwise";
+	case ORIENTATION_RIGHTBOT: return "transverse";
+	case ORIENTATION_LEFTBOT: return "rotate 90 counter-clockwise";
+	default: return "not a valid Orientation";
+	}
+}
+
+/* Say that Orientation o of path is not applied.  Logged when the file is
+ * probed (the scan, before a daemon's log=FILE is open) and again when its
+ * first reader opens, so the note also reaches the log file. */
+static void log_orientation(const char *path, uint16_t o)
+{
+	sf_log(SF_LOG_WARN,
+	       "%s: TIFF Orientation %u (%s) is ignored: pixels are served in stored order, as "
+	       "tifffile and OpenSlide read them; a viewer that applies Orientation "
+	       "shows the source %s",
+	       path, o, orientation_text(o),
+	       o > 8    ? "as stored"
+	       : o >= 5 ? "rotated or transposed"
+	                : "flipped");
+}
+
 /* Choose the layout and fill s from the probe's pages and description. */
 static int choose_layout(probe *pr, sf_slide_info *s, const char *desc, sf_err *e)
 {
@@ -1367,11 +1548,18 @@ static int choose_layout(probe *pr, sf_slide_info *s, const char *desc, sf_err *
 	s->width = p0->width;
 	s->height = p0->height;
 	s->tiled = p0->tiled;
+	s->orientation = p0->orientation;
+	if (p0->orientation != ORIENTATION_TOPLEFT)
+		log_orientation(pr->path, p0->orientation);
 	if (has_ome && ome.phys_x > 0) {
 		s->pixel_size_x = ome.phys_x;
 		s->pixel_size_y = ome.phys_y > 0 ? ome.phys_y : ome.phys_x;
 	} else if (is_svs && aperio_mpp(desc) > 0) {
 		s->pixel_size_x = s->pixel_size_y = aperio_mpp(desc);
+	} else if (desc && imagej_um(desc, "unit", p0->xres, p0) > 0 &&
+	           imagej_um(desc, "yunit", p0->yres, p0) > 0) {
+		s->pixel_size_x = imagej_um(desc, "unit", p0->xres, p0);
+		s->pixel_size_y = imagej_um(desc, "yunit", p0->yres, p0);
 	} else {
 		s->pixel_size_x = resolution_um(p0->xres, p0->res_unit);
 		s->pixel_size_y = resolution_um(p0->yres, p0->res_unit);
@@ -1494,6 +1682,14 @@ int sf_slide_reader_open(const sf_slide_info *s, sf_slide_reader **out, sf_err *
 	}
 	r->s = s;
 	r->fd = TIFFFileno(r->tif);
+	if (s->orientation != ORIENTATION_TOPLEFT && s->share) {
+		pthread_mutex_lock(&s->share->lock);
+		int first = !s->share->orientation_noted;
+		s->share->orientation_noted = 1;
+		pthread_mutex_unlock(&s->share->lock);
+		if (first)
+			log_orientation(s->path, s->orientation);
+	}
 	*out = r;
 	return SF_OK;
 }

@@ -221,3 +221,22 @@ def tree(root):
                 'link' if os.path.islink(p) else 'file')
             out[str(p.relative_to(root))] = (kind, st.st_size if kind == 'file' else 0)
     return out
+
+
+@pytest.fixture(scope='session')
+def slide_driver(tmp_path_factory):
+    """tests/unit/test_slide.c built with src/io/slide.c into a private folder:
+    its --info and --dump drive the slide reader alone, without a mount."""
+    repo = Path(__file__).resolve().parents[2]
+    out = tmp_path_factory.mktemp('driver') / 'test_slide'
+    pkgs = ['libtiff-4', 'libxxhash']
+    cflags = subprocess.run(['pkg-config', '--cflags'] + pkgs, check=True, capture_output=True,
+                            text=True).stdout.split()
+    libs = subprocess.run(['pkg-config', '--libs'] + pkgs, check=True, capture_output=True,
+                          text=True).stdout.split()
+    srcs = ['tests/unit/test_slide.c', 'src/io/slide.c'] + sorted(
+        str(p.relative_to(repo)) for p in (repo / 'src/util').glob('*.c'))
+    cmd = [os.environ.get('CC', 'cc'), '-std=c11', '-D_GNU_SOURCE', '-O2', '-Wall', '-Wextra',
+           '-Werror', '-Iinclude', '-pthread'] + cflags + srcs + libs + ['-lm', '-o', str(out)]
+    subprocess.run(cmd, cwd=repo, check=True)
+    return out

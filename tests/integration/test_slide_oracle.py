@@ -11,32 +11,15 @@ same file (numpy), including odd offsets and rects reaching outside the level
 import os
 import shutil
 import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
 import tifffile
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-def pkg_config(*args):
-    out = subprocess.run(["pkg-config", *args, "libtiff-4", "libxxhash"], check=True,
-                         capture_output=True, text=True).stdout
-    return out.split()
-
 
 @pytest.fixture(scope="session")
-def driver(tmp_path_factory):
-    """The test_slide binary, built from the sources into a private folder."""
-    out = tmp_path_factory.mktemp("driver") / "test_slide"
-    srcs = ["tests/unit/test_slide.c", "src/io/slide.c"] + sorted(
-        str(p.relative_to(REPO)) for p in (REPO / "src/util").glob("*.c"))
-    cmd = [os.environ.get("CC", "cc"), "-std=c11", "-D_GNU_SOURCE", "-O2", "-Wall", "-Wextra",
-           "-Werror", "-Iinclude", "-pthread", *pkg_config("--cflags"), *srcs,
-           *pkg_config("--libs"), "-lm", "-o", str(out)]
-    subprocess.run(cmd, cwd=REPO, check=True)
-    return out
+def driver(slide_driver):
+    return slide_driver
 
 
 def info(driver, path):

@@ -716,6 +716,88 @@ static void test_svs(void)
 	sf_slide_info_free(s);
 }
 
+/* Pages that are no pyramid level: a tiled SVS label (NewSubfileType 1, as
+ * Aperio marks labels), and a smaller page of another aspect ratio after a
+ * page pyramid.  tests/integration/test_slide_pages.py has more cases. */
+static void test_associated_pages(void)
+{
+	const char *svs = tmp_path("label.svs");
+	ifd_spec sv[] = {
+	    {.w = 256, .h = 192, .dt = SF_U8, .spp = 3, .tile = 64, .id = 1, .desc = "Aperio x"},
+	    {.w = 64, .h = 48, .dt = SF_U8, .spp = 3, .id = 2},
+	    {.w = 128, .h = 96, .dt = SF_U8, .spp = 3, .tile = 64, .id = 3},
+	    {.w = 100,
+	     .h = 75,
+	     .dt = SF_U8,
+	     .spp = 3,
+	     .tile = 64,
+	     .id = 4,
+	     .subfile = FILETYPE_REDUCEDIMAGE,
+	     .desc = "Aperio label"},
+	    {.w = 64, .h = 48, .dt = SF_U8, .spp = 3, .tile = 64, .id = 5, .subfile = 9},
+	};
+	CHECK(write_tiff(svs, "w", sv, 5), "write %s", svs);
+	sf_slide_info *s = probe_ok(svs, "svs label");
+	if (s) {
+		CHECK(s->kind == SF_SLIDE_SVS && s->level_count == 2 && s->levels[1].dir[0] == 2,
+		      "svs label: kind %d, %u levels (the tiled label is none)", s->kind,
+		      s->level_count);
+		sf_slide_info_free(s);
+	}
+	const char *pages = tmp_path("label.tif");
+	ifd_spec pg[] = {
+	    {.w = 256, .h = 192, .dt = SF_U16, .spp = 1, .tile = 64, .id = 1},
+	    {.w = 128,
+	     .h = 96,
+	     .dt = SF_U16,
+	     .spp = 1,
+	     .tile = 64,
+	     .id = 2,
+	     .subfile = FILETYPE_REDUCEDIMAGE},
+	    {.w = 63, .h = 48, .dt = SF_U16, .spp = 1, .tile = 64, .id = 3, .subfile = 1},
+	    {.w = 60, .h = 20, .dt = SF_U16, .spp = 1, .id = 4, .subfile = 1},
+	};
+	CHECK(write_tiff(pages, "w", pg, 4), "write %s", pages);
+	s = probe_ok(pages, "pages label");
+	if (s) {
+		CHECK(s->kind == SF_SLIDE_PAGES && s->level_count == 3,
+		      "pages label: %u levels (63x48 is one, rounded; 60x20 is none)",
+		      s->level_count);
+		sf_slide_info_free(s);
+	}
+}
+
+/* Fiji / ImageJ 1.x calibration: XResolution pixels per unit, ResolutionUnit
+ * NONE, "unit=" in the description (escaped by ImageJ 1.52+). */
+static void test_imagej_pixel_size(void)
+{
+	const char *path = tmp_path("ij.tif");
+	ifd_spec ij = {.w = 40,
+	               .h = 30,
+	               .dt = SF_U16,
+	               .spp = 1,
+	               .id = 1,
+	               .desc = "ImageJ=1.54f\nimages=1\nunit=\\u00B5m\nmin=0.0\n",
+	               .xres = 4,
+	               .resunit = RESUNIT_NONE};
+	CHECK(write_tiff(path, "w", &ij, 1), "write %s", path);
+	sf_slide_info *s = probe_ok(path, "imagej");
+	if (s) {
+		CHECK(s->pixel_size_x > 0.2499 && s->pixel_size_x < 0.2501 &&
+		          s->pixel_size_y == s->pixel_size_x,
+		      "imagej: pixel size %g x %g, want 0.25 um", s->pixel_size_x, s->pixel_size_y);
+		sf_slide_info_free(s);
+	}
+	ij.desc = "ImageJ=1.54f\nunit=pixel\n";
+	CHECK(write_tiff(path, "w", &ij, 1), "write %s", path);
+	s = probe_ok(path, "imagej pixel");
+	if (s) {
+		CHECK(s->pixel_size_x == 0, "imagej pixel: pixel size %g, want unknown",
+		      s->pixel_size_x);
+		sf_slide_info_free(s);
+	}
+}
+
 static void test_unsupported(void)
 {
 	struct {
@@ -951,8 +1033,9 @@ static int cmd_info(const char *path)
 	       s->level_count);
 	for (uint32_t l = 0; l < s->level_count; l++)
 		printf("level%u=%ux%u\n", l, s->levels[l].width, s->levels[l].height);
-	printf("pixel_size=%.6f,%.6f\ntiled=%d\nstated_c=%u\nstated_z=%u\n", s->pixel_size_x,
-	       s->pixel_size_y, s->tiled, s->stated_c, s->stated_z);
+	printf("pixel_size=%.6f,%.6f\ntiled=%d\nstated_c=%u\nstated_z=%u\norientation=%u\n",
+	       s->pixel_size_x, s->pixel_size_y, s->tiled, s->stated_c, s->stated_z,
+	       s->orientation);
 	for (uint32_t c = 0; c < s->channels; c++)
 		printf("channel%u=%s\n", c, s->channel_names[c]);
 	sf_slide_info_free(s);
@@ -1022,6 +1105,8 @@ int main(int argc, char **argv)
 	test_flat();
 	test_plain_subifds();
 	test_svs();
+	test_associated_pages();
+	test_imagej_pixel_size();
 	test_unsupported();
 	test_bad_files();
 	test_channel_ifds_checked();
