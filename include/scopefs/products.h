@@ -3,9 +3,9 @@
  * retile: a slide in its own frame, re-tiled as a pyramidal OME-TIFF
  *   (registered/<reference>.ome.tif).  Level l of the output is the source's
  *   level of the same size when there is one (copied), else the mean of
- *   k x k boxes of the source's nearest finer level (k a power of two), read
- *   in bands so memory stays bounded.  Never computed from level 0 when the
- *   source has a closer level.
+ *   k x k boxes (interp=nearest: one picked sample) of the coarsest source
+ *   level whose downsample is exactly 2^j, j <= l, that covers the level
+ *   (k = 2^(l-j); pyramid_plan.c), read in bands so memory stays bounded.
  * warp: a moving slide resampled onto the reference's grid (registered/).
  * The deconvolution products of deconvolved/ are in product_deconv.h. */
 #ifndef SCOPEFS_PRODUCTS_H
@@ -29,12 +29,10 @@ typedef struct sf_pyramid_plan {
 
 /* Plan the output pyramid of s for tiles of edge `tile`: halve until the
  * level fits in one tile, taking the source's own level sizes where they
- * are a halving of the previous level. */
+ * are a halving of the previous level and exactly a 2^l downsample; each
+ * level's source is the coarsest exactly-2^j level (j <= l) that covers it,
+ * so no output pixel reads beyond a source level's edge. */
 void sf_pyramid_plan_make(const sf_slide_info *s, uint32_t tile, sf_pyramid_plan *plan);
-
-/* The retile product of s on the layout l (which must follow plan). */
-int sf_product_retile_create(const sf_slide_info *s, const sf_pyramid_plan *plan,
-                             const sf_layout *l, sf_product **out, sf_err *e);
 
 /* How a moving slide is warped onto the reference grid. */
 typedef struct sf_warp_options {
@@ -42,6 +40,13 @@ typedef struct sf_warp_options {
 	double background; /* value outside the moving slide */
 	int gpu;           /* -1 auto, -2 off, else a device index */
 } sf_warp_options;
+
+/* The retile product of s on the layout l (which must follow plan).  Of wo
+ * only interp counts: nearest makes reduced levels by picking one real
+ * sample per pixel (label masks stay labels), anything else by box means. */
+int sf_product_retile_create(const sf_slide_info *s, const sf_pyramid_plan *plan,
+                             const sf_warp_options *wo, const sf_layout *l, sf_product **out,
+                             sf_err *e);
 
 /* The warp product: moving slide s resampled through t (a backward map
  * from reference level-0 pixels to s's level-0 pixels; owned by the caller,

@@ -9,12 +9,16 @@
  * gives the same bytes.
  *
  * Pixel data is grouped in units, the thing the tile engine computes:
- *  - tiled files (spec.tile > 0): a unit is one tile position (level, tx, ty)
- *    holding that tile of every page, page after page; each page's tile is
+ *  - tiled files (spec.tile > 0): a tile position (level, tx, ty) holds that
+ *    tile of every page, page after page; each page's tile is
  *    tile*tile*samples*bytes, row-major, samples interleaved, edge tiles
- *    padded to full size (TIFF requires it).  Units are ordered by level,
- *    then ty, then tx, so sequential reads walk the image in raster order.
- *    Page p's tile of unit u starts at unit_offset(u) + p * page_bytes(u).
+ *    padded to full size (TIFF requires it).  Positions are ordered by
+ *    level, then ty, then tx, so sequential reads walk the image in raster
+ *    order.  A unit is one position's tiles of every page, or, when that
+ *    would pass spec.unit_bytes_max, of a group of consecutive pages
+ *    (sf_layout_unit_pages); a position's groups are consecutive units.
+ *    Page first + i's tile of unit u starts at unit_offset(u) +
+ *    i * page_bytes(u).
  *  - strip files (spec.tile == 0, one page, one level; for ImageJ): a unit is
  *    one strip of rows_per_strip rows (the last one shorter), width*samples*bytes
  *    per row; unit_index(0, 0, strip).  rows_per_strip makes a strip about
@@ -44,6 +48,7 @@
 #include <stdint.h>
 
 #include "scopefs/err.h"
+#include "scopefs/key.h"
 #include "scopefs/pixel.h"
 
 #define SF_LAYOUT_MAX_LEVELS 24
@@ -64,6 +69,10 @@ typedef struct sf_layout_spec {
 	const char *description; /* page 0 ImageDescription (UTF-8), or NULL */
 	int bigtiff;             /* -1: when needed, 0: never (fail if needed), 1: always */
 	double resolution_x, resolution_y; /* pixels per centimetre, 0: omit */
+	/* Tiled files: split a position into page groups when all its pages
+	 * together pass this many bytes, so a unit stays small however many
+	 * channels there are (at least one page per unit).  0: no limit. */
+	uint64_t unit_bytes_max;
 } sf_layout_spec;
 
 typedef struct sf_layout sf_layout;
@@ -94,7 +103,21 @@ uint32_t sf_layout_tiles_down(const sf_layout *l, uint32_t level);
 uint32_t sf_layout_unit_rows(const sf_layout *l);
 
 uint64_t sf_layout_unit_count(const sf_layout *l);
+/* The unit holding page 0 of tile position (level, tx, ty). */
 uint64_t sf_layout_unit_index(const sf_layout *l, uint32_t level, uint32_t tx, uint32_t ty);
+/* The unit holding page `page` of that position, and where its tile starts
+ * inside the unit (*within may be NULL). */
+uint64_t sf_layout_page_unit(const sf_layout *l, uint32_t level, uint32_t tx, uint32_t ty,
+                             uint32_t page, uint64_t *within);
+/* The pages unit u holds: first, first + 1, ..., first + count - 1 (strip
+ * files: page 0 only).  Out of range: 0 and 0. */
+void sf_layout_unit_pages(const sf_layout *l, uint64_t unit, uint32_t *first, uint32_t *count);
+/* Pages in the largest unit: every page unless split by unit_bytes_max. */
+uint32_t sf_layout_unit_pages_max(const sf_layout *l);
+/* A product key with the layout's page groups mixed in when a position is
+ * split (unit u then holds other bytes); k itself when it is not, so the
+ * keys, and disk caches, of ungrouped files do not change. */
+sf_key sf_layout_key_units(sf_key k, const sf_layout *l);
 void sf_layout_unit_pos(const sf_layout *l, uint64_t unit, uint32_t *level, uint32_t *tx,
                         uint32_t *ty);
 uint64_t sf_layout_unit_offset(const sf_layout *l, uint64_t unit); /* first byte in the file */

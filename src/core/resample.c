@@ -1,4 +1,5 @@
-/* resample.c — k x k box means over the in-image part of a buffer.
+/* resample.c — k x k box means (or nearest picks) over the in-image part of
+ * a buffer.
  *
  * The sums run in 64-bit integers for integer samples (k up to 2^16 keeps
  * k*k*65535 far below 2^63) and in double for float32, so the result does
@@ -72,4 +73,43 @@ void sf_box_reduce(const void *src, size_t src_stride, uint32_t valid_w, uint32_
 			}
 		}
 	}
+}
+
+void sf_pick_reduce(const void *src, size_t src_stride, uint32_t valid_w, uint32_t valid_h,
+                    uint32_t k, sf_dtype dtype, uint32_t samples, void *dst, size_t dst_stride,
+                    uint32_t dst_w, uint32_t dst_h)
+{
+	const uint8_t *s = src;
+	uint8_t *d = dst;
+	size_t px = sf_dtype_bytes(dtype) * samples;
+
+	for (uint32_t y = 0; y < dst_h; y++) {
+		uint64_t y0 = (uint64_t)y * k, sy = y0 + k / 2;
+		uint8_t *out = d + (size_t)y * dst_stride;
+		if (sy >= valid_h)
+			sy = valid_h ? valid_h - 1 : 0;
+		for (uint32_t x = 0; x < dst_w; x++) {
+			uint64_t x0 = (uint64_t)x * k, sx = x0 + k / 2;
+			if (sx >= valid_w)
+				sx = valid_w ? valid_w - 1 : 0;
+			/* Clamping into the clipped box keeps the pick inside it; a
+			 * box wholly outside the image has nothing to pick. */
+			if (x0 >= valid_w || y0 >= valid_h)
+				memset(out + x * px, 0, px);
+			else
+				memcpy(out + x * px, s + sy * src_stride + sx * px, px);
+		}
+	}
+}
+
+void sf_reduce(sf_reduce_rule rule, const void *src, size_t src_stride, uint32_t valid_w,
+               uint32_t valid_h, uint32_t k, sf_dtype dtype, uint32_t samples, void *dst,
+               size_t dst_stride, uint32_t dst_w, uint32_t dst_h)
+{
+	if (rule == SF_REDUCE_PICK)
+		sf_pick_reduce(src, src_stride, valid_w, valid_h, k, dtype, samples, dst,
+		               dst_stride, dst_w, dst_h);
+	else
+		sf_box_reduce(src, src_stride, valid_w, valid_h, k, dtype, samples, dst, dst_stride,
+		              dst_w, dst_h);
 }

@@ -1,10 +1,14 @@
 /* product_retile.c — a slide in its own frame, as tiles of a pyramid.
  *
  * Unit (level, tx, ty) holds the tile of every channel (the layout's unit
- * format).  A copied level reads the tile's rect straight into the output
- * (the reader zero-fills outside the level, which is exactly TIFF's edge
- * padding).  A box level reads the source in bands of output rows, so a
- * worker holds at most BAND_BYTES of source pixels whatever k is. */
+ * format).  A level copied from a source level of its exact size reads the
+ * tile's rect straight into the output (the reader zero-fills outside the
+ * level, which is exactly TIFF's edge padding).  Any other level reads the
+ * source in bands of output rows, so a worker holds at most BAND_BYTES of
+ * source pixels whatever k is, and reduces each k x k box to one pixel with
+ * the rule interp= names (resample.h: mean, or pick for nearest), over the
+ * box's in-level pixels only (means are sf_box_reduce, the moving slides'
+ * prefilter in product_warp.c). */
 #include "scopefs/products.h"
 
 #include <stdio.h>
@@ -13,6 +17,7 @@
 
 #include "scopefs/pixel.h"
 #include "scopefs/resample.h"
+#include "scopefs/warp.h"
 
 #define BAND_BYTES (8u << 20)
 
@@ -20,6 +25,7 @@ typedef struct retile {
 	const sf_slide_info *slide; /* owned by the dataset */
 	sf_pyramid_plan plan;
 	uint32_t tile;
+	sf_reduce_rule rule;     /* how a k x k box becomes a pixel */
 	const sf_layout *layout; /* owned by the virtual file */
 } retile;
 
@@ -63,7 +69,8 @@ static size_t retile_unit_bytes(const sf_product *p, uint64_t unit)
 	return sf_layout_unit_bytes(r->layout, unit);
 }
 
-/* Box-reduce the w x h output pixels at (x0, y0) of channel c into dst. */
+/* The w x h output pixels at (x0, y0) of channel c, each its k x k source
+ * box reduced by r->rule, into dst. */
 static int retile_box(retile *r, retile_worker *w, uint32_t level, uint32_t c, uint32_t x0,
                       uint32_t y0, uint32_t out_w, uint32_t out_h, uint8_t *dst, size_t dst_stride,
                       sf_err *e)
@@ -103,10 +110,18 @@ static int retile_box(retile *r, retile_worker *w, uint32_t level, uint32_t c, u
 		                              out_w * k, rows * k, w->band, e);
 		if (rc != SF_OK)
 			return rc;
-		sf_box_reduce(w->band, src_row_bytes, valid_w, valid_h, k, s->dtype, s->samples,
-		              dst + (size_t)row * dst_stride, dst_stride, out_w, rows);
+		sf_reduce(r->rule, w->band, src_row_bytes, valid_w, valid_h, k, s->dtype,
+		          s->samples, dst + (size_t)row * dst_stride, dst_stride, out_w, rows);
 	}
 	return SF_OK;
+}
+
+/* Whether output level `level` is its source level, pixel for pixel. */
+static int is_copy(const retile *r, uint32_t level)
+{
+	const sf_slide_level *src = &r->slide->levels[r->plan.source_level[level]];
+	return r->plan.box[level] == 1 && src->width == r->plan.width[level] &&
+	       src->height == r->plan.height[level];
 }
 
 static int retile_compute(sf_product *p, void *state, uint64_t unit, uint8_t *out, sf_err *e)
@@ -126,10 +141,12 @@ static int retile_compute(sf_product *p, void *state, uint64_t unit, uint8_t *ou
 	if (out_h > r->tile)
 		out_h = r->tile;
 
-	for (uint32_t c = 0; c < s->channels; c++) {
-		uint8_t *page = out + (size_t)c * page_bytes;
+	uint32_t first, count;
+	sf_layout_unit_pages(r->layout, unit, &first, &count);
+	for (uint32_t c = first; c < first + count; c++) {
+		uint8_t *page = out + (size_t)(c - first) * page_bytes;
 		int rc;
-		if (r->plan.box[level] == 1) {
+		if (is_copy(r, level)) {
 			rc = sf_slide_read_region(w->reader, r->plan.source_level[level], c, x0, y0,
 			                          r->tile, r->tile, page, e);
 		} else {
@@ -157,10 +174,13 @@ static const sf_product_ops retile_ops = {
 };
 
 /* Everything the output depends on: the source file's identity, this
- * product's version and the output geometry. */
-static sf_key retile_key(const sf_slide_info *s, const sf_pyramid_plan *plan, uint32_t tile)
+ * product's version, the output geometry and the reduction rule.  v2: the
+ * plan reads only exactly-2^k source levels that cover the output level,
+ * and nearest picks samples. */
+static sf_key retile_key(const sf_slide_info *s, const sf_pyramid_plan *plan, uint32_t tile,
+                         sf_reduce_rule rule)
 {
-	sf_key k = sf_key_of("scopefs retile v1", 17);
+	sf_key k = sf_key_of("scopefs retile v2", 17);
 	k = sf_key_mix_str(k, s->path);
 	k = sf_key_mix_u64(k, s->file_size);
 	k = sf_key_mix_u64(k, (uint64_t)s->mtime_ns);
@@ -169,11 +189,12 @@ static sf_key retile_key(const sf_slide_info *s, const sf_pyramid_plan *plan, ui
 		k = sf_key_mix_u64(k, ((uint64_t)plan->width[l] << 32) | plan->height[l]);
 		k = sf_key_mix_u64(k, ((uint64_t)plan->source_level[l] << 32) | plan->box[l]);
 	}
-	return k;
+	return sf_key_mix_u64(k, (uint64_t)rule);
 }
 
 int sf_product_retile_create(const sf_slide_info *s, const sf_pyramid_plan *plan,
-                             const sf_layout *l, sf_product **out, sf_err *e)
+                             const sf_warp_options *wo, const sf_layout *l, sf_product **out,
+                             sf_err *e)
 {
 	sf_product *p = calloc(1, sizeof *p);
 	retile *r = calloc(1, sizeof *r);
@@ -187,8 +208,9 @@ int sf_product_retile_create(const sf_slide_info *s, const sf_pyramid_plan *plan
 	r->plan = *plan;
 	r->tile = sf_layout_unit_rows(l);
 	r->layout = l;
+	r->rule = wo->interp == SF_INTERP_NEAREST ? SF_REDUCE_PICK : SF_REDUCE_MEAN;
 	p->ops = &retile_ops;
-	p->key = retile_key(s, plan, r->tile);
+	p->key = sf_layout_key_units(retile_key(s, plan, r->tile, r->rule), l);
 	p->elem_bytes = (unsigned)sf_dtype_bytes(s->dtype);
 	p->unit_count = sf_layout_unit_count(l);
 	p->impl = r;

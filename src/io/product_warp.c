@@ -6,9 +6,13 @@
  * tile's footprint needs, from the source level sf_warp_choose_source picks.
  * When that level is coarser than needed by more than 1.5x (the slide has
  * fewer levels than the reference), the rect is box-averaged first
- * (sf_box_reduce over k-aligned boxes), which is exactly a level of
- * downsample k x level_ds, so the map stays exact.  Pixels of an edge tile
- * outside the output level are 0, as in every other tile we serve.
+ * (sf_box_reduce over k-aligned boxes, as the reference's retile reduces),
+ * which is exactly a level of downsample k x level_ds, so the map stays
+ * exact.  interp=nearest never prefilters: it samples the chosen level
+ * directly, so each output pixel is the one source sample nearest its
+ * centre (the rule of level 0) and a label mask's reduced levels hold only
+ * its labels.  Pixels of an edge tile outside the output level are 0, as in
+ * every other tile we serve.
  *
  * The GPU path (gpu=auto or N, when CUDA is built in and a device answers)
  * runs the same kernel arithmetic on the device; a worker whose device
@@ -284,11 +288,10 @@ static void interleave(uint8_t *mixed, uint8_t *const *plane, size_t n, size_t b
  * per channel.  Same pixels as channel by channel: the kernel's arithmetic
  * per sample does not depend on how many samples a pixel has. */
 static int warp_channels_together(const warp_product *w, warp_worker *ww, const sf_map *map,
-                                  const sf_source_choice *ch, sf_wrect out, uint8_t *tile,
-                                  size_t page_bytes, sf_err *e)
+                                  const sf_source_choice *ch, sf_wrect out, uint32_t first,
+                                  uint32_t nc, uint8_t *tile, size_t page_bytes, sf_err *e)
 {
 	const sf_slide_info *s = w->slide;
-	uint32_t nc = s->channels;
 	size_t b = sf_dtype_bytes(s->dtype);
 	sf_warp_fmt fmt = {s->dtype, nc, (sf_interp)w->opts.interp, w->opts.background};
 	uint32_t lw = s->levels[ch->level].width, lh = s->levels[ch->level].height;
@@ -308,7 +311,8 @@ static int warp_channels_together(const warp_product *w, warp_worker *ww, const 
 		return rc;
 	for (uint32_t c = 0; c < nc; c++) {
 		planes[c] = ww->src + (size_t)c * need_px * b;
-		if (need_px && (rc = read_source(w, ww, ch, c, need, planes[c], e)) != SF_OK)
+		if (need_px &&
+		    (rc = read_source(w, ww, ch, first + c, need, planes[c], e)) != SF_OK)
 			return rc;
 	}
 	interleave(ww->mixed, planes, need_px, b, nc, 0);
@@ -352,6 +356,13 @@ static void unit_setup(const warp_product *w, uint32_t level, uint32_t tx, uint3
 	out_ds[1] = (double)w->plan.height[0] / w->plan.height[level];
 	sf_warp_choose_source(w->transform, out_ds, s->level_count, (const double(*)[2])w->level_ds,
 	                      ch);
+	if (w->opts.interp == SF_INTERP_NEAREST && ch->prefilter > 1) {
+		/* A box mean would invent labels; nearest on the finer level
+		 * picks the real sample nearest each output pixel's centre. */
+		ch->prefilter = 1;
+		ch->ds[0] = w->level_ds[ch->level][0];
+		ch->ds[1] = w->level_ds[ch->level][1];
+	}
 	sf_transform_level_map(w->transform, out_ds, ch->ds, map);
 	rect->x = (int64_t)tx * w->tile;
 	rect->y = (int64_t)ty * w->tile;
@@ -530,17 +541,20 @@ static int warp_compute_unit(warp_product *w, warp_worker *ww, uint64_t unit, ui
 	sf_map map;
 	sf_wrect rect;
 
+	uint32_t first, count;
 	sf_layout_unit_pos(w->layout, unit, &level, &tx, &ty);
+	sf_layout_unit_pages(w->layout, unit, &first, &count);
 	unit_setup(w, level, tx, ty, &ch, &map, &rect);
 	/* Edge tiles: the part of the page outside the level is 0.  A full tile
 	 * is written whole by the warp. */
 	if (rect.w != w->tile || rect.h != w->tile || (size_t)rect.h * row_bytes != page_bytes)
-		memset(out, 0, page_bytes * s->channels);
-	if (s->samples == 1 && s->channels > 1 && s->channels <= 64)
-		return warp_channels_together(w, ww, &map, &ch, rect, out, page_bytes, e);
-	for (uint32_t c = 0; c < s->channels; c++) {
-		int rc = warp_channel(w, ww, &map, &ch, c, rect, out + (size_t)c * page_bytes,
-		                      row_bytes, e);
+		memset(out, 0, page_bytes * count);
+	if (s->samples == 1 && count > 1 && count <= 64)
+		return warp_channels_together(w, ww, &map, &ch, rect, first, count, out, page_bytes,
+		                              e);
+	for (uint32_t c = first; c < first + count; c++) {
+		int rc = warp_channel(w, ww, &map, &ch, c, rect,
+		                      out + (size_t)(c - first) * page_bytes, row_bytes, e);
 		if (rc != SF_OK)
 			return rc;
 	}
@@ -572,11 +586,12 @@ static sf_key mix_doubles(sf_key k, const double *v, size_t n)
 }
 
 /* Everything the pixels depend on: the moving file, the transform (matrix,
- * every field step and its grid values), the warp options, the grid. */
+ * every field step and its grid values), the warp options, the grid.  v2:
+ * interp=nearest samples finer levels directly instead of box means. */
 static sf_key warp_key(const warp_product *w)
 {
 	const sf_map *m = &w->transform->map;
-	sf_key k = sf_key_of("scopefs warp v1", 15);
+	sf_key k = sf_key_of("scopefs warp v2", 15);
 
 	k = sf_key_mix_str(k, w->slide->path);
 	k = sf_key_mix_u64(k, w->slide->file_size);
@@ -633,7 +648,7 @@ int sf_product_warp_create(const sf_slide_info *s, const sf_transform *t,
 	}
 	p->ops = &warp_ops;
 	p->impl = w;
-	p->key = warp_key(w);
+	p->key = sf_layout_key_units(warp_key(w), l);
 	p->elem_bytes = (unsigned)sf_dtype_bytes(s->dtype);
 	p->unit_count = sf_layout_unit_count(l);
 	snprintf(p->name, sizeof p->name, "warp:%s", s->path);

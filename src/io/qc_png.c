@@ -92,7 +92,8 @@ static int read_plane(sf_engine *g, const sf_qc_side *side, uint32_t level, floa
 	uint32_t h = sf_layout_level_height(v->layout, level);
 	uint32_t across = sf_layout_tiles_across(v->layout, level);
 	uint32_t down = sf_layout_tiles_down(v->layout, level);
-	uint64_t first = sf_layout_unit_index(v->layout, level, 0, 0);
+	uint64_t within,
+	    first = sf_layout_page_unit(v->layout, level, 0, 0, side->channel, &within);
 	size_t page = sf_layout_page_bytes(v->layout, first);
 	uint8_t *buf = malloc(page);
 	int rc = SF_OK;
@@ -102,16 +103,18 @@ static int read_plane(sf_engine *g, const sf_qc_side *side, uint32_t level, floa
 	for (uint32_t ty = 0; ty < down; ty++)
 		for (uint32_t tx = 0; tx < across; tx++)
 			sf_engine_prefetch(g, v->product,
-			                   v->unit_base +
-			                       sf_layout_unit_index(v->layout, level, tx, ty));
+			                   v->unit_base + sf_layout_page_unit(v->layout, level, tx,
+			                                                      ty, side->channel,
+			                                                      NULL));
 	for (uint32_t ty = 0; ty < down && rc == SF_OK; ty++) {
 		for (uint32_t tx = 0; tx < across && rc == SF_OK; tx++) {
-			uint64_t u = sf_layout_unit_index(v->layout, level, tx, ty);
+			uint64_t u =
+			    sf_layout_page_unit(v->layout, level, tx, ty, side->channel, &within);
 			uint32_t x0 = tx * tile, y0 = ty * tile;
 			uint32_t tw = w - x0 < tile ? w - x0 : tile,
 			         th = h - y0 < tile ? h - y0 : tile;
-			rc = sf_engine_read(g, v->product, v->unit_base + u, side->channel * page,
-			                    page, buf, e);
+			rc = sf_engine_read(g, v->product, v->unit_base + u, (size_t)within, page,
+			                    buf, e);
 			for (uint32_t y = 0; rc == SF_OK && y < th; y++)
 				for (uint32_t x = 0; x < tw; x++)
 					plane[(size_t)(y0 + y) * w + x0 + x] = grey_at(

@@ -25,12 +25,15 @@
  * every SubIFD: quadratic in pages (2000 pages x 3 levels took 0.3 s).
  *
  * Invariants:
- *  - unit u (0 <= u < unit_count) starts at header_size + u * unit_stride;
- *    every unit is unit_stride bytes except a strip file's last strip;
- *    file_size = header_size + data_bytes.  No gaps, no overlaps.
- *  - in a tiled file, page p's tile of unit u is at unit start +
+ *  - tile position (or strip) q starts at header_size + q * position_stride;
+ *    every position is position_stride bytes except a strip file's last
+ *    strip; file_size = header_size + data_bytes.  No gaps, no overlaps.
+ *  - in a tiled file, page p's tile of position q is at its start +
  *    p * page_stride, and the TIFF tile index inside a level is
- *    ty * across + tx (contig planar config), so unit = level_first + index.
+ *    ty * across + tx (contig planar config), so q = level_first + index.
+ *  - unit u is page group u % groups of position u / groups: pages
+ *    [g * group_pages, min(pages, (g + 1) * group_pages)), which lie one
+ *    after another, so a unit is one contiguous run of bytes too.
  *  - the header is a pure function of the spec (libtiff adds no time stamps
  *    and every byte not written by libtiff is zero), so builds repeat.
  *  - classic TIFF only when file_size <= UINT32_MAX, so every offset fits in
@@ -54,20 +57,23 @@
 #define MAX_TILE_ENTRIES  ((uint64_t)1 << 26)
 
 struct sf_layout {
-	sf_layout_spec spec;                            /* as built; see sf_layout_get_spec */
-	uint32_t level_w[SF_LAYOUT_MAX_LEVELS];         /* pixels across each level */
-	uint32_t level_h[SF_LAYOUT_MAX_LEVELS];         /* pixels down each level */
-	uint32_t across[SF_LAYOUT_MAX_LEVELS];          /* tiles across (strip files: 1) */
-	uint32_t down[SF_LAYOUT_MAX_LEVELS];            /* tiles or strips down */
-	uint64_t level_first[SF_LAYOUT_MAX_LEVELS + 1]; /* first unit of a level; [levels]: count */
-	uint32_t unit_rows;                             /* tile edge or rows per strip */
-	uint64_t row_bytes;                             /* strip files: one image row */
-	uint64_t page_stride;                           /* one page's full tile, or a full strip */
-	uint64_t unit_stride;                           /* a full unit: pages * page_stride */
-	uint64_t data_bytes;                            /* every unit together */
-	uint64_t header_size;                           /* multiple of HEADER_ALIGN */
-	uint8_t *header;                                /* header_size bytes, owned */
-	int bigtiff;                                    /* 1: BigTIFF, 0: classic */
+	sf_layout_spec spec;                    /* as built; see sf_layout_get_spec */
+	uint32_t level_w[SF_LAYOUT_MAX_LEVELS]; /* pixels across each level */
+	uint32_t level_h[SF_LAYOUT_MAX_LEVELS]; /* pixels down each level */
+	uint32_t across[SF_LAYOUT_MAX_LEVELS];  /* tiles across (strip files: 1) */
+	uint32_t down[SF_LAYOUT_MAX_LEVELS];    /* tiles or strips down */
+	uint64_t
+	    level_first[SF_LAYOUT_MAX_LEVELS + 1]; /* first position of a level; [levels]: count */
+	uint32_t unit_rows;                        /* tile edge or rows per strip */
+	uint64_t row_bytes;                        /* strip files: one image row */
+	uint64_t page_stride;                      /* one page's full tile, or a full strip */
+	uint64_t position_stride;                  /* a full position: pages * page_stride */
+	uint32_t group_pages;                      /* pages in a unit (the last group: fewer) */
+	uint32_t groups;                           /* units per position */
+	uint64_t data_bytes;                       /* every unit together */
+	uint64_t header_size;                      /* multiple of HEADER_ALIGN */
+	uint8_t *header;                           /* header_size bytes, owned */
+	int bigtiff;                               /* 1: BigTIFF, 0: classic */
 };
 
 /* ---- the in-memory file libtiff writes into ---- */
@@ -256,7 +262,9 @@ static int plan_strips(sf_layout *l, sf_err *e)
 		rows = s->height;
 	l->unit_rows = (uint32_t)rows;
 	l->page_stride = rows * l->row_bytes;
-	l->unit_stride = l->page_stride;
+	l->position_stride = l->page_stride;
+	l->group_pages = 1;
+	l->groups = 1;
 	l->across[0] = 1;
 	l->down[0] = (uint32_t)((s->height + rows - 1) / rows);
 	l->level_first[0] = 0;
@@ -265,13 +273,30 @@ static int plan_strips(sf_layout *l, sf_err *e)
 	return SF_OK;
 }
 
+/* Pages per unit: all of them, unless that passes spec.unit_bytes_max; then
+ * as few groups as keep each under it (at least one page each), evened out
+ * so that 40 pages in 4 MiB units of 512 KiB pages are 5 groups of 8. */
+static void plan_groups(sf_layout *l)
+{
+	uint32_t pages = l->spec.pages;
+	uint64_t max = l->spec.unit_bytes_max;
+	uint64_t fit = max ? max / l->page_stride : pages;
+	if (fit == 0)
+		fit = 1;
+	if (fit > pages)
+		fit = pages;
+	l->groups = (uint32_t)((pages + fit - 1) / fit);
+	l->group_pages = (pages + l->groups - 1) / l->groups;
+}
+
 static int plan_tiles(sf_layout *l, sf_err *e)
 {
 	const sf_layout_spec *s = &l->spec;
 	uint64_t t = s->tile;
 	l->unit_rows = s->tile;
 	l->page_stride = t * t * s->samples * sf_dtype_bytes(s->dtype);
-	l->unit_stride = l->page_stride * s->pages;
+	l->position_stride = l->page_stride * s->pages;
+	plan_groups(l);
 	l->level_first[0] = 0;
 	for (uint32_t i = 0; i < s->levels; i++) {
 		l->across[i] = (uint32_t)((l->level_w[i] + t - 1) / t);
@@ -290,7 +315,7 @@ static int plan_tiles(sf_layout *l, sf_err *e)
 		               (unsigned long long)(units * s->pages),
 		               (unsigned long long)MAX_TILE_ENTRIES);
 	/* <= 2^26 entries of <= 2^30 bytes: no overflow */
-	l->data_bytes = units * l->unit_stride;
+	l->data_bytes = units * l->position_stride;
 	return SF_OK;
 }
 
@@ -438,9 +463,11 @@ static int patch_ifd(struct memfile *mf, const sf_layout *l, uint32_t page, uint
 		    "%u (%llu tiles expected)",
 		    page, level, (unsigned long long)n);
 	for (uint64_t i = 0; i < n; i++) {
-		uint64_t unit = l->level_first[level] + i;
-		uint64_t bytes = sf_layout_page_bytes(l, unit);
-		uint64_t off = sf_layout_unit_offset(l, unit) + page * bytes;
+		uint64_t position = l->level_first[level] + i;
+		uint64_t bytes = l->page_stride;
+		uint64_t off = l->header_size + position * l->position_stride + page * bytes;
+		if (!tiled) /* one page; the last strip is short */
+			bytes = sf_layout_unit_bytes(l, position);
 		if (put_array_value(mf, &offs, i, off) != 0 ||
 		    put_array_value(mf, &lens, i, bytes) != 0)
 			return sf_fail(e, SF_ERANGE,
@@ -682,14 +709,51 @@ uint32_t sf_layout_unit_rows(const sf_layout *l)
 
 uint64_t sf_layout_unit_count(const sf_layout *l)
 {
-	return l->level_first[l->spec.levels];
+	return l->level_first[l->spec.levels] * l->groups;
 }
 
 uint64_t sf_layout_unit_index(const sf_layout *l, uint32_t level, uint32_t tx, uint32_t ty)
 {
-	if (level >= l->spec.levels || tx >= l->across[level] || ty >= l->down[level])
+	return sf_layout_page_unit(l, level, tx, ty, 0, NULL);
+}
+
+uint64_t sf_layout_page_unit(const sf_layout *l, uint32_t level, uint32_t tx, uint32_t ty,
+                             uint32_t page, uint64_t *within)
+{
+	if (within)
+		*within = 0;
+	if (level >= l->spec.levels || tx >= l->across[level] || ty >= l->down[level] ||
+	    page >= l->spec.pages)
 		return 0;
-	return l->level_first[level] + (uint64_t)ty * l->across[level] + tx;
+	uint64_t position = l->level_first[level] + (uint64_t)ty * l->across[level] + tx;
+	if (within)
+		*within = (uint64_t)(page % l->group_pages) * l->page_stride;
+	return position * l->groups + page / l->group_pages;
+}
+
+void sf_layout_unit_pages(const sf_layout *l, uint64_t unit, uint32_t *first, uint32_t *count)
+{
+	uint32_t f = 0, n = 0;
+	if (unit < sf_layout_unit_count(l)) {
+		f = (uint32_t)(unit % l->groups) * l->group_pages;
+		n = l->spec.pages - f < l->group_pages ? l->spec.pages - f : l->group_pages;
+	}
+	if (first)
+		*first = f;
+	if (count)
+		*count = n;
+}
+
+uint32_t sf_layout_unit_pages_max(const sf_layout *l)
+{
+	return l->group_pages;
+}
+
+sf_key sf_layout_key_units(sf_key k, const sf_layout *l)
+{
+	if (l->groups == 1)
+		return k;
+	return sf_key_mix_u64(sf_key_mix_str(k, "unit page groups"), l->group_pages);
 }
 
 void sf_layout_unit_pos(const sf_layout *l, uint64_t unit, uint32_t *level, uint32_t *tx,
@@ -700,9 +764,10 @@ void sf_layout_unit_pos(const sf_layout *l, uint64_t unit, uint32_t *level, uint
 	if (unit >= sf_layout_unit_count(l)) {
 		i = l->spec.levels;
 	} else {
-		while (unit >= l->level_first[i + 1])
+		uint64_t position = unit / l->groups;
+		while (position >= l->level_first[i + 1])
 			i++;
-		in_level = unit - l->level_first[i];
+		in_level = position - l->level_first[i];
 	}
 	if (level)
 		*level = i;
@@ -716,17 +781,21 @@ uint64_t sf_layout_unit_offset(const sf_layout *l, uint64_t unit)
 {
 	if (unit >= sf_layout_unit_count(l))
 		return sf_layout_file_size(l);
-	return l->header_size + unit * l->unit_stride;
+	return l->header_size + unit / l->groups * l->position_stride +
+	       (uint64_t)(unit % l->groups) * l->group_pages * l->page_stride;
 }
 
 size_t sf_layout_unit_bytes(const sf_layout *l, uint64_t unit)
 {
 	uint64_t count = sf_layout_unit_count(l);
+	uint32_t pages;
 	if (unit >= count)
 		return 0;
-	if (l->spec.tile == 0 && unit == count - 1) /* the last strip is short */
-		return (size_t)(l->data_bytes - unit * l->unit_stride);
-	return (size_t)l->unit_stride;
+	if (l->spec.tile == 0) /* one page, one group; the last strip is short */
+		return (size_t)(unit == count - 1 ? l->data_bytes - unit * l->position_stride
+		                                  : l->position_stride);
+	sf_layout_unit_pages(l, unit, NULL, &pages);
+	return (size_t)(pages * l->page_stride);
 }
 
 size_t sf_layout_page_bytes(const sf_layout *l, uint64_t unit)
@@ -744,7 +813,9 @@ uint64_t sf_layout_unit_at(const sf_layout *l, uint64_t off, uint64_t *within)
 		return sf_layout_unit_count(l);
 	}
 	uint64_t rel = off - l->header_size;
+	uint64_t in_position = rel % l->position_stride;
+	uint64_t group_stride = (uint64_t)l->group_pages * l->page_stride;
 	if (within)
-		*within = rel % l->unit_stride;
-	return rel / l->unit_stride;
+		*within = in_position % group_stride;
+	return rel / l->position_stride * l->groups + in_position / group_stride;
 }

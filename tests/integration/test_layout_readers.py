@@ -42,6 +42,7 @@ class Spec:
     bigtiff: int = -1
     ome: bool = False
     level_sizes: tuple = ()
+    unit_bytes_max: int = 0
 
     def sizes(self):
         """(width, height) of each level: given, or ceil halving."""
@@ -56,6 +57,8 @@ class Spec:
         a = ["--width", self.width, "--height", self.height, "--dtype", self.dtype,
              "--pages", self.pages, "--samples", self.samples, "--tile", self.tile,
              "--levels", self.levels, "--bigtiff", self.bigtiff]
+        if self.unit_bytes_max:
+            a += ["--unit-bytes-max", self.unit_bytes_max]
         if self.level_sizes:
             a += ["--level-sizes", ",".join(f"{w}x{h}" for w, h in self.level_sizes)]
         return [str(x) for x in a]
@@ -222,6 +225,9 @@ TILED = [
     Spec(1000, 777, "u8", tile=64, levels=3, level_sizes=((1000, 777), (600, 500), (100, 90))),
     Spec(1000, 777, "u16", pages=2, tile=256, levels=3, bigtiff=1, ome=True),
     Spec(200, 100, "f32", samples=3, tile=32, levels=3, bigtiff=1),
+    # many channels: units of page groups (8, 8, ..., 8 of 40; 3, 3, 1 of 7)
+    Spec(300, 200, "u16", pages=40, tile=64, levels=3, ome=True, unit_bytes_max=8 * 64 * 64 * 2),
+    Spec(100, 70, "u8", pages=7, tile=16, levels=2, unit_bytes_max=3 * 16 * 16),
 ]
 STRIPS = [
     Spec(1000, 777, "u8", tile=0),
@@ -236,7 +242,8 @@ STRIPS = [
 def spec_id(s):
     kind = f"tile{s.tile}" if s.tile else "strips"
     big = "-bigtiff" if s.bigtiff == 1 else ""
-    return f"{s.width}x{s.height}x{s.pages}-{s.dtype}-s{s.samples}-{kind}-L{s.levels}{big}"
+    grouped = f"-units{s.unit_bytes_max}" if s.unit_bytes_max else ""
+    return f"{s.width}x{s.height}x{s.pages}-{s.dtype}-s{s.samples}-{kind}-L{s.levels}{big}{grouped}"
 
 
 @pytest.mark.parametrize("spec", TILED, ids=spec_id)

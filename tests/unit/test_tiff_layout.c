@@ -74,8 +74,11 @@ static void check_arithmetic(const char *name, const sf_layout *l)
 {
 	const sf_layout_spec *s = sf_layout_get_spec(l);
 	uint64_t count = sf_layout_unit_count(l), expect_count = 0;
+	uint32_t group = sf_layout_unit_pages_max(l);
+	uint64_t groups = (s->pages + group - 1) / group;
 	for (uint32_t i = 0; i < sf_layout_levels(l); i++)
 		expect_count += (uint64_t)sf_layout_tiles_across(l, i) * sf_layout_tiles_down(l, i);
+	expect_count *= groups;
 	check(count == expect_count && count > 0, "%s: %llu units, tiles add up to %llu", name,
 	      (unsigned long long)count, (unsigned long long)expect_count);
 	check(sf_layout_header_size(l) % 4096 == 0 && sf_layout_header_size(l) >= 4096,
@@ -87,21 +90,26 @@ static void check_arithmetic(const char *name, const sf_layout *l)
 	int bad_pos = 0, bad_gap = 0, bad_at = 0, bad_pages = 0;
 	uint64_t end = sf_layout_header_size(l), pixels = 0;
 	for (uint64_t u = 0; u < count; u++) {
-		uint32_t lv, tx, ty;
+		uint32_t lv, tx, ty, first, pages;
+		uint64_t w;
 		sf_layout_unit_pos(l, u, &lv, &tx, &ty);
-		if (lv >= sf_layout_levels(l) || sf_layout_unit_index(l, lv, tx, ty) != u)
+		sf_layout_unit_pages(l, u, &first, &pages);
+		if (lv >= sf_layout_levels(l) ||
+		    sf_layout_page_unit(l, lv, tx, ty, first, &w) != u || w != 0 ||
+		    first != (u % groups) * group || pages == 0 || pages > group ||
+		    (u % groups == 0) != (sf_layout_unit_index(l, lv, tx, ty) == u))
 			bad_pos++;
-		uint64_t off = sf_layout_unit_offset(l, u), bytes = sf_layout_unit_bytes(l, u), w;
+		uint64_t off = sf_layout_unit_offset(l, u), bytes = sf_layout_unit_bytes(l, u);
 		if (off != end || bytes == 0)
 			bad_gap++;
 		end = off + bytes;
 		if (sf_layout_unit_at(l, off, &w) != u || w != 0 ||
 		    sf_layout_unit_at(l, off + bytes - 1, &w) != u || w != bytes - 1)
 			bad_at++;
-		if (sf_layout_page_bytes(l, u) * s->pages != bytes)
+		if (sf_layout_page_bytes(l, u) * pages != bytes)
 			bad_pages++;
 		if (s->tile)
-			pixels += (uint64_t)s->tile * s->tile;
+			pixels += u % groups ? 0 : (uint64_t)s->tile * s->tile;
 		else
 			pixels +=
 			    bytes / (sf_dtype_bytes(s->dtype) * s->samples * s->width) * s->width;
@@ -216,9 +224,10 @@ static int dir_matches(const char *name, TIFF *t, const sf_layout *l, uint32_t p
 	ok = ok && (TIFFIsTiled(t) ? TIFFNumberOfTiles(t) : TIFFNumberOfStrips(t)) == across * down;
 	int bad_strile = 0;
 	for (uint32_t i = 0; ok && i < across * down; i++) {
-		uint64_t u = sf_layout_unit_index(l, level, i % across, i / across);
+		uint64_t within;
+		uint64_t u = sf_layout_page_unit(l, level, i % across, i / across, page, &within);
 		uint64_t bytes = sf_layout_page_bytes(l, u);
-		if (TIFFGetStrileOffset(t, i) != sf_layout_unit_offset(l, u) + page * bytes ||
+		if (TIFFGetStrileOffset(t, i) != sf_layout_unit_offset(l, u) + within ||
 		    TIFFGetStrileByteCount(t, i) != bytes)
 			bad_strile++;
 	}
@@ -301,6 +310,10 @@ static void test_layouts(void)
 	     NULL},
 	    {"forced BigTIFF 1000x777 u16 x2", tiled_spec(1000, 777, 2, SF_U16, 256, 3), NULL},
 	    {"forced BigTIFF strips", tiled_spec(100, 70, 1, SF_U8, 0, 1), NULL},
+	    {"40 pages in groups of 8", tiled_spec(300, 200, 40, SF_U16, 64, 3), ome},
+	    {"7 pages in groups of 3, 3, 1", tiled_spec(100, 70, 7, SF_U8, 16, 2), NULL},
+	    {"pages bigger than the unit bound", tiled_spec(100, 70, 3, SF_F32, 32, 1), NULL},
+	    {"a bound above all pages", tiled_spec(100, 70, 3, SF_U8, 32, 2), NULL},
 	};
 	cases[4].spec.level_width = lw;
 	cases[4].spec.level_height = lh;
@@ -311,6 +324,11 @@ static void test_layouts(void)
 	cases[0].spec.resolution_y = 30000;
 	cases[10].spec.bigtiff = 1;
 	cases[11].spec.bigtiff = 1;
+	cases[12].spec.unit_bytes_max = 8 * 64 * 64 * 2 + 100; /* 8 pages fit: 5 groups */
+	cases[13].spec.unit_bytes_max = 3 * 16 * 16;           /* 3 fit: 3 groups, 3 3 1 */
+	cases[14].spec.unit_bytes_max = 100;                   /* 1 page per unit */
+	cases[15].spec.unit_bytes_max = 1 << 20;
+	static const uint32_t group_pages[] = {8, 3, 1, 3}; /* pages per unit of cases 12.. */
 	for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
 		cases[i].spec.description = cases[i].description;
 		sf_layout *l = build_ok(cases[i].name, &cases[i].spec);
@@ -318,6 +336,9 @@ static void test_layouts(void)
 			continue;
 		check(sf_layout_is_bigtiff(l) == (cases[i].spec.bigtiff == 1), "%s: BigTIFF is %d",
 		      cases[i].name, sf_layout_is_bigtiff(l));
+		uint32_t group = i >= 12 ? group_pages[i - 12] : cases[i].spec.pages;
+		check(sf_layout_unit_pages_max(l) == group, "%s: %u pages per unit, expected %u",
+		      cases[i].name, sf_layout_unit_pages_max(l), group);
 		check_arithmetic(cases[i].name, l);
 		check_with_libtiff(cases[i].name, l, cases[i].description);
 		sf_layout_free(l);
@@ -602,12 +623,13 @@ static int write_file(const char *path, const sf_layout *l)
 	uint8_t *buf = malloc(sf_layout_unit_bytes(l, 0));
 	rc = rc || !buf;
 	for (uint64_t u = 0; !rc && u < sf_layout_unit_count(l); u++) {
-		uint32_t lv, tx, ty, rows = sf_layout_unit_rows(l);
+		uint32_t lv, tx, ty, first, pages, rows = sf_layout_unit_rows(l);
 		sf_layout_unit_pos(l, u, &lv, &tx, &ty);
+		sf_layout_unit_pages(l, u, &first, &pages);
 		size_t page_bytes = sf_layout_page_bytes(l, u), bytes = sf_layout_unit_bytes(l, u);
-		for (uint32_t p = 0; p < s->pages; p++) {
+		for (uint32_t p = first; p < first + pages; p++) {
 			if (s->tile)
-				fill_block(buf + p * page_bytes, s, p, lv, tx * s->tile,
+				fill_block(buf + (p - first) * page_bytes, s, p, lv, tx * s->tile,
 				           ty * s->tile, s->tile, s->tile);
 			else /* a strip: the last one holds fewer rows */
 				fill_block(buf, s, 0, 0, 0, ty * rows, s->width,
@@ -685,6 +707,8 @@ static int run_tool(int argc, char **argv)
 			s.levels = (uint32_t)strtoul(v, NULL, 10);
 		else if (!strcmp(k, "--bigtiff"))
 			s.bigtiff = atoi(v);
+		else if (!strcmp(k, "--unit-bytes-max"))
+			s.unit_bytes_max = strtoull(v, NULL, 10);
 		else if (!strcmp(k, "--dtype"))
 			s.dtype = !strcmp(v, "u8")    ? SF_U8
 			          : !strcmp(v, "u16") ? SF_U16
@@ -705,7 +729,7 @@ static int run_tool(int argc, char **argv)
 		        "usage: %s --write PATH|--info [--width N --height N --pages N "
 		        "--samples 1|3 --dtype u8|u16|f32 --tile N --levels N --bigtiff "
 		        "-1|0|1 --description-file PATH --resolution X,Y --level-sizes "
-		        "WxH,...]\n",
+		        "WxH,... --unit-bytes-max N]\n",
 		        argv[0]);
 		free(description);
 		return 2;
