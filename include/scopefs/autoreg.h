@@ -24,7 +24,11 @@
  *    then fitted directly against the reference.
  *
  * Thread-safe: any thread may wait on any slide; results never change once
- * made.  sf_autoreg_destroy joins the threads (a running slide finishes). */
+ * made.  sf_autoreg_stop (a shutdown signal) ends the job early: waiters get
+ * an error within 0.1 s, the non-rigid and micro fits end between demons
+ * iterations, and a thumbnail read or affine fit under way finishes; the
+ * slide is then failed, not cached.  sf_autoreg_destroy stops and joins the
+ * threads. */
 #ifndef SCOPEFS_AUTOREG_H
 #define SCOPEFS_AUTOREG_H
 
@@ -87,6 +91,10 @@ int sf_autoreg_create(const sf_dataset *d, uint32_t reference, const uint8_t *to
                       const sf_reg_settings *s, unsigned threads, sf_cache *cache,
                       const char *transforms_dir, sf_autoreg **out, sf_err *e);
 void sf_autoreg_destroy(sf_autoreg *a);
+
+/* Ask the job to end (see above).  Only stores to a lock-free atomic, so
+ * it is async-signal-safe: waiters notice it within 0.1 s. */
+void sf_autoreg_stop(sf_autoreg *a);
 
 /* Start the threads (idempotent; call after daemonizing). */
 int sf_autoreg_start(sf_autoreg *a, sf_err *e);

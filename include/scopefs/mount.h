@@ -91,6 +91,12 @@ int sf_mount_start(sf_mount *m, sf_err *e);
 
 void sf_mount_free(sf_mount *m);
 
+/* Ask what runs for the mount to end now: the engine's computations and
+ * scopefs's own registration (waiters then get an error, nothing half-done
+ * is cached).  For a shutdown signal: it only stores to lock-free atomics,
+ * so it is async-signal-safe. */
+void sf_mount_stop(const sf_mount *m);
+
 /* Whether n shows (lookup, readdir): a node tied to a registration shows
  * once it succeeded (waits for it; seconds on first use, cached after). */
 int sf_mount_node_visible(const sf_mount *m, const sf_node *n);

@@ -16,6 +16,7 @@
 #ifndef SCOPEFS_REGISTER_H
 #define SCOPEFS_REGISTER_H
 
+#include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -211,11 +212,13 @@ typedef struct sf_reg_nonrigid_opts {
 	double grad_floor;  /* damping added to |J|^2, in mean |grad Nref|^2 (>= 0) */
 	unsigned threads;   /* threads of this call (its own small pool; 0 or 1: the
 	                       caller's only); the result does not depend on it */
+	const atomic_int *stop; /* once nonzero, the call ends before its next iteration
+	                           with SF_EINTR and no field (NULL: never) */
 } sf_reg_nonrigid_opts;
 
 /* step 1, min_dim 32, max_dim 1024, iter_coarse 60, iter_fine 30,
  * sigma_fluid 1, sigma_diff 2, sigma_norm 4, max_step 0.5, grad_floor 2,
- * threads 1. */
+ * threads 1, no stop flag. */
 void sf_reg_nonrigid_opts_default(sf_reg_nonrigid_opts *o);
 
 /* Given ref (with optional mask, w*h bytes, nonzero = tissue) and mov already
@@ -224,7 +227,7 @@ void sf_reg_nonrigid_opts_default(sf_reg_nonrigid_opts *o);
  * sf_reg_field_free).  Pure and re-entrant.  The zero field is returned
  * when the deformation does not lower the mismatch of the normalised images
  * at the finest level.  SF_EINVAL for empty images, a non-affine m or bad
- * options; SF_ENOMEM. */
+ * options; SF_ENOMEM; SF_EINTR when o->stop was set (out is then empty). */
 int sf_reg_nonrigid(const sf_reg_image *ref, const uint8_t *mask, const sf_reg_image *mov,
                     const double m[9], const sf_reg_nonrigid_opts *o, sf_reg_field *f, sf_err *e);
 void sf_reg_field_free(sf_reg_field *f); /* f becomes empty; an empty f is fine */

@@ -61,7 +61,8 @@ void sf_reg_micro_opts_default(sf_reg_micro_opts *o);
  * folds (jac_min <= 0.1), keep r = 0, so D = Dc there.
  * SF_EINVAL for a missing image or one under 16x16, a non-affine m, an empty
  * coarse field, a bad scale, or options out of range (the demons options
- * as sf_reg_nonrigid checks them); SF_ENOMEM.  On error out is empty. */
+ * as sf_reg_nonrigid checks them); SF_ENOMEM; SF_EINTR when o->demons.stop
+ * was set.  On error out is empty. */
 int sf_reg_micro(const sf_reg_image *ref, const uint8_t *mask, const sf_reg_image *mov,
                  const double m[9], const sf_reg_field *coarse, double coarse_scale,
                  const sf_reg_micro_opts *o, sf_reg_field *out, sf_err *e);

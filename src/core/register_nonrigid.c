@@ -86,6 +86,7 @@ void sf_reg_nonrigid_opts_default(sf_reg_nonrigid_opts *o)
 	o->max_step = 0.5;
 	o->grad_floor = 2.0;
 	o->threads = 1;
+	o->stop = NULL;
 }
 
 void sf_reg_field_free(sf_reg_field *f)
@@ -775,11 +776,17 @@ static void compose(nr_level *L)
 	L->dy = t;
 }
 
-/* Up to iters demons iterations at one level. */
+/* Whether the caller asked the call to end (o->stop, a shutdown). */
+static int stop_asked(const sf_reg_nonrigid_opts *o)
+{
+	return o->stop && atomic_load(o->stop);
+}
+
+/* Up to iters demons iterations at one level (fewer once a stop is asked). */
 static void run_level(nr_level *L, const sf_reg_nonrigid_opts *o, int iters)
 {
 	double hist[STALL_WIN]; /* the mismatch of the last STALL_WIN iterations */
-	for (int k = 0; k < iters; k++) {
+	for (int k = 0; k < iters && !stop_asked(o); k++) {
 		warp_moving(L);
 		double e = forces(L, o->max_step);
 		if (k >= STALL_WIN && hist[k % STALL_WIN] - e < STALL_TOL * hist[k % STALL_WIN])
@@ -1124,6 +1131,10 @@ static int solve(const reg_pyramid *pr, const reg_pyramid *pm, const reg_pyramid
 			upsample_field(&prev, cur);
 		level_free(&prev);
 		run_level(cur, o, l == lf ? o->iter_fine : o->iter_coarse);
+		if (stop_asked(o)) { /* a field cut short is no result */
+			level_free(cur);
+			return sf_fail(e, SF_EINTR, "register: stopped");
+		}
 		if (l > lf) {
 			prev = *cur;
 			memset(cur, 0, sizeof *cur);

@@ -88,7 +88,10 @@ static int node_stat(const sf_mount *m, const sf_node *n, struct stat *st)
 		size_t len = 0;
 		char *text = sf_status_json(m, &len);
 		free(text);
+		/* st_blocks too: tar -S and du read st_size > 0 with no blocks
+		 * as a file that is all hole, and archive zeros. */
 		st->st_size = (off_t)len;
+		st->st_blocks = (blkcnt_t)((len + 511) / 512);
 	} else if (n->kind == SF_NODE_TRANSFORM) {
 		sf_err e = {0};
 		uint64_t len;

@@ -10,6 +10,7 @@
 #include <malloc.h>
 #include <signal.h>
 #include <stdio.h>
+#include <sys/resource.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -21,36 +22,85 @@
 
 #define FUSE_MAX_THREADS 64
 
-/* The argv libfuse sees: read-only, our fsname unless given, user options. */
+/* Whether the comma-separated option list opts holds option name (as a
+ * whole option, bare or as name=value). */
+static int has_opt(const char *opts, const char *name)
+{
+	size_t n = strlen(name);
+
+	for (const char *p = opts; p && *p;) {
+		if (!strncmp(p, name, n) && (p[n] == '\0' || p[n] == ',' || p[n] == '='))
+			return 1;
+		if ((p = strchr(p, ',')))
+			p++;
+	}
+	return 0;
+}
+
+/* The argv libfuse sees: read-only, our fsname unless given, user options.
+ * allow_other implies default_permissions: without it the kernel leaves
+ * permission checks to the daemon, which makes none, so any user could
+ * read a file the served mode (its source's) says is private. */
 static int fuse_argv(const sf_options *o, const char *argv0, struct fuse_args *args)
 {
 	char opts[1200];
-	int has_fsname = strstr(o->fuse_mount_opts, "fsname=") != NULL;
-	int has_subtype = strstr(o->fuse_mount_opts, "subtype=") != NULL;
+	int has_fsname = has_opt(o->fuse_mount_opts, "fsname");
+	int has_subtype = has_opt(o->fuse_mount_opts, "subtype");
+	int add_perms = has_opt(o->fuse_mount_opts, "allow_other") &&
+	                !has_opt(o->fuse_mount_opts, "default_permissions");
 
-	snprintf(opts, sizeof opts, "ro%s%s%s%s", has_fsname ? "" : ",fsname=scopefs",
-	         has_subtype ? "" : ",subtype=scopefs", o->fuse_mount_opts[0] ? "," : "",
-	         o->fuse_mount_opts);
+	if (add_perms)
+		sf_log(SF_LOG_INFO, "allow_other given: default_permissions added (the kernel "
+		                    "checks each file's mode)");
+	snprintf(opts, sizeof opts, "ro%s%s%s%s%s", has_fsname ? "" : ",fsname=scopefs",
+	         has_subtype ? "" : ",subtype=scopefs", add_perms ? ",default_permissions" : "",
+	         o->fuse_mount_opts[0] ? "," : "", o->fuse_mount_opts);
 	if (fuse_opt_add_arg(args, argv0) || fuse_opt_add_arg(args, "-o") ||
 	    fuse_opt_add_arg(args, opts) || (o->debug && fuse_opt_add_arg(args, "-d")))
 		return SF_ENOMEM;
 	return SF_OK;
 }
 
+/* Raise the open-file soft limit to the hard one.  The daemon holds one
+ * descriptor per open raw/ file and a source reader per product per
+ * worker, so the usual soft limit (1024) made opens fail with EMFILE (EIO
+ * to readers) long before the hard limit.  The new soft limit, or 0 when
+ * it could not be read or raised (then the old one stays). */
+static rlim_t raise_nofile_limit(void)
+{
+	struct rlimit rl;
+
+	if (getrlimit(RLIMIT_NOFILE, &rl) != 0)
+		return 0;
+	if (rl.rlim_cur < rl.rlim_max) {
+		rlim_t old = rl.rlim_cur;
+		rl.rlim_cur = rl.rlim_max;
+		if (setrlimit(RLIMIT_NOFILE, &rl) != 0) {
+			sf_log(SF_LOG_WARN,
+			       "cannot raise the open-file limit from %llu to %llu: %s",
+			       (unsigned long long)old, (unsigned long long)rl.rlim_max,
+			       strerror(errno));
+			return 0;
+		}
+	}
+	return rl.rlim_cur;
+}
+
 /* The shutdown signals libfuse handles (it exits the session loop).  That
  * loop first waits for the requests in progress, and a read may be waiting
- * for a deconvolution block that takes minutes on the CPU: so a signal also
- * asks the engine's products to end their computations.  Set once in main
+ * for a deconvolution block that takes minutes on the CPU, or a lookup for
+ * scopefs's own registration: so a signal also asks the engine's products
+ * and the registration job to end (sf_mount_stop).  Set once in main
  * before the handlers are installed and cleared after they are removed;
  * read only by the handler (the one global here, for the handler's sake). */
 static const int shutdown_signals[] = {SIGHUP, SIGINT, SIGTERM};
-static sf_engine *volatile shutdown_engine;
+static sf_mount *volatile shutdown_mount;
 static struct sigaction fuse_actions[3]; /* libfuse's, chained to */
 
 static void on_shutdown_signal(int sig)
 {
-	if (shutdown_engine)
-		sf_engine_stop_products(shutdown_engine);
+	if (shutdown_mount)
+		sf_mount_stop(shutdown_mount);
 	for (int i = 0; i < 3; i++)
 		if (shutdown_signals[i] == sig && fuse_actions[i].sa_handler != SIG_DFL &&
 		    fuse_actions[i].sa_handler != SIG_IGN)
@@ -59,7 +109,7 @@ static void on_shutdown_signal(int sig)
 
 /* Put on_shutdown_signal in front of libfuse's handlers (install = 1), or
  * put libfuse's back (install = 0). */
-static void chain_shutdown_signals(sf_engine *engine, int install)
+static void chain_shutdown_signals(sf_mount *m, int install)
 {
 	for (int i = 0; i < 3; i++) {
 		if (install) {
@@ -68,13 +118,13 @@ static void chain_shutdown_signals(sf_engine *engine, int install)
 			memset(&sa, 0, sizeof sa);
 			sa.sa_handler = on_shutdown_signal;
 			sigemptyset(&sa.sa_mask);
-			shutdown_engine = engine;
+			shutdown_mount = m;
 			sigaction(shutdown_signals[i], &sa, &fuse_actions[i]);
 		} else
 			sigaction(shutdown_signals[i], &fuse_actions[i], NULL);
 	}
 	if (!install)
-		shutdown_engine = NULL;
+		shutdown_mount = NULL;
 }
 
 static int serve(struct fuse_session *se, const sf_options *o)
@@ -131,6 +181,7 @@ int main(int argc, char **argv)
 	struct fuse_args args = FUSE_ARGS_INIT(0, NULL);
 	struct fuse_session *se = NULL;
 	int status = 1, log_fd = -1;
+	rlim_t nofile;
 
 	if (sf_options_parse(argc, argv, &o, &e) != SF_OK) {
 		fprintf(stderr, "scopefs: %s\n", e.msg);
@@ -146,6 +197,7 @@ int main(int argc, char **argv)
 		return 0;
 	}
 	sf_log_set_level(o.debug ? SF_LOG_DEBUG : SF_LOG_INFO);
+	nofile = raise_nofile_limit();
 	/* Units are megabytes each and come and go all the time.  glibc's
 	 * dynamic mmap threshold and one arena per thread let freed units pile
 	 * up in many heaps, so RSS drifted far above mem (482 MB at mem=256M
@@ -189,7 +241,10 @@ int main(int argc, char **argv)
 	sf_log(SF_LOG_INFO, "mounted %s on %s (%u slides, %u stacks, %u problems; cache %s)",
 	       o.raw_dir, o.mountpoint, m->dataset->slide_count, m->dataset->stack_count,
 	       m->dataset->problem_count, o.cache_dir);
-	chain_shutdown_signals(m->engine, 1);
+	if (nofile)
+		sf_log(SF_LOG_INFO, "open files: up to %llu (RLIMIT_NOFILE soft limit)",
+		       (unsigned long long)nofile);
+	chain_shutdown_signals(m, 1);
 	status = serve_status(serve(se, &o));
 	chain_shutdown_signals(NULL, 0);
 out_unmount:

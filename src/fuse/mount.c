@@ -57,6 +57,40 @@ static void stat_virtual(const sf_mount *m, struct stat *st, mode_t mode, uint64
 	st->st_mtim = st->st_ctim = st->st_atim = m->mounted_at;
 }
 
+/* The owner, group and read permission (0444 & each mode) shared by the
+ * source files src[0..n) of a virtual file, into src_attr; the first
+ * file's owner and group.  A source that cannot be stat'ed leaves no
+ * read permission (root still reads). */
+static void source_attr(const char *const *src, uint32_t n, struct stat *src_attr)
+{
+	memset(src_attr, 0, sizeof *src_attr);
+	src_attr->st_mode = 0444;
+	src_attr->st_uid = getuid();
+	src_attr->st_gid = getgid();
+	for (uint32_t i = 0; i < n; i++) {
+		struct stat s;
+		if (stat(src[i], &s) != 0) {
+			src_attr->st_mode = 0;
+			continue;
+		}
+		src_attr->st_mode &= s.st_mode;
+		if (i == 0)
+			src_attr->st_uid = s.st_uid, src_attr->st_gid = s.st_gid;
+	}
+}
+
+/* A virtual file made from sources with attributes src_attr (source_attr):
+ * no wider read permission than they have, and their owner, so that with
+ * default_permissions (implied by allow_other) a product of a private
+ * source is as private as the source is in raw/. */
+static void stat_derived(const sf_mount *m, struct stat *st, const struct stat *src_attr,
+                         uint64_t size)
+{
+	stat_virtual(m, st, S_IFREG | (src_attr->st_mode & 0444), size);
+	st->st_uid = src_attr->st_uid;
+	st->st_gid = src_attr->st_gid;
+}
+
 /* Add a node named name under parent (UINT32_MAX for the root); its index in *idx. */
 static int node_add(sf_mount *m, uint32_t parent, const char *name, sf_node_kind kind,
                     uint32_t *idx, sf_err *e)
@@ -157,7 +191,7 @@ static int raw_walk(sf_mount *m, const char *abs, uint32_t dir, int depth, sf_er
 
 /* Register a virtual file node for layout l and product p. */
 static int add_vfile(sf_mount *m, uint32_t dir, const char *name, sf_layout *l, sf_product *p,
-                     uint64_t unit_base, sf_err *e)
+                     uint64_t unit_base, const struct stat *src_attr, sf_err *e)
 {
 	uint32_t idx;
 	int rc;
@@ -174,7 +208,7 @@ static int add_vfile(sf_mount *m, uint32_t dir, const char *name, sf_layout *l, 
 	if (rc != SF_OK)
 		return rc;
 	m->nodes[idx].vfile = v;
-	stat_virtual(m, &m->nodes[idx].st, S_IFREG | 0444, sf_layout_file_size(l));
+	stat_derived(m, &m->nodes[idx].st, src_attr, sf_layout_file_size(l));
 	return SF_OK;
 }
 
@@ -224,6 +258,11 @@ static int registered_layout(sf_mount *m, const sf_slide_info *ref, const sf_sli
 	spec.samples = s->samples;
 	spec.dtype = s->dtype;
 	spec.tile = SF_TILE;
+	/* Page groups of at most 4 MiB per unit: a reader going channel by
+	 * channel (tifffile, libvips, Bio-Formats) then finds the next pages of
+	 * a unit in RAM, and a unit's RAM does not grow with the channel count.
+	 * 8 uint16 or 4 float32 channels of 512 x 512 still make one unit. */
+	spec.unit_bytes_max = (uint64_t)4 << 20;
 	spec.levels = plan->levels;
 	spec.level_width = plan->width;
 	spec.level_height = plan->height;
@@ -353,14 +392,17 @@ static int add_registered_slide(sf_mount *m, uint32_t dir, uint32_t i, const sf_
 		return SF_OK; /* its transform file failed to load */
 	rc = registered_layout(m, ref, s, stem, plan, &layout, e);
 	if (rc == SF_OK && (int)i == m->reference)
-		rc = sf_product_retile_create(s, plan, layout, &product, e);
+		rc = sf_product_retile_create(s, plan, &wo, layout, &product, e);
 	else if (rc == SF_OK && autoreg)
 		rc = sf_product_autoreg_create(s, m->autoreg, i, plan, &wo, layout, &product, e);
 	else if (rc == SF_OK)
 		rc = sf_product_warp_create(s, &se->transform, plan, &wo, layout, &product, e);
 	if (rc == SF_OK && (rc = keep_product(m, product, e)) == SF_OK) {
+		const char *src = s->path;
+		struct stat src_attr;
+		source_attr(&src, 1, &src_attr);
 		snprintf(name, sizeof name, "%s.ome.tif", stem);
-		rc = add_vfile(m, dir, name, layout, product, 0, e);
+		rc = add_vfile(m, dir, name, layout, product, 0, &src_attr, e);
 	}
 	if (rc == SF_OK && autoreg) /* add_vfile's node is the last one */
 		m->nodes[m->node_count - 1].autoreg_slide = (int32_t)i;
@@ -458,6 +500,45 @@ static int build_registered(sf_mount *m, uint32_t root, sf_err *e)
 	return rc;
 }
 
+/* Record a file or folder left out of the mount, for .scopefs/status
+ * "problems" (the caller logs it). */
+static int mount_problem(sf_dataset *d, const char *path, const char *reason, sf_err *e)
+{
+	sf_problem *grown = realloc(d->problems, (d->problem_count + 1) * sizeof *grown);
+
+	if (!grown)
+		return sf_fail(e, SF_ENOMEM, "out of memory");
+	d->problems = grown;
+	grown[d->problem_count].path = strdup(path);
+	grown[d->problem_count].reason = strdup(reason);
+	if (!grown[d->problem_count].path || !grown[d->problem_count].reason) {
+		free(grown[d->problem_count].path);
+		free(grown[d->problem_count].reason);
+		return sf_fail(e, SF_ENOMEM, "out of memory");
+	}
+	d->problem_count++;
+	return SF_OK;
+}
+
+/* Whether the elastix files of slide i can be made: they name each other
+ * by absolute path inside "quoted values", which cannot hold '"' or a line
+ * break (transform_export.h).  If not, they are left out of transforms/
+ * with a problem saying why, so every listed file can be stat'ed. */
+static int elastix_servable(sf_mount *m, uint32_t i, int *ok, sf_err *e)
+{
+	const char *stem = m->dataset->slide_stems[i];
+	char path[PATH_MAX + 64];
+
+	*ok = !strpbrk(m->transforms_dir, "\"\n\r") && !strpbrk(stem, "\"\n\r");
+	if (*ok)
+		return SF_OK;
+	static const char why[] = "elastix files not served: their path holds a double quote or "
+	                          "a line break, which elastix parameter files cannot quote";
+	snprintf(path, sizeof path, "%s/%s.elastix*.txt", m->transforms_dir, stem);
+	sf_log(SF_LOG_WARN, "%s: %s", path, why);
+	return mount_problem(m->dataset, path, why, e);
+}
+
 /* transforms/<stem>.json, .elastix.txt (and the field files) for each slide
  * scopefs registers: made from the job's result on first use. */
 static int build_transforms(sf_mount *m, uint32_t root, sf_err *e)
@@ -467,14 +548,23 @@ static int build_transforms(sf_mount *m, uint32_t root, sf_err *e)
 	int rc = SF_OK;
 
 	for (uint32_t i = 0; m->autoreg && i < d->slide_count && rc == SF_OK; i++) {
+		const char *src = d->slides[i]->path;
+		struct stat src_attr;
+		int elastix_ok;
+
 		if (!sf_autoreg_has(m->autoreg, i))
 			continue;
 		if (dir == UINT32_MAX &&
 		    (rc = node_add(m, root, "transforms", SF_NODE_DIR, &dir, e)))
 			return rc;
+		if ((rc = elastix_servable(m, i, &elastix_ok, e)) != SF_OK)
+			return rc;
+		source_attr(&src, 1, &src_attr);
 		for (int k = 0; k < SF_AUTOREG_FILE_KINDS && rc == SF_OK; k++) {
 			char name[NAME_MAX + 1];
-			if (!sf_autoreg_file_exists(&m->opts->reg, (sf_autoreg_file_kind)k))
+			if (!sf_autoreg_file_exists(&m->opts->reg, (sf_autoreg_file_kind)k) ||
+			    (!elastix_ok &&
+			     (k == SF_AUTOREG_ELASTIX || k == SF_AUTOREG_ELASTIX_FIELD)))
 				continue;
 			sf_autoreg_file_name((sf_autoreg_file_kind)k, d->slide_stems[i], name,
 			                     sizeof name);
@@ -482,7 +572,7 @@ static int build_transforms(sf_mount *m, uint32_t root, sf_err *e)
 				break;
 			m->nodes[idx].autoreg_slide = (int32_t)i;
 			m->nodes[idx].transform_file = k;
-			stat_virtual(m, &m->nodes[idx].st, S_IFREG | 0444, 0);
+			stat_derived(m, &m->nodes[idx].st, &src_attr, 0);
 		}
 	}
 	return rc;
@@ -552,10 +642,30 @@ static int build_qc(sf_mount *m, uint32_t root, sf_err *e)
 			m->nodes[idx].autoreg_slide = (int32_t)i;
 		if (rc == SF_OK)
 			rc = sf_qc_create(&ref, &mov, name, &m->nodes[idx].qc, e);
-		if (rc == SF_OK)
-			stat_virtual(m, &m->nodes[idx].st, S_IFREG | 0444, 0);
+		if (rc == SF_OK) { /* the overlay shows both slides' pixels */
+			const char *src[2] = {d->slides[i]->path, d->slides[m->reference]->path};
+			struct stat src_attr;
+			source_attr(src, 2, &src_attr);
+			stat_derived(m, &m->nodes[idx].st, &src_attr, 0);
+		}
 	}
 	return rc;
+}
+
+/* The attributes every deconvolved plane of st gets: a plane mixes its
+ * neighbours, so the read permission all plane files share (source_attr). */
+static int stack_attr(const sf_stack *st, struct stat *src_attr, sf_err *e)
+{
+	uint32_t n = st->multipage ? 1 : st->planes;
+	const char **src = calloc(n, sizeof *src);
+
+	if (!src)
+		return sf_fail(e, SF_ENOMEM, "out of memory");
+	for (uint32_t z = 0; z < n; z++)
+		src[z] = st->plane_info[z]->path;
+	source_attr(src, n, src_attr);
+	free(src);
+	return SF_OK;
 }
 
 /* deconvolved/<stack>/<plane> for each stack (planes at the top for RAW_DIR itself). */
@@ -598,9 +708,12 @@ static int add_stack(sf_mount *m, uint32_t top, const sf_stack *st, sf_err *e)
 		return rc;
 	if (st->name[0] && (rc = node_add(m, top, st->name, SF_NODE_DIR, &dir, e)) != SF_OK)
 		return rc;
+	struct stat src_attr;
+	if ((rc = stack_attr(st, &src_attr, e)) != SF_OK)
+		return rc;
 	for (uint32_t z = 0; z < st->planes && rc == SF_OK; z++)
 		rc = add_vfile(m, dir, st->plane_names[z], layout, product,
-		               (uint64_t)z * sf_layout_unit_count(layout), e);
+		               (uint64_t)z * sf_layout_unit_count(layout), &src_attr, e);
 	return rc;
 }
 
@@ -608,24 +721,12 @@ static int add_stack(sf_mount *m, uint32_t top, const sf_stack *st, sf_err *e)
 static int stack_problem(sf_dataset *d, const sf_stack *st, const char *reason, sf_err *e)
 {
 	char path[PATH_MAX];
-	sf_problem *grown = realloc(d->problems, (d->problem_count + 1) * sizeof *grown);
 
-	if (!grown)
-		return sf_fail(e, SF_ENOMEM, "out of memory");
-	d->problems = grown;
 	if (st->multipage)
 		snprintf(path, sizeof path, "%s", st->plane_info[0]->path);
 	else
 		snprintf(path, sizeof path, "%s%s%s", d->root, st->name[0] ? "/" : "", st->name);
-	grown[d->problem_count].path = strdup(path);
-	grown[d->problem_count].reason = strdup(reason);
-	if (!grown[d->problem_count].path || !grown[d->problem_count].reason) {
-		free(grown[d->problem_count].path);
-		free(grown[d->problem_count].reason);
-		return sf_fail(e, SF_ENOMEM, "out of memory");
-	}
-	d->problem_count++;
-	return SF_OK;
+	return mount_problem(d, path, reason, e);
 }
 
 static int build_deconvolved(sf_mount *m, uint32_t root, sf_err *e)
@@ -747,6 +848,14 @@ int sf_mount_start(sf_mount *m, sf_err *e)
 	if (rc == SF_OK && m->autoreg && m->opts->reg.eager)
 		rc = sf_autoreg_start(m->autoreg, e);
 	return rc;
+}
+
+void sf_mount_stop(const sf_mount *m)
+{
+	if (m->engine)
+		sf_engine_stop_products(m->engine);
+	if (m->autoreg)
+		sf_autoreg_stop(m->autoreg);
 }
 
 int sf_mount_node_visible(const sf_mount *m, const sf_node *n)

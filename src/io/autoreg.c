@@ -19,6 +19,7 @@
 #include <ctype.h>
 #include <math.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -46,6 +47,13 @@ enum { PHASE_THUMB, PHASE_AFFINE, PHASE_RELINK, PHASE_FINISH, PHASES };
 #define GUARD_MAX_SHEAR    1.5 /* ratio of the linear part's singular values */
 #define GUARD_MIN_JACOBIAN 0.1 /* of x -> x + D(x): below it the field (nearly) folds */
 #define GUARD_MAX_DISP     0.1 /* largest field displacement, of the thumbnail diagonal */
+
+/* How often a wait looks at the stop flag: a signal handler cannot
+ * broadcast a condition variable, so waits time out this often (ns). */
+#define STOP_POLL_NS 100000000L
+#define STOPPED_WHY  "stopped (unmount)"
+/* sf_autoreg_stop runs in signal handlers: the flag must be lock-free. */
+_Static_assert(ATOMIC_INT_LOCK_FREE == 2, "atomic_int must be lock-free");
 
 enum slide_stage {
 	ST_IDLE,
@@ -101,9 +109,13 @@ struct sf_autoreg {
 	int micro_tried;
 	autoreg_thumb micro_ref;
 
-	pthread_mutex_t lock; /* guards everything below and every jobs[] field after create */
-	pthread_cond_t changed;
-	int started, stopping;
+	/* Set by sf_autoreg_stop (maybe in a signal handler) or destroy, never
+	 * cleared: read without the lock, so the job's steps and waits see it. */
+	atomic_int stopping;
+
+	pthread_mutex_t lock;   /* guards everything below and every jobs[] field after create */
+	pthread_cond_t changed; /* on CLOCK_MONOTONIC (wait_changed) */
+	int started;
 	pthread_t *tids;
 	unsigned nthreads;
 	uint32_t *queue[PHASES]; /* slide indices per phase */
@@ -340,6 +352,26 @@ static double now_s(void)
 	return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
+static int stopped(sf_autoreg *a)
+{
+	return atomic_load(&a->stopping);
+}
+
+/* Wait on a->changed (lock held) for at most STOP_POLL_NS, so that a stop
+ * from a signal handler, which cannot broadcast, is seen soon. */
+static void wait_changed(sf_autoreg *a)
+{
+	struct timespec until;
+
+	clock_gettime(CLOCK_MONOTONIC, &until);
+	until.tv_nsec += STOP_POLL_NS;
+	if (until.tv_nsec >= 1000000000L) {
+		until.tv_sec++;
+		until.tv_nsec -= 1000000000L;
+	}
+	pthread_cond_timedwait(&a->changed, &a->lock, &until);
+}
+
 /* S(f): a grid's px -> px of a grid f times finer (thumbnail -> level 0,
  * thumbnail -> micro level), x -> (x + 0.5) f - 0.5 per axis; and its inverse. */
 static void ds_matrix(const double ds[2], int inverse, double out[9])
@@ -399,6 +431,10 @@ static void phase_thumb(sf_autoreg *a, uint32_t i)
 	double t0 = now_s();
 	sf_err e = {0};
 
+	if (stopped(a)) {
+		fail_slide(a, i, STOPPED_WHY);
+		return;
+	}
 	if (a->jobs[i].in_job)
 		set_stage(a, i, ST_THUMB);
 	if (autoreg_thumb_make(a->d->slides[i], a->d->slides[a->ref], a->s.channel, dim,
@@ -540,6 +576,10 @@ static void phase_affine(sf_autoreg *a, uint32_t i)
 	char why[600];
 	int rc;
 
+	if (stopped(a)) {
+		fail_slide(a, i, STOPPED_WHY);
+		return;
+	}
 	if (!ref->im.px || !mov->im.px) {
 		snprintf(why, sizeof why, "no thumbnail of %s",
 		         a->d->slides[ref->im.px ? i : j->target]->path);
@@ -565,6 +605,10 @@ static void phase_affine(sf_autoreg *a, uint32_t i)
 	fh.ref = ref->hema.px ? &ref->hema : &ref->im;
 	fh.mov = mov->hema.px ? &mov->hema : &mov->im;
 	fit_both(&fi, two ? &fh : NULL, threads);
+	if (stopped(a)) { /* before the rescue fits */
+		fail_slide(a, i, STOPPED_WHY);
+		return;
+	}
 	fi.rescue = wants_rescue(&fi) && !(two && strong_ncc(&fh));
 	fh.rescue = two && wants_rescue(&fh) && !strong_ncc(&fi);
 	if (fi.rescue || fh.rescue)
@@ -716,9 +760,13 @@ static int fit_micro(sf_autoreg *a, uint32_t i, const double m[9], const sf_reg_
 	double fr[2], fv[2], sr_inv[9], sv[9], mmic[9];
 	int hema = a->jobs[i].use_hema, rc;
 
+	if (stopped(a))
+		return sf_fail(e, SF_EINTR, STOPPED_WHY); /* phase_finish then caches nothing */
 	set_stage(a, i, ST_MICRO);
 	if (!(mref = micro_reference(a, e)))
 		return SF_EIO;
+	if (stopped(a))
+		return sf_fail(e, SF_EINTR, STOPPED_WHY);
 	rc = autoreg_thumb_make(a->d->slides[i], a->d->slides[a->ref], a->s.channel, a->s.micro_dim,
 	                        &mm, e);
 	if (rc != SF_OK)
@@ -731,6 +779,7 @@ static int fit_micro(sf_autoreg *a, uint32_t i, const double m[9], const sf_reg_
 	sf_mat3_mul(sv, mmic, mmic);
 	sf_reg_micro_opts_default(&mo);
 	mo.demons.threads = inner_threads(a, PHASE_FINISH);
+	mo.demons.stop = &a->stopping; /* ends the tile now under way: SF_EINTR */
 	rc = sf_reg_micro(hema && mref->hema.px ? &mref->hema : &mref->im, mref->mask,
 	                  hema && mm.hema.px ? &mm.hema : &mm.im, mmic, f, sqrt(fr[0] * fr[1]), &mo,
 	                  &fm, e);
@@ -772,6 +821,7 @@ static const char *fit_field(sf_autoreg *a, uint32_t i, const double m[9], sf_tr
 	no.max_dim = 0;
 	no.iter_fine = 10;
 	no.threads = inner_threads(a, PHASE_FINISH);
+	no.stop = &a->stopping; /* a shutdown ends the demons between iterations */
 	set_stage(a, i, ST_NONRIGID);
 	rc = a->jobs[i].use_hema
 	         ? sf_reg_nonrigid(&ref->hema, ref->mask, &mov->hema, m, &no, &f, &e)
@@ -818,6 +868,10 @@ static void phase_finish(sf_autoreg *a, uint32_t i)
 
 	if (!j->affine_ok)
 		return; /* failed in phase 1, reason kept */
+	if (stopped(a)) {
+		fail_slide(a, i, STOPPED_WHY);
+		return;
+	}
 	if (chain_matrix(a, i, m0, why, sizeof why) ||
 	    guard_affine(a, i, &j->r, metric, m0, why, sizeof why)) {
 		fail_slide(a, i, why);
@@ -840,6 +894,14 @@ static void phase_finish(sf_autoreg *a, uint32_t i)
 		}
 	} else if (sf_reg_to_transform(m, ref->ds, mov->ds, &t, &e) != SF_OK) {
 		fail_slide(a, i, e.msg);
+		return;
+	}
+	/* A stop during the field may have cut a step short (the micro pass
+	 * then keeps the coarse field): such a result is neither served nor
+	 * cached, since the cache key promises the full one. */
+	if (stopped(a)) {
+		sf_transform_release(&t);
+		fail_slide(a, i, STOPPED_WHY);
 		return;
 	}
 	j->t_field = now_s() - t0;
@@ -928,8 +990,8 @@ static void *job_thread(void *arg)
 	sf_autoreg *a = arg;
 
 	pthread_mutex_lock(&a->lock);
-	for (int ph = 0; ph < PHASES && !a->stopping; ph++) {
-		while (a->next[ph] < a->count[ph] && !a->stopping) {
+	for (int ph = 0; ph < PHASES && !stopped(a); ph++) {
+		while (a->next[ph] < a->count[ph] && !stopped(a)) {
 			uint32_t i = a->queue[ph][a->next[ph]++];
 			pthread_mutex_unlock(&a->lock);
 			phase_run[ph](a, i);
@@ -937,8 +999,8 @@ static void *job_thread(void *arg)
 			a->done[ph]++;
 			pthread_cond_broadcast(&a->changed);
 		}
-		while (a->done[ph] < a->count[ph] && !a->stopping)
-			pthread_cond_wait(&a->changed, &a->lock);
+		while (a->done[ph] < a->count[ph] && !stopped(a))
+			wait_changed(a);
 	}
 	/* Every phase is done: nothing reads the thumbnails any more.
 	 * (micro_lock is only ever taken inside lock, never the other way.) */
@@ -1004,7 +1066,7 @@ int sf_autoreg_start(sf_autoreg *a, sf_err *e)
 	int rc = SF_OK;
 
 	pthread_mutex_lock(&a->lock);
-	if (a->started) {
+	if (a->started || stopped(a)) { /* stopped: waiters fail at once */
 		pthread_mutex_unlock(&a->lock);
 		return SF_OK;
 	}
@@ -1056,7 +1118,12 @@ int sf_autoreg_create(const sf_dataset *d, uint32_t reference, const uint8_t *to
 	a->threads = threads ? threads : 1;
 	pthread_mutex_init(&a->lock, NULL);
 	pthread_mutex_init(&a->micro_lock, NULL);
-	pthread_cond_init(&a->changed, NULL);
+	pthread_condattr_t ca;
+	pthread_condattr_init(&ca);
+	pthread_condattr_setclock(&ca, CLOCK_MONOTONIC); /* wait_changed's deadlines */
+	pthread_cond_init(&a->changed, &ca);
+	pthread_condattr_destroy(&ca);
+	atomic_init(&a->stopping, 0);
 	for (uint32_t i = 0; i < n; i++) {
 		slide_job *j = &a->jobs[i];
 		sf_transform_init(&j->t);
@@ -1092,7 +1159,7 @@ void sf_autoreg_destroy(sf_autoreg *a)
 	if (!a)
 		return;
 	pthread_mutex_lock(&a->lock);
-	a->stopping = 1;
+	atomic_store(&a->stopping, 1);
 	pthread_cond_broadcast(&a->changed);
 	pthread_mutex_unlock(&a->lock);
 	for (unsigned k = 0; k < a->nthreads; k++)
@@ -1112,6 +1179,11 @@ void sf_autoreg_destroy(sf_autoreg *a)
 	free(a->thumbs);
 	free(a->tdir);
 	free(a);
+}
+
+void sf_autoreg_stop(sf_autoreg *a)
+{
+	atomic_store(&a->stopping, 1);
 }
 
 int sf_autoreg_has(const sf_autoreg *a, uint32_t i)
@@ -1134,13 +1206,13 @@ int sf_autoreg_wait(sf_autoreg *a, uint32_t i, const sf_transform **t, sf_err *e
 		               a->d->slides[i]->path);
 	sf_autoreg_start(a, e); /* a failure marks the slides failed */
 	pthread_mutex_lock(&a->lock);
-	while (j->stage != ST_DONE && j->stage != ST_FAILED && !a->stopping)
-		pthread_cond_wait(&a->changed, &a->lock);
+	while (j->stage != ST_DONE && j->stage != ST_FAILED && !stopped(a))
+		wait_changed(a);
 	if (j->stage == ST_DONE)
 		*t = &j->t;
 	else
 		rc = sf_fail(e, SF_EFORMAT, "registration of %s: %s", a->d->slides[i]->path,
-		             j->stage == ST_FAILED ? j->why : "stopped (unmount)");
+		             j->stage == ST_FAILED ? j->why : STOPPED_WHY);
 	pthread_mutex_unlock(&a->lock);
 	return rc;
 }

@@ -160,40 +160,65 @@ static int inside_root(const char *path, const char *root_real)
 	return strncmp(path, root_real, n) == 0 && (path[n] == '/' || path[n] == '\0');
 }
 
+/* What a file that is neither regular nor a folder is, for its problem. */
+static const char *special_kind(mode_t mode)
+{
+	return S_ISFIFO(mode)   ? "fifo"
+	       : S_ISSOCK(mode) ? "socket"
+	       : S_ISCHR(mode)  ? "character device"
+	       : S_ISBLK(mode)  ? "block device"
+	                        : "unknown type";
+}
+
 /* The type of entry name in folder fd: 'f' regular file, 'd' folder, 0 for
  * anything else.  A symbolic link counts as its target only if the target
  * resolves inside RAW_DIR; otherwise it is left out (a problem if it looks
- * like an image or is a folder link). */
-static int entry_type(sf_dataset *d, int fd, const char *name, const char *path, int *rc)
+ * like an image or is a folder link).  Anything else that is not a regular
+ * file or folder (a fifo, socket or device: reading it would block or
+ * never end) is left out with a problem.  *holes counts the image-named
+ * entries left out: each would be a missing plane of a plane folder. */
+static int entry_type(sf_dataset *d, int fd, const char *name, const char *path, uint32_t *holes,
+                      int *rc)
 {
 	struct stat st;
+	int relevant = image_ext_len(name) > 0;
 	*rc = SF_OK;
 	if (fstatat(fd, name, &st, AT_SYMLINK_NOFOLLOW) != 0)
 		return 0;
 	if (S_ISLNK(st.st_mode)) {
 		char *target = realpath(path, NULL);
-		int relevant = image_ext_len(name) > 0;
 		if (!target) {
-			if (relevant)
+			if (relevant) {
 				*rc = add_problem(d, path, "broken symbolic link");
+				++*holes;
+			}
 			return 0;
 		}
 		int ok = inside_root(target, d->root) && stat(target, &st) == 0;
-		if (!ok && (relevant || (stat(target, &st) == 0 && S_ISDIR(st.st_mode))))
+		if (!ok && (relevant || (stat(target, &st) == 0 && S_ISDIR(st.st_mode)))) {
 			*rc = add_problem(d, path, "symbolic link leads outside RAW_DIR (to %s)",
 			                  target);
+			*holes += relevant;
+		}
 		free(target);
 		if (!ok)
 			return 0;
 	}
-	return S_ISREG(st.st_mode) ? 'f' : S_ISDIR(st.st_mode) ? 'd' : 0;
+	if (S_ISREG(st.st_mode) || S_ISDIR(st.st_mode))
+		return S_ISREG(st.st_mode) ? 'f' : 'd';
+	*rc = add_problem(d, path, "not a regular file (%s)", special_kind(st.st_mode));
+	*holes += relevant;
+	return 0;
 }
 
 /* List folder dir: subfolders (if want_dirs) and files with an image
- * extension, in natural name order.  Hidden names are skipped. */
-static int list_folder(sf_dataset *d, const char *dir, int want_dirs, listing *out, sf_err *e)
+ * extension, in natural name order.  Hidden names are skipped.  *holes:
+ * the image-named entries left out (entry_type). */
+static int list_folder(sf_dataset *d, const char *dir, int want_dirs, listing *out, uint32_t *holes,
+                       sf_err *e)
 {
 	memset(out, 0, sizeof *out);
+	*holes = 0;
 	DIR *dh = opendir(dir);
 	if (!dh)
 		return sf_fail(e, errno == ENOENT ? SF_ENOTFOUND : SF_EIO, "%s: cannot list: %s",
@@ -209,7 +234,7 @@ static int list_folder(sf_dataset *d, const char *dir, int want_dirs, listing *o
 			rc = sf_fail(e, SF_ENOMEM, "%s: out of memory", dir);
 			break;
 		}
-		int type = entry_type(d, dirfd(dh), de->d_name, path, &rc);
+		int type = entry_type(d, dirfd(dh), de->d_name, path, holes, &rc);
 		int keep = (type == 'd' && want_dirs) || (type == 'f' && image_ext_len(de->d_name));
 		if (rc || !keep) {
 			free(path);
@@ -724,15 +749,21 @@ static int add_channel_stacks(sf_dataset *d, const dir_entry *it, sf_slide_info 
 	return rc;
 }
 
-/* bad_links: image-named links the listing left out (already problems);
+/* Why a plane folder with holes (list_folder) is not served: a plane
+ * left out would silently shorten the stack. */
+#define PLANE_HOLES_FAULT                                                                          \
+	"some planes are unusable (image-named broken or outside symbolic links, or not regular "  \
+	"files: see their own problems)"
+
+/* holes: image-named entries the listing left out (already problems);
  * a plane folder with such a hole is not served. */
-static int scan_root_files(sf_dataset *d, probed *files, uint32_t n, uint32_t bad_links)
+static int scan_root_files(sf_dataset *d, probed *files, uint32_t n, uint32_t holes)
 {
 	char why[600];
 	if (root_is_plane_folder(files, n)) {
 		const char *fault = stack_fault(files, n, why, sizeof why);
-		if (!fault && bad_links)
-			fault = "some planes are unusable symbolic links";
+		if (!fault && holes)
+			fault = PLANE_HOLES_FAULT;
 		if (fault)
 			return add_problem(d, d->root, "RAW_DIR as a plane folder: %s", fault);
 		return add_plane_stack(d, "", files, n);
@@ -760,8 +791,8 @@ static int scan_subfolder(sf_dataset *d, const dir_entry *dir, sf_err *e)
 {
 	listing ls;
 	sf_err le = {0};
-	uint32_t problems_before = d->problem_count;
-	int rc = list_folder(d, dir->path, 0, &ls, &le);
+	uint32_t holes = 0;
+	int rc = list_folder(d, dir->path, 0, &ls, &holes, &le);
 	if (rc == SF_ENOMEM)
 		return sf_fail(e, rc, "%s", le.msg);
 	if (rc)
@@ -772,8 +803,8 @@ static int scan_subfolder(sf_dataset *d, const dir_entry *dir, sf_err *e)
 	if (!rc && n > 0) {
 		char why[600];
 		const char *fault = stack_fault(files, n, why, sizeof why);
-		if (!fault && d->problem_count > problems_before)
-			fault = "some planes are unusable symbolic links";
+		if (!fault && holes)
+			fault = PLANE_HOLES_FAULT;
 		if (fault)
 			rc = add_problem(d, dir->path, "%s", fault);
 		else if (stack_name_taken(d, dir->name))
@@ -809,8 +840,8 @@ int sf_dataset_scan(const char *root, sf_dataset **out, sf_err *e)
 		               strerror(err));
 	}
 	listing ls;
-	int rc = list_folder(d, d->root, 1, &ls, e);
-	uint32_t bad_links = d->problem_count;
+	uint32_t holes = 0;
+	int rc = list_folder(d, d->root, 1, &ls, &holes, e);
 	if (rc) {
 		sf_dataset_free(d);
 		return rc;
@@ -819,7 +850,7 @@ int sf_dataset_scan(const char *root, sf_dataset **out, sf_err *e)
 	uint32_t n = 0;
 	rc = probe_files(&ls, &files, &n);
 	if (!rc)
-		rc = scan_root_files(d, files, n, bad_links);
+		rc = scan_root_files(d, files, n, holes);
 	probed_free(files, n);
 	if (rc)
 		rc = sf_fail(e, SF_ENOMEM, "%s: out of memory", d->root);
