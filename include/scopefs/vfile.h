@@ -24,9 +24,15 @@ typedef struct sf_vfile {
 int sf_vfile_read(sf_engine *g, const sf_vfile *v, uint64_t off, size_t len, uint8_t *dst,
                   size_t *got, sf_err *e);
 
-/* Schedule up to count units that follow file offset off (read-ahead for a
- * sequential reader). */
-void sf_vfile_readahead(sf_engine *g, const sf_vfile *v, uint64_t off, unsigned count);
+/* Read-ahead for a reader whose run of near-consecutive reads began at
+ * run_start and now ends at off: schedules up to count units after off.
+ * Only once the run spans two units (at least 1 MiB): a viewer's tile
+ * read or a header parse is a short run, and the kernel splits each read
+ * into 128 KiB requests, so a rule on single requests prefetched for them
+ * too.  And never more units than fill a quarter of budget (mem), so the
+ * units read ahead are not evicted before the reader gets to them. */
+void sf_vfile_readahead(sf_engine *g, const sf_vfile *v, uint64_t run_start, uint64_t off,
+                        unsigned count, uint64_t budget);
 
 uint64_t sf_vfile_size(const sf_vfile *v);
 

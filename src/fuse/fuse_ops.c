@@ -41,11 +41,13 @@ typedef struct sf_open_handle {
 	int kind; /* SF_NODE_VFILE, or _STATUS / _TRANSFORM (a status_handle) */
 } sf_open_handle;
 
-/* An open virtual file: where the last read ended, to spot sequential readers. */
+/* An open virtual file: where the last read ended and where the run of
+ * near-consecutive reads it ended began, to spot sequential readers. */
 typedef struct vfile_handle {
 	sf_open_handle link;
 	const sf_node *node;
-	uint64_t next_off; /* updated with relaxed atomics: a hint, not state */
+	uint64_t next_off; /* updated with relaxed atomics: hints, not state */
+	uint64_t run_start;
 } vfile_handle;
 
 /* An open file's own snapshot of bytes: .scopefs/status, a transforms/ file. */
@@ -400,10 +402,19 @@ static void read_vfile(fuse_req_t req, size_t size, off_t off, struct fuse_file_
 		fuse_reply_err(req, ENOMEM);
 		return;
 	}
-	/* A reader continuing near where it stopped is sequential (the kernel
-	 * may issue its read-ahead requests slightly out of order). */
-	if ((uint64_t)off + (4u << 20) >= last && (uint64_t)off <= last + (4u << 20) && last)
-		sf_vfile_readahead(m->engine, v, (uint64_t)off + size, m->opts->readahead);
+	/* A reader continuing near where it stopped goes on with its run (the
+	 * kernel may issue its read-ahead requests slightly out of order, and a
+	 * reader of one channel skips the others); any other read starts one.
+	 * sf_vfile_readahead decides whether the run is long enough. */
+	uint64_t run = __atomic_load_n(&h->run_start, __ATOMIC_RELAXED);
+	if (!last || (uint64_t)off + (4u << 20) < last || (uint64_t)off > last + (4u << 20) ||
+	    run > (uint64_t)off) {
+		run = (uint64_t)off;
+		__atomic_store_n(&h->run_start, run, __ATOMIC_RELAXED);
+	}
+	if (m->opts->readahead)
+		sf_vfile_readahead(m->engine, v, run, (uint64_t)off + size, m->opts->readahead,
+		                   m->opts->mem);
 	__atomic_store_n(&h->next_off, (uint64_t)off + size, __ATOMIC_RELAXED);
 	rc = sf_vfile_read(m->engine, v, (uint64_t)off, size, buf, &got, &e);
 	if (rc != SF_OK) {

@@ -3,6 +3,9 @@
 
 #include <string.h>
 
+/* The shortest run of reads that counts as a sequential reader. */
+#define READAHEAD_MIN_RUN ((uint64_t)1 << 20)
+
 uint64_t sf_vfile_size(const sf_vfile *v)
 {
 	return sf_layout_file_size(v->layout);
@@ -44,17 +47,29 @@ int sf_vfile_read(sf_engine *g, const sf_vfile *v, uint64_t off, size_t len, uin
 	return SF_OK;
 }
 
-void sf_vfile_readahead(sf_engine *g, const sf_vfile *v, uint64_t off, unsigned count)
+void sf_vfile_readahead(sf_engine *g, const sf_vfile *v, uint64_t run_start, uint64_t off,
+                        unsigned count, uint64_t budget)
 {
 	uint64_t header = sf_layout_header_size(v->layout);
 	uint64_t units = sf_layout_unit_count(v->layout);
-	uint64_t within, unit;
+	uint64_t within, unit, fit, min_run;
+	size_t unit_bytes;
 
 	if (off < header)
 		off = header;
 	if (off >= sf_layout_file_size(v->layout))
 		return;
 	unit = sf_layout_unit_at(v->layout, off, &within);
+	unit_bytes = sf_layout_unit_bytes(v->layout, unit);
+	min_run = 2 * (uint64_t)unit_bytes > READAHEAD_MIN_RUN ? 2 * (uint64_t)unit_bytes
+	                                                       : READAHEAD_MIN_RUN;
+	if (off < run_start || off - run_start < min_run)
+		return;
+	fit = budget / 4 / (unit_bytes ? unit_bytes : 1);
+	if (fit == 0)
+		fit = 1;
+	if (count > fit)
+		count = (unsigned)fit;
 	for (unsigned i = 0; i < count && unit + i < units; i++)
 		sf_engine_prefetch(g, v->product, v->unit_base + unit + i);
 }
