@@ -93,9 +93,21 @@ struct entry_list {
 struct worker {
 	sf_engine *engine;
 	pthread_t thread;
-	void **states; /* [max_products]: worker_start results */
-	bool *started; /* [max_products]: worker_start succeeded */
+	void **states;      /* [max_products]: worker_start results */
+	bool *started;      /* [max_products]: worker_start succeeded */
+	uint64_t *last_use; /* [max_products]: tick of the state's last use */
+	unsigned *busy;     /* [max_products]: computations using it (nested reads) */
+	unsigned live;      /* states started and not retired */
+	uint64_t tick;
 };
+
+/* States a worker keeps at once.  A state holds an open source reader (a
+ * file descriptor, libtiff's directory, a few decoded tiles: about 1 MB),
+ * so without a bound RSS and descriptors grew with slides x threads: 80
+ * slides read once at threads=16 kept 1.3 GB and 400 descriptors.  The
+ * least recently used idle state goes when a worker needs another; a
+ * reader that works through the slides one after another reopens none. */
+#define WORKER_STATES_MAX 8
 
 /* The worker the calling thread is, NULL on any other thread (FUSE threads,
  * tests).  Thread-local: each worker sets its own once at start. */
@@ -308,17 +320,45 @@ static sf_key unit_key(const sf_product *p, uint64_t unit)
 	return sf_key_mix_u64(p->key, unit);
 }
 
-/* The worker's state for p, made on first use on this thread. */
+/* Stop the least recently used state of w that no computation on this
+ * thread is using (an outer unit's, during a nested read, is in use). */
+static void retire_idle_state(struct worker *w)
+{
+	sf_engine *g = w->engine;
+	unsigned oldest = g->max_products;
+
+	for (unsigned s = 0; s < g->max_products; s++)
+		if (w->started[s] && !w->busy[s] &&
+		    (oldest == g->max_products || w->last_use[s] < w->last_use[oldest]))
+			oldest = s;
+	if (oldest == g->max_products)
+		return;
+	/* products[] entries of started slots were set before this worker saw
+	 * the product, and never change. */
+	sf_product *p = g->products[oldest];
+	if (p->ops->worker_stop)
+		p->ops->worker_stop(p, w->states[oldest]);
+	w->states[oldest] = NULL;
+	w->started[oldest] = false;
+	w->live--;
+}
+
+/* The worker's state for p, made on first use on this thread (retiring an
+ * idle one past WORKER_STATES_MAX). */
 static int worker_state(struct worker *w, sf_product *p, void **state, sf_err *e)
 {
 	if (!w->started[p->slot]) {
+		if (w->live >= WORKER_STATES_MAX)
+			retire_idle_state(w);
 		if (p->ops->worker_start) {
 			int rc = p->ops->worker_start(p, &w->states[p->slot], e);
 			if (rc != SF_OK)
 				return rc;
 		}
 		w->started[p->slot] = true;
+		w->live++;
 	}
+	w->last_use[p->slot] = ++w->tick;
 	*state = w->states[p->slot];
 	return SF_OK;
 }
@@ -350,7 +390,10 @@ static int make_unit(struct worker *w, struct unit_entry *u, uint8_t *buf, bool 
 	rc = worker_state(w, p, &state, e);
 	if (rc != SF_OK)
 		return rc;
-	return p->ops->compute(p, state, u->unit, buf, e);
+	w->busy[p->slot]++;
+	rc = p->ops->compute(p, state, u->unit, buf, e);
+	w->busy[p->slot]--;
+	return rc;
 }
 
 /* Next unit to make, or NULL when stopping.  Called and returns with the lock. */
@@ -588,6 +631,8 @@ static void engine_free(sf_engine *g, unsigned running)
 		}
 		free(w->states);
 		free(w->started);
+		free(w->last_use);
+		free(w->busy);
 	}
 	free(g->workers);
 
@@ -623,7 +668,9 @@ static int engine_alloc(const sf_engine_config *cfg, sf_engine *g, sf_err *e)
 		w->engine = g;
 		w->states = calloc(g->max_products, sizeof *w->states);
 		w->started = calloc(g->max_products, sizeof *w->started);
-		if (!w->states || !w->started)
+		w->last_use = calloc(g->max_products, sizeof *w->last_use);
+		w->busy = calloc(g->max_products, sizeof *w->busy);
+		if (!w->states || !w->started || !w->last_use || !w->busy)
 			return sf_fail(e, SF_ENOMEM, "engine: out of memory for worker %u", i);
 	}
 	return SF_OK;

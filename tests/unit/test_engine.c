@@ -640,6 +640,49 @@ static void test_worker_start_failure(void)
 	free(t);
 }
 
+/* A worker keeps at most 8 product states (each an open source reader in
+ * scopefs): reading 12 products retires the least recently used, with
+ * worker_stop, and a product read again gets a fresh state. */
+static void test_worker_states_bounded(void)
+{
+	enum { N = 12 };
+	struct test_product *t[N];
+	sf_engine_config cfg = {.threads = 1, .mem_bytes = 1u << 20, .max_products = N};
+	sf_engine *g;
+	sf_err e = {0};
+	unsigned starts = 0, stops = 0;
+
+	CHECK(sf_engine_create(&cfg, &g, &e) == SF_OK, "create: %s", e.msg);
+	for (int i = 0; i < N; i++) {
+		char name[32];
+		snprintf(name, sizeof name, "states%d.tif", i);
+		t[i] = tp_new(name, 4, 100, 0);
+		add_product(g, t[i]);
+	}
+	for (int i = 0; i < N; i++)
+		CHECK(read_and_verify(g, t[i], 0, 0, 100, &e), "read product %d: %s", i, e.msg);
+	for (int i = 0; i < N; i++) {
+		starts += atomic_load(&t[i]->starts);
+		stops += atomic_load(&t[i]->stops);
+	}
+	CHECK(starts == N && stops == N - 8, "12 products: %u starts, %u stops (8 kept)", starts,
+	      stops);
+	CHECK(atomic_load(&t[0]->stops) == 1 && atomic_load(&t[N - 1]->stops) == 0,
+	      "the least recently used state went first");
+	CHECK(read_and_verify(g, t[0], 1, 0, 100, &e), "read product 0 again: %s", e.msg);
+	CHECK(atomic_load(&t[0]->starts) == 2 && atomic_load(&t[0]->bad_state) == 0,
+	      "product 0 restarted: %u starts, %u bad states", atomic_load(&t[0]->starts),
+	      atomic_load(&t[0]->bad_state));
+	sf_engine_destroy(g);
+	starts = stops = 0;
+	for (int i = 0; i < N; i++) {
+		starts += atomic_load(&t[i]->starts);
+		stops += atomic_load(&t[i]->stops);
+		free(t[i]);
+	}
+	CHECK(starts == stops, "every state stopped: %u starts, %u stops", starts, stops);
+}
+
 static void wait_idle(sf_engine *g)
 {
 	sf_engine_stats st;
@@ -825,6 +868,7 @@ int main(void)
 	fprintf(stderr, "test_engine: 11 'injected failure' warnings are expected below\n");
 	test_recent_errors();
 	test_worker_start_failure();
+	test_worker_states_bounded();
 	test_prefetch();
 	test_prefetch_does_not_starve_reads();
 	test_destroy_with_pending();
