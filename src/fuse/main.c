@@ -212,13 +212,18 @@ int main(int argc, char **argv)
 	}
 	if (o.readahead == SF_READAHEAD_AUTO)
 		o.readahead = 2 * o.threads;
-	if (sf_mount_build(&o, &m, &e) != SF_OK) {
-		fprintf(stderr, "scopefs: %s\n", e.msg);
-		status = e.code == SF_EINVAL ? 2 : 1;
-		goto out_options;
-	}
 	if (o.log_path && (log_fd = open_log(o.log_path)) < 0)
+		goto out_options;
+	sf_log_copy_to(log_fd); /* the build's warnings go to the file too */
+	if (sf_mount_build(&o, &m, &e) != SF_OK) {
+		sf_log_copy_to(-1);
+		fprintf(stderr, "scopefs: %s\n", e.msg);
+		if (log_fd >= 0)
+			dprintf(log_fd, "scopefs: %s\n", e.msg);
+		status = e.code == SF_EINVAL ? 2 : 1;
 		goto out_mount;
+	}
+	sf_log_copy_to(-1);
 	if (fuse_argv(&o, argv[0], &args) != SF_OK)
 		goto out_mount;
 	se = fuse_session_new(&args, &sf_fuse_ops, sizeof sf_fuse_ops, m);

@@ -47,13 +47,17 @@ typedef struct option_def {
 } option_def;
 
 static const option_def option_table[] = {
-    {"cache", OPT_STRING, "cache=DIR        disk cache folder (default $XDG_CACHE_HOME/scopefs)"},
-    {"cache_size", OPT_SIZE, "cache_size=SIZE  disk cache bound, e.g. 50G (default 20G)"},
+    {"cache", OPT_STRING,
+     "cache=DIR        disk cache folder (default $XDG_CACHE_HOME/scopefs, else ~/.cache/scopefs)"},
+    {"cache_size", OPT_SIZE,
+     "cache_size=SIZE  disk cache bound, e.g. 50G (default 20G; 0: unbounded)"},
     {"mem", OPT_SIZE, "mem=SIZE         RAM bound for decoded tiles (default 128M)"},
-    {"threads", OPT_COUNT, "threads=N        worker threads (default: one per CPU)"},
+    {"threads", OPT_COUNT, "threads=N        worker threads, up to 4096 (default: one per CPU)"},
     {"readahead", OPT_COUNT,
-     "readahead=N      tiles scheduled ahead of a sequential reader (0: none)"},
-    {"reference", OPT_STRING, "reference=NAME   reference slide, file name or stem"},
+     "readahead=N      tiles scheduled ahead of a sequential reader (default 2 x threads; 0: "
+     "none)"},
+    {"reference", OPT_STRING,
+     "reference=NAME   reference slide, file name or stem (default: first by name)"},
     {"preset", OPT_STRING, "preset=NAME      read options from mountopts/NAME"},
     {"transforms", OPT_STRING, "transforms=DIR   transform files of the moving slides"},
     {"log", OPT_STRING, "log=FILE         append log lines to FILE (daemonized: else lost)"},
@@ -61,7 +65,8 @@ static const option_def option_table[] = {
     {"background", OPT_STRING, "background=V     value outside a warped slide (default 0)"},
     {"gpu", OPT_STRING, "gpu=auto|off|N   GPU for warps and deconvolution (default auto)"},
     {"reg", OPT_REG, "reg=auto|off     register slides that have no transform file (auto)"},
-    {"reg_channel", OPT_REG, "reg_channel=C    registration channel, name or index (DAPI)"},
+    {"reg_channel", OPT_REG,
+     "reg_channel=C    registration channel, name or index (default: DAPI or Hoechst, else 0)"},
     {"reg_metric", OPT_REG, "reg_metric=M     auto|ncc|mi (auto: mi brightfield vs fluorescence)"},
     {"reg_dim", OPT_REG, "reg_dim=N        longest side of the affine fit (default 1024)"},
     {"reg_nonrigid_dim", OPT_REG, "reg_nonrigid_dim=N  non-rigid grid side (2000; 0: none)"},
@@ -161,6 +166,11 @@ int sf_parse_size(const char *text, uint64_t *out)
 	return SF_OK;
 }
 
+/* Counts (threads, readahead) stop at 4096: more threads than that is a
+ * typo, not a machine. */
+#define COUNT_MAX 4096
+
+/* SF_EINVAL when text is not a whole number, SF_ERANGE past COUNT_MAX. */
 static int parse_count(const char *text, unsigned *out)
 {
 	char *end;
@@ -170,8 +180,10 @@ static int parse_count(const char *text, unsigned *out)
 		return SF_EINVAL;
 	errno = 0;
 	v = strtoul(text, &end, 10);
-	if (errno || *end || v > 4096)
+	if (*end)
 		return SF_EINVAL;
+	if (errno || v > COUNT_MAX)
+		return SF_ERANGE;
 	*out = (unsigned)v;
 	return SF_OK;
 }
@@ -341,7 +353,11 @@ static int apply_option(parse_state *ps, const char *item, const char *origin, s
 	}
 	case OPT_COUNT: {
 		unsigned v;
-		if (parse_count(value, &v) != SF_OK)
+		int rc = parse_count(value, &v);
+		if (rc == SF_ERANGE)
+			return sf_fail(e, SF_EINVAL, "%soption '%s': %s is over the limit of %d",
+			               origin, d->key, value, COUNT_MAX);
+		if (rc != SF_OK)
 			return sf_fail(e, SF_EINVAL, "%soption '%s': malformed count '%s'", origin,
 			               d->key, value);
 		if (!strcmp(d->key, "threads"))

@@ -3,14 +3,22 @@
 
 #include <stdarg.h>
 #include <stdio.h>
+#include <string.h>
 #include <time.h>
+#include <unistd.h>
 
-/* Written once by main() before threads start; read-only afterwards. */
+/* Written by main() before threads start; read-only afterwards. */
 static int log_level = SF_LOG_INFO;
+static int log_copy_fd = -1;
 
 void sf_log_set_level(int level)
 {
 	log_level = level;
+}
+
+void sf_log_copy_to(int fd)
+{
+	log_copy_fd = fd;
 }
 
 void sf_log(int level, const char *fmt, ...)
@@ -33,4 +41,13 @@ void sf_log(int level, const char *fmt, ...)
 	va_end(ap);
 	/* One fputs per record: stdio locks the stream, so lines never interleave. */
 	fprintf(stderr, "%s\n", line);
+	if (log_copy_fd >= 0) {
+		size_t len = strlen(line);
+		if (len == sizeof line - 1)
+			len--;
+		line[len] = '\n';
+		/* A lost copy is not worth failing for: the record went to stderr. */
+		if (write(log_copy_fd, line, len + 1) < 0)
+			n = 0;
+	}
 }

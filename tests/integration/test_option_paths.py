@@ -197,3 +197,16 @@ def test_old_form_and_fifo_records_resampled(scopefs):
     assert 'older form' in log and 'not a regular file' in log, log
     assert [check_record(cache / r.name) for r in records] == ranges
     assert not stale.exists() and fresh.exists()
+
+
+def test_log_file_has_the_mount_build_warnings(scopefs, tmp_path):
+    # A stack without optics is left out with a warning while the mount is
+    # built, before stderr becomes log=FILE: a batch job that keeps only
+    # FILE must still learn why (it went to the terminal only).
+    gen.write_planes(scopefs.raw / 'stack', 4, 32, 32)
+    log = tmp_path / 'daemon.log'
+    m = scopefs.mount(opts={'log': str(log)})
+    text = log.read_text()
+    assert 'stack stack left out: deconvolution needs dxy and dz' in text, text
+    assert text.count('left out') == 1, text
+    assert m.status()['stacks'][0]['state'].startswith('not served')

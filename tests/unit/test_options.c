@@ -141,6 +141,19 @@ static void test_cli(const char *raw, const char *cache)
 	CHECK(parse(&o, &e, 5, no_ahead) == SF_OK && o.readahead == 0, "readahead=0 is none");
 	sf_options_free(&o);
 
+	/* A number past the limit says so (it was "malformed count '5000'"). */
+	snprintf(opt, sizeof opt, "cache=%s,threads=5000", cache);
+	const char *many[] = {"scopefs", "-o", opt, raw, "/mnt"};
+	CHECK(parse(&o, &e, 5, many) == SF_EINVAL &&
+	          strstr(e.msg, "option 'threads': 5000 is over the limit of 4096"),
+	      "threads=5000: %s", e.msg);
+	sf_options_free(&o);
+	snprintf(opt, sizeof opt, "cache=%s,readahead=4x", cache);
+	const char *typo[] = {"scopefs", "-o", opt, raw, "/mnt"};
+	CHECK(parse(&o, &e, 5, typo) == SF_EINVAL && strstr(e.msg, "malformed count '4x'"),
+	      "readahead=4x: %s", e.msg);
+	sf_options_free(&o);
+
 	const char *help[] = {"scopefs", "--help"};
 	CHECK(parse(&o, &e, 2, help) == SF_OK && o.show_help, "--help alone is fine");
 	sf_options_free(&o);
