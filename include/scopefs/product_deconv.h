@@ -7,8 +7,9 @@
  *    is the core plus a halo per axis of max(PSF size, Gaussian filter size)
  *    voxels: real neighbour data inside the volume, a symmetric mirror
  *    (numpy "symmetric") outside it.  Every block's input has the same shape
- *    (edge blocks take a wider halo on their inner side), so a worker keeps
- *    one deconvolution context.  A NaN or infinite float32 source voxel
+ *    (edge blocks take a wider halo on their inner side), so one
+ *    deconvolution context serves them all (one per process on the CPU,
+ *    remade for another stack's window).  A NaN or infinite float32 source voxel
  *    fails every block whose input holds it (SF_EFORMAT naming the plane
  *    file, the pixel and the value), never a silently blank block.
  *  - "deconv planes": unit = plane * strips + strip of the plane files'
@@ -111,5 +112,10 @@ int sf_product_deconv_create(const sf_stack *st, const sf_deconv_settings *s,
                              const sf_layout *plane_layout, sf_engine *const *engine,
                              const char *cache_dir, uint64_t mem_bytes, sf_product **blocks,
                              sf_product **planes, sf_err *e);
+
+/* FFTW contexts made so far by this process.  CPU blocks of all stacks
+ * share one context, remade when a block of another stack needs it (the
+ * bytes do not change), so a stack read once holds no context afterwards. */
+unsigned long sf_deconv_cpu_contexts_made(void);
 
 #endif

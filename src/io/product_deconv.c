@@ -23,7 +23,8 @@
  *  3. scale_lock is never held while reading blocks through the engine, and
  *     a block computation takes only cpu_lock, around sf_deconv_block alone
  *     (no engine read, no other lock inside), so nested reads, the scale and
- *     the shared CPU context cannot deadlock each other.
+ *     the shared CPU context cannot deadlock each other.  windows_lock (one
+ *     per process) is taken before a stack's window_lock, never inside it.
  *  4. GPU: with gpu=auto (or a device), each device has up to
  *     GPU_CONTEXTS_PER_DEVICE cuFFT contexts, made on first use and lent to
  *     whichever worker has a block (gpu_borrow); a worker waits for one
@@ -34,12 +35,16 @@
  *     fits in the device's free memory.  The CUDA runtime and the devices'
  *     primary contexts start when the engine starts (blocks_warm, on a
  *     thread of the stack's own), not at the first block.
- *  5. Memory: CPU blocks share one FFTW context per stack (cpu_lock), run
- *     one at a time with every engine thread inside its FFT passes, so the
- *     host holds one block working set beside mem, whatever the worker
- *     count; input windows are lent per block, at most 2 (CPU only) or
- *     2 + 4 per GPU context (window_borrow); a GPU context adds its small
- *     host buffers (staging, taps). */
+ *  5. Memory: CPU blocks of every stack share ONE FFTW context per process
+ *     (cpu_lock, cpu_ctx), run one at a time with every engine thread inside
+ *     its FFT passes, so the host holds one block working set beside mem,
+ *     whatever the worker count and however many stacks were read; a stack
+ *     whose block finds the context made for another stack remakes it.
+ *     Input windows are lent per block, at most 2 (CPU only) or 2 + 4 per
+ *     GPU context (window_borrow), and a stack's idle windows are freed
+ *     when another stack borrows one (windows_owner), so only the stacks
+ *     being read hold windows; a GPU context adds its small host buffers
+ *     (staging, taps). */
 #include "scopefs/product_deconv.h"
 #include "scopefs/conf.h"
 #include "scopefs/destripe.h"
@@ -61,6 +66,9 @@
 #include <time.h>
 #include <unistd.h>
 #include <xxhash.h>
+#ifdef __GLIBC__
+#include <malloc.h> /* malloc_trim */
+#endif
 
 #include "scopefs/log.h"
 #include "scopefs/slide.h"
@@ -723,16 +731,35 @@ typedef struct blocks {
 	pthread_cond_t window_freed;
 	float *window[WINDOWS_MAX];
 	int window_busy[WINDOWS_MAX];
-	/* The one FFTW context of the stack.  CPU blocks run one at a time on it,
-	 * each with every engine thread inside the FFT passes (as LsDeconv runs
-	 * one block at a time), so the host holds one block working set however
-	 * many workers there are; the bytes do not depend on the thread count. */
-	pthread_mutex_t cpu_lock; /* guards cpu_ctx and its use */
-	sf_deconv_ctx *cpu_ctx;   /* made on first use; cpu_lock */
-	phase_clock clock;        /* worker time by phase (atomics) */
-	pthread_t warm_thread;    /* blocks_warm's, joined in blocks_destroy */
-	int warm_running;         /* warm_thread was started and not joined */
+	sf_key ctx_key;        /* what an FFTW context for this stack is made from (ctx_key) */
+	phase_clock clock;     /* worker time by phase (atomics) */
+	pthread_t warm_thread; /* blocks_warm's, joined in blocks_destroy */
+	int warm_running;      /* warm_thread was started and not joined */
 } blocks;
+
+/* The process's one FFTW context, shared by the CPU blocks of every stack
+ * of every mount.  CPU blocks run one at a time on it, each with every
+ * engine thread inside the FFT passes (as LsDeconv runs one block at a
+ * time), so the host holds one block working set however many workers and
+ * stacks there are; the bytes do not depend on the thread count.  Before,
+ * each stack kept its own context (up to mem/2) from its first block until
+ * unmount: one plane of each of 6 stacks of 256x256x64 at mem=512M left RSS
+ * at 1.1 GB.  The context is a pure cache (plans, OTF, buffers), so a block
+ * of another stack destroys it and makes its own; it is destroyed only
+ * under cpu_lock, so never while a block runs on it.  Global state: guarded
+ * by cpu_lock. */
+static pthread_mutex_t cpu_lock = PTHREAD_MUTEX_INITIALIZER;
+static sf_deconv_ctx *cpu_ctx;    /* made for cpu_owner; cpu_lock */
+static const blocks *cpu_owner;   /* the stack cpu_ctx was made for; cpu_lock */
+static atomic_ulong cpu_ctx_made; /* contexts made so far (tests) */
+
+/* The stack that borrowed a window last (process-wide, like cpu_ctx): when
+ * another stack borrows one, the previous stack's idle windows are freed,
+ * so windows are held by the stacks being read only.  windows_lock is taken
+ * before a stack's window_lock, never inside it.  Global state: guarded by
+ * windows_lock. */
+static pthread_mutex_t windows_lock = PTHREAD_MUTEX_INITIALIZER;
+static blocks *windows_owner; /* windows_lock */
 
 /* Window columns [at, at + len) read source columns [src, src + len) of the
  * rect: the interior of a window is one run, its mirrored edges short ones. */
@@ -957,35 +984,98 @@ static void gpu_return(blocks *b, gpu_slot *slot, int failed)
 	pthread_mutex_unlock(&b->gpu_lock);
 }
 
-/* Deconvolve w->in in place on the stack's shared FFTW context, made on
- * first use with as many FFT threads as the engine has workers. */
+/* Give freed heap pages back to the system.  glibc keeps freed chunks under
+ * its (dynamic, up to 32 MiB) mmap threshold in the freeing thread's arena,
+ * where the next context or window, made by another worker, does not reuse
+ * them: without this, test_deconv_memory.py saw VmHWM grow by up to 31 MiB
+ * per stack switch, as if contexts were still kept.  Called per switch of
+ * stacks only, not per block. */
+static void give_back_free_pages(void)
+{
+#ifdef __GLIBC__
+	malloc_trim(0);
+#endif
+}
+
+/* Drop the process's FFTW context (cpu_lock held) and give its pages back. */
+static void cpu_ctx_drop(void)
+{
+	if (!cpu_ctx)
+		return;
+	sf_deconv_ctx_destroy(cpu_ctx);
+	cpu_ctx = NULL;
+	cpu_owner = NULL;
+	give_back_free_pages();
+}
+
+/* Make the process's FFTW context for stack b (cpu_lock held), with as many
+ * FFT threads as the engine has workers, after dropping another stack's. */
+static int cpu_ctx_make(const sf_product *p, blocks *b, sf_err *e)
+{
+	sf_dims3 dims = {b->g.in[0], b->g.in[1], b->g.in[2]};
+	unsigned threads = engine_threads(b);
+	sf_fft_config cfg = {.nthreads = 1, .measure = 0, .device = 0};
+	int rc;
+
+	if (threads > 1) /* the FFTW engine runs at most 64 */
+		cfg.nthreads = threads < 64 ? (int)threads : 64;
+	if (!atomic_exchange(&b->told_cpu, 1))
+		sf_log(SF_LOG_INFO, "%s: deconvolving on the CPU (FFTW, %d threads): %s", p->name,
+		       cfg.nthreads, b->why_cpu ? b->why_cpu : "gpu=off");
+	cpu_ctx_drop();
+	rc =
+	    sf_deconv_ctx_create(&b->s.params, &b->psf, dims, sf_fft_fftw_ops(), &cfg, &cpu_ctx, e);
+	if (rc != SF_OK)
+		return rc;
+	sf_deconv_ctx_set_stop(cpu_ctx, &b->stopping);
+	cpu_owner = b;
+	atomic_fetch_add(&cpu_ctx_made, 1);
+	return SF_OK;
+}
+
+/* Whether the process's context, made for another stack, is the one b's
+ * would be (cpu_lock held): the same ctx_key and PSF, and as many threads.
+ * The owner is alive: blocks_destroy drops the context of its stack. */
+static int cpu_ctx_fits(const blocks *b)
+{
+	const sf_psf *a = cpu_owner ? &cpu_owner->psf : NULL;
+
+	return a && sf_key_equal(cpu_owner->ctx_key, b->ctx_key) &&
+	       engine_threads(cpu_owner) == engine_threads(b) && a->nx == b->psf.nx &&
+	       a->ny == b->psf.ny && a->nz == b->psf.nz &&
+	       !memcmp(a->v, b->psf.v, a->nx * a->ny * a->nz * sizeof *a->v);
+}
+
+/* Deconvolve w->in in place on the process's FFTW context, (re)made for
+ * this stack when it was made for another one or not yet. */
 static int cpu_block(sf_product *p, blocks *b, blocks_worker *w, sf_deconv_stats *st, sf_err *e)
 {
 	uint64_t t0 = now_ns();
 	int rc = SF_OK;
 
-	pthread_mutex_lock(&b->cpu_lock);
+	pthread_mutex_lock(&cpu_lock);
 	t0 = phase_add(&b->clock, PH_CPU_WAIT, t0);
-	if (!b->cpu_ctx) {
-		sf_dims3 dims = {b->g.in[0], b->g.in[1], b->g.in[2]};
-		unsigned threads = engine_threads(b);
-		sf_fft_config cfg = {.nthreads = 1, .measure = 0, .device = 0};
-
-		if (threads > 1) /* the FFTW engine runs at most 64 */
-			cfg.nthreads = threads < 64 ? (int)threads : 64;
+	if (cpu_owner != b && cpu_ctx_fits(b)) {
+		sf_deconv_ctx_set_stop(cpu_ctx, &b->stopping);
+		cpu_owner = b;
 		if (!atomic_exchange(&b->told_cpu, 1))
-			sf_log(SF_LOG_INFO, "%s: deconvolving on the CPU (FFTW, %d threads): %s",
-			       p->name, cfg.nthreads, b->why_cpu ? b->why_cpu : "gpu=off");
-		rc = sf_deconv_ctx_create(&b->s.params, &b->psf, dims, sf_fft_fftw_ops(), &cfg,
-		                          &b->cpu_ctx, e);
-		if (rc == SF_OK)
-			sf_deconv_ctx_set_stop(b->cpu_ctx, &b->stopping);
+			sf_log(SF_LOG_INFO, "%s: deconvolving on the CPU (FFTW): %s", p->name,
+			       b->why_cpu ? b->why_cpu : "gpu=off");
+	} else if (cpu_owner != b) {
+		rc = cpu_ctx_make(p, b, e);
 	}
 	if (rc == SF_OK)
-		rc = sf_deconv_block(b->cpu_ctx, w->in, w->in, st, e);
+		rc = sf_deconv_block(cpu_ctx, w->in, w->in, st, e);
 	phase_add(&b->clock, PH_CPU, t0);
-	pthread_mutex_unlock(&b->cpu_lock);
+	pthread_mutex_unlock(&cpu_lock);
 	return rc;
+}
+
+/* The number of FFTW contexts made by this process so far (tests: a switch
+ * between stacks remakes the one context). */
+unsigned long sf_deconv_cpu_contexts_made(void)
+{
+	return atomic_load(&cpu_ctx_made);
 }
 
 /* The reader of plane file `file`, reopened only when it changes. */
@@ -1198,6 +1288,39 @@ static int window_count(blocks *b)
 	return 2 + 4 * slots;
 }
 
+/* Free b's windows nobody borrowed (window_lock held); how many. */
+static int windows_free_idle(blocks *b)
+{
+	int freed = 0;
+
+	for (int i = 0; i < WINDOWS_MAX; i++)
+		if (!b->window_busy[i] && b->window[i]) {
+			free(b->window[i]);
+			b->window[i] = NULL;
+			freed++;
+		}
+	return freed;
+}
+
+/* Stack b is about to borrow a window: free the idle windows of the stack
+ * that borrowed last, when it is another one, so at most the stacks being
+ * read hold windows (their busy ones stay theirs until returned). */
+static void windows_claim(blocks *b)
+{
+	int freed = 0;
+
+	pthread_mutex_lock(&windows_lock);
+	if (windows_owner && windows_owner != b) {
+		pthread_mutex_lock(&windows_owner->window_lock);
+		freed = windows_free_idle(windows_owner);
+		pthread_mutex_unlock(&windows_owner->window_lock);
+	}
+	windows_owner = b;
+	pthread_mutex_unlock(&windows_lock);
+	if (freed)
+		give_back_free_pages();
+}
+
 /* An input window for one block, waiting while window_count() are lent.
  * A worker holds one window at most, and waits for nothing while it holds
  * it but a GPU context (whose holders never wait for a window). */
@@ -1206,6 +1329,7 @@ static int window_borrow(const sf_product *p, blocks *b, float **out, sf_err *e)
 	size_t n = (size_t)b->g.in[0] * b->g.in[1] * b->g.in[2];
 	int limit = window_count(b), i;
 
+	windows_claim(b);
 	pthread_mutex_lock(&b->window_lock);
 	for (;;) {
 		for (i = 0; i < limit && b->window_busy[i]; i++)
@@ -1355,7 +1479,14 @@ static void blocks_destroy(sf_product *p)
 	if (b->warm_running)
 		pthread_join(b->warm_thread, NULL);
 	phase_log(p->name, &b->clock);
-	sf_deconv_ctx_destroy(b->cpu_ctx);
+	pthread_mutex_lock(&cpu_lock);
+	if (cpu_owner == b)
+		cpu_ctx_drop();
+	pthread_mutex_unlock(&cpu_lock);
+	pthread_mutex_lock(&windows_lock);
+	if (windows_owner == b)
+		windows_owner = NULL;
+	pthread_mutex_unlock(&windows_lock);
 	for (int i = 0; i < b->gpu_slots; i++)
 		sf_deconv_ctx_destroy(b->gpu[i].ctx);
 	pthread_cond_destroy(&b->gpu_freed);
@@ -1364,7 +1495,6 @@ static void blocks_destroy(sf_product *p)
 		free(b->window[i]);
 	pthread_cond_destroy(&b->window_freed);
 	pthread_mutex_destroy(&b->window_lock);
-	pthread_mutex_destroy(&b->cpu_lock);
 	sf_psf_free(&b->psf);
 	free(b);
 	free(p);
@@ -1395,10 +1525,9 @@ static sf_key mix_double(sf_key k, double v)
 	return sf_key_mix_u64(k, bits);
 }
 
-/* Everything a block's bytes depend on. */
-static sf_key blocks_key(const sf_stack *st, const sf_deconv_settings *s, const grid *g)
+/* The optics and iteration parameters mixed into k (blocks_key, ctx_key). */
+static sf_key mix_params(sf_key k, const sf_deconv_params *p)
 {
-	const sf_deconv_params *p = &s->params;
 	const double optics[] = {p->dxy,
 	                         p->dz,
 	                         p->lambda_ex,
@@ -1415,6 +1544,35 @@ static sf_key blocks_key(const sf_stack *st, const sf_deconv_settings *s, const 
 	                         p->taper,
 	                         p->init_value,
 	                         (double)p->eps};
+
+	for (size_t i = 0; i < sizeof optics / sizeof optics[0]; i++)
+		k = mix_double(k, optics[i]);
+	if (p->accelerate) /* only when on: caches made before the option stay valid */
+		k = sf_key_mix_str(k, "accelerate=1");
+	return k;
+}
+
+/* Everything an FFTW context is made from: the parameters (the PSF is made
+ * from the optics), the pre-filter and the window shape.  Stacks with the
+ * same ctx_key (channels of one setup, tiles of one acquisition) share the
+ * process's context without remaking it (cpu_block). */
+static sf_key ctx_key(const sf_deconv_params *p, const grid *g)
+{
+	sf_key k = mix_params(sf_key_of("scopefs deconv context", 22), p);
+
+	for (int a = 0; a < 3; a++) {
+		k = mix_double(k, p->gaussian_sigma[a]);
+		k = sf_key_mix_u64(k, (uint64_t)p->gaussian_filter_size[a]);
+		k = sf_key_mix_u64(k, p->fft_shape[a]);
+		k = sf_key_mix_u64(k, g->in[a]);
+	}
+	return k;
+}
+
+/* Everything a block's bytes depend on. */
+static sf_key blocks_key(const sf_stack *st, const sf_deconv_settings *s, const grid *g)
+{
+	const sf_deconv_params *p = &s->params;
 	/* v2: padded sizes from the FFT cost model, fused FFTW passes; v3: the
 	 * FFTW engine keeps only the real part of a symmetric PSF's spectrum;
 	 * v4: and only half of it along z for a z-even PSF (each step moves
@@ -1438,10 +1596,7 @@ static sf_key blocks_key(const sf_stack *st, const sf_deconv_settings *s, const 
 		k = sf_key_mix_u64(k, st->page_first);
 		k = sf_key_mix_u64(k, st->page_step);
 	}
-	for (size_t i = 0; i < sizeof optics / sizeof optics[0]; i++)
-		k = mix_double(k, optics[i]);
-	if (p->accelerate) /* only when on: caches made before the option stay valid */
-		k = sf_key_mix_str(k, "accelerate=1");
+	k = mix_params(k, p);
 	for (int a = 0; a < 3; a++) {
 		k = mix_double(k, p->gaussian_sigma[a]);
 		k = sf_key_mix_u64(k, (uint64_t)p->gaussian_filter_size[a]);
@@ -1478,7 +1633,6 @@ static int blocks_create(const sf_stack *st, const sf_deconv_settings *s, uint64
 		return rc;
 	}
 	grid_make(&b->g, st, s, &b->psf, mem);
-	pthread_mutex_init(&b->cpu_lock, NULL);
 	pthread_mutex_init(&b->gpu_lock, NULL);
 	pthread_cond_init(&b->gpu_freed, NULL);
 	pthread_mutex_init(&b->window_lock, NULL);
@@ -1486,6 +1640,7 @@ static int blocks_create(const sf_stack *st, const sf_deconv_settings *s, uint64
 	b->gpu_slots = -1;
 	p->ops = &blocks_ops;
 	p->key = blocks_key(st, s, &b->g);
+	b->ctx_key = ctx_key(&s->params, &b->g);
 	p->elem_bytes = 4;
 	p->unit_count = (uint64_t)b->g.count[0] * b->g.count[1] * b->g.count[2];
 	p->impl = b;

@@ -1,20 +1,26 @@
-/* test_product_deconv.c — deconvolution settings, the block grid, and the
- * engine's nested reads that the deconvolved strips rely on.
+/* test_product_deconv.c — deconvolution settings, the block grid, the
+ * engine's nested reads that the deconvolved strips rely on, and the one
+ * FFTW context the blocks of all stacks share.
  *
  * Pixel correctness of the products (seams, ground truth, determinism) is
  * checked end to end through a mount in tests/integration/test_mount_deconv.py
  * against numpy/scipy oracles. */
+#include <ftw.h>
 #include <math.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <tiffio.h>
 #include <unistd.h>
 
 #include "check.h"
+#include "scopefs/dataset.h"
 #include "scopefs/engine.h"
 #include "scopefs/fft.h"
 #include "scopefs/product_deconv.h"
+#include "scopefs/tiff_layout.h"
 
 static void test_defaults_and_apply(void)
 {
@@ -328,6 +334,192 @@ static void test_nested_reads(unsigned threads)
 	sf_engine_destroy(nested_engine);
 }
 
+/* ---- one FFTW context for all stacks ------------------------------------- */
+
+#define CTX_HEIGHT 16
+
+/* Stack folder base/name: `planes` uint16 planes of width x CTX_HEIGHT,
+ * a few bright voxels on a background that depend on seed. */
+static int write_stack(const char *base, const char *name, uint32_t width, uint32_t planes,
+                       unsigned seed)
+{
+	char path[600];
+	uint16_t row[64];
+	int ok = width <= 64;
+
+	snprintf(path, sizeof path, "%s/%s", base, name);
+	ok = ok && mkdir(path, 0755) == 0;
+	for (uint32_t z = 0; ok && z < planes; z++) {
+		TIFF *tif;
+
+		snprintf(path, sizeof path, "%s/%s/img_%06u.tif", base, name, z + 1);
+		tif = TIFFOpen(path, "w");
+		ok = tif != NULL;
+		if (ok) {
+			TIFFSetField(tif, TIFFTAG_IMAGEWIDTH, width);
+			TIFFSetField(tif, TIFFTAG_IMAGELENGTH, (uint32_t)CTX_HEIGHT);
+			TIFFSetField(tif, TIFFTAG_BITSPERSAMPLE, 16);
+			TIFFSetField(tif, TIFFTAG_SAMPLESPERPIXEL, 1);
+			TIFFSetField(tif, TIFFTAG_PHOTOMETRIC, PHOTOMETRIC_MINISBLACK);
+			TIFFSetField(tif, TIFFTAG_ROWSPERSTRIP, 1);
+		}
+		for (uint32_t y = 0; ok && y < CTX_HEIGHT; y++) {
+			for (uint32_t x = 0; x < width; x++)
+				row[x] =
+				    (uint16_t)(100 + ((x * 7 + y * 13 + z * 5 + seed * 31) % 97 == 0
+				                          ? 3000
+				                          : (x + y + seed) % 11));
+			ok = TIFFWriteScanline(tif, row, y, 0) >= 0;
+		}
+		if (tif)
+			TIFFClose(tif);
+	}
+	return ok;
+}
+
+static int remove_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw)
+{
+	(void)st;
+	(void)flag;
+	(void)ftw;
+	return remove(path);
+}
+
+static const sf_stack *stack_named(const sf_dataset *d, const char *name)
+{
+	for (uint32_t i = 0; i < d->stack_count; i++)
+		if (!strcmp(d->stacks[i]->name, name))
+			return d->stacks[i];
+	return NULL;
+}
+
+/* The blocks product of st (its planes product and layout are not needed). */
+static int blocks_of(const char *base, const sf_stack *st, sf_engine *const *engine,
+                     sf_product **blocks, sf_err *e)
+{
+	sf_deconv_settings ds;
+	sf_layout_spec spec = {0};
+	sf_layout *layout = NULL;
+	sf_product *planes = NULL;
+	int rc = sf_deconv_settings_for_stack(
+	    base, st, "dxy=0.4,dz=1.2,lambda_ex=561,lambda_em=600,deconv_block=16,gpu=off", 0, &ds,
+	    e);
+
+	spec.width = st->width;
+	spec.height = st->height;
+	spec.pages = 1;
+	spec.samples = 1;
+	spec.dtype = sf_deconv_output_dtype(&ds, st);
+	spec.levels = 1;
+	spec.bigtiff = -1;
+	if (rc == SF_OK)
+		rc = sf_layout_create(&spec, &layout, e);
+	if (rc == SF_OK)
+		rc = sf_product_deconv_create(st, &ds, layout, engine, base, 64u << 20, blocks,
+		                              &planes, e);
+	if (planes)
+		planes->ops->destroy(planes);
+	sf_layout_free(layout);
+	return rc;
+}
+
+/* Block `unit` of p read through engine g into out (float32, 16^3 at most). */
+static int read_block(sf_engine *g, sf_product *p, uint64_t unit, float *out, size_t bytes,
+                      sf_err *e)
+{
+	return sf_engine_read(g, p, unit, 0, bytes, (uint8_t *)out, e);
+}
+
+/* Stacks a1 and a2 (same shape and settings), b (wider, fewer planes: its
+ * window is shorter in z).  After a block of b, one engine reads a block
+ * of a1, of a2, of b, then another block of a1: the context is remade for
+ * a1, reused as is for a2, remade for b and remade for a1.  That last
+ * block's bytes equal those a second engine computed first, on a context
+ * made for it. */
+static void test_one_context_for_all_stacks(void)
+{
+	char base[] = "/tmp/test_product_deconv_XXXXXX";
+	sf_dataset *d = NULL;
+	sf_engine *g = NULL, *alone = NULL;
+	sf_engine_config cfg = {.threads = 2, .mem_bytes = 64u << 20};
+	sf_product *a1 = NULL, *a2 = NULL, *b = NULL, *a1_alone = NULL;
+	size_t bytes = 16 * 16 * 12 * sizeof(float);
+	float *got = malloc(bytes), *want = malloc(bytes);
+	sf_err e = {0};
+	unsigned long made[4];
+	int made_dir = mkdtemp(base) != NULL;
+	int rc = got && want && made_dir ? SF_OK : SF_ENOMEM;
+
+	if (rc == SF_OK)
+		rc = write_stack(base, "a1", 32, 12, 1) && write_stack(base, "a2", 32, 12, 2) &&
+		             write_stack(base, "b", 40, 10, 3)
+		         ? SF_OK
+		         : SF_EIO;
+	if (rc == SF_OK)
+		rc = sf_dataset_scan(base, &d, &e);
+	if (rc == SF_OK && (!stack_named(d, "a1") || !stack_named(d, "a2") || !stack_named(d, "b")))
+		rc = sf_fail(&e, SF_EINVAL, "stacks a1 a2 b not found");
+	if (rc == SF_OK)
+		rc = sf_engine_create(&cfg, &g, &e);
+	if (rc == SF_OK)
+		rc = sf_engine_create(&cfg, &alone, &e);
+	if (rc == SF_OK)
+		rc = blocks_of(base, stack_named(d, "a1"), &g, &a1, &e);
+	if (rc == SF_OK)
+		rc = blocks_of(base, stack_named(d, "a2"), &g, &a2, &e);
+	if (rc == SF_OK)
+		rc = blocks_of(base, stack_named(d, "b"), &g, &b, &e);
+	if (rc == SF_OK)
+		rc = blocks_of(base, stack_named(d, "a1"), &alone, &a1_alone, &e);
+	CHECK(rc == SF_OK, "three stacks and their blocks products: %s", e.msg);
+	if (rc == SF_OK)
+		rc = sf_engine_add_product(g, a1, &e);
+	if (rc == SF_OK)
+		rc = sf_engine_add_product(g, a2, &e);
+	if (rc == SF_OK)
+		rc = sf_engine_add_product(g, b, &e);
+	if (rc == SF_OK)
+		rc = sf_engine_add_product(alone, a1_alone, &e);
+	CHECK(rc == SF_OK && a1->unit_count == 2 && b->unit_count == 3,
+	      "blocks of 16: a1 has 2, b has 3 (%llu, %llu): %s",
+	      a1 ? (unsigned long long)a1->unit_count : 0ull,
+	      b ? (unsigned long long)b->unit_count : 0ull, e.msg);
+	if (rc == SF_OK && a1->unit_count == 2 && b->unit_count == 3) {
+		/* The reference first, on a context made for it, then b's. */
+		rc = read_block(alone, a1_alone, 1, want, bytes, &e);
+		if (rc == SF_OK)
+			rc = read_block(g, b, 0, got, bytes / 12 * 10, &e); /* 10 planes */
+		made[0] = sf_deconv_cpu_contexts_made();
+		if (rc == SF_OK)
+			rc = read_block(g, a1, 0, got, bytes, &e);
+		made[1] = sf_deconv_cpu_contexts_made();
+		if (rc == SF_OK)
+			rc = read_block(g, a2, 0, got, bytes, &e);
+		made[2] = sf_deconv_cpu_contexts_made();
+		if (rc == SF_OK)
+			rc = read_block(g, b, 1, got, bytes / 12 * 10, &e);
+		if (rc == SF_OK)
+			rc = read_block(g, a1, 1, got, bytes, &e);
+		made[3] = sf_deconv_cpu_contexts_made();
+		CHECK(rc == SF_OK, "blocks read: %s", e.msg);
+		CHECK(made[1] - made[0] == 1 && made[2] == made[1] && made[3] - made[2] == 2,
+		      "contexts made: 1 for a1, 0 for a2 (same shape), 1 for b, 1 for a1 again "
+		      "(%lu %lu %lu %lu)",
+		      made[0], made[1], made[2], made[3]);
+		CHECK(rc == SF_OK && !memcmp(got, want, bytes),
+		      "a1's block 1 after b's context equals it read first, alone");
+	}
+	sf_engine_destroy(g);
+	sf_engine_destroy(alone);
+	for (sf_product **p = (sf_product *[]){a1, a2, b, a1_alone, NULL}; *p; p++)
+		(*p)->ops->destroy(*p);
+	sf_dataset_free(d);
+	free(got);
+	free(want);
+	if (made_dir)
+		nftw(base, remove_entry, 8, FTW_DEPTH | FTW_PHYS);
+}
+
 int main(void)
 {
 	test_defaults_and_apply();
@@ -340,6 +532,7 @@ int main(void)
 	test_nested_reads(1);
 	test_nested_reads(2);
 	test_nested_reads(4);
+	test_one_context_for_all_stacks();
 	sf_fft_fftw_cleanup();
 	return CHECK_DONE("test_product_deconv");
 }
