@@ -104,6 +104,18 @@ int sf_autoreg_start(sf_autoreg *a, sf_err *e);
  * failure: SF_EFORMAT for a rejected result, its reason in e. */
 int sf_autoreg_wait(sf_autoreg *a, uint32_t i, const sf_transform **t, sf_err *e);
 
+/* Slide i's registration now, never waiting (it starts the job when
+ * needed, as sf_autoreg_wait does): running, served (*t the transform, as
+ * sf_autoreg_wait gives it) or rejected (failed, or the job stopped).  For
+ * callers that must not block, e.g. a FUSE lookup, which holds up every
+ * other lookup in its folder. */
+typedef enum sf_autoreg_state {
+	SF_AUTOREG_RUNNING,
+	SF_AUTOREG_SERVED,
+	SF_AUTOREG_REJECTED
+} sf_autoreg_state;
+sf_autoreg_state sf_autoreg_poll(sf_autoreg *a, uint32_t i, const sf_transform **t);
+
 /* Whether slide i is in the job. */
 int sf_autoreg_has(const sf_autoreg *a, uint32_t i);
 
@@ -115,8 +127,11 @@ sf_key sf_autoreg_key(const sf_autoreg *a, uint32_t i);
 void sf_autoreg_describe(sf_autoreg *a, uint32_t i, char *buf, size_t n);
 
 /* The bytes of file kind k of slide i (waits for the slide), malloc'd for
- * the caller, who frees them: field files are tens of MB, so nothing keeps
- * them.  SF_ENOTFOUND for a field file of a slide without a field. */
+ * the caller, who frees them.  The field files (.field.tif, .field.raw) are
+ * tens of MB and made at each call; the small text files (.json, the
+ * elastix files, the .field.mhd header) are made once and copied, so that
+ * opening the 300-byte header does not build the whole field each time.
+ * SF_ENOTFOUND for a field file of a slide without a field. */
 int sf_autoreg_file_make(sf_autoreg *a, uint32_t i, sf_autoreg_file_kind k, uint8_t **bytes,
                          size_t *len, sf_err *e);
 /* Its size (made once and remembered). */

@@ -7,7 +7,8 @@
  * inside its sf_qc, which has its own lock; the node itself never changes.
  * Nodes of slides that scopefs registers itself are in the tree from the
  * start and show once their registration succeeded: sf_mount_node_visible
- * asks the job, which has its own lock and never changes a result.)
+ * and sf_mount_node_poll ask the job, which has its own lock and never
+ * changes a result.)
  * Inode numbers are node indices + 1 (the root is FUSE_ROOT_ID = 1); nodes
  * live until unmount, so forget has nothing to do. */
 #ifndef SCOPEFS_MOUNT_H
@@ -97,9 +98,20 @@ void sf_mount_free(sf_mount *m);
  * so it is async-signal-safe. */
 void sf_mount_stop(const sf_mount *m);
 
-/* Whether n shows (lookup, readdir): a node tied to a registration shows
- * once it succeeded (waits for it; seconds on first use, cached after). */
+/* Whether n shows (getattr, open, readdir; a qc/ or transforms/ lookup): a
+ * node tied to a registration shows once it succeeded (waits for it; seconds
+ * on first use, known at once after). */
 int sf_mount_node_visible(const sf_mount *m, const sf_node *n);
+
+/* Whether n shows, never waiting (starts the registration when needed):
+ * SF_PENDING while the registration n depends on runs. */
+typedef enum sf_node_shown { SF_SHOWN, SF_HIDDEN, SF_PENDING } sf_node_shown;
+sf_node_shown sf_mount_node_poll(const sf_mount *m, const sf_node *n);
+
+/* Wait until every child of directory dir is known to show or not (for
+ * opendir: the kernel holds no lock on dir there, unlike in readdir and
+ * lookup, so other lookups in dir go on meanwhile). */
+void sf_mount_dir_settle(const sf_mount *m, const sf_node *dir);
 
 /* Node of inode ino, or NULL. */
 const sf_node *sf_mount_node(const sf_mount *m, uint64_t ino);

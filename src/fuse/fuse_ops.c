@@ -9,11 +9,14 @@
  * caching, direct_io, a fresh snapshot at each open.  A qc/ PNG is rendered
  * at its first lookup/getattr/open (its exact size is known only then) and
  * served from memory afterwards, like any stable file.  A transforms/ file
- * is made at each open into that open's handle (a field file is tens of MB:
- * not worth keeping), its size once at first lookup.  readdir gives only inode and type, so listing
- * a folder renders nothing, but a node tied to scopefs's own registration (registered/, qc/,
- * transforms/ of such a slide) shows only once it succeeded, so lookup and
- * readdir wait for it (sf_mount_node_visible). */
+ * is copied at each open into that open's handle (a field file, tens of MB,
+ * is made there each time), its size once at first lookup.  readdir gives
+ * only inode and type, so listing a folder renders nothing, but a node tied
+ * to scopefs's own registration (registered/, qc/, transforms/ of such a
+ * slide) shows only once it succeeded: opendir waits for the folder's
+ * (sf_mount_dir_settle), getattr and open for the node's.  The kernel lets
+ * one lookup at a time into a folder, so a lookup never waits for a
+ * registered/ TIFF (op_lookup). */
 #define FUSE_USE_VERSION 312
 #include "scopefs/fuse_ops.h"
 
@@ -117,14 +120,25 @@ static int node_stat(const sf_mount *m, const sf_node *n, struct stat *st)
 	return 0;
 }
 
+/* The kernel sends one lookup at a time per folder (measured: the reference's
+ * lookup in registered/ waited 1.9 s behind a moving slide's), so a lookup
+ * that waited for a registration would hold up every name there.  A
+ * registered/ TIFF has the reference's layout, so its size is known before
+ * the result: while its registration runs it is answered at once, cached for
+ * 0 s, and getattr and open, which hold no folder lock, wait to say whether
+ * it exists.  A qc/ or transforms/ file's size is the result: that lookup
+ * waits. */
 static void op_lookup(fuse_req_t req, fuse_ino_t parent, const char *name)
 {
 	sf_mount *m = mount_of(req);
 	const sf_node *n = sf_mount_lookup(m, parent, name);
+	sf_node_shown shown = n ? sf_mount_node_poll(m, n) : SF_HIDDEN;
 	struct fuse_entry_param ep;
 	int err;
 
-	if (!n || !sf_mount_node_visible(m, n)) {
+	if (shown == SF_PENDING && n->kind != SF_NODE_VFILE)
+		shown = sf_mount_node_visible(m, n) ? SF_SHOWN : SF_HIDDEN;
+	if (shown == SF_HIDDEN) {
 		fuse_reply_err(req, ENOENT);
 		return;
 	}
@@ -135,7 +149,7 @@ static void op_lookup(fuse_req_t req, fuse_ino_t parent, const char *name)
 		fuse_reply_err(req, err);
 		return;
 	}
-	ep.attr_timeout = ep.entry_timeout = node_timeout(n);
+	ep.attr_timeout = ep.entry_timeout = shown == SF_PENDING ? 0.0 : node_timeout(n);
 	fuse_reply_entry(req, &ep);
 }
 
@@ -147,7 +161,8 @@ static void op_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
 	int err;
 
 	(void)fi;
-	if (!n) {
+	/* A registered/ TIFF looked up while its registration ran: exists? */
+	if (!n || !sf_mount_node_visible(m, n)) {
 		fuse_reply_err(req, ENOENT);
 		return;
 	}
@@ -156,6 +171,22 @@ static void op_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
 		return;
 	}
 	fuse_reply_attr(req, &st, node_timeout(n));
+}
+
+/* Wait here for the registrations the folder's entries depend on: readdir
+ * runs under the kernel's folder lock, which would hold up every lookup
+ * there meanwhile (the reference's too); opendir does not. */
+static void op_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+	sf_mount *m = mount_of(req);
+	const sf_node *dir = sf_mount_node(m, ino);
+
+	if (!dir || dir->kind != SF_NODE_DIR) {
+		fuse_reply_err(req, dir ? ENOTDIR : ENOENT);
+		return;
+	}
+	sf_mount_dir_settle(m, dir);
+	fuse_reply_open(req, fi);
 }
 
 static void op_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
@@ -184,6 +215,7 @@ static void op_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
 		struct stat st = {0};
 		size_t need;
 
+		/* Known at once after op_opendir (results never change). */
 		if (i >= 2 && !sf_mount_node_visible(m, n))
 			continue; /* offsets stay those of the full child list */
 		/* fuse_add_direntry uses only the inode and the type. */
@@ -281,7 +313,8 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 	sf_mount *m = mount_of(req);
 	const sf_node *n = sf_mount_node(m, ino);
 
-	if (!n) {
+	/* A registered/ TIFF looked up while its registration ran (op_lookup). */
+	if (!n || !sf_mount_node_visible(m, n)) {
 		fuse_reply_err(req, ENOENT);
 		return;
 	}
@@ -523,6 +556,7 @@ const struct fuse_lowlevel_ops sf_fuse_ops = {
     .lookup = op_lookup,
     .getattr = op_getattr,
     .setattr = op_setattr,
+    .opendir = op_opendir,
     .readdir = op_readdir,
     .open = op_open,
     .read = op_read,

@@ -858,6 +858,14 @@ void sf_mount_stop(const sf_mount *m)
 		sf_autoreg_stop(m->autoreg);
 }
 
+/* Whether n, tied to a registration that gave t, shows: a field file only
+ * when t has a field. */
+static int shows_with(const sf_node *n, const sf_transform *t)
+{
+	return n->kind != SF_NODE_TRANSFORM || t->map.nfields > 0 ||
+	       n->transform_file == SF_AUTOREG_JSON || n->transform_file == SF_AUTOREG_ELASTIX;
+}
+
 int sf_mount_node_visible(const sf_mount *m, const sf_node *n)
 {
 	const sf_transform *t;
@@ -867,8 +875,26 @@ int sf_mount_node_visible(const sf_mount *m, const sf_node *n)
 		return 1;
 	if (sf_autoreg_wait(m->autoreg, (uint32_t)n->autoreg_slide, &t, &e) != SF_OK)
 		return 0;
-	return n->kind != SF_NODE_TRANSFORM || t->map.nfields > 0 ||
-	       n->transform_file == SF_AUTOREG_JSON || n->transform_file == SF_AUTOREG_ELASTIX;
+	return shows_with(n, t);
+}
+
+sf_node_shown sf_mount_node_poll(const sf_mount *m, const sf_node *n)
+{
+	const sf_transform *t = NULL;
+
+	if (n->autoreg_slide < 0)
+		return SF_SHOWN;
+	switch (sf_autoreg_poll(m->autoreg, (uint32_t)n->autoreg_slide, &t)) {
+	case SF_AUTOREG_SERVED: return shows_with(n, t) ? SF_SHOWN : SF_HIDDEN;
+	case SF_AUTOREG_REJECTED: return SF_HIDDEN;
+	default: return SF_PENDING;
+	}
+}
+
+void sf_mount_dir_settle(const sf_mount *m, const sf_node *dir)
+{
+	for (uint32_t i = 0; dir->kind == SF_NODE_DIR && i < dir->child_count; i++)
+		(void)sf_mount_node_visible(m, &m->nodes[dir->children[i]]);
 }
 
 void sf_mount_free(sf_mount *m)

@@ -91,6 +91,10 @@ typedef struct slide_job {
 	int has_field, cached;
 	char why[512];                             /* ST_FAILED: the reason */
 	uint64_t file_size[SF_AUTOREG_FILE_KINDS]; /* + 1: 0 = not known yet */
+	/* The small text files once made (kept_kind), NULL before: they never
+	 * change, and the .field.mhd header costs the whole field to make. */
+	uint8_t *kept[SF_AUTOREG_FILE_KINDS];
+	size_t kept_len[SF_AUTOREG_FILE_KINDS];
 } slide_job;
 
 struct sf_autoreg {
@@ -1167,6 +1171,8 @@ void sf_autoreg_destroy(sf_autoreg *a)
 	for (uint32_t i = 0; i < a->d->slide_count; i++) {
 		sf_transform_release(&a->jobs[i].t);
 		autoreg_thumb_free(&a->thumbs[i]);
+		for (int k = 0; k < SF_AUTOREG_FILE_KINDS; k++)
+			free(a->jobs[i].kept[k]);
 	}
 	for (int ph = 0; ph < PHASES; ph++)
 		free(a->queue[ph]);
@@ -1215,6 +1221,27 @@ int sf_autoreg_wait(sf_autoreg *a, uint32_t i, const sf_transform **t, sf_err *e
 		             j->stage == ST_FAILED ? j->why : STOPPED_WHY);
 	pthread_mutex_unlock(&a->lock);
 	return rc;
+}
+
+sf_autoreg_state sf_autoreg_poll(sf_autoreg *a, uint32_t i, const sf_transform **t)
+{
+	slide_job *j = &a->jobs[i];
+	sf_autoreg_state state;
+	sf_err e = {0};
+
+	if (!j->in_job)
+		return SF_AUTOREG_REJECTED;
+	sf_autoreg_start(a, &e); /* a failure marks the slides failed */
+	pthread_mutex_lock(&a->lock);
+	if (j->stage == ST_DONE) {
+		state = SF_AUTOREG_SERVED;
+		*t = &j->t;
+	} else if (j->stage == ST_FAILED || stopped(a))
+		state = SF_AUTOREG_REJECTED;
+	else
+		state = SF_AUTOREG_RUNNING;
+	pthread_mutex_unlock(&a->lock);
+	return state;
 }
 
 void sf_autoreg_describe(sf_autoreg *a, uint32_t i, char *buf, size_t n)
@@ -1297,14 +1324,54 @@ static int make_file(sf_autoreg *a, uint32_t i, const sf_transform *t, sf_autore
 	}
 }
 
+/* Whether file kind k is small enough to keep once made: not the field's data. */
+static int kept_kind(sf_autoreg_file_kind k)
+{
+	return k != SF_AUTOREG_FIELD_TIFF && k != SF_AUTOREG_FIELD_RAW;
+}
+
+/* A malloc'd copy of file kind k kept for j (a->lock held; j->kept[k] set). */
+static int copy_kept(const slide_job *j, sf_autoreg_file_kind k, uint8_t **bytes, size_t *len,
+                     sf_err *e)
+{
+	if (!(*bytes = malloc(j->kept_len[k] ? j->kept_len[k] : 1)))
+		return sf_fail(e, SF_ENOMEM, "out of memory");
+	memcpy(*bytes, j->kept[k], j->kept_len[k]);
+	*len = j->kept_len[k];
+	return SF_OK;
+}
+
 int sf_autoreg_file_make(sf_autoreg *a, uint32_t i, sf_autoreg_file_kind k, uint8_t **bytes,
                          size_t *len, sf_err *e)
 {
+	slide_job *j = &a->jobs[i];
 	const sf_transform *t;
+	uint8_t *made = NULL;
+	size_t made_len = 0;
 	int rc = sf_autoreg_wait(a, i, &t, e);
 
 	*bytes = NULL, *len = 0;
-	return rc == SF_OK ? make_file(a, i, t, k, bytes, len, e) : rc;
+	if (rc != SF_OK || !kept_kind(k))
+		return rc == SF_OK ? make_file(a, i, t, k, bytes, len, e) : rc;
+	pthread_mutex_lock(&a->lock);
+	if (j->kept[k])
+		rc = copy_kept(j, k, bytes, len, e);
+	pthread_mutex_unlock(&a->lock);
+	if (*bytes || rc != SF_OK)
+		return rc;
+	/* Made outside the lock (the header builds the field: milliseconds);
+	 * two first opens may both make it, and the second copy is dropped. */
+	if ((rc = make_file(a, i, t, k, &made, &made_len, e)) != SF_OK)
+		return rc;
+	pthread_mutex_lock(&a->lock);
+	if (!j->kept[k]) {
+		j->kept[k] = made, j->kept_len[k] = made_len;
+		made = NULL;
+	}
+	rc = copy_kept(j, k, bytes, len, e);
+	pthread_mutex_unlock(&a->lock);
+	free(made);
+	return rc;
 }
 
 int sf_autoreg_file_size(sf_autoreg *a, uint32_t i, sf_autoreg_file_kind k, uint64_t *size,
