@@ -20,6 +20,7 @@
 #define SCOPEFS_DATASET_H
 
 #include <stdint.h>
+#include <sys/types.h>
 
 #include "scopefs/err.h"
 #include "scopefs/slide.h"
@@ -58,6 +59,15 @@ typedef struct sf_dataset {
  * unreadable); bad files become problems. */
 int sf_dataset_scan(const char *root, sf_dataset **out, sf_err *e);
 void sf_dataset_free(sf_dataset *d);
+
+/* Add a problem for path (reason copied), unless path has one already:
+ * the mount's walk of raw/ reports what it leaves out below the folders the
+ * scan looks at.  SF_ENOMEM or SF_OK. */
+int sf_dataset_add_problem(sf_dataset *d, const char *path, const char *reason);
+
+/* What kind of non-regular, non-folder file mode is: "fifo", "socket",
+ * "character device", ... */
+const char *sf_special_kind(mode_t mode);
 
 /* The stem of a file name: "a.ome.tiff" -> "a", "b.svs" -> "b". Caller frees. */
 char *sf_file_stem(const char *name);

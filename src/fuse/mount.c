@@ -134,6 +134,15 @@ static int is_inside(const char *root, const char *path)
 	return !strncmp(path, root, n) && (path[n] == '/' || path[n] == '\0');
 }
 
+/* Something raw/ leaves out gets a problem entry (unless the dataset scan
+ * gave it one): `cp -r raw/` would otherwise lose it silently. */
+static int raw_left_out(sf_mount *m, const char *path, const char *why, sf_err *e)
+{
+	if (sf_dataset_add_problem(m->dataset, path, why) != SF_OK)
+		return sf_fail(e, SF_ENOMEM, "out of memory building raw/");
+	return SF_OK;
+}
+
 /* Mirror folder abs (inside RAW_DIR) under node dir, recursively. */
 static int raw_walk(sf_mount *m, const char *abs, uint32_t dir, int depth, sf_err *e)
 {
@@ -141,8 +150,9 @@ static int raw_walk(sf_mount *m, const char *abs, uint32_t dir, int depth, sf_er
 	int count = scandir(abs, &list, NULL, alphasort), rc = SF_OK;
 
 	if (count < 0) {
-		sf_log(SF_LOG_WARN, "raw: cannot list %s: %s", abs, strerror(errno));
-		return SF_OK;
+		char why[300];
+		snprintf(why, sizeof why, "folder cannot be listed: %s", strerror(errno));
+		return raw_left_out(m, abs, why, e);
 	}
 	for (int i = 0; i < count; i++) {
 		const char *name = list[i]->d_name;
@@ -158,10 +168,10 @@ static int raw_walk(sf_mount *m, const char *abs, uint32_t dir, int depth, sf_er
 		if (S_ISLNK(st.st_mode)) {
 			if (!realpath(path, real) || !is_inside(m->dataset->root, real) ||
 			    stat(real, &st) != 0 || !S_ISREG(st.st_mode)) {
-				sf_log(SF_LOG_INFO,
-				       "raw: %s: symlink left out (it leaves RAW_DIR, "
-				       "is broken, or names a folder)",
-				       path);
+				rc = raw_left_out(m, path,
+				                  "symbolic link left out of raw/ (it leaves "
+				                  "RAW_DIR, is broken, or names a folder)",
+				                  e);
 				goto next;
 			}
 		} else
@@ -172,7 +182,18 @@ static int raw_walk(sf_mount *m, const char *abs, uint32_t dir, int depth, sf_er
 				m->nodes[idx].st.st_mtim = st.st_mtim;
 				rc = raw_walk(m, path, idx, depth + 1, e);
 			}
-		} else if (S_ISREG(st.st_mode)) {
+		} else if (S_ISDIR(st.st_mode)) {
+			char why[80];
+			snprintf(why, sizeof why,
+			         "folder more than %d levels deep: left out of raw/",
+			         RAW_MAX_DEPTH);
+			rc = raw_left_out(m, path, why, e);
+		} else if (!S_ISREG(st.st_mode)) {
+			char why[64];
+			snprintf(why, sizeof why, "not a regular file (%s)",
+			         sf_special_kind(st.st_mode));
+			rc = raw_left_out(m, path, why, e);
+		} else {
 			rc = node_add(m, dir, name, SF_NODE_RAW, &idx, e);
 			if (rc == SF_OK && !(m->nodes[idx].raw_path = strdup(real)))
 				rc = sf_fail(e, SF_ENOMEM, "out of memory building raw/");

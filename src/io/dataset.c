@@ -87,6 +87,14 @@ static int add_problem(sf_dataset *d, const char *path, const char *fmt, ...)
 	return SF_OK;
 }
 
+int sf_dataset_add_problem(sf_dataset *d, const char *path, const char *reason)
+{
+	for (uint32_t i = 0; i < d->problem_count; i++)
+		if (!strcmp(d->problems[i].path, path))
+			return SF_OK;
+	return add_problem(d, path, "%s", reason);
+}
+
 static void stack_free(sf_stack *st)
 {
 	if (!st)
@@ -160,8 +168,7 @@ static int inside_root(const char *path, const char *root_real)
 	return strncmp(path, root_real, n) == 0 && (path[n] == '/' || path[n] == '\0');
 }
 
-/* What a file that is neither regular nor a folder is, for its problem. */
-static const char *special_kind(mode_t mode)
+const char *sf_special_kind(mode_t mode)
 {
 	return S_ISFIFO(mode)   ? "fifo"
 	       : S_ISSOCK(mode) ? "socket"
@@ -206,7 +213,7 @@ static int entry_type(sf_dataset *d, int fd, const char *name, const char *path,
 	}
 	if (S_ISREG(st.st_mode) || S_ISDIR(st.st_mode))
 		return S_ISREG(st.st_mode) ? 'f' : 'd';
-	*rc = add_problem(d, path, "not a regular file (%s)", special_kind(st.st_mode));
+	*rc = add_problem(d, path, "not a regular file (%s)", sf_special_kind(st.st_mode));
 	*holes += relevant;
 	return 0;
 }

@@ -110,3 +110,28 @@ def test_tree_and_raw_passthrough(scopefs, tmp_path):
     m.unmount()
     assert m.returncode == 0
     assert hash_tree(scopefs.raw) == before
+
+
+def test_raw_left_out_entries_are_problems(scopefs, tmp_path):
+    # raw/ leaves out what it cannot mirror; each such entry is in
+    # `problems` (docs/architecture.md), at any depth, so a `cp -r raw/`
+    # user can see what is missing.  These used to be logged (or not) only.
+    deep = scopefs.raw
+    for i in range(1, 71):
+        deep = deep / ('d%d' % i)
+    deep.mkdir(parents=True)
+    (deep / 'f.txt').write_text('deep')
+    nested = scopefs.raw / 'a' / 'b'
+    nested.mkdir(parents=True)
+    (tmp_path / 'outside.txt').write_text('outside')
+    os.symlink(tmp_path / 'outside.txt', nested / 'out.txt')
+    os.mkfifo(nested / 'pipe')
+    (nested / 'kept.txt').write_text('kept')
+    m = scopefs.mount(opts={'reg': 'off'})
+    problems = {p['path']: p['reason'] for p in m.status()['problems']}
+    too_deep = str(scopefs.raw) + ''.join('/d%d' % i for i in range(1, 66))
+    assert 'more than 64 levels deep' in problems.get(too_deep, ''), problems
+    assert 'symbolic link left out' in problems.get(str(nested / 'out.txt'), ''), problems
+    assert problems.get(str(nested / 'pipe')) == 'not a regular file (fifo)', problems
+    with open(m.path('raw', 'a', 'b', 'kept.txt')) as f:
+        assert f.read() == 'kept'
