@@ -15,7 +15,6 @@ import os
 import subprocess
 import time
 
-import numpy as np
 import pytest
 
 from conftest import SCOPEFS, is_mounted
