@@ -1192,7 +1192,6 @@ struct sf_tile_share {
 	sf_slide_reuse_fn hint;     /* protected by lock; NULL: LRU */
 	void *hint_ctx;             /* protected by lock */
 	const void *hint_owner;     /* protected by lock */
-	int orientation_noted;      /* protected by lock: a reader logged the Orientation */
 };
 
 /* Every live share, and their decoded bytes together: process-wide state
@@ -1468,8 +1467,7 @@ static const char *orientation_text(uint16_t o)
 }
 
 /* Say that Orientation o of path is not applied.  Logged when the file is
- * probed (the scan, before a daemon's log=FILE is open) and again when its
- * first reader opens, so the note also reaches the log file. */
+ * probed (the scan; main copies those lines to log=FILE as well). */
 static void log_orientation(const char *path, uint16_t o)
 {
 	sf_log(SF_LOG_WARN,
@@ -1682,14 +1680,6 @@ int sf_slide_reader_open(const sf_slide_info *s, sf_slide_reader **out, sf_err *
 	}
 	r->s = s;
 	r->fd = TIFFFileno(r->tif);
-	if (s->orientation != ORIENTATION_TOPLEFT && s->share) {
-		pthread_mutex_lock(&s->share->lock);
-		int first = !s->share->orientation_noted;
-		s->share->orientation_noted = 1;
-		pthread_mutex_unlock(&s->share->lock);
-		if (first)
-			log_orientation(s->path, s->orientation);
-	}
 	*out = r;
 	return SF_OK;
 }

@@ -293,8 +293,8 @@ def test_orientation_is_noted_and_stored_order_served(driver, tmp_path, orientat
 # ---- end to end on a mount -------------------------------------------------
 
 def test_mount_notes_orientation_in_log_file(scopefs, tmp_path):
-    """The scan's note goes to the daemon's stderr; the first reader's to log=FILE
-    (opened after the scan).  The output keeps the stored order."""
+    """The scan's note goes to the daemon's stderr and, copied by main while
+    the mount is built, to log=FILE, once.  The output keeps the stored order."""
     a = np.random.default_rng(0).integers(0, 255, (300, 400), dtype=np.uint8)
     write_oriented(scopefs.raw / "a.tif", a, 6)
     log = tmp_path / "daemon.log"
