@@ -46,6 +46,16 @@
 
 #include "register_math.h"
 
+/* AVX2 and baseline builds of a hot loop, picked at load time.  Not under
+ * ThreadSanitizer: the pick (an ifunc resolver) runs while the loader
+ * relocates, before TSan's runtime starts, and the instrumented resolver
+ * crashed every TSan build at startup. */
+#if defined(__SANITIZE_THREAD__)
+#define AVX2_CLONES
+#else
+#define AVX2_CLONES __attribute__((target_clones("avx2", "default")))
+#endif
+
 #define MAX_SIGMA  20.0  /* px: taps to 3 sigma stay on a small stack kernel */
 #define MAX_RADIUS 60    /* ceil(3 * MAX_SIGMA) */
 #define EPS_FRAC   1.0   /* eps^2 of the local normalisation, in mean local variances */
@@ -123,8 +133,8 @@ static inline float sample_clamp(const float *p, long w, long h, double x, doubl
  * of each row and one write of d.  Built twice, for AVX2 and for the
  * baseline, picked at load time: the same operations in the same order (no
  * fused multiply-add), so the same result on either. */
-__attribute__((target_clones("avx2", "default"))) static void
-taps_sum(float *restrict d, const float *const *rows, const float *k, int r, long n)
+AVX2_CLONES static void taps_sum(float *restrict d, const float *const *rows, const float *k, int r,
+                                 long n)
 {
 	typedef float v8f __attribute__((vector_size(32)));
 	long x = 0;
@@ -585,8 +595,7 @@ force_chunk(const nr_level *L, float inv_sx2, long x, long y, double *e, double 
 
 /* forces() on the used runs of row y, 8 pixels at a time where
  * force_chunk can.  Built for AVX2 and the baseline, as taps_sum. */
-__attribute__((target_clones("avx2", "default"))) static void
-force_row(const nr_level *L, float inv_sx2, long y, double *e, double *wsum)
+AVX2_CLONES static void force_row(const nr_level *L, float inv_sx2, long y, double *e, double *wsum)
 {
 	int inner = y >= 1 && y + 1 < L->h;
 	for (long r = L->used_row[y]; r < L->used_row[y + 1]; r++) {
@@ -739,8 +748,8 @@ compose_chunk(const float *a, const float *c, long w, long h, long y, long x, fl
 /* Step 4 on row y, 8 pixels at a time where compose_chunk can, else one
  * by one.  Built for AVX2 and the baseline, as taps_sum (no fused
  * multiply-add either way, so the same result). */
-__attribute__((target_clones("avx2", "default"))) static void
-compose_row(const float *a, const float *c, long w, long h, long y, float *dx, float *dy)
+AVX2_CLONES static void compose_row(const float *a, const float *c, long w, long h, long y,
+                                    float *dx, float *dy)
 {
 	long x = 0;
 	if (y >= 1 && y + 1 < h) {
