@@ -18,6 +18,14 @@
 
 #define SF_READAHEAD_AUTO 0xffffffffu /* readahead= not given */
 
+/* libfuse options main() adds a default for, or derives another from. */
+enum {
+	SF_FUSE_FSNAME = 1,
+	SF_FUSE_SUBTYPE = 2,
+	SF_FUSE_ALLOW_OTHER = 4,
+	SF_FUSE_DEFAULT_PERMISSIONS = 8
+};
+
 typedef struct sf_options {
 	char *raw_dir;       /* absolute, resolved RAW_DIR */
 	char *mountpoint;    /* absolute, resolved MOUNTPOINT */
@@ -40,6 +48,7 @@ typedef struct sf_options {
 	int show_help, show_version;
 	/* Options handed to libfuse's mount (allow_other, fsname=...): "-o" list. */
 	char *fuse_mount_opts;
+	unsigned fuse_given; /* SF_FUSE_* bits: those of them the user gave */
 	/* Deconvolution settings (dxy=0.4,dz=1.2,...) from -o and the preset,
 	 * each checked alone (a preset adds only keys the command line lacks);
 	 * every stack applies them, then its own (product_deconv.h).  NULL: none. */

@@ -22,21 +22,6 @@
 
 #define FUSE_MAX_THREADS 64
 
-/* Whether the comma-separated option list opts holds option name (as a
- * whole option, bare or as name=value). */
-static int has_opt(const char *opts, const char *name)
-{
-	size_t n = strlen(name);
-
-	for (const char *p = opts; p && *p;) {
-		if (!strncmp(p, name, n) && (p[n] == '\0' || p[n] == ',' || p[n] == '='))
-			return 1;
-		if ((p = strchr(p, ',')))
-			p++;
-	}
-	return 0;
-}
-
 /* The argv libfuse sees: read-only, our fsname unless given, user options.
  * allow_other implies default_permissions: without it the kernel leaves
  * permission checks to the daemon, which makes none, so any user could
@@ -44,10 +29,10 @@ static int has_opt(const char *opts, const char *name)
 static int fuse_argv(const sf_options *o, const char *argv0, struct fuse_args *args)
 {
 	char opts[1200];
-	int has_fsname = has_opt(o->fuse_mount_opts, "fsname");
-	int has_subtype = has_opt(o->fuse_mount_opts, "subtype");
-	int add_perms = has_opt(o->fuse_mount_opts, "allow_other") &&
-	                !has_opt(o->fuse_mount_opts, "default_permissions");
+	int has_fsname = o->fuse_given & SF_FUSE_FSNAME;
+	int has_subtype = o->fuse_given & SF_FUSE_SUBTYPE;
+	int add_perms =
+	    (o->fuse_given & SF_FUSE_ALLOW_OTHER) && !(o->fuse_given & SF_FUSE_DEFAULT_PERMISSIONS);
 
 	if (add_perms)
 		sf_log(SF_LOG_INFO, "allow_other given: default_permissions added (the kernel "

@@ -772,6 +772,26 @@ static int check_paths(sf_options *o, sf_err *e)
 	return set_string(&o->raw_dir, raw, e, "RAW_DIR");
 }
 
+/* The SF_FUSE_* options given, from any source: main() reads these bits
+ * rather than parse the escaped list again. */
+static unsigned fuse_given(const parse_state *ps)
+{
+	static const struct {
+		const char *key;
+		unsigned bit;
+	} bits[] = {{"fsname", SF_FUSE_FSNAME},
+	            {"subtype", SF_FUSE_SUBTYPE},
+	            {"allow_other", SF_FUSE_ALLOW_OTHER},
+	            {"default_permissions", SF_FUSE_DEFAULT_PERMISSIONS}};
+	unsigned given = 0;
+
+	for (size_t i = 0; i < OPTION_COUNT; i++)
+		for (size_t b = 0; b < sizeof bits / sizeof bits[0]; b++)
+			if (ps->set[i] && !strcmp(option_table[i].key, bits[b].key))
+				given |= bits[b].bit;
+	return given;
+}
+
 int sf_options_parse(int argc, char **argv, sf_options *o, sf_err *e)
 {
 	parse_state ps = {.o = o, .source = SOURCE_CLI};
@@ -823,6 +843,7 @@ int sf_options_parse(int argc, char **argv, sf_options *o, sf_err *e)
 		return rc;
 	if (!(o->fuse_mount_opts = strdup(ps.fuse_opts)))
 		return sf_fail(e, SF_ENOMEM, "out of memory");
+	o->fuse_given = fuse_given(&ps);
 	return check_paths(o, e);
 }
 
