@@ -45,11 +45,16 @@ typedef struct sf_open_handle {
 } sf_open_handle;
 
 /* An open virtual file: where the last read ended and where the run of
- * near-consecutive reads it ended began, to spot sequential readers. */
+ * near-consecutive reads it ended began, to spot sequential readers.  The
+ * two are read and written together under run_lock: the kernel sends a
+ * file's requests on several threads at once, and a read-ahead request of
+ * the last tile checked against the next tile's run start saw a run tens of
+ * MiB long and scheduled read-ahead for a random reader. */
 typedef struct vfile_handle {
 	sf_open_handle link;
 	const sf_node *node;
-	uint64_t next_off; /* updated with relaxed atomics: hints, not state */
+	pthread_mutex_t run_lock;
+	uint64_t next_off;
 	uint64_t run_start;
 } vfile_handle;
 
@@ -246,6 +251,8 @@ static void handle_free(sf_open_handle *h)
 {
 	if (h->kind != SF_NODE_VFILE)
 		free(((status_handle *)h)->text);
+	else
+		pthread_mutex_destroy(&((vfile_handle *)h)->run_lock);
 	free(h);
 }
 
@@ -346,6 +353,7 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 			return;
 		}
 		h->node = n;
+		pthread_mutex_init(&h->run_lock, NULL);
 		handle_track(m, &h->link, SF_NODE_VFILE);
 		fi->fh = (uint64_t)(uintptr_t)h;
 		fi->keep_cache = 1;
@@ -425,7 +433,7 @@ static void read_vfile(fuse_req_t req, size_t size, off_t off, struct fuse_file_
 	sf_mount *m = mount_of(req);
 	vfile_handle *h = (vfile_handle *)(uintptr_t)fi->fh;
 	const sf_vfile *v = h->node->vfile;
-	uint64_t last = __atomic_load_n(&h->next_off, __ATOMIC_RELAXED);
+	uint64_t run;
 	uint8_t *buf = malloc(size ? size : 1);
 	size_t got = 0;
 	sf_err e = {0};
@@ -439,16 +447,17 @@ static void read_vfile(fuse_req_t req, size_t size, off_t off, struct fuse_file_
 	 * kernel may issue its read-ahead requests slightly out of order, and a
 	 * reader of one channel skips the others); any other read starts one.
 	 * sf_vfile_readahead decides whether the run is long enough. */
-	uint64_t run = __atomic_load_n(&h->run_start, __ATOMIC_RELAXED);
+	pthread_mutex_lock(&h->run_lock);
+	uint64_t last = h->next_off;
 	if (!last || (uint64_t)off + (4u << 20) < last || (uint64_t)off > last + (4u << 20) ||
-	    run > (uint64_t)off) {
-		run = (uint64_t)off;
-		__atomic_store_n(&h->run_start, run, __ATOMIC_RELAXED);
-	}
+	    h->run_start > (uint64_t)off)
+		h->run_start = (uint64_t)off;
+	run = h->run_start;
+	h->next_off = (uint64_t)off + size;
+	pthread_mutex_unlock(&h->run_lock);
 	if (m->opts->readahead)
 		sf_vfile_readahead(m->engine, v, run, (uint64_t)off + size, m->opts->readahead,
 		                   m->opts->mem);
-	__atomic_store_n(&h->next_off, (uint64_t)off + size, __ATOMIC_RELAXED);
 	rc = sf_vfile_read(m->engine, v, (uint64_t)off, size, buf, &got, &e);
 	if (rc != SF_OK) {
 		sf_log(SF_LOG_ERROR, "read %s at %lld: %s", h->node->name, (long long)off, e.msg);
