@@ -547,12 +547,15 @@ static int apply_presets(parse_state *ps, sf_err *e)
 	return rc;
 }
 
+/* $XDG_CACHE_HOME/scopefs, else ~/.cache/scopefs.  A relative
+ * XDG_CACHE_HOME is ignored, as the XDG Base Directory spec says: it would
+ * put the cache wherever the daemon happened to start. */
 static char *default_cache_dir(void)
 {
 	const char *xdg = getenv("XDG_CACHE_HOME"), *home = getenv("HOME");
 	char buf[PATH_MAX];
 
-	if (xdg && *xdg)
+	if (xdg && xdg[0] == '/')
 		snprintf(buf, sizeof buf, "%s/scopefs", xdg);
 	else
 		snprintf(buf, sizeof buf, "%s/.cache/scopefs", home && *home ? home : "/tmp");

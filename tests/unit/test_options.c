@@ -340,6 +340,44 @@ static void test_path_spellings(const char *dir, const char *raw)
 	unlink(link);
 }
 
+/* No cache= option: $XDG_CACHE_HOME/scopefs when that is absolute, else
+ * ~/.cache/scopefs (a relative XDG_CACHE_HOME is invalid per the XDG Base
+ * Directory spec, and would follow the daemon's working directory). */
+static void test_default_cache_dir(const char *dir, const char *raw)
+{
+	char real[PATH_MAX], mnt[600], want[PATH_MAX + 32];
+	const char *old_xdg = getenv("XDG_CACHE_HOME"), *old_home = getenv("HOME");
+	char *saved_xdg = old_xdg ? strdup(old_xdg) : NULL,
+	     *saved_home = old_home ? strdup(old_home) : NULL;
+	sf_options o;
+	sf_err e;
+
+	CHECK(realpath(dir, real) != NULL, "realpath %s", dir);
+	snprintf(mnt, sizeof mnt, "%s/mnt", dir);
+	CHECK(mkdir(mnt, 0755) == 0 || errno == EEXIST, "mkdir mnt");
+	setenv("HOME", real, 1);
+	setenv("XDG_CACHE_HOME", real, 1);
+	snprintf(want, sizeof want, "%s/scopefs", real);
+	CHECK(parse_opts(&o, &e, "threads=2", raw, mnt) == SF_OK && !strcmp(o.cache_dir, want),
+	      "absolute XDG_CACHE_HOME used: %s", o.cache_dir ? o.cache_dir : e.msg);
+	sf_options_free(&o);
+	setenv("XDG_CACHE_HOME", "relative/cache", 1);
+	snprintf(want, sizeof want, "%s/.cache/scopefs", real);
+	CHECK(parse_opts(&o, &e, "threads=2", raw, mnt) == SF_OK && !strcmp(o.cache_dir, want),
+	      "relative XDG_CACHE_HOME ignored: %s", o.cache_dir ? o.cache_dir : e.msg);
+	sf_options_free(&o);
+	if (saved_xdg)
+		setenv("XDG_CACHE_HOME", saved_xdg, 1);
+	else
+		unsetenv("XDG_CACHE_HOME");
+	if (saved_home)
+		setenv("HOME", saved_home, 1);
+	else
+		unsetenv("HOME");
+	free(saved_xdg);
+	free(saved_home);
+}
+
 /* A comma inside a value is written "\," as in libfuse's -o lists
  * (fuse_opt.c), "\\" is a backslash; bare commas still split. */
 static void test_escaped_commas(const char *dir, const char *raw)
@@ -461,6 +499,7 @@ int main(void)
 	test_registration(raw, cache);
 	test_path_spellings(dir, raw);
 	test_escaped_commas(dir, raw);
+	test_default_cache_dir(dir, raw);
 	char cmd[700];
 	snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
 	if (system(cmd) != 0)
