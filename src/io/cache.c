@@ -27,9 +27,10 @@
  * Locking: c->lock guards the counters, the evicting flag, the stuck list and
  * the full-disk log state, and is never held across I/O.  One thread at a
  * time evicts (the evicting flag); the others carry on writing and reading
- * meanwhile.  c->reopen_lock serialises dir_reopen and is held across its
- * I/O (it only runs after DIR was removed).  sf_cache_close must not race any
- * other call on the same cache. */
+ * meanwhile, except a put the file system refused for room, which waits for
+ * that eviction (c->evicted) and writes again.  c->reopen_lock serialises dir_reopen and is held
+ * across its I/O (it only runs after DIR was removed).  sf_cache_close must not race any other call
+ * on the same cache. */
 #include "scopefs/cache.h"
 
 #include <dirent.h>
@@ -66,6 +67,7 @@
 #define FULL_LOG_S       60         /* a full file system is logged at most once per this */
 #define ROOM_RETRY_S     10         /* after an eviction for room freed nothing, wait this long */
 #define ROOM_PCT         10         /* an eviction for room frees at least this share of DIR */
+#define ROOM_TRIES       4          /* writes again after making room, at most */
 #define STUCK_MAX        (1u << 20) /* unremovable entries remembered (40 bytes each) */
 #define FULL_MSG         ": disk cache full: "
 
@@ -89,6 +91,7 @@ struct sf_cache {
 	uint64_t put_total;          /* file bytes this mount has ever written */
 	uint64_t put_count;          /* entries this mount has ever written */
 	int evicting;                /* one evictor at a time */
+	pthread_cond_t evicted;      /* broadcast when an eviction ends (evicting back to 0) */
 	sf_cache_stats st;           /* counters; bytes/entries are the view of invariant 5 */
 	struct scratch spare[SCRATCH_SLOTS]; /* idle buffers of the scratch pool */
 	unsigned nspare;
@@ -683,31 +686,44 @@ static void maybe_evict(sf_cache *c)
 	evict(c, 0);
 	pthread_mutex_lock(&c->lock);
 	c->evicting = 0;
+	pthread_cond_broadcast(&c->evicted);
 	pthread_mutex_unlock(&c->lock);
 }
 
 /* After a write failed with ENOSPC/EDQUOT: evict least recently used entries
  * to free at least size bytes (and ROOM_PCT of DIR, so that a full disk costs
- * one scan per 10% of the folder, like the bound).  1 if something was freed.
- * If another thread is evicting, or an eviction for room freed nothing less
- * than ROOM_RETRY_S ago (the disk is full of other files), 0 at once. */
+ * one scan per 10% of the folder, like the bound).  1 if something was freed:
+ * the caller writes again.  If another thread is evicting, wait for it and
+ * say 1 unless it was a futile eviction for room: the unit it was computing
+ * used to go uncached whenever two workers hit the full disk together.  0 at
+ * once when an eviction for room freed nothing less than ROOM_RETRY_S ago
+ * (the disk is full of other files). */
 static int make_room(sf_cache *c, uint64_t size)
 {
 	uint64_t freed;
-	int mine;
+	int waited = 0;
 
 	pthread_mutex_lock(&c->lock);
-	mine = !c->evicting && !(c->room_futile && now_s() - c->room_futile_at < ROOM_RETRY_S);
-	if (mine)
-		c->evicting = 1;
-	pthread_mutex_unlock(&c->lock);
-	if (!mine)
+	while (c->evicting) {
+		waited = 1;
+		pthread_cond_wait(&c->evicted, &c->lock);
+	}
+	if (c->room_futile && now_s() - c->room_futile_at < ROOM_RETRY_S) {
+		pthread_mutex_unlock(&c->lock);
 		return 0;
+	}
+	if (waited) {
+		pthread_mutex_unlock(&c->lock);
+		return 1;
+	}
+	c->evicting = 1;
+	pthread_mutex_unlock(&c->lock);
 	freed = evict(c, size ? size : 1);
 	pthread_mutex_lock(&c->lock);
 	c->evicting = 0;
 	c->room_futile = freed == 0;
 	c->room_futile_at = now_s();
+	pthread_cond_broadcast(&c->evicted);
 	pthread_mutex_unlock(&c->lock);
 	return freed != 0;
 }
@@ -782,6 +798,11 @@ int sf_cache_open(const char *dir, uint64_t max_bytes, sf_cache **out, sf_err *e
 		rc = sf_fail(e, SF_ENOMEM, "%s: cannot create the cache lock", dir);
 		goto err_lock;
 	}
+	if (pthread_cond_init(&c->evicted, NULL) != 0) {
+		pthread_mutex_destroy(&c->reopen_lock);
+		rc = sf_fail(e, SF_ENOMEM, "%s: cannot create the cache lock", dir);
+		goto err_lock;
+	}
 	maybe_evict(c); /* the bound may have shrunk since the last mount */
 	*out = c;
 	return SF_OK;
@@ -802,6 +823,7 @@ void sf_cache_close(sf_cache *c)
 		return;
 	pthread_mutex_destroy(&c->lock);
 	pthread_mutex_destroy(&c->reopen_lock);
+	pthread_cond_destroy(&c->evicted);
 	for (unsigned i = 0; i < c->nspare; i++)
 		free(c->spare[i].p);
 	free(c->stuck);
@@ -1137,7 +1159,9 @@ static int full_report(sf_cache *c, int err, sf_err *e)
 }
 
 /* Write the entry; when DIR was removed meanwhile, make it again and retry
- * once; when the file system is full, make room and retry once. */
+ * once; when the file system is full, make room and retry, up to ROOM_TRIES
+ * times: workers that wait for one eviction all write again, and the room it
+ * made may go to the others first. */
 static int entry_store(sf_cache *c, const char *rel, const uint8_t *buf, size_t size, sf_err *e)
 {
 	int err = 0, rc;
@@ -1148,7 +1172,7 @@ static int entry_store(sf_cache *c, const char *rel, const uint8_t *buf, size_t 
 			return SF_EIO;
 		rc = entry_publish(c, rel, buf, size, &err, e);
 	}
-	if (rc && is_full(err) && make_room(c, size))
+	for (int tries = 0; rc && is_full(err) && tries < ROOM_TRIES && make_room(c, size); tries++)
 		rc = entry_publish(c, rel, buf, size, &err, e);
 	if (rc && is_full(err))
 		rc = full_report(c, err, e);
