@@ -59,6 +59,7 @@ typedef struct warp_product {
 	 * share slots, which only blurs the hint. */
 	uint64_t inflight[INFLIGHT_SLOTS];
 	unsigned workers; /* atomic: slots handed out */
+	int told_no_gpu;  /* atomic: the "GPU unavailable" line was logged (once, not per worker) */
 } warp_product;
 
 typedef struct warp_worker {
@@ -107,7 +108,8 @@ static int warp_worker_start(sf_product *p, void **state, sf_err *e)
 		if (sf_warp_cuda_create(w->opts.gpu < 0 ? 0 : w->opts.gpu, &ww->gpu, &ge) !=
 		    SF_OK) {
 			ww->gpu = NULL;
-			if (w->opts.gpu >= 0)
+			if (w->opts.gpu >= 0 &&
+			    !__atomic_exchange_n(&w->told_no_gpu, 1, __ATOMIC_RELAXED))
 				sf_log(SF_LOG_WARN,
 				       "%s: GPU %d unavailable, warping on the CPU: %s", p->name,
 				       w->opts.gpu, ge.msg);

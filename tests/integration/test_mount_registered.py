@@ -507,3 +507,22 @@ def test_wsireg_vs_transformix(scopefs, tmp_path):
     assert d.max() <= 1.0, (d.max(), d.mean())
     # and the transform did something
     assert np.abs(expect - ref[0, :, :, 0])[inner].mean() > 50
+
+
+def test_gpu_unavailable_is_said_once(scopefs, tmp_path):
+    # gpu=0 on a machine without a usable CUDA device: every worker falls
+    # back to the CPU, and the log says so once, not once per worker.
+    a = gen.norm(gen.tissue(600, 700, 1, seed=3))
+    gen.write_ome(scopefs.raw / 'ref.ome.tif', [a], ['A'], REF_PX)
+    gen.write_ome(scopefs.raw / 'mov.ome.tif', [a], ['A'], REF_PX)
+    tfd = tmp_path / 'tfd'
+    tfd.mkdir()
+    write_json(tfd / 'mov.json', np.array([[1.0, 0, 3], [0, 1.0, -2], [0, 0, 1]]))
+    m = scopefs.mount(opts={'reference': 'ref', 'transforms': str(tfd), 'gpu': '0',
+                            'threads': '4'})
+    with open(m.path('registered', 'mov.ome.tif'), 'rb') as f:
+        assert len(f.read()) > 600 * 700
+    lines = [ln for ln in m.log_text().splitlines() if 'warping on the CPU' in ln]
+    if not lines:
+        pytest.skip('a CUDA device warped the slide: nothing to say')
+    assert len(lines) == 1, lines
