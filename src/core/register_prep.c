@@ -58,8 +58,14 @@ int sf_reg_image_from_channel(const void *px, size_t stride, uint32_t w, uint32_
 				uint16_t v;
 				memcpy(&v, s, 2);
 				out[x] = v;
-			} else
+			} else {
+				/* NaN and inf (masked or failed pixels, as pipelines
+				 * write them) are no signal: 0, so that the percentiles,
+				 * the tissue mask and the metrics see finite values. */
 				memcpy(&out[x], s, 4);
+				if (!isfinite(out[x]))
+					out[x] = 0;
+			}
 		}
 	}
 	return SF_OK;
@@ -82,7 +88,7 @@ int sf_reg_normalise(sf_reg_image *im, double lo_pct, double hi_pct, sf_err *e)
 	float scale = hi > lo ? 1.0f / (hi - lo) : 0.0f;
 	for (size_t i = 0; i < n; i++) {
 		float v = (im->px[i] - lo) * scale;
-		im->px[i] = v < 0 ? 0 : v > 1 ? 1 : v;
+		im->px[i] = !(v > 0) ? 0 : v > 1 ? 1 : v; /* NaN: 0 */
 	}
 	return SF_OK;
 }
@@ -247,8 +253,10 @@ int sf_reg_tissue_mask(const sf_reg_image *im, double sigma, uint8_t *mask, doub
 	double hist[256] = {0};
 	double binw = hi > lo ? (hi - lo) / 256.0 : 1.0;
 	for (size_t i = 0; i < n; i++) {
-		int b = (int)((s.px[i] - lo) / binw);
-		hist[b > 255 ? 255 : b]++;
+		double f = (s.px[i] - lo) / binw;
+		hist[!(f > 0)   ? 0
+		     : f >= 255 ? 255
+		                : (int)f]++; /* NaN in bin 0, never out of range */
 	}
 	/* Otsu: the split maximising the between-class variance. */
 	double total = 0;

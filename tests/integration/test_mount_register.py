@@ -310,3 +310,36 @@ def test_brightfield_lazy(tmp_path):
         ok = True
     finally:
         fx.teardown(failed=not ok)  # the daemon's log is printed when something failed
+
+
+def test_float_slide_with_nan_registers(tmp_path):
+    """A float32 moving slide whose masked region is NaN (as pipelines write
+    them) is registered like any other: NaN is no signal.  It used to crash
+    the daemon (a NaN histogram bin index in the tissue mask)."""
+    rng = np.random.default_rng(11)
+    W, H = 640, 512
+    world = rp.SlideWorld(rng, int(H * 1.4), int(W * 1.4), fill=0.45)
+    origin = ((world.w - W) // 2, (world.h - H) // 2)
+    fx = Scopefs(tmp_path)
+    write_slide(fx.raw / "ref.ome.tif",
+                rp.render_fluorescence(world.crop(*origin, W, H), rng, channels=2), NAMES[:2])
+    pair = rp.make_slide_pair(rng, world, (W, H), origin, (W, H), np.radians(8.0), 1.0, False,
+                              (12.0, -7.0))
+    img = rp.render_fluorescence(pair.moving_stains(), rng, channels=2).astype(np.float32)
+    img /= 40000.0
+    img[:, 40:140, 60:180] = np.nan
+    img[:, 300:310, 20:30] = np.inf
+    gen.write_ome(fx.raw / "mov.ome.tif", gen.pyramid(gen.norm(img), LEVELS), NAMES[:2], PX)
+    try:
+        m = fx.mount(opts={"reference": "ref", "reg_eager": 1})
+        st = wait_registered(m, ["mov"])
+        assert m.proc.poll() is None, "the daemon died:\n" + m.log_text()
+        state = st["mov"]["state"]
+        assert state.startswith("served, registered by scopefs"), state
+        doc, field = load_json_transform(m.mnt, "mov")
+        marks = pair.landmarks(rng, 40)
+        med, _, _, _ = rp.tre_stats(rp.apply_transform_json(doc, marks, field),
+                                    pair.truth(marks), np.hypot(W, H))
+        assert med < 1.0, "median TRE %.2f px (%s)" % (med, state)
+    finally:
+        fx.teardown(failed=False)
