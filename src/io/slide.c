@@ -1480,6 +1480,25 @@ static void log_orientation(const char *path, uint16_t o)
 	                : "flipped");
 }
 
+/* A pixel size outside 0.0001 - 10000 um (the ImageJ reader's range) is a
+ * unit slip, not a calibration ("0.5" with unit "pm"): it is logged and
+ * dropped, as if absent, rather than served as a resolution tag that
+ * overflows (1e4 / 1e-12 um as a TIFF rational is 4294967295/0). */
+static void drop_implausible_pixel_size(sf_slide_info *s)
+{
+	double x = s->pixel_size_x, y = s->pixel_size_y;
+
+	if (x == 0 && y == 0)
+		return;
+	if (x >= 1e-4 && x <= 1e4 && y >= 1e-4 && y <= 1e4)
+		return;
+	sf_log(SF_LOG_WARN,
+	       "%s: pixel size %g x %g um is outside 0.0001 - 10000 um: ignored (no physical "
+	       "size)",
+	       s->path, x, y);
+	s->pixel_size_x = s->pixel_size_y = 0;
+}
+
 /* Choose the layout and fill s from the probe's pages and description. */
 static int choose_layout(probe *pr, sf_slide_info *s, const char *desc, sf_err *e)
 {
@@ -1564,6 +1583,7 @@ static int choose_layout(probe *pr, sf_slide_info *s, const char *desc, sf_err *
 		if (s->pixel_size_x == 0 || s->pixel_size_y == 0)
 			s->pixel_size_x = s->pixel_size_y = 0;
 	}
+	drop_implausible_pixel_size(s);
 	if (fill_levels(s, pr) || fill_channel_names(s, has_ome ? &ome : NULL))
 		goto out_nomem;
 	goto out;

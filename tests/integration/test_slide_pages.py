@@ -319,3 +319,27 @@ def test_mount_reads_imagej_pixel_size(scopefs):
     for axis in "XY":
         size = re.search(r'PhysicalSize%s="([^"]*)"' % axis, xml)
         assert size and float(size.group(1)) == pytest.approx(0.325, rel=1e-6)
+
+
+@pytest.mark.parametrize("size,unit", [(1e-12, "µm"), (0.5, "pm"), (1e30, "µm")])
+def test_implausible_ome_pixel_size_is_dropped(driver, scopefs, tmp_path, size, unit):
+    """An OME PhysicalSizeX outside 0.0001 - 10000 um is a unit slip: the
+    slide has no pixel size (logged, naming the file), and registered/ writes
+    no overflowing resolution rational (1e4 / 1e-12 um was 4294967295/0)."""
+    path = scopefs.raw / "s.ome.tif"
+    md = {"axes": "YX", "PhysicalSizeX": size, "PhysicalSizeXUnit": unit,
+          "PhysicalSizeY": size, "PhysicalSizeYUnit": unit}
+    tifffile.imwrite(path, np.zeros((300, 400), np.uint16), ome=True, metadata=md)
+    with tifffile.TiffFile(path) as t:  # the oracle: what the file says
+        assert 'PhysicalSizeX="%s"' % size in t.pages[0].description or \
+            'PhysicalSizeX="%r"' % size in t.pages[0].description
+    info, _ = probe(driver, path)
+    assert info["pixel_size"] == "0.000000,0.000000"
+    m = scopefs.mount(opts={"reg": "off"})
+    with tifffile.TiffFile(m.path("registered", "s.ome.tif")) as t:
+        tags = t.pages[0].tags
+        for name in ("XResolution", "YResolution"):
+            assert name not in tags or (tags[name].value[1] != 0 and tags[name].value[0] != 0), \
+                (name, tags[name].value)
+        assert "PhysicalSizeX" not in t.pages[0].description
+    assert re.search(r"s\.ome\.tif: pixel size .* is outside 0\.0001 - 10000 um", m.log_text())
