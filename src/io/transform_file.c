@@ -29,6 +29,7 @@
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <strings.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <tiffio.h>
@@ -1766,6 +1767,43 @@ int sf_transform_load_itk(const char *path, const sf_tf_units *units, sf_transfo
 
 /* --- dispatch ------------------------------------------------------------- */
 
+static int ends_with(const char *s, const char *suffix)
+{
+	size_t n = strlen(s), k = strlen(suffix);
+	return n >= k && strcasecmp(s + n - k, suffix) == 0;
+}
+
+/* Files the format detection would otherwise hand to the elastix reader,
+ * whose message ("expected '('") would confuse their writer: UTF-16 text
+ * (PowerShell 5's `>` writes it), an empty file, and a .json file or a JSON
+ * array that is not the object every JSON transform is. */
+static int sniff_refusal(const char *path, const char *head, size_t n, off_t size, sf_err *e)
+{
+	const unsigned char *u = (const unsigned char *)head;
+	const char *s = head + utf8_bom(head);
+
+	int ascii_le =
+	    n >= 4 && isprint(u[0]) && !u[1] && (isprint(u[2]) || isspace(u[2])) && !u[3];
+	int ascii_be =
+	    n >= 4 && !u[0] && isprint(u[1]) && !u[2] && (isprint(u[3]) || isspace(u[3]));
+
+	if (n >= 2 && ((u[0] == 0xFF && u[1] == 0xFE) || (u[0] == 0xFE && u[1] == 0xFF) ||
+	               ascii_le || ascii_be))
+		return sf_fail(e, SF_EFORMAT, "%s: UTF-16 text, not a transform: save it as UTF-8",
+		               path);
+	while (isspace((unsigned char)*s))
+		s++;
+	if ((size_t)(s - head) == n && (off_t)n == size)
+		return sf_fail(e, SF_EFORMAT, "%s: empty file, not a transform", path);
+	if (*s == '[' || (*s != '{' && ends_with(path, ".json")))
+		return sf_fail(e, SF_EFORMAT,
+		               "%s:1: not a JSON object: a JSON transform is an object such as "
+		               "{\"scopefs_transform\": 1, \"matrix\": [[a, b, tx], [c, d, ty]]} "
+		               "or a wsireg transformations file (docs/transforms.md)",
+		               path);
+	return SF_OK;
+}
+
 int sf_transform_load(const char *path, const sf_tf_units *units, sf_transform *t, sf_err *e)
 {
 	struct stat st;
@@ -1784,6 +1822,9 @@ int sf_transform_load(const char *path, const sf_tf_units *units, sf_transform *
 	size_t n = fread(head, 1, sizeof head - 1, f);
 	fclose(f);
 	head[n] = '\0';
+	int rc = sniff_refusal(path, head, n, st.st_size, e);
+	if (rc != SF_OK)
+		return rc;
 	const char *s = head + utf8_bom(head);
 	while (isspace((unsigned char)*s))
 		s++;

@@ -21,19 +21,25 @@
 #include "scopefs/warp.h"
 
 static char dir[64];
-static char made[32][192];
+static char made[64][192];
 static int nmade;
 
-static const char *fixture(const char *name, const char *text)
+static const char *fixture_bytes(const char *name, const void *bytes, size_t n)
 {
-	char *p = made[nmade < 31 ? nmade++ : 31];
+	char *p = made[nmade < 63 ? nmade++ : 63];
 	snprintf(p, sizeof made[0], "%s/%s", dir, name);
-	FILE *f = fopen(p, "w");
+	FILE *f = fopen(p, "wb");
 	if (f) {
-		fputs(text, f);
+		if (n)
+			fwrite(bytes, 1, n, f);
 		fclose(f);
 	}
 	return p;
+}
+
+static const char *fixture(const char *name, const char *text)
+{
+	return fixture_bytes(name, text, strlen(text));
 }
 
 static int near(double a, double b, double tol)
@@ -853,6 +859,38 @@ static void test_windows_files(void)
 	sf_transform_release(&t);
 }
 
+/* Files the detection would hand to the elastix reader get a message their
+ * writer understands: UTF-16 (with or without a BOM), empty, a JSON array,
+ * a .json file that is no JSON object. */
+static void test_misfit_files(void)
+{
+	static const char utf16[] = "\xFF\xFE{\0\n\0}\0";
+	static const char utf16_nobom[] = "(\0T\0r\0a\0n\0s\0";
+	struct {
+		const char *name, *bytes;
+		size_t n;
+		const char *want;
+	} cases[] = {
+	    {"u16.json", utf16, sizeof utf16 - 1,
+	     "u16.json: UTF-16 text, not a transform: save it "
+	     "as UTF-8"},
+	    {"u16.txt", utf16_nobom, sizeof utf16_nobom - 1, "u16.txt: UTF-16 text"},
+	    {"empty.json", "", 0, "empty.json: empty file, not a transform"},
+	    {"blank.txt", " \n\n", 3, "blank.txt: empty file, not a transform"},
+	    {"arr.json", "[[1, 0, 0], [0, 1, 0]]\n", 22, "arr.json:1: not a JSON object"},
+	    {"arr.txt", " [1]", 4, "arr.txt:1: not a JSON object"},
+	    {"word.json", "matrix 1 0 0\n", 13, "word.json:1: not a JSON object"},
+	};
+	for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+		sf_err e = {0};
+		sf_transform t;
+		const char *p = fixture_bytes(cases[i].name, cases[i].bytes, cases[i].n);
+		int rc = sf_transform_load(p, NULL, &t, &e);
+		CHECK(rc == SF_EFORMAT && strstr(e.msg, cases[i].want), "%s: rc %d, '%s'",
+		      cases[i].name, rc, e.msg);
+	}
+}
+
 int main(void)
 {
 	snprintf(dir, sizeof dir, "/tmp/sf_transform_XXXXXX");
@@ -871,6 +909,7 @@ int main(void)
 	test_special_files();
 	test_wsireg();
 	test_windows_files();
+	test_misfit_files();
 	for (int i = nmade - 1; i >= 0; i--)
 		unlink(made[i]);
 	char sub[128];
