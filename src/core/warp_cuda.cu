@@ -1,8 +1,9 @@
 /* warp_cuda.cu — the warp kernel on a CUDA GPU (built when nvcc is found).
  *
  * One thread per output pixel runs exactly the arithmetic of the CPU kernel
- * (warp_math.h: coordinates in double, weights and sums in float, no fused
- * multiply-adds), so both give the same bytes.  A context belongs to one
+ * (warp_math.h: coordinates in double, weights in float, sums in float for
+ * the integer types and in double, zero-weight taps left out, for float32;
+ * no fused multiply-adds), so both give the same bytes.  A context belongs to one
  * worker thread: it holds a stream, device buffers that grow to the largest
  * tile seen, and the field grids uploaded once per grid id (ids are unique in
  * the process, so a cached grid is never stale).  Every CUDA failure becomes
@@ -42,19 +43,49 @@ static int cuda_fail(sf_err *e, cudaError_t err, const char *what)
 /* --- device side ---------------------------------------------------------- */
 
 template <typename T> struct sample_traits;
+/* blend: the bilinear blend of the type (warp_math.h; float32 has its own);
+ * acc: the type of a bicubic row sum and dot4 the sum itself. */
 template <> struct sample_traits<uint8_t> {
+	typedef float acc;
+	static __device__ float blend(float a, float b, float c, float d, float tx, float ty)
+	{
+		return wm_bilinear(a, b, c, d, tx, ty);
+	}
+	static __device__ float dot4(const float w[4], float a, float b, float c, float d)
+	{
+		return wm_dot4(w, a, b, c, d);
+	}
 	static __device__ uint8_t store(float v)
 	{
 		return (uint8_t)wm_round_clamp(v, 255.0f);
 	}
 };
 template <> struct sample_traits<uint16_t> {
+	typedef float acc;
+	static __device__ float blend(float a, float b, float c, float d, float tx, float ty)
+	{
+		return wm_bilinear(a, b, c, d, tx, ty);
+	}
+	static __device__ float dot4(const float w[4], float a, float b, float c, float d)
+	{
+		return wm_dot4(w, a, b, c, d);
+	}
 	static __device__ uint16_t store(float v)
 	{
 		return (uint16_t)wm_round_clamp(v, 65535.0f);
 	}
 };
 template <> struct sample_traits<float> {
+	typedef double acc;
+	static __device__ float blend(float a, float b, float c, float d, float tx, float ty)
+	{
+		return wm_bilinear_f32(a, b, c, d, tx, ty);
+	}
+	static __device__ double dot4(const float w[4], double a, double b, double c, double d)
+	{
+		const double wd[4] = {(double)w[0], (double)w[1], (double)w[2], (double)w[3]};
+		return wm_dot4_d(wd, a, b, c, d);
+	}
 	static __device__ float store(float v)
 	{
 		return v;
@@ -111,12 +142,10 @@ template <typename T> __device__ void warp_pixel(const warp_args &a)
 		double fx = floor(x), fy = floor(y);
 		float tx = (float)WM_DADD(x, -fx), ty = (float)WM_DADD(y, -fy);
 		int64_t x0 = (int64_t)fx, y0 = (int64_t)fy;
-		for (unsigned c = 0; c < a.spp; c++) {
-			float top = wm_lerp(tap<T>(a, x0, y0, c), tap<T>(a, x0 + 1, y0, c), tx);
-			float bot =
-			    wm_lerp(tap<T>(a, x0, y0 + 1, c), tap<T>(a, x0 + 1, y0 + 1, c), tx);
-			o[c] = sample_traits<T>::store(wm_lerp(top, bot, ty));
-		}
+		for (unsigned c = 0; c < a.spp; c++)
+			o[c] = sample_traits<T>::store(sample_traits<T>::blend(
+			    tap<T>(a, x0, y0, c), tap<T>(a, x0 + 1, y0, c),
+			    tap<T>(a, x0, y0 + 1, c), tap<T>(a, x0 + 1, y0 + 1, c), tx, ty));
 		return;
 	}
 	if (wm_bicubic_outside(x, y, a.sw, a.sh)) {
@@ -130,11 +159,13 @@ template <typename T> __device__ void warp_pixel(const warp_args &a)
 	wm_cubic_weights((float)WM_DADD(y, -fy), wy);
 	int64_t x0 = (int64_t)fx - 1, y0 = (int64_t)fy - 1;
 	for (unsigned c = 0; c < a.spp; c++) {
-		float r[4];
+		typename sample_traits<T>::acc r[4];
 		for (int k = 0; k < 4; k++)
-			r[k] = wm_dot4(wx, tap<T>(a, x0, y0 + k, c), tap<T>(a, x0 + 1, y0 + k, c),
-			               tap<T>(a, x0 + 2, y0 + k, c), tap<T>(a, x0 + 3, y0 + k, c));
-		o[c] = sample_traits<T>::store(wm_dot4(wy, r[0], r[1], r[2], r[3]));
+			r[k] = sample_traits<T>::dot4(
+			    wx, tap<T>(a, x0, y0 + k, c), tap<T>(a, x0 + 1, y0 + k, c),
+			    tap<T>(a, x0 + 2, y0 + k, c), tap<T>(a, x0 + 3, y0 + k, c));
+		o[c] = sample_traits<T>::store(
+		    (float)sample_traits<T>::dot4(wy, r[0], r[1], r[2], r[3]));
 	}
 }
 

@@ -133,10 +133,49 @@ WM_FN void wm_map_point(const sf_map *m, double x, double y, double *sx, double 
 	*sy = py;
 }
 
-/* Linear interpolation a + t (b - a) in float. */
+/* Linear interpolation a + t (b - a) in float: the integer types' blend.
+ * Their samples are small and finite, so b - a cannot overflow and no tap
+ * is NaN; kept as it is so their bytes never change. */
 WM_FN float wm_lerp(float a, float b, float t)
 {
 	return WM_FADD(a, WM_FMUL(t, WM_FADD(b, -a)));
+}
+
+/* Bilinear blend of the integer types: rows a, b and c, d, then columns. */
+WM_FN float wm_bilinear(float a, float b, float c, float d, float tx, float ty)
+{
+	return wm_lerp(wm_lerp(a, b, tx), wm_lerp(c, d, tx), ty);
+}
+
+/* float32 samples blend differently (docs/transforms.md, "NaN and
+ * infinity"):
+ *  - in double, as (1 - t) a + t b: float32 values are far inside double's
+ *    range, so finite taps never overflow (float's b - a overflows for
+ *    -3e38 and 3e38, and 0 * inf is NaN), and both weights are at most 1,
+ *    so the result stays within [a, b] up to rounding and converts to a
+ *    finite float;
+ *  - a tap of weight exactly 0 is left out, not multiplied by 0: an
+ *    identity or integer-shift sample then returns the source sample
+ *    itself, and a NaN or infinite sample reaches only the outputs it
+ *    weighs in (0 * NaN would be NaN in its neighbours too).
+ * t is the float weight the integer types use (t = 1 happens when x -
+ * floor(x) rounds up to 1.0f), so all types share the coordinates. */
+WM_FN double wm_lerp_d(double a, double b, float t)
+{
+	if (t == 0.0f)
+		return a;
+	if (t == 1.0f)
+		return b;
+	double dt = (double)t;
+	return WM_DADD(WM_DMUL(WM_DADD(1.0, -dt), a), WM_DMUL(dt, b));
+}
+
+/* float32 bilinear blend: rows a, b and c, d, then columns, in double; one
+ * rounding to float at the end. */
+WM_FN float wm_bilinear_f32(float a, float b, float c, float d, float tx, float ty)
+{
+	return (float)wm_lerp_d(wm_lerp_d((double)a, (double)b, tx),
+	                        wm_lerp_d((double)c, (double)d, tx), ty);
 }
 
 /* Keys cubic convolution weights (a = -0.5) of taps floor-1 .. floor+2 for
@@ -155,6 +194,28 @@ WM_FN float wm_dot4(const float w[4], float a, float b, float c, float d)
 {
 	return WM_FADD(WM_FADD(WM_FADD(WM_FMUL(w[0], a), WM_FMUL(w[1], b)), WM_FMUL(w[2], c)),
 	               WM_FMUL(w[3], d));
+}
+
+/* wm_dot4 for float32 samples: weights (the float Keys weights, converted)
+ * and sum in double, taps of weight exactly 0 left out (see wm_lerp_d).  A
+ * left-out tap adds -0.0, the identity of IEEE addition (x + -0.0 is x,
+ * -0.0 and +0.0 included), so the sum is that of the weighed taps alone,
+ * in order, and a sample of weight 1 comes back with its bits. */
+WM_FN double wm_dot4_d(const double w[4], double a, double b, double c, double d)
+{
+	double pa = w[0] == 0.0 ? -0.0 : WM_DMUL(w[0], a);
+	double pb = w[1] == 0.0 ? -0.0 : WM_DMUL(w[1], b);
+	double pc = w[2] == 0.0 ? -0.0 : WM_DMUL(w[2], c);
+	double pd = w[3] == 0.0 ? -0.0 : WM_DMUL(w[3], d);
+	return WM_DADD(WM_DADD(WM_DADD(pa, pb), pc), pd);
+}
+
+/* wm_dot4_d where no weight is 0 (every sample off the grid lines): the
+ * same operations without the selects, so the same value. */
+WM_FN double wm_dot4_d_nz(const double w[4], double a, double b, double c, double d)
+{
+	return WM_DADD(WM_DADD(WM_DADD(WM_DMUL(w[0], a), WM_DMUL(w[1], b)), WM_DMUL(w[2], c)),
+	               WM_DMUL(w[3], d));
 }
 
 /* Whether no tap of a bilinear (resp. bicubic) sample at buffer coordinates

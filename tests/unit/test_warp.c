@@ -345,6 +345,153 @@ static void test_groups_equal_pixels(void)
 	}
 }
 
+/* Whether got is want: the same bits for finite and infinite values (-0.0
+ * included), NaN for NaN. */
+static int same_f32(float got, float want)
+{
+	if (isnan(want))
+		return isnan(got);
+	return got == want && signbit(got) == signbit(want);
+}
+
+/* float32 slides with extreme finite values, NaN and infinities
+ * (docs/transforms.md, "NaN and infinity"): blends are computed in double
+ * and taps of weight exactly 0 are left out.  Expected values by hand:
+ *  - identity and integer shifts return every source sample itself (a NaN
+ *    or infinite sample does not spread to its neighbours through weight-0
+ *    taps, and -3e38 next to 3e38 stays finite);
+ *  - half way between -A and A (A = 3e38f) is 0, a quarter of the way is
+ *    -A/2 (0.75 (-A) + 0.25 A, exact in double); float's a + t (b - a)
+ *    overflowed b - a to inf;
+ *  - bicubic half way along a row of FLT_MAX is FLT_MAX (Keys weights
+ *    -1/16, 9/16, 9/16, -1/16: exact in double; float's partial sum
+ *    17/16 FLT_MAX overflowed);
+ *  - a (0.5, 0.5) shift averages 2x2 taps: NaN exactly where a NaN tap is
+ *    among them, +inf where +inf is, the mean elsewhere.
+ * Each with 1 sample and with 4 (the vector and AVX2 group paths). */
+static void test_float_nonfinite(void)
+{
+	const int64_t w = 12, h = 6;
+	const float A = 3e38f, M = 3.40282347e38f;
+	float base[6 * 12];
+	for (int64_t y = 0; y < h; y++)
+		for (int64_t x = 0; x < w; x++)
+			base[y * w + x] = (float)(x + 10 * y) - 20.0f;
+	base[2 * w + 4] = -A;
+	base[2 * w + 5] = A;
+	base[4 * w + 8] = NAN;
+	base[1 * w + 9] = INFINITY;
+	base[0 * w + 2] = -INFINITY;
+	base[5 * w + 1] = -0.0f;
+	for (int64_t x = 0; x < w; x++)
+		base[3 * w + x] = M;
+	const unsigned spps[2] = {1, 4};
+	for (int si = 0; si < 2; si++) {
+		unsigned spp = spps[si];
+		float *img = malloc(sizeof(float) * (size_t)(w * h) * spp);
+		float *out = malloc(sizeof(float) * (size_t)(w * h) * spp);
+		for (int64_t i = 0; i < w * h; i++)
+			for (unsigned c = 0; c < spp; c++)
+				img[i * spp + c] = base[i];
+		sf_warp_src src = {img, (size_t)w * spp * sizeof(float), {0, 0, w, h}};
+		const size_t ostride = (size_t)w * spp * sizeof(float);
+		/* identity and an integer shift (+1, -1), both interpolations */
+		for (int k = 0; k < 4; k++) {
+			int dx = k < 2 ? 0 : 1, dy = k < 2 ? 0 : -1;
+			sf_interp interp = k % 2 ? SF_INTERP_BICUBIC : SF_INTERP_BILINEAR;
+			double m[9] = {1, 0, dx, 0, 1, dy, 0, 0, 1};
+			sf_transform t;
+			sf_err e;
+			affine(&t, m);
+			sf_warp_fmt f = {SF_F32, spp, interp, 9};
+			int rc = sf_warp_tile(&t.map, &src, &f, (sf_wrect){0, 0, w, h}, out,
+			                      ostride, &e);
+			int bad = 0;
+			for (int64_t y = 0; y < h; y++)
+				for (int64_t x = 0; x < w; x++) {
+					int64_t sx = x + dx, sy = y + dy;
+					float want = sx >= 0 && sx < w && sy >= 0 && sy < h
+					                 ? base[sy * w + sx]
+					                 : 9.0f;
+					for (unsigned c = 0; c < spp; c++)
+						bad += !same_f32(out[(y * w + x) * spp + c], want);
+				}
+			CHECK(rc == SF_OK && bad == 0,
+			      "float32 %s shift (%d, %d), %u samples: %d samples not the source's",
+			      sf_interp_name(interp), dx, dy, spp, bad);
+			sf_transform_release(&t);
+		}
+		/* x + 0.5 and x + 0.25 along the rows */
+		double quarters[2] = {0.5, 0.25};
+		float want_mid[2] = {0.0f, -A / 2};
+		for (int q = 0; q < 2; q++) {
+			double m[9] = {1, 0, quarters[q], 0, 1, 0, 0, 0, 1};
+			sf_transform t;
+			sf_err e;
+			affine(&t, m);
+			sf_warp_fmt f = {SF_F32, spp, SF_INTERP_BILINEAR, 9};
+			sf_warp_tile(&t.map, &src, &f, (sf_wrect){0, 0, w, h}, out, ostride, &e);
+			int bad = 0;
+			for (unsigned c = 0; c < spp; c++)
+				bad += !same_f32(out[(2 * w + 4) * spp + c], want_mid[q]);
+			CHECK(bad == 0,
+			      "float32 bilinear at 4 + %g between -3e38 and 3e38: %g, want %g",
+			      quarters[q], out[(2 * w + 4) * spp], want_mid[q]);
+			if (q == 0) {
+				f.interp = SF_INTERP_BICUBIC;
+				sf_warp_tile(&t.map, &src, &f, (sf_wrect){0, 0, w, h}, out, ostride,
+				             &e);
+				bad = 0;
+				for (int64_t x = 1; x < w - 2; x++)
+					for (unsigned c = 0; c < spp; c++)
+						bad += !same_f32(out[(3 * w + x) * spp + c], M);
+				CHECK(bad == 0,
+				      "float32 bicubic half way along a row of FLT_MAX: %d samples "
+				      "not FLT_MAX (x 1: %g)",
+				      bad, out[(3 * w + 1) * spp]);
+			}
+			sf_transform_release(&t);
+		}
+		/* (0.5, 0.5): the mean of 2x2 taps, NaN and inf where they weigh in */
+		{
+			double m[9] = {1, 0, 0.5, 0, 1, 0.5, 0, 0, 1};
+			sf_transform t;
+			sf_err e;
+			affine(&t, m);
+			sf_warp_fmt f = {SF_F32, spp, SF_INTERP_BILINEAR, 9};
+			sf_warp_tile(&t.map, &src, &f, (sf_wrect){0, 0, w - 1, h - 1}, out, ostride,
+			             &e);
+			int bad = 0, nans = 0, infs = 0;
+			for (int64_t y = 0; y < h - 1; y++)
+				for (int64_t x = 0; x < w - 1; x++) {
+					const float *p = base + y * w + x;
+					double top = ((double)p[0] + p[1]) / 2;
+					double bot = ((double)p[w] + p[w + 1]) / 2;
+					float want = (float)((top + bot) / 2);
+					nans += isnan(want) != 0;
+					infs += isinf(want) != 0; /* -1 for -inf in glibc */
+					for (unsigned c = 0; c < spp; c++) {
+						float got = out[(y * w + x) * spp + c];
+						bad += isnan(want) || isinf(want)
+						           ? !same_f32(got, want)
+						           : !(fabs(got - want) <=
+						               1e-6 * fabs(want) + 1e-5);
+					}
+				}
+			/* NaN at (8, 4) reaches outputs (7..8, 3..4); +inf at (9, 1)
+			 * (8..9, 0..1); -inf at (2, 0) (1..2, 0) */
+			CHECK(
+			    bad == 0 && nans == 4 && infs == 6,
+			    "float32 (0.5, 0.5) shift, %u samples: %d samples differ from the 2x2 "
+			    "mean (%d NaN, %d inf expected)",
+			    spp, bad, nans, infs);
+			sf_transform_release(&t);
+		}
+		free(img);
+		free(out);
+	}
+}
+
 static void test_bad_arguments(void)
 {
 	sf_err e;
@@ -648,6 +795,7 @@ int main(int argc, char **argv)
 	test_four_lanes();
 	test_four_lane_edges();
 	test_groups_equal_pixels();
+	test_float_nonfinite();
 	test_bad_arguments();
 	test_source_rect();
 	test_choose_source();
