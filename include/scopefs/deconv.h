@@ -43,7 +43,7 @@ typedef struct sf_deconv_params {
 	/* Block pre-processing: */
 	double gaussian_sigma[3];    /* x y z, voxels; 0 on an axis skips it; default .5 .5 2.5 */
 	int gaussian_filter_size[3]; /* x y z taps, odd; default 13 13 25 */
-	double dark; /* subtracted (then clamped at 0) after the filter; default 0 */
+	double dark; /* default 0; subtracted after the filter, then clamped at 0 (always) */
 	int taper;   /* blend edges into the PSF-blurred block; default 1 */
 
 	/* Output scaling, used by the caller's scaler; validated here: */

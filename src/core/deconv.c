@@ -1,7 +1,8 @@
 /* deconv.c — Richardson-Lucy deconvolution of one block, as LsDeconv does it.
  *
  * Per block (docs/deconvolution.md has the formulas):
- *   1. optional separable Gaussian pre-filter (replicate edges), dark subtraction;
+ *   1. optional separable Gaussian pre-filter (replicate edges), dark subtraction
+ *      and a clamp at 0 (always: negative float32 voxels would blow up step 4);
  *   2. optional edge taper: the block blended into its PSF-blurred self by
  *      per-axis linear ramps of width max(8, psf/2);
  *   3. zero padding to the context's FFT shape (by default the 7-smooth size
@@ -736,15 +737,26 @@ static void crop_plane(const sf_deconv_ctx *ctx, const float *pad, float *out, s
 		       pad + ((z + o.nz) * N.ny + y + o.ny) * N.nx + o.nx, n.nx * sizeof(float));
 }
 
-/* Whether step 1 or 2 changes the block (else it is padded straight from
- * the caller's buffer). */
-static int host_changes_block(const sf_deconv_ctx *ctx)
+/* Whether any of the n voxels is below 0 (or NaN, which the clamp of step 1
+ * also maps to 0). */
+static int any_negative(const float *v, size_t n)
+{
+	int neg = 0;
+	for (size_t k = 0; k < n; k++)
+		neg |= !(v[k] >= 0.0f);
+	return neg;
+}
+
+/* Whether steps 1-2 change the block (else it is padded straight from the
+ * caller's buffer): the clamp at 0 changes it only when a voxel is below 0,
+ * as in background-subtracted float32 data. */
+static int host_changes_block(const sf_deconv_ctx *ctx, const float *in, size_t nblk)
 {
 	float w[1025];
 	int filtered = 0;
 	for (int a = 0; a < 3; a++)
 		filtered |= prefilter_taps(&ctx->p, a, w) >= 0;
-	return filtered || ctx->p.dark > 0 || ctx->p.taper;
+	return filtered || ctx->p.dark > 0 || ctx->p.taper || any_negative(in, nblk);
 }
 
 /* Engine buffer buf as host floats, when the engine's memory is the
@@ -769,12 +781,14 @@ static int prepare_on_host(sf_deconv_ctx *ctx, const float *in, sf_err *e)
 {
 	size_t nblk = ctx->n.nx * ctx->n.ny * ctx->n.nz;
 	const float *blk = in;
-	if (host_changes_block(ctx)) {
+	if (host_changes_block(ctx, in, nblk)) {
 		memcpy(ctx->blk, in, nblk * sizeof(float));
 		prefilter(ctx);
-		if (ctx->p.dark > 0)
-			for (size_t k = 0; k < nblk; k++)
-				ctx->blk[k] = fmaxf(ctx->blk[k] - (float)ctx->p.dark, 0.0f);
+		/* Always clamped, dark or not: y < 0 over the floor eps of Hx
+		 * makes the ratio step explode (-500 / 1.19e-7), and RL's
+		 * multiplicative update assumes y >= 0. */
+		for (size_t k = 0; k < nblk; k++)
+			ctx->blk[k] = fmaxf(ctx->blk[k] - (float)ctx->p.dark, 0.0f);
 		int rc = ctx->p.taper ? taper(ctx, e) : SF_OK;
 		if (rc)
 			return rc;
@@ -815,7 +829,7 @@ static int prepare_on_engine(sf_deconv_ctx *ctx, const float *in, sf_err *e)
 		cur = other;
 		other = swap;
 	}
-	if (!rc && ctx->p.dark > 0)
+	if (!rc) /* clamps at 0 with dark 0 too, as prepare_on_host */
 		rc = ops->subtract(ctx->plan, cur, nblk, (float)ctx->p.dark, e);
 	if (!rc && ctx->p.taper) {
 		size_t width[3] = {taper_width(ctx->psf_n.nx, blk[0]),

@@ -1597,6 +1597,12 @@ static sf_key blocks_key(const sf_stack *st, const sf_deconv_settings *s, const 
 		k = sf_key_mix_u64(k, st->page_step);
 	}
 	k = mix_params(k, p);
+	/* The filtered block is clamped at 0 with dark 0 too (it was only with
+	 * dark > 0): blocks of float32 sources with negative voxels changed.
+	 * Integer sources cannot be negative, so only float32 keys with dark 0
+	 * move and every other cache stays valid. */
+	if (st->dtype == SF_F32 && !(p->dark > 0))
+		k = sf_key_mix_str(k, "clamp0");
 	for (int a = 0; a < 3; a++) {
 		k = mix_double(k, p->gaussian_sigma[a]);
 		k = sf_key_mix_u64(k, (uint64_t)p->gaussian_filter_size[a]);
@@ -2229,6 +2235,26 @@ static void warn_small_cores(const char *name, const sf_stack *st, const sf_deco
 	       grid_window_voxels(&b->g) / grid_window_voxels(&best));
 }
 
+/* float32 output holds the deconvolved values as they are: scale=GAIN and
+ * signal_amp only map them into uint8/uint16.  Say so once per stack when
+ * either was set to anything but its default (only a source that names it
+ * can do that), rather than serve the same bytes as without it silently. */
+static void warn_unused_scaling(const char *name, const sf_deconv_settings *s, sf_dtype out)
+{
+	char gain[64] = "", amp[64] = "";
+
+	if (out != SF_F32 || (!(s->scale > 0) && s->signal_amp == 1))
+		return;
+	if (s->scale > 0)
+		snprintf(gain, sizeof gain, "scale=%g", s->scale);
+	if (s->signal_amp != 1)
+		snprintf(amp, sizeof amp, "signal_amp=%g", s->signal_amp);
+	sf_log(SF_LOG_WARN,
+	       "%s: option%s %s%s%s ignored: float32 output holds the deconvolved values "
+	       "unscaled (scale and signal_amp apply to uint8 and uint16 output only)",
+	       name, gain[0] && amp[0] ? "s" : "", gain, gain[0] && amp[0] ? " and " : "", amp);
+}
+
 int sf_product_deconv_create(const sf_stack *st, const sf_deconv_settings *s,
                              const sf_layout *plane_layout, sf_engine *const *engine,
                              const char *cache_dir, uint64_t mem_bytes, sf_product **blocks_out,
@@ -2298,6 +2324,7 @@ int sf_product_deconv_create(const sf_stack *st, const sf_deconv_settings *s,
 		if (windows > 2.0 && !s->block)
 			warn_small_cores(p->name, st, s, pl->b, windows);
 	}
+	warn_unused_scaling(p->name, s, pl->out);
 	*blocks_out = bp;
 	*planes_out = p;
 	return SF_OK;
