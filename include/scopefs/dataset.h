@@ -8,8 +8,14 @@
  *    of them, is a stack of planes (sorted by name);
  *  - a multi-page TIFF whose pages are one size and type, untiled, with no
  *    reduced levels (or OME-XML with SizeZ > 1 and SizeC == 1) is a stack,
- *    unless it is a time series (OME SizeT or ImageJ frames > 1) or a page
- *    breaks its run of planes: then it is a problem, neither stack nor slide;
+ *    unless it is a time series (OME SizeT or ImageJ frames > 1), a page
+ *    breaks its run of planes or it states another plane count (SizeZ,
+ *    ImageJ slices=) than it has pages (also one page with ImageJ slices > 1,
+ *    ImageJ's layout over 4 GiB): then it is a problem, neither stack nor
+ *    slide;
+ *  - an image-named entry of a plane folder that is not a usable file (a
+ *    folder, fifo, device, broken or outside link) is a problem and keeps the
+ *    folder from being served: it would be a hole in the stack;
  *  - an OME-TIFF with SizeC > 1 and SizeZ > 1 (one sample per pixel) is one
  *    stack per channel, <stem>_c<C>, its planes picked from the pages by the
  *    DimensionOrder; a time series, an odd page, fewer pages than

@@ -25,12 +25,14 @@
  *    256 KiB (at least one row).
  * Units are contiguous: unit u + 1 starts where unit u ends, unit 0 at
  * header_size, and the last unit ends at file_size.
- * Page 0's IFD carries the ImageDescription (OME-XML) when given.  Reduced
+ * Page 0's IFD carries the ImageDescription (OME-XML) when given, or
+ * ImageJ's calibration (imagej_pixel_um, for strip files).  Reduced
  * levels are SubIFDs of each page (NewSubfileType 1, largest first), level l
  * being ceil(width / 2^l) x ceil(height / 2^l) unless level sizes are given.
  * Photometric is MinIsBlack (samples 1) or RGB (samples 3), Compression none,
  * PlanarConfig contig; X/YResolution (ResolutionUnit centimetre) are scaled
- * to each level's size.
+ * to each level's size.  The header, whatever its tags, is built before the
+ * layout exists, so header_size and every offset account for it.
  *
  * BigTIFF: a file whose size would not fit in 32 bits is BigTIFF when
  * bigtiff == -1 and fails with SF_ERANGE when bigtiff == 0; bigtiff == 1
@@ -69,6 +71,16 @@ typedef struct sf_layout_spec {
 	const char *description; /* page 0 ImageDescription (UTF-8), or NULL */
 	int bigtiff;             /* -1: when needed, 0: never (fail if needed), 1: always */
 	double resolution_x, resolution_y; /* pixels per centimetre, 0: omit */
+	/* Strip files (ImageJ planes): the voxel size in micrometres, 0: unknown.
+	 * imagej_pixel_um > 0 writes ImageJ 1.x's own calibration, which Fiji's
+	 * File > Import > Image Sequence gives the whole stack: X/YResolution
+	 * 1 / imagej_pixel_um (pixels per micron) with ResolutionUnit none, and
+	 * page 0's ImageDescription "ImageJ=1.11a\nunit=micron\n", plus
+	 * "spacing=<imagej_spacing_um>\n" when that is > 0.  Not together with
+	 * description or resolution_x/y (they would contradict it); a spacing
+	 * needs a pixel size.  A size outside 0.0001-10000 um (no plausible
+	 * voxel) is not written: no calibration, or no spacing. */
+	double imagej_pixel_um, imagej_spacing_um;
 	/* Tiled files: split a position into page groups when all its pages
 	 * together pass this many bytes, so a unit stays small however many
 	 * channels there are (at least one page per unit).  0: no limit. */

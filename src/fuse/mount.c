@@ -713,6 +713,10 @@ static int add_stack(sf_mount *m, uint32_t top, const sf_stack *st, sf_err *e)
 	spec.tile = 0;
 	spec.levels = 1;
 	spec.bigtiff = -1;
+	/* ImageJ's own calibration (the settings hold nm), so that Fiji's Image
+	 * Sequence import shows the stack in microns, not pixels. */
+	spec.imagej_pixel_um = ds.params.dxy / 1000.0;
+	spec.imagej_spacing_um = ds.params.dz / 1000.0;
 	rc = sf_layout_create(&spec, &layout, e);
 	if (rc != SF_OK || (rc = keep_layout(m, layout, e)) != SF_OK)
 		return rc;

@@ -218,9 +218,13 @@ static int entry_type(sf_dataset *d, int fd, const char *name, const char *path,
 	return 0;
 }
 
+/* Why a folder with an image name inside a plane folder is left out. */
+#define PLANE_FOLDER_REASON "a folder named like a plane; the planes of a plane folder are files"
+
 /* List folder dir: subfolders (if want_dirs) and files with an image
  * extension, in natural name order.  Hidden names are skipped.  *holes:
- * the image-named entries left out (entry_type). */
+ * the image-named entries left out (entry_type), and without want_dirs the
+ * image-named folders (each also a problem). */
 static int list_folder(sf_dataset *d, const char *dir, int want_dirs, listing *out, uint32_t *holes,
                        sf_err *e)
 {
@@ -243,6 +247,12 @@ static int list_folder(sf_dataset *d, const char *dir, int want_dirs, listing *o
 		}
 		int type = entry_type(d, dirfd(dh), de->d_name, path, holes, &rc);
 		int keep = (type == 'd' && want_dirs) || (type == 'f' && image_ext_len(de->d_name));
+		if (!rc && type == 'd' && !want_dirs && image_ext_len(de->d_name)) {
+			/* Left out like a fifo: it stands where a plane would be, so
+			 * serving the folder without it would shift every later plane. */
+			rc = add_problem(d, path, "%s", PLANE_FOLDER_REASON);
+			++*holes;
+		}
 		if (rc || !keep) {
 			free(path);
 			if (rc)
@@ -288,12 +298,21 @@ typedef struct probed {
 	sf_err err;
 } probed;
 
+/* An ImageJ file that states several z-planes in one page: ImageJ's layout
+ * for stacks over 4 GiB (one IFD, the planes one after another), or a file
+ * cut short.  Either way its one page is not the whole image.  (One-page
+ * OME files state the SizeZ of a multi-file series, so they do not count.) */
+static int one_page_states_planes(const sf_slide_info *s)
+{
+	return !s->is_ome && s->channels == 1 && s->stated_z > 1;
+}
+
 /* One page, one level, untiled, one sample: a plain TIFF or a one-page
  * OME-TIFF (Micro-Manager and others write a folder of those). */
 static int plane_like(const sf_slide_info *s)
 {
 	return (s->kind == SF_SLIDE_FLAT || s->kind == SF_SLIDE_OME) && s->channels == 1 &&
-	       s->level_count == 1 && !s->tiled && s->samples == 1;
+	       s->level_count == 1 && !s->tiled && s->samples == 1 && !one_page_states_planes(s);
 }
 
 static int same_plane_shape(const sf_slide_info *a, const sf_slide_info *b)
@@ -303,11 +322,12 @@ static int same_plane_shape(const sf_slide_info *a, const sf_slide_info *b)
 
 /* A file whose pages would be z-planes (docs/dataset.md, rule 2): one
  * sample, and OME-XML with SizeZ > 1 and SizeC <= 1, or no OME-XML, FLAT,
- * untiled and not stating channels; with two or more planes, or a page that
- * breaks their run (then it is a stack that cannot be served). */
+ * untiled and not stating channels; with two or more planes, a page that
+ * breaks their run or an ImageJ slices= > 1 in one page (then it is a stack
+ * that cannot be served, not a 2D slide of its first plane). */
 static int stack_candidate(const sf_slide_info *s)
 {
-	if (s->samples != 1 || (s->channels < 2 && !s->odd_page))
+	if (s->samples != 1 || (s->channels < 2 && !s->odd_page && !one_page_states_planes(s)))
 		return 0;
 	if (s->is_ome)
 		return s->stated_z > 1 && s->stated_c <= 1;
@@ -335,6 +355,35 @@ static const char *stack_file_fault(const sf_slide_info *s, const char *name, ch
 		return buf;
 	}
 	return NULL;
+}
+
+/* Why a single-channel stack file does not hold the planes it states
+ * (OME SizeZ, ImageJ slices=); NULL if it does or states nothing.  Served
+ * as its pages, it would silently lose or shift planes (tifffile calls such
+ * a file corrupted).  name is the file name; writes into buf. */
+static const char *stated_planes_fault(const sf_slide_info *s, const char *name, char *buf,
+                                       size_t cap)
+{
+	const char *key = s->is_ome ? "SizeZ" : "slices";
+	if (s->stated_z == 0 || s->stated_z == s->channels)
+		return NULL;
+	if (one_page_states_planes(s)) {
+		snprintf(buf, cap,
+		         "%s states %u planes (ImageJ %s=%u) but has 1 page; ImageJ stores "
+		         "stacks over 4 GiB that way (all planes after one page), which "
+		         "scopefs does not read: save the stack as one page per plane or as a "
+		         "folder of planes",
+		         name, s->stated_z, key, s->stated_z);
+		return buf;
+	}
+	snprintf(buf, cap,
+	         "%s states %u planes (%s %s=%u) but has %u pages of %ux%u %s; a stack file must "
+	         "hold every plane it states%s",
+	         name, s->stated_z, s->is_ome ? "OME" : "ImageJ", key, s->stated_z, s->channels,
+	         s->width, s->height, sf_dtype_ome_name(s->dtype),
+	         s->is_ome ? " (planes in other files of a multi-file OME-TIFF are not joined)"
+	                   : "");
+	return buf;
 }
 
 /* An OME z-stack of several channels (docs/dataset.md, section 3): each
@@ -410,6 +459,8 @@ static const char *not_plane_reason(const sf_slide_info *s)
 		return "is a pyramid";
 	if (s->channels > 1)
 		return "has several pages";
+	if (one_page_states_planes(s))
+		return "states several z-planes (ImageJ slices=) in one page";
 	if (s->kind == SF_SLIDE_SVS)
 		return "is an Aperio SVS slide";
 	return "is not a plain 2D image";
@@ -656,8 +707,10 @@ static int root_is_plane_folder(const probed *files, uint32_t n)
  * not.  Takes *info when it becomes a stack. */
 static int add_stack_file(sf_dataset *d, const dir_entry *it, sf_slide_info **info)
 {
-	char why[400];
+	char why[600];
 	const char *fault = stack_file_fault(*info, it->name, why, sizeof why);
+	if (!fault)
+		fault = stated_planes_fault(*info, it->name, why, sizeof why);
 	if (fault)
 		return add_problem(d, it->path, "%s", fault);
 	char *stem = sf_file_stem(it->name);
@@ -759,18 +812,28 @@ static int add_channel_stacks(sf_dataset *d, const dir_entry *it, sf_slide_info 
 /* Why a plane folder with holes (list_folder) is not served: a plane
  * left out would silently shorten the stack. */
 #define PLANE_HOLES_FAULT                                                                          \
-	"some planes are unusable (image-named broken or outside symbolic links, or not regular "  \
-	"files: see their own problems)"
+	"some planes are unusable (image-named broken or outside symbolic links, folders, or not " \
+	"regular files: see their own problems)"
 
 /* holes: image-named entries the listing left out (already problems);
- * a plane folder with such a hole is not served. */
-static int scan_root_files(sf_dataset *d, probed *files, uint32_t n, uint32_t holes)
+ * plane_named_dir: a subfolder of RAW_DIR with an image name, or NULL.
+ * A plane folder with either is not served: the entry stands where a plane
+ * would be. */
+static int scan_root_files(sf_dataset *d, probed *files, uint32_t n, uint32_t holes,
+                           const char *plane_named_dir)
 {
 	char why[600];
 	if (root_is_plane_folder(files, n)) {
 		const char *fault = stack_fault(files, n, why, sizeof why);
 		if (!fault && holes)
 			fault = PLANE_HOLES_FAULT;
+		if (!fault && plane_named_dir) {
+			snprintf(why, sizeof why,
+			         "folder %s is named like a plane; the planes of a "
+			         "plane folder are files",
+			         plane_named_dir);
+			fault = why;
+		}
 		if (fault)
 			return add_problem(d, d->root, "RAW_DIR as a plane folder: %s", fault);
 		return add_plane_stack(d, "", files, n);
@@ -856,8 +919,12 @@ int sf_dataset_scan(const char *root, sf_dataset **out, sf_err *e)
 	probed *files = NULL;
 	uint32_t n = 0;
 	rc = probe_files(&ls, &files, &n);
+	const char *plane_named_dir = NULL;
+	for (uint32_t i = 0; i < ls.count && !plane_named_dir; i++)
+		if (ls.items[i].is_dir && image_ext_len(ls.items[i].name))
+			plane_named_dir = ls.items[i].name;
 	if (!rc)
-		rc = scan_root_files(d, files, n, holes);
+		rc = scan_root_files(d, files, n, holes, plane_named_dir);
 	probed_free(files, n);
 	if (rc)
 		rc = sf_fail(e, SF_ENOMEM, "%s: out of memory", d->root);

@@ -183,6 +183,37 @@ static int on_tiff_warning(TIFF *tif, void *user, const char *module, const char
 
 /* ---- checking the spec and planning the units ---- */
 
+/* A voxel size (um) the ImageJ calibration states: the slide probe's
+ * plausible range (docs/dataset.md), in which 1 / size is an ordinary TIFF
+ * rational.  Outside it nothing is written; the deconvolution refuses such
+ * optics with its own message, which a layout error would hide. */
+static int imagej_size_written(double um)
+{
+	return um >= 1e-4 && um <= 1e4;
+}
+
+/* The ImageJ calibration fields of s (see tiff_layout.h). */
+static int check_imagej_calibration(const sf_layout_spec *s, sf_err *e)
+{
+	double px = s->imagej_pixel_um, dz = s->imagej_spacing_um;
+	if (!isfinite(px) || !isfinite(dz) || px < 0 || dz < 0)
+		return sf_fail(e, SF_EINVAL, "tiff layout: bad ImageJ voxel size %g x %g um", px,
+		               dz);
+	if (px == 0 && dz == 0)
+		return SF_OK;
+	if (px == 0)
+		return sf_fail(e, SF_EINVAL,
+		               "tiff layout: an ImageJ plane spacing needs a pixel size");
+	if (s->tile != 0)
+		return sf_fail(e, SF_EINVAL,
+		               "tiff layout: the ImageJ calibration is for strip files only");
+	if (s->description || s->resolution_x > 0 || s->resolution_y > 0)
+		return sf_fail(e, SF_EINVAL,
+		               "tiff layout: the ImageJ calibration replaces the description and "
+		               "resolution, give one or the other");
+	return SF_OK;
+}
+
 static int check_spec(const sf_layout_spec *s, sf_err *e)
 {
 	if (s->width == 0 || s->height == 0)
@@ -217,7 +248,19 @@ static int check_spec(const sf_layout_spec *s, sf_err *e)
 	    s->resolution_y < 0)
 		return sf_fail(e, SF_EINVAL, "tiff layout: bad resolution %g x %g pixels/cm",
 		               s->resolution_x, s->resolution_y);
-	return SF_OK;
+	return check_imagej_calibration(s, e);
+}
+
+/* ImageJ 1.x's calibration description (as ImageJ and tifffile write it)
+ * into buf; ImageJ takes the unit and the z spacing from it, and x/y from
+ * the resolution tags.  %.12g keeps 1.2 as "1.2" while any spec gives the
+ * same bytes. */
+static const char *imagej_description(const sf_layout_spec *s, char *buf, size_t cap)
+{
+	int n = snprintf(buf, cap, "ImageJ=1.11a\nunit=micron\n");
+	if (imagej_size_written(s->imagej_spacing_um) && n > 0 && (size_t)n < cap)
+		snprintf(buf + n, cap - (size_t)n, "spacing=%.12g\n", s->imagej_spacing_um);
+	return buf;
 }
 
 static int plan_level_sizes(sf_layout *l, sf_err *e)
@@ -351,7 +394,12 @@ static int set_ifd_tags(TIFF *t, const sf_layout *l, uint32_t page, uint32_t lev
 		if (ok && description)
 			ok = TIFFSetField(t, TIFFTAG_IMAGEDESCRIPTION, description);
 	}
-	if (ok && s->resolution_x > 0 && s->resolution_y > 0) {
+	if (ok && imagej_size_written(s->imagej_pixel_um)) {
+		/* pixels per micron; the unit is in the description, as ImageJ does */
+		ok = TIFFSetField(t, TIFFTAG_XRESOLUTION, 1.0 / s->imagej_pixel_um) &&
+		     TIFFSetField(t, TIFFTAG_YRESOLUTION, 1.0 / s->imagej_pixel_um) &&
+		     TIFFSetField(t, TIFFTAG_RESOLUTIONUNIT, RESUNIT_NONE);
+	} else if (ok && s->resolution_x > 0 && s->resolution_y > 0) {
 		/* the same physical extent at every level */
 		double fx = (double)l->level_w[level] / s->width;
 		double fy = (double)l->level_h[level] / s->height;
@@ -632,8 +680,12 @@ int sf_layout_create(const sf_layout_spec *spec, sf_layout **out, sf_err *e)
 		rc = spec->tile ? plan_tiles(l, e) : plan_strips(l, e);
 	l->spec.level_width = l->level_w;
 	l->spec.level_height = l->level_h;
+	char imagej[128];
+	const char *description = imagej_size_written(spec->imagej_pixel_um)
+	                              ? imagej_description(spec, imagej, sizeof imagej)
+	                              : spec->description;
 	if (rc == SF_OK)
-		rc = build_for_size(l, spec->description, e);
+		rc = build_for_size(l, description, e);
 	if (rc != SF_OK) {
 		sf_layout_free(l);
 		return rc;

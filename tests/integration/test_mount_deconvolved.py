@@ -1,6 +1,7 @@
 """deconvolved/: one virtual plane per raw z-plane, as ImageJ-readable
-classic strip TIFFs with the raw plane's size and type, checked by tifffile,
-tiffinfo and ImageJ 1.x itself (skipped when ImageJ is not installed).  The
+classic strip TIFFs with the raw plane's size and type and ImageJ's voxel
+calibration (dxy, dz), checked by tifffile, tiffinfo, libvips and ImageJ 1.x
+itself (skipped when ImageJ is not installed).  The
 planes are deconvolved (they need the optics: OPTICS below); their pixel
 values are checked against oracles in test_mount_deconv.py."""
 
@@ -104,3 +105,28 @@ def test_raw_dir_is_the_stack(scopefs):
     for name, raw in planes:
         check_plane_file(m.path('deconvolved', name), raw)
     assert os.listdir(m.path('registered')) == []
+
+
+def test_planes_carry_imagej_calibration(scopefs, tmp_path):
+    """Each plane states the voxel size the stack was deconvolved with, in
+    ImageJ 1.x's own form (pixels per micron with ResolutionUnit none, the
+    unit and z spacing in the description), so Fiji's Image Sequence import
+    shows microns; the extra tags leave the pixels as tifffile and libvips
+    read them alike."""
+    planes = gen.write_planes(scopefs.raw / 'beads', 3, 40, 52, seed=8)
+    m = scopefs.mount(opts=dict(OPTICS, dxy='0.1625', dz='1.2'))
+    path = m.path('deconvolved', 'beads', planes[0][0])
+    with tifffile.TiffFile(path) as tf:
+        page = tf.pages[0]
+        assert tf.imagej_metadata == {'ImageJ': '1.11a', 'unit': 'micron', 'spacing': 1.2}
+        xres, yres = page.tags['XResolution'].value, page.tags['YResolution'].value
+        assert abs(xres[0] / xres[1] - 1 / 0.1625) < 1e-6 and xres == yres
+        assert page.tags['ResolutionUnit'].value == 1  # none: the unit is in the description
+        got = page.asarray()
+    out = tmp_path / 'plane.v'
+    r = subprocess.run(['vips', 'copy', str(path), str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    raw = tmp_path / 'plane.raw'
+    subprocess.run(['vips', 'rawsave', str(out), str(raw)], check=True, capture_output=True)
+    assert np.array_equal(np.fromfile(raw, dtype=got.dtype).reshape(got.shape), got)
+    check_plane_file(path, planes[0][1])

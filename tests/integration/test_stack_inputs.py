@@ -4,7 +4,9 @@ hyperstack with frames > 1) and a stack file whose run of planes is broken
 by an odd page are left out with a problem that names the file and says
 why, instead of being served as one mixed or cut-short z-stack; a trailing
 thumbnail page still is a stack; a folder of one-page OME-TIFF planes is a
-plane stack.  Shapes and types are checked with tifffile, the independent
+plane stack; a stack file that states more planes than it has pages (or an
+ImageJ stack stored after one IFD) and a plane folder with a folder named
+like a plane are problems too.  Shapes and types are checked with tifffile, the independent
 reader.  Planes are tiny (32x32) and numit=1, so the file runs in seconds."""
 
 import os
@@ -93,3 +95,65 @@ def test_one_page_ome_planes_are_a_plane_folder(scopefs):
         assert not np.array_equal(got, v[z])  # deconvolved, not the raw plane
         # OME planes read as the plain TIFF planes of the same pixels do.
         assert np.array_equal(got, tifffile.imread(m.path('deconvolved', 'plain', plain[z])))
+
+
+def test_stated_plane_count_must_match_the_pages(scopefs):
+    """A stack file that states 16 planes (OME SizeZ, ImageJ slices=) but
+    holds 10 pages, or an ImageJ stack stored after one IFD (ImageJ's layout
+    for stacks over 4 GiB, which scopefs does not read), is a problem that
+    names the file: never a 10-plane stack or a 2D slide of plane 0."""
+    v = gen.beads(16, 24, 32, seed=61)
+    xml = ('<?xml version="1.0" encoding="UTF-8"?><OME xmlns="http://www.openmicroscopy.org/'
+           'Schemas/OME/2016-06"><Image ID="Image:0"><Pixels ID="Pixels:0" DimensionOrder='
+           '"XYZCT" Type="uint16" SizeX="32" SizeY="24" SizeZ="16" SizeC="1" SizeT="1">'
+           '<Channel ID="Channel:0:0" SamplesPerPixel="1"/>'
+           + ''.join('<TiffData IFD="%d" PlaneCount="1" FirstZ="%d"/>' % (z, z)
+                     for z in range(16))
+           + '</Pixels></Image></OME>')
+    ij = 'ImageJ=1.54f\nimages=16\nslices=16\nunit=micron\nspacing=1.2\nloop=false\n'
+    for name, desc in (('short.ome.tif', xml), ('ij_short.tif', ij)):
+        with tifffile.TiffWriter(scopefs.raw / name) as tw:
+            for z in range(10):
+                tw.write(v[z], description=desc if z == 0 else None, metadata=None,
+                         contiguous=False)
+    tifffile.imwrite(scopefs.raw / 'ij_big.tif', v, imagej=True, truncate=True,
+                     metadata={'axes': 'ZYX', 'spacing': 1.2, 'unit': 'um'})
+    tifffile.imwrite(scopefs.raw / 'ij_ok.tif', v, imagej=True,  # states what it holds
+                     metadata={'axes': 'ZYX', 'spacing': 1.2, 'unit': 'um'})
+    with tifffile.TiffFile(scopefs.raw / 'ij_big.tif') as t:
+        assert len(t.pages) == 1 and t.series[0].shape == (16, 24, 32)
+    m = scopefs.mount(opts=OPTS)
+    st = m.status()
+    assert os.listdir(m.path('deconvolved')) == ['ij_ok']
+    assert len(os.listdir(m.path('deconvolved', 'ij_ok'))) == 16
+    assert os.listdir(m.path('registered')) == []
+    want = {'short.ome.tif': 'states 16 planes (OME SizeZ=16) but has 10 pages',
+            'ij_short.tif': 'states 16 planes (ImageJ slices=16) but has 10 pages',
+            'ij_big.tif': 'states 16 planes (ImageJ slices=16) but has 1 page'}
+    for name, text in want.items():
+        p = problem_for(st, name)
+        assert p and name in p['reason'] and text in p['reason'], (name, st['problems'])
+    assert len(st['problems']) == 3
+
+
+def test_plane_named_folder_is_a_hole(scopefs):
+    """A folder named like a plane (z03.tif/) in a plane folder stands where
+    a plane would be: the folder is a problem, not a stack with a gap."""
+    v = gen.beads(6, 24, 32, seed=62)
+    for z in range(6):
+        if z == 3:
+            os.makedirs(scopefs.raw / 'st' / 'z03.tif')
+        else:
+            os.makedirs(scopefs.raw / 'st', exist_ok=True)
+            tifffile.imwrite(scopefs.raw / 'st' / ('z%02d.tif' % z), v[z], metadata=None)
+        os.makedirs(scopefs.raw / 'ok', exist_ok=True)
+        tifffile.imwrite(scopefs.raw / 'ok' / ('z%02d.tif' % z), v[z], metadata=None)
+    os.makedirs(scopefs.raw / 'ok' / 'notes')  # no image name: not a plane, ignored
+    m = scopefs.mount(opts=OPTS)
+    st = m.status()
+    assert os.listdir(m.path('deconvolved')) == ['ok']
+    hole = problem_for(st, 'z03.tif')
+    assert hole and 'folder named like a plane' in hole['reason'], st['problems']
+    folder = problem_for(st, 'st')
+    assert folder and 'some planes are unusable' in folder['reason'], st['problems']
+    assert len(st['problems']) == 2

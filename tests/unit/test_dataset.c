@@ -664,6 +664,96 @@ static void test_channel_stacks(void)
 	sf_dataset_free(d);
 }
 
+/* A stack file that states more (or fewer) planes than it has pages, or an
+ * ImageJ stack stored after one IFD, is a problem, never a short stack or
+ * a 2D slide of its first plane; a folder named like a plane leaves a hole
+ * that keeps the plane folder from being served. */
+static void test_stated_planes(void)
+{
+	reset_base();
+	page ij = plane;
+	ij.desc = "ImageJ=1.11a\nimages=16\nslices=16\nunit=micron\nspacing=1.2\nloop=false\n";
+	write_file(path_of("ij_short.tif", 0, 0), &ij, 10);
+	write_file(path_of("ij_one.tif", 0, 0), &ij, 1); /* ImageJ's layout over 4 GiB */
+	page ome = plane;
+	ome.desc = "<OME><Image><Pixels SizeX=\"64\" SizeY=\"48\" SizeC=\"1\" SizeZ=\"16\" "
+	           "SizeT=\"1\" DimensionOrder=\"XYZCT\" Type=\"uint16\"/></Image></OME>";
+	write_file(path_of("ome_short.ome.tif", 0, 0), &ome, 10);
+	page ij_ok = plane;
+	ij_ok.desc = "ImageJ=1.11a\nimages=6\nslices=6\nunit=micron\n";
+	write_file(path_of("ij_ok.tif", 0, 0), &ij_ok, 6);
+	page ij_2d = plane;
+	ij_2d.desc = "ImageJ=1.11a\nunit=micron\n";
+	write_file(path_of("ij_2d.tif", 0, 0), &ij_2d, 1);
+	make_dir(path_of("hole", 0, 0));
+	make_dir(path_of("kept", 0, 0));
+	make_dir(path_of("kept/notes", 0, 0)); /* not image-named: ignored */
+	make_dir(path_of("ijplanes", 0, 0));
+	for (int i = 0; i < 4; i++) {
+		char name[32];
+		snprintf(name, sizeof name, "z%d.tif", i);
+		if (i == 2)
+			make_dir(path_of("hole/%s", name, 0));
+		else
+			write_file(path_of("hole/%s", name, 0), &plane, 1);
+		write_file(path_of("kept/%s", name, 0), &plane, 1);
+		if (i < 2)
+			write_file(path_of("ijplanes/%s", name, 0), &ij, 1);
+	}
+	sf_dataset *d = NULL;
+	sf_err e = {0};
+	CHECK(sf_dataset_scan(base, &d, &e) == SF_OK && d, "stated planes: %s", e.msg);
+	if (!d)
+		return;
+	const sf_problem *p = find_problem(d, "/ij_short.tif");
+	CHECK(p && strstr(p->reason, "ij_short.tif states 16 planes (ImageJ slices=16) but has 10 "
+	                             "pages of 64x48 uint16"),
+	      "ij_short: %s", p ? p->reason : "no problem");
+	p = find_problem(d, "/ome_short.ome.tif");
+	CHECK(p && strstr(p->reason, "states 16 planes (OME SizeZ=16) but has 10 pages"),
+	      "ome_short: %s", p ? p->reason : "no problem");
+	p = find_problem(d, "/ij_one.tif");
+	CHECK(
+	    p && strstr(p->reason, "ij_one.tif states 16 planes (ImageJ slices=16) but has 1 page"),
+	    "ij_one: %s", p ? p->reason : "no problem");
+	p = find_problem(d, "/hole/z2.tif");
+	CHECK(p && strstr(p->reason, "a folder named like a plane"), "hole/z2.tif: %s",
+	      p ? p->reason : "no problem");
+	p = find_problem(d, "/hole");
+	CHECK(p && strstr(p->reason, "some planes are unusable"), "hole: %s",
+	      p ? p->reason : "no problem");
+	p = find_problem(d, "/ijplanes");
+	CHECK(p && strstr(p->reason, "plane z0.tif states several z-planes"), "ijplanes: %s",
+	      p ? p->reason : "no problem");
+	CHECK(d->problem_count == 6, "stated planes: %u problems, want 6", d->problem_count);
+	const sf_stack *ok = find_stack(d, "ij_ok");
+	CHECK(ok && ok->planes == 6 && ok->multipage, "ij_ok is a 6-plane stack");
+	const sf_stack *kept = find_stack(d, "kept");
+	CHECK(kept && kept->planes == 4, "kept is a 4-plane stack");
+	CHECK(d->stack_count == 2, "stated planes: %u stacks, want 2", d->stack_count);
+	CHECK(d->slide_count == 1 && strcmp(d->slide_stems[0], "ij_2d") == 0,
+	      "stated planes: only ij_2d is a slide (%u slides)", d->slide_count);
+	sf_dataset_free(d);
+
+	/* RAW_DIR as a plane folder: an image-named subfolder stands where a
+	 * plane would be. */
+	reset_base();
+	write_file(path_of("z0.tif", 0, 0), &plane, 1);
+	write_file(path_of("z1.tif", 0, 0), &plane, 1);
+	make_dir(path_of("z2.tif", 0, 0));
+	write_file(path_of("z3.tif", 0, 0), &plane, 1);
+	d = NULL;
+	CHECK(sf_dataset_scan(base, &d, &e) == SF_OK && d, "root hole: %s", e.msg);
+	if (!d)
+		return;
+	p = d->problem_count ? &d->problems[0] : NULL;
+	CHECK(p && strcmp(p->path, d->root) == 0 &&
+	          strstr(p->reason, "folder z2.tif is named like a plane"),
+	      "root hole: %s", p ? p->reason : "no problem");
+	CHECK(d->stack_count == 0, "root hole: %u stacks, want 0", d->stack_count);
+	sf_dataset_free(d);
+}
+
 static void test_edges(void)
 {
 	reset_base();
@@ -712,6 +802,7 @@ int main(void)
 	test_root_is_plane_folder();
 	test_stack_inputs();
 	test_channel_stacks();
+	test_stated_planes();
 	test_edges();
 	nftw(base, remove_entry, 8, FTW_DEPTH | FTW_PHYS);
 	printf("test_dataset: %d passed, %d failed\n", passed, failed);

@@ -4,7 +4,8 @@
  * non-overlapping units ending at file_size), the BigTIFF switch-over,
  * rejection of bad specs, deterministic headers, and reads each header back
  * with libtiff (an independent TIFF reader) to compare every directory and
- * every tile/strip offset and byte count with the layout's arithmetic.
+ * every tile/strip offset and byte count with the layout's arithmetic; and
+ * the ImageJ calibration of strip files (deconvolved/ planes).
  *
  * As a tool for the integration tests (tests/integration/test_layout_readers.py):
  *   test_tiff_layout --write PATH [spec options]   write a real file
@@ -12,6 +13,7 @@
  * spec options: --width N --height N --pages N --samples 1|3 --dtype u8|u16|f32
  *   --tile N (0: strips) --levels N --bigtiff -1|0|1 --description-file PATH
  *   --resolution X,Y (pixels/cm) --level-sizes W0xH0,W1xH1,...
+ *   --imagej PIXEL_UM,SPACING_UM (ImageJ calibration of a strip file)
  * Every sample of the written file is pattern(page, level, x, y, s):
  *   k = x + 3*y + 1009*page + 4099*level + 257*s  (unsigned 32-bit)
  *   uint8: k & 0xff, uint16: k & 0xffff, float32: (k & 0xffffff) * 0.5
@@ -451,6 +453,76 @@ static void test_invalid(void)
 #undef BAD
 }
 
+/* A strip file with ImageJ's calibration: tags and description as ImageJ
+ * writes them, read back by libtiff; the header still holds every tag and
+ * the units start after it; bad calibrations are refused. */
+static void test_imagej_calibration(void)
+{
+	sf_layout_spec s = tiled_spec(301, 260, 1, SF_U16, 0, 1);
+	s.imagej_pixel_um = 0.4;
+	s.imagej_spacing_um = 1.2;
+	sf_layout *l = build_ok("imagej calibration", &s);
+	if (l) {
+		static const char want[] = "ImageJ=1.11a\nunit=micron\nspacing=1.2\n";
+		check_arithmetic("imagej calibration", l);
+		check_with_libtiff("imagej calibration", l, want);
+		struct virtual_file vf = {l, 0};
+		TIFF *t = TIFFClientOpen("imagej", "rmc", &vf, vf_read, vf_write, vf_seek, vf_close,
+		                         vf_size, vf_map, vf_unmap);
+		float xres = 0, yres = 0;
+		uint16_t unit = 0;
+		int ok = t && TIFFGetField(t, TIFFTAG_XRESOLUTION, &xres) &&
+		         TIFFGetField(t, TIFFTAG_YRESOLUTION, &yres) &&
+		         TIFFGetField(t, TIFFTAG_RESOLUTIONUNIT, &unit);
+		check(ok && fabsf(xres - 2.5f) < 1e-6f && fabsf(yres - 2.5f) < 1e-6f &&
+		          unit == RESUNIT_NONE,
+		      "imagej calibration: resolution %g x %g unit %u, want 2.5 x 2.5 unit none",
+		      xres, yres, unit);
+		if (t)
+			TIFFClose(t);
+		check(sf_layout_get_spec(l)->description == NULL,
+		      "imagej calibration: the built spec keeps no description pointer");
+	}
+	sf_layout_free(l);
+	s.imagej_spacing_um = 0; /* a single plane: pixel size and unit only */
+	l = build_ok("imagej pixel only", &s);
+	if (l)
+		check_with_libtiff("imagej pixel only", l, "ImageJ=1.11a\nunit=micron\n");
+	sf_layout_free(l);
+	/* Implausible sizes (the deconvolution's own check names them) are left out. */
+	s.imagej_pixel_um = 1e-300;
+	s.imagej_spacing_um = 1.2;
+	l = build_ok("imagej pixel 1e-300", &s);
+	if (l)
+		check_with_libtiff("imagej pixel 1e-300", l, NULL);
+	sf_layout_free(l);
+	s.imagej_pixel_um = 0.4;
+	s.imagej_spacing_um = 1e300;
+	l = build_ok("imagej spacing 1e300", &s);
+	if (l)
+		check_with_libtiff("imagej spacing 1e300", l, "ImageJ=1.11a\nunit=micron\n");
+	sf_layout_free(l);
+	sf_layout_spec good = tiled_spec(301, 260, 1, SF_U16, 0, 1), bad;
+	good.imagej_pixel_um = 0.4;
+	good.imagej_spacing_um = 1.2;
+#define BAD(label, field, value)                                                                   \
+	do {                                                                                       \
+		bad = good;                                                                        \
+		bad.field = value;                                                                 \
+		expect_fail(label, &bad, SF_EINVAL);                                               \
+	} while (0)
+	BAD("imagej pixel NaN", imagej_pixel_um, NAN);
+	BAD("imagej pixel -1", imagej_pixel_um, -1);
+	BAD("imagej spacing inf", imagej_spacing_um, INFINITY);
+	BAD("imagej spacing without pixel", imagej_pixel_um, 0);
+	BAD("imagej with description", description, "<OME/>");
+	BAD("imagej with resolution", resolution_x, 25000);
+#undef BAD
+	bad = tiled_spec(1000, 777, 1, SF_U16, 256, 1);
+	bad.imagej_pixel_um = 0.4;
+	expect_fail("imagej on a tiled file", &bad, SF_EINVAL);
+}
+
 static void test_bigtiff(void)
 {
 	const uint64_t four_gib = (uint64_t)1 << 32;
@@ -569,6 +641,7 @@ static int run_tests(void)
 	test_layouts();
 	test_level_sizes();
 	test_invalid();
+	test_imagej_calibration();
 	test_bigtiff();
 	test_linear_in_pages();
 	test_deterministic();
@@ -716,6 +789,8 @@ static int run_tool(int argc, char **argv)
 			                              : (sf_dtype)0;
 		else if (!strcmp(k, "--resolution"))
 			sscanf(v, "%lf,%lf", &s.resolution_x, &s.resolution_y);
+		else if (!strcmp(k, "--imagej"))
+			sscanf(v, "%lf,%lf", &s.imagej_pixel_um, &s.imagej_spacing_um);
 		else if (!strcmp(k, "--level-sizes") && parse_sizes(v, lw, lh, &nsizes) == 0)
 			s.level_width = lw, s.level_height = lh;
 		else if (!strcmp(k, "--description-file") && !description &&
@@ -729,7 +804,7 @@ static int run_tool(int argc, char **argv)
 		        "usage: %s --write PATH|--info [--width N --height N --pages N "
 		        "--samples 1|3 --dtype u8|u16|f32 --tile N --levels N --bigtiff "
 		        "-1|0|1 --description-file PATH --resolution X,Y --level-sizes "
-		        "WxH,... --unit-bytes-max N]\n",
+		        "WxH,... --unit-bytes-max N --imagej PIXEL_UM,SPACING_UM]\n",
 		        argv[0]);
 		free(description);
 		return 2;
