@@ -178,9 +178,10 @@ static inline v4f lerp4(v4f a, v4f b, float t)
 
 static inline v4f blend4_f32(v4f pa, v4f pb, v4f qa, v4f qb, float tx, float ty)
 {
-	v4f r;
-	for (int c = 0; c < 4; c++)
-		r[c] = wm_bilinear_f32(pa[c], pb[c], qa[c], qb[c], tx, ty);
+	v4f r = {wm_bilinear_f32(pa[0], pb[0], qa[0], qb[0], tx, ty),
+	         wm_bilinear_f32(pa[1], pb[1], qa[1], qb[1], tx, ty),
+	         wm_bilinear_f32(pa[2], pb[2], qa[2], qb[2], tx, ty),
+	         wm_bilinear_f32(pa[3], pb[3], qa[3], qb[3], tx, ty)};
 	return r;
 }
 
