@@ -47,7 +47,10 @@ enum { PHASE_THUMB, PHASE_AFFINE, PHASE_RELINK, PHASE_FINISH, PHASES };
  * gets the lower bound. */
 #define GUARD_MIN_STRUCTURE      0.25
 #define GUARD_MIN_STRUCTURE_HEMA 0.15
-#define GUARD_RESCUE_NCC         0.30 /* an MI rescue of one modality must correlate this well */
+/* A pose under which the reference's tissue correlates with itself this
+ * well is one of its symmetries, not a null pose (outline_ncc). */
+#define GUARD_SELF_SYMMETRY 0.5
+#define GUARD_RESCUE_NCC    0.30 /* an MI rescue of one modality must correlate this well */
 /* MI between modalities, nats.  Eight synthetic H&E or IHC references
  * against fluorescence of the same section fitted at 0.44-1.14, against
  * fluorescence of another section at 0.015-0.055; the first bound (0.02)
@@ -93,6 +96,10 @@ typedef struct slide_job {
 	int metric;        /* the metric that fit used (an NCC miss is retried with MI) */
 	int use_hema;      /* brightfield: fitted on the hematoxylin images (autoreg_thumb.h) */
 	int affine_ok;
+	/* guard_structure's NCCs of r, measured once per fit by phase_affine
+	 * (the guard runs for every link of every chain: N^2 / 2 times in
+	 * serial order, and one measure costs a few NCCs of the thumbnails). */
+	double structure_ncc, structure_null;
 	uint32_t skipped; /* serial: the rejected neighbour passed over (UINT32_MAX: none) */
 	sf_transform t;   /* the result */
 	double jac_min, disp_max;
@@ -575,6 +582,8 @@ static void fit_both(fit_job *x, fit_job *y, unsigned threads)
 	}
 }
 
+static void structure_measure(sf_autoreg *a, uint32_t i);
+
 /* Slide i to its target: the fit on thumbnails, then the level-0 matrix.
  * Two brightfield slides are fitted on total optical density and on the
  * hematoxylin channel, and the better NCC wins: total density carries
@@ -630,6 +639,7 @@ static void phase_affine(sf_autoreg *a, uint32_t i)
 	rc = fi.rc;
 	e = fi.e;
 	j->r = fi.r, j->metric = fi.metric;
+	j->use_hema = 0; /* a refit (relink_slide) may go the other way */
 	if (rc == SF_OK && two) {
 		const sf_reg_result rh = fh.r;
 		int mh = fh.metric;
@@ -650,6 +660,7 @@ static void phase_affine(sf_autoreg *a, uint32_t i)
 	memcpy(j->affine0, t.map.m, sizeof j->affine0);
 	j->r.scale = level0_scale(j->affine0); /* the status quotes this one */
 	sf_transform_release(&t);
+	structure_measure(a, i);
 	j->t_affine = now_s() - t0;
 	j->seconds = j->t_affine;
 	j->affine_ok = 1;
@@ -707,7 +718,10 @@ static double ncc_sampled(const sf_reg_image *ref, const uint8_t *mask, const sf
  * tissue outline and the stain's bulk give any pose, since turned the
  * slide's structure no longer lines up.  Poses that leave under
  * GUARD_MIN_OVERLAP of the tissue inside the slide do not count (too few
- * pixels to say anything); 0 when none is left. */
+ * pixels to say anything), nor do the reference's own symmetries: a pose
+ * under which the reference correlates with itself at GUARD_SELF_SYMMETRY
+ * or more (a coronal section mirrored) lines a true fit's structure up as
+ * well as the fit does, and would refuse it.  0 when none is left. */
 static double outline_ncc(const sf_reg_image *ref, const uint8_t *mask, const sf_reg_image *mov,
                           const uint8_t *mov_mask, const double m[9])
 {
@@ -726,6 +740,8 @@ static double outline_ncc(const sf_reg_image *ref, const uint8_t *mask, const sf
 		/* P: x -> R (F (x - c)) + c, F the mirror x -> -x when f < 0 */
 		double p[9] = {c * f, -s, 0, s * f, c, 0, 0, 0, 1}, mp[9], overlap;
 		p[2] = cx - p[0] * cx - p[1] * cy, p[5] = cy - p[3] * cx - p[4] * cy;
+		if (ncc_sampled(ref, mask, ref, mask, p, &overlap) >= GUARD_SELF_SYMMETRY)
+			continue;
 		sf_mat3_mul(m, p, mp);
 		double ncc = ncc_sampled(ref, mask, mov, mov_mask, mp, &overlap);
 		if (overlap >= GUARD_MIN_OVERLAP && ncc > best)
@@ -747,27 +763,38 @@ static double structure_bound(int use_hema)
 	return use_hema ? GUARD_MIN_STRUCTURE_HEMA : GUARD_MIN_STRUCTURE;
 }
 
-/* Whether slide i's fit r (NCC judged) lines up the tissue's structure,
- * not just its outline: an affine fit can stretch and turn a section of
- * another tissue until the outlines meet (NCC 0.2-0.28), about what the
- * same images give turned or mirrored (outline_ncc).  A true fit explains
- * most of what that leaves.  *ncc and *null receive the two NCCs, on the
- * images the fit used. */
-static int guard_structure(const sf_autoreg *a, uint32_t i, const sf_reg_result *r, double *ncc,
-                           double *null)
+/* Measure, once per fit, whether slide i's fit lines up the tissue's
+ * structure, not just its outline: an affine fit can stretch and turn a
+ * section of another tissue until the outlines meet (NCC 0.2-0.28), about
+ * what the same images give turned or mirrored (outline_ncc).  A true fit
+ * explains most of what that leaves.  The two NCCs, on the images the fit
+ * used, go to the job (structure_ncc, structure_null); with nothing to
+ * judge by (never after a finished phase 1) the fit passes. */
+static void structure_measure(sf_autoreg *a, uint32_t i)
 {
-	const slide_job *j = &a->jobs[i];
+	slide_job *j = &a->jobs[i];
 	const autoreg_thumb *rt = &a->thumbs[j->target], *mt = &a->thumbs[i];
 	const sf_reg_image *ref = j->use_hema && rt->hema.px ? &rt->hema : &rt->im;
 	const sf_reg_image *mov = j->use_hema && mt->hema.px ? &mt->hema : &mt->im;
 	double overlap;
 
+	j->structure_ncc = 1, j->structure_null = 0;
 	if (!ref->px || !mov->px || !rt->mask || !mt->mask)
-		return 1; /* nothing to judge by (never in a finished phase 1) */
-	*ncc = ncc_sampled(ref, rt->mask, mov, mt->mask, r->m, &overlap);
-	*null = outline_ncc(ref, rt->mask, mov, mt->mask, r->m);
+		return;
+	j->structure_ncc = ncc_sampled(ref, rt->mask, mov, mt->mask, j->r.m, &overlap);
+	j->structure_null = outline_ncc(ref, rt->mask, mov, mt->mask, j->r.m);
 	sf_log(SF_LOG_DEBUG, "guard of %s: NCC %.3f, turned or mirrored %.3f, structure %.3f",
-	       a->d->slides[i]->path, *ncc, *null, structure(*ncc, *null));
+	       a->d->slides[i]->path, j->structure_ncc, j->structure_null,
+	       structure(j->structure_ncc, j->structure_null));
+}
+
+/* Whether slide i's fit passed structure_measure; *ncc and *null receive
+ * its two NCCs. */
+static int guard_structure(const sf_autoreg *a, uint32_t i, double *ncc, double *null)
+{
+	const slide_job *j = &a->jobs[i];
+
+	*ncc = j->structure_ncc, *null = j->structure_null;
 	return structure(*ncc, *null) >= structure_bound(j->use_hema);
 }
 
@@ -791,7 +818,7 @@ static const char *guard_affine(const sf_autoreg *a, uint32_t i, const sf_reg_re
 	else if (!judged_by_ncc(a, i, metric) && r->mi < GUARD_MIN_MI)
 		snprintf(why, n, "rejected: no convincing match (mutual information %.4f < %.3f)",
 		         r->mi, GUARD_MIN_MI);
-	else if (judged_by_ncc(a, i, metric) && !guard_structure(a, i, r, &ncc, &null))
+	else if (judged_by_ncc(a, i, metric) && !guard_structure(a, i, &ncc, &null))
 		snprintf(why, n,
 		         "rejected: no convincing match, the tissue's structure does not line up "
 		         "(NCC %.3f where both are tissue, %.3f with the slide turned or mirrored: "
