@@ -10,9 +10,11 @@
  *    reduced levels (or OME-XML with SizeZ > 1 and SizeC == 1) is a stack,
  *    unless it is a time series (OME SizeT or ImageJ frames > 1), a page
  *    breaks its run of planes or it states another plane count (SizeZ,
- *    ImageJ slices=) than it has pages (also one page with ImageJ slices > 1,
- *    ImageJ's layout over 4 GiB): then it is a problem, neither stack nor
- *    slide;
+ *    ImageJ slices=) than it has pages: then it is a problem, neither stack
+ *    nor slide.  ImageJ's layout for stacks over 4 GiB (one IFD stating
+ *    slices=N, the N planes stored after it: sf_slide_info.contig_planes) is
+ *    a stack of N planes; one page with ImageJ slices > 1 in any other
+ *    layout, or cut short, is a problem;
  *  - an image-named entry of a plane folder that is not a usable file (a
  *    folder, fifo, device, broken or outside link) is a problem and keeps the
  *    folder from being served: it would be a hole in the stack;

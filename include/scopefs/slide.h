@@ -5,7 +5,9 @@
  * main-chain pages (libvips/OpenSlide layout), an Aperio SVS, or a flat
  * (single-level) TIFF, tiled or in strips.  The same type also describes the
  * planes of a z-stack (a flat TIFF of one page, or a multi-page TIFF whose
- * pages are z-planes and are then reported as channels).  The probe also
+ * pages are z-planes and are then reported as channels, or ImageJ's one-IFD
+ * layout of a stack over 4 GiB, whose planes follow the first one and are
+ * reported as channels too).  The probe also
  * notes a page that breaks such a run of pages (odd_page), so a z-stack
  * is not cut short without a word.
  *
@@ -78,6 +80,21 @@ typedef struct sf_slide_info {
 	 * 32x32 uint16".  The pages after it are not channels. */
 	uint32_t odd_page;
 	char odd_page_text[128];
+	/* ImageJ's layout for stacks over 4 GiB (Fiji; tifffile's imagej=True, truncate=True):
+	 * one IFD whose ImageJ description states slices=N > 1 (channels= and frames= absent
+	 * or 1, images= absent or N), uncompressed and untiled with one sample per pixel, its
+	 * strips contiguous, and the N planes stored one after another from its first strip:
+	 * plane z at contig_offset + z * contig_stride (the bytes of one plane).  Past the
+	 * 4 GiB of classic TIFF offsets there is no room for an IFD per plane.
+	 * contig_planes: N when the IFD is laid out so, else 0.  contig_held: the whole
+	 * planes the file holds from contig_offset (at most N).  When it holds all N, the
+	 * planes are the channels (channels == N, every entry of levels[0] the one IFD);
+	 * otherwise channels stays 1.  contig_fault: why a one-IFD ImageJ file stating
+	 * slices > 1 is not that layout ("" otherwise), e.g. "its page is compressed
+	 * (Compression 5)". */
+	uint32_t contig_planes, contig_held;
+	uint64_t contig_offset, contig_stride;
+	char contig_fault[96];
 } sf_slide_info;
 
 /* Read the header of path and describe it.  Fails with SF_EFORMAT and a

@@ -6,9 +6,10 @@
  *   - a folder (RAW_DIR or a direct subfolder) whose TIFF files are all
  *     plane-like (one page, one level, untiled, one sample; plain or OME) and of one size
  *     and type, two or more of them, is a stack of planes;
- *   - a TIFF directly in RAW_DIR that is a multi-page stack file is a stack,
- *     unless it is a time series or a page breaks its run of planes (then
- *     it is a problem);
+ *   - a TIFF directly in RAW_DIR that is a multi-page stack file (or ImageJ's
+ *     one-IFD layout of a stack over 4 GiB) is a stack, unless it is a time
+ *     series, a page breaks its run of planes or it states planes it does
+ *     not hold (then it is a problem);
  *   - an OME z-stack of several channels directly in RAW_DIR is one stack
  *     per channel, <stem>_c<C>, or a problem on the same terms;
  *   - any other TIFF directly in RAW_DIR is a whole-slide image.
@@ -298,10 +299,11 @@ typedef struct probed {
 	sf_err err;
 } probed;
 
-/* An ImageJ file that states several z-planes in one page: ImageJ's layout
- * for stacks over 4 GiB (one IFD, the planes one after another), or a file
- * cut short.  Either way its one page is not the whole image.  (One-page
- * OME files state the SizeZ of a multi-file series, so they do not count.) */
+/* An ImageJ file that states several z-planes in one page and is not read
+ * as ImageJ's layout for stacks over 4 GiB (the probe reports those planes as
+ * channels, sf_slide_info.contig_planes): another layout, or a file cut
+ * short.  Either way its one page is not the whole image.  (One-page OME
+ * files state the SizeZ of a multi-file series, so they do not count.) */
 static int one_page_states_planes(const sf_slide_info *s)
 {
 	return !s->is_ome && s->channels == 1 && s->stated_z > 1;
@@ -323,11 +325,14 @@ static int same_plane_shape(const sf_slide_info *a, const sf_slide_info *b)
 /* A file whose pages would be z-planes (docs/dataset.md, rule 2): one
  * sample, and OME-XML with SizeZ > 1 and SizeC <= 1, or no OME-XML, FLAT,
  * untiled and not stating channels; with two or more planes, a page that
- * breaks their run or an ImageJ slices= > 1 in one page (then it is a stack
- * that cannot be served, not a 2D slide of its first plane). */
+ * breaks their run or an ImageJ slices= > 1 in one page (then, unless the
+ * probe read its planes, it is a stack that cannot be served, not a 2D slide
+ * of its first plane, whatever else it states). */
 static int stack_candidate(const sf_slide_info *s)
 {
-	if (s->samples != 1 || (s->channels < 2 && !s->odd_page && !one_page_states_planes(s)))
+	if (one_page_states_planes(s))
+		return 1;
+	if (s->samples != 1 || (s->channels < 2 && !s->odd_page))
 		return 0;
 	if (s->is_ome)
 		return s->stated_z > 1 && s->stated_c <= 1;
@@ -367,13 +372,25 @@ static const char *stated_planes_fault(const sf_slide_info *s, const char *name,
 	const char *key = s->is_ome ? "SizeZ" : "slices";
 	if (s->stated_z == 0 || s->stated_z == s->channels)
 		return NULL;
+	if (one_page_states_planes(s) && s->contig_planes) {
+		snprintf(buf, cap,
+		         "%s holds %u of %u planes: it is ImageJ's layout for stacks over 4 GiB "
+		         "(ImageJ %s=%u, the planes one after another after its one page), cut "
+		         "short at %llu bytes (plane %u would end at byte %llu)",
+		         name, s->contig_held, s->contig_planes, key, s->stated_z,
+		         (unsigned long long)s->file_size, s->contig_held + 1,
+		         (unsigned long long)(s->contig_offset +
+		                              (s->contig_held + 1ull) * s->contig_stride));
+		return buf;
+	}
 	if (one_page_states_planes(s)) {
 		snprintf(buf, cap,
-		         "%s states %u planes (ImageJ %s=%u) but has 1 page; ImageJ stores "
-		         "stacks over 4 GiB that way (all planes after one page), which "
-		         "scopefs does not read: save the stack as one page per plane or as a "
-		         "folder of planes",
-		         name, s->stated_z, key, s->stated_z);
+		         "%s states %u planes (ImageJ %s=%u) but has 1 page, and %s; scopefs "
+		         "reads ImageJ's layout for stacks over 4 GiB (all planes after one "
+		         "page) only for one uncompressed, untiled channel of one sample per "
+		         "pixel: save the stack as one page per plane or as a folder of planes",
+		         name, s->stated_z, key, s->stated_z,
+		         s->contig_fault[0] ? s->contig_fault : "its layout is not read");
 		return buf;
 	}
 	snprintf(buf, cap,
@@ -457,6 +474,8 @@ static const char *not_plane_reason(const sf_slide_info *s)
 		return "has 3 samples per pixel (RGB)";
 	if (s->level_count > 1)
 		return "is a pyramid";
+	if (s->contig_planes > 1 && s->channels > 1)
+		return "holds several z-planes (ImageJ's one-page layout over 4 GiB)";
 	if (s->channels > 1)
 		return "has several pages";
 	if (one_page_states_planes(s))

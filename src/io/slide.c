@@ -909,6 +909,7 @@ typedef struct probe {
 	page_desc *pages;
 	uint32_t page_count;
 	uint32_t channels;
+	int contiguous; /* the channels are ImageJ's planes after page 0's data (one IFD) */
 	level_pick *levels;
 	uint32_t level_count;
 } probe;
@@ -997,16 +998,102 @@ static void note_odd_page(sf_slide_info *s, const probe *pr, uint32_t i)
 		         i, odd, first);
 }
 
-/* Level 0 made of main pages 0..channels-1. */
+/* Level 0 made of main pages 0..channels-1 (or of page 0 for every channel
+ * when they are contiguous planes: the reader shifts each by its plane). */
 static int level0_from_pages(probe *pr)
 {
 	if (add_level(pr, &pr->pages[0], -1))
 		return SF_ENOMEM;
 	for (uint32_t c = 0; c < pr->channels; c++) {
-		pr->levels[0].offsets[c] = pr->pages[c].offset;
-		pr->levels[0].dirs[c] = c;
+		uint32_t page = pr->contiguous ? 0 : c;
+		pr->levels[0].offsets[c] = pr->pages[page].offset;
+		pr->levels[0].dirs[c] = page;
 	}
 	return SF_OK;
+}
+
+/* Page 0's strips hold one plane in one piece: contiguous, each exactly its
+ * rows' bytes, the first at *first.  0 and why in buf if not.  The current
+ * directory is page 0 (the probe's only page). */
+static int plane_in_one_piece(const probe *pr, uint64_t plane_bytes, uint64_t *first, char *buf,
+                              size_t cap)
+{
+	const page_desc *p0 = &pr->pages[0];
+	uint32_t n = TIFFNumberOfStrips(pr->tif);
+	uint64_t row_bytes = plane_bytes / p0->height, end = 0;
+	if (TIFFCurrentDirOffset(pr->tif) != p0->offset || n == 0) {
+		snprintf(buf, cap, "its strips cannot be read");
+		return 0;
+	}
+	for (uint32_t i = 0; i < n; i++) {
+		int err = 0;
+		uint64_t off = TIFFGetStrileOffsetWithErr(pr->tif, i, &err);
+		uint64_t len = err ? 0 : TIFFGetStrileByteCountWithErr(pr->tif, i, &err);
+		uint64_t rows = p0->height - (uint64_t)i * p0->rows_per_strip;
+		rows = rows < p0->rows_per_strip ? rows : p0->rows_per_strip;
+		if (err) {
+			snprintf(buf, cap, "its strip %u cannot be read", i);
+			return 0;
+		}
+		if (len != rows * row_bytes) {
+			snprintf(buf, cap, "its strip %u holds %llu bytes, not %llu", i,
+			         (unsigned long long)len, (unsigned long long)(rows * row_bytes));
+			return 0;
+		}
+		if (i > 0 && off != end) {
+			snprintf(buf, cap, "its strip %u does not start where strip %u ends", i,
+			         i - 1);
+			return 0;
+		}
+		if (i == 0)
+			*first = off;
+		end = off + len;
+	}
+	return 1;
+}
+
+/* ImageJ's layout for stacks over 4 GiB (sf_slide_info.contig_planes): fill
+ * s->contig_* when the file's one IFD states slices > 1 in an ImageJ
+ * description.  Past 4 GiB a classic TIFF has no room for an IFD per plane,
+ * so ImageJ writes one and stores the planes after its data; ImageJ and
+ * tifffile read plane z at the first strip's offset + z * plane bytes. */
+static void note_contiguous_planes(const probe *pr, sf_slide_info *s, const char *desc)
+{
+	const page_desc *p0 = &pr->pages[0];
+	char *why = s->contig_fault;
+	size_t cap = sizeof s->contig_fault;
+	uint64_t plane_bytes = (uint64_t)p0->width * p0->height * sf_dtype_bytes(s->dtype);
+	uint64_t first = 0;
+	uint32_t images = imagej_value(desc, "images");
+	if (s->is_ome || pr->channels != 1 || s->stated_z <= 1)
+		return;
+	if (pr->page_count != 1)
+		snprintf(why, cap, "its other %u pages are not planes", pr->page_count - 1);
+	else if (s->stated_c > 1)
+		snprintf(why, cap, "it states channels=%u (only one channel is read)", s->stated_c);
+	else if (s->stated_t > 1)
+		snprintf(why, cap, "it states frames=%u (only one time point is read)",
+		         s->stated_t);
+	else if (images && images != s->stated_z)
+		snprintf(why, cap, "it states images=%u, not slices=%u", images, s->stated_z);
+	else if (p0->tiled)
+		snprintf(why, cap, "its page is tiled");
+	else if (s->samples != 1)
+		snprintf(why, cap, "its page has %u samples per pixel", s->samples);
+	else if (p0->compression != COMPRESSION_NONE)
+		snprintf(why, cap, "its page is compressed (Compression %u)", p0->compression);
+	else if (p0->fill_order != FILLORDER_MSB2LSB)
+		snprintf(why, cap, "its page has FillOrder %u", p0->fill_order);
+	else if (!plane_in_one_piece(pr, plane_bytes, &first, why, cap))
+		return;
+	if (why[0])
+		return;
+	uint64_t room = pr->file_size > first ? pr->file_size - first : 0;
+	s->contig_planes = s->stated_z;
+	s->contig_held =
+	    room / plane_bytes < s->stated_z ? (uint32_t)(room / plane_bytes) : s->stated_z;
+	s->contig_offset = first;
+	s->contig_stride = plane_bytes;
 }
 
 /* Reduced levels from the SubIFDs of each channel page (OME layout).  A
@@ -1552,6 +1639,13 @@ static int choose_layout(probe *pr, sf_slide_info *s, const char *desc, sf_err *
 		/* Pages that come back to page 0's shape after an odd one are a
 		 * broken run of planes, not a pyramid (levels never grow back). */
 		uint32_t odd = flat_odd_page(pr);
+		if (desc)
+			note_contiguous_planes(pr, s, desc);
+		/* A file cut short keeps one channel: the scan reports what it holds. */
+		if (s->contig_planes && s->contig_held == s->contig_planes) {
+			pr->channels = s->contig_planes;
+			pr->contiguous = 1;
+		}
 		rc = level0_from_pages(pr);
 		if (!rc && pr->channels == 1 && !odd)
 			rc = levels_from_pages(pr, 0);
@@ -1671,6 +1765,9 @@ struct sf_slide_reader {
 	tiff_diag diag; /* libtiff's messages for tif */
 	uint64_t cur;   /* offset of the current directory; 0 before the first switch */
 	uint32_t cur_level, cur_channel;
+	/* Added to every strip offset: the channel's plane past page 0's data
+	 * in ImageJ's one-IFD layout (sf_slide_info.contig_planes), else 0. */
+	uint64_t plane_shift;
 	dir_geom g;
 	uint8_t *span; /* rows of uncompressed data read in one go */
 	size_t span_cap;
@@ -1833,7 +1930,7 @@ static int copy_raw(sf_slide_reader *r, const region *rg, const unit_part *u, sf
 	const dir_geom *g = &r->g;
 	const char *unit = g->tiled ? "tile" : "strip";
 	int err = 0;
-	uint64_t off = TIFFGetStrileOffsetWithErr(r->tif, u->index, &err);
+	uint64_t off = TIFFGetStrileOffsetWithErr(r->tif, u->index, &err) + r->plane_shift;
 	uint64_t len = err ? 0 : TIFFGetStrileByteCountWithErr(r->tif, u->index, &err);
 	if (err)
 		return sf_fail(e, SF_EFORMAT, "%s: level %u: no offset for %s %u", r->s->path,
@@ -2081,6 +2178,16 @@ int sf_slide_read_region(sf_slide_reader *r, uint32_t level, uint32_t channel, i
 	if (rc)
 		return rc;
 	const dir_geom *g = &r->g;
+	r->plane_shift = 0;
+	if (s->contig_planes > 1 && s->channels == s->contig_planes) {
+		/* The probe saw the one IFD uncompressed and the file long enough for
+		 * every plane; a decoder would serve plane 0 for each. */
+		if (!g->raw)
+			return sf_fail(e, SF_EFORMAT, "%s: plane %u: its IFD is not uncompressed",
+			               s->path, channel);
+		r->plane_shift = (uint64_t)channel * s->contig_stride;
+		r->cur_channel = channel;
+	}
 	for (uint32_t ty = (uint32_t)y0 / g->unit_h; !rc && (int64_t)ty * g->unit_h < y1; ty++) {
 		for (uint32_t tx = (uint32_t)x0 / g->unit_w; !rc && (int64_t)tx * g->unit_w < x1;
 		     tx++) {

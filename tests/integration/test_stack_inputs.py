@@ -5,9 +5,12 @@ by an odd page are left out with a problem that names the file and says
 why, instead of being served as one mixed or cut-short z-stack; a trailing
 thumbnail page still is a stack; a folder of one-page OME-TIFF planes is a
 plane stack; a stack file that states more planes than it has pages (or an
-ImageJ stack stored after one IFD) and a plane folder with a folder named
-like a plane are problems too.  Shapes and types are checked with tifffile, the independent
-reader.  Planes are tiny (32x32) and numit=1, so the file runs in seconds."""
+ImageJ stack stored after one IFD that is cut short or of several channels)
+and a plane folder with a folder named like a plane are problems too.  ImageJ's
+one-IFD layout for stacks over 4 GiB (tifffile imagej=True, truncate=True) is
+a stack, read as the same voxels as the stack written one page per plane.
+Shapes and types are checked with tifffile, the independent reader.  Planes
+are tiny (32x32) and numit=1, so the file runs in seconds."""
 
 import os
 
@@ -17,7 +20,7 @@ import tifffile
 import gen
 
 OPTS = {'dxy': '0.4', 'dz': '1.2', 'lambda_ex': '561', 'lambda_em': '600', 'numit': '1',
-        'threads': '2'}
+        'threads': '2', 'gpu': 'off'}
 
 
 def problem_for(status, name):
@@ -100,8 +103,8 @@ def test_one_page_ome_planes_are_a_plane_folder(scopefs):
 def test_stated_plane_count_must_match_the_pages(scopefs):
     """A stack file that states 16 planes (OME SizeZ, ImageJ slices=) but
     holds 10 pages, or an ImageJ stack stored after one IFD (ImageJ's layout
-    for stacks over 4 GiB, which scopefs does not read), is a problem that
-    names the file: never a 10-plane stack or a 2D slide of plane 0."""
+    for stacks over 4 GiB) of two channels, is a problem that names the file:
+    never a 10-plane stack or a 2D slide of plane 0."""
     v = gen.beads(16, 24, 32, seed=61)
     xml = ('<?xml version="1.0" encoding="UTF-8"?><OME xmlns="http://www.openmicroscopy.org/'
            'Schemas/OME/2016-06"><Image ID="Image:0"><Pixels ID="Pixels:0" DimensionOrder='
@@ -116,12 +119,12 @@ def test_stated_plane_count_must_match_the_pages(scopefs):
             for z in range(10):
                 tw.write(v[z], description=desc if z == 0 else None, metadata=None,
                          contiguous=False)
-    tifffile.imwrite(scopefs.raw / 'ij_big.tif', v, imagej=True, truncate=True,
-                     metadata={'axes': 'ZYX', 'spacing': 1.2, 'unit': 'um'})
+    tifffile.imwrite(scopefs.raw / 'ij_big.tif', v.reshape(8, 2, 24, 32), imagej=True,
+                     truncate=True, metadata={'axes': 'ZCYX', 'spacing': 1.2, 'unit': 'um'})
     tifffile.imwrite(scopefs.raw / 'ij_ok.tif', v, imagej=True,  # states what it holds
                      metadata={'axes': 'ZYX', 'spacing': 1.2, 'unit': 'um'})
     with tifffile.TiffFile(scopefs.raw / 'ij_big.tif') as t:
-        assert len(t.pages) == 1 and t.series[0].shape == (16, 24, 32)
+        assert len(t.pages) == 1 and t.series[0].shape == (8, 2, 24, 32)
     m = scopefs.mount(opts=OPTS)
     st = m.status()
     assert os.listdir(m.path('deconvolved')) == ['ij_ok']
@@ -129,11 +132,64 @@ def test_stated_plane_count_must_match_the_pages(scopefs):
     assert os.listdir(m.path('registered')) == []
     want = {'short.ome.tif': 'states 16 planes (OME SizeZ=16) but has 10 pages',
             'ij_short.tif': 'states 16 planes (ImageJ slices=16) but has 10 pages',
-            'ij_big.tif': 'states 16 planes (ImageJ slices=16) but has 1 page'}
+            'ij_big.tif': 'states 8 planes (ImageJ slices=8) but has 1 page, and it states '
+                          'channels=2'}
     for name, text in want.items():
         p = problem_for(st, name)
         assert p and name in p['reason'] and text in p['reason'], (name, st['problems'])
     assert len(st['problems']) == 3
+
+
+def test_imagej_one_ifd_stack_is_read(scopefs):
+    """ImageJ's layout for stacks over 4 GiB (one IFD, the planes stored one
+    after another after its data; tifffile imagej=True, truncate=True) is a
+    stack of its slices= planes, uint16 little-endian and float32 big-endian
+    (ImageJ's own byte order).  Oracle: tifffile reads the source as the
+    volume written, and scopefs's deconvolved planes equal those of the same
+    volume written one page per plane, byte for byte (the same voxels read).
+    A file cut short is a problem that says how many planes it holds."""
+    meta = {'axes': 'ZYX', 'spacing': 1.2, 'unit': 'um'}
+    u16 = gen.beads(16, 40, 48, seed=63)
+    f32 = (gen.beads(16, 40, 48, seed=64).astype(np.float32) / 7.0).astype(np.float32)
+    vols = {'u16': (u16, '<'), 'f32': (f32, '>')}
+    for name, (vol, order) in vols.items():
+        tifffile.imwrite(scopefs.raw / ('big_%s.tif' % name), vol, imagej=True,
+                         truncate=True, byteorder=order, metadata=meta)
+        tifffile.imwrite(scopefs.raw / ('pages_%s.tif' % name), vol, imagej=True,
+                         byteorder=order, metadata=meta)
+        with tifffile.TiffFile(scopefs.raw / ('big_%s.tif' % name)) as t:
+            assert len(t.pages) == 1 and t.byteorder == order
+            assert t.imagej_metadata['slices'] == 16
+            assert np.array_equal(t.series[0].asarray(), vol)
+        with tifffile.TiffFile(scopefs.raw / ('pages_%s.tif' % name)) as t:
+            assert len(t.pages) == 16
+    cut = scopefs.raw / 'big_cut.tif'
+    tifffile.imwrite(cut, u16, imagej=True, truncate=True, metadata=meta)
+    with tifffile.TiffFile(cut) as t:
+        first = t.pages[0].dataoffsets[0]
+    os.truncate(cut, first + 10 * 40 * 48 * 2 + 100)  # 10 whole planes and a piece
+    m = scopefs.mount(opts=OPTS)
+    st = m.status()
+    assert sorted(os.listdir(m.path('deconvolved'))) == ['big_f32', 'big_u16', 'pages_f32',
+                                                         'pages_u16']
+    assert os.listdir(m.path('registered')) == []
+    assert {s['name']: s['planes'] for s in st['stacks']} == {
+        'big_f32': 16, 'big_u16': 16, 'pages_f32': 16, 'pages_u16': 16}
+    p = problem_for(st, 'big_cut.tif')
+    assert p and 'big_cut.tif holds 10 of 16 planes' in p['reason'], st['problems']
+    assert len(st['problems']) == 1
+    for name, (vol, _) in vols.items():
+        planes = sorted(os.listdir(m.path('deconvolved', 'big_' + name)))
+        assert planes == sorted(os.listdir(m.path('deconvolved', 'pages_' + name)))
+        assert len(planes) == 16
+        for z, plane in enumerate(planes):
+            with open(m.path('deconvolved', 'big_' + name, plane), 'rb') as f:
+                got = f.read()
+            with open(m.path('deconvolved', 'pages_' + name, plane), 'rb') as f:
+                assert got == f.read(), (name, plane)
+            px = tifffile.imread(m.path('deconvolved', 'big_' + name, plane))
+            assert px.shape == (40, 48) and px.dtype == vol.dtype
+            assert not np.array_equal(px, vol[z])  # deconvolved, not the raw plane
 
 
 def test_plane_named_folder_is_a_hole(scopefs):

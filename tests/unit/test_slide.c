@@ -1008,6 +1008,216 @@ static void test_bad_files(void)
 	chmod(locked, 0644);
 }
 
+/* ---- ImageJ's one-IFD layout for stacks over 4 GiB ---------------------- */
+
+/* How write_imagej_big lays out the file. */
+typedef struct big_spec {
+	ifd_spec plane; /* size and type; plane z's pattern uses id z + 1 */
+	int big_endian;
+	uint32_t slices; /* stated slices= */
+	uint32_t planes; /* planes actually stored after the IFD */
+	uint32_t rps;    /* rows per strip; 0: one strip */
+	uint32_t gap;    /* bytes between strips (0: contiguous, as ImageJ writes) */
+	uint16_t compression;
+	const char *extra; /* more description lines, e.g. "channels=2\n" */
+} big_spec;
+
+static void put_u16(uint8_t *p, uint16_t v, int be)
+{
+	p[be ? 0 : 1] = (uint8_t)(v >> 8);
+	p[be ? 1 : 0] = (uint8_t)v;
+}
+
+static void put_u32(uint8_t *p, uint32_t v, int be)
+{
+	for (int i = 0; i < 4; i++)
+		p[be ? 3 - i : i] = (uint8_t)(v >> (8 * i));
+}
+
+/* One IFD entry: SHORT or LONG, count 1 with the value inline, or count n
+ * pointing at off. */
+static void put_entry(uint8_t *p, uint16_t tag, uint16_t type, uint32_t n, uint32_t v, int be)
+{
+	put_u16(p, tag, be);
+	put_u16(p + 2, type, be);
+	put_u32(p + 4, n, be);
+	memset(p + 8, 0, 4);
+	if (type == TIFF_SHORT && n == 1)
+		put_u16(p + 8, (uint16_t)v, be);
+	else
+		put_u32(p + 8, v, be);
+}
+
+/* A classic TIFF as ImageJ writes a stack over 4 GiB: header, one IFD, its
+ * description and strip arrays, then plane 0's strips and the other planes
+ * right after them, in the file's byte order.  0 on failure. */
+static int write_imagej_big(const char *path, const big_spec *b)
+{
+	const ifd_spec *ps = &b->plane;
+	int be = b->big_endian;
+	size_t sb = sf_dtype_bytes(ps->dt), plane_bytes = (size_t)ps->w * ps->h * sb;
+	uint32_t rps = b->rps ? b->rps : ps->h, nstrips = (ps->h + rps - 1) / rps;
+	char desc[256];
+	snprintf(desc, sizeof desc, "ImageJ=1.54f\nimages=%u\nslices=%u\n%sunit=micron\n",
+	         b->slices, b->slices, b->extra ? b->extra : "");
+	const uint16_t nent = 11;
+	size_t ifd_end = 8 + 2 + 12u * nent + 4, desc_off = ifd_end, desc_len = strlen(desc) + 1;
+	size_t arrays = (desc_off + desc_len + 3) & ~(size_t)3;
+	size_t data = arrays + (nstrips > 1 ? 8u * nstrips : 0);
+	size_t total = data + (size_t)b->planes * plane_bytes + (size_t)b->gap * nstrips;
+	uint8_t *f = calloc(1, total), *plane = malloc(plane_bytes);
+	if (!f || !plane) {
+		free(f);
+		free(plane);
+		return 0;
+	}
+	memcpy(f, be ? "MM" : "II", 2);
+	put_u16(f + 2, 42, be);
+	put_u32(f + 4, 8, be);
+	put_u16(f + 8, nent, be);
+	uint8_t *e = f + 10;
+	uint32_t off0 = (uint32_t)data, row_bytes = (uint32_t)(ps->w * sb);
+	uint16_t format = ps->dt == SF_F32 ? SAMPLEFORMAT_IEEEFP : SAMPLEFORMAT_UINT;
+	put_entry(e, TIFFTAG_IMAGEWIDTH, TIFF_LONG, 1, ps->w, be), e += 12;
+	put_entry(e, TIFFTAG_IMAGELENGTH, TIFF_LONG, 1, ps->h, be), e += 12;
+	put_entry(e, TIFFTAG_BITSPERSAMPLE, TIFF_SHORT, 1, (uint32_t)(8 * sb), be), e += 12;
+	put_entry(e, TIFFTAG_COMPRESSION, TIFF_SHORT, 1,
+	          b->compression ? b->compression : COMPRESSION_NONE, be),
+	    e += 12;
+	put_entry(e, TIFFTAG_PHOTOMETRIC, TIFF_SHORT, 1, PHOTOMETRIC_MINISBLACK, be), e += 12;
+	put_entry(e, TIFFTAG_IMAGEDESCRIPTION, TIFF_ASCII, (uint32_t)desc_len, (uint32_t)desc_off,
+	          be),
+	    e += 12;
+	put_entry(e, TIFFTAG_STRIPOFFSETS, TIFF_LONG, nstrips,
+	          nstrips > 1 ? (uint32_t)arrays : off0, be),
+	    e += 12;
+	put_entry(e, TIFFTAG_SAMPLESPERPIXEL, TIFF_SHORT, 1, 1, be), e += 12;
+	put_entry(e, TIFFTAG_ROWSPERSTRIP, TIFF_LONG, 1, rps, be), e += 12;
+	put_entry(e, TIFFTAG_STRIPBYTECOUNTS, TIFF_LONG, nstrips,
+	          nstrips > 1 ? (uint32_t)(arrays + 4 * nstrips) : (uint32_t)plane_bytes, be),
+	    e += 12;
+	put_entry(e, TIFFTAG_SAMPLEFORMAT, TIFF_SHORT, 1, format, be), e += 12;
+	memcpy(f + desc_off, desc, desc_len);
+	for (uint32_t i = 0; nstrips > 1 && i < nstrips; i++) {
+		uint32_t rows = ps->h - i * rps < rps ? ps->h - i * rps : rps;
+		put_u32(f + arrays + 4 * i, off0 + i * (rps * row_bytes + b->gap), be);
+		put_u32(f + arrays + 4 * (nstrips + i), rows * row_bytes, be);
+	}
+	for (uint32_t z = 0; z < b->planes; z++) {
+		ifd_spec pz = *ps;
+		pz.id = (int)z + 1;
+		fill_unit(&pz, plane, 0, 0, ps->w, ps->h);
+		for (size_t i = 0; be && sb > 1 && i < plane_bytes; i += sb)
+			for (size_t k = 0; k < sb / 2; k++) {
+				uint8_t t = plane[i + k];
+				plane[i + k] = plane[i + sb - 1 - k];
+				plane[i + sb - 1 - k] = t;
+			}
+		memcpy(f + data + (size_t)z * plane_bytes, plane, plane_bytes);
+	}
+	FILE *fp = fopen(path, "wb");
+	int ok = fp && fwrite(f, 1, total, fp) == total;
+	if (fp)
+		ok = fclose(fp) == 0 && ok;
+	free(f);
+	free(plane);
+	return ok;
+}
+
+/* Every plane of a one-IFD ImageJ stack reads as written: the planes are
+ * the channels, plane z from the first strip + z * plane bytes, in the
+ * file's byte order. */
+static void check_imagej_big(const big_spec *b, const char *name)
+{
+	const char *path = tmp_path(name);
+	CHECK(write_imagej_big(path, b), "write %s", path);
+	sf_slide_info *s = probe_ok(path, name);
+	if (!s)
+		return;
+	uint64_t plane_bytes = (uint64_t)b->plane.w * b->plane.h * sf_dtype_bytes(b->plane.dt);
+	CHECK(s->kind == SF_SLIDE_FLAT && s->channels == b->slices && s->stated_z == b->slices &&
+	          s->contig_planes == b->slices && s->contig_held == b->slices &&
+	          s->contig_stride == plane_bytes && s->dtype == b->plane.dt && !s->contig_fault[0],
+	      "%s: kind %d, %u channels, contig %u/%u stride %llu, want %u planes of %llu bytes",
+	      name, (int)s->kind, s->channels, s->contig_held, s->contig_planes,
+	      (unsigned long long)s->contig_stride, b->slices, (unsigned long long)plane_bytes);
+	sf_slide_reader *r = s->channels == b->slices ? reader_ok(s, name) : NULL;
+	for (uint32_t z = 0; r && z < b->slices; z++) {
+		ifd_spec pz = b->plane;
+		pz.id = (int)z + 1;
+		check_rects(r, &pz, 0, z, 0, name);
+	}
+	if (r) { /* back to an earlier plane: the shift is per read, not sticky */
+		ifd_spec p1 = b->plane;
+		p1.id = 2;
+		check_region(r, &p1, 0, 1, 5, 3, 20, 17, 0, name);
+		uint16_t buf[4];
+		sf_err e = {0};
+		CHECK(sf_slide_read_region(r, 0, b->slices, 0, 0, 1, 1, buf, &e) == SF_EINVAL &&
+		          strstr(e.msg, path),
+		      "%s: a plane past the stack: %s", name, e.msg);
+	}
+	sf_slide_reader_close(r);
+	sf_slide_info_free(s);
+}
+
+/* The probe of a one-IFD ImageJ file that states slices= it does not hold
+ * as ImageJ's layout: one channel, and why (contig_fault) or how many
+ * planes it holds (contig_held). */
+static void check_imagej_not_big(const big_spec *b, const char *name, const char *fault,
+                                 uint32_t held)
+{
+	const char *path = tmp_path(name);
+	CHECK(write_imagej_big(path, b), "write %s", path);
+	sf_slide_info *s = probe_ok(path, name);
+	if (!s)
+		return;
+	CHECK(s->channels == 1 && s->stated_z == b->slices, "%s: %u channels, want 1", name,
+	      s->channels);
+	if (fault)
+		CHECK(!s->contig_planes && strstr(s->contig_fault, fault),
+		      "%s: fault '%s', want '%s'", name, s->contig_fault, fault);
+	else
+		CHECK(s->contig_planes == b->slices && s->contig_held == held &&
+		          !s->contig_fault[0],
+		      "%s: holds %u of %u planes, want %u", name, s->contig_held, s->contig_planes,
+		      held);
+	sf_slide_info_free(s);
+}
+
+static void test_imagej_big(void)
+{
+	big_spec u16 = {
+	    .plane = {.w = 48, .h = 40, .dt = SF_U16, .spp = 1}, .slices = 16, .planes = 16};
+	check_imagej_big(&u16, "ij_big_u16.tif");
+	big_spec u16be = u16;
+	u16be.big_endian = 1; /* ImageJ's own byte order */
+	u16be.rps = 7;        /* strips of 7 rows, one after another */
+	check_imagej_big(&u16be, "ij_big_u16_be.tif");
+	big_spec f32be = {.plane = {.w = 33, .h = 21, .dt = SF_F32, .spp = 1},
+	                  .big_endian = 1,
+	                  .slices = 5,
+	                  .planes = 5};
+	check_imagej_big(&f32be, "ij_big_f32_be.tif");
+	big_spec u8 = {
+	    .plane = {.w = 31, .h = 17, .dt = SF_U8, .spp = 1}, .slices = 3, .planes = 3, .rps = 4};
+	check_imagej_big(&u8, "ij_big_u8.tif");
+
+	big_spec cut = u16;
+	cut.planes = 11; /* cut short: 11 whole planes */
+	check_imagej_not_big(&cut, "ij_cut.tif", NULL, 11);
+	big_spec gap = u16;
+	gap.rps = 8;
+	gap.gap = 16;
+	check_imagej_not_big(&gap, "ij_gap.tif", "strip 1 does not start where strip 0 ends", 0);
+	big_spec packed = u16;
+	packed.compression = COMPRESSION_PACKBITS;
+	check_imagej_not_big(&packed, "ij_packed.tif", "compressed (Compression 32773)", 0);
+	big_spec chans = u16;
+	chans.extra = "channels=2\n";
+	check_imagej_not_big(&chans, "ij_chans.tif", "channels=2", 0);
+}
+
 /* ---- driver for the integration test ------------------------------------ */
 
 static const char *kind_name(sf_slide_kind k)
@@ -1107,6 +1317,7 @@ int main(int argc, char **argv)
 	test_svs();
 	test_associated_pages();
 	test_imagej_pixel_size();
+	test_imagej_big();
 	test_unsupported();
 	test_bad_files();
 	test_channel_ifds_checked();
