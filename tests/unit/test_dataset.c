@@ -753,7 +753,7 @@ static void test_stated_planes(void)
 	CHECK(sf_dataset_scan(base, &d, &e) == SF_OK && d, "root hole: %s", e.msg);
 	if (!d)
 		return;
-	p = d->problem_count ? &d->problems[0] : NULL;
+	const sf_problem *p = d->problem_count ? &d->problems[0] : NULL;
 	CHECK(p && strcmp(p->path, d->root) == 0 &&
 	          strstr(p->reason, "folder z2.tif is named like a plane"),
 	      "root hole: %s", p ? p->reason : "no problem");
