@@ -14,8 +14,10 @@
 #include "scopefs/err.h"
 
 /* The next item of f into line (cap bytes), *item pointing into it;
- * *lineno counts the lines read.  SF_OK, SF_ENOTFOUND at the end of f, or
- * SF_EINVAL "PATH:LINE: line longer than N characters". */
+ * *lineno counts the lines read; a UTF-8 byte order mark opening line 1 is
+ * skipped.  SF_OK, SF_ENOTFOUND at the end of f, SF_EINVAL "PATH:LINE: line
+ * longer than N characters", or SF_EIO "PATH: cannot read: ..." (a folder,
+ * a failing disk: never taken for the end). */
 int sf_conf_next(FILE *f, const char *path, char *line, size_t cap, unsigned *lineno, char **item,
                  sf_err *e);
 

@@ -15,6 +15,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "scopefs/cpus.h"
 #include "scopefs/fuse_ops.h"
 #include "scopefs/log.h"
 #include "scopefs/mount.h"
@@ -191,10 +192,8 @@ int main(int argc, char **argv)
 	 * arenas keep the free memory in few places (217 MB at mem=128M). */
 	mallopt(M_MMAP_THRESHOLD, 16 << 20);
 	mallopt(M_ARENA_MAX, 2);
-	if (!o.threads) {
-		long n = sysconf(_SC_NPROCESSORS_ONLN);
-		o.threads = n > 0 ? (unsigned)n : 1;
-	}
+	if (!o.threads)
+		o.threads = sf_cpus_usable();
 	if (o.readahead == SF_READAHEAD_AUTO)
 		o.readahead = 2 * o.threads;
 	if (o.log_path && (log_fd = open_log(o.log_path)) < 0)

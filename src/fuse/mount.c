@@ -17,6 +17,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "scopefs/cpus.h"
 #include "scopefs/autoreg.h"
 #include "scopefs/log.h"
 #include "scopefs/ome_xml.h"
@@ -475,8 +476,7 @@ static int transforms_path(sf_mount *m, sf_err *e)
 static int make_autoreg(sf_mount *m, const uint8_t *to_register, sf_err *e)
 {
 	const sf_dataset *d = m->dataset;
-	unsigned threads =
-	    m->opts->threads ? m->opts->threads : (unsigned)sysconf(_SC_NPROCESSORS_ONLN);
+	unsigned threads = m->opts->threads ? m->opts->threads : sf_cpus_usable();
 	int any = 0, rc;
 
 	for (uint32_t i = 0; i < d->slide_count; i++)

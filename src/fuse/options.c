@@ -14,6 +14,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <fcntl.h>
 #include <sys/stat.h>
 #include <linux/magic.h>
 #include <sys/vfs.h>
@@ -52,7 +53,8 @@ static const option_def option_table[] = {
     {"cache_size", OPT_SIZE,
      "cache_size=SIZE  disk cache bound, e.g. 50G (default 20G; 0: unbounded)"},
     {"mem", OPT_SIZE, "mem=SIZE         RAM bound for decoded tiles (default 128M)"},
-    {"threads", OPT_COUNT, "threads=N        worker threads, up to 4096 (default: one per CPU)"},
+    {"threads", OPT_COUNT,
+     "threads=N        worker threads, up to 4096 (default: one per usable CPU, as nproc counts)"},
     {"readahead", OPT_COUNT,
      "readahead=N      tiles scheduled ahead of a sequential reader (default 2 x threads; 0: "
      "none)"},
@@ -313,6 +315,23 @@ static int add_preset_name(sf_options *o, const char *name, sf_err *e)
 
 /* Apply "key" or "key=value" (from -o or a preset line `origin`) for the
  * source ps->source. */
+static int apply_option(parse_state *ps, const char *item, const char *origin, sf_err *e);
+
+/* Parse item into scratch options and drop them: a value the command line
+ * overrides is still checked, or a shared preset's malformed line
+ * ("threads=2x") would fail only for the users who do not override it. */
+static int check_only(const parse_state *ps, const char *item, const char *origin, sf_err *e)
+{
+	sf_options scratch = {0};
+	parse_state sp = {.o = &scratch, .source = ps->source};
+	int rc;
+
+	sf_reg_settings_default(&scratch.reg);
+	rc = apply_option(&sp, item, origin, e);
+	sf_options_free(&scratch);
+	return rc;
+}
+
 static int apply_option(parse_state *ps, const char *item, const char *origin, sf_err *e)
 {
 	const char *eq = strchr(item, '=');
@@ -328,7 +347,7 @@ static int apply_option(parse_state *ps, const char *item, const char *origin, s
 	if (i == OPTION_COUNT)
 		return sf_fail(e, SF_EINVAL, "%sunknown option '%.*s'", origin, (int)klen, item);
 	if (ps->set[i] && ps->set[i] != ps->source)
-		return SF_OK; /* a stronger source gave it */
+		return check_only(ps, item, origin, e); /* a stronger source gave it */
 	ps->set[i] = ps->source;
 	const option_def *d = &option_table[i];
 	if ((d->kind == OPT_FUSE_FLAG) != (value == NULL))
@@ -426,20 +445,23 @@ static int apply_option_list(parse_state *ps, const char *list, sf_err *e)
 	return rc;
 }
 
-/* mountopts/ beside the tree the binary was built in (build/scopefs -> ../mountopts). */
-static int preset_path(const char *name, char *path, size_t cap)
+/* mountopts/ beside the tree the binary was built in (build/scopefs ->
+ * ../mountopts), else the installed copy.  tried receives the places
+ * looked in before path, for the message when path is missing too. */
+static void preset_path(const char *name, char *path, size_t cap, char *tried, size_t tcap)
 {
 	char exe[PATH_MAX];
 	const char *env = getenv("SCOPEFS_PRESETS");
 	ssize_t n;
 
+	tried[0] = '\0';
 	if (strchr(name, '/')) {
 		snprintf(path, cap, "%s", name);
-		return SF_OK;
+		return;
 	}
 	if (env && *env) {
 		snprintf(path, cap, "%s/%s", env, name);
-		return SF_OK;
+		return;
 	}
 	n = readlink("/proc/self/exe", exe, sizeof exe - 1);
 	if (n > 0) {
@@ -449,25 +471,51 @@ static int preset_path(const char *name, char *path, size_t cap)
 			*slash = '\0';
 		snprintf(path, cap, "%s/../mountopts/%s", exe, name);
 		if (access(path, R_OK) == 0)
-			return SF_OK;
+			return;
+		snprintf(tried, tcap, "%s, ", path);
 	}
 	snprintf(path, cap, "/usr/share/scopefs/mountopts/%s", name);
-	return SF_OK;
+}
+
+/* The preset file at path, opened for reading: a regular file (a folder
+ * opens, then reads as an empty preset, and the mount went ahead without
+ * the options the user meant; a FIFO would block the open: O_NONBLOCK). */
+static FILE *preset_open(const char *name, const char *path, const char *tried, sf_err *e)
+{
+	struct stat st;
+	int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+	FILE *f = fd >= 0 ? fdopen(fd, "r") : NULL;
+
+	if (!f) {
+		int err = errno;
+		if (fd >= 0)
+			close(fd);
+		sf_fail(
+		    e, SF_EINVAL, "option 'preset': cannot read preset '%s' (looked in %s%s): %s%s",
+		    name, tried, path, strerror(err),
+		    strchr(name, '/') ? "" : "; set SCOPEFS_PRESETS=DIR or give the file's path");
+		return NULL;
+	}
+	if (fstat(fileno(f), &st) != 0 || !S_ISREG(st.st_mode)) {
+		sf_fail(e, SF_EINVAL, "option 'preset': preset '%s' (%s) is not a file", name,
+		        path);
+		fclose(f);
+		return NULL;
+	}
+	return f;
 }
 
 static int apply_preset(parse_state *ps, const char *name, sf_err *e)
 {
-	char path[PATH_MAX + 64], line[1024], origin[PATH_MAX + 96];
+	char path[PATH_MAX + 64], tried[PATH_MAX + 80], line[1024], origin[PATH_MAX + 96];
 	unsigned lineno = 0;
 	FILE *f;
 	char *s;
 	int rc;
 
-	preset_path(name, path, sizeof path);
-	f = fopen(path, "r");
-	if (!f)
-		return sf_fail(e, SF_EINVAL, "option 'preset': cannot read preset '%s' (%s): %s",
-		               name, path, strerror(errno));
+	preset_path(name, path, sizeof path, tried, sizeof tried);
+	if (!(f = preset_open(name, path, tried, e)))
+		return SF_EINVAL;
 	while ((rc = sf_conf_next(f, path, line, sizeof line, &lineno, &s, e)) == SF_OK) {
 		if (!strncmp(s, "preset=", 7)) {
 			rc = sf_fail(e, SF_EINVAL, "%s:%u: a preset cannot name another preset",

@@ -2,6 +2,7 @@
 #include "scopefs/conf.h"
 
 #include <ctype.h>
+#include <errno.h>
 #include <string.h>
 
 /* fgets filled line (cap bytes) without reaching the end of a line or of f. */
@@ -42,6 +43,10 @@ int sf_conf_next(FILE *f, const char *path, char *line, size_t cap, unsigned *li
 		if (line_too_long(f, line, cap))
 			return sf_fail(e, SF_EINVAL, "%s:%u: line longer than %zu characters", path,
 			               *lineno, cap - 2);
+		/* A UTF-8 byte order mark (Windows Notepad writes one) is no text:
+		 * kept, it made "mem=64M" an unknown option with an invisible name. */
+		if (*lineno == 1 && !strncmp(s, "\xEF\xBB\xBF", 3))
+			s += 3;
 		while (isspace((unsigned char)*s))
 			s++;
 		end = s + strlen(s);
@@ -53,5 +58,9 @@ int sf_conf_next(FILE *f, const char *path, char *line, size_t cap, unsigned *li
 			return SF_OK;
 		}
 	}
+	/* fgets says NULL at the end and on a read error alike (EISDIR for a
+	 * folder, EIO): only the end is the end of the options. */
+	if (ferror(f))
+		return sf_fail(e, SF_EIO, "%s: cannot read: %s", path, strerror(errno));
 	return SF_ENOTFOUND;
 }

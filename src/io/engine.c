@@ -61,6 +61,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "scopefs/cpus.h"
 #include "scopefs/log.h"
 
 enum unit_state { UNIT_QUEUED, UNIT_COMPUTING, UNIT_READY, UNIT_FAILED };
@@ -596,14 +597,9 @@ static void *worker_main(void *arg)
 
 static unsigned thread_count(unsigned wanted)
 {
-	long n;
+	unsigned n = wanted ? wanted : sf_cpus_usable();
 
-	if (wanted)
-		return wanted < MAX_THREADS ? wanted : MAX_THREADS;
-	n = sysconf(_SC_NPROCESSORS_ONLN);
-	if (n < 1)
-		return 1;
-	return n < MAX_THREADS ? (unsigned)n : MAX_THREADS;
+	return n < MAX_THREADS ? n : MAX_THREADS;
 }
 
 /* Free what create made; workers [0, running) are joined first. */

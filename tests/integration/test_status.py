@@ -107,3 +107,19 @@ def test_ome_xml_characters_beyond_the_basic_plane(scopefs):
         with tifffile.TiffFile(io.BytesIO(f.read())) as t:
             root = ET.fromstring(t.pages[0].description.encode('utf-8'))
     assert root.find(OME_NS + 'Image').get('Name') == 'slide\ufffd'
+
+
+def test_default_threads_follow_the_cpu_affinity(scopefs):
+    """threads= defaults to one per CPU this process may use (its affinity
+    mask, what `nproc` prints: SLURM's --cpus-per-task, taskset, cpusets),
+    not every CPU of the node, which oversubscribed shared nodes."""
+    gen.write_ome(scopefs.raw / 's.ome.tif', [gen.norm(gen.tissue(256, 256, 1, seed=1))], ['A'],
+                  0.5)
+    saved = os.sched_getaffinity(0)
+    cpu = min(saved)
+    os.sched_setaffinity(0, {cpu})  # the daemon inherits it
+    try:
+        m = scopefs.mount(opts={'reg': 'off'})
+    finally:
+        os.sched_setaffinity(0, saved)
+    assert m.status()['threads'] == 1, m.status()['threads']

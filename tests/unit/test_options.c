@@ -176,6 +176,51 @@ static int parse_with_preset(sf_options *o, sf_err *e, const char *raw, const ch
 	return parse(o, e, 5, argv);
 }
 
+/* Preset files as users hand them over: a UTF-8 byte order mark (Notepad),
+ * a folder or a FIFO instead of a file, a malformed line the command line
+ * overrides (still an error: it fails for whoever does not override it),
+ * a name found nowhere (the message says where it looked). */
+static void test_preset_files(const char *raw, const char *dir, const char *path)
+{
+	char fifo[600], cli[700];
+	sf_options o;
+	sf_err e;
+
+	CHECK(parse_with_preset(&o, &e, raw, dir, path, "\xEF\xBB\xBFmem=64M\n", "") == SF_OK &&
+	          o.mem == 64ull << 20,
+	      "a preset with a BOM read: %s", e.msg);
+	sf_options_free(&o);
+	CHECK(parse_with_preset(&o, &e, raw, dir, path, "\xEF\xBB\xBF# optics\nthreads=3\n", "") ==
+	              SF_OK &&
+	          o.threads == 3,
+	      "a BOM before a comment: %s", e.msg);
+	sf_options_free(&o);
+	CHECK(parse_with_preset(&o, &e, raw, dir, dir, NULL, "") == SF_EINVAL &&
+	          strstr(e.msg, "is not a file"),
+	      "a folder as the preset refused: %s", e.msg);
+	sf_options_free(&o);
+	snprintf(fifo, sizeof fifo, "%s/fifo", dir);
+	CHECK(mkfifo(fifo, 0600) == 0, "mkfifo");
+	CHECK(parse_with_preset(&o, &e, raw, dir, fifo, NULL, "") == SF_EINVAL &&
+	          strstr(e.msg, "is not a file"),
+	      "a FIFO as the preset refused, not waited on: %s", e.msg);
+	sf_options_free(&o);
+	unlink(fifo);
+	CHECK(parse_with_preset(&o, &e, raw, dir, path, "threads=2x\n", "threads=1,") ==
+	              SF_EINVAL &&
+	          strstr(e.msg, ":1:") && strstr(e.msg, "2x"),
+	      "an overridden malformed preset line still refused: %s", e.msg);
+	sf_options_free(&o);
+	snprintf(cli, sizeof cli, "preset=no-such-preset-here,cache=%s/c", dir);
+	const char *argv[] = {"scopefs", "-o", cli, raw, "/mnt"};
+	unsetenv("SCOPEFS_PRESETS");
+	CHECK(parse(&o, &e, 5, argv) == SF_EINVAL && strstr(e.msg, "/../mountopts/no-such") &&
+	          strstr(e.msg, "/usr/share/scopefs/mountopts/no-such") &&
+	          strstr(e.msg, "SCOPEFS_PRESETS"),
+	      "a preset found nowhere names every place looked in: %s", e.msg);
+	sf_options_free(&o);
+}
+
 static void test_preset(const char *raw, const char *dir)
 {
 	char path[512], missing[600];
@@ -260,6 +305,7 @@ static void test_preset(const char *raw, const char *dir)
 	          strstr(e.msg, "preset"),
 	      "missing preset refused: %s", e.msg);
 	sf_options_free(&o);
+	test_preset_files(raw, dir, path);
 }
 
 /* Parse "-o <opts>" with RAW_DIR raw and MOUNTPOINT mnt. */
