@@ -48,6 +48,12 @@ typedef struct sf_node {
 	 * autoreg_slide succeeds (-1: always shown); SF_NODE_TRANSFORM: which file. */
 	int32_t autoreg_slide;
 	int transform_file; /* an sf_autoreg_file_kind */
+	/* SF_NODE_VFILE of a slide warped through a transform file: that file
+	 * (sf_slide_entry.transform_path, not owned) and its attributes when the
+	 * mount read it.  An edit since makes opens fail (fuse_ops.c): the
+	 * mount keeps warping with what it read. */
+	const char *watch_path;
+	struct stat watch_st;
 } sf_node;
 
 typedef struct sf_slide_entry {

@@ -315,6 +315,33 @@ static int raw_changed(sf_mount *m, const sf_node *n, int fd)
 	return EIO;
 }
 
+/* EIO when the transform file a registered/ file is warped through
+ * changed since the mount read it (sf_node.watch_path): the mount still
+ * warps with the old one, and a pipeline that rewrote it and copies the
+ * result would get the old pixels with no error. */
+static int transform_changed(sf_mount *m, const sf_node *n)
+{
+	struct stat now;
+	char msg[PATH_MAX + 200];
+
+	if (!n->watch_path)
+		return 0;
+	if (stat(n->watch_path, &now) != 0)
+		snprintf(msg, sizeof msg, "%s: cannot stat: %s", n->watch_path, strerror(errno));
+	else if (now.st_size != n->watch_st.st_size ||
+	         now.st_mtim.tv_sec != n->watch_st.st_mtim.tv_sec ||
+	         now.st_mtim.tv_nsec != n->watch_st.st_mtim.tv_nsec)
+		snprintf(msg, sizeof msg,
+		         "%s changed since the mount read it: remount to warp with the new "
+		         "transform",
+		         n->watch_path);
+	else
+		return 0;
+	sf_log(SF_LOG_ERROR, "registered/%s: %s", n->name, msg);
+	sf_engine_note_error(m->engine, "registered", msg);
+	return EIO;
+}
+
 static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 {
 	sf_mount *m = mount_of(req);
@@ -347,6 +374,11 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 		break;
 	}
 	case SF_NODE_VFILE: {
+		int err = transform_changed(m, n);
+		if (err) {
+			fuse_reply_err(req, err);
+			return;
+		}
 		vfile_handle *h = calloc(1, sizeof *h);
 		if (!h) {
 			fuse_reply_err(req, ENOMEM);

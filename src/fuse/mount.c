@@ -390,6 +390,14 @@ static int load_transform(sf_mount *m, uint32_t i, uint8_t *to_register, sf_err 
 	return SF_OK;
 }
 
+/* Watch the transform file slide entry se was loaded from (sf_node.watch_path).
+ * A file that cannot be stat'ed now is not watched: it was just read. */
+static void watch_transform(sf_node *n, const sf_slide_entry *se)
+{
+	if (se->transform_path && stat(se->transform_path, &n->watch_st) == 0)
+		n->watch_path = se->transform_path;
+}
+
 /* registered/<stem>.ome.tif for slide i: the reference re-tiled, a moving
  * slide warped through its transform file or through scopefs's own
  * registration.  A slide that cannot be served gets its reason in
@@ -428,6 +436,8 @@ static int add_registered_slide(sf_mount *m, uint32_t dir, uint32_t i, const sf_
 	}
 	if (rc == SF_OK && autoreg) /* add_vfile's node is the last one */
 		m->nodes[m->node_count - 1].autoreg_slide = (int32_t)i;
+	else if (rc == SF_OK && (int)i != m->reference)
+		watch_transform(&m->nodes[m->node_count - 1], se);
 	if (rc == SF_ENOMEM)
 		return rc;
 	if (rc != SF_OK)

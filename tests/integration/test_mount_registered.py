@@ -526,3 +526,28 @@ def test_gpu_unavailable_is_said_once(scopefs, tmp_path):
     if not lines:
         pytest.skip('a CUDA device warped the slide: nothing to say')
     assert len(lines) == 1, lines
+
+
+def test_transform_edited_after_mount_is_refused(scopefs, tmp_path):
+    """The mount warps with the transform it read.  A pipeline step that
+    rewrites transforms=DIR/<stem>.json and then copies registered/ must get
+    an error naming the file, not the old warp with exit status 0."""
+    a = gen.norm(gen.tissue(300, 400, 1, seed=4))
+    gen.write_ome(scopefs.raw / 'ref.ome.tif', [a], ['A'], REF_PX)
+    gen.write_ome(scopefs.raw / 'mov.ome.tif', [a], ['A'], REF_PX)
+    gen.write_ome(scopefs.raw / 'other.ome.tif', [a], ['A'], REF_PX)
+    tfd = tmp_path / 'tfd'
+    tfd.mkdir()
+    write_json(tfd / 'mov.json', np.array([[1.0, 0, 5], [0, 1.0, -3], [0, 0, 1]]))
+    write_json(tfd / 'other.json', np.array([[1.0, 0, 2], [0, 1.0, 2], [0, 0, 1]]))
+    m = scopefs.mount(opts={'reference': 'ref', 'transforms': str(tfd), 'reg': 'off'})
+    before = read_all(m.path('registered', 'mov.ome.tif'))
+    write_json(tfd / 'mov.json', np.array([[1.0, 0, -4], [0, 1.0, 6], [0, 0, 1]]))
+    with pytest.raises(OSError) as err:
+        with open(m.path('registered', 'mov.ome.tif'), 'rb') as f:
+            f.read()
+    assert err.value.errno == 5, err.value  # EIO
+    recent = [r['message'] for r in m.status()['recent_errors']]
+    assert any(str(tfd / 'mov.json') + ' changed since the mount read it' in r
+               for r in recent), recent
+    assert len(read_all(m.path('registered', 'other.ome.tif'))) == len(before)
