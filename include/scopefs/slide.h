@@ -68,6 +68,9 @@ typedef struct sf_slide_info {
 	/* SizeC, SizeZ and SizeT as the file's own metadata states them (OME-XML Pixels, or an
 	 * ImageJ description's channels= / slices= / frames=); 0 when the file does not say. */
 	uint32_t stated_c, stated_z, stated_t;
+	/* An ImageJ description's images= (all planes, whatever their axes); 0 when absent.
+	 * tifffile writes a 3D array without axes as images=N channels=N, no slices=. */
+	uint32_t stated_images;
 	/* OME-XML Pixels DimensionOrder ("XYZCT": z varies fastest after the plane, then
 	 * c, then t; the order of the pages); "" when absent or not OME. */
 	char dimension_order[16];

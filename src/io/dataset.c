@@ -306,7 +306,7 @@ typedef struct probed {
  * files state the SizeZ of a multi-file series, so they do not count.) */
 static int one_page_states_planes(const sf_slide_info *s)
 {
-	return !s->is_ome && s->channels == 1 && s->stated_z > 1;
+	return !s->is_ome && s->channels == 1 && (s->stated_z > 1 || s->stated_images > 1);
 }
 
 /* One page, one level, untiled, one sample: a plain TIFF or a one-page
@@ -370,6 +370,17 @@ static const char *stated_planes_fault(const sf_slide_info *s, const char *name,
                                        size_t cap)
 {
 	const char *key = s->is_ome ? "SizeZ" : "slices";
+	if (one_page_states_planes(s) && s->stated_z <= 1) {
+		/* images=N with no slices=: which axis the N planes run along is
+		 * unknown, and serving the one page would show plane 0 alone. */
+		snprintf(buf, cap,
+		         "%s states %u images (ImageJ images=%u) but has 1 page and no slices=: "
+		         "scopefs reads ImageJ's layout for stacks over 4 GiB (all planes after "
+		         "one page) only for a z-stack that states slices=; save the stack as one "
+		         "page per plane, as a folder of planes, or with axes ZYX",
+		         name, s->stated_images, s->stated_images);
+		return buf;
+	}
 	if (s->stated_z == 0 || s->stated_z == s->channels)
 		return NULL;
 	if (one_page_states_planes(s) && s->contig_planes) {
@@ -479,7 +490,7 @@ static const char *not_plane_reason(const sf_slide_info *s)
 	if (s->channels > 1)
 		return "has several pages";
 	if (one_page_states_planes(s))
-		return "states several z-planes (ImageJ slices=) in one page";
+		return "states several z-planes (ImageJ slices= or images=) in one page";
 	if (s->kind == SF_SLIDE_SVS)
 		return "is an Aperio SVS slide";
 	return "is not a plain 2D image";

@@ -1612,6 +1612,7 @@ static int choose_layout(probe *pr, sf_slide_info *s, const char *desc, sf_err *
 		s->stated_c = imagej_value(desc, "channels");
 		s->stated_z = imagej_value(desc, "slices");
 		s->stated_t = imagej_value(desc, "frames");
+		s->stated_images = imagej_value(desc, "images");
 	}
 	int is_svs = !has_ome && desc && strncmp(desc, "Aperio", 6) == 0;
 	if (is_svs) {

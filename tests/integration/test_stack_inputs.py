@@ -123,8 +123,15 @@ def test_stated_plane_count_must_match_the_pages(scopefs):
                      truncate=True, metadata={'axes': 'ZCYX', 'spacing': 1.2, 'unit': 'um'})
     tifffile.imwrite(scopefs.raw / 'ij_ok.tif', v, imagej=True,  # states what it holds
                      metadata={'axes': 'ZYX', 'spacing': 1.2, 'unit': 'um'})
+    # tifffile's default for a 3D array without axes: images=16 channels=16, no
+    # slices=; one page (truncate) used to be served as a 2D slide of plane 0
+    tifffile.imwrite(scopefs.raw / 'ij_noaxes.tif', v, imagej=True, truncate=True)
     with tifffile.TiffFile(scopefs.raw / 'ij_big.tif') as t:
         assert len(t.pages) == 1 and t.series[0].shape == (8, 2, 24, 32)
+    with tifffile.TiffFile(scopefs.raw / 'ij_noaxes.tif') as t:
+        assert len(t.pages) == 1 and t.series[0].shape == (16, 24, 32)
+        assert 'images=16' in t.pages[0].description
+        assert 'slices=' not in t.pages[0].description
     m = scopefs.mount(opts=OPTS)
     st = m.status()
     assert os.listdir(m.path('deconvolved')) == ['ij_ok']
@@ -133,11 +140,13 @@ def test_stated_plane_count_must_match_the_pages(scopefs):
     want = {'short.ome.tif': 'states 16 planes (OME SizeZ=16) but has 10 pages',
             'ij_short.tif': 'states 16 planes (ImageJ slices=16) but has 10 pages',
             'ij_big.tif': 'states 8 planes (ImageJ slices=8) but has 1 page, and it states '
-                          'channels=2'}
+                          'channels=2',
+            'ij_noaxes.tif': 'states 16 images (ImageJ images=16) but has 1 page and no '
+                             'slices='}
     for name, text in want.items():
         p = problem_for(st, name)
         assert p and name in p['reason'] and text in p['reason'], (name, st['problems'])
-    assert len(st['problems']) == 3
+    assert len(st['problems']) == 4
 
 
 def test_imagej_one_ifd_stack_is_read(scopefs):
