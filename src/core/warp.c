@@ -622,12 +622,8 @@ AVX2_FN __m256 blend8_f32(__m256 pa, __m256 pb, __m256 qa, __m256 qb, __m256 tx,
 {
 #define LO    _mm256_castps256_ps128
 #define HI(v) _mm256_extractf128_ps(v, 1)
-	if (edge)
-		return _mm256_set_m128(
-		    bilinear4_f32(HI(pa), HI(pb), HI(qa), HI(qb), HI(tx), HI(ty), 1),
-		    bilinear4_f32(LO(pa), LO(pb), LO(qa), LO(qb), LO(tx), LO(ty), 1));
-	return _mm256_set_m128(bilinear4_f32(HI(pa), HI(pb), HI(qa), HI(qb), HI(tx), HI(ty), 0),
-	                       bilinear4_f32(LO(pa), LO(pb), LO(qa), LO(qb), LO(tx), LO(ty), 0));
+	return _mm256_set_m128(bilinear4_f32(HI(pa), HI(pb), HI(qa), HI(qb), HI(tx), HI(ty), edge),
+	                       bilinear4_f32(LO(pa), LO(pb), LO(qa), LO(qb), LO(tx), LO(ty), edge));
 #undef LO
 #undef HI
 }

@@ -857,7 +857,7 @@ static double imagej_um(const char *desc, const char *unit_key, float res, const
 	if (!imagej_text(desc, unit_key, unit, sizeof unit) || !(res > 0) || !isfinite(res))
 		return 0;
 	double um = imagej_um_per_unit(unit) / res;
-	return um >= 1e-4 && um <= 1e4 ? um : 0;
+	return sf_pixel_um_plausible(um) ? um : 0;
 }
 
 /* "MPP = 0.4990" in an Aperio description; 0 if absent. */
@@ -1057,14 +1057,13 @@ static int plane_in_one_piece(const probe *pr, uint64_t plane_bytes, uint64_t *f
  * description.  Past 4 GiB a classic TIFF has no room for an IFD per plane,
  * so ImageJ writes one and stores the planes after its data; ImageJ and
  * tifffile read plane z at the first strip's offset + z * plane bytes. */
-static void note_contiguous_planes(const probe *pr, sf_slide_info *s, const char *desc)
+static void note_contiguous_planes(const probe *pr, sf_slide_info *s)
 {
 	const page_desc *p0 = &pr->pages[0];
 	char *why = s->contig_fault;
 	size_t cap = sizeof s->contig_fault;
 	uint64_t plane_bytes = (uint64_t)p0->width * p0->height * sf_dtype_bytes(s->dtype);
 	uint64_t first = 0;
-	uint32_t images = imagej_value(desc, "images");
 	if (s->is_ome || pr->channels != 1 || s->stated_z <= 1)
 		return;
 	if (pr->page_count != 1)
@@ -1074,8 +1073,9 @@ static void note_contiguous_planes(const probe *pr, sf_slide_info *s, const char
 	else if (s->stated_t > 1)
 		snprintf(why, cap, "it states frames=%u (only one time point is read)",
 		         s->stated_t);
-	else if (images && images != s->stated_z)
-		snprintf(why, cap, "it states images=%u, not slices=%u", images, s->stated_z);
+	else if (s->stated_images && s->stated_images != s->stated_z)
+		snprintf(why, cap, "it states images=%u, not slices=%u", s->stated_images,
+		         s->stated_z);
 	else if (p0->tiled)
 		snprintf(why, cap, "its page is tiled");
 	else if (s->samples != 1)
@@ -1577,7 +1577,7 @@ static void drop_implausible_pixel_size(sf_slide_info *s)
 
 	if (x == 0 && y == 0)
 		return;
-	if (x >= 1e-4 && x <= 1e4 && y >= 1e-4 && y <= 1e4)
+	if (sf_pixel_um_plausible(x) && sf_pixel_um_plausible(y))
 		return;
 	sf_log(SF_LOG_WARN,
 	       "%s: pixel size %g x %g um is outside 0.0001 - 10000 um: ignored (no physical "
@@ -1640,8 +1640,7 @@ static int choose_layout(probe *pr, sf_slide_info *s, const char *desc, sf_err *
 		/* Pages that come back to page 0's shape after an odd one are a
 		 * broken run of planes, not a pyramid (levels never grow back). */
 		uint32_t odd = flat_odd_page(pr);
-		if (desc)
-			note_contiguous_planes(pr, s, desc);
+		note_contiguous_planes(pr, s);
 		/* A file cut short keeps one channel: the scan reports what it holds. */
 		if (s->contig_planes && s->contig_held == s->contig_planes) {
 			pr->channels = s->contig_planes;

@@ -183,15 +183,6 @@ static int on_tiff_warning(TIFF *tif, void *user, const char *module, const char
 
 /* ---- checking the spec and planning the units ---- */
 
-/* A voxel size (um) the ImageJ calibration states: the slide probe's
- * plausible range (docs/dataset.md), in which 1 / size is an ordinary TIFF
- * rational.  Outside it nothing is written; the deconvolution refuses such
- * optics with its own message, which a layout error would hide. */
-static int imagej_size_written(double um)
-{
-	return um >= 1e-4 && um <= 1e4;
-}
-
 /* The ImageJ calibration fields of s (see tiff_layout.h). */
 static int check_imagej_calibration(const sf_layout_spec *s, sf_err *e)
 {
@@ -258,7 +249,7 @@ static int check_spec(const sf_layout_spec *s, sf_err *e)
 static const char *imagej_description(const sf_layout_spec *s, char *buf, size_t cap)
 {
 	int n = snprintf(buf, cap, "ImageJ=1.11a\nunit=micron\n");
-	if (imagej_size_written(s->imagej_spacing_um) && n > 0 && (size_t)n < cap)
+	if (sf_pixel_um_plausible(s->imagej_spacing_um) && n > 0 && (size_t)n < cap)
 		snprintf(buf + n, cap - (size_t)n, "spacing=%.12g\n", s->imagej_spacing_um);
 	return buf;
 }
@@ -394,8 +385,11 @@ static int set_ifd_tags(TIFF *t, const sf_layout *l, uint32_t page, uint32_t lev
 		if (ok && description)
 			ok = TIFFSetField(t, TIFFTAG_IMAGEDESCRIPTION, description);
 	}
-	if (ok && imagej_size_written(s->imagej_pixel_um)) {
-		/* pixels per micron; the unit is in the description, as ImageJ does */
+	if (ok && sf_pixel_um_plausible(s->imagej_pixel_um)) {
+		/* pixels per micron; the unit is in the description, as ImageJ does.
+		 * An implausible size is left out, not refused: the deconvolution
+		 * refuses such optics with its own message, which a layout error
+		 * would hide. */
 		ok = TIFFSetField(t, TIFFTAG_XRESOLUTION, 1.0 / s->imagej_pixel_um) &&
 		     TIFFSetField(t, TIFFTAG_YRESOLUTION, 1.0 / s->imagej_pixel_um) &&
 		     TIFFSetField(t, TIFFTAG_RESOLUTIONUNIT, RESUNIT_NONE);
@@ -681,7 +675,7 @@ int sf_layout_create(const sf_layout_spec *spec, sf_layout **out, sf_err *e)
 	l->spec.level_width = l->level_w;
 	l->spec.level_height = l->level_h;
 	char imagej[128];
-	const char *description = imagej_size_written(spec->imagej_pixel_um)
+	const char *description = sf_pixel_um_plausible(spec->imagej_pixel_um)
 	                              ? imagej_description(spec, imagej, sizeof imagej)
 	                              : spec->description;
 	if (rc == SF_OK)

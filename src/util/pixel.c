@@ -20,3 +20,8 @@ const char *sf_dtype_ome_name(sf_dtype t)
 	}
 	return "unknown";
 }
+
+int sf_pixel_um_plausible(double um)
+{
+	return um >= 1e-4 && um <= 1e4;
+}

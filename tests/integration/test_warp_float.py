@@ -21,7 +21,6 @@ The float blend a + t (b - a) gave NaN at -3e38 / +3e38 under the identity
 neighbours of the NaN and inf pixels.
 """
 
-import json
 
 import numpy as np
 import pytest
@@ -29,15 +28,10 @@ import scipy.ndimage as ndi
 import tifffile
 
 import gen
+from test_mount_registered import write_json
 
 HW = (300, 400)
 FMAX = np.finfo(np.float32).max
-
-
-def write_json(path, matrix):
-    doc = {'scopefs_transform': 1, 'matrix': [list(map(float, r)) for r in matrix[:2]]}
-    with open(path, 'w') as f:
-        json.dump(doc, f)
 
 
 @pytest.fixture(scope='module')
