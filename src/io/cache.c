@@ -61,6 +61,7 @@
 #define STALE_TMP_S      300        /* a temp file this old belongs to a dead writer */
 #define BUMP_MIN_AGE_S   10         /* hits on an entry younger than this skip the mtime write */
 #define EVICT_TARGET_PCT 90         /* eviction stops at this share of max_bytes */
+#define EVICT_ROUNDS     4          /* scans one put may run while still over the bound */
 #define REL_MAX          128        /* "ab/<name>" relative paths; our names are shorter */
 #define SCRATCH_SLOTS    8          /* encode/decode buffers kept for reuse (see scratch_take) */
 #define SCRATCH_MAX      (5u << 20) /* larger buffers are freed, not kept */
@@ -669,7 +670,14 @@ static uint64_t evict(sf_cache *c, uint64_t room)
 
 /* After a put: evict if the evictable bytes passed the bound and nobody else
  * is evicting.  Eviction ends at 90% of the bound, so this scans once per
- * 10% of the bound written, also when some entries cannot be removed. */
+ * 10% of the bound written, also when some entries cannot be removed.
+ * The evictor looks again before it hands the flag back, in the same
+ * critical section: a put that found the flag taken (and so left eviction to
+ * it) counted its bytes before, so it is seen; and entries read since the scan
+ * are skipped by evict_one, which can leave the view over the bound.  Both
+ * used to leave the cache over its bound until the next put.  At most
+ * EVICT_ROUNDS scans per put, so that a put never evicts for ever while
+ * others write. */
 static void maybe_evict(sf_cache *c)
 {
 	int mine;
@@ -681,13 +689,16 @@ static void maybe_evict(sf_cache *c)
 	if (mine)
 		c->evicting = 1;
 	pthread_mutex_unlock(&c->lock);
-	if (!mine)
-		return;
-	evict(c, 0);
-	pthread_mutex_lock(&c->lock);
-	c->evicting = 0;
-	pthread_cond_broadcast(&c->evicted);
-	pthread_mutex_unlock(&c->lock);
+	for (int round = 0; mine; round++) {
+		evict(c, 0);
+		pthread_mutex_lock(&c->lock);
+		mine = round + 1 < EVICT_ROUNDS && evictable_locked(c) > c->max_bytes;
+		if (!mine) {
+			c->evicting = 0;
+			pthread_cond_broadcast(&c->evicted);
+		}
+		pthread_mutex_unlock(&c->lock);
+	}
 }
 
 /* After a write failed with ENOSPC/EDQUOT: evict least recently used entries

@@ -988,31 +988,49 @@ static int hammer(sf_cache *c, int nthreads, int ops, int id0, int *hits)
 	return bad;
 }
 
+/* Eight threads put and get 24 keys in a cache with room for about 12, in
+ * THREAD_ROUNDS rounds; after each the entries on disk are within the bound.
+ * Puts that land while another thread evicts, and entries rewritten since
+ * its scan, used to leave the cache over its bound when the writing stopped
+ * (seen once in CI under ASan: 13 entries for 12). */
+#define THREAD_ROUNDS 4
+
 static void test_threads(void)
 {
 	char dir[128];
 	sf_cache_stats st;
 	sf_cache *c;
 	sf_err e = {0};
-	int bad, hits;
+	int bad = 0, hits = 0, over = 0;
+	uint64_t worst = 0;
 
 	snprintf(dir, sizeof dir, "%s/threads", root);
-	/* Room for about 12 of the 24 keys: eviction runs while others read. */
 	if (sf_cache_open(dir, 12 * THREAD_N, &c, &e) != SF_OK) {
 		CHECK(0, "open %s: %s", dir, e.msg);
 		return;
 	}
-	bad = hammer(c, 8, 400, 1, &hits);
+	for (int round = 0; round < THREAD_ROUNDS; round++) {
+		int round_hits;
+		uint64_t on_disk;
+
+		bad += hammer(c, 8, 400, 1 + 8 * round, &round_hits);
+		hits += round_hits;
+		on_disk = disk_bytes(dir);
+		over += on_disk > 12 * THREAD_N;
+		worst = on_disk > worst ? on_disk : worst;
+	}
 	sf_cache_stats_get(c, &st);
 	CHECK(bad == 0, "8 threads: %d wrong reads or errors", bad);
-	CHECK(hits > 100, "8 threads: %d hits", hits);
+	CHECK(hits > 100 * THREAD_ROUNDS, "8 threads: %d hits", hits);
 	CHECK(st.corrupt == 0, "8 threads: no entry ever seen corrupt (%llu)",
 	      (unsigned long long)st.corrupt);
-	CHECK(st.evicted > 0 && disk_bytes(dir) <= 12 * THREAD_N, "evicted %llu, %llu on disk",
-	      (unsigned long long)st.evicted, (unsigned long long)walk_bytes);
+	CHECK(st.evicted > 0 && over == 0,
+	      "bound kept after each of %d rounds: %d over, worst %llu of %llu bytes on disk",
+	      THREAD_ROUNDS, over, (unsigned long long)worst, (unsigned long long)(12 * THREAD_N));
 	CHECK(walk_temps == 0, "no temp files left (%llu)", (unsigned long long)walk_temps);
-	printf("test_cache: 8 threads x 400 ops: %d hits, %llu evicted, %llu written\n", hits,
-	       (unsigned long long)st.evicted, (unsigned long long)st.written);
+	printf("test_cache: 8 threads x 400 ops x %d rounds: %d hits, %llu evicted, %llu "
+	       "written\n",
+	       THREAD_ROUNDS, hits, (unsigned long long)st.evicted, (unsigned long long)st.written);
 	sf_cache_close(c);
 }
 
