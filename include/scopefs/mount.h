@@ -48,13 +48,24 @@ typedef struct sf_node {
 	 * autoreg_slide succeeds (-1: always shown); SF_NODE_TRANSFORM: which file. */
 	int32_t autoreg_slide;
 	int transform_file; /* an sf_autoreg_file_kind */
-	/* SF_NODE_VFILE of a slide warped through a transform file: that file
-	 * (sf_slide_entry.transform_path, not owned) and its attributes when the
-	 * mount read it.  An edit since makes opens fail (fuse_ops.c): the
-	 * mount keeps warping with what it read. */
-	const char *watch_path;
-	struct stat watch_st;
+	/* SF_NODE_VFILE: the files its pixels follow besides the raw ones
+	 * (sf_mount.watches[watch_first..+watch_count)): a transform file, a
+	 * stack's scopefs.conf files. */
+	uint32_t watch_first, watch_count;
 } sf_node;
+
+/* A file the mount read settings from, and what it was then.  An edit since,
+ * or the creation of a file that was absent, makes opens of the virtual
+ * files computed from it fail (fuse_ops.c): the mount keeps computing with
+ * what it read, and a pipeline that changed the file and copies the result
+ * would get the old pixels with no error. */
+typedef struct sf_watch {
+	char *path;         /* owned */
+	int existed;        /* 0: absent at mount; st is then unset */
+	struct stat st;     /* size and mtime checked */
+	const char *folder; /* "registered", "deconvolved": recent_errors' label */
+	const char *remedy; /* the end of the message: "remount to ..." */
+} sf_watch;
 
 typedef struct sf_slide_entry {
 	char *state;            /* "served ...", or why it is not (owned) */
@@ -75,6 +86,8 @@ typedef struct sf_mount {
 	uint32_t layout_count, layout_cap;
 	sf_vfile **vfiles;
 	uint32_t vfile_count, vfile_cap;
+	sf_watch *watches; /* sf_node.watch_first indexes it */
+	uint32_t watch_count, watch_cap;
 	sf_slide_entry *slide_state; /* dataset->slide_count entries */
 	/* dataset->stack_count entries: "served", or "not served: why" (owned);
 	 * NULL when the dataset has no stacks. */

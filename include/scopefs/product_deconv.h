@@ -26,6 +26,7 @@
 #ifndef SCOPEFS_PRODUCT_DECONV_H
 #define SCOPEFS_PRODUCT_DECONV_H
 
+#include <limits.h>
 #include <stdint.h>
 
 #include "scopefs/dataset.h"
@@ -86,6 +87,12 @@ void sf_deconv_settings_resolve(sf_deconv_settings *s);
 /* Check the combination of what is set (na < rf, ...) without requiring the
  * per-stack values (dxy, dz, wavelengths).  Mount-wide options use this. */
 int sf_deconv_settings_check(const sf_deconv_settings *s, const char *origin, sf_err *e);
+
+/* The per-stack files the settings of stack st are read from, least
+ * specific first: RAW_DIR/<stack>.scopefs.conf (a named stack) and
+ * <stack folder>/scopefs.conf (a folder of planes).  Either may be absent.
+ * Returns how many paths (0..2) went into paths. */
+uint32_t sf_deconv_conf_paths(const char *raw_dir, const sf_stack *st, char paths[2][PATH_MAX]);
 
 /* The settings of one stack: defaults, the mount-wide list, wavelengths from
  * the stack's name (or RAW_DIR's for the root stack), the per-stack file;

@@ -315,31 +315,41 @@ static int raw_changed(sf_mount *m, const sf_node *n, int fd)
 	return EIO;
 }
 
-/* EIO when the transform file a registered/ file is warped through
- * changed since the mount read it (sf_node.watch_path): the mount still
- * warps with the old one, and a pipeline that rewrote it and copies the
- * result would get the old pixels with no error. */
-static int transform_changed(sf_mount *m, const sf_node *n)
+/* Why watch w (sf_watch) no longer matches the file, into msg; 0 if it does. */
+static int watch_stale(const sf_watch *w, char *msg, size_t cap)
 {
 	struct stat now;
-	char msg[PATH_MAX + 200];
+	int exists = stat(w->path, &now) == 0;
 
-	if (!n->watch_path)
-		return 0;
-	if (stat(n->watch_path, &now) != 0)
-		snprintf(msg, sizeof msg, "%s: cannot stat: %s", n->watch_path, strerror(errno));
-	else if (now.st_size != n->watch_st.st_size ||
-	         now.st_mtim.tv_sec != n->watch_st.st_mtim.tv_sec ||
-	         now.st_mtim.tv_nsec != n->watch_st.st_mtim.tv_nsec)
-		snprintf(msg, sizeof msg,
-		         "%s changed since the mount read it: remount to warp with the new "
-		         "transform",
-		         n->watch_path);
+	if (!exists && w->existed)
+		snprintf(msg, cap, "%s: cannot stat: %s", w->path, strerror(errno));
+	else if (exists && !w->existed)
+		snprintf(msg, cap, "%s appeared since the mount: %s", w->path, w->remedy);
+	else if (exists &&
+	         (now.st_size != w->st.st_size || now.st_mtim.tv_sec != w->st.st_mtim.tv_sec ||
+	          now.st_mtim.tv_nsec != w->st.st_mtim.tv_nsec))
+		snprintf(msg, cap, "%s changed since the mount read it: %s", w->path, w->remedy);
 	else
 		return 0;
-	sf_log(SF_LOG_ERROR, "registered/%s: %s", n->name, msg);
-	sf_engine_note_error(m->engine, "registered", msg);
-	return EIO;
+	return 1;
+}
+
+/* EIO when a file the pixels of virtual file n follow besides the raw ones
+ * (its transform file, its stack's scopefs.conf) changed since the mount
+ * read it: the mount still computes with the old one. */
+static int watch_changed(sf_mount *m, const sf_node *n)
+{
+	char msg[PATH_MAX + 200];
+
+	for (uint32_t i = 0; i < n->watch_count; i++) {
+		const sf_watch *w = &m->watches[n->watch_first + i];
+		if (!watch_stale(w, msg, sizeof msg))
+			continue;
+		sf_log(SF_LOG_ERROR, "%s/%s: %s", w->folder, n->name, msg);
+		sf_engine_note_error(m->engine, w->folder, msg);
+		return EIO;
+	}
+	return 0;
 }
 
 static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
@@ -374,7 +384,7 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 		break;
 	}
 	case SF_NODE_VFILE: {
-		int err = transform_changed(m, n);
+		int err = watch_changed(m, n);
 		if (err) {
 			fuse_reply_err(req, err);
 			return;

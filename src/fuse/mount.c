@@ -390,12 +390,38 @@ static int load_transform(sf_mount *m, uint32_t i, uint8_t *to_register, sf_err 
 	return SF_OK;
 }
 
-/* Watch the transform file slide entry se was loaded from (sf_node.watch_path).
- * A file that cannot be stat'ed now is not watched: it was just read. */
-static void watch_transform(sf_node *n, const sf_slide_entry *se)
+/* Watch path (sf_watch) for the virtual files of folder, from now on.  A
+ * path that cannot be stat'ed is watched for its creation. */
+static int watch_add(sf_mount *m, const char *path, const char *folder, const char *remedy,
+                     sf_err *e)
 {
-	if (se->transform_path && stat(se->transform_path, &n->watch_st) == 0)
-		n->watch_path = se->transform_path;
+	sf_watch *w;
+
+	if (grow((void **)&m->watches, m->watch_count, &m->watch_cap, sizeof *m->watches) != SF_OK)
+		return sf_fail(e, SF_ENOMEM, "out of memory");
+	w = &m->watches[m->watch_count];
+	memset(w, 0, sizeof *w);
+	if (!(w->path = strdup(path)))
+		return sf_fail(e, SF_ENOMEM, "out of memory");
+	w->existed = stat(path, &w->st) == 0;
+	w->folder = folder;
+	w->remedy = remedy;
+	m->watch_count++;
+	return SF_OK;
+}
+
+/* Watch the transform file slide entry se was loaded from, for node idx. */
+static int watch_transform(sf_mount *m, uint32_t idx, const sf_slide_entry *se, sf_err *e)
+{
+	int rc;
+
+	if (!se->transform_path)
+		return SF_OK;
+	m->nodes[idx].watch_first = m->watch_count;
+	rc = watch_add(m, se->transform_path, "registered",
+	               "remount to warp with the new transform", e);
+	m->nodes[idx].watch_count = rc == SF_OK;
+	return rc;
 }
 
 /* registered/<stem>.ome.tif for slide i: the reference re-tiled, a moving
@@ -437,7 +463,7 @@ static int add_registered_slide(sf_mount *m, uint32_t dir, uint32_t i, const sf_
 	if (rc == SF_OK && autoreg) /* add_vfile's node is the last one */
 		m->nodes[m->node_count - 1].autoreg_slide = (int32_t)i;
 	else if (rc == SF_OK && (int)i != m->reference)
-		watch_transform(&m->nodes[m->node_count - 1], se);
+		rc = watch_transform(m, m->node_count - 1, se, e);
 	if (rc == SF_ENOMEM)
 		return rc;
 	if (rc != SF_OK)
@@ -746,9 +772,20 @@ static int add_stack(sf_mount *m, uint32_t top, const sf_stack *st, sf_err *e)
 	struct stat src_attr;
 	if ((rc = stack_attr(st, &src_attr, e)) != SF_OK)
 		return rc;
-	for (uint32_t z = 0; z < st->planes && rc == SF_OK; z++)
+	char conf[2][PATH_MAX];
+	uint32_t watch_first = m->watch_count, conf_count;
+	conf_count = sf_deconv_conf_paths(m->dataset->root, st, conf);
+	for (uint32_t i = 0; i < conf_count && rc == SF_OK; i++)
+		rc = watch_add(m, conf[i], "deconvolved",
+		               "remount to deconvolve with the new settings", e);
+	for (uint32_t z = 0; z < st->planes && rc == SF_OK; z++) {
 		rc = add_vfile(m, dir, st->plane_names[z], layout, product,
 		               (uint64_t)z * sf_layout_unit_count(layout), &src_attr, e);
+		if (rc == SF_OK) {
+			m->nodes[m->node_count - 1].watch_first = watch_first;
+			m->nodes[m->node_count - 1].watch_count = conf_count;
+		}
+	}
 	return rc;
 }
 
@@ -958,6 +995,9 @@ void sf_mount_free(sf_mount *m)
 	free(m->vfiles);
 	free(m->layouts);
 	free(m->nodes);
+	for (uint32_t i = 0; i < m->watch_count; i++)
+		free(m->watches[i].path);
+	free(m->watches);
 	for (uint32_t i = 0; m->slide_state && i < m->dataset->slide_count; i++) {
 		free(m->slide_state[i].state);
 		free(m->slide_state[i].transform_path);

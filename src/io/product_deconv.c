@@ -488,7 +488,7 @@ static int apply_file(sf_deconv_settings *s, const char *path, sf_err *e)
 		return errno == ENOENT ? SF_ENOTFOUND
 		                       : sf_fail(e, SF_EIO, "%s: %s", path, strerror(errno));
 	while ((rc = sf_conf_next(f, path, line, sizeof line, &lineno, &p, e)) == SF_OK) {
-		snprintf(origin, sizeof origin, "%s:%u: ", path, lineno);
+		snprintf(origin, sizeof origin, "%.*s:%u: ", PATH_MAX - 1, path, lineno);
 		if ((rc = apply_items(s, p, "\n", origin, e)) != SF_OK)
 			break;
 	}
@@ -496,17 +496,33 @@ static int apply_file(sf_deconv_settings *s, const char *path, sf_err *e)
 		rc = SF_OK;
 	fclose(f);
 	if (rc == SF_OK) {
-		snprintf(origin, sizeof origin, "%s: ", path);
+		snprintf(origin, sizeof origin, "%.*s: ", PATH_MAX - 1, path);
 		rc = sf_deconv_settings_check(s, origin, e);
 	}
 	return rc;
 }
 
+/* RAW_DIR/<stack>.scopefs.conf, then <stack folder>/scopefs.conf (the more
+ * specific one last, so that it wins). */
+uint32_t sf_deconv_conf_paths(const char *raw_dir, const sf_stack *st, char paths[2][PATH_MAX])
+{
+	const char *name = st->name;
+	uint32_t n = 0;
+
+	if (name[0])
+		snprintf(paths[n++], PATH_MAX, "%s/%s.scopefs.conf", raw_dir, name);
+	if (!st->multipage)
+		snprintf(paths[n++], PATH_MAX, "%s%s%s/scopefs.conf", raw_dir, name[0] ? "/" : "",
+		         name);
+	return n;
+}
+
 int sf_deconv_settings_for_stack(const char *raw_dir, const sf_stack *st, const char *mount_list,
                                  int gpu, sf_deconv_settings *s, sf_err *e)
 {
-	char path[PATH_MAX];
+	char conf[2][PATH_MAX];
 	const char *name = st->name;
+	uint32_t paths;
 	int rc;
 
 	sf_deconv_settings_default(s);
@@ -519,18 +535,9 @@ int sf_deconv_settings_for_stack(const char *raw_dir, const sf_stack *st, const 
 		sf_deconv_settings_infer_wavelengths(s, slash ? slash + 1 : raw_dir);
 	} else
 		sf_deconv_settings_infer_wavelengths(s, name);
-	/* RAW_DIR/<stack>.scopefs.conf, then <stack folder>/scopefs.conf (the
-	 * more specific one last, so it wins). */
-	if (name[0]) {
-		snprintf(path, sizeof path, "%s/%s.scopefs.conf", raw_dir, name);
-		rc = apply_file(s, path, e);
-		if (rc != SF_OK && rc != SF_ENOTFOUND)
-			return rc;
-	}
-	if (!st->multipage) {
-		snprintf(path, sizeof path, "%s%s%s/scopefs.conf", raw_dir, name[0] ? "/" : "",
-		         name);
-		rc = apply_file(s, path, e);
+	paths = sf_deconv_conf_paths(raw_dir, st, conf);
+	for (uint32_t i = 0; i < paths; i++) {
+		rc = apply_file(s, conf[i], e);
 		if (rc != SF_OK && rc != SF_ENOTFOUND)
 			return rc;
 	}

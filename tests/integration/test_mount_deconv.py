@@ -377,6 +377,38 @@ def test_missing_optics_and_bad_stack_settings(scopefs):
                for r in reasons)
 
 
+def test_conf_edited_after_mount_is_refused(scopefs):
+    """The mount deconvolves with the scopefs.conf it read.  A pipeline that
+    edits a stack's conf (or adds one) and copies deconvolved/ again must get
+    an error naming the file, not the old deconvolution with exit status 0;
+    the stacks whose files did not change still read."""
+    conf = 'dxy=0.4\ndz=1.2\nlambda_ex=488\nlambda_em=525\n'
+    for i, name in enumerate(('edited', 'added', 'untouched')):
+        write_stack(scopefs.raw / name, gen.beads(4, 20, 24, seed=10 + i))
+    (scopefs.raw / 'edited' / 'scopefs.conf').write_text(conf)
+    m = scopefs.mount(opts=dict(OPTICS, threads='2'))
+    before = {name: read_all(m.path('deconvolved', name, 'img_000002.tif'))
+              for name in ('edited', 'added', 'untouched')}
+    (scopefs.raw / 'edited' / 'scopefs.conf').write_text(conf.replace('488', '405'))
+    (scopefs.raw / 'added.scopefs.conf').write_text(conf)
+    for name in ('edited', 'added'):
+        with pytest.raises(OSError) as err:
+            read_all(m.path('deconvolved', name, 'img_000002.tif'))
+        assert err.value.errno == 5, (name, err.value)  # EIO
+    recent = [r['message'] for r in m.status()['recent_errors']]
+    assert any(str(scopefs.raw / 'edited' / 'scopefs.conf') +
+               ' changed since the mount read it: remount' in r for r in recent), recent
+    assert any(str(scopefs.raw / 'added.scopefs.conf') + ' appeared since the mount' in r
+               for r in recent), recent
+    assert read_all(m.path('deconvolved', 'untouched', 'img_000002.tif')) == before['untouched']
+    m.unmount()
+    # a remount deconvolves with the new settings: other bytes for the edited stack
+    again = scopefs.mount(opts=dict(OPTICS, threads='2'))
+    assert read_all(again.path('deconvolved', 'edited', 'img_000002.tif')) != before['edited']
+    assert read_all(again.path('deconvolved', 'untouched', 'img_000002.tif')) == \
+        before['untouched']
+
+
 @pytest.mark.parametrize('opt,named', [('na=1.5', "na=1.5"), ('dz=-1', "'dz'"),
                                        ('gaussian_sigma=0.5:0.5', 'gaussian_sigma'),
                                        ('dtype=int8', 'dtype'),
