@@ -23,7 +23,10 @@
  *    DimensionOrder; a time series, an odd page, fewer pages than
  *    SizeC*SizeZ or an unknown DimensionOrder make it a problem instead;
  *  - any other TIFF-family file (.tif .tiff .ome.tif .ome.tiff .svs .btf .tf8)
- *    directly in RAW_DIR is a whole-slide image, sorted by name. */
+ *    directly in RAW_DIR is a whole-slide image, sorted by name, unless it is
+ *    a time series (OME SizeT or ImageJ frames > 1) whose pages hold more than
+ *    one time point (sf_slide_time_point_pages): then it is a problem, not a
+ *    slide whose time points are extra channels. */
 #ifndef SCOPEFS_DATASET_H
 #define SCOPEFS_DATASET_H
 

@@ -78,7 +78,8 @@ typedef struct sf_slide_info {
 	 * none): the first page after the channels that is neither marked reduced
 	 * (NewSubfileType bit 0) nor a thumbnail (at most half of page 0 in both axes),
 	 * when more pages of page 0's size and type follow it or there are two or more
-	 * channels; for OME-XML, the page where the run ends short of SizeC*SizeZ*SizeT.
+	 * channels; for OME-XML, the page where the run ends short of the first Image's
+	 * pages (sf_slide_time_point_pages x SizeT).
 	 * odd_page_text says how it differs, e.g. "page 6 is 30x30 uint16, page 0 is
 	 * 32x32 uint16".  The pages after it are not channels. */
 	uint32_t odd_page;
@@ -105,6 +106,13 @@ typedef struct sf_slide_info {
  * unsupported sample format, inconsistent channels; SF_EIO if unreadable. */
 int sf_slide_probe(const char *path, sf_slide_info **out, sf_err *e);
 void sf_slide_info_free(sf_slide_info *s);
+
+/* The pages one time point of s fills, as its metadata states it: SizeC x
+ * SizeZ (ImageJ channels= x slices=), a size it does not state counting 1,
+ * where a page of several interleaved samples holds that many of the SizeC
+ * channels (an RGB OME image states SizeC=3 and has one page per Z and T).
+ * Needs only stated_c, stated_z and samples filled in. */
+uint64_t sf_slide_time_point_pages(const sf_slide_info *s);
 
 typedef struct sf_slide_reader sf_slide_reader;
 

@@ -12,7 +12,9 @@
  *     not hold (then it is a problem);
  *   - an OME z-stack of several channels directly in RAW_DIR is one stack
  *     per channel, <stem>_c<C>, or a problem on the same terms;
- *   - any other TIFF directly in RAW_DIR is a whole-slide image.
+ *   - any other TIFF directly in RAW_DIR is a whole-slide image, unless it
+ *     is a time series whose pages hold more than one time point (then it
+ *     is a problem, like a time-series stack file).
  * Invariants:
  *  - nothing is ever written, and no symbolic link is followed to a target
  *    outside RAW_DIR;
@@ -339,19 +341,29 @@ static int stack_candidate(const sf_slide_info *s)
 	return s->kind == SF_SLIDE_FLAT && s->level_count == 1 && !s->tiled && s->stated_c <= 1;
 }
 
+/* Why s, a time series (OME SizeT or ImageJ frames > 1), is not served:
+ * "<name> is a time series (SizeT=3): <what>"; NULL if it is none.  Served
+ * as one image, its time points would be mixed into one z-stack or folded
+ * into the channels of one slide.  Writes into buf. */
+static const char *time_series_fault(const sf_slide_info *s, const char *name, const char *what,
+                                     char *buf, size_t cap)
+{
+	if (s->stated_t <= 1)
+		return NULL;
+	snprintf(buf, cap, "%s is a time series (%s=%u): %s", name, s->is_ome ? "SizeT" : "frames",
+	         s->stated_t, what);
+	return buf;
+}
+
 /* Why a stack candidate cannot be served as one z-stack; NULL if it can.
  * name is the file name; writes into buf. */
 static const char *stack_file_fault(const sf_slide_info *s, const char *name, char *buf, size_t cap)
 {
-	if (s->stated_t > 1) {
-		/* Its pages hold several z-stacks; taken as one, the time points
-		 * would be deconvolved into each other. */
-		snprintf(buf, cap,
-		         "%s is a time series (%s=%u): deconvolved/ takes one z-stack per file; "
-		         "split the time points into files or folders",
-		         name, s->is_ome ? "SizeT" : "frames", s->stated_t);
+	if (time_series_fault(s, name,
+	                      "deconvolved/ takes one z-stack per file; split the time points "
+	                      "into files or folders",
+	                      buf, cap))
 		return buf;
-	}
 	if (s->odd_page) {
 		snprintf(buf, cap,
 		         "%s: %s; the pages of a stack file must all have one size and type "
@@ -655,8 +667,27 @@ static int add_file_stack(sf_dataset *d, const char *stem, sf_slide_info **info)
 	return st ? push_file_stack(d, st, info) : SF_ENOMEM;
 }
 
+/* Why a file that is neither stack nor stacks cannot be a slide; NULL if it
+ * can.  A time series whose pages hold more than one time point would be
+ * served with its time points as extra channels (6 "channels" for SizeC=2,
+ * SizeT=3, the names lost); one time point of a multi-file series is fine.
+ * name is the file name; writes into buf. */
+static const char *slide_fault(const sf_slide_info *s, const char *name, char *buf, size_t cap)
+{
+	if (s->channels <= sf_slide_time_point_pages(s))
+		return NULL;
+	return time_series_fault(s, name,
+	                         "registered/ takes one time point per slide; save each time "
+	                         "point as a file of its own",
+	                         buf, cap);
+}
+
 static int add_slide(sf_dataset *d, const dir_entry *it, sf_slide_info **info)
 {
+	char why[600];
+	if (slide_fault(*info, it->name, why, sizeof why))
+		return add_problem(d, it->path, "%s", why);
+
 	char *stem = sf_file_stem(it->name);
 	if (!stem)
 		return SF_ENOMEM;

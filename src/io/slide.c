@@ -1586,6 +1586,16 @@ static void drop_implausible_pixel_size(sf_slide_info *s)
 	s->pixel_size_x = s->pixel_size_y = 0;
 }
 
+uint64_t sf_slide_time_point_pages(const sf_slide_info *s)
+{
+	uint32_t c = s->stated_c ? s->stated_c : 1, z = s->stated_z ? s->stated_z : 1;
+	/* tifffile and Bio-Formats write an RGB image as SizeC=3 with one Channel
+	 * of SamplesPerPixel=3 and one page per Z and T. */
+	if (s->samples > 1 && c % s->samples == 0)
+		c /= s->samples;
+	return (uint64_t)c * z;
+}
+
 /* Choose the layout and fill s from the probe's pages and description. */
 static int choose_layout(probe *pr, sf_slide_info *s, const char *desc, sf_err *e)
 {
@@ -1622,8 +1632,10 @@ static int choose_layout(probe *pr, sf_slide_info *s, const char *desc, sf_err *
 		if (!rc)
 			rc = levels_from_pages(pr, 1);
 	} else if (has_ome || p0->subifd_count > 0) {
+		/* The pages of the first Image; counting SizeC pages where a page
+		 * holds 3 of them (RGB) took the next Image's pages as channels. */
 		uint64_t planes = has_ome && ome.size_c && ome.size_z && ome.size_t_
-		                      ? (uint64_t)ome.size_c * ome.size_z * ome.size_t_
+		                      ? sf_slide_time_point_pages(s) * ome.size_t_
 		                      : 0;
 		pr->channels = leading_channels(pr, planes > UINT32_MAX ? 0 : (uint32_t)planes);
 		if (planes && pr->channels < planes && pr->channels < pr->page_count)

@@ -591,6 +591,58 @@ static void check_channel_planes(const sf_stack *st, uint32_t c, const char *wha
 	sf_slide_reader_close(r);
 }
 
+static const sf_slide_info *find_slide(const sf_dataset *d, const char *stem)
+{
+	for (uint32_t i = 0; i < d->slide_count; i++)
+		if (strcmp(d->slide_stems[i], stem) == 0)
+			return d->slides[i];
+	return NULL;
+}
+
+/* A time series that would be a slide (OME SizeT or ImageJ frames > 1,
+ * channels but no z-planes) is a problem, like a time-series stack file,
+ * rather than a slide whose time points are extra channels; a file holding
+ * one time point of a multi-file series (here: SizeC pages) stays a slide. */
+static void test_time_series_slides(void)
+{
+	reset_base();
+	write_ome_cz(path_of("tl.ome.tif", 0, 0), 2, 1, 3, "XYCZT", 6);
+	write_ome_cz(path_of("one_t.ome.tif", 0, 0), 2, 1, 3, "XYCZT", 2);
+	write_ome_cz(path_of("plane_t.ome.tif", 0, 0), 1, 1, 3, "XYCZT", 1);
+	write_ome_cz(path_of("c2.ome.tif", 0, 0), 2, 1, 1, "XYCZT", 2);
+	page ij = plane;
+	ij.desc = "ImageJ=1.54f\nimages=6\nchannels=2\nframes=3\nhyperstack=true\n";
+	write_file(path_of("ij_ct.tif", 0, 0), &ij, 6);
+	sf_dataset *d = NULL;
+	sf_err e = {0};
+	int rc = sf_dataset_scan(base, &d, &e);
+	CHECK(rc == SF_OK, "time series slides: scan: %s", e.msg);
+	if (rc)
+		return;
+	const sf_problem *pr = find_problem(d, "/tl.ome.tif");
+	CHECK(!find_slide(d, "tl") && pr &&
+	          strstr(pr->reason, "tl.ome.tif is a time series (SizeT=3)") &&
+	          strstr(pr->reason, "registered/"),
+	      "OME SizeC=2 SizeT=3: want a problem, not a slide: %s", pr ? pr->reason : "(none)");
+	pr = find_problem(d, "/ij_ct.tif");
+	CHECK(!find_slide(d, "ij_ct") && pr &&
+	          strstr(pr->reason, "ij_ct.tif is a time series (frames=3)"),
+	      "ImageJ channels=2 frames=3: want a problem, not a slide: %s",
+	      pr ? pr->reason : "(none)");
+	const sf_slide_info *s = find_slide(d, "one_t");
+	CHECK(s && s->channels == 2 && !find_problem(d, "/one_t.ome.tif"),
+	      "one time point of SizeT=3 (2 pages): slide of %u channels", s ? s->channels : 0);
+	s = find_slide(d, "plane_t");
+	CHECK(s && s->channels == 1, "one page of SizeT=3: slide of %u channels",
+	      s ? s->channels : 0);
+	s = find_slide(d, "c2");
+	CHECK(s && s->channels == 2, "SizeC=2 SizeT=1: slide of %u channels", s ? s->channels : 0);
+	CHECK(d->slide_count == 3 && d->problem_count == 2 && d->stack_count == 0,
+	      "time series slides: %u slides %u problems %u stacks", d->slide_count,
+	      d->problem_count, d->stack_count);
+	sf_dataset_free(d);
+}
+
 /* Multichannel OME z-stacks: one stack per channel, <stem>_c<C>, its planes
  * the pages the DimensionOrder says; a short or ambiguous file is a problem. */
 static void test_channel_stacks(void)
@@ -809,6 +861,7 @@ int main(void)
 	test_root_is_plane_folder();
 	test_stack_inputs();
 	test_channel_stacks();
+	test_time_series_slides();
 	test_stated_planes();
 	test_edges();
 	nftw(base, remove_entry, 8, FTW_DEPTH | FTW_PHYS);

@@ -351,6 +351,40 @@ static void test_ome_pixel_size_overflow(void)
 	sf_slide_info_free(s);
 }
 
+/* Two RGB brightfield Images of one size in one OME-TIFF (tifffile writes
+ * them so: SizeC=3, one Channel of SamplesPerPixel=3, one page each).  The
+ * first Image is one RGB page: the second is not an extra channel (it was,
+ * when the page count was capped at SizeC*SizeZ*SizeT = 3 pages). */
+static void test_ome_rgb_images(void)
+{
+	const char *path = tmp_path("he.ome.tif");
+	static const char *desc =
+	    "<OME><Image ID=\"Image:0\"><Pixels DimensionOrder=\"XYCZT\" Type=\"uint8\" "
+	    "SizeX=\"96\" SizeY=\"64\" SizeC=\"3\" SizeZ=\"1\" SizeT=\"1\" "
+	    "Interleaved=\"true\"><Channel ID=\"Channel:0:0\" SamplesPerPixel=\"3\"/>"
+	    "</Pixels></Image><Image ID=\"Image:1\"><Pixels DimensionOrder=\"XYCZT\" "
+	    "Type=\"uint8\" SizeX=\"96\" SizeY=\"64\" SizeC=\"3\" SizeZ=\"1\" "
+	    "SizeT=\"1\" Interleaved=\"true\"><Channel ID=\"Channel:1:0\" "
+	    "SamplesPerPixel=\"3\"/></Pixels></Image></OME>";
+	ifd_spec specs[2] = {
+	    {.w = 96, .h = 64, .dt = SF_U8, .spp = 3, .tile = 32, .id = 1, .desc = desc},
+	    {.w = 96, .h = 64, .dt = SF_U8, .spp = 3, .tile = 32, .id = 2},
+	};
+	CHECK(write_tiff(path, "w", specs, 2), "write %s", path);
+	sf_slide_info *s = probe_ok(path, "rgb images");
+	if (!s)
+		return;
+	CHECK(s->kind == SF_SLIDE_OME && s->channels == 1 && s->samples == 3 && s->odd_page == 0,
+	      "rgb images: kind %d, %u channels of %u samples, odd page %u (want 1 channel of 3: "
+	      "Image 1 is no channel)",
+	      s->kind, s->channels, s->samples, s->odd_page);
+	sf_slide_reader *r = reader_ok(s, "rgb images");
+	if (r)
+		check_rects(r, &specs[0], 0, 0, 0, "rgb images");
+	sf_slide_reader_close(r);
+	sf_slide_info_free(s);
+}
+
 /* OME-TIFF: 3 uint16 channels of 1000x700, tiles 256, deflate, 2 SubIFD levels each. */
 static void test_ome_subifds(void)
 {
@@ -1311,6 +1345,7 @@ int main(int argc, char **argv)
 	}
 	test_ome_subifds();
 	test_ome_pixel_size_overflow();
+	test_ome_rgb_images();
 	test_pages_pyramid();
 	test_flat();
 	test_plain_subifds();
