@@ -10,8 +10,11 @@
  *  - Level: the finest level whose longest side is at most SF_QC_MAX_SIDE
  *    (for a halving pyramid that side is in (SF_QC_MAX_SIDE / 2,
  *    SF_QC_MAX_SIDE]); level 0 when it already fits.
- *  - Registration channel: the first channel whose name contains "DAPI" or
- *    "Hoechst" (any case), else channel 0.  An RGB (3-sample) slide shows
+ *  - Registration channel: the one reg_channel names (sf_qc_channel), as
+ *    scopefs's own registration uses; by default the first channel whose
+ *    name contains "DAPI" or "Hoechst" (any case), else channel 0.  A slide
+ *    warped through a transform file that lacks the named channel shows
+ *    the default one.  An RGB (3-sample) slide shows
  *    its inverted luminance -(0.299 R + 0.587 G + 0.114 B), so stained
  *    tissue on a bright background is bright in the overlay.
  *  - Contrast: each side is stretched on its own from its 1st to its 99th
@@ -43,8 +46,12 @@ typedef struct sf_qc_side {
 	uint32_t channel;      /* page (planar channel) of the layout */
 } sf_qc_side;
 
-/* The registration channel of s (see above). */
-uint32_t sf_qc_channel(const sf_slide_info *s);
+/* The registration channel of s into *out: the one want (reg_channel) names,
+ * by whole name (any case), else by index, else the first name that
+ * contains it (so "DAPI" finds a cyclic round's "DAPI R2"); SF_EINVAL naming
+ * the file and the option when none does.  want NULL or "": the first
+ * channel whose name contains "DAPI" or "Hoechst" (any case), else 0. */
+int sf_qc_channel(const sf_slide_info *s, const char *want, uint32_t *out, sf_err *e);
 
 /* The level of l an overlay is made from (see above). */
 uint32_t sf_qc_level(const sf_layout *l);

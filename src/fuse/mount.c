@@ -672,6 +672,19 @@ static const sf_vfile *registered_vfile(const sf_mount *m, uint32_t reg, uint32_
 /* qc/<stem>.png for each moving slide served in registered/: the overlay of
  * the reference's and the warped slide's registration channels (qc.h),
  * rendered on first use.  No qc/ folder when no moving slide is served. */
+/* The channel an overlay shows of slide s: the one reg_channel names, as the
+ * registration used; the default one for a slide that lacks it (a slide
+ * warped through a transform file was never registered on it). */
+static uint32_t qc_channel(const sf_mount *m, const sf_slide_info *s)
+{
+	uint32_t c;
+	sf_err e;
+
+	if (sf_qc_channel(s, m->opts->reg.channel, &c, &e) != SF_OK)
+		sf_qc_channel(s, NULL, &c, &e);
+	return c;
+}
+
 static int build_qc(sf_mount *m, uint32_t root, sf_err *e)
 {
 	const sf_dataset *d = m->dataset;
@@ -682,14 +695,14 @@ static int build_qc(sf_mount *m, uint32_t root, sf_err *e)
 	if (m->reference < 0 || !m->slide_state || reg == UINT32_MAX ||
 	    !(ref_file = registered_vfile(m, reg, (uint32_t)m->reference)))
 		return SF_OK;
-	sf_qc_side ref = {ref_file, sf_qc_channel(d->slides[m->reference])};
+	sf_qc_side ref = {ref_file, qc_channel(m, d->slides[m->reference])};
 	for (uint32_t i = 0; i < d->slide_count && rc == SF_OK; i++) {
 		const sf_vfile *mov_file = registered_vfile(m, reg, i);
 		char name[NAME_MAX + 1];
 
 		if ((int)i == m->reference || !mov_file)
 			continue;
-		sf_qc_side mov = {mov_file, sf_qc_channel(d->slides[i])};
+		sf_qc_side mov = {mov_file, qc_channel(m, d->slides[i])};
 		snprintf(name, sizeof name, "%s.png", d->slide_stems[i]);
 		if (dir == UINT32_MAX)
 			rc = node_add(m, root, "qc", SF_NODE_DIR, &dir, e);
@@ -905,6 +918,28 @@ int sf_mount_build(const sf_options *o, sf_mount **out, sf_err *e)
 	return SF_OK;
 }
 
+/* mem= below one decoded unit still keeps one unit in RAM (engine.c): say so,
+ * naming the product with the largest unit, rather than seem to obey it. */
+static void warn_mem_below_unit(const sf_mount *m)
+{
+	const sf_product *big = NULL;
+	size_t most = 0;
+
+	for (uint32_t i = 0; i < m->product_count; i++) {
+		const sf_product *p = m->products[i];
+		size_t bytes = p->unit_count ? p->ops->unit_bytes(p, 0) : 0;
+		if (bytes > most) {
+			most = bytes;
+			big = p;
+		}
+	}
+	if (big && m->opts->mem < most)
+		sf_log(SF_LOG_WARN,
+		       "mem=%llu bytes is below one decoded unit (%zu bytes, %s): RAM keeps one "
+		       "unit at a time, and reads re-decode from the disk cache",
+		       (unsigned long long)m->opts->mem, most, big->name);
+}
+
 int sf_mount_start(sf_mount *m, sf_err *e)
 {
 	sf_engine_config cfg = {
@@ -915,6 +950,7 @@ int sf_mount_start(sf_mount *m, sf_err *e)
 	};
 	int rc = sf_engine_create(&cfg, &m->engine, e);
 
+	warn_mem_below_unit(m);
 	for (uint32_t i = 0; rc == SF_OK && i < m->product_count; i++)
 		rc = sf_engine_add_product(m->engine, m->products[i], e);
 	if (rc == SF_OK && m->autoreg && m->opts->reg.eager)

@@ -7,11 +7,9 @@
  * whole raw thumbnail (percentiles need all of it). */
 #include "autoreg_thumb.h"
 
-#include <ctype.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
-#include <strings.h>
 
 #include "scopefs/qc.h"
 #include "scopefs/resample.h"
@@ -24,36 +22,6 @@
 int autoreg_is_brightfield(const sf_slide_info *s)
 {
 	return s->samples >= 3 && s->dtype == SF_U8;
-}
-
-/* The containing-name match last, so "DAPI" finds "DAPI R2" of a cyclic
- * round as the default does, while a whole name or an index is exact. */
-int autoreg_pick_channel(const sf_slide_info *s, const char *want, uint32_t *out, sf_err *e)
-{
-	char *end;
-	unsigned long idx;
-
-	if (!want || !*want) {
-		*out = sf_qc_channel(s);
-		return SF_OK;
-	}
-	for (uint32_t c = 0; c < s->channels; c++)
-		if (s->channel_names[c] && !strcasecmp(s->channel_names[c], want)) {
-			*out = c;
-			return SF_OK;
-		}
-	idx = strtoul(want, &end, 10);
-	if (isdigit((unsigned char)want[0]) && !*end && idx < s->channels) {
-		*out = (uint32_t)idx;
-		return SF_OK;
-	}
-	for (uint32_t c = 0; c < s->channels; c++)
-		if (s->channel_names[c] && strcasestr(s->channel_names[c], want)) {
-			*out = c;
-			return SF_OK;
-		}
-	return sf_fail(e, SF_EINVAL, "%s: option 'reg_channel': no channel '%s' (it has %u)",
-	               s->path, want, s->channels);
 }
 
 /* The smallest level whose longest side is still >= dim (level 0 if none). */
@@ -171,7 +139,7 @@ int autoreg_thumb_make(const sf_slide_info *s, const sf_slide_info *like, const 
 		return sf_fail(e, SF_EUNSUPPORTED,
 		               "%s: %u samples per pixel of this type cannot be registered",
 		               s->path, s->samples);
-	if (!t->brightfield && (rc = autoreg_pick_channel(s, channel, &t->channel, e)) != SF_OK)
+	if (!t->brightfield && (rc = sf_qc_channel(s, channel, &t->channel, e)) != SF_OK)
 		return rc;
 	tw = (lv->width + k - 1) / k;
 	th = (lv->height + k - 1) / k;

@@ -4,9 +4,8 @@
  * slide's smallest pyramid level that is at least that large (box-reduced
  * by an integer factor, in bands, so memory stays near the thumbnail's
  * size), prepared so background is ~0 and tissue positive:
- *  - fluorescence: the registration channel (autoreg_pick_channel),
- *    stretched from its 1st
- *    to its 99.5th percentile;
+ *  - fluorescence: the registration channel (sf_qc_channel), stretched
+ *    from its 1st to its 99.5th percentile;
  *  - RGB brightfield (uint8, 3+ samples): mean optical density, stretched
  *    the same way, and a second image of the hematoxylin amount (colour
  *    deconvolution), which H&E and an IHC counterstain share.
@@ -38,12 +37,6 @@ typedef struct autoreg_thumb {
 int autoreg_thumb_make(const sf_slide_info *s, const sf_slide_info *like, const char *channel,
                        uint32_t dim, autoreg_thumb *t, sf_err *e);
 void autoreg_thumb_free(autoreg_thumb *t);
-
-/* The planar channel reg_channel `want` names: a whole channel name (any
- * case), else an index, else the first channel whose name contains it (any
- * case); "" or NULL: the first DAPI/Hoechst channel, else 0.  SF_EINVAL
- * names the slide and the option when nothing matches. */
-int autoreg_pick_channel(const sf_slide_info *s, const char *want, uint32_t *out, sf_err *e);
 
 /* Whether s is an RGB brightfield slide (registered through optical density). */
 int autoreg_is_brightfield(const sf_slide_info *s);

@@ -15,6 +15,7 @@
  * nothing it frees can be clobbered. */
 #include "scopefs/qc.h"
 
+#include <ctype.h>
 #include <math.h>
 #include <png.h>
 #include <pthread.h>
@@ -38,7 +39,8 @@ struct sf_qc {
 	int ready;
 };
 
-uint32_t sf_qc_channel(const sf_slide_info *s)
+/* The default: a nuclear stain, which every round of a cyclic assay has. */
+static uint32_t nuclear_channel(const sf_slide_info *s)
 {
 	for (uint32_t c = 0; c < s->channels; c++)
 		if (s->channel_names && s->channel_names[c] &&
@@ -46,6 +48,38 @@ uint32_t sf_qc_channel(const sf_slide_info *s)
 		     strcasestr(s->channel_names[c], "hoechst")))
 			return c;
 	return 0;
+}
+
+/* The containing-name match last, so "DAPI" finds "DAPI R2" of a cyclic
+ * round as the default does, while a whole name or an index is exact. */
+int sf_qc_channel(const sf_slide_info *s, const char *want, uint32_t *out, sf_err *e)
+{
+	char *end;
+	unsigned long idx;
+
+	if (!want || !*want) {
+		*out = nuclear_channel(s);
+		return SF_OK;
+	}
+	for (uint32_t c = 0; c < s->channels; c++)
+		if (s->channel_names && s->channel_names[c] &&
+		    !strcasecmp(s->channel_names[c], want)) {
+			*out = c;
+			return SF_OK;
+		}
+	idx = strtoul(want, &end, 10);
+	if (isdigit((unsigned char)want[0]) && !*end && idx < s->channels) {
+		*out = (uint32_t)idx;
+		return SF_OK;
+	}
+	for (uint32_t c = 0; c < s->channels; c++)
+		if (s->channel_names && s->channel_names[c] &&
+		    strcasestr(s->channel_names[c], want)) {
+			*out = c;
+			return SF_OK;
+		}
+	return sf_fail(e, SF_EINVAL, "%s: option 'reg_channel': no channel '%s' (it has %u)",
+	               s->path, want, s->channels);
 }
 
 uint32_t sf_qc_level(const sf_layout *l)

@@ -11,7 +11,7 @@ import os
 import numpy as np
 
 import gen
-from conftest import is_mounted
+from conftest import is_mounted, read_all
 
 
 def write_slide(path, seed, h=700, w=600):
@@ -121,3 +121,20 @@ def test_preset_file_and_command_line_precedence(scopefs, tmp_path):
     bad = tmp_path / 'badpreset'
     bad.write_text('mem=64M\nwhatever=3\n')
     assert_refused(scopefs, 'cache=%s,preset=%s' % (tmp_path / 'c', bad), 'whatever')
+
+
+def test_mem_below_one_unit_warns(scopefs):
+    """README: a mem= bound below one unit keeps one decoded unit, with a
+    warning.  The warning was only ever given for deconvolution blocks, so
+    a slides-only mount with mem=1 was silent."""
+    write_slide(scopefs.raw / 'alpha.ome.tif', 6)
+    write_slide(scopefs.raw / 'beta.ome.tif', 7)
+    m = scopefs.mount(opts={'reference': 'alpha'})
+    want = read_all(m.path('registered', 'alpha.ome.tif'))
+    assert 'below one decoded unit' not in m.log_text()
+    m.unmount()
+    for mem in ('0', '1'):
+        m = scopefs.mount(opts={'reference': 'alpha', 'mem': mem})
+        assert read_all(m.path('registered', 'alpha.ome.tif')) == want
+        assert 'mem=%s bytes is below one decoded unit' % mem in m.log_text(), m.log_text()
+        m.unmount()

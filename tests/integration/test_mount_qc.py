@@ -102,6 +102,30 @@ def test_identity_is_grey_and_shift_is_not(scopefs, tmp_path, fluo):
     assert mad > 10, 'misregistered overlay looks aligned (mean |R - G| = %.1f)' % mad
 
 
+def test_overlay_shows_reg_channel(scopefs, tmp_path, fluo):
+    """reg_channel=CD8 names the channel the registration and the overlay
+    use, also for a slide warped through a transform file; a slide without
+    that channel shows the default (DAPI).  The overlay used to show DAPI
+    whatever reg_channel said, so a CyCIF round registered on DNA_1 looked
+    misregistered in qc/."""
+    raw = scopefs.raw
+    cd8 = NAMES.index('CD8')
+    for name in ('ref', 'same'):
+        gen.write_ome(str(raw / (name + '.ome.tif')), fluo, names=NAMES)
+    gen.write_ome(str(raw / 'other.ome.tif'), fluo, names=['CD3', 'DAPI', 'CD20'])
+    tdir = tmp_path / 'transforms'
+    for name in ('same', 'other'):
+        write_transform(tdir, name, [[1, 0, 0], [0, 1, 0], [0, 0, 1]])
+    m = scopefs.mount(opts={'transforms': str(tdir), 'reference': 'ref',
+                            'reg_channel': 'CD8'})
+    same = decode(m.path('qc', 'same.png'))
+    close(same[..., 0], stretch(fluo[1][cd8, :, :, 0]), 'reference CD8 (magenta)')
+    close(same[..., 1], stretch(fluo[1][cd8, :, :, 0]), 'moving CD8 (green)')
+    other = decode(m.path('qc', 'other.png'))
+    close(other[..., 0], stretch(fluo[1][cd8, :, :, 0]), 'reference CD8 (magenta)')
+    close(other[..., 1], stretch(fluo[1][REG, :, :, 0]), 'no CD8: DAPI (green)')
+
+
 def test_tiles_shared_with_registered_and_size_stable(scopefs, tmp_path, fluo):
     raw = scopefs.raw
     for name in ('ref', 'mov'):

@@ -1,7 +1,7 @@
-/* test_autoreg_thumb.c — which channel reg_channel names. */
+/* test_autoreg_thumb.c — which channel reg_channel names (sf_qc_channel). */
 #include <string.h>
 
-#include "../../src/io/autoreg_thumb.h"
+#include "scopefs/qc.h"
 #include "check.h"
 
 static uint32_t pick(char **names, uint32_t n, const char *want, int *rc, sf_err *e)
@@ -15,7 +15,7 @@ static uint32_t pick(char **names, uint32_t n, const char *want, int *rc, sf_err
 	s.samples = 1;
 	s.channel_names = names;
 	memset(e, 0, sizeof *e);
-	*rc = autoreg_pick_channel(&s, want, &c, e);
+	*rc = sf_qc_channel(&s, want, &c, e);
 	return c;
 }
 
