@@ -240,6 +240,43 @@ static int names_associated(const char *desc)
 }
 
 /* Describe the current directory.  Never fails on absent optional tags. */
+/* An unsigned integer of n bytes (2 or 8) in the file's byte order. */
+static uint64_t file_uint(const uint8_t *b, int n, int big_endian)
+{
+	uint64_t v = 0;
+
+	for (int i = 0; i < n; i++)
+		v |= (uint64_t)b[big_endian ? i : n - 1 - i] << (8 * (n - 1 - i));
+	return v;
+}
+
+/* The ResolutionUnit value stored in the current directory, read from the
+ * file itself; 0 when it has none.  For when TIFFGetField says there is no
+ * such tag: libtiff drops a value other than 1-3 (with an error in its
+ * log), and the TIFF default, inch, would then apply to the resolution.
+ * tifffile writes 4 (millimetre) and 5 (micrometre) when asked: read as
+ * inch, 4000 px/mm became 6.35 um, plausible and 25x wrong. */
+static uint16_t stored_res_unit(TIFF *tif)
+{
+	int big = TIFFIsBigTIFF(tif), be = TIFFIsBigEndian(tif);
+	size_t head = big ? 8 : 2, entry = big ? 20 : 12;
+	uint64_t off = TIFFCurrentDirOffset(tif), count;
+	uint8_t b[20];
+
+	if (pread(TIFFFileno(tif), b, head, (off_t)off) != (ssize_t)head)
+		return 0;
+	count = file_uint(b, (int)head, be);
+	for (uint64_t i = 0; i < count && i < 4096; i++) {
+		if (pread(TIFFFileno(tif), b, entry, (off_t)(off + head + i * entry)) !=
+		    (ssize_t)entry)
+			return 0;
+		if (file_uint(b, 2, be) == TIFFTAG_RESOLUTIONUNIT &&
+		    file_uint(b + 2, 2, be) == TIFF_SHORT)
+			return (uint16_t)file_uint(b + (big ? 12 : 8), 2, be);
+	}
+	return 0;
+}
+
 static int describe_page(TIFF *tif, const char *path, const char *where, page_desc *p, sf_err *e)
 {
 	memset(p, 0, sizeof *p);
@@ -272,6 +309,8 @@ static int describe_page(TIFF *tif, const char *path, const char *where, page_de
 	if (!TIFFGetField(tif, TIFFTAG_YRESOLUTION, &p->yres))
 		p->yres = 0;
 	p->has_res_unit = TIFFGetField(tif, TIFFTAG_RESOLUTIONUNIT, &p->res_unit);
+	if (!p->has_res_unit && p->xres > 0 && (p->res_unit = stored_res_unit(tif)) != 0)
+		p->has_res_unit = 1;
 	if (!p->has_res_unit)
 		p->res_unit = RESUNIT_INCH;
 	if (!TIFFGetField(tif, TIFFTAG_ORIENTATION, &p->orientation) || p->orientation == 0)
@@ -882,9 +921,17 @@ static double aperio_mpp(const char *desc)
 /* Micrometres per pixel from XResolution / ResolutionUnit, or 0 when the
  * value is absent or not plausible for a microscope (0.01 - 100 µm): many
  * writers store a default of 72 dpi (353 µm) or 1 pixel/mm (1000 µm). */
+/* tifffile's RESUNIT values past baseline TIFF's 1-3 (stored_res_unit). */
+#define RESUNIT_MILLIMETER 4
+#define RESUNIT_MICROMETER 5
+
 static double resolution_um(float res, uint16_t unit)
 {
-	double um_per_unit = unit == RESUNIT_CENTIMETER ? 1e4 : unit == RESUNIT_INCH ? 25400 : 0;
+	double um_per_unit = unit == RESUNIT_CENTIMETER   ? 1e4
+	                     : unit == RESUNIT_INCH       ? 25400
+	                     : unit == RESUNIT_MILLIMETER ? 1e3
+	                     : unit == RESUNIT_MICROMETER ? 1
+	                                                  : 0;
 	if (um_per_unit == 0 || !(res > 0) || !isfinite(res))
 		return 0;
 	double um = um_per_unit / res;
@@ -1688,6 +1735,11 @@ static int choose_layout(probe *pr, sf_slide_info *s, const char *desc, sf_err *
 		s->pixel_size_y = resolution_um(p0->yres, p0->res_unit);
 		if (s->pixel_size_x == 0 || s->pixel_size_y == 0)
 			s->pixel_size_x = s->pixel_size_y = 0;
+		if (p0->xres > 0 && p0->res_unit > RESUNIT_MICROMETER)
+			sf_log(SF_LOG_WARN,
+			       "%s: ResolutionUnit %u is no unit TIFF or tifffile knows: "
+			       "pixel size unknown",
+			       pr->path, (unsigned)p0->res_unit);
 	}
 	drop_implausible_pixel_size(s);
 	if (fill_levels(s, pr) || fill_channel_names(s, has_ome ? &ome : NULL))

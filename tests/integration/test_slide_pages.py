@@ -258,6 +258,35 @@ def test_imagej_centimetre_tags_win(driver, tmp_path):
     assert [float(v) for v in info["pixel_size"].split(",")] == pytest.approx([0.5, 0.5])
 
 
+@pytest.mark.parametrize("bigtiff", [False, True])
+@pytest.mark.parametrize("resunit,per_unit,want", [("MILLIMETER", 1e3 / 0.25, 0.25),
+                                                   ("MICROMETER", 1 / 0.5, 0.5),
+                                                   (9, 1e3 / 0.25, 0.0)])
+def test_resolution_unit_beyond_baseline(driver, tmp_path, resunit, per_unit, want, bigtiff):
+    """tifffile writes ResolutionUnit 4 (mm) and 5 (um) when asked; libtiff
+    drops such a value, and the TIFF default (inch) made 4000 px/mm 6.35 um.
+    Now the stored value is read from the file; an unknown one (9, patched
+    into the file) gives no pixel size, with a log line naming the file."""
+    path = tmp_path / "r.tif"
+    tifffile.imwrite(path, np.zeros((40, 60), np.uint16), metadata=None, bigtiff=bigtiff,
+                     byteorder=">" if bigtiff else "<", resolution=(per_unit, per_unit),
+                     resolutionunit=resunit if isinstance(resunit, str) else "MILLIMETER")
+    if not isinstance(resunit, str):
+        with tifffile.TiffFile(path) as tf:
+            tag = tf.pages[0].tags["ResolutionUnit"]
+            at, order = tag.valueoffset, tf.byteorder
+        with open(path, "r+b") as f:
+            f.seek(at)
+            f.write(int(resunit).to_bytes(2, "big" if order == ">" else "little"))
+    with tifffile.TiffFile(path) as tf:  # the oracle reads what was written
+        assert int(tf.pages[0].tags["ResolutionUnit"].value) == \
+            (resunit if not isinstance(resunit, str) else {"MILLIMETER": 4, "MICROMETER": 5}[resunit])
+    info, err = probe(driver, path)
+    assert [float(v) for v in info["pixel_size"].split(",")] == pytest.approx([want, want])
+    if not want:
+        assert "ResolutionUnit 9" in err and str(path) in err, err
+
+
 def test_description_unit_without_imagej_header_is_ignored(driver, tmp_path):
     path = tmp_path / "x.tif"
     tifffile.imwrite(path, np.zeros((20, 30), np.uint8), description=b"unit=micron\n",
