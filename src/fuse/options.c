@@ -569,12 +569,35 @@ static int apply_preset_before_cli(parse_state *ps, const char *name, sf_err *e)
 	return rc;
 }
 
+/* Whether every preset in names ('\n'-separated) opens, in the order given:
+ * apply_presets runs last first, so of two missing presets the message
+ * named the second, and the user learnt of the first only after fixing it. */
+static int presets_readable(const char *names, sf_err *e)
+{
+	char name[PATH_MAX], path[PATH_MAX + 64], tried[PATH_MAX + 80];
+
+	for (const char *at = names; *at;) {
+		size_t len = strcspn(at, "\n");
+		FILE *f;
+
+		snprintf(name, sizeof name, "%.*s", (int)len, at);
+		preset_path(name, path, sizeof path, tried, sizeof tried);
+		if (!(f = preset_open(name, path, tried, e)))
+			return SF_EINVAL;
+		fclose(f);
+		at += len + (at[len] == '\n');
+	}
+	return SF_OK;
+}
+
 /* Every preset, the last given first: each one only fills keys that the
  * command line and later presets left, and puts its deconvolution items
  * before theirs, so o->deconv ends up in command-line order of sources
  * (first preset, ..., last preset, command line) and the later one wins. */
 static int apply_presets(parse_state *ps, sf_err *e)
 {
+	if (presets_readable(ps->o->preset, e) != SF_OK)
+		return SF_EINVAL;
 	char *names = strdup(ps->o->preset);
 	if (!names)
 		return sf_fail(e, SF_ENOMEM, "option preset: out of memory");

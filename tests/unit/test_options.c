@@ -219,6 +219,11 @@ static void test_preset_files(const char *raw, const char *dir, const char *path
 	          strstr(e.msg, "SCOPEFS_PRESETS"),
 	      "a preset found nowhere names every place looked in: %s", e.msg);
 	sf_options_free(&o);
+	/* Presets apply last first; of two missing ones the first given is named. */
+	snprintf(cli, sizeof cli, "preset=first-missing,preset=second-missing,cache=%s/c", dir);
+	CHECK(parse(&o, &e, 5, argv) == SF_EINVAL && strstr(e.msg, "'first-missing'"),
+	      "of two missing presets the first is named: %s", e.msg);
+	sf_options_free(&o);
 }
 
 static void test_preset(const char *raw, const char *dir)
