@@ -19,5 +19,10 @@
  * the header line: SF_EFORMAT for a malformed file, SF_EUNSUPPORTED for a
  * valid one we do not read (3D, compressed, big-endian, other types). */
 int sf_metaimage_read_field(const char *path, sf_field_grid **grid, double gmap[6], sf_err *e);
+/* The same, and the path of the file the values were read from into
+ * data_file (PATH_MAX bytes): the file ElementDataFile names, or path itself
+ * for LOCAL.  A caller watching the field for edits needs both files. */
+int sf_metaimage_read_field_data(const char *path, sf_field_grid **grid, double gmap[6],
+                                 char *data_file, sf_err *e);
 
 #endif

@@ -28,6 +28,7 @@
 #ifndef SCOPEFS_TRANSFORM_H
 #define SCOPEFS_TRANSFORM_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 #include "scopefs/err.h"
@@ -154,6 +155,24 @@ typedef struct sf_tf_units {
  * The file, a field TIFF it names, and a MetaImage's data file must be
  * regular files (a FIFO would block). */
 int sf_transform_load(const char *path, const sf_tf_units *units, sf_transform *t, sf_err *e);
+
+/* The files a load read, in the order read, each once: path itself first
+ * (a folder for elastix output), then the TransformParameters.N.txt chosen
+ * in that folder, chained elastix files, a field TIFF, a MetaImage header
+ * and its data file.  A caller that keeps the transform watches them all:
+ * rewriting any of them changes the warp (mount.c). */
+typedef struct sf_tf_files {
+	char **paths; /* owned, as the loader opened them */
+	size_t count;
+} sf_tf_files;
+
+/* sf_transform_load that also lists the files it read into *files (filled
+ * here from empty: what it held is not freed).  On failure the list is
+ * empty.  files may be NULL: that is sf_transform_load. */
+int sf_transform_load_files(const char *path, const sf_tf_units *units, sf_transform *t,
+                            sf_tf_files *files, sf_err *e);
+/* Frees the paths; files becomes empty. */
+void sf_tf_files_free(sf_tf_files *files);
 int sf_transform_load_json(const char *path, sf_transform *t, sf_err *e);
 int sf_transform_load_elastix(const char *path, const sf_tf_units *units, sf_transform *t,
                               sf_err *e);

@@ -358,11 +358,13 @@ static int set_state(sf_slide_entry *se, const char *fmt, const char *detail)
 	return se->state ? SF_OK : SF_ENOMEM;
 }
 
-/* The transform of moving slide i from transforms=DIR.  Sets *to_register when
- * scopefs is to register the slide itself (no file for it, reg=auto).  A
- * slide that cannot be served gets its reason in slide_state; only
- * SF_ENOMEM is returned as a failure. */
-static int load_transform(sf_mount *m, uint32_t i, uint8_t *to_register, sf_err *e)
+/* The transform of moving slide i from transforms=DIR, and the files it was
+ * read from (*files, for watch_transform).  Sets *to_register when scopefs
+ * is to register the slide itself (no file for it, reg=auto).  A slide that
+ * cannot be served gets its reason in slide_state; only SF_ENOMEM is
+ * returned as a failure. */
+static int load_transform(sf_mount *m, uint32_t i, uint8_t *to_register, sf_tf_files *files,
+                          sf_err *e)
 {
 	const sf_dataset *d = m->dataset;
 	const sf_slide_info *ref = d->slides[m->reference], *s = d->slides[i];
@@ -384,7 +386,7 @@ static int load_transform(sf_mount *m, uint32_t i, uint8_t *to_register, sf_err 
 		return set_state(se, "not served: no transform for it in %s and reg=off",
 		                 m->opts->transforms);
 	}
-	rc = sf_transform_load(se->transform_path, &units, &se->transform, e);
+	rc = sf_transform_load_files(se->transform_path, &units, &se->transform, files, e);
 	if (rc != SF_OK)
 		return rc == SF_ENOMEM ? rc : set_state(se, "not served: %s", e->msg);
 	return SF_OK;
@@ -410,17 +412,21 @@ static int watch_add(sf_mount *m, const char *path, const char *folder, const ch
 	return SF_OK;
 }
 
-/* Watch the transform file slide entry se was loaded from, for node idx. */
-static int watch_transform(sf_mount *m, uint32_t idx, const sf_slide_entry *se, sf_err *e)
+/* Watch the files slide entry se's transform was loaded from (files: the
+ * transform file first, then those it names, as a field TIFF or a chained
+ * elastix file: rewriting any of them changes the warp), for node idx. */
+static int watch_transform(sf_mount *m, uint32_t idx, const sf_slide_entry *se,
+                           const sf_tf_files *files, sf_err *e)
 {
-	int rc;
+	int rc = SF_OK;
 
 	if (!se->transform_path)
 		return SF_OK;
 	m->nodes[idx].watch_first = m->watch_count;
-	rc = watch_add(m, se->transform_path, "registered",
-	               "remount to warp with the new transform", e);
-	m->nodes[idx].watch_count = rc == SF_OK;
+	for (size_t k = 0; k < files->count && rc == SF_OK; k++)
+		rc = watch_add(m, files->paths[k], "registered",
+		               "remount to warp with the new transform", e);
+	m->nodes[idx].watch_count = m->watch_count - m->nodes[idx].watch_first;
 	return rc;
 }
 
@@ -429,7 +435,7 @@ static int watch_transform(sf_mount *m, uint32_t idx, const sf_slide_entry *se, 
  * registration.  A slide that cannot be served gets its reason in
  * slide_state and the mount goes on; only SF_ENOMEM stops it. */
 static int add_registered_slide(sf_mount *m, uint32_t dir, uint32_t i, const sf_pyramid_plan *plan,
-                                sf_err *e)
+                                const sf_tf_files *files, sf_err *e)
 {
 	const sf_dataset *d = m->dataset;
 	const sf_slide_info *ref = d->slides[m->reference], *s = d->slides[i];
@@ -463,7 +469,7 @@ static int add_registered_slide(sf_mount *m, uint32_t dir, uint32_t i, const sf_
 	if (rc == SF_OK && autoreg) /* add_vfile's node is the last one */
 		m->nodes[m->node_count - 1].autoreg_slide = (int32_t)i;
 	else if (rc == SF_OK && (int)i != m->reference)
-		rc = watch_transform(m, m->node_count - 1, se, e);
+		rc = watch_transform(m, m->node_count - 1, se, files, e);
 	if (rc == SF_ENOMEM)
 		return rc;
 	if (rc != SF_OK)
@@ -525,35 +531,50 @@ static int make_autoreg(sf_mount *m, const uint8_t *to_register, sf_err *e)
 	                         m->cache, m->transforms_dir, &m->autoreg, e);
 }
 
+/* The transforms of the moving slides (files[i]: the files slide i's was
+ * read from) and the registration job of those without one. */
+static int load_transforms(sf_mount *m, sf_tf_files *files, sf_err *e)
+{
+	const sf_dataset *d = m->dataset;
+	uint8_t *to_register = calloc(d->slide_count, 1);
+	int rc = to_register ? SF_OK : sf_fail(e, SF_ENOMEM, "out of memory");
+
+	for (uint32_t i = 0; i < d->slide_count && rc == SF_OK; i++)
+		if ((int)i != m->reference)
+			rc = load_transform(m, i, &to_register[i], &files[i], e);
+	if (rc == SF_OK)
+		rc = make_autoreg(m, to_register, e);
+	free(to_register);
+	return rc;
+}
+
 static int build_registered(sf_mount *m, uint32_t root, sf_err *e)
 {
 	const sf_dataset *d = m->dataset;
 	sf_pyramid_plan plan;
-	uint8_t *to_register;
+	sf_tf_files *files; /* per slide, until watch_transform has them */
 	uint32_t dir;
 	int rc = node_add(m, root, "registered", SF_NODE_DIR, &dir, e);
 
 	if (rc != SF_OK || (rc = find_reference(m, e)) != SF_OK || m->reference < 0)
 		return rc;
 	if (!(m->slide_state = calloc(d->slide_count, sizeof *m->slide_state)) ||
-	    !(to_register = calloc(d->slide_count, 1)))
+	    !(files = calloc(d->slide_count, sizeof *files)))
 		return sf_fail(e, SF_ENOMEM, "out of memory");
 	for (uint32_t i = 0; i < d->slide_count; i++)
 		sf_transform_init(&m->slide_state[i].transform);
-	for (uint32_t i = 0; i < d->slide_count && rc == SF_OK; i++)
-		if ((int)i != m->reference)
-			rc = load_transform(m, i, &to_register[i], e);
-	if (rc == SF_OK)
-		rc = make_autoreg(m, to_register, e);
-	free(to_register);
+	rc = load_transforms(m, files, e);
 	sf_pyramid_plan_make(d->slides[m->reference], SF_TILE, &plan);
 	for (uint32_t i = 0; i < d->slide_count && rc == SF_OK; i++) {
-		rc = add_registered_slide(m, dir, i, &plan, e);
+		rc = add_registered_slide(m, dir, i, &plan, &files[i], e);
 		if (rc == SF_OK && strncmp(m->slide_state[i].state, "served", 6) &&
 		    !sf_autoreg_has(m->autoreg, i))
 			sf_log(SF_LOG_WARN, "registered: %s: %s", d->slides[i]->path,
 			       m->slide_state[i].state);
 	}
+	for (uint32_t i = 0; i < d->slide_count; i++)
+		sf_tf_files_free(&files[i]);
+	free(files);
 	return rc;
 }
 

@@ -217,6 +217,12 @@ static int read_values(FILE *f, const char *where, const mha_header *h, sf_field
 
 int sf_metaimage_read_field(const char *path, sf_field_grid **grid, double gmap[6], sf_err *e)
 {
+	return sf_metaimage_read_field_data(path, grid, gmap, NULL, e);
+}
+
+int sf_metaimage_read_field_data(const char *path, sf_field_grid **grid, double gmap[6],
+                                 char *data_file, sf_err *e)
+{
 	FILE *hf = fopen(path, "rb"), *df = NULL;
 	char where[PATH_MAX + 8];
 	sf_field_grid *g = NULL;
@@ -234,6 +240,9 @@ int sf_metaimage_read_field(const char *path, sf_field_grid **grid, double gmap[
 		             path, h.line_of_data, h.data_file);
 	if (rc == SF_OK)
 		rc = check_data_size(df, df == hf ? h.data_offset : 0, where, &h, e);
+	if (rc == SF_OK && data_file &&
+	    (size_t)snprintf(data_file, PATH_MAX, "%s", where) >= PATH_MAX) /* opened: cannot be */
+		rc = sf_fail(e, SF_EINVAL, "%s: data file path too long", path);
 	if (rc == SF_OK && !(g = sf_field_grid_create(SF_FIELD_LINEAR, (uint32_t)h.dimsize[0],
 	                                              (uint32_t)h.dimsize[1], e)))
 		rc = e->code;

@@ -17,7 +17,9 @@
  *
  * Every error names the file, and the line when the fault has one
  * ("a.txt:12: ..."); the reader never exits on bad input, frees everything it
- * made on every path, and reads at most MAX_FILE_BYTES of a file. */
+ * made on every path, and reads at most MAX_FILE_BYTES of a file.  Every
+ * file a load opens goes through files_add, so sf_transform_load_files
+ * can list them for a caller watching them for edits. */
 #include "scopefs/transform.h"
 #include "scopefs/utf8.h"
 
@@ -112,6 +114,36 @@ static int file_exists(const char *p)
 {
 	struct stat st;
 	return stat(p, &st) == 0 && S_ISREG(st.st_mode);
+}
+
+/* List path among the files a load read (files NULL: nobody asked); once,
+ * however many maps name it. */
+static int files_add(sf_tf_files *files, const char *path, sf_err *e)
+{
+	if (!files)
+		return SF_OK;
+	for (size_t i = 0; i < files->count; i++)
+		if (strcmp(files->paths[i], path) == 0)
+			return SF_OK;
+	char **grown = realloc(files->paths, (files->count + 1) * sizeof *grown);
+	if (!grown)
+		return sf_fail(e, SF_ENOMEM, "%s: out of memory", path);
+	files->paths = grown;
+	if (!(grown[files->count] = strdup(path)))
+		return sf_fail(e, SF_ENOMEM, "%s: out of memory", path);
+	files->count++;
+	return SF_OK;
+}
+
+void sf_tf_files_free(sf_tf_files *files)
+{
+	for (size_t i = 0; files && i < files->count; i++)
+		free(files->paths[i]);
+	if (files) {
+		free(files->paths);
+		files->paths = NULL;
+		files->count = 0;
+	}
 }
 
 /* Resolve a file named inside `from`: absolute and present as written, else
@@ -706,7 +738,8 @@ static int read_field_tiff(const char *path, sf_field_grid **out, sf_err *e)
 
 /* --- our JSON format ------------------------------------------------------ */
 
-static int json_field(const char *path, const jval *field, sf_transform *t, sf_err *e)
+static int json_field(const char *path, const jval *field, sf_transform *t, sf_tf_files *files,
+                      sf_err *e)
 {
 	const jval *file = json_get(field, "file"), *scale = json_get(field, "scale");
 	const jval *offset = json_get(field, "offset"), *units = json_get(field, "units");
@@ -742,6 +775,8 @@ static int json_field(const char *path, const jval *field, sf_transform *t, sf_e
 	else if ((size_t)snprintf(full, sizeof full, "%s/%s", dir, file->str) >= sizeof full)
 		return sf_fail(e, SF_EFORMAT, "%s:%d: field path too long", path, file->line);
 	sf_field_grid *g = NULL;
+	if ((rc = files_add(files, full, e)) != SF_OK)
+		return rc;
 	rc = read_field_tiff(full, &g, e);
 	if (rc != SF_OK)
 		return rc;
@@ -752,8 +787,10 @@ static int json_field(const char *path, const jval *field, sf_transform *t, sf_e
 	return rc == SF_OK ? SF_OK : prefix_error(e, rc, path, field->line);
 }
 
-/* Our format from its parsed document root into t (initialised by the caller). */
-static int json_ours(const char *path, const jval *root, sf_transform *t, sf_err *e)
+/* Our format from its parsed document root into t (initialised by the
+ * caller); the field TIFF it names goes into files. */
+static int json_ours(const char *path, const jval *root, sf_transform *t, sf_tf_files *files,
+                     sf_err *e)
 {
 	const jval *ver = json_get(root, "scopefs_transform");
 	const jval *mat = json_get(root, "matrix"), *field = json_get(root, "field");
@@ -772,7 +809,7 @@ static int json_ours(const char *path, const jval *root, sf_transform *t, sf_err
 	for (size_t r = 0; rc == SF_OK && r < mat->n; r++)
 		rc = json_numbers(path, &mat->items[r], "a \"matrix\" row", 3, m + 3 * r, e);
 	if (rc == SF_OK && field)
-		rc = json_field(path, field, t, e);
+		rc = json_field(path, field, t, files, e);
 	if (rc == SF_OK) {
 		rc = sf_transform_then_matrix(t, m, e);
 		if (rc != SF_OK)
@@ -800,7 +837,7 @@ int sf_transform_load_json(const char *path, sf_transform *t, sf_err *e)
 	int rc = json_load(path, &root, e);
 	if (rc != SF_OK)
 		return rc;
-	rc = json_ours(path, &root, t, e);
+	rc = json_ours(path, &root, t, NULL, e);
 	json_free(&root);
 	if (rc != SF_OK)
 		sf_transform_release(t);
@@ -823,6 +860,7 @@ typedef struct ex_file {
 	int line; /* a JSON map: the line of its '{'; a text file: 0 */
 	size_t n;
 	ex_entry *ent;
+	sf_tf_files *files; /* where the side files it names are listed, or NULL */
 } ex_file;
 
 static void ex_free(ex_file *f)
@@ -1073,7 +1111,7 @@ static int ex_deformation_field(const ex_file *f, sf_transform *t, sf_err *e)
 {
 	static const double vm[4] = {1, 0, 0, 1};
 	const char *name = ex_string(f, "DeformationFieldFileName", NULL);
-	char path[PATH_MAX];
+	char path[PATH_MAX], data[PATH_MAX];
 	double order, gmap[6];
 	sf_field_grid *g;
 	int rc = ex_numbers(f, "DeformationFieldInterpolationOrder", 1, (double[]){0}, &order, e);
@@ -1090,8 +1128,13 @@ static int ex_deformation_field(const ex_file *f, sf_transform *t, sf_err *e)
 	if (!resolve_near(f->path, name, path, sizeof path))
 		return sf_fail(e, SF_ENOTFOUND, "%s:%d: deformation field %s not found", f->path,
 		               ex_line(f, "DeformationFieldFileName"), name);
-	if ((rc = sf_metaimage_read_field(path, &g, gmap, e)) != SF_OK)
+	if ((rc = sf_metaimage_read_field_data(path, &g, gmap, data, e)) != SF_OK)
 		return prefix_error(e, rc, f->path, ex_line(f, "DeformationFieldFileName"));
+	if ((rc = files_add(f->files, path, e)) != SF_OK ||
+	    (rc = files_add(f->files, data, e)) != SF_OK) {
+		sf_field_grid_free(g);
+		return rc;
+	}
 	rc = sf_transform_then_field(t, g, gmap, vm, e);
 	return rc == SF_OK ? SF_OK : prefix_error(e, rc, f->path, ex_line(f, "Transform"));
 }
@@ -1181,8 +1224,10 @@ static int ex_map_transform(const ex_file *f, sf_transform *own, sf_err *e)
 	return rc;
 }
 
-/* f and its chain of initial transforms, physical -> physical, into t. */
-static int ex_chain(const char *path, int depth, sf_transform *t, ex_file *top, sf_err *e)
+/* f and its chain of initial transforms, physical -> physical, into t;
+ * every file of the chain, and those they name, go into files. */
+static int ex_chain(const char *path, int depth, sf_transform *t, ex_file *top, sf_tf_files *files,
+                    sf_err *e)
 {
 	sf_transform_init(t);
 	if (depth > MAX_CHAIN_DEPTH)
@@ -1190,13 +1235,16 @@ static int ex_chain(const char *path, int depth, sf_transform *t, ex_file *top, 
 		               path, MAX_CHAIN_DEPTH);
 	char *text = NULL;
 	ex_file f;
-	int rc = read_text(path, &text, e);
+	int rc = files_add(files, path, e);
+	if (rc == SF_OK)
+		rc = read_text(path, &text, e);
 	if (rc != SF_OK)
 		return rc;
 	rc = ex_parse(path, text, &f, e);
 	free(text);
 	if (rc != SF_OK)
 		return rc;
+	f.files = files;
 	sf_transform own;
 	rc = ex_map_transform(&f, &own, e);
 	const char *init = ex_string(&f, "InitialTransformParametersFileName", NULL);
@@ -1216,7 +1264,7 @@ static int ex_chain(const char *path, int depth, sf_transform *t, ex_file *top, 
 			rc = sf_fail(e, SF_ENOTFOUND, "%s:%d: initial transform %s not found",
 			             f.path, line, init);
 		if (rc == SF_OK)
-			rc = ex_chain(next, depth + 1, t, NULL, e);
+			rc = ex_chain(next, depth + 1, t, NULL, files, e);
 		/* Compose: T(x) = own(initial(x)); Add: own(x) + initial(x) - x */
 		if (rc == SF_OK)
 			rc = strcmp(how, "Add") == 0 ? sf_transform_add(t, &own, e)
@@ -1289,8 +1337,9 @@ static int ex_geometry(const ex_file *f, const sf_tf_units *units, double ref[9]
 	return SF_OK;
 }
 
-int sf_transform_load_elastix(const char *path, const sf_tf_units *units, sf_transform *t,
-                              sf_err *e)
+/* sf_transform_load_elastix, listing the files read into files. */
+static int load_elastix(const char *path, const sf_tf_units *units, sf_transform *t,
+                        sf_tf_files *files, sf_err *e)
 {
 	char file[PATH_MAX];
 	struct stat st;
@@ -1303,7 +1352,7 @@ int sf_transform_load_elastix(const char *path, const sf_tf_units *units, sf_tra
 	}
 	ex_file top;
 	double ref[9], mov[9];
-	int rc = ex_chain(path, 0, t, &top, e);
+	int rc = ex_chain(path, 0, t, &top, files, e);
 	if (rc != SF_OK)
 		return rc;
 	rc = ex_geometry(&top, units, ref, mov, e);
@@ -1313,6 +1362,12 @@ int sf_transform_load_elastix(const char *path, const sf_tf_units *units, sf_tra
 	if (rc != SF_OK)
 		sf_transform_release(t);
 	return check_loaded(path, t, rc, e);
+}
+
+int sf_transform_load_elastix(const char *path, const sf_tf_units *units, sf_transform *t,
+                              sf_err *e)
+{
+	return load_elastix(path, units, t, NULL, e);
 }
 
 /* --- wsireg: elastix maps in a JSON file --------------------------------- */
@@ -1413,7 +1468,7 @@ static const jval *wsireg_at(const char *key, const jval *v, size_t i)
  * docs/transforms.md).  Physical units as for elastix files, with the output
  * geometry of the file's last map, as wsireg resamples onto it. */
 static int wsireg_load(const char *path, const jval *root, const sf_tf_units *units,
-                       sf_transform *t, sf_err *e)
+                       sf_transform *t, sf_tf_files *files, sf_err *e)
 {
 	const jval *last = NULL;
 	double ref[9], mov[9];
@@ -1442,6 +1497,7 @@ static int wsireg_load(const char *path, const jval *root, const sf_tf_units *un
 			rc = ex_from_json(path, map, &f, e);
 			if (rc != SF_OK)
 				break;
+			f.files = files;
 			rc = ex_map_transform(&f, &step, e);
 			ex_free(&f);
 			if (rc == SF_OK && (rc = sf_transform_then(t, &step, e)) != SF_OK && e &&
@@ -1463,15 +1519,16 @@ static int wsireg_load(const char *path, const jval *root, const sf_tf_units *un
 }
 
 /* A JSON transform file: ours, or wsireg's transformations file. */
-static int load_json_any(const char *path, const sf_tf_units *units, sf_transform *t, sf_err *e)
+static int load_json_any(const char *path, const sf_tf_units *units, sf_transform *t,
+                         sf_tf_files *files, sf_err *e)
 {
 	jval root;
 	sf_transform_init(t);
 	int rc = json_load(path, &root, e);
 	if (rc != SF_OK)
 		return rc;
-	rc =
-	    is_wsireg(&root) ? wsireg_load(path, &root, units, t, e) : json_ours(path, &root, t, e);
+	rc = is_wsireg(&root) ? wsireg_load(path, &root, units, t, files, e)
+	                      : json_ours(path, &root, t, files, e);
 	json_free(&root);
 	if (rc != SF_OK)
 		sf_transform_release(t);
@@ -1804,15 +1861,20 @@ static int sniff_refusal(const char *path, const char *head, size_t n, off_t siz
 	return SF_OK;
 }
 
-int sf_transform_load(const char *path, const sf_tf_units *units, sf_transform *t, sf_err *e)
+/* sf_transform_load_files with files filled from empty. */
+static int load_any(const char *path, const sf_tf_units *units, sf_transform *t, sf_tf_files *files,
+                    sf_err *e)
 {
 	struct stat st;
 	sf_transform_init(t);
 	if (stat(path, &st) != 0)
 		return sf_fail(e, errno == ENOENT ? SF_ENOTFOUND : SF_EIO, "%s: %s", path,
 		               strerror(errno));
+	int rc = files_add(files, path, e); /* first, whatever the format */
+	if (rc != SF_OK)
+		return rc;
 	if (S_ISDIR(st.st_mode))
-		return sf_transform_load_elastix(path, units, t, e);
+		return load_elastix(path, units, t, files, e);
 	if (!S_ISREG(st.st_mode)) /* a FIFO or a device: opening it could block forever */
 		return sf_fail(e, SF_EFORMAT, "%s: not a regular file or a folder", path);
 	FILE *f = fopen(path, "rb");
@@ -1822,15 +1884,31 @@ int sf_transform_load(const char *path, const sf_tf_units *units, sf_transform *
 	size_t n = fread(head, 1, sizeof head - 1, f);
 	fclose(f);
 	head[n] = '\0';
-	int rc = sniff_refusal(path, head, n, st.st_size, e);
+	rc = sniff_refusal(path, head, n, st.st_size, e);
 	if (rc != SF_OK)
 		return rc;
 	const char *s = head + utf8_bom(head);
 	while (isspace((unsigned char)*s))
 		s++;
 	if (*s == '{')
-		return load_json_any(path, units, t, e);
+		return load_json_any(path, units, t, files, e);
 	if (!strncmp(s, "#Insight Transform File", 23))
-		return sf_transform_load_itk(path, units, t, e);
-	return sf_transform_load_elastix(path, units, t, e);
+		return sf_transform_load_itk(path, units, t, e); /* names no other file */
+	return load_elastix(path, units, t, files, e);
+}
+
+int sf_transform_load_files(const char *path, const sf_tf_units *units, sf_transform *t,
+                            sf_tf_files *files, sf_err *e)
+{
+	if (files)
+		memset(files, 0, sizeof *files);
+	int rc = load_any(path, units, t, files, e);
+	if (rc != SF_OK)
+		sf_tf_files_free(files);
+	return rc;
+}
+
+int sf_transform_load(const char *path, const sf_tf_units *units, sf_transform *t, sf_err *e)
+{
+	return sf_transform_load_files(path, units, t, NULL, e);
 }

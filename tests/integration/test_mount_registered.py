@@ -551,3 +551,46 @@ def test_transform_edited_after_mount_is_refused(scopefs, tmp_path):
     assert any(str(tfd / 'mov.json') + ' changed since the mount read it' in r
                for r in recent), recent
     assert len(read_all(m.path('registered', 'other.ome.tif'))) == len(before)
+
+
+def test_files_a_transform_names_edited_after_mount_are_refused(scopefs, tmp_path):
+    """The warp follows every file the transform file names, not only that
+    file: a pipeline step that rewrites just a JSON transform's field TIFF,
+    or the initial file of an elastix chain, and then copies registered/
+    must get an error naming the rewritten file, not the old warp (they
+    were not watched).  A slide whose files did not change still reads."""
+    a = gen.norm(gen.tissue(300, 400, 1, seed=5))
+    for stem in ('ref', 'fld', 'chain', 'other'):
+        gen.write_ome(scopefs.raw / (stem + '.ome.tif'), [a], ['A'], REF_PX)
+    tfd = tmp_path / 'tfd'
+    tfd.mkdir()
+    field = np.zeros((8, 10, 2), np.float32)
+    tifffile.imwrite(tfd / 'fld.field.tif', field, photometric='minisblack',
+                     planarconfig='contig')
+    write_json(tfd / 'fld.json', np.eye(3), {'file': 'fld.field.tif', 'scale': 64})
+    translation = '(Transform "TranslationTransform")\n(NumberOfParameters 2)\n'
+    (tfd / 'chain0.txt').write_text(translation + '(TransformParameters 1.5 -2)\n')
+    (tfd / 'chain.txt').write_text(translation + '(TransformParameters 3 4)\n'
+                                   '(InitialTransformParametersFileName "chain0.txt")\n')
+    write_json(tfd / 'other.json', np.array([[1.0, 0, 2], [0, 1.0, 2], [0, 0, 1]]))
+    m = scopefs.mount(opts={'reference': 'ref', 'transforms': str(tfd), 'reg': 'off'})
+    other = read_all(m.path('registered', 'other.ome.tif'))
+    for stem in ('fld', 'chain'):
+        assert len(read_all(m.path('registered', stem + '.ome.tif'))) == len(other)
+
+    def refused(stem, changed):
+        with pytest.raises(OSError) as err:
+            with open(m.path('registered', stem + '.ome.tif'), 'rb') as f:
+                f.read()
+        assert err.value.errno == 5, err.value  # EIO
+        recent = [r['message'] for r in m.status()['recent_errors']]
+        assert any(str(changed) + ' changed since the mount read it: remount' in r
+                   for r in recent), recent
+
+    tifffile.imwrite(tfd / 'fld.field.tif', field + 0.5, photometric='minisblack',
+                     planarconfig='contig')
+    refused('fld', tfd / 'fld.field.tif')
+    assert len(read_all(m.path('registered', 'chain.ome.tif'))) == len(other)
+    (tfd / 'chain0.txt').write_text(translation + '(TransformParameters -7 9.25)\n')
+    refused('chain', tfd / 'chain0.txt')
+    assert read_all(m.path('registered', 'other.ome.tif')) == other

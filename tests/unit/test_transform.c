@@ -701,6 +701,111 @@ static void test_metaimage(void)
 	      "DimSize beyond the data: rc %d, '%s'", rc, e.msg);
 }
 
+/* Whether files lists exactly dir/names[0..n), in that order. */
+static int files_are(const sf_tf_files *files, const char *const *names, size_t n)
+{
+	char p[192];
+	if (files->count != n)
+		return 0;
+	for (size_t i = 0; i < n; i++) {
+		snprintf(p, sizeof p, "%s/%s", dir, names[i]);
+		if (strcmp(files->paths[i], p) != 0)
+			return 0;
+	}
+	return 1;
+}
+
+static void print_files(const char *what, const sf_tf_files *files)
+{
+	printf("%s lists %zu files:\n", what, files->count);
+	for (size_t i = 0; i < files->count; i++)
+		printf("  %s\n", files->paths[i]);
+}
+
+/* Check that loading name lists the files want (in read order), and free. */
+#define CHECK_FILES(name, ...)                                                                     \
+	do {                                                                                       \
+		static const char *const want_[] = {__VA_ARGS__};                                  \
+		size_t n_ = sizeof want_ / sizeof want_[0];                                        \
+		char p_[192];                                                                      \
+		sf_transform t_;                                                                   \
+		sf_tf_files f_;                                                                    \
+		sf_err e_;                                                                         \
+		snprintf(p_, sizeof p_, "%s/%s", dir, (name));                                     \
+		int rc_ = sf_transform_load_files(p_, NULL, &t_, &f_, &e_);                        \
+		CHECK(rc_ == SF_OK, "%s: %s", (name), e_.msg);                                     \
+		int ok_ = rc_ == SF_OK && files_are(&f_, want_, n_);                               \
+		CHECK(ok_, "%s: not the %zu files expected", (name), n_);                          \
+		if (!ok_)                                                                          \
+			print_files((name), &f_);                                                  \
+		sf_tf_files_free(&f_);                                                             \
+		sf_transform_release(&t_);                                                         \
+	} while (0)
+
+/* sf_transform_load_files lists every file a load reads, for the mount to
+ * watch: rewriting a chained elastix file, a field TIFF or a deformation
+ * field's .mhd or .raw changes the warp as much as rewriting the transform
+ * file (they used to be left out, so a pipeline rewriting only them got
+ * the old warp with no error).  Each file once; none after a failure. */
+static void test_files(void)
+{
+	const float raw[8] = {0};
+	char sub[128];
+
+	fixture_bytes("lf.raw", raw, sizeof raw);
+	fixture("lf.mhd", "NDims = 2\nDimSize = 2 2\nElementNumberOfChannels = 2\n"
+	                  "ElementType = MET_FLOAT\nElementDataFile = lf.raw\n");
+	fixture("li.txt", "(Transform \"TranslationTransform\")\n(NumberOfParameters 2)\n"
+	                  "(TransformParameters 1 2)\n");
+	fixture("lt.txt", "(Transform \"DeformationFieldTransform\")\n"
+	                  "(DeformationFieldFileName \"lf.mhd\")\n"
+	                  "(DeformationFieldInterpolationOrder 1)\n"
+	                  "(InitialTransformParametersFileName \"li.txt\")\n");
+	CHECK_FILES("lt.txt", "lt.txt", "lf.mhd", "lf.raw", "li.txt");
+
+	snprintf(made[nmade++], sizeof made[0], "%s/lj.tif", dir);
+	CHECK(write_field_tiff(made[nmade - 1], 4, 4, 0, 0, (double[]){0, 0, 0},
+	                       (double[]){0, 0, 0}) == 0,
+	      "write lj.tif");
+	fixture("lj.json", "{\"scopefs_transform\": 1, \"matrix\": [[1, 0, 0], [0, 1, 0]],\n"
+	                   " \"field\": {\"file\": \"lj.tif\"}}\n");
+	CHECK_FILES("lj.json", "lj.json", "lj.tif");
+
+	/* wsireg: two maps name one field, listed once */
+	fixture("lw_transformations.json",
+	        "{\"a\": [{\"Transform\": [\"DeformationFieldTransform\"],\n"
+	        "  \"DeformationFieldFileName\": [\"lf.mhd\"],\n"
+	        "  \"DeformationFieldInterpolationOrder\": [\"1\"]},\n"
+	        " {\"Transform\": [\"DeformationFieldTransform\"],\n"
+	        "  \"DeformationFieldFileName\": [\"lf.mhd\"],\n"
+	        "  \"DeformationFieldInterpolationOrder\": [\"1\"]}]}\n");
+	CHECK_FILES("lw_transformations.json", "lw_transformations.json", "lf.mhd", "lf.raw");
+
+	/* an elastix folder: the folder, then the file chosen in it (watching
+	 * the folder alone misses an in-place rewrite of that file) */
+	snprintf(sub, sizeof sub, "%s/ld", dir);
+	CHECK(mkdir(sub, 0700) == 0, "mkdir %s", sub);
+	fixture("ld/TransformParameters.0.txt",
+	        "(Transform \"TranslationTransform\")\n"
+	        "(NumberOfParameters 2)\n(TransformParameters 1 2)\n");
+	fixture("ld/TransformParameters.1.txt",
+	        "(Transform \"TranslationTransform\")\n(NumberOfParameters 2)\n"
+	        "(TransformParameters 3 4)\n"
+	        "(InitialTransformParametersFileName \"TransformParameters.0.txt\")\n");
+	CHECK_FILES("ld", "ld", "ld/TransformParameters.1.txt", "ld/TransformParameters.0.txt");
+
+	/* a failed load lists nothing */
+	sf_transform t;
+	sf_tf_files f;
+	sf_err e;
+	const char *bad = fixture("lb.txt", "(Transform \"TranslationTransform\")\n"
+	                                    "(NumberOfParameters 2)\n(TransformParameters 1 2)\n"
+	                                    "(InitialTransformParametersFileName \"none.txt\")\n");
+	CHECK(sf_transform_load_files(bad, NULL, &t, &f, &e) == SF_ENOTFOUND && f.count == 0 &&
+	          !f.paths,
+	      "a failed load: %zu files, '%s'", f.count, e.msg);
+}
+
 /* A FIFO where a transform file, a field TIFF or a MetaImage data file is
  * expected is refused at once: opening it used to block forever (found in
  * the fuzzing pass, tests/fuzz/, reviewing what the formats may name). */
@@ -907,6 +1012,7 @@ int main(void)
 	test_itk();
 	test_metaimage();
 	test_special_files();
+	test_files();
 	test_wsireg();
 	test_windows_files();
 	test_misfit_files();
@@ -914,6 +1020,8 @@ int main(void)
 		unlink(made[i]);
 	char sub[128];
 	snprintf(sub, sizeof sub, "%s/out", dir);
+	rmdir(sub);
+	snprintf(sub, sizeof sub, "%s/ld", dir);
 	rmdir(sub);
 	rmdir(dir);
 	return CHECK_DONE("test_transform");
