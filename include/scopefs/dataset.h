@@ -18,10 +18,12 @@
  *  - an image-named entry of a plane folder that is not a usable file (a
  *    folder, fifo, device, broken or outside link) is a problem and keeps the
  *    folder from being served: it would be a hole in the stack;
- *  - an OME-TIFF with SizeC > 1 and SizeZ > 1 (one sample per pixel) is one
- *    stack per channel, <stem>_c<C>, its planes picked from the pages by the
- *    DimensionOrder; a time series, an odd page, fewer pages than
- *    SizeC*SizeZ or an unknown DimensionOrder make it a problem instead;
+ *  - an OME-TIFF with SizeC > 1 and SizeZ > 1, or an ImageJ file of several
+ *    pages with channels= > 1, slices= > 1 and frames= <= 1 (one sample per
+ *    pixel), is one stack per channel, <stem>_c<C>, its planes picked from
+ *    the pages by the DimensionOrder (ImageJ's is always XYCZT); a time
+ *    series, an odd page, other than SizeC*SizeZ pages or an unknown
+ *    DimensionOrder make it a problem instead;
  *  - any other TIFF-family file (.tif .tiff .ome.tif .ome.tiff .svs .btf .tf8)
  *    directly in RAW_DIR is a whole-slide image, sorted by name, unless it is
  *    a time series (OME SizeT or ImageJ frames > 1) whose pages hold more than
@@ -43,7 +45,7 @@ typedef struct sf_stack {
 	sf_slide_info **plane_info; /* one per plane file; all NULL but [0] for a multi-page file */
 	int multipage;              /* planes are the pages ("channels") of plane_info[0] */
 	/* Multi-page: plane z is page page_first + z * page_step of plane_info[0]; 0 and 1
-	 * unless the stack is one channel of a multichannel OME z-stack (then each
+	 * unless the stack is one channel of a multichannel z-stack (then each
 	 * channel's stack holds its own probe of the file in plane_info[0]). */
 	uint32_t page_first, page_step;
 	uint32_t width, height;

@@ -10,8 +10,9 @@
  *     one-IFD layout of a stack over 4 GiB) is a stack, unless it is a time
  *     series, a page breaks its run of planes or it states planes it does
  *     not hold (then it is a problem);
- *   - an OME z-stack of several channels directly in RAW_DIR is one stack
- *     per channel, <stem>_c<C>, or a problem on the same terms;
+ *   - a z-stack of several channels directly in RAW_DIR (OME SizeC and
+ *     SizeZ > 1, or ImageJ channels= and slices= > 1) is one stack per
+ *     channel, <stem>_c<C>, or a problem on the same terms;
  *   - any other TIFF directly in RAW_DIR is a whole-slide image, unless it
  *     is a time series whose pages hold more than one time point (then it
  *     is a problem, like a time-series stack file).
@@ -426,21 +427,39 @@ static const char *stated_planes_fault(const sf_slide_info *s, const char *name,
 	return buf;
 }
 
-/* An OME z-stack of several channels (docs/dataset.md, section 3): each
- * channel becomes a stack of its own, or the file a problem. */
+/* A z-stack of several channels (docs/dataset.md, section 3): OME-XML with
+ * SizeC > 1 and SizeZ > 1, or an ImageJ hyperstack with channels= > 1 and
+ * slices= > 1 (what Fiji saves for a multichannel z-stack; as a slide its
+ * z-planes would become channels).  Each channel becomes a stack of its
+ * own, or the file a problem.  An ImageJ time series (frames= > 1) is left
+ * to slide_fault's refusal. */
 static int multichannel_candidate(const sf_slide_info *s)
 {
-	return s->is_ome && s->samples == 1 && s->stated_c > 1 && s->stated_z > 1;
+	if (s->samples != 1 || s->stated_c <= 1 || s->stated_z <= 1)
+		return 0;
+	/* One page stating planes: stated_planes_fault says why its layout is
+	 * not read, which says more than a page count. */
+	if (one_page_states_planes(s))
+		return 0;
+	return s->is_ome || s->stated_t <= 1;
+}
+
+/* The order of s's pages: the OME DimensionOrder, or for an ImageJ file
+ * (which states no order) ImageJ's own, channel fastest, then slice, then
+ * frame: XYCZT. */
+static const char *page_order(const sf_slide_info *s)
+{
+	return s->is_ome ? s->dimension_order : "XYCZT";
 }
 
 /* Where channel c's planes lie among s's pages: page first + z * step.  With
- * SizeT <= 1 only the order of Z and C in the DimensionOrder matters: Z first
+ * SizeT <= 1 only the order of Z and C in page_order matters: Z first
  * (XYZCT, XYZTC, XYTZC), a channel's planes are consecutive; C first (XYCZT,
  * XYCTZ, XYTCZ), they are SizeC pages apart.  0 if the order is not one of
  * OME's six. */
 static int channel_pages(const sf_slide_info *s, uint32_t c, uint32_t *first, uint32_t *step)
 {
-	const char *o = s->dimension_order;
+	const char *o = page_order(s);
 	const char *z = strchr(o, 'Z'), *ch = strchr(o, 'C');
 	if (strlen(o) != 5 || strncmp(o, "XY", 2) != 0 || !z || !ch || !strchr(o, 'T'))
 		return 0;
@@ -473,10 +492,11 @@ static const char *multichannel_fault(const sf_slide_info *s, const char *name, 
 	}
 	if (s->channels != want) {
 		snprintf(buf, cap,
-		         "%s has %u pages of %ux%u %s, but SizeC=%u x SizeZ=%u needs %llu; "
+		         "%s has %u pages of %ux%u %s, but %s=%u x %s=%u needs %llu; "
 		         "the channels cannot be told apart",
 		         name, s->channels, s->width, s->height, sf_dtype_ome_name(s->dtype),
-		         s->stated_c, s->stated_z, (unsigned long long)want);
+		         s->is_ome ? "SizeC" : "channels", s->stated_c,
+		         s->is_ome ? "SizeZ" : "slices", s->stated_z, (unsigned long long)want);
 		return buf;
 	}
 	return NULL;
@@ -827,7 +847,7 @@ static int push_channel_stacks(sf_dataset *d, char **names, sf_slide_info **info
 	return SF_OK;
 }
 
-/* A multichannel OME z-stack directly in RAW_DIR: one stack per channel, or
+/* A multichannel z-stack directly in RAW_DIR: one stack per channel, or
  * a problem saying why not.  Takes *info when it becomes stacks. */
 static int add_channel_stacks(sf_dataset *d, const dir_entry *it, sf_slide_info **info)
 {

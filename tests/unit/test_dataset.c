@@ -1,8 +1,8 @@
 /* test_dataset.c — sf_dataset_scan on folders built here with libtiff:
  * slides, plane folders, multi-page stacks, bad files, ignored files, the
  * root-is-a-plane-folder case and mismatched planes; time series and stack
- * files with an odd page; one-page OME planes; multichannel OME z-stacks
- * split into one stack per channel; and sf_file_stem. */
+ * files with an odd page; one-page OME planes; multichannel OME z-stacks and
+ * ImageJ hyperstacks split into one stack per channel; and sf_file_stem. */
 #include <dirent.h>
 #include <fcntl.h>
 #include <ftw.h>
@@ -530,23 +530,13 @@ static void test_stack_inputs(void)
 	sf_dataset_free(d);
 }
 
-/* An OME z-stack of nc channels, nz planes and nt time points whose pages
- * follow order (e.g. "XYZCT"; "" writes no DimensionOrder), cut to its first
- * pages pages.  Every pixel of channel c's plane z is 100 * c + z + 1, so a
- * page read back tells which plane it is. */
-static void write_ome_cz(const char *path, uint32_t nc, uint32_t nz, uint32_t nt, const char *order,
-                         uint32_t pages)
+/* The pages of a z-stack of nc channels, nz planes and nt time points, z
+ * varying faster than c if z_first, cut to its first pages pages; desc on
+ * page 0.  Every pixel of channel c's plane z is 100 * c + z + 1, so a page
+ * read back tells which plane it is. */
+static void write_cz_pages(const char *path, const char *desc, uint32_t nc, uint32_t nz,
+                           uint32_t nt, int z_first, uint32_t pages)
 {
-	char desc[512];
-	char dim[40] = "";
-	if (order[0])
-		snprintf(dim, sizeof dim, "DimensionOrder=\"%s\" ", order);
-	snprintf(desc, sizeof desc,
-	         "<OME><Image><Pixels %sSizeX=\"32\" SizeY=\"32\" SizeC=\"%u\" SizeZ=\"%u\" "
-	         "SizeT=\"%u\" Type=\"uint16\"/></Image></OME>",
-	         dim, nc, nz, nt);
-	const char *zc = strchr(order, 'Z'), *cc = strchr(order, 'C');
-	int z_first = !order[0] || zc < cc; /* z varies faster than c */
 	uint16_t px[32 * 32];
 	TIFF *tif = TIFFOpen(path, "w");
 	int ok = tif != NULL;
@@ -571,6 +561,37 @@ static void write_ome_cz(const char *path, uint32_t nc, uint32_t nz, uint32_t nt
 	if (tif)
 		TIFFClose(tif);
 	CHECK(ok && written == pages, "write %s", path);
+}
+
+/* An OME z-stack (write_cz_pages) whose pages follow order (e.g. "XYZCT";
+ * "" writes no DimensionOrder). */
+static void write_ome_cz(const char *path, uint32_t nc, uint32_t nz, uint32_t nt, const char *order,
+                         uint32_t pages)
+{
+	char desc[512];
+	char dim[40] = "";
+	if (order[0])
+		snprintf(dim, sizeof dim, "DimensionOrder=\"%s\" ", order);
+	snprintf(desc, sizeof desc,
+	         "<OME><Image><Pixels %sSizeX=\"32\" SizeY=\"32\" SizeC=\"%u\" SizeZ=\"%u\" "
+	         "SizeT=\"%u\" Type=\"uint16\"/></Image></OME>",
+	         dim, nc, nz, nt);
+	const char *zc = strchr(order, 'Z'), *cc = strchr(order, 'C');
+	write_cz_pages(path, desc, nc, nz, nt, !order[0] || zc < cc, pages);
+}
+
+/* An ImageJ hyperstack (write_cz_pages) as Fiji saves a multichannel
+ * z-stack: channels= and slices= (slices= left out when nz is 0), pages
+ * in ImageJ's order, channel fastest. */
+static void write_imagej_cz(const char *path, uint32_t nc, uint32_t nz, uint32_t pages)
+{
+	char desc[256], slices[32] = "";
+	if (nz)
+		snprintf(slices, sizeof slices, "slices=%u\n", nz);
+	snprintf(desc, sizeof desc,
+	         "ImageJ=1.54f\nimages=%u\nchannels=%u\n%shyperstack=true\nmode=composite\n",
+	         nc * (nz ? nz : 1), nc, slices);
+	write_cz_pages(path, desc, nc, nz ? nz : 1, 1, 0, pages);
 }
 
 /* Channel c of stack st (a channel stack of a write_ome_cz file): each plane
@@ -718,6 +739,49 @@ static void test_channel_stacks(void)
 	sf_dataset_free(d);
 }
 
+/* An ImageJ hyperstack of several channels and slices (Fiji's multichannel
+ * z-stack) is one stack per channel like the OME one, its planes every
+ * channels-th page; one that is short of pages is a problem; channels
+ * without slices= stay a slide. */
+static void test_imagej_channel_stacks(void)
+{
+	reset_base();
+	write_imagej_cz(path_of("ij_cz.tif", 0, 0), 3, 4, 12);
+	write_imagej_cz(path_of("ij_short.tif", 0, 0), 2, 6, 11);
+	write_imagej_cz(path_of("ij_c.tif", 0, 0), 2, 0, 2);
+	sf_dataset *d = NULL;
+	sf_err e = {0};
+	int rc = sf_dataset_scan(base, &d, &e);
+	CHECK(rc == SF_OK, "ImageJ channel stacks: scan: %s", e.msg);
+	if (rc)
+		return;
+	for (uint32_t c = 0; c < 3; c++) {
+		char name[32];
+		snprintf(name, sizeof name, "ij_cz_c%u", c);
+		const sf_stack *st = find_stack(d, name);
+		CHECK(st && st->multipage && st->planes == 4 && st->page_first == c &&
+		          st->page_step == 3 && st->width == 32 && st->dtype == SF_U16,
+		      "%s: a stack of 4 planes, pages %u + 3 z", name, c);
+		if (st && st->planes == 4)
+			check_channel_planes(st, c, name);
+	}
+	CHECK(!find_stack(d, "ij_cz") && !find_stack(d, "ij_cz_c3") && !find_slide(d, "ij_cz"),
+	      "ij_cz: its channels' stacks only, no slide");
+	const sf_problem *pr = find_problem(d, "/ij_short.tif");
+	CHECK(pr && strstr(pr->reason, "ij_short.tif has 11 pages") &&
+	          strstr(pr->reason, "channels=2 x slices=6 needs 12"),
+	      "ImageJ hyperstack short of a page: %s", pr ? pr->reason : "(none)");
+	CHECK(!find_stack(d, "ij_short_c0") && !find_slide(d, "ij_short"),
+	      "ij_short: neither stacks nor slide");
+	const sf_slide_info *s = find_slide(d, "ij_c");
+	CHECK(s && s->channels == 2 && !find_stack(d, "ij_c_c0"),
+	      "ImageJ channels=2 without slices=: a slide of %u channels", s ? s->channels : 0);
+	CHECK(d->stack_count == 3 && d->slide_count == 1 && d->problem_count == 1,
+	      "ImageJ channel stacks: %u stacks %u slides %u problems", d->stack_count,
+	      d->slide_count, d->problem_count);
+	sf_dataset_free(d);
+}
+
 /* A stack file that states more (or fewer) planes than it has pages, or an
  * ImageJ stack stored after one IFD that is cut short or of several
  * channels, is a problem, never a short stack or a 2D slide of its first
@@ -861,6 +925,7 @@ int main(void)
 	test_root_is_plane_folder();
 	test_stack_inputs();
 	test_channel_stacks();
+	test_imagej_channel_stacks();
 	test_time_series_slides();
 	test_stated_planes();
 	test_edges();
