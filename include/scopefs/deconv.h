@@ -47,7 +47,7 @@ typedef struct sf_deconv_params {
 	int taper;   /* blend edges into the PSF-blurred block; default 1 */
 
 	/* Output scaling, used by the caller's scaler; validated here: */
-	double clipval; /* percentile for the upper clip, (0, 100]; default 99.99 */
+	double clipval; /* percentile for the upper clip, (50, 100]; default 99.99 */
 
 	/* Beyond LsDeconv, for testing and tuning: */
 	size_t fft_shape[3]; /* x y z padded size; 0 = smallest 7-smooth >= n + psf - 1 */
@@ -72,7 +72,7 @@ void sf_deconv_params_default(sf_deconv_params *p);
 
 /* Reject nonsense with a message naming the option: non-positive spacings or
  * wavelengths, na >= rf, numit < 1, lambda_damping outside [0, 1), negative
- * sigma, an even or non-positive filter size, clipval outside (0, 100], ... */
+ * sigma, an even or non-positive filter size, clipval outside (50, 100], ... */
 int sf_deconv_params_validate(const sf_deconv_params *p, sf_err *e);
 
 /* The optics part of p, for sf_psf_make. */

@@ -59,6 +59,9 @@ typedef struct sf_deconv_settings {
 	double denoise_strength;
 	int have_denoise;
 	int flip; /* LsDeconv's flip_upside_down: planes flipped along y */
+	/* dtype was set by convert_to_8bit=1 or convert_to_16bit=1 (not by
+	 * dtype=), so that switch's 0 in a later source undoes it. */
+	int dtype_by_switch;
 } sf_deconv_settings;
 
 /* decwrap.py's defaults; dxy, dz and the wavelengths unset. */

@@ -62,7 +62,9 @@ int sf_psf_fwhm(const sf_psf_optics *o, double *fwhm_xy, double *fwhm_z, sf_err 
 /* Build the sampled PSF: spacing dxy_corr and dz, ceil(2 FWHM / step) samples
  * per axis made odd, first octant evaluated and mirrored, normalised to sum 1.
  * More than 4097 samples on an axis (a spacing far below the resolution) is
- * SF_EINVAL, with dxy and dz printed in micrometres (the options' unit).
+ * SF_EINVAL, and so is dz over 20 axial or dxy over 20 lateral FWHMs (far
+ * above it: LsDeconv.m's nm typed as um); dxy and dz are printed in
+ * micrometres (the options' unit).
  * On success *out owns v (free with sf_psf_free); on error *out is zeroed. */
 int sf_psf_make(const sf_psf_optics *o, sf_psf *out, sf_err *e);
 

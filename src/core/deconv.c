@@ -127,8 +127,13 @@ int sf_deconv_params_validate(const sf_deconv_params *p, sf_err *e)
 	}
 	if (!(p->dark >= 0 && isfinite(p->dark)))
 		return sf_fail(e, SF_EINVAL, "dark=%g: must be >= 0", p->dark);
-	if (!(p->clipval > 0 && p->clipval <= 100))
-		return sf_fail(e, SF_EINVAL, "clipval=%g: must be a percentile in (0, 100]",
+	/* The scaler keeps [100 - clipval, clipval]: at 50 or below that range
+	 * is empty and the output a two-level mask (clipval=0.01 is how Python
+	 * ports write "0.01 % clipped"). */
+	if (!(p->clipval > 50 && p->clipval <= 100))
+		return sf_fail(e, SF_EINVAL,
+		               "clipval=%g: the upper percentile kept (99.99 clips 0.01 %%), "
+		               "must be above 50 and at most 100",
 		               p->clipval);
 	if (!(p->init_value >= 0 && isfinite(p->init_value)))
 		return sf_fail(e, SF_EINVAL, "init_value=%g: must be >= 0 (0 = the block)",

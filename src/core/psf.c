@@ -169,6 +169,10 @@ int sf_psf_fwhm(const sf_psf_optics *o, double *fwhm_xy, double *fwhm_z, sf_err 
  * the resolution (a unit mix-up), not a PSF anyone can deconvolve with. */
 #define PSF_MAX_SAMPLES 4097
 
+/* Largest spacing, in FWHMs of its axis; more means a spacing far above the
+ * resolution (20 FWHM: the reference dz 1.2 um is 0.11 of the axial one). */
+#define SPACING_MAX_FWHM 20
+
 /* ceil(2 fwhm / step) made odd, as a double: a tiny step (dxy=1e-300) gives
  * a count far beyond size_t, so it is bounded (PSF_MAX_SAMPLES) before any
  * cast; 0 when it exceeds the bound. */
@@ -182,6 +186,38 @@ static size_t odd_grid_size(double fwhm, double step, double *want)
 	if (!(n <= PSF_MAX_SAMPLES))
 		return 0;
 	return (size_t)n;
+}
+
+/* Sample counts per axis (*nxy, *nz), or SF_EINVAL for a spacing far from
+ * the resolution fxy, fz: a unit mix-up, not a sampling anyone deconvolves
+ * with.  Far below (more than PSF_MAX_SAMPLES samples) is dxy typed in mm;
+ * far above (over SPACING_MAX_FWHM FWHMs, a PSF of one plane or pixel and
+ * so no deconvolution on that axis) is LsDeconv.m's nm typed as um.
+ * Spacings are printed in micrometres: the unit of the dxy and dz options
+ * users type (the struct holds nm). */
+static int check_spacing(const sf_psf_optics *o, double fxy, double fz, size_t *nxy, size_t *nz,
+                         sf_err *e)
+{
+	double want_xy, want_z, um = 1000.0; /* nm per um */
+	int far_z = o->dz > SPACING_MAX_FWHM * fz, far_xy = o->dxy > SPACING_MAX_FWHM * fxy;
+
+	*nxy = odd_grid_size(fxy, sf_psf_dxy_corr(o), &want_xy);
+	*nz = odd_grid_size(fz, o->dz, &want_z);
+	if (!*nxy || !*nz)
+		return sf_fail(e, SF_EINVAL,
+		               "psf: %.6g x %.6g x %.6g samples (at most %d per axis): dxy=%g um "
+		               "or dz=%g um is far below the resolution (FWHM %.3g um lateral, "
+		               "%.3g um axial)",
+		               want_xy, want_xy, want_z, PSF_MAX_SAMPLES, o->dxy / um, o->dz / um,
+		               fxy / um, fz / um);
+	if (far_z || far_xy)
+		return sf_fail(
+		    e, SF_EINVAL,
+		    "psf: %s=%g um is far above the resolution (FWHM %.3g um %s, at most "
+		    "%dx that): LsDeconv.m takes nm, scopefs takes um",
+		    far_z ? "dz" : "dxy", (far_z ? o->dz : o->dxy) / um, (far_z ? fz : fxy) / um,
+		    far_z ? "axial" : "lateral", SPACING_MAX_FWHM);
+	return SF_OK;
 }
 
 void sf_psf_free(sf_psf *p)
@@ -200,17 +236,10 @@ int sf_psf_make(const sf_psf_optics *o, sf_psf *out, sf_err *e)
 	if (rc)
 		return rc;
 	double dxy = sf_psf_dxy_corr(o);
-	double want_xy, want_z;
-	size_t nxy = odd_grid_size(fxy, dxy, &want_xy), nz = odd_grid_size(fz, o->dz, &want_z);
-	/* Printed in micrometres: the unit of the dxy and dz options users type
-	 * (the struct holds nm). */
-	if (!nxy || !nz)
-		return sf_fail(e, SF_EINVAL,
-		               "psf: %.6g x %.6g x %.6g samples (at most %d per axis): dxy=%g um "
-		               "or dz=%g um is far below the resolution (FWHM %.3g um lateral, "
-		               "%.3g um axial)",
-		               want_xy, want_xy, want_z, PSF_MAX_SAMPLES, o->dxy / 1000.0,
-		               o->dz / 1000.0, fxy / 1000.0, fz / 1000.0);
+	size_t nxy, nz;
+	rc = check_spacing(o, fxy, fz, &nxy, &nz, e);
+	if (rc)
+		return rc;
 	float *v = malloc(nxy * nxy * nz * sizeof *v);
 	if (!v)
 		return sf_fail(e, SF_ENOMEM, "psf: %zu x %zu x %zu values", nxy, nxy, nz);

@@ -222,6 +222,7 @@ static int apply_special(sf_deconv_settings *s, const char *key, const char *val
 		return SF_OK;
 	}
 	if (!strcmp(key, "dtype")) {
+		s->dtype_by_switch = 0; /* convert_to_*bit=0 leaves it alone */
 		if (!strcmp(value, "same"))
 			s->dtype = SF_DECONV_DTYPE_SAME;
 		else if (!strcmp(value, "uint8"))
@@ -249,6 +250,22 @@ static int apply_special(sf_deconv_settings *s, const char *key, const char *val
 		               "%soption 'gpu': '%s' is not auto, off or a device number", origin,
 		               value);
 	return SF_OK;
+}
+
+/* LsDeconv's convert_to_8bit / convert_to_16bit (type: SF_U8 / SF_U16).
+ * 1 sets dtype; 0 is LsDeconv's "keep the input type", so it undoes the
+ * same switch's 1 from an earlier source (later sources win).  It leaves a
+ * dtype given by dtype= or by the other switch alone: convert_to_16bit=0
+ * does not undo convert_to_8bit=1. */
+static void store_switch(sf_deconv_settings *s, sf_dtype type, int on)
+{
+	if (on) {
+		s->dtype = type;
+		s->dtype_by_switch = 1;
+	} else if (s->dtype_by_switch && s->dtype == (int)type) {
+		s->dtype = SF_DECONV_DTYPE_SAME;
+		s->dtype_by_switch = 0;
+	}
 }
 
 /* Store a checked number into the field key names. */
@@ -290,8 +307,8 @@ static int store_number(sf_deconv_settings *s, const char *key, double v, const 
 			               v);
 		if (key[0] == 'f')
 			s->flip = (int)v;
-		else if (v == 1) /* LsDeconv's switches; 0 keeps dtype as it is */
-			s->dtype = strstr(key, "16") ? SF_U16 : SF_U8;
+		else
+			store_switch(s, strstr(key, "16") ? SF_U16 : SF_U8, (int)v);
 	} else if (!strcmp(key, "signal_amp"))
 		s->signal_amp = v;
 	else if (!strcmp(key, "destripe_sigma"))

@@ -24,6 +24,7 @@ from scipy import ndimage, signal
 from conftest import REPO, read_all
 from test_deconv_oracle import REFERENCE, gauss_taps, oracle_psf, smooth7
 from test_mount_deconvolved import imagej_read
+from test_mount_input import assert_refused
 
 import gen
 
@@ -528,3 +529,68 @@ def test_sigterm_cuts_a_long_block_short(scopefs):
     assert reader.returncode != 0
     assert waited < 15, 'the daemon took %.1f s to exit' % waited
     assert 'deconv: stopped at iteration' in m.log_text()
+
+
+def test_clipval_at_or_below_50_is_refused(scopefs):
+    """clipval is the upper percentile kept ([100 - clipval, clipval]); at 50
+    or below that range is empty and the uint16 planes came out a two-level
+    mask (clipval=10: only 0 and 65535) with exit 0 and no word.  clipval=0.01
+    is how Python ports write "0.01 % clipped".  -o: exit 2 naming clipval;
+    a stack's own file: that stack is a problem naming the file, the rest
+    mounts.  Oracle: numpy's count of distinct values in the planes."""
+    write_stack(scopefs.raw / 'good', gen.beads(8, 24, 32, seed=3))
+    write_stack(scopefs.raw / 'bad', gen.beads(8, 24, 32, seed=4))
+    cache = str(scopefs.tmp / 'c_refused')
+    optics = ','.join('%s=%s' % kv for kv in OPTICS.items())
+    for cv in ('10', '0.01', '50'):
+        line = assert_refused(scopefs, '%s,cache=%s,clipval=%s' % (optics, cache, cv),
+                              'clipval=%s' % cv)
+        assert 'above 50' in line, line
+    (scopefs.raw / 'bad' / 'scopefs.conf').write_text('clipval=10\n')
+    m = scopefs.mount(opts=dict(OPTICS, numit='2', clipval='99.9'))
+    assert os.listdir(m.path('deconvolved')) == ['good']
+    problems = {os.path.basename(p['path']): p['reason'] for p in m.status()['problems']}
+    assert 'clipval=10' in problems['bad'] and 'bad/scopefs.conf' in problems['bad'], problems
+    good = tifffile.imread(m.path('deconvolved', 'good', 'img_000004.tif'))
+    assert len(np.unique(good)) > 100
+
+
+def test_convert_switch_zero_keeps_the_input_type(scopefs, tmp_path):
+    """convert_to_8bit=0 is LsDeconv's "keep the input type", and later
+    sources win (docs 7.3): a stack's scopefs.conf over -o convert_to_8bit=1,
+    and -o over a preset's, give the uint16 source type back (it did nothing:
+    the stack stayed uint8).  Oracle: the bytes of a mount with no switch."""
+    vol = gen.beads(6, 24, 32, seed=3)
+    names = write_stack(scopefs.raw / 'keep', vol)
+    write_stack(scopefs.raw / 'eight', vol)
+    (scopefs.raw / 'keep.scopefs.conf').write_text('convert_to_8bit=0\n')
+    small = dict(OPTICS, numit='1', deconv_block='16')
+    plain = read_stack(scopefs.mount(opts=small).path('deconvolved', 'eight'), names)
+    m = scopefs.mount(opts=dict(small, convert_to_8bit='1'))
+    keep = read_stack(m.path('deconvolved', 'keep'), names)
+    assert read_stack(m.path('deconvolved', 'eight'), names).dtype == np.uint8
+    assert keep.dtype == np.uint16 and np.array_equal(keep, plain)
+    preset = tmp_path / 'preset8'
+    preset.write_text('convert_to_8bit=1\n')
+    over = scopefs.mount(opts=dict(small, preset=str(preset), convert_to_8bit='0'))
+    got = read_stack(over.path('deconvolved', 'eight'), names)
+    assert got.dtype == np.uint16 and np.array_equal(got, plain)
+
+
+def test_spacing_typed_in_nm_is_a_problem(scopefs):
+    """LsDeconv.m takes dxy and dz in nm, scopefs in um: -o dxy=400,dz=1200
+    typed for it is 400 um and 1.2 mm, which gave a 9 x 9 x 1 PSF (no axial
+    deconvolution) and only an info line.  A spacing over 20 FWHMs of its
+    axis leaves the stack out as a problem naming the spacing in um (as one
+    far below does); a stack whose own file gives um still mounts.
+    Oracle: the reference axial FWHM 10.5 um (test_deconv_oracle)."""
+    write_stack(scopefs.raw / 'nm', gen.beads(8, 24, 24, seed=9))
+    write_stack(scopefs.raw / 'um', gen.beads(8, 24, 24, seed=8))
+    (scopefs.raw / 'um' / 'scopefs.conf').write_text('dxy=0.4\ndz=1.2\n')
+    m = scopefs.mount(opts=dict(OPTICS, dxy='400', dz='1200', numit='1'))
+    assert os.listdir(m.path('deconvolved')) == ['um']
+    problems = {os.path.basename(p['path']): p['reason'] for p in m.status()['problems']}
+    want = 'dz=1200 um is far above the resolution (FWHM 10.'
+    assert want in problems['nm'] and 'LsDeconv.m takes nm' in problems['nm'], problems
+    assert want in m.log_text()
+    assert tifffile.imread(m.path('deconvolved', 'um', 'img_000003.tif')).shape == (24, 24)

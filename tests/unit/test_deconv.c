@@ -294,6 +294,8 @@ static void test_validation(void)
 	    {"dz=", NULL},
 	    {"regularize_interval=", NULL},
 	    {"accelerate=", NULL},
+	    {"clipval=50: the upper percentile kept", NULL},
+	    {"clipval=0.01: the upper percentile kept", NULL},
 	};
 	for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
 		sf_deconv_params p;
@@ -310,6 +312,9 @@ static void test_validation(void)
 		case 7: p.dz = 0; break;
 		case 8: p.regularize_interval = -2; break;
 		case 9: p.accelerate = 2; break;
+		/* [100 - clipval, clipval] is empty: a two-level mask */
+		case 10: p.clipval = 50; break;
+		case 11: p.clipval = 0.01; break;
 		}
 		sf_err e = {0};
 		int rc = sf_deconv_params_validate(&p, &e);

@@ -134,6 +134,38 @@ static void test_lsdeconv_switches(void)
 	      "convert_to_16bit=1 is dtype uint16");
 }
 
+/* convert_to_8bit=0 / convert_to_16bit=0 is LsDeconv's "keep the input
+ * type": in a later source it undoes the same switch's 1 from an earlier
+ * one (a stack's file over -o, -o over a preset).  It used to do nothing,
+ * so the stack stayed uint8.  It leaves a type that dtype= or the other
+ * switch set (test_lsdeconv_switches: convert_to_16bit=0 keeps uint8). */
+static void test_switch_zero_undoes_its_one(void)
+{
+	static const struct {
+		const char *list;
+		int want;
+	} cases[] = {
+	    {"convert_to_8bit=1,convert_to_8bit=0", SF_DECONV_DTYPE_SAME},
+	    {"convert_to_16bit=1,convert_to_16bit=0", SF_DECONV_DTYPE_SAME},
+	    {"convert_to_8bit=0", SF_DECONV_DTYPE_SAME},
+	    {"convert_to_8bit=1,convert_to_16bit=0", SF_U8},
+	    {"dtype=uint8,convert_to_8bit=0", SF_U8},
+	    {"convert_to_8bit=1,dtype=uint8,convert_to_8bit=0", SF_U8},
+	    {"dtype=float32,convert_to_16bit=0", SF_F32},
+	    {"convert_to_8bit=1,convert_to_16bit=1,convert_to_8bit=0", SF_U16},
+	    {"convert_to_8bit=1,convert_to_16bit=1,convert_to_16bit=0", SF_DECONV_DTYPE_SAME},
+	};
+	for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+		sf_deconv_settings s;
+		sf_err e = {0};
+
+		sf_deconv_settings_default(&s);
+		CHECK(sf_deconv_settings_apply_list(&s, cases[i].list, "", &e) == SF_OK &&
+		          s.dtype == cases[i].want,
+		      "%s: dtype %d, want %d (%s)", cases[i].list, s.dtype, cases[i].want, e.msg);
+	}
+}
+
 /* denoise_strength with a pre-filter on some axes only: an axis with sigma 0
  * is not filtered and contributes no factor, so dark = N x the product of
  * the filtered axes' centre taps (docs/deconvolution.md 7.3).  It used to
@@ -219,6 +251,70 @@ static void test_conf_long_line(void)
 	      "a conf line too long refused: rc %d, '%s' (dxy %g)", rc, e.msg, s.params.dxy);
 	unlink(path);
 	rmdir(dir);
+}
+
+/* Write text to dir/name (for the per-stack file tests). */
+static void write_conf(const char *dir, const char *name, const char *text)
+{
+	char path[256];
+
+	snprintf(path, sizeof path, "%s/%s", dir, name);
+	FILE *f = fopen(path, "w");
+	CHECK(f && fputs(text, f) >= 0 && fclose(f) == 0, "write %s", path);
+}
+
+/* The stack's own file overrides -o both ways: its convert_to_8bit=0 gives
+ * the source type back (it was ignored), and its clipval=10 (the low
+ * percentile 90 above the high one 10: a two-level mask) leaves the stack
+ * out with a message naming the file and clipval (it was accepted). */
+static void test_conf_switch_zero_and_clipval(void)
+{
+	char dir[] = "/tmp/sf_deconv_conf_XXXXXX", path[64];
+	sf_stack st = {.name = "s", .multipage = 1, .dtype = SF_U16};
+	const char *optics = "dxy=0.4,dz=1.2,lambda_ex=561,lambda_em=600,convert_to_8bit=1";
+	sf_deconv_settings s;
+	sf_err e = {0};
+	int rc;
+
+	if (!mkdtemp(dir)) {
+		CHECK(0, "mkdtemp");
+		return;
+	}
+	write_conf(dir, "s.scopefs.conf", "convert_to_8bit=0\n");
+	rc = sf_deconv_settings_for_stack(dir, &st, optics, SF_DECONV_GPU_OFF, &s, &e);
+	CHECK(rc == SF_OK && sf_deconv_output_dtype(&s, &st) == SF_U16,
+	      "conf convert_to_8bit=0 over -o convert_to_8bit=1: rc %d, dtype %d (%s)", rc,
+	      (int)sf_deconv_output_dtype(&s, &st), e.msg);
+	write_conf(dir, "s.scopefs.conf", "clipval=10\n");
+	rc = sf_deconv_settings_for_stack(dir, &st, optics, SF_DECONV_GPU_OFF, &s, &e);
+	CHECK(rc == SF_EINVAL && strstr(e.msg, "s.scopefs.conf") && strstr(e.msg, "clipval=10") &&
+	          strstr(e.msg, "above 50"),
+	      "conf clipval=10 refused naming the file: rc %d, '%s'", rc, e.msg);
+	snprintf(path, sizeof path, "%s/s.scopefs.conf", dir);
+	unlink(path);
+	rmdir(dir);
+}
+
+/* clipval is the upper percentile kept, so 50 or below (low >= high) is an
+ * option error naming clipval; just above 50 and 100 are accepted. */
+static void test_clipval_range(void)
+{
+	static const char *bad[] = {"clipval=50", "clipval=10", "clipval=0.01"};
+	static const char *good[] = {"clipval=50.5", "clipval=100", "clipval=99.99"};
+	sf_deconv_settings s;
+	sf_err e = {0};
+
+	for (size_t i = 0; i < 3; i++) {
+		sf_deconv_settings_default(&s);
+		CHECK(sf_deconv_settings_apply_list(&s, bad[i], "", &e) == SF_OK &&
+		          sf_deconv_settings_check(&s, "", &e) == SF_EINVAL &&
+		          strstr(e.msg, bad[i]) && strstr(e.msg, "above 50"),
+		      "%s refused: '%s'", bad[i], e.msg);
+		sf_deconv_settings_default(&s);
+		CHECK(sf_deconv_settings_apply_list(&s, good[i], "", &e) == SF_OK &&
+		          sf_deconv_settings_check(&s, "", &e) == SF_OK,
+		      "%s accepted: '%s'", good[i], e.msg);
+	}
 }
 
 static void test_infer_wavelengths(void)
@@ -525,6 +621,9 @@ int main(void)
 	test_defaults_and_apply();
 	test_errors_name_the_option();
 	test_lsdeconv_switches();
+	test_switch_zero_undoes_its_one();
+	test_clipval_range();
+	test_conf_switch_zero_and_clipval();
 	test_denoise_partial_prefilter();
 	test_triples_malformed();
 	test_infer_wavelengths();

@@ -115,23 +115,15 @@ static void test_validation(void)
 	}
 }
 
-/* A spacing far below the resolution is refused, and the message gives the
- * spacings in micrometres (the dxy and dz options' unit; the struct holds
- * nm): dxy 0.4 nm is "dxy=0.0004 um", not "dxy=0.4".  dxy 1e-297 nm used to
- * overflow the size_t cast of ceil(2 FWHM / step) (undefined behaviour) and
- * give a 1 x 1 x 19 PSF. */
-static void test_spacing_far_below_resolution(void)
+typedef struct spacing_case {
+	const char *what, *want; /* want: in the message */
+	double dxy, dz;          /* nm, the other optics the reference */
+} spacing_case;
+
+/* Each case's PSF is refused (SF_EINVAL, no values) with want in e.msg. */
+static void check_spacing_refused(const spacing_case *cases, size_t n)
 {
-	struct {
-		const char *what, *want;
-		double dxy, dz;
-	} cases[] = {
-	    {"dxy 0.4 nm", "dxy=0.0004 um", 0.4, 1200},
-	    {"dz 1 nm", "dz=0.001 um", 400, 1},
-	    {"dxy 1e-297 nm (count beyond size_t)", "dxy=1e-300 um", 1e-297, 1200},
-	    {"dz subnormal (count infinite)", "far below the resolution", 400, 1e-320},
-	};
-	for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+	for (size_t i = 0; i < n; i++) {
 		sf_psf_optics o = reference_optics();
 		sf_err e = {0};
 		sf_psf p;
@@ -145,6 +137,51 @@ static void test_spacing_far_below_resolution(void)
 		if (rc == SF_OK)
 			sf_psf_free(&p);
 	}
+}
+
+/* A spacing far below the resolution is refused, and the message gives the
+ * spacings in micrometres (the dxy and dz options' unit; the struct holds
+ * nm): dxy 0.4 nm is "dxy=0.0004 um", not "dxy=0.4".  dxy 1e-297 nm used to
+ * overflow the size_t cast of ceil(2 FWHM / step) (undefined behaviour) and
+ * give a 1 x 1 x 19 PSF. */
+static void test_spacing_far_below_resolution(void)
+{
+	const spacing_case cases[] = {
+	    {"dxy 0.4 nm", "dxy=0.0004 um", 0.4, 1200},
+	    {"dz 1 nm", "dz=0.001 um", 400, 1},
+	    {"dxy 1e-297 nm (count beyond size_t)", "dxy=1e-300 um", 1e-297, 1200},
+	    {"dz subnormal (count infinite)", "far below the resolution", 400, 1e-320},
+	};
+	check_spacing_refused(cases, sizeof cases / sizeof cases[0]);
+}
+
+/* A spacing far above the resolution (over 20 FWHMs of its axis) is
+ * refused: LsDeconv.m takes nm, so dxy=400,dz=1200 typed for it is 400 um
+ * and 1.2 mm here, which gave a 9 x 9 x 1 PSF (no axial deconvolution) and
+ * no word.  The message names the spacing in um and the FWHM; 20 FWHMs
+ * exactly still builds.  Oracle: the reference FWHMs from sf_psf_fwhm
+ * (checked against scipy quad in tests/integration/test_deconv_oracle.py). */
+static void test_spacing_far_above_resolution(void)
+{
+	sf_psf_optics o = reference_optics();
+	double fxy, fz;
+	sf_err e = {0};
+	sf_psf p;
+
+	CHECK(sf_psf_fwhm(&o, &fxy, &fz, &e) == SF_OK, "fwhm: %s", e.msg);
+	const spacing_case cases[] = {
+	    {"dz 1200 um (nm typed)", "dz=1200 um is far above the resolution (FWHM 10.", 400,
+	     1.2e6},
+	    {"dxy 400 um (nm typed)", "dxy=400 um is far above the resolution (FWHM 1.", 4e5, 1200},
+	    {"both typed in nm", "dz=1200 um", 4e5, 1.2e6},
+	    {"dz just over 20 FWHM", "LsDeconv.m takes nm, scopefs takes um", 400, 20.001 * fz},
+	    {"dxy just over 20 FWHM", "lateral", 20.001 * fxy, 1200},
+	};
+	check_spacing_refused(cases, sizeof cases / sizeof cases[0]);
+	o.dxy = 20 * fxy;
+	o.dz = 20 * fz;
+	CHECK(sf_psf_make(&o, &p, &e) == SF_OK && p.nz == 1, "20 FWHM builds: %s", e.msg);
+	sf_psf_free(&p);
 }
 
 static int write_psf(char **argv)
@@ -180,6 +217,7 @@ int main(int argc, char **argv)
 	test_reference_grid();
 	test_validation();
 	test_spacing_far_below_resolution();
+	test_spacing_far_above_resolution();
 	printf("test_psf: %d passed, %d failed\n", passed, failed);
 	return failed != 0;
 }
