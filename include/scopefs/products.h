@@ -34,6 +34,13 @@ typedef struct sf_pyramid_plan {
  * so no output pixel reads beyond a source level's edge. */
 void sf_pyramid_plan_make(const sf_slide_info *s, uint32_t tile, sf_pyramid_plan *plan);
 
+/* Level-0 pixels per pixel of level `level` of s, per axis: exactly r in
+ * both axes when both sides are floor or ceil of level 0's / r for one
+ * integer r (2^k for a pyramid of halvings however they rounded, 4 for an
+ * Aperio step; a power of two first where a tiny level fits several),
+ * else W0 / WL and H0 / HL.  Output level l of a plan is exactly 2^l. */
+void sf_level_downsample(const sf_slide_info *s, uint32_t level, double ds[2]);
+
 /* How a moving slide is warped onto the reference grid. */
 typedef struct sf_warp_options {
 	int interp;        /* an sf_interp (warp.h) */

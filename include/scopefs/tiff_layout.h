@@ -30,8 +30,9 @@
  * levels are SubIFDs of each page (NewSubfileType 1, largest first), level l
  * being ceil(width / 2^l) x ceil(height / 2^l) unless level sizes are given.
  * Photometric is MinIsBlack (samples 1) or RGB (samples 3), Compression none,
- * PlanarConfig contig; X/YResolution (ResolutionUnit centimetre) are scaled
- * to each level's size.  The header, whatever its tags, is built before the
+ * PlanarConfig contig; X/YResolution (ResolutionUnit centimetre) are level
+ * 0's divided by 2^l at level l (its pixels are 2^l times level 0's, also
+ * where its size was rounded).  The header, whatever its tags, is built before the
  * layout exists, so header_size and every offset account for it.
  *
  * BigTIFF: a file whose size would not fit in 32 bits is BigTIFF when

@@ -95,6 +95,10 @@ typedef struct slide_job {
 	sf_reg_result r;   /* phase 1's fit */
 	int metric;        /* the metric that fit used (an NCC miss is retried with MI) */
 	int use_hema;      /* brightfield: fitted on the hematoxylin images (autoreg_thumb.h) */
+	/* The target's thumbnail remade at this slide's pixel size, when the
+	 * shared one is too far from it (make_target_like), else empty.  Only
+	 * this slide's own phases touch it, one at a time (phase barriers). */
+	autoreg_thumb target_like;
 	int affine_ok;
 	/* guard_structure's NCCs of r, measured once per fit by phase_affine
 	 * (the guard runs for every link of every chain: N^2 / 2 times in
@@ -261,8 +265,11 @@ static sf_key slide_key(const sf_autoreg *a, uint32_t i)
 {
 	/* v2: the affine fit stops at reg_dim / 2 when the field follows, and
 	 * the refinement extrapolates (docs/registration.md, "Speed-up").
-	 * v3: the demons warp and compose in single precision. */
-	sf_key k = sf_key_of("scopefs autoreg v4", 18);
+	 * v3: the demons warp and compose in single precision.
+	 * v5: a slide whose thumbnail cannot come near the reference's pixel
+	 * size is fitted to the reference's thumbnail remade at its own
+	 * (make_target_like). */
+	sf_key k = sf_key_of("scopefs autoreg v5", 18);
 	const sf_reg_settings *s = &a->s;
 
 	k = mix_slide(k, a->d->slides[a->ref]);
@@ -446,9 +453,17 @@ static void fail_slide(sf_autoreg *a, uint32_t i, const char *why)
 	pthread_mutex_unlock(&a->lock);
 }
 
+/* The longest side of the registration thumbnails (the two fits' larger). */
+static uint32_t thumb_dim(const sf_autoreg *a)
+{
+	return a->s.dim > a->s.nonrigid_dim ? a->s.dim : a->s.nonrigid_dim;
+}
+
 static void phase_thumb(sf_autoreg *a, uint32_t i)
 {
-	uint32_t dim = a->s.dim > a->s.nonrigid_dim ? a->s.dim : a->s.nonrigid_dim;
+	uint32_t dim = thumb_dim(a);
+	const sf_slide_info *ref = a->d->slides[a->ref];
+	double like_um = i == a->ref ? 0 : autoreg_thumb_um(ref, dim);
 	double t0 = now_s();
 	sf_err e = {0};
 
@@ -458,12 +473,72 @@ static void phase_thumb(sf_autoreg *a, uint32_t i)
 	}
 	if (a->jobs[i].in_job)
 		set_stage(a, i, ST_THUMB);
-	if (autoreg_thumb_make(a->d->slides[i], a->d->slides[a->ref], a->s.channel, dim,
-	                       &a->thumbs[i], &e) != SF_OK)
+	if (autoreg_thumb_make(a->d->slides[i], like_um, a->s.channel, dim, &a->thumbs[i], &e) !=
+	    SF_OK)
 		fail_slide(a, i, e.msg);
 	else
 		sf_log(SF_LOG_INFO, "registration thumbnail of %s: %ux%u in %.2f s",
 		       a->d->slides[i]->path, a->thumbs[i].im.w, a->thumbs[i].im.h, now_s() - t0);
+}
+
+/* Micrometres per pixel of thumbnail t of slide s (0 when unknown). */
+static double thumb_um(const sf_slide_info *s, const autoreg_thumb *t)
+{
+	return s->pixel_size_x > 0 ? s->pixel_size_x * t->ds[0] : 0;
+}
+
+/* The thumbnail slide i is fitted to: its target's, remade at slide i's
+ * pixel size when needed (make_target_like). */
+static const autoreg_thumb *pair_target(const sf_autoreg *a, uint32_t i)
+{
+	const slide_job *j = &a->jobs[i];
+	return j->target_like.im.px ? &j->target_like : &a->thumbs[j->target];
+}
+
+/* The reference's thumbnail slide i's field and transform are made on: the
+ * fit's own when that was against the reference (its map holds for no
+ * other), else the shared one, which a serial chain's product reaches. */
+static const autoreg_thumb *finish_ref(const sf_autoreg *a, uint32_t i)
+{
+	return a->jobs[i].target == a->ref ? pair_target(a, i) : &a->thumbs[a->ref];
+}
+
+/* Slide i's thumbnail is made at the pixel size closest to the
+ * reference's, but it cannot be finer than the slide's finest level: a
+ * moving slide at 1.0 um against a 0.5 um reference kept a 2x scale gap,
+ * beyond the similarity search's 1.6x, and was refused (NCC 0.04).  When
+ * the two thumbnails end up more than LIKE_MAX_GAP apart, the target's is
+ * remade for this pair at slide i's pixel size (the target can always be
+ * shrunk further).  A failure to make it keeps the shared thumbnail. */
+#define LIKE_MAX_GAP 1.3
+static void make_target_like(sf_autoreg *a, uint32_t i)
+{
+	slide_job *j = &a->jobs[i];
+	const sf_slide_info *ts = a->d->slides[j->target];
+	double tu = thumb_um(ts, &a->thumbs[j->target]);
+	double mu = thumb_um(a->d->slides[i], &a->thumbs[i]);
+	sf_err e = {0};
+
+	autoreg_thumb_free(&j->target_like); /* a refit (relink_slide) has a new target */
+	if (tu <= 0 || mu <= 0 || fabs(log(mu / tu)) <= log(LIKE_MAX_GAP))
+		return;
+	if (autoreg_thumb_make(ts, mu, a->s.channel, thumb_dim(a), &j->target_like, &e) != SF_OK) {
+		sf_log(
+		    SF_LOG_WARN,
+		    "registration of %s: %s; fitted to the shared thumbnail, %.2fx apart in scale",
+		    a->d->slides[i]->path, e.msg, mu / tu);
+		return;
+	}
+	double lu = thumb_um(ts, &j->target_like);
+	if (fabs(log(mu / lu)) >= fabs(log(mu / tu)) - 1e-9) { /* no nearer: keep the shared one */
+		autoreg_thumb_free(&j->target_like);
+		return;
+	}
+	sf_log(SF_LOG_INFO,
+	       "registration of %s: its thumbnail is %.3g um/px, %s's %.3g: fitted to a %ux%u "
+	       "thumbnail of %s at %.3g um/px",
+	       a->d->slides[i]->path, mu, a->d->slide_stems[j->target], tu, j->target_like.im.w,
+	       j->target_like.im.h, a->d->slide_stems[j->target], lu);
 }
 
 /* The finest level of slide i's affine fit: reg_dim, or half of it when
@@ -610,6 +685,8 @@ static void phase_affine(sf_autoreg *a, uint32_t i)
 		return;
 	}
 	set_stage(a, i, ST_AFFINE);
+	make_target_like(a, i);
+	ref = pair_target(a, i);
 	/* The fits of a brightfield pair's two images are independent: they
 	 * run side by side, sharing the threads.  A rescue is run only where
 	 * it can change the outcome: never when the other image's NCC fit
@@ -773,7 +850,7 @@ static double structure_bound(int use_hema)
 static void structure_measure(sf_autoreg *a, uint32_t i)
 {
 	slide_job *j = &a->jobs[i];
-	const autoreg_thumb *rt = &a->thumbs[j->target], *mt = &a->thumbs[i];
+	const autoreg_thumb *rt = pair_target(a, i), *mt = &a->thumbs[i];
 	const sf_reg_image *ref = j->use_hema && rt->hema.px ? &rt->hema : &rt->im;
 	const sf_reg_image *mov = j->use_hema && mt->hema.px ? &mt->hema : &mt->im;
 	double overlap;
@@ -796,6 +873,37 @@ static int guard_structure(const sf_autoreg *a, uint32_t i, double *ncc, double 
 
 	*ncc = j->structure_ncc, *null = j->structure_null;
 	return structure(*ncc, *null) >= structure_bound(j->use_hema);
+}
+
+static const char *file_name(const sf_slide_info *s)
+{
+	const char *slash = strrchr(s->path, '/');
+	return slash ? slash + 1 : s->path;
+}
+
+/* The guard's words for a transform that scales slide i by `scale` where
+ * `expect` was expected.  With a pixel size unknown, expect is 1 only for
+ * want of one, and stating it is the fix: a slide at 0.325 um with no size
+ * against a 0.5 um reference was refused as if its metadata said 1.00. */
+static void scale_why(const sf_autoreg *a, uint32_t i, double scale, double expect, char *why,
+                      size_t n)
+{
+	const sf_slide_info *ref = a->d->slides[a->ref], *mov = a->d->slides[i];
+	const char *head = "rejected: the transform scales the slide by";
+	const char *fix = "(OME PhysicalSizeX) or give a transform file";
+
+	if (ref->pixel_size_x > 0 && mov->pixel_size_x > 0)
+		snprintf(why, n, "%s %.2f (pixel sizes say %.2f)", head, scale, expect);
+	else if (ref->pixel_size_x > 0 || mov->pixel_size_x > 0)
+		snprintf(why, n,
+		         "%s %.2f; %s's pixel size is unknown, so %.2f was expected: state its "
+		         "pixel size %s",
+		         head, scale, file_name(mov->pixel_size_x > 0 ? ref : mov), expect, fix);
+	else
+		snprintf(why, n,
+		         "%s %.2f; the pixel sizes of %s and %s are unknown, so %.2f was expected: "
+		         "state them %s",
+		         head, scale, file_name(mov), file_name(ref), expect, fix);
 }
 
 /* Why the affine part of slide i (level-0 matrix m0) is not served, or NULL. */
@@ -825,10 +933,7 @@ static const char *guard_affine(const sf_autoreg *a, uint32_t i, const sf_reg_re
 		         "structure %.2f < %.2f)",
 		         ncc, null, structure(ncc, null), structure_bound(a->jobs[i].use_hema));
 	else if (scale > GUARD_MAX_SCALE || scale < 1 / GUARD_MAX_SCALE)
-		snprintf(why, n,
-		         "rejected: the transform scales the slide by %.2f (pixel sizes "
-		         "say %.2f)",
-		         scale * expect, expect);
+		scale_why(a, i, scale * expect, expect, why, n);
 	else if (smin <= 0 || smax / smin > GUARD_MAX_SHEAR)
 		snprintf(why, n, "rejected: the transform shears the slide (axis ratio %.2f)",
 		         smin > 0 ? smax / smin : INFINITY);
@@ -885,7 +990,7 @@ static const autoreg_thumb *micro_reference(sf_autoreg *a, sf_err *e)
 	pthread_mutex_lock(&a->micro_lock);
 	if (!a->micro_tried) {
 		a->micro_tried = 1;
-		if (autoreg_thumb_make(a->d->slides[a->ref], NULL, a->s.channel, a->s.micro_dim,
+		if (autoreg_thumb_make(a->d->slides[a->ref], 0, a->s.channel, a->s.micro_dim,
 		                       &a->micro_ref, e) != SF_OK)
 			autoreg_thumb_free(&a->micro_ref);
 	}
@@ -904,7 +1009,7 @@ static const autoreg_thumb *micro_reference(sf_autoreg *a, sf_err *e)
 static int fit_micro(sf_autoreg *a, uint32_t i, const double m[9], const sf_reg_field *f,
                      sf_transform *t, sf_err *e)
 {
-	const autoreg_thumb *ref = &a->thumbs[a->ref], *mov = &a->thumbs[i], *mref;
+	const autoreg_thumb *ref = finish_ref(a, i), *mov = &a->thumbs[i], *mref;
 	autoreg_thumb mm = {0};
 	sf_reg_micro_opts mo;
 	sf_reg_field fm = {0};
@@ -919,8 +1024,9 @@ static int fit_micro(sf_autoreg *a, uint32_t i, const double m[9], const sf_reg_
 		return SF_EIO;
 	if (stopped(a))
 		return sf_fail(e, SF_EINTR, STOPPED_WHY);
-	rc = autoreg_thumb_make(a->d->slides[i], a->d->slides[a->ref], a->s.channel, a->s.micro_dim,
-	                        &mm, e);
+	rc = autoreg_thumb_make(a->d->slides[i],
+	                        autoreg_thumb_um(a->d->slides[a->ref], a->s.micro_dim),
+	                        a->s.channel, a->s.micro_dim, &mm, e);
 	if (rc != SF_OK)
 		return rc;
 	for (int k = 0; k < 2; k++)
@@ -956,7 +1062,7 @@ static int fit_micro(sf_autoreg *a, uint32_t i, const double m[9], const sf_reg_
 static const char *fit_field(sf_autoreg *a, uint32_t i, const double m[9], sf_transform *t,
                              char *why, size_t n)
 {
-	const autoreg_thumb *ref = &a->thumbs[a->ref], *mov = &a->thumbs[i];
+	const autoreg_thumb *ref = finish_ref(a, i), *mov = &a->thumbs[i];
 	uint32_t side = ref->im.w > ref->im.h ? ref->im.w : ref->im.h;
 	double diag = hypot(ref->im.w, ref->im.h);
 	sf_reg_nonrigid_opts no;
@@ -1008,10 +1114,10 @@ static const char *fit_field(sf_autoreg *a, uint32_t i, const double m[9], sf_tr
 }
 
 /* Slide i's transform to the reference: compose, guard, field, cache. */
-static void phase_finish(sf_autoreg *a, uint32_t i)
+static void finish_slide(sf_autoreg *a, uint32_t i)
 {
 	slide_job *j = &a->jobs[i];
-	const autoreg_thumb *ref = &a->thumbs[a->ref], *mov = &a->thumbs[i];
+	const autoreg_thumb *ref = finish_ref(a, i), *mov = &a->thumbs[i];
 	int metric = j->metric, same_modality = ref->brightfield == mov->brightfield;
 	double t0 = now_s(), m0[9], m[9], sref[9], smov_inv[9];
 	char why[512];
@@ -1068,6 +1174,13 @@ static void phase_finish(sf_autoreg *a, uint32_t i)
 	if (cache_store(a, j, &e) != SF_OK)
 		sf_log(SF_LOG_WARN, "registration of %s: not cached: %s", a->d->slides[i]->path,
 		       e.msg);
+}
+
+/* The last phase of slide i, after which its pair thumbnail is not read. */
+static void phase_finish(sf_autoreg *a, uint32_t i)
+{
+	finish_slide(a, i);
+	autoreg_thumb_free(&a->jobs[i].target_like);
 }
 
 /* Whether slide k cannot be a link of a chain: its own fit failed or the
@@ -1319,6 +1432,7 @@ void sf_autoreg_destroy(sf_autoreg *a)
 	for (uint32_t i = 0; i < a->d->slide_count; i++) {
 		sf_transform_release(&a->jobs[i].t);
 		autoreg_thumb_free(&a->thumbs[i]);
+		autoreg_thumb_free(&a->jobs[i].target_like);
 		for (int k = 0; k < SF_AUTOREG_FILE_KINDS; k++)
 			free(a->jobs[i].kept[k]);
 	}

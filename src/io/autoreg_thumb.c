@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "scopefs/products.h"
 #include "scopefs/qc.h"
 #include "scopefs/resample.h"
 
@@ -92,7 +93,10 @@ static thumb_plan plan_for_dim(const sf_slide_info *s, uint32_t dim)
 /* Micrometres per thumbnail pixel along x (0 when the pixel size is unknown). */
 static double plan_pixel_um(const sf_slide_info *s, thumb_plan p)
 {
-	return s->pixel_size_x * s->width / s->levels[p.level].width * p.k;
+	double ds[2];
+
+	sf_level_downsample(s, p.level, ds);
+	return s->pixel_size_x * ds[0] * p.k;
 }
 
 /* The plan whose pixels come closest to target_um, its longest side at most
@@ -121,12 +125,17 @@ static thumb_plan plan_like(const sf_slide_info *s, uint32_t dim, double target_
 	return best;
 }
 
-int autoreg_thumb_make(const sf_slide_info *s, const sf_slide_info *like, const char *channel,
-                       uint32_t dim, autoreg_thumb *t, sf_err *e)
+double autoreg_thumb_um(const sf_slide_info *s, uint32_t dim)
+{
+	return s->pixel_size_x > 0 ? plan_pixel_um(s, plan_for_dim(s, dim)) : 0;
+}
+
+int autoreg_thumb_make(const sf_slide_info *s, double like_um, const char *channel, uint32_t dim,
+                       autoreg_thumb *t, sf_err *e)
 {
 	thumb_plan plan = plan_for_dim(s, dim);
-	if (like && like != s && like->pixel_size_x > 0 && s->pixel_size_x > 0)
-		plan = plan_like(s, dim, plan_pixel_um(like, plan_for_dim(like, dim)));
+	if (like_um > 0 && s->pixel_size_x > 0)
+		plan = plan_like(s, dim, like_um);
 	uint32_t level = plan.level, k = plan.k, tw, th;
 	const sf_slide_level *lv = &s->levels[level];
 	size_t px = sf_dtype_bytes(s->dtype) * s->samples;
@@ -143,8 +152,11 @@ int autoreg_thumb_make(const sf_slide_info *s, const sf_slide_info *like, const 
 		return rc;
 	tw = (lv->width + k - 1) / k;
 	th = (lv->height + k - 1) / k;
-	t->ds[0] = (double)s->width / lv->width * k;
-	t->ds[1] = (double)s->height / lv->height * k;
+	/* The level's exact downsample (an odd-sized halving is 2^L, not
+	 * W0 / WL: that drifted up to a thumbnail pixel by the far edge). */
+	sf_level_downsample(s, level, t->ds);
+	t->ds[0] *= k;
+	t->ds[1] *= k;
 	if (!(raw = malloc((size_t)tw * th * px)))
 		return sf_fail(e, SF_ENOMEM, "%s: out of memory for a %ux%u thumbnail", s->path, tw,
 		               th);

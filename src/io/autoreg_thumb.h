@@ -29,13 +29,19 @@ typedef struct autoreg_thumb {
 	uint32_t channel;
 } autoreg_thumb;
 
-/* channel: reg_channel as given ("" for the default).  like: the slide s
- * is registered to, or NULL.  When both pixel sizes are known, s's
- * thumbnail is then made at the physical pixel size closest to like's
- * thumbnail at dim (its longest side up to 1.5 dim), so the pair's
- * thumbnails differ in scale by no more than their integer steps allow. */
-int autoreg_thumb_make(const sf_slide_info *s, const sf_slide_info *like, const char *channel,
-                       uint32_t dim, autoreg_thumb *t, sf_err *e);
+/* channel: reg_channel as given ("" for the default).  like_um: the
+ * micrometres per pixel of the thumbnail s is to be compared with (of the
+ * slide it is registered to: autoreg_thumb_um), or 0.  When it and s's
+ * pixel size are known, s's thumbnail is made at the physical pixel size
+ * closest to like_um (its longest side up to 1.5 dim), so the pair's
+ * thumbnails differ in scale by no more than their integer steps allow;
+ * else it is s's own thumbnail at dim. */
+int autoreg_thumb_make(const sf_slide_info *s, double like_um, const char *channel, uint32_t dim,
+                       autoreg_thumb *t, sf_err *e);
+
+/* Micrometres per pixel (along x) of s's own thumbnail at dim, 0 when s's
+ * pixel size is unknown. */
+double autoreg_thumb_um(const sf_slide_info *s, uint32_t dim);
 void autoreg_thumb_free(autoreg_thumb *t);
 
 /* Whether s is an RGB brightfield slide (registered through optical density). */

@@ -353,9 +353,9 @@ static void unit_setup(const warp_product *w, uint32_t level, uint32_t tx, uint3
                        sf_source_choice *ch, sf_map *map, sf_wrect *rect)
 {
 	const sf_slide_info *s = w->slide;
-	double out_ds[2];
-	out_ds[0] = (double)w->plan.width[0] / w->plan.width[level];
-	out_ds[1] = (double)w->plan.height[0] / w->plan.height[level];
+	/* Exactly 2^level, as the reference's retile makes that level (an
+	 * odd-sized level's W0 / WL would drift up to a pixel by its edge). */
+	double out_ds[2] = {(double)(1u << level), (double)(1u << level)};
 	sf_warp_choose_source(w->transform, out_ds, s->level_count, (const double(*)[2])w->level_ds,
 	                      ch);
 	if (w->opts.interp == SF_INTERP_NEAREST && ch->prefilter > 1) {
@@ -589,11 +589,12 @@ static sf_key mix_doubles(sf_key k, const double *v, size_t n)
 
 /* Everything the pixels depend on: the moving file, the transform (matrix,
  * every field step and its grid values), the warp options, the grid.  v2:
- * interp=nearest samples finer levels directly instead of box means. */
+ * interp=nearest samples finer levels directly instead of box means.  v3:
+ * levels' downsamples follow sf_level_downsample (exact r, not W0 / WL). */
 static sf_key warp_key(const warp_product *w)
 {
 	const sf_map *m = &w->transform->map;
-	sf_key k = sf_key_of("scopefs warp v2", 15);
+	sf_key k = sf_key_of("scopefs warp v3", 15);
 
 	k = sf_key_mix_str(k, w->slide->path);
 	k = sf_key_mix_u64(k, w->slide->file_size);
@@ -629,10 +630,8 @@ int sf_product_warp_create(const sf_slide_info *s, const sf_transform *t,
 		free(level_ds);
 		return sf_fail(e, SF_ENOMEM, "%s: out of memory", s->path);
 	}
-	for (uint32_t i = 0; i < s->level_count; i++) {
-		level_ds[i][0] = (double)s->width / s->levels[i].width;
-		level_ds[i][1] = (double)s->height / s->levels[i].height;
-	}
+	for (uint32_t i = 0; i < s->level_count; i++)
+		sf_level_downsample(s, i, level_ds[i]);
 	w->slide = s;
 	w->transform = t;
 	w->plan = *plan;

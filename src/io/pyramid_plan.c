@@ -14,7 +14,15 @@
  * coarsest is read; level 0 always qualifies.  Levels of any other
  * downsample (x3, x5, or an Aperio /4 level rounded down one pixel short of
  * the output level) are never read, so no output pixel reads past a source
- * level's edge: edge pixels average (or pick) real pixels only. */
+ * level's edge: edge pixels average (or pick) real pixels only.
+ *
+ * The one downsample rule (sf_level_downsample), used wherever scopefs maps
+ * a level's pixels to level 0 (the warp's source and output levels, the
+ * registration thumbnails): a level whose sides are floor or ceil of level
+ * 0's / r, for one integer r, has downsample exactly r in both axes (its
+ * pixels are r x r boxes of level 0, however the halvings rounded);
+ * otherwise the side ratios W0 / WL, H0 / HL.  Output level l is then
+ * exactly 2^l, as made here. */
 #include "scopefs/products.h"
 
 #include <math.h>
@@ -24,31 +32,65 @@ static uint32_t ceil_half(uint32_t v)
 	return v / 2 + (v & 1);
 }
 
-/* Whether v is floor or ceil of full / 2^k. */
-static int is_rounded_shift(uint32_t v, uint32_t full, uint32_t k)
+/* Whether v is floor or ceil of full / r: every rounding of repeated
+ * divisions by r's factors lands there. */
+static int is_rounded_div(uint64_t v, uint64_t full, uint64_t r)
 {
-	uint64_t floor_v = (uint64_t)full >> k;
-	uint64_t ceil_v = ((uint64_t)full + ((1ull << k) - 1)) >> k;
-	return v == floor_v || v == ceil_v;
+	return v == full / r || v == (full + r - 1) / r;
 }
 
-/* k when source level `level` is exactly a 2^k downsample of level 0 in
- * both axes, else -1.  A tiny level can fit two k (W = 3, width 1 is 2x and
- * 4x); the nearest to the width ratio is taken. */
-static int exact_log2_downsample(const sf_slide_info *s, uint32_t level)
+/* r when source level `level` is exactly an r-fold downsample of level 0:
+ * both its sides floor or ceil of level 0's / r; else 0.  A level smaller
+ * than its own downsample can fit several r (W = 5, width 2 is 2x and 3x),
+ * so the candidates go in order and the first that fits wins: the powers
+ * of two nearest the side ratios (a pyramid of halvings; the longer side
+ * first, as it pins r down closer), then the integers nearest them (an
+ * Aperio /4 step, an x3 pyramid). */
+static uint64_t integer_downsample(const sf_slide_info *s, uint32_t level)
 {
 	const sf_slide_level *lv = &s->levels[level];
 	if (level == 0)
-		return 0;
+		return 1;
 	if (!lv->width || !lv->height || lv->width > s->width || lv->height > s->height)
+		return 0;
+	double ratio[2] = {(double)s->width / lv->width, (double)s->height / lv->height};
+	int first = lv->width >= lv->height ? 0 : 1;
+	uint64_t cand[4];
+	for (int i = 0; i < 2; i++) {
+		long k = lround(log2(ratio[first ^ i]));
+		cand[i] = k >= 0 && k <= 31 ? 1ull << k : 0;
+		cand[2 + i] = (uint64_t)llround(ratio[first ^ i]);
+	}
+	for (int i = 0; i < 4; i++)
+		if (cand[i] && is_rounded_div(lv->width, s->width, cand[i]) &&
+		    is_rounded_div(lv->height, s->height, cand[i]))
+			return cand[i];
+	return 0;
+}
+
+/* k when source level `level` is exactly a 2^k downsample of level 0 in
+ * both axes, else -1. */
+static int exact_log2_downsample(const sf_slide_info *s, uint32_t level)
+{
+	uint64_t r = integer_downsample(s, level);
+	int k = 0;
+	if (!r || (r & (r - 1)))
 		return -1;
-	long k = lround(log2((double)s->width / (double)lv->width));
-	if (k < 0 || k > 31)
-		return -1;
-	if (!is_rounded_shift(lv->width, s->width, (uint32_t)k) ||
-	    !is_rounded_shift(lv->height, s->height, (uint32_t)k))
-		return -1;
-	return (int)k;
+	while (r >> k > 1)
+		k++;
+	return k;
+}
+
+void sf_level_downsample(const sf_slide_info *s, uint32_t level, double ds[2])
+{
+	uint64_t r = integer_downsample(s, level);
+	if (r) {
+		ds[0] = ds[1] = (double)r;
+		return;
+	}
+	/* Not one integer step: the side ratios are all we know. */
+	ds[0] = (double)s->width / s->levels[level].width;
+	ds[1] = (double)s->height / s->levels[level].height;
 }
 
 /* The source level, after source level `after`, whose downsample is exactly

@@ -394,11 +394,13 @@ static int set_ifd_tags(TIFF *t, const sf_layout *l, uint32_t page, uint32_t lev
 		     TIFFSetField(t, TIFFTAG_YRESOLUTION, 1.0 / s->imagej_pixel_um) &&
 		     TIFFSetField(t, TIFFTAG_RESOLUTIONUNIT, RESUNIT_NONE);
 	} else if (ok && s->resolution_x > 0 && s->resolution_y > 0) {
-		/* the same physical extent at every level */
-		double fx = (double)l->level_w[level] / s->width;
-		double fy = (double)l->level_h[level] / s->height;
-		ok = TIFFSetField(t, TIFFTAG_XRESOLUTION, s->resolution_x * fx) &&
-		     TIFFSetField(t, TIFFTAG_YRESOLUTION, s->resolution_y * fy) &&
+		/* Level l is a 2^l downsample of level 0 (the plan's rule and
+		 * sf_level_downsample's), also where its size was rounded up:
+		 * its pixels are 2^l times level 0's.  Scaling by the size ratio
+		 * gave a ceil-halved level slightly smaller pixels. */
+		double f = ldexp(1.0, -(int)level);
+		ok = TIFFSetField(t, TIFFTAG_XRESOLUTION, s->resolution_x * f) &&
+		     TIFFSetField(t, TIFFTAG_YRESOLUTION, s->resolution_y * f) &&
 		     TIFFSetField(t, TIFFTAG_RESOLUTIONUNIT, RESUNIT_CENTIMETER);
 	}
 	return ok;

@@ -124,6 +124,24 @@ def pyramid(a, levels):
     return out
 
 
+def level_downsample(w0, h0, w, h):
+    """Level-0 pixels per pixel of a (w, h) level of a (w0, h0) slide, per
+    axis (docs/virtual-tiff.md, "Pyramid levels: one downsample rule"): r in
+    both axes when w and h are each floor or ceil of w0 / r and h0 / r for
+    one integer r -- a power of two before any other, the one nearest the
+    longer side's ratio where several fit -- else (w0 / w, h0 / h)."""
+    if (w, h) == (w0, h0):
+        return 1.0, 1.0
+    fits = [r for r in range(1, 2 * max(w0 // max(w, 1), h0 // max(h, 1)) + 3)
+            if w in (w0 // r, -(-w0 // r)) and h in (h0 // r, -(-h0 // r))]
+    if not fits:
+        return w0 / w, h0 / h
+    ratio = w0 / w if w >= h else h0 / h
+    pow2 = [r for r in fits if r & (r - 1) == 0]
+    best = min(pow2 or fits, key=lambda r: abs(np.log(r / ratio)) if pow2 else abs(r - ratio))
+    return float(best), float(best)
+
+
 def virtual_level_count(w, h, tile=VIRTUAL_TILE):
     """Levels of the virtual file by the ceil-halving rule: level l exists
     while level l-1 does not fit one tile."""

@@ -126,14 +126,13 @@ def pick_index(n_src, n_out, k):
     return np.minimum(np.arange(n_out) * k + k // 2, n_src - 1)
 
 
-def warp_nearest_index(n_src, n_out):
-    """Moving slide, identity transform: output pixel i's centre in source
-    pixels is (i + 0.5) * n_src / n_out - 0.5 and nearest takes
-    floor(c + 0.5) = floor((2i + 1) * n_src / (2 * n_out)), here exactly.  For
-    odd n_src the numerator is odd and the denominator even, so there is no
-    tie for double rounding to settle either way."""
-    assert n_src % 2 == 1
-    return (2 * np.arange(n_out) + 1) * n_src // (2 * n_out)
+def warp_nearest_index(n_out, k):
+    """Moving slide, identity transform: output level l is exactly a k = 2^l
+    downsample (docs/transforms.md, "Pyramid levels"), so output pixel i's
+    centre in level-0 pixels is (i + 0.5) * k - 0.5, and nearest takes
+    floor(c + 0.5) = i * k + k // 2.  Unclamped: a centre past the source's
+    last pixel samples outside it (background)."""
+    return np.arange(n_out) * k + k // 2
 
 
 def test_nearest_keeps_labels(scopefs, tmp_path):
@@ -162,8 +161,11 @@ def test_nearest_keeps_labels(scopefs, tmp_path):
         assert_same(got[0, :, :, 0], want, 'reference level %d' % level)
     for level, got in enumerate(mov):
         assert set(np.unique(got).tolist()) <= set(labels.tolist()), 'moving level %d' % level
-        want = lab_b[np.ix_(warp_nearest_index(h, got.shape[1]),
-                            warp_nearest_index(w, got.shape[2]))]
+        iy = warp_nearest_index(got.shape[1], 2**level)
+        ix = warp_nearest_index(got.shape[2], 2**level)
+        want = lab_b[np.ix_(np.minimum(iy, h - 1), np.minimum(ix, w - 1))]
+        want[iy >= h, :] = 0
+        want[:, ix >= w] = 0
         assert_same(got[0, :, :, 0], want, 'moving level %d' % level)
 
 

@@ -22,7 +22,11 @@ Oracles, all computed here from the transforms' definitions
   background= as cval);
 - levels 1, 2: the same on the moving level the documented rule picks (box
   prefiltered where the slide lacks levels) through the pixel-centre level
-  map S(fs)^-1 T S(fo), within 1 grey level;
+  map S(fs)^-1 T S(fo), within 1 grey level, each level's downsample by the
+  one rule (gen.level_downsample: exactly r for a floor/ceil r-fold level);
+- an odd-sized reference and moving slide (ceil-halved pyramids) with an
+  even-shift transform: every level of registered/<moving> equals the
+  reference's, shifted;
 - `vips affine` for the plain affine (integer pixel centres, the default
   offsets);
 - transformix on the same elastix maps written as a chain of text files,
@@ -254,7 +258,7 @@ def level_source(sl, out_ds):
     """The documented source choice: (source image (C, H, W, S), its
     downsample per axis) for an output level of downsample out_ds."""
     w0, h0 = sl.levels[0].shape[2], sl.levels[0].shape[1]
-    ds = [(w0 / lv.shape[2], h0 / lv.shape[1]) for lv in sl.levels]
+    ds = [gen.level_downsample(w0, h0, lv.shape[2], lv.shape[1]) for lv in sl.levels]
     need = np.sqrt(out_ds[0] * out_ds[1]) * np.sqrt(abs(np.linalg.det(sl.lin)))
     best = 0
     for i in range(1, len(ds)):
@@ -297,11 +301,37 @@ def test_warped_levels_match_scipy(scopefs, data, name):
         ref_l = data['ref'][level]
         out_hw = ref_l.shape[1:3]
         assert ours.shape[1:3] == out_hw
-        out_ds = (REF_HW[1] / out_hw[1], REF_HW[0] / out_hw[0])
+        out_ds = (2.0 ** level, 2.0 ** level)  # the reference's level l is 2^l exactly
         want = expected(sl, out_hw, out_ds)
         d = np.abs(ours - want)
         assert d.max() <= 1.0, (name, level, d.max(), np.unravel_index(d.argmax(), d.shape))
         assert (ours > 0).mean() > 0.2, (name, level)  # the slide is there
+
+
+def test_odd_sized_levels_line_up(scopefs, tmp_path):
+    """A 2047x1501 reference (ceil-halved levels 1024x751, 512x376) and a
+    moving slide holding the same pixels 8, 4 px further in an odd 2059x1511
+    frame, with the matching translation: the box pyramid commutes with a
+    shift by a multiple of 2^l, so registered/mov's level l is registered/
+    ref's level l (edges aside).  With downsamples W0 / WL (2047/1024, ...)
+    level 1 was 51 and level 2 11737 grey levels off (of ~50000)."""
+    W, H, SX, SY = 2047, 1501, 8, 4
+    raw, tfd = tmp_path / 'oddraw', tmp_path / 'oddtf'
+    raw.mkdir()
+    tfd.mkdir()
+    ref = gen.norm(gen.tissue(H, W, 1, seed=47))
+    mov = np.zeros((1, H + 10, W + 12, 1), ref.dtype)
+    mov[:, SY:SY + H, SX:SX + W] = ref
+    gen.write_ome(raw / 'ref.ome.tif', gen.pyramid(ref, 3), ['DAPI'], REF_PX)
+    gen.write_ome(raw / 'mov.ome.tif', gen.pyramid(mov, 3), ['DAPI'], REF_PX)
+    write_json(tfd / 'mov.json', np.array([[1, 0, SX], [0, 1, SY], [0, 0, 1]], float))
+    m = scopefs.mount(raw=raw, opts={'reference': 'ref', 'transforms': str(tfd), 'reg': 'off'})
+    want = [read_level(m.path('registered', 'ref.ome.tif'), lv).astype(int) for lv in range(3)]
+    for lv in range(3):
+        got = read_level(m.path('registered', 'mov.ome.tif'), lv).astype(int)
+        assert got.shape == want[lv].shape, (lv, got.shape, want[lv].shape)
+        d = np.abs(got - want[lv])[:, 2:-2, 2:-2]
+        assert d.max() <= 1, (lv, d.max(), np.unravel_index(d.argmax(), d.shape))
 
 
 def test_nearest_and_background(scopefs, data):

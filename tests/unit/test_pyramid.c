@@ -153,6 +153,59 @@ static void test_plan_anisotropic_level_refused(void)
 		CHECK(p.source_level[l] == 0, "level %u not from the 4x2 level", l);
 }
 
+static void check_ds(const sf_slide_info *s, uint32_t level, double x, double y)
+{
+	double ds[2] = {0, 0};
+	sf_level_downsample(s, level, ds);
+	CHECK(ds[0] == x && ds[1] == y, "%ux%u level %u (%ux%u): %g x %g, want %g x %g", s->width,
+	      s->height, level, s->levels[level].width, s->levels[level].height, ds[0], ds[1], x,
+	      y);
+}
+
+static void test_level_downsample(void)
+{
+	/* Ceil halvings of an odd slide (tifffile, vips) are exactly 2^L, not
+	 * W0 / WL (1023 / 256 = 3.996). */
+	sf_slide_level lv[3];
+	uint32_t wc[] = {1023, 512, 256}, hc[] = {901, 451, 226};
+	sf_slide_info s = slide_with_levels(3, wc, hc, lv);
+	check_ds(&s, 0, 1, 1);
+	check_ds(&s, 1, 2, 2);
+	check_ds(&s, 2, 4, 4);
+
+	uint32_t wf[] = {1023, 511, 255}, hf[] = {901, 450, 225}; /* floor halvings */
+	s = slide_with_levels(3, wf, hf, lv);
+	check_ds(&s, 1, 2, 2);
+	check_ds(&s, 2, 4, 4);
+
+	uint32_t wa[] = {2003, 500, 125}, ha[] = {1601, 400, 100}; /* Aperio /4, floor */
+	s = slide_with_levels(3, wa, ha, lv);
+	check_ds(&s, 1, 4, 4);
+	check_ds(&s, 2, 16, 16);
+
+	uint32_t w3[] = {2305, 768}, h3[] = {1801, 601}; /* an x3 step */
+	s = slide_with_levels(2, w3, h3, lv);
+	check_ds(&s, 1, 3, 3);
+
+	/* No one integer step: the side ratios, as before. */
+	uint32_t wn[] = {1000, 300}, hn[] = {800, 240};
+	s = slide_with_levels(2, wn, hn, lv);
+	check_ds(&s, 1, 1000.0 / 300, 800.0 / 240);
+	uint32_t wx[] = {4096, 1024}, hx[] = {4096, 2048}; /* 4x by 2x */
+	s = slide_with_levels(2, wx, hx, lv);
+	check_ds(&s, 1, 4, 2);
+
+	/* A level smaller than its downsample fits several r: powers of two
+	 * first (5 -> 2 is 2x or 3x), the longer side deciding (3 x 1000 ->
+	 * 1 x 500: the width alone says 4x or 3x, the height 2x). */
+	uint32_t wt[] = {5, 2}, ht[] = {5, 2};
+	s = slide_with_levels(2, wt, ht, lv);
+	check_ds(&s, 1, 2, 2);
+	uint32_t wl[] = {3, 1}, hl[] = {1000, 500};
+	s = slide_with_levels(2, wl, hl, lv);
+	check_ds(&s, 1, 2, 2);
+}
+
 static void test_pick_reduce(void)
 {
 	/* 5x3 uint16, k = 2: the sample at (2x + 1, 2y + 1), clamped into the
@@ -242,6 +295,7 @@ int main(void)
 	test_plan_svs_4x_ceil_copied();
 	test_plan_not_power_of_two();
 	test_plan_anisotropic_level_refused();
+	test_level_downsample();
 	test_box_reduce();
 	test_pick_reduce();
 	test_pick_reduce_labels();
