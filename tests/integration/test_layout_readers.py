@@ -286,9 +286,12 @@ def test_openslide_rgb(tool, tmp_path):
         slide.close()
 
 
-def test_resolution(tool, tmp_path):
-    """X/YResolution in pixels per centimetre, scaled per level."""
-    spec = Spec(1000, 777, "u8", tile=256, levels=2)
+@pytest.mark.parametrize("width", [1000, 1001])
+def test_resolution(tool, tmp_path, width):
+    """X/YResolution in pixels per centimetre, level 0's / 2^l at level l:
+    also for a level whose size was rounded up (501 of 1001), whose pixels
+    are still 2x level 0's (the size ratio gave 10009.99)."""
+    spec = Spec(width, 777, "u8", tile=256, levels=2)
     path = tmp_path / "res.tif"
     subprocess.run([tool, "--write", str(path)] + spec.args() + ["--resolution", "20000,10000"],
                    check=True, capture_output=True, timeout=60)
@@ -301,7 +304,9 @@ def test_resolution(tool, tmp_path):
         assert y[0] / y[1] == pytest.approx(10000, rel=1e-6)
         sub = tifffile.TiffPages(page)[0]
         sx = sub.tags["XResolution"].value
+        sy = sub.tags["YResolution"].value
         assert sx[0] / sx[1] == pytest.approx(10000, rel=1e-6)
+        assert sy[0] / sy[1] == pytest.approx(5000, rel=1e-6)
 
 
 def test_deterministic(tool, tmp_path):
