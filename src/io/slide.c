@@ -619,6 +619,22 @@ static int xml_name_is(const xml_tag *t, const char *name)
 
 /* Decode the XML entities of value[0..len) into out (NUL-terminated,
  * truncated to cap). */
+/* n, less a UTF-8 sequence that a cut at n left incomplete: a value
+ * shortened to its buffer ended in half a "ü", which the OME writer then
+ * showed as U+FFFD. */
+static size_t utf8_whole(const char *s, size_t n)
+{
+	size_t lead = n, want;
+	unsigned char c;
+
+	while (lead > 0 && ((unsigned char)s[lead - 1] & 0xC0) == 0x80)
+		lead--;
+	if (lead == 0 || (c = (unsigned char)s[lead - 1]) < 0xC0)
+		return n;
+	want = c >= 0xF0 ? 4 : c >= 0xE0 ? 3 : 2;
+	return n - (lead - 1) < want ? lead - 1 : n;
+}
+
 static void xml_unescape(const char *v, size_t len, char *out, size_t cap)
 {
 	static const struct {
@@ -661,7 +677,7 @@ static void xml_unescape(const char *v, size_t len, char *out, size_t cap)
 		}
 		out[o++] = v[i++];
 	}
-	out[o] = '\0';
+	out[utf8_whole(out, o)] = '\0';
 }
 
 /* The value of attribute name in tag t, unescaped into out; 0 if absent. */
@@ -795,7 +811,7 @@ static int ome_parse(const char *xml, ome_meta *m)
 		} else if (inside && t.is_end && xml_name_is(&t, "Pixels")) {
 			break;
 		} else if (inside && !t.is_end && xml_name_is(&t, "Channel")) {
-			char name[256];
+			char name[1024]; /* longer names are cut at a whole character */
 			int has = xml_attr(&t, "Name", name, sizeof name) && name[0];
 			if (ome_add_name(m, has ? name : NULL))
 				return SF_ENOMEM;

@@ -372,3 +372,25 @@ def test_implausible_ome_pixel_size_is_dropped(driver, scopefs, tmp_path, size, 
                 (name, tags[name].value)
         assert "PhysicalSizeX" not in t.pages[0].description
     assert re.search(r"s\.ome\.tif: pixel size .* is outside 0\.0001 - 10000 um", m.log_text())
+
+
+@pytest.mark.parametrize("name", ["a" + "\u00fc" * 200, "a" + "\u00fc" * 600],
+                         ids=["401B", "1201B"])
+def test_long_channel_name_cut_at_a_whole_character(driver, tmp_path, name):
+    """OME channel names were read into 256 bytes and cut mid-character:
+    'a' + 200 'ü' (401 bytes) came out as 254 bytes ending in half a 'ü'
+    (shown as U+FFFD).  Now up to about 1 KiB is kept, and a longer name is
+    cut at a whole character."""
+    path = tmp_path / "long.ome.tif"
+    tifffile.imwrite(path, np.zeros((2, 20, 30), np.uint16), photometric="minisblack",
+                     metadata={"axes": "CYX", "Channel": {"Name": [name, "DAPI"]}})
+    with tifffile.TiffFile(path) as tf:  # the oracle reads the name back whole
+        assert name in tf.ome_metadata
+    info, _ = probe(driver, path)
+    got = info["channel0"]
+    assert "\ufffd" not in got and name.startswith(got), got[-8:]
+    if len(name.encode()) < 1000:
+        assert got == name
+    else:
+        assert len(got.encode()) >= 1000
+    assert info["channel1"] == "DAPI"
