@@ -463,11 +463,13 @@ static void read_raw(fuse_req_t req, size_t size, off_t off, struct fuse_file_in
 /* The errno a failed read of an open virtual file gives.  Its inputs may
  * have gone (a raw plane moved away: SF_ENOTFOUND) or be bad, but the file
  * the reader opened is there: ENOENT or EINVAL from read(2) would send them
- * looking for the wrong fault, so everything but memory and interrupts is
- * EIO, with the cause in the log and in .scopefs/status. */
+ * looking for the wrong fault, so everything but memory is EIO, with the
+ * cause in the log and in .scopefs/status.  SF_EINTR only comes from a
+ * mount that is stopping: EINTR would tell cp and dd to read again, which
+ * they did in a loop. */
 static int read_errno(int rc)
 {
-	return rc == SF_ENOMEM || rc == SF_EINTR ? sf_errno(rc) : EIO;
+	return rc == SF_ENOMEM ? sf_errno(rc) : EIO;
 }
 
 static void read_vfile(fuse_req_t req, size_t size, off_t off, struct fuse_file_info *fi)

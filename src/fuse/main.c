@@ -76,12 +76,14 @@ static rlim_t raise_nofile_limit(void)
  * loop first waits for the requests in progress, and a read may be waiting
  * for a deconvolution block that takes minutes on the CPU, or a lookup for
  * scopefs's own registration: so a signal also asks the engine's products
- * and the registration job to end (sf_mount_stop).  Set once in main
- * before the handlers are installed and cleared after they are removed;
- * read only by the handler (the one global here, for the handler's sake). */
+ * and the registration job to end (sf_mount_stop).  These globals are set
+ * in main before the handlers are installed and cleared after they are
+ * removed, by the main thread only; the handler only reads them (they are
+ * here for the handler's sake). */
 static const int shutdown_signals[] = {SIGHUP, SIGINT, SIGTERM};
 static sf_mount *volatile shutdown_mount;
 static struct sigaction fuse_actions[3]; /* libfuse's, chained to */
+static int chained[3];                   /* on_shutdown_signal installed for it */
 
 static void on_shutdown_signal(int sig)
 {
@@ -94,20 +96,30 @@ static void on_shutdown_signal(int sig)
 }
 
 /* Put on_shutdown_signal in front of libfuse's handlers (install = 1), or
- * put libfuse's back (install = 0). */
+ * put libfuse's back (install = 0).  A signal the daemon inherited as
+ * ignored (SIGHUP under nohup, SIGINT for `scopefs -f &` in a script or a
+ * SLURM job) stays ignored, as libfuse leaves it: stopping the engine on it,
+ * with no session exit to follow, left a mount whose every deconvolved/
+ * read failed at once, for ever. */
 static void chain_shutdown_signals(sf_mount *m, int install)
 {
 	for (int i = 0; i < 3; i++) {
 		if (install) {
-			struct sigaction sa;
+			struct sigaction sa, now;
 
+			chained[i] = sigaction(shutdown_signals[i], NULL, &now) == 0 &&
+			             now.sa_handler != SIG_IGN;
+			if (!chained[i])
+				continue;
 			memset(&sa, 0, sizeof sa);
 			sa.sa_handler = on_shutdown_signal;
 			sigemptyset(&sa.sa_mask);
 			shutdown_mount = m;
 			sigaction(shutdown_signals[i], &sa, &fuse_actions[i]);
-		} else
+		} else if (chained[i]) {
 			sigaction(shutdown_signals[i], &fuse_actions[i], NULL);
+			chained[i] = 0;
+		}
 	}
 	if (!install)
 		shutdown_mount = NULL;

@@ -5,7 +5,9 @@
   relative one named another folder and the dead mount stayed behind.
 - A second daemon on a mountpoint scopefs already serves must fail clearly
   (it stacked over the first and hid it).
-- A shutdown signal is not a failure: exit status 0."""
+- A shutdown signal is not a failure: exit status 0.
+- A shutdown signal the daemon inherited as ignored (nohup) stays ignored."""
+import io
 import os
 import signal
 import subprocess
@@ -80,4 +82,49 @@ def test_second_daemon_refused_and_sigterm_exits_0(tmp_path):
     finally:
         if first.poll() is None:
             first.kill()
+        subprocess.run(['fusermount3', '-u', str(mnt)], capture_output=True)
+
+
+def test_inherited_ignored_signal_stays_ignored(tmp_path):
+    """nohup starts the daemon with SIGHUP ignored, and a non-interactive
+    script's `scopefs -f ... &` with SIGINT ignored.  Such a signal used to
+    stop the engine while the mount stayed up: every deconvolved/ read then
+    failed at once (EINTR, which dd retried for ever).  Now it is ignored,
+    the mount keeps serving the same bytes, and SIGTERM still exits 0."""
+    import numpy as np
+    import tifffile
+    from gen import beads
+    raw = tmp_path / 'raw'
+    (raw / 'st').mkdir(parents=True)
+    for z, plane in enumerate(beads(6, 24, 28, seed=2)):
+        tifffile.imwrite(raw / 'st' / ('p%02d.tif' % z), plane, metadata=None)
+    mnt = tmp_path / 'mnt'
+    mnt.mkdir()
+    opts = 'dxy=0.4,dz=1.2,lambda_ex=561,lambda_em=600,threads=2'
+    old = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGHUP, signal.SIGINT)}
+    try:
+        d = subprocess.Popen([str(SCOPEFS), '-f', '-o', f'{opts},cache={tmp_path / "c"}',
+                              str(raw), str(mnt)], stderr=subprocess.PIPE, text=True)
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    try:
+        assert wait_for(lambda: (mnt / '.scopefs' / 'status').exists())
+        d.send_signal(signal.SIGHUP)
+        d.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        assert d.poll() is None, d.stderr.read()
+        # In a child with a timeout: the old daemon's read never ended.
+        cat = subprocess.run(['cat', str(mnt / 'deconvolved' / 'st' / 'p02.tif')],
+                             capture_output=True, timeout=60)
+        assert cat.returncode == 0, cat.stderr
+        got = tifffile.imread(io.BytesIO(cat.stdout))
+        assert got.shape == (24, 28) and not np.array_equal(got, beads(6, 24, 28, seed=2)[2])
+        d.send_signal(signal.SIGTERM)
+        assert d.wait(timeout=30) == 0, d.stderr.read()
+        assert not is_mounted(mnt)
+        assert 'stopped at iteration' not in d.stderr.read()
+    finally:
+        if d.poll() is None:
+            d.kill()
         subprocess.run(['fusermount3', '-u', str(mnt)], capture_output=True)
