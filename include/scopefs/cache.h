@@ -58,10 +58,12 @@ int sf_cache_get(sf_cache *c, sf_key k, uint8_t *dst, size_t n, sf_err *e);
 int sf_cache_put(sf_cache *c, sf_key k, const uint8_t *src, size_t n, unsigned elem_bytes,
                  sf_err *e);
 
-/* After a failed put: nonzero when the failure was "file system full" even
- * after making room.  Its message then names DIR and the errno (not the
- * entry), so repeats are one message; the cache logs these itself, first
- * and then at most once a minute, so the caller should record, not log, it. */
+/* After a failed put: nonzero when the failure has a cause every later put
+ * shares: the file system full even after making room, a folder that
+ * refuses writes (EROFS, EACCES, EPERM), an entry larger than the bound
+ * (SF_ERANGE).  Its message then names DIR and the cause (not the entry),
+ * so repeats are one message; the cache logs these itself, first and then
+ * at most once a minute, so the caller should record, not log, it. */
 int sf_cache_failure_logged(const sf_cache *c, const sf_err *e);
 
 void sf_cache_stats_get(sf_cache *c, sf_cache_stats *out);

@@ -70,7 +70,9 @@
 #define ROOM_PCT         10         /* an eviction for room frees at least this share of DIR */
 #define ROOM_TRIES       4          /* writes again after making room, at most */
 #define STUCK_MAX        (1u << 20) /* unremovable entries remembered (40 bytes each) */
-#define FULL_MSG         ": disk cache full: "
+/* Failures the cache reports itself, throttled (refusal_report): every
+ * message is "DIR" REFUSAL_MSG "<what>: ...", naming no entry. */
+#define REFUSAL_MSG ": disk cache "
 
 /* A buffer lent by the cache's scratch pool. */
 struct scratch {
@@ -1140,11 +1142,21 @@ static int is_full(int err)
 	return err == ENOSPC || err == EDQUOT;
 }
 
-/* A put failed for lack of space even after make_room.  The message names
- * the folder and errno, not the entry, so that callers recording errors
- * (the engine's recent_errors) see one repeated message; the log gets the
- * first failure, then at most one line per FULL_LOG_S with the count since. */
-static int full_report(sf_cache *c, int err, sf_err *e)
+/* The folder (or its file system) refuses writes: a read-only remount, a
+ * chmod, another user's folder. */
+static int is_refused(int err)
+{
+	return err == EROFS || err == EACCES || err == EPERM;
+}
+
+/* A put failed for a cause every later put shares: no room even after
+ * make_room, a folder that refuses writes, an entry larger than the bound.
+ * The message names the folder and the cause (what), not the entry, so that
+ * callers recording errors (the engine's recent_errors) see one repeated
+ * message; the log gets the first failure, then at most one line per
+ * FULL_LOG_S with the count since.  Each entry's name made the three causes
+ * fill recent_errors with one item per tile and the log with a line each. */
+static int refusal_report(sf_cache *c, int code, const char *what, sf_err *e)
 {
 	uint64_t since = 0;
 	time_t now = now_s();
@@ -1162,11 +1174,23 @@ static int full_report(sf_cache *c, int err, sf_err *e)
 	pthread_mutex_unlock(&c->lock);
 	if (log)
 		sf_log(SF_LOG_WARN,
-		       "cache: %s: no room for new entries (%s) even after evicting the least "
-		       "recently used ones: %llu write(s) failed since the last such line "
-		       "(logged at most once a minute)",
-		       c->dir, strerror(err), (unsigned long long)since);
-	return sf_fail(e, SF_EIO, "%s" FULL_MSG "%s", c->dir, strerror(err));
+		       "cache: %s: %s: %llu write(s) failed since the last such line (logged at "
+		       "most once a minute); the tiles are computed and served, not cached",
+		       c->dir, what, (unsigned long long)since);
+	return sf_fail(e, code, "%s" REFUSAL_MSG "%s", c->dir, what);
+}
+
+static int store_report(sf_cache *c, int err, sf_err *e)
+{
+	char what[160];
+
+	if (is_full(err))
+		snprintf(what, sizeof what,
+		         "full: %s (even after evicting the least recently used entries)",
+		         strerror(err));
+	else
+		snprintf(what, sizeof what, "not writable: %s", strerror(err));
+	return refusal_report(c, SF_EIO, what, e);
 }
 
 /* Write the entry; when DIR was removed meanwhile, make it again and retry
@@ -1185,8 +1209,8 @@ static int entry_store(sf_cache *c, const char *rel, const uint8_t *buf, size_t 
 	}
 	for (int tries = 0; rc && is_full(err) && tries < ROOM_TRIES && make_room(c, size); tries++)
 		rc = entry_publish(c, rel, buf, size, &err, e);
-	if (rc && is_full(err))
-		rc = full_report(c, err, e);
+	if (rc && (is_full(err) || is_refused(err)))
+		rc = store_report(c, err, e);
 	return rc;
 }
 
@@ -1215,9 +1239,11 @@ int sf_cache_put(sf_cache *c, sf_key k, const uint8_t *src, size_t n, unsigned e
 		goto out;
 	size = HEADER_BYTES + enc_n;
 	if (c->max_bytes && size > c->max_bytes) {
-		rc =
-		    sf_fail(e, SF_ERANGE, "%s/%s: a %zu-byte entry exceeds the cache bound of %llu",
-		            c->dir, rel, size, (unsigned long long)c->max_bytes);
+		char what[160];
+		snprintf(what, sizeof what,
+		         "too small: an entry of %zu bytes exceeds the bound of %llu (cache_size)",
+		         size, (unsigned long long)c->max_bytes);
+		rc = refusal_report(c, SF_ERANGE, what, e);
 		goto out;
 	}
 	eh.raw_size = n;
@@ -1250,7 +1276,7 @@ int sf_cache_failure_logged(const sf_cache *c, const sf_err *e)
 	size_t n = strlen(c->dir);
 
 	return strncmp(e->msg, c->dir, n) == 0 &&
-	       strncmp(e->msg + n, FULL_MSG, strlen(FULL_MSG)) == 0;
+	       strncmp(e->msg + n, REFUSAL_MSG, strlen(REFUSAL_MSG)) == 0;
 }
 
 void sf_cache_stats_get(sf_cache *c, sf_cache_stats *out)

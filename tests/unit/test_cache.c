@@ -748,29 +748,63 @@ out:
 	}
 }
 
+/* A tmpfs of the given size option at root/name, in mnt; -1 (the test
+ * skipped, with a line saying so) where it cannot be mounted (not root). */
+static int tmpfs_at(const char *name, const char *size, char *mnt, size_t cap, const char *what)
+{
+	snprintf(mnt, cap, "%s/%s", root, name);
+	mkdir(mnt, 0755);
+	if (mount("tmpfs", mnt, "tmpfs", 0, size) == 0)
+		return 0;
+	printf("test_cache: skipping %s (cannot mount tmpfs: %s)\n", what, strerror(errno));
+	return -1;
+}
+
+/* PUTS puts of distinct entries of n bytes into c: all fail with want, with
+ * one message naming dir and needle, marked as logged by the cache. */
+static void check_refused_puts(sf_cache *c, size_t n, int want, const char *dir, const char *needle,
+                               const char *what)
+{
+	enum { PUTS = 20 };
+	uint8_t *buf = malloc(n);
+	char first[512] = "";
+	int refused = 0, same = 1, logged = 1;
+	sf_err e = {0};
+
+	for (uint64_t i = 0; buf && i < PUTS; i++) {
+		fill_versioned(buf, n, 500 + i, 2);
+		if (sf_cache_put(c, key_n(500 + i), buf, n, 1, &e) != want)
+			continue;
+		refused++;
+		if (!first[0])
+			snprintf(first, sizeof first, "%s", e.msg);
+		same &= strcmp(first, e.msg) == 0;
+		logged &= sf_cache_failure_logged(c, &e);
+	}
+	CHECK(refused == PUTS && same && logged && strstr(first, dir) && strstr(first, needle),
+	      "%s: one message naming the folder and cause (%d refused, same %d, logged %d): '%s'",
+	      what, refused, same, logged, first);
+	free(buf);
+}
+
 /* ---- a full file system (a small tmpfs; needs root) ---- */
 
 static void test_full_disk(void)
 {
 	enum { N = 64 * 1024, PUTS = 60 };
-	char mnt[96], dir[128], dir2[128], path[256], log_path[256], log[16384], first[512];
+	char mnt[96], dir[128], dir2[128], path[256], log_path[256], log[16384];
 	uint8_t *buf = malloc(N), *back = malloc(N);
 	sf_cache_stats st;
 	sf_cache *c;
 	sf_err e = {0};
-	int saved, ok = 0, failed_puts = 0, same = 1, logged = 1, newest = 0;
+	int saved, ok = 0, newest = 0;
 	FILE *f;
 
-	snprintf(mnt, sizeof mnt, "%s/tmpfs", root);
+	if (tmpfs_at("tmpfs", "size=1m", mnt, sizeof mnt, "full disk") != 0)
+		goto out;
 	snprintf(dir, sizeof dir, "%s/c", mnt);
 	snprintf(dir2, sizeof dir2, "%s/c2", mnt);
 	snprintf(log_path, sizeof log_path, "%s/full.log", root);
-	mkdir(mnt, 0755);
-	if (mount("tmpfs", mnt, "tmpfs", 0, "size=1m") != 0) {
-		printf("test_cache: skipping full disk (cannot mount tmpfs: %s)\n",
-		       strerror(errno));
-		goto out;
-	}
 	/* Unbounded cache, 3.75 MB of incompressible entries into 1 MB. */
 	if (sf_cache_open(dir, 0, &c, &e) != SF_OK) {
 		CHECK(0, "open %s: %s", dir, e.msg);
@@ -803,29 +837,14 @@ static void test_full_disk(void)
 		;
 	if (f)
 		fclose(f);
-	first[0] = '\0';
-	for (uint64_t i = 0; i < PUTS; i++) {
-		fill_versioned(buf, N, i, 2);
-		if (sf_cache_put(c, key_n(i), buf, N, 1, &e) == SF_OK)
-			continue;
-		failed_puts++;
-		if (!first[0])
-			snprintf(first, sizeof first, "%s", e.msg);
-		same &= strcmp(first, e.msg) == 0;
-		logged &= sf_cache_failure_logged(c, &e);
-	}
+	check_refused_puts(c, N, SF_EIO, dir2, "No space", "full disk");
 	sf_cache_close(c);
 	capture_end(saved, log_path, log, sizeof log);
-	CHECK(failed_puts == PUTS && same && strstr(first, dir2) && strstr(first, "No space") &&
-	          logged,
-	      "one message naming the folder and errno (%d failed, same %d, logged %d): '%s'",
-	      failed_puts, same, logged, first);
-	CHECK(count_lines(log, "no room for new entries") == 1,
+	CHECK(count_lines(log, "write(s) failed since the last such line") == 1,
 	      "the first failure logged, the rest within the minute not: '%s'", log);
-	printf("test_cache: full tmpfs: %d/%d puts stored by evicting %llu; then %d failures, "
-	       "%d log lines\n",
-	       ok, PUTS, (unsigned long long)st.evicted, failed_puts,
-	       count_lines(log, "no room for new entries"));
+	printf("test_cache: full tmpfs: %d/%d puts stored by evicting %llu; then %d log lines\n",
+	       ok, PUTS, (unsigned long long)st.evicted,
+	       count_lines(log, "write(s) failed since the last such line"));
 unmount:
 	umount2(mnt, MNT_DETACH);
 out:
@@ -922,6 +941,53 @@ static void test_eviction(void)
 		sf_cache_close(c);
 	free(src);
 	free(dst);
+}
+
+/* ---- causes every put shares: a read-only folder, a bound below one entry ---- */
+
+static void test_refused_writes(void)
+{
+	char mnt[96], dir[128], small[128], log_path[256], log[16384];
+	sf_cache *c;
+	sf_err e = {0};
+	int saved;
+
+	/* A bound below one entry: each put used to give a message naming its
+	 * entry (one recent_errors item and one log line per tile). */
+	snprintf(small, sizeof small, "%s/small", root);
+	snprintf(log_path, sizeof log_path, "%s/refused.log", root);
+	if (sf_cache_open(small, 4096, &c, &e) != SF_OK) {
+		CHECK(0, "open %s: %s", small, e.msg);
+		return;
+	}
+	saved = capture_begin(log_path);
+	check_refused_puts(c, 64 * 1024, SF_ERANGE, small, "too small", "bound below one entry");
+	sf_cache_close(c);
+	capture_end(saved, log_path, log, sizeof log);
+	CHECK(count_lines(log, "write(s) failed since the last such line") == 1,
+	      "bound below one entry: one log line: '%s'", log);
+
+	/* A folder remounted read-only under the cache (root's chmod is no
+	 * obstacle; a user's EACCES takes the same path). */
+	if (tmpfs_at("rofs", "size=4m", mnt, sizeof mnt, "read-only folder") != 0)
+		return;
+	snprintf(dir, sizeof dir, "%s/c", mnt);
+	if (sf_cache_open(dir, 0, &c, &e) != SF_OK) {
+		CHECK(0, "open %s: %s", dir, e.msg);
+		umount2(mnt, MNT_DETACH);
+		return;
+	}
+	if (mount(NULL, mnt, NULL, MS_REMOUNT | MS_RDONLY, NULL) != 0) {
+		printf("test_cache: skipping read-only folder (remount: %s)\n", strerror(errno));
+	} else {
+		saved = capture_begin(log_path);
+		check_refused_puts(c, 16 * 1024, SF_EIO, dir, "not writable", "read-only folder");
+		capture_end(saved, log_path, log, sizeof log);
+		CHECK(count_lines(log, "write(s) failed since the last such line") == 1,
+		      "read-only folder: one log line: '%s'", log);
+	}
+	sf_cache_close(c);
+	umount2(mnt, MNT_DETACH);
 }
 
 /* ---- threads ---- */
@@ -1160,6 +1226,7 @@ int main(void)
 	test_dir_removed();
 	test_unremovable();
 	test_full_disk();
+	test_refused_writes();
 	test_threads();
 	test_two_processes();
 	test_kill9();
