@@ -412,16 +412,13 @@ static int watch_add(sf_mount *m, const char *path, const char *folder, const ch
 	return SF_OK;
 }
 
-/* Watch the files slide entry se's transform was loaded from (files: the
+/* Watch the files a slide's transform was loaded from (files: the
  * transform file first, then those it names, as a field TIFF or a chained
  * elastix file: rewriting any of them changes the warp), for node idx. */
-static int watch_transform(sf_mount *m, uint32_t idx, const sf_slide_entry *se,
-                           const sf_tf_files *files, sf_err *e)
+static int watch_transform(sf_mount *m, uint32_t idx, const sf_tf_files *files, sf_err *e)
 {
 	int rc = SF_OK;
 
-	if (!se->transform_path)
-		return SF_OK;
 	m->nodes[idx].watch_first = m->watch_count;
 	for (size_t k = 0; k < files->count && rc == SF_OK; k++)
 		rc = watch_add(m, files->paths[k], "registered",
@@ -469,7 +466,7 @@ static int add_registered_slide(sf_mount *m, uint32_t dir, uint32_t i, const sf_
 	if (rc == SF_OK && autoreg) /* add_vfile's node is the last one */
 		m->nodes[m->node_count - 1].autoreg_slide = (int32_t)i;
 	else if (rc == SF_OK && (int)i != m->reference)
-		rc = watch_transform(m, m->node_count - 1, se, files, e);
+		rc = watch_transform(m, m->node_count - 1, files, e);
 	if (rc == SF_ENOMEM)
 		return rc;
 	if (rc != SF_OK)
@@ -690,9 +687,6 @@ static const sf_vfile *registered_vfile(const sf_mount *m, uint32_t reg, uint32_
 	return child_vfile(m, reg, name);
 }
 
-/* qc/<stem>.png for each moving slide served in registered/: the overlay of
- * the reference's and the warped slide's registration channels (qc.h),
- * rendered on first use.  No qc/ folder when no moving slide is served. */
 /* The channel an overlay shows of slide s: the one reg_channel names, as the
  * registration used; the default one for a slide that lacks it (a slide
  * warped through a transform file was never registered on it). */
@@ -706,6 +700,9 @@ static uint32_t qc_channel(const sf_mount *m, const sf_slide_info *s)
 	return c;
 }
 
+/* qc/<stem>.png for each moving slide served in registered/: the overlay of
+ * the reference's and the warped slide's registration channels (qc.h),
+ * rendered on first use.  No qc/ folder when no moving slide is served. */
 static int build_qc(sf_mount *m, uint32_t root, sf_err *e)
 {
 	const sf_dataset *d = m->dataset;

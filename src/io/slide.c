@@ -239,7 +239,6 @@ static int names_associated(const char *desc)
 	       has_word_early(desc, "thumbnail");
 }
 
-/* Describe the current directory.  Never fails on absent optional tags. */
 /* An unsigned integer of n bytes (2 or 8) in the file's byte order. */
 static uint64_t file_uint(const uint8_t *b, int n, int big_endian)
 {
@@ -277,6 +276,7 @@ static uint16_t stored_res_unit(TIFF *tif)
 	return 0;
 }
 
+/* Describe the current directory.  Never fails on absent optional tags. */
 static int describe_page(TIFF *tif, const char *path, const char *where, page_desc *p, sf_err *e)
 {
 	memset(p, 0, sizeof *p);
@@ -617,8 +617,6 @@ static int xml_name_is(const xml_tag *t, const char *name)
 	return t->name_len == strlen(name) && memcmp(t->name, name, t->name_len) == 0;
 }
 
-/* Decode the XML entities of value[0..len) into out (NUL-terminated,
- * truncated to cap). */
 /* n, less a UTF-8 sequence that a cut at n left incomplete: a value
  * shortened to its buffer ended in half a "ü", which the OME writer then
  * showed as U+FFFD. */
@@ -635,6 +633,8 @@ static size_t utf8_whole(const char *s, size_t n)
 	return n - (lead - 1) < want ? lead - 1 : n;
 }
 
+/* Decode the XML entities of value[0..len) into out (NUL-terminated,
+ * truncated to cap at a whole UTF-8 character). */
 static void xml_unescape(const char *v, size_t len, char *out, size_t cap)
 {
 	static const struct {
@@ -934,13 +934,13 @@ static double aperio_mpp(const char *desc)
 	return 0;
 }
 
-/* Micrometres per pixel from XResolution / ResolutionUnit, or 0 when the
- * value is absent or not plausible for a microscope (0.01 - 100 µm): many
- * writers store a default of 72 dpi (353 µm) or 1 pixel/mm (1000 µm). */
 /* tifffile's RESUNIT values past baseline TIFF's 1-3 (stored_res_unit). */
 #define RESUNIT_MILLIMETER 4
 #define RESUNIT_MICROMETER 5
 
+/* Micrometres per pixel from XResolution / ResolutionUnit, or 0 when the
+ * value is absent or not plausible for a microscope (0.01 - 100 µm): many
+ * writers store a default of 72 dpi (353 µm) or 1 pixel/mm (1000 µm). */
 static double resolution_um(float res, uint16_t unit)
 {
 	double um_per_unit = unit == RESUNIT_CENTIMETER   ? 1e4
